@@ -1,0 +1,524 @@
+//! The typed STOMP frame: command, ordered headers and body.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+/// A STOMP protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Version {
+    /// STOMP 1.0: no header escaping.
+    V1_0,
+    /// STOMP 1.1: escapes `\\`, `\n` and `:` in headers.
+    V1_1,
+    /// STOMP 1.2: also escapes `\r`; ACK/NACK carry the MESSAGE's `ack` value.
+    V1_2,
+}
+
+impl Version {
+    /// All versions, oldest first.
+    pub const ALL: [Version; 3] = [Version::V1_0, Version::V1_1, Version::V1_2];
+
+    /// The version as written in `accept-version` and `version` headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::V1_0 => "1.0",
+            Version::V1_1 => "1.1",
+            Version::V1_2 => "1.2",
+        }
+    }
+
+    /// Parses `1.0`, `1.1` or `1.2`.
+    pub fn parse(text: &str) -> Option<Version> {
+        match text.trim() {
+            "1.0" => Some(Version::V1_0),
+            "1.1" => Some(Version::V1_1),
+            "1.2" => Some(Version::V1_2),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A STOMP command, client or server side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Command {
+    /// Client: open a session (all versions).
+    Connect,
+    /// Client: open a session (1.1+ spelling of CONNECT).
+    Stomp,
+    /// Client: send a message to a destination.
+    Send,
+    /// Client: subscribe to a destination.
+    Subscribe,
+    /// Client: end a subscription.
+    Unsubscribe,
+    /// Client: start a transaction.
+    Begin,
+    /// Client: commit a transaction.
+    Commit,
+    /// Client: roll back a transaction.
+    Abort,
+    /// Client: acknowledge a message.
+    Ack,
+    /// Client: reject a message (on ActiveMQ: sent to the dead-letter queue at once).
+    Nack,
+    /// Client: close the session.
+    Disconnect,
+    /// Server: the session is open.
+    Connected,
+    /// Server: a message for a subscription.
+    Message,
+    /// Server: confirms a frame that asked for a receipt.
+    Receipt,
+    /// Server: something went wrong; the server closes the connection after it.
+    Error,
+}
+
+impl Command {
+    /// The command as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Connect => "CONNECT",
+            Command::Stomp => "STOMP",
+            Command::Send => "SEND",
+            Command::Subscribe => "SUBSCRIBE",
+            Command::Unsubscribe => "UNSUBSCRIBE",
+            Command::Begin => "BEGIN",
+            Command::Commit => "COMMIT",
+            Command::Abort => "ABORT",
+            Command::Ack => "ACK",
+            Command::Nack => "NACK",
+            Command::Disconnect => "DISCONNECT",
+            Command::Connected => "CONNECTED",
+            Command::Message => "MESSAGE",
+            Command::Receipt => "RECEIPT",
+            Command::Error => "ERROR",
+        }
+    }
+
+    /// Recognises a command line (without its line ending).
+    pub fn from_bytes(line: &[u8]) -> Option<Command> {
+        Some(match line {
+            b"MESSAGE" => Command::Message,
+            b"RECEIPT" => Command::Receipt,
+            b"SEND" => Command::Send,
+            b"ACK" => Command::Ack,
+            b"NACK" => Command::Nack,
+            b"CONNECTED" => Command::Connected,
+            b"ERROR" => Command::Error,
+            b"SUBSCRIBE" => Command::Subscribe,
+            b"UNSUBSCRIBE" => Command::Unsubscribe,
+            b"BEGIN" => Command::Begin,
+            b"COMMIT" => Command::Commit,
+            b"ABORT" => Command::Abort,
+            b"CONNECT" => Command::Connect,
+            b"STOMP" => Command::Stomp,
+            b"DISCONNECT" => Command::Disconnect,
+            _ => return None,
+        })
+    }
+
+    /// CONNECT, STOMP and CONNECTED frames never escape their headers.
+    pub fn is_connect_like(self) -> bool {
+        matches!(self, Command::Connect | Command::Stomp | Command::Connected)
+    }
+
+    /// True for the commands a server sends.
+    pub fn is_server(self) -> bool {
+        matches!(
+            self,
+            Command::Connected | Command::Message | Command::Receipt | Command::Error
+        )
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One header name or value: a span of the decoded frame's head, or owned text.
+///
+/// Invariant: the bytes are valid UTF-8 (checked when the frame was decoded, or
+/// they came from a `&str`).
+#[derive(Clone)]
+enum Field {
+    Span(u32, u32),
+    Owned(Bytes),
+}
+
+/// The ordered headers of a frame. Repeated names are kept; lookups return the
+/// first occurrence, as the STOMP specification says.
+#[derive(Clone, Default)]
+pub struct Headers {
+    /// The frame head the spans point into (empty for built frames).
+    raw: Bytes,
+    fields: Vec<(Field, Field)>,
+}
+
+impl Headers {
+    /// Empty headers.
+    pub fn new() -> Headers {
+        Headers::default()
+    }
+
+    pub(crate) fn with_raw(raw: Bytes, capacity: usize) -> Headers {
+        Headers {
+            raw,
+            fields: Vec::with_capacity(capacity),
+        }
+    }
+
+    pub(crate) fn push_fields(&mut self, name: Field2, value: Field2) {
+        let conv = |f: Field2| match f {
+            Field2::Span(a, b) => Field::Span(a as u32, b as u32),
+            Field2::Owned(text) => Field::Owned(Bytes::from(text)),
+        };
+        self.fields.push((conv(name), conv(value)));
+    }
+
+    fn text<'a>(&'a self, field: &'a Field) -> &'a str {
+        let bytes: &[u8] = match field {
+            Field::Span(a, b) => &self.raw[*a as usize..*b as usize],
+            Field::Owned(b) => b,
+        };
+        // SAFETY: every Field holds UTF-8 (see the invariant on `Field`): spans
+        // point into a head that was validated with `str::from_utf8` and cut at
+        // ASCII delimiters, owned fields were built from `str`/`String`.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+
+    /// The first value of `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| self.text(n) == name)
+            .map(|(_, v)| self.text(v))
+    }
+
+    /// Every value of `name`, in frame order.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.iter().filter(move |(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// True if `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// All headers as `(name, value)`, in frame order, repeats included.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
+        self.fields
+            .iter()
+            .map(move |(n, v)| (self.text(n), self.text(v)))
+    }
+
+    /// Number of header lines, repeats included.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// True when there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Appends a header (an existing one of the same name keeps precedence).
+    pub fn push(&mut self, name: impl Into<HeaderText>, value: impl Into<HeaderText>) {
+        self.fields
+            .push((Field::Owned(name.into().0), Field::Owned(value.into().0)));
+    }
+
+    /// Sets `name` to `value`: replaces the first occurrence and drops the others,
+    /// or appends when absent.
+    pub fn set(&mut self, name: impl Into<HeaderText>, value: impl Into<HeaderText>) {
+        let name = name.into().0;
+        let value = Field::Owned(value.into().0);
+        let key = String::from_utf8_lossy(&name).into_owned();
+        let mut first = None;
+        for (i, (n, _)) in self.fields.iter().enumerate() {
+            if self.text(n) == key {
+                first = Some(i);
+                break;
+            }
+        }
+        match first {
+            Some(i) => {
+                self.fields[i].1 = value;
+                let mut idx = 0;
+                let raw = self.raw.clone();
+                self.fields.retain(|(n, _)| {
+                    let keep = idx <= i || field_text(&raw, n) != key;
+                    idx += 1;
+                    keep
+                });
+            }
+            None => self.fields.push((Field::Owned(name), value)),
+        }
+    }
+
+    /// Removes every header called `name`; returns how many were removed.
+    pub fn remove(&mut self, name: &str) -> usize {
+        let before = self.fields.len();
+        let raw = self.raw.clone();
+        self.fields.retain(|(n, _)| field_text(&raw, n) != name);
+        before - self.fields.len()
+    }
+}
+
+fn field_text<'a>(raw: &'a Bytes, field: &'a Field) -> &'a str {
+    let bytes: &[u8] = match field {
+        Field::Span(a, b) => &raw[*a as usize..*b as usize],
+        Field::Owned(b) => b,
+    };
+    // SAFETY: see `Headers::text`.
+    unsafe { std::str::from_utf8_unchecked(bytes) }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        for (name, value) in self.iter() {
+            if is_secret(name) {
+                list.entry(&(name, "<redacted>"));
+            } else {
+                list.entry(&(name, value));
+            }
+        }
+        list.finish()
+    }
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Headers) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Headers {}
+
+impl<N: Into<HeaderText>, V: Into<HeaderText>> FromIterator<(N, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Headers {
+        let mut headers = Headers::new();
+        for (n, v) in iter {
+            headers.push(n, v);
+        }
+        headers
+    }
+}
+
+fn is_secret(name: &str) -> bool {
+    name == "passcode"
+}
+
+/// A piece of header text handed to the frame builders: a `&'static str` is
+/// taken without copying, a `String` without reallocating.
+#[derive(Clone)]
+pub struct HeaderText(Bytes);
+
+impl From<&'static str> for HeaderText {
+    fn from(s: &'static str) -> HeaderText {
+        HeaderText(Bytes::from_static(s.as_bytes()))
+    }
+}
+
+impl From<String> for HeaderText {
+    fn from(s: String) -> HeaderText {
+        HeaderText(Bytes::from(s))
+    }
+}
+
+impl From<&String> for HeaderText {
+    fn from(s: &String) -> HeaderText {
+        HeaderText(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl From<Box<str>> for HeaderText {
+    fn from(s: Box<str>) -> HeaderText {
+        HeaderText(Bytes::from(s.into_string()))
+    }
+}
+
+impl From<u64> for HeaderText {
+    fn from(n: u64) -> HeaderText {
+        HeaderText(Bytes::from(n.to_string()))
+    }
+}
+
+impl From<u32> for HeaderText {
+    fn from(n: u32) -> HeaderText {
+        HeaderText(Bytes::from(n.to_string()))
+    }
+}
+
+impl From<usize> for HeaderText {
+    fn from(n: usize) -> HeaderText {
+        HeaderText(Bytes::from(n.to_string()))
+    }
+}
+
+/// Header text produced while decoding: a span of the head or unescaped text.
+pub(crate) enum Field2 {
+    Span(usize, usize),
+    Owned(String),
+}
+
+/// A STOMP frame: a command, ordered headers and a binary body.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Frame {
+    command: Command,
+    headers: Headers,
+    body: Bytes,
+}
+
+impl Frame {
+    /// A frame with no headers and an empty body.
+    pub fn new(command: Command) -> Frame {
+        Frame {
+            command,
+            headers: Headers::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// Assembles a frame from its parts.
+    pub fn from_parts(command: Command, headers: Headers, body: Bytes) -> Frame {
+        Frame {
+            command,
+            headers,
+            body,
+        }
+    }
+
+    /// Splits the frame into its parts.
+    pub fn into_parts(self) -> (Command, Headers, Bytes) {
+        (self.command, self.headers, self.body)
+    }
+
+    /// Adds a header (builder style).
+    pub fn with_header(
+        mut self,
+        name: impl Into<HeaderText>,
+        value: impl Into<HeaderText>,
+    ) -> Frame {
+        self.headers.push(name, value);
+        self
+    }
+
+    /// Sets the body (builder style).
+    pub fn with_body(mut self, body: impl Into<Bytes>) -> Frame {
+        self.body = body.into();
+        self
+    }
+
+    /// The command.
+    pub fn command(&self) -> Command {
+        self.command
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The headers, for changes.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Takes the body out of the frame.
+    pub fn into_body(self) -> Bytes {
+        self.body
+    }
+
+    /// CONNECT (or STOMP) for the given versions, virtual host and heart-beat
+    /// `(send_ms, receive_ms)`. Credentials are added with [`Frame::with_header`].
+    pub fn connect(
+        accept: &[Version],
+        host: impl Into<HeaderText>,
+        heart_beat: (u64, u64),
+    ) -> Frame {
+        let versions = accept
+            .iter()
+            .map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        Frame::new(Command::Connect)
+            .with_header("accept-version", versions)
+            .with_header("host", host)
+            .with_header("heart-beat", format!("{},{}", heart_beat.0, heart_beat.1))
+    }
+
+    /// SEND to `destination` with `body`.
+    pub fn send(destination: impl Into<HeaderText>, body: impl Into<Bytes>) -> Frame {
+        Frame::new(Command::Send)
+            .with_header("destination", destination)
+            .with_body(body)
+    }
+
+    /// SUBSCRIBE to `destination` under subscription `id` with ack mode `ack`
+    /// (`auto`, `client` or `client-individual`).
+    pub fn subscribe(
+        destination: impl Into<HeaderText>,
+        id: impl Into<HeaderText>,
+        ack: impl Into<HeaderText>,
+    ) -> Frame {
+        Frame::new(Command::Subscribe)
+            .with_header("destination", destination)
+            .with_header("id", id)
+            .with_header("ack", ack)
+    }
+
+    /// UNSUBSCRIBE subscription `id`.
+    pub fn unsubscribe(id: impl Into<HeaderText>) -> Frame {
+        Frame::new(Command::Unsubscribe).with_header("id", id)
+    }
+
+    /// BEGIN transaction `tx`.
+    pub fn begin(tx: impl Into<HeaderText>) -> Frame {
+        Frame::new(Command::Begin).with_header("transaction", tx)
+    }
+
+    /// COMMIT transaction `tx`.
+    pub fn commit(tx: impl Into<HeaderText>) -> Frame {
+        Frame::new(Command::Commit).with_header("transaction", tx)
+    }
+
+    /// ABORT transaction `tx`.
+    pub fn abort(tx: impl Into<HeaderText>) -> Frame {
+        Frame::new(Command::Abort).with_header("transaction", tx)
+    }
+
+    /// DISCONNECT.
+    pub fn disconnect() -> Frame {
+        Frame::new(Command::Disconnect)
+    }
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frame")
+            .field("command", &self.command)
+            .field("headers", &self.headers)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}

@@ -1,0 +1,485 @@
+//! The STOMP wire format: bytes ⇄ [`Frame`], no sockets.
+//!
+//! [`StompCodec`] is a `tokio_util::codec` [`Decoder`] and [`Encoder`]. Decoding
+//! works in two steps: a cheap scan for the end of the head (`\n\n`), which
+//! remembers how far it got so a slow peer's bytes are not rescanned, then one
+//! pass that builds the headers as spans of the frozen head (no copies unless a
+//! value needs unescaping). The body is taken by `content-length` when present
+//! (binary, NULs allowed) or up to the first NUL; its size is checked against
+//! [`Limits::max_body`] before it is buffered. End-of-line bytes between frames
+//! are heart-beats and come out as [`Received::HeartBeat`] so the connection can
+//! track liveness.
+//!
+//! Escaping follows the negotiated [`Version`]: none in 1.0 and never in
+//! CONNECT/STOMP/CONNECTED frames; `\\`, `\n`, `\c` in 1.1; and `\r` in 1.2.
+
+mod escape;
+mod frame;
+#[cfg(test)]
+mod tests;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+pub use crate::error::CodecError;
+pub use frame::{Command, Frame, HeaderText, Headers, Version};
+
+use frame::Field2;
+
+/// Size limits the decoder enforces. The defaults suit ActiveMQ traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest command or header line in bytes (default 16 KiB).
+    pub max_line_length: usize,
+    /// Most header lines in one frame (default 256).
+    pub max_headers: usize,
+    /// Largest body in bytes (default 16 MiB).
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_line_length: 16 * 1024,
+            max_headers: 256,
+            max_body: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the decoder yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// A complete frame.
+    Frame(Frame),
+    /// One or more end-of-line bytes outside a frame: the peer is alive.
+    HeartBeat,
+}
+
+/// Where the decoder stopped on the previous call.
+#[derive(Debug)]
+enum DecodeState {
+    /// Between frames.
+    Idle,
+    /// Inside the head; `scanned` bytes contain no head end yet.
+    Head {
+        scanned: usize,
+        line_start: usize,
+        lines: usize,
+    },
+    /// Head parsed and consumed; waiting for the body.
+    Body {
+        command: Command,
+        headers: Headers,
+        content_length: Option<usize>,
+        scanned: usize,
+    },
+}
+
+/// STOMP frame codec for one connection.
+#[derive(Debug)]
+pub struct StompCodec {
+    version: Version,
+    limits: Limits,
+    state: DecodeState,
+}
+
+impl Default for StompCodec {
+    fn default() -> StompCodec {
+        StompCodec::new(Version::V1_2, Limits::default())
+    }
+}
+
+impl StompCodec {
+    /// A codec for `version` with `limits`.
+    pub fn new(version: Version, limits: Limits) -> StompCodec {
+        StompCodec {
+            version,
+            limits,
+            state: DecodeState::Idle,
+        }
+    }
+
+    /// The version whose escaping rules apply.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// Switches escaping rules, e.g. once CONNECTED named the version.
+    pub fn set_version(&mut self, version: Version) {
+        self.version = version;
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn escapes(&self, command: Command) -> bool {
+        self.version != Version::V1_0 && !command.is_connect_like()
+    }
+
+    /// Scans for the end of the head. Returns the offset where the body starts.
+    fn find_head_end(
+        &self,
+        buf: &[u8],
+        scanned: &mut usize,
+        line_start: &mut usize,
+        lines: &mut usize,
+    ) -> Result<Option<usize>, CodecError> {
+        let limit = self.limits.max_line_length;
+        let mut pos = *scanned;
+        while let Some(off) = memchr::memchr(b'\n', &buf[pos..]) {
+            let nl = pos + off;
+            let len = nl - *line_start;
+            let empty = len == 0 || (len == 1 && buf[*line_start] == b'\r');
+            if empty {
+                return Ok(Some(nl + 1));
+            }
+            if len > limit + 1 || (len == limit + 1 && buf[nl - 1] != b'\r') {
+                return Err(CodecError::LineTooLong { limit });
+            }
+            *lines += 1;
+            if *lines > self.limits.max_headers + 1 {
+                return Err(CodecError::TooManyHeaders {
+                    limit: self.limits.max_headers,
+                });
+            }
+            *line_start = nl + 1;
+            pos = nl + 1;
+        }
+        if buf.len() - *line_start > limit + 1 {
+            return Err(CodecError::LineTooLong { limit });
+        }
+        *scanned = buf.len();
+        Ok(None)
+    }
+
+    /// Builds command and headers from a complete head (ending in the empty line).
+    fn parse_head(&self, head: Bytes, lines: usize) -> Result<(Command, Headers), CodecError> {
+        if let Err(e) = std::str::from_utf8(&head) {
+            let line = head[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
+            return Err(CodecError::NotUtf8 { line });
+        }
+        let bytes: &[u8] = &head;
+        let line_end = |start: usize| -> (usize, usize) {
+            // Returns (end of content, start of next line); a head always ends in '\n'.
+            let nl = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |o| start + o);
+            let end = if nl > start && bytes[nl - 1] == b'\r' {
+                nl - 1
+            } else {
+                nl
+            };
+            (end, nl + 1)
+        };
+        let (cmd_end, mut pos) = line_end(0);
+        let command = Command::from_bytes(&bytes[..cmd_end]).ok_or_else(|| {
+            CodecError::UnknownCommand(String::from_utf8_lossy(&bytes[..cmd_end]).into_owned())
+        })?;
+        let escapes = self.escapes(command);
+        let version = self.version;
+        let mut fields = Vec::with_capacity(lines.saturating_sub(1));
+        while pos < bytes.len() {
+            let (end, next) = line_end(pos);
+            if end == pos {
+                break;
+            }
+            let line = &bytes[pos..end];
+            let colon = memchr::memchr(b':', line).ok_or_else(|| CodecError::MalformedHeader {
+                line: String::from_utf8_lossy(line).into_owned(),
+            })?;
+            let name = (pos, pos + colon);
+            let value = (pos + colon + 1, end);
+            let field = |(a, b): (usize, usize)| -> Result<Field2, CodecError> {
+                if escapes && memchr::memchr(b'\\', &bytes[a..b]).is_some() {
+                    escape::unescape(&bytes[a..b], version)
+                        .map(Field2::Owned)
+                        .map_err(|sequence| CodecError::InvalidEscape {
+                            sequence,
+                            line: String::from_utf8_lossy(line).into_owned(),
+                        })
+                } else {
+                    Ok(Field2::Span(a, b))
+                }
+            };
+            fields.push((field(name)?, field(value)?));
+            pos = next;
+        }
+        let mut headers = Headers::with_raw(head, fields.len());
+        for (n, v) in fields {
+            headers.push_fields(n, v);
+        }
+        Ok((command, headers))
+    }
+}
+
+fn parse_content_length(value: &str) -> Result<usize, CodecError> {
+    let digits = value.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(CodecError::InvalidContentLength(value.to_owned()));
+    }
+    digits
+        .parse::<usize>()
+        .map_err(|_| CodecError::InvalidContentLength(value.to_owned()))
+}
+
+impl Decoder for StompCodec {
+    type Item = Received;
+    type Error = CodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Received>, CodecError> {
+        let mut saw_eol = false;
+        loop {
+            match &mut self.state {
+                DecodeState::Idle => {
+                    // Skip heart-beat EOLs; report them only if no frame follows yet.
+                    loop {
+                        match buf.first() {
+                            Some(b'\n') => {
+                                buf.advance(1);
+                                saw_eol = true;
+                            }
+                            Some(b'\r') => match buf.get(1) {
+                                Some(b'\n') => {
+                                    buf.advance(2);
+                                    saw_eol = true;
+                                }
+                                Some(_) => return Err(CodecError::StrayCarriageReturn),
+                                None => return Ok(saw_eol.then_some(Received::HeartBeat)),
+                            },
+                            Some(_) => break,
+                            None => return Ok(saw_eol.then_some(Received::HeartBeat)),
+                        }
+                    }
+                    self.state = DecodeState::Head {
+                        scanned: 0,
+                        line_start: 0,
+                        lines: 0,
+                    };
+                }
+                DecodeState::Head {
+                    scanned,
+                    line_start,
+                    lines,
+                } => {
+                    let (mut s, mut l, mut n) = (*scanned, *line_start, *lines);
+                    let found = self.find_head_end(buf, &mut s, &mut l, &mut n);
+                    let body_start = match found {
+                        Ok(Some(at)) => at,
+                        Ok(None) => {
+                            self.state = DecodeState::Head {
+                                scanned: s,
+                                line_start: l,
+                                lines: n,
+                            };
+                            return Ok(saw_eol.then_some(Received::HeartBeat));
+                        }
+                        Err(e) => {
+                            self.state = DecodeState::Idle;
+                            return Err(e);
+                        }
+                    };
+                    let head = buf.split_to(body_start).freeze();
+                    self.state = DecodeState::Idle;
+                    let (command, headers) = self.parse_head(head, n)?;
+                    let content_length = match headers.get("content-length") {
+                        Some(v) => Some(parse_content_length(v)?),
+                        None => None,
+                    };
+                    if let Some(length) = content_length {
+                        if length > self.limits.max_body {
+                            return Err(CodecError::BodyTooLarge {
+                                length,
+                                limit: self.limits.max_body,
+                            });
+                        }
+                        buf.reserve((length + 1).saturating_sub(buf.len()));
+                    }
+                    self.state = DecodeState::Body {
+                        command,
+                        headers,
+                        content_length,
+                        scanned: 0,
+                    };
+                }
+                DecodeState::Body {
+                    content_length,
+                    scanned,
+                    ..
+                } => {
+                    let body_len = match *content_length {
+                        Some(length) => {
+                            if buf.len() <= length {
+                                return Ok(saw_eol.then_some(Received::HeartBeat));
+                            }
+                            if buf[length] != 0 {
+                                self.state = DecodeState::Idle;
+                                return Err(CodecError::MissingNul {
+                                    content_length: length,
+                                });
+                            }
+                            length
+                        }
+                        None => match memchr::memchr(0, &buf[*scanned..]) {
+                            Some(off) => *scanned + off,
+                            None => {
+                                if buf.len() > self.limits.max_body {
+                                    let length = buf.len();
+                                    self.state = DecodeState::Idle;
+                                    return Err(CodecError::BodyTooLarge {
+                                        length,
+                                        limit: self.limits.max_body,
+                                    });
+                                }
+                                *scanned = buf.len();
+                                return Ok(saw_eol.then_some(Received::HeartBeat));
+                            }
+                        },
+                    };
+                    if body_len > self.limits.max_body {
+                        self.state = DecodeState::Idle;
+                        return Err(CodecError::BodyTooLarge {
+                            length: body_len,
+                            limit: self.limits.max_body,
+                        });
+                    }
+                    let body = buf.split_to(body_len).freeze();
+                    buf.advance(1);
+                    let DecodeState::Body {
+                        command, headers, ..
+                    } = std::mem::replace(&mut self.state, DecodeState::Idle)
+                    else {
+                        unreachable!("state was matched as Body above")
+                    };
+                    return Ok(Some(Received::Frame(Frame::from_parts(
+                        command, headers, body,
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Received>, CodecError> {
+        match self.decode(buf)? {
+            Some(item) => Ok(Some(item)),
+            None => {
+                let in_frame = !matches!(self.state, DecodeState::Idle);
+                if buf.is_empty() && !in_frame {
+                    Ok(None)
+                } else {
+                    let buffered = buf.len();
+                    buf.clear();
+                    self.state = DecodeState::Idle;
+                    Err(CodecError::TruncatedFrame { buffered })
+                }
+            }
+        }
+    }
+}
+
+impl Encoder<&Frame> for StompCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let command = frame.command();
+        let escapes = self.escapes(command);
+        let body = frame.body();
+        let mut size = command.as_str().len() + body.len() + 32;
+        for (n, v) in frame.headers().iter() {
+            size += n.len() + v.len() + 2;
+        }
+        dst.reserve(size);
+        dst.put_slice(command.as_str().as_bytes());
+        dst.put_u8(b'\n');
+        for (name, value) in frame.headers().iter() {
+            if name == "content-length" {
+                continue;
+            }
+            if escapes {
+                escape::escape_into(name, self.version, dst);
+                dst.put_u8(b':');
+                escape::escape_into(value, self.version, dst);
+            } else {
+                check_raw(command, name, value, self.version)?;
+                dst.put_slice(name.as_bytes());
+                dst.put_u8(b':');
+                dst.put_slice(value.as_bytes());
+            }
+            dst.put_u8(b'\n');
+        }
+        if !body.is_empty() {
+            dst.put_slice(b"content-length:");
+            let mut digits = itoa_buf(body.len());
+            dst.put_slice(digits.as_bytes_mut());
+            dst.put_u8(b'\n');
+        }
+        dst.put_u8(b'\n');
+        dst.put_slice(body);
+        dst.put_u8(0);
+        Ok(())
+    }
+}
+
+impl Encoder<Frame> for StompCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.encode(&frame, dst)
+    }
+}
+
+/// Checks a header that must be written without escaping.
+fn check_raw(
+    command: Command,
+    name: &str,
+    value: &str,
+    version: Version,
+) -> Result<(), CodecError> {
+    let fail = |reason| {
+        Err(CodecError::UnencodableHeader {
+            command,
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    let _ = version;
+    if name.is_empty() {
+        return fail("empty header name");
+    }
+    if name.bytes().any(|b| matches!(b, b'\n' | b'\r' | b':')) {
+        return fail("a name without escaping cannot contain ':', CR or LF");
+    }
+    if value.bytes().any(|b| b == b'\n') || value.ends_with('\r') {
+        return fail("a value without escaping cannot contain LF or end in CR");
+    }
+    Ok(())
+}
+
+/// Decimal digits of `n` without allocating.
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_bytes_mut(&mut self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+fn itoa_buf(mut n: usize) -> Digits {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    Digits { buf, start: i }
+}

@@ -1,0 +1,464 @@
+//! Byte-literal fixtures for the codec.
+
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::*;
+
+fn codec(version: Version) -> StompCodec {
+    StompCodec::new(version, Limits::default())
+}
+
+fn decode_all(version: Version, input: &[u8]) -> Result<Vec<Received>, CodecError> {
+    let mut codec = codec(version);
+    let mut buf = BytesMut::from(input);
+    let mut out = Vec::new();
+    while let Some(item) = codec.decode_eof(&mut buf)? {
+        out.push(item);
+    }
+    Ok(out)
+}
+
+fn frames(version: Version, input: &[u8]) -> Vec<Frame> {
+    decode_all(version, input)
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Received::Frame(f) => Some(f),
+            Received::HeartBeat => None,
+        })
+        .collect()
+}
+
+fn one(version: Version, input: &[u8]) -> Frame {
+    let mut all = frames(version, input);
+    assert_eq!(all.len(), 1, "expected exactly one frame");
+    all.remove(0)
+}
+
+fn encode(version: Version, frame: &Frame) -> Result<Vec<u8>, CodecError> {
+    let mut dst = BytesMut::new();
+    codec(version).encode(frame, &mut dst)?;
+    Ok(dst.to_vec())
+}
+
+#[test]
+fn every_command_is_recognised() {
+    let all = [
+        "CONNECT",
+        "STOMP",
+        "SEND",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "BEGIN",
+        "COMMIT",
+        "ABORT",
+        "ACK",
+        "NACK",
+        "DISCONNECT",
+        "CONNECTED",
+        "MESSAGE",
+        "RECEIPT",
+        "ERROR",
+    ];
+    for name in all {
+        let frame = one(Version::V1_2, format!("{name}\nk:v\n\n\0").as_bytes());
+        assert_eq!(frame.command().as_str(), name);
+        assert_eq!(frame.header("k"), Some("v"));
+    }
+}
+
+#[test]
+fn spec_connect_example_decodes() {
+    let f = one(
+        Version::V1_2,
+        b"CONNECT\naccept-version:1.2\nhost:stomp.github.org\n\n\0",
+    );
+    assert_eq!(f.command(), Command::Connect);
+    assert_eq!(f.header("accept-version"), Some("1.2"));
+    assert_eq!(f.header("host"), Some("stomp.github.org"));
+    assert!(f.body().is_empty());
+}
+
+#[test]
+fn spec_send_example_takes_body_up_to_nul() {
+    let f = one(
+        Version::V1_2,
+        b"SEND\ndestination:/queue/a\ncontent-type:text/plain\n\nhello queue a\0",
+    );
+    assert_eq!(f.command(), Command::Send);
+    assert_eq!(f.body().as_ref(), b"hello queue a");
+}
+
+#[test]
+fn spec_message_example_decodes() {
+    let f = one(
+        Version::V1_2,
+        b"MESSAGE\nsubscription:0\nmessage-id:007\ndestination:/queue/a\ncontent-type:text/plain\n\nhello queue a\0",
+    );
+    assert_eq!(f.header("message-id"), Some("007"));
+    assert_eq!(f.header("subscription"), Some("0"));
+}
+
+#[test]
+fn spec_error_example_with_content_length_decodes() {
+    let body = b"The message:\n-----\nMESSAGE\ndestined:/queue/a\nreceipt:message-12345\n\nHello queue a!\n-----\nDid not contain a destination header, which is REQUIRED\nfor message propagation.\n";
+    let mut input = format!(
+        "ERROR\nreceipt-id:message-12345\ncontent-type:text/plain\ncontent-length:{}\nmessage:malformed frame received\n\n",
+        body.len()
+    )
+    .into_bytes();
+    input.extend_from_slice(body);
+    input.push(0);
+    let f = one(Version::V1_2, &input);
+    assert_eq!(f.command(), Command::Error);
+    assert_eq!(f.header("receipt-id"), Some("message-12345"));
+    assert_eq!(f.body().as_ref(), body);
+}
+
+#[test]
+fn content_length_body_may_contain_nul_bytes() {
+    let f = one(Version::V1_2, b"MESSAGE\ncontent-length:5\n\na\0b\0c\0");
+    assert_eq!(f.body().as_ref(), b"a\0b\0c");
+}
+
+#[test]
+fn repeated_header_lookup_returns_the_first_and_keeps_all() {
+    let f = one(Version::V1_2, b"MESSAGE\nfoo:World\nfoo:Hello\n\n\0");
+    assert_eq!(f.header("foo"), Some("World"));
+    assert_eq!(
+        f.headers().get_all("foo").collect::<Vec<_>>(),
+        ["World", "Hello"]
+    );
+    assert_eq!(f.headers().len(), 2);
+}
+
+#[test]
+fn escaped_header_values_are_unescaped_in_1_2() {
+    let f = one(Version::V1_2, b"MESSAGE\na\\cb:x\\\\y\\nz\\cw\\rq\n\n\0");
+    assert_eq!(f.header("a:b"), Some("x\\y\nz:w\rq"));
+}
+
+#[test]
+fn carriage_return_escape_is_undefined_in_1_1() {
+    let err = decode_all(Version::V1_1, b"MESSAGE\na:x\\ry\n\n\0").unwrap_err();
+    assert!(matches!(err, CodecError::InvalidEscape { ref sequence, .. } if sequence == "\\r"));
+}
+
+#[test]
+fn undefined_escape_is_an_error() {
+    let err = decode_all(Version::V1_2, b"MESSAGE\na:x\\ty\n\n\0").unwrap_err();
+    assert!(matches!(err, CodecError::InvalidEscape { .. }), "{err:?}");
+    let err = decode_all(Version::V1_2, b"MESSAGE\na:x\\\n\n\0").unwrap_err();
+    assert!(matches!(err, CodecError::InvalidEscape { .. }), "{err:?}");
+}
+
+#[test]
+fn stomp_1_0_headers_are_taken_literally() {
+    let f = one(Version::V1_0, b"MESSAGE\na:x\\cy\\t\n\n\0");
+    assert_eq!(f.header("a"), Some("x\\cy\\t"));
+}
+
+#[test]
+fn connected_frames_are_never_unescaped() {
+    let f = one(Version::V1_2, b"CONNECTED\nserver:a\\cb\nversion:1.2\n\n\0");
+    assert_eq!(f.header("server"), Some("a\\cb"));
+}
+
+#[test]
+fn value_keeps_colons_after_the_first() {
+    let f = one(Version::V1_0, b"MESSAGE\nreply-to:tcp://x:1\n\n\0");
+    assert_eq!(f.header("reply-to"), Some("tcp://x:1"));
+}
+
+#[test]
+fn crlf_line_endings_are_accepted() {
+    let f = one(
+        Version::V1_2,
+        b"SEND\r\ndestination:/queue/a\r\ncontent-length:2\r\n\r\nhi\0\r\n",
+    );
+    assert_eq!(f.command(), Command::Send);
+    assert_eq!(f.header("destination"), Some("/queue/a"));
+    assert_eq!(f.body().as_ref(), b"hi");
+}
+
+#[test]
+fn heart_beats_between_frames_are_reported_and_consumed() {
+    let out = decode_all(Version::V1_2, b"\n\r\n").unwrap();
+    assert_eq!(out, vec![Received::HeartBeat]);
+    let out = decode_all(Version::V1_2, b"\nRECEIPT\nreceipt-id:1\n\n\0\n\n").unwrap();
+    assert_eq!(out.len(), 2);
+    assert!(matches!(out[0], Received::Frame(_)));
+    assert_eq!(out[1], Received::HeartBeat);
+}
+
+#[test]
+fn heart_beat_arrives_while_a_frame_is_still_incomplete() {
+    let mut c = codec(Version::V1_2);
+    let mut buf = BytesMut::from(&b"\nMESS"[..]);
+    assert_eq!(c.decode(&mut buf).unwrap(), Some(Received::HeartBeat));
+    assert_eq!(c.decode(&mut buf).unwrap(), None);
+    buf.extend_from_slice(b"AGE\n\n\0");
+    assert!(matches!(
+        c.decode(&mut buf).unwrap(),
+        Some(Received::Frame(_))
+    ));
+}
+
+#[test]
+fn incomplete_input_is_not_an_error() {
+    let input = b"MESSAGE\ncontent-length:3\n\nabc\0";
+    for cut in 0..input.len() {
+        let mut c = codec(Version::V1_2);
+        let mut buf = BytesMut::from(&input[..cut]);
+        assert_eq!(c.decode(&mut buf).unwrap(), None, "cut at {cut}");
+    }
+}
+
+#[test]
+fn byte_by_byte_feeding_decodes_the_same_frame() {
+    let input = b"MESSAGE\nk:v\\c\ncontent-length:4\n\n\0\0\0\0\0\nERROR\nmessage:x\n\nbody\0";
+    let whole = frames(Version::V1_2, input);
+    let mut c = codec(Version::V1_2);
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    for &b in input.iter() {
+        buf.extend_from_slice(&[b]);
+        while let Some(item) = c.decode(&mut buf).unwrap() {
+            if let Received::Frame(f) = item {
+                got.push(f);
+            }
+        }
+    }
+    assert_eq!(got, whole);
+    assert_eq!(got.len(), 2);
+}
+
+#[test]
+fn oversized_content_length_is_rejected_before_the_body_arrives() {
+    let limits = Limits {
+        max_body: 10,
+        ..Limits::default()
+    };
+    let mut c = StompCodec::new(Version::V1_2, limits);
+    let mut buf = BytesMut::from(&b"MESSAGE\ncontent-length:11\n\n"[..]);
+    let err = c.decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::BodyTooLarge {
+                length: 11,
+                limit: 10
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn oversized_nul_terminated_body_is_rejected_while_buffering() {
+    let limits = Limits {
+        max_body: 10,
+        ..Limits::default()
+    };
+    let mut c = StompCodec::new(Version::V1_2, limits);
+    let mut buf = BytesMut::from(&b"MESSAGE\n\n0123456789A"[..]);
+    let err = c.decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, CodecError::BodyTooLarge { limit: 10, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn overlong_line_is_rejected_before_its_end_arrives() {
+    let limits = Limits {
+        max_line_length: 8,
+        ..Limits::default()
+    };
+    let mut c = StompCodec::new(Version::V1_2, limits);
+    let mut buf = BytesMut::from(&b"MESSAGE\nabcdefghijk"[..]);
+    let err = c.decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, CodecError::LineTooLong { limit: 8 }),
+        "{err:?}"
+    );
+    let mut c = StompCodec::new(Version::V1_2, limits);
+    let mut buf = BytesMut::from(&b"MESSAGE\nabcd:fgh\r\n\n\0"[..]);
+    assert!(matches!(
+        c.decode(&mut buf).unwrap(),
+        Some(Received::Frame(_))
+    ));
+}
+
+#[test]
+fn too_many_headers_are_rejected() {
+    let limits = Limits {
+        max_headers: 2,
+        ..Limits::default()
+    };
+    let mut c = StompCodec::new(Version::V1_2, limits);
+    let mut buf = BytesMut::from(&b"MESSAGE\na:1\nb:2\n\n\0"[..]);
+    assert!(c.decode(&mut buf).unwrap().is_some());
+    let mut buf = BytesMut::from(&b"MESSAGE\na:1\nb:2\nc:3\n\n\0"[..]);
+    let err = c.decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, CodecError::TooManyHeaders { limit: 2 }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn non_utf8_header_is_a_typed_error() {
+    let err = decode_all(Version::V1_2, b"MESSAGE\na:ok\nb:\xff\xfe\n\n\0").unwrap_err();
+    assert!(matches!(err, CodecError::NotUtf8 { line: 2 }), "{err:?}");
+}
+
+#[test]
+fn unknown_command_is_a_typed_error() {
+    let err = decode_all(Version::V1_2, b"HELLO\n\n\0").unwrap_err();
+    assert!(
+        matches!(err, CodecError::UnknownCommand(ref c) if c == "HELLO"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn header_without_colon_is_a_typed_error() {
+    let err = decode_all(Version::V1_2, b"MESSAGE\nnocolon\n\n\0").unwrap_err();
+    assert!(matches!(err, CodecError::MalformedHeader { .. }), "{err:?}");
+}
+
+#[test]
+fn bad_content_length_is_a_typed_error() {
+    let err = decode_all(Version::V1_2, b"MESSAGE\ncontent-length:-1\n\n\0").unwrap_err();
+    assert!(
+        matches!(err, CodecError::InvalidContentLength(_)),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn body_not_followed_by_nul_is_a_typed_error() {
+    let err = decode_all(Version::V1_2, b"MESSAGE\ncontent-length:1\n\nab").unwrap_err();
+    assert!(
+        matches!(err, CodecError::MissingNul { content_length: 1 }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn bytes_left_at_eof_are_a_truncated_frame() {
+    let err = decode_all(Version::V1_2, b"MESSAGE\nk:v\n").unwrap_err();
+    assert!(matches!(err, CodecError::TruncatedFrame { .. }), "{err:?}");
+    let err = decode_all(Version::V1_2, b"MESSAGE\ncontent-length:9\n\nab").unwrap_err();
+    assert!(
+        matches!(err, CodecError::TruncatedFrame { buffered: 2 }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn stray_carriage_return_between_frames_is_an_error() {
+    let err = decode_all(Version::V1_2, b"\rX").unwrap_err();
+    assert!(matches!(err, CodecError::StrayCarriageReturn), "{err:?}");
+}
+
+#[test]
+fn decoded_body_and_headers_share_the_read_buffer() {
+    let mut buf = BytesMut::with_capacity(256);
+    buf.extend_from_slice(b"MESSAGE\ndestination:/queue/a\ncontent-length:5\n\nhello\0");
+    let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+    let Some(Received::Frame(f)) = codec(Version::V1_2).decode(&mut buf).unwrap() else {
+        panic!("no frame");
+    };
+    assert!(range.contains(&(f.body().as_ptr() as usize)));
+    let value = f.header("destination").unwrap();
+    assert!(range.contains(&(value.as_ptr() as usize)));
+}
+
+#[test]
+fn encoder_writes_content_length_for_every_non_empty_body() {
+    let out = encode(Version::V1_2, &Frame::send("/queue/a", &b"x\0y"[..])).unwrap();
+    assert_eq!(
+        out,
+        b"SEND\ndestination:/queue/a\ncontent-length:3\n\nx\0y\0"
+    );
+    let out = encode(Version::V1_2, &Frame::send("/queue/a", Bytes::new())).unwrap();
+    assert_eq!(out, b"SEND\ndestination:/queue/a\n\n\0");
+}
+
+#[test]
+fn encoder_replaces_a_caller_content_length() {
+    let frame = Frame::send("/q", "abc").with_header("content-length", "99");
+    let out = encode(Version::V1_2, &frame).unwrap();
+    assert_eq!(out, b"SEND\ndestination:/q\ncontent-length:3\n\nabc\0");
+}
+
+#[test]
+fn encoder_escapes_per_version() {
+    let frame = Frame::new(Command::Send).with_header("k:1", "a\\b\nc:d\re");
+    assert_eq!(
+        encode(Version::V1_2, &frame).unwrap(),
+        b"SEND\nk\\c1:a\\\\b\\nc\\cd\\re\n\n\0"
+    );
+    assert_eq!(
+        encode(Version::V1_1, &frame).unwrap(),
+        b"SEND\nk\\c1:a\\\\b\\nc\\cd\re\n\n\0"
+    );
+    let err = encode(Version::V1_0, &frame).unwrap_err();
+    assert!(
+        matches!(err, CodecError::UnencodableHeader { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn connect_frames_are_never_escaped() {
+    let frame =
+        Frame::connect(&[Version::V1_2], "localhost", (0, 0)).with_header("passcode", "a:b\\c");
+    let out = encode(Version::V1_2, &frame).unwrap();
+    assert_eq!(
+        out,
+        b"CONNECT\naccept-version:1.2\nhost:localhost\nheart-beat:0,0\npasscode:a:b\\c\n\n\0"
+    );
+    let bad = Frame::new(Command::Connect).with_header("login", "a\nb");
+    assert!(matches!(
+        encode(Version::V1_2, &bad).unwrap_err(),
+        CodecError::UnencodableHeader { .. }
+    ));
+}
+
+#[test]
+fn passcode_is_redacted_in_debug_output() {
+    let frame = Frame::connect(&[Version::V1_2], "h", (0, 0)).with_header("passcode", "s3cret");
+    let text = format!("{frame:?}");
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(text.contains("redacted"));
+}
+
+#[test]
+fn headers_set_replaces_all_occurrences() {
+    let mut f = one(Version::V1_2, b"MESSAGE\na:1\nb:2\na:3\n\n\0");
+    f.headers_mut().set("a", "9");
+    assert_eq!(
+        f.headers().iter().collect::<Vec<_>>(),
+        [("a", "9"), ("b", "2")]
+    );
+    assert_eq!(f.headers_mut().remove("b"), 1);
+    assert_eq!(f.headers().len(), 1);
+}
+
+#[test]
+fn encode_then_decode_is_identity_on_every_version() {
+    for version in Version::ALL {
+        let frame = Frame::send("/queue/x", &b"\0bin\0"[..])
+            .with_header("persistent", "true")
+            .with_header("rep", "1")
+            .with_header("rep", "2");
+        let bytes = encode(version, &frame).unwrap();
+        let back = one(version, &bytes);
+        let expected = frame.clone().with_header("content-length", "5");
+        assert_eq!(back, expected, "version {version}");
+    }
+}
