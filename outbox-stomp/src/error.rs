@@ -82,3 +82,163 @@ pub enum CodecError {
         buffered: usize,
     },
 }
+
+/// A broker URI that cannot be used, naming the bad part.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UriError {
+    /// Nothing was given.
+    #[error("broker URI is empty")]
+    Empty,
+    /// An address without `scheme://`.
+    #[error("broker address {0:?} has no scheme; write e.g. stomp://{0}")]
+    MissingScheme(String),
+    /// A scheme this client does not speak.
+    #[error("unsupported scheme {0:?}; use stomp://, stomp+ssl:// or failover:(...)")]
+    UnsupportedScheme(String),
+    /// An address without a port.
+    #[error("broker address {0:?} has no port; write host:port, e.g. localhost:61613")]
+    MissingPort(String),
+    /// A port that is not a number from 1 to 65535.
+    #[error("invalid port {0:?}")]
+    InvalidPort(String),
+    /// An empty or malformed host.
+    #[error("invalid host {0:?}")]
+    InvalidHost(String),
+    /// `failover:(` without its closing parenthesis.
+    #[error("failover list in {0:?} has no closing parenthesis")]
+    Unbalanced(String),
+    /// Text after the closing parenthesis that is not a query.
+    #[error("unexpected text {0:?} after the failover list; options start with '?'")]
+    Trailing(String),
+    /// An empty entry in a failover list.
+    #[error("empty address in failover list {0:?}")]
+    EmptyAddress(String),
+    /// An option whose value does not parse.
+    #[error("invalid value {value:?} for option {name}")]
+    InvalidOption {
+        /// Option name.
+        name: String,
+        /// Offending value.
+        value: String,
+    },
+    /// An option this client does not know.
+    #[error("unknown URI option {0:?}")]
+    UnknownOption(String),
+    /// `user:password@` in the URI; credentials are configured separately so
+    /// they never end up in logs.
+    #[error(
+        "credentials in the broker URI are not accepted; set login/passcode in the client config"
+    )]
+    CredentialsInUri,
+}
+
+/// A broker ERROR frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerError {
+    /// The `message` header.
+    pub message: String,
+    /// The body as (lossy) text; ActiveMQ puts a Java stack trace here.
+    pub details: String,
+    /// The `receipt-id` it answered, if any.
+    pub receipt_id: Option<String>,
+}
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(first) = self.details.lines().find(|l| !l.trim().is_empty()) {
+            if first.trim() != self.message.trim() {
+                write!(f, " ({})", first.trim())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the STOMP client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker URI is unusable.
+    #[error(transparent)]
+    Uri(#[from] UriError),
+    /// Bytes from the broker could not be decoded, or a frame not encoded.
+    #[error("STOMP codec: {0}")]
+    Codec(#[from] CodecError),
+    /// TCP connect to an address failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS setup or handshake failed.
+    #[error("TLS with {addr}: {reason}")]
+    Tls {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The broker refused the CONNECT frame (e.g. wrong login or passcode).
+    #[error("broker refused the connection: {0}")]
+    ConnectRejected(BrokerError),
+    /// The broker answered a request with an ERROR frame naming its receipt.
+    #[error("broker rejected the request: {0}")]
+    Rejected(BrokerError),
+    /// The broker sent an ERROR that matched no request; the connection was closed.
+    #[error("broker sent an error and closed the session: {0}")]
+    Broker(BrokerError),
+    /// No receipt within the timeout: the outcome is unknown.
+    #[error("no receipt {receipt} within {after:?}; outcome unknown")]
+    ReceiptTimeout {
+        /// The receipt id that was asked for.
+        receipt: String,
+        /// The timeout.
+        after: std::time::Duration,
+    },
+    /// The connection was lost while the request was in flight: it may or may not
+    /// have taken effect.
+    #[error("connection lost before the broker confirmed the request; outcome unknown")]
+    ConnectionLost,
+    /// The peer stopped sending anything, heart-beats included.
+    #[error("no data from the broker for {0:?} (heart-beat timeout)")]
+    HeartBeatTimeout(std::time::Duration),
+    /// A transaction or message belongs to an earlier connection; the broker
+    /// aborted the transaction (or will redeliver the message).
+    #[error("the {0} belongs to a connection that was lost")]
+    Stale(&'static str),
+    /// The broker did not answer CONNECT in time.
+    #[error("no CONNECTED frame from {addr} within {after:?}")]
+    ConnectTimeout {
+        /// The address tried.
+        addr: String,
+        /// The timeout.
+        after: std::time::Duration,
+    },
+    /// The broker broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Every reconnect attempt failed.
+    #[error("gave up after {attempts} connection attempts; last error: {last}")]
+    ReconnectExhausted {
+        /// How many attempts were made.
+        attempts: u32,
+        /// The last failure.
+        last: Box<Error>,
+    },
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
+}
+
+impl Error {
+    /// True when the outcome of the failed request is unknown (it may have
+    /// reached the broker): retry only if the operation is idempotent downstream.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Error::ReceiptTimeout { .. } | Error::ConnectionLost)
+    }
+}

@@ -1,11 +1,48 @@
-//! STOMP 1.0–1.2 for Apache ActiveMQ.
+//! STOMP 1.0–1.2 for Apache ActiveMQ: a codec and an async client.
 //!
-//! - [`codec`]: the wire format, bytes ⇄ [`codec::Frame`], with no sockets.
-//! - [`error`]: one error type per layer.
+//! Data flows through three layers, each usable on its own:
+//!
+//! - [`codec`]: the wire format, bytes ⇄ [`Frame`], with no sockets
+//!   (a `tokio_util` `Decoder`/`Encoder`: bounded, zero-copy, version-aware escaping);
+//! - `session` (internal): the protocol rules as a state machine without IO —
+//!   receipts, subscriptions, ack ids, heart-beat deadlines;
+//! - [`client`]: the event loop that owns the socket and timers, and the
+//!   [`Client`] handle: sends with awaitable receipts, transactions,
+//!   subscriptions as streams, reconnect over a failover list ([`uri`]).
+//!
+//! Errors are layered the same way: [`CodecError`] → [`Error`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), outbox_stomp::Error> {
+//! use outbox_stomp::{Client, Config, Outgoing, Subscribe};
+//!
+//! let client = Client::connect(Config::parse("failover:(stomp://127.0.0.1:61613)")?).await?;
+//! let mut orders = client.subscribe(Subscribe::new("/queue/orders").prefetch(100)).await?;
+//! client.send(Outgoing::new("/queue/orders", "{\"id\":1}").persistent(true)).await?;
+//! if let Some(message) = orders.next_message().await {
+//!     message.ack().await?;
+//! }
+//! client.disconnect().await
+//! # }
+//! ```
+//!
+//! ActiveMQ notes: a NACK sends the message to the dead-letter queue at once;
+//! `ack:auto` is at-most-once; without a receipt a failed SEND is dropped
+//! silently, so [`Client::send`] always asks for one.
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+pub mod activemq;
+pub mod client;
 pub mod codec;
 pub mod error;
+mod session;
+mod tls;
+pub mod uri;
 
+pub use activemq::Outgoing;
+pub use client::{
+    AckMode, Client, Config, Message, ServerInfo, Subscribe, Subscription, Transaction,
+};
 pub use codec::{Command, Frame, Headers, Limits, Received, StompCodec, Version};
-pub use error::CodecError;
+pub use error::{BrokerError, CodecError, Error, UriError};
+pub use uri::{BrokerAddr, BrokerUri, ReconnectPolicy, Scheme};
