@@ -1,0 +1,517 @@
+//! A real ActiveMQ Classic broker in a child JVM, owned by one test.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::{BrokerLayout, LOG4J_PROPERTIES};
+use crate::paths::{file_tail, target_dir, unique_name};
+use crate::process::{send_signal, spawn_tied_to_process};
+use crate::raw_stomp::RawStomp;
+use crate::tls::{self, TlsFiles};
+use crate::{BrokerConfig, Credentials, HarnessError};
+
+/// Where the Debian package puts ActiveMQ; `ACTIVEMQ_HOME` overrides it.
+const DEFAULT_ACTIVEMQ_HOME: &str = "/usr/share/activemq";
+
+/// The Debian packages that provide `java` and ActiveMQ.
+const INSTALL_BROKER: &str = "apt-get install -y openjdk-17-jre-headless activemq";
+
+/// Set (to anything but `0` or empty) to keep broker folders after the test.
+pub const KEEP_BROKER_DATA_VAR: &str = "OUTBOX_KEEP_BROKER_DATA";
+
+/// How often a fresh broker may pick new ports after finding its ports taken.
+const PORT_ATTEMPTS: usize = 5;
+
+/// How long a graceful stop may take before the JVM is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause between readiness probes and between exit checks.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Lines of the broker log quoted in start-up errors.
+const LOG_TAIL_LINES: usize = 40;
+
+/// An ActiveMQ broker running in its own JVM, with its own ports and its own
+/// KahaDB folder under `target/test-brokers/`.
+///
+/// The broker listens on loopback only: a STOMP connector and, if asked for, a
+/// `stomp+ssl` connector. It keeps its ports and data folder across
+/// [`kill`](Self::kill), [`stop`](Self::stop), [`restart`](Self::restart) and
+/// [`start_again`](Self::start_again), so persistent messages survive them.
+///
+/// Dropping the broker kills the JVM and removes its folder (unless
+/// `OUTBOX_KEEP_BROKER_DATA` is set). The JVM also receives SIGKILL if the test
+/// process dies, so no broker outlives its test run.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), outbox_test_harness::HarnessError> {
+/// use outbox_test_harness::Broker;
+///
+/// let mut broker = Broker::start().await?;
+/// let mut stomp = broker.raw_connect().await?;
+/// assert_eq!(stomp.handshake(None).await?.command, "CONNECTED");
+/// broker.kill().await?;
+/// broker.start_again().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Broker {
+    config: BrokerConfig,
+    java: PathBuf,
+    activemq_home: PathBuf,
+    base_dir: PathBuf,
+    data_dir: PathBuf,
+    conf_dir: PathBuf,
+    log_path: PathBuf,
+    stomp_port: u16,
+    ssl_port: Option<u16>,
+    tls: Option<TlsFiles>,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Starts a broker with the default configuration: one plain STOMP
+    /// connector, no authentication.
+    pub async fn start() -> Result<Broker, HarnessError> {
+        Broker::start_with(BrokerConfig::default()).await
+    }
+
+    /// Starts a broker and waits until it answers a STOMP `CONNECT` with
+    /// `CONNECTED` (and, with SSL, until the `stomp+ssl` port accepts TCP).
+    ///
+    /// Fails at once if `java` or the ActiveMQ jar is missing, and otherwise
+    /// after the configured ready timeout, quoting the end of the broker log.
+    pub async fn start_with(config: BrokerConfig) -> Result<Broker, HarnessError> {
+        let java = find_java()?;
+        let activemq_home = std::env::var_os("ACTIVEMQ_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ACTIVEMQ_HOME));
+        let jar = activemq_home.join("bin/activemq.jar");
+        if !jar.is_file() {
+            return Err(HarnessError::Missing {
+                what: "the ActiveMQ jar",
+                detail: format!("no {}", jar.display()),
+                install: INSTALL_BROKER,
+            });
+        }
+
+        let base_dir = target_dir()
+            .join("test-brokers")
+            .join(unique_name("broker-"));
+        let data_dir = base_dir.join("data");
+        let conf_dir = base_dir.join("conf");
+        for dir in [&data_dir, &conf_dir, &base_dir.join("tmp")] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let mut broker = Broker {
+            java,
+            activemq_home,
+            log_path: base_dir.join("broker.log"),
+            data_dir,
+            conf_dir,
+            base_dir,
+            stomp_port: 0,
+            ssl_port: None,
+            tls: None,
+            child: None,
+            config,
+        };
+        // From here on, dropping `broker` on an error cleans up the folder and JVM.
+        if broker.config.ssl {
+            broker.tls = Some(tls::generate(&broker.base_dir.join("tls"))?);
+        }
+        write_file(&broker.conf_dir.join("log4j.properties"), LOG4J_PROPERTIES)?;
+
+        let mut attempt = 1;
+        loop {
+            let [stomp, ssl] = free_ports()?;
+            broker.stomp_port = stomp;
+            broker.ssl_port = broker.config.ssl.then_some(ssl);
+            broker.write_activemq_xml()?;
+            let log_start = broker.log_len();
+            match broker.launch().await {
+                Err(HarnessError::BrokerExited { .. })
+                    if attempt < PORT_ATTEMPTS && broker.log_shows_port_clash(log_start) =>
+                {
+                    attempt += 1;
+                }
+                result => return result.map(|()| broker),
+            }
+        }
+    }
+
+    /// The plain STOMP port on 127.0.0.1.
+    pub fn stomp_port(&self) -> u16 {
+        self.stomp_port
+    }
+
+    /// The plain STOMP address, `127.0.0.1:<stomp_port>`.
+    pub fn stomp_addr(&self) -> SocketAddr {
+        loopback(self.stomp_port)
+    }
+
+    /// The plain STOMP connector as a URI, e.g. `stomp://127.0.0.1:61999`.
+    pub fn stomp_uri(&self) -> String {
+        format!("stomp://127.0.0.1:{}", self.stomp_port)
+    }
+
+    /// The `stomp+ssl` port, if the broker was configured with SSL.
+    pub fn ssl_port(&self) -> Option<u16> {
+        self.ssl_port
+    }
+
+    /// The `stomp+ssl` address, if the broker was configured with SSL.
+    pub fn ssl_addr(&self) -> Option<SocketAddr> {
+        self.ssl_port.map(loopback)
+    }
+
+    /// The SSL connector as a URI, e.g. `stomp+ssl://127.0.0.1:61998`.
+    pub fn ssl_uri(&self) -> Option<String> {
+        self.ssl_port
+            .map(|port| format!("stomp+ssl://127.0.0.1:{port}"))
+    }
+
+    /// PEM file of the CA that signed the broker's certificate; trust it to
+    /// verify the `stomp+ssl` connector as `localhost` or `127.0.0.1`.
+    pub fn ca_cert_pem(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|tls| tls.ca_cert_pem.as_path())
+    }
+
+    /// The broker's data folder (`activemq.data`, with KahaDB in `kahadb/`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The broker's log file; it is appended to across restarts.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The login and passcode every connection must present, if any.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.config.credentials.as_ref()
+    }
+
+    /// The JVM's process id while the broker runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Opens a TCP connection to the plain STOMP port for a raw exchange.
+    pub async fn raw_connect(&self) -> Result<RawStomp<TcpStream>, HarnessError> {
+        RawStomp::connect(self.stomp_addr()).await
+    }
+
+    /// Stops the broker gracefully (SIGTERM) and waits for the JVM to exit; after
+    /// 30 s it is killed. Does nothing if the broker is not running.
+    pub async fn stop(&mut self) -> Result<(), HarnessError> {
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        if self.exit_status()?.is_some() {
+            self.child = None;
+            return Ok(());
+        }
+        send_signal(pid, libc::SIGTERM, "SIGTERM")?;
+        // A paused JVM would never act on SIGTERM.
+        send_signal(pid, libc::SIGCONT, "SIGCONT")?;
+        if self.wait_for_exit(STOP_TIMEOUT).await?.is_none() {
+            self.kill().await?;
+        }
+        self.child = None;
+        Ok(())
+    }
+
+    /// Kills the JVM with SIGKILL, as a crash would, and waits until it is gone.
+    /// Does nothing if the broker is not running.
+    pub async fn kill(&mut self) -> Result<(), HarnessError> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        if child.try_wait().ok().flatten().is_none() {
+            child
+                .kill()
+                .map_err(|e| HarnessError::io("killing the broker JVM", e))?;
+        }
+        // SIGKILL cannot be ignored, so this wait ends.
+        while self.wait_for_exit(STOP_TIMEOUT).await?.is_none() {}
+        self.child = None;
+        Ok(())
+    }
+
+    /// Freezes the JVM (SIGSTOP): connections stay open but nothing answers.
+    pub fn pause(&self) -> Result<(), HarnessError> {
+        let pid = self.pid().ok_or(HarnessError::NotRunning)?;
+        send_signal(pid, libc::SIGSTOP, "SIGSTOP")
+    }
+
+    /// Lets a paused JVM run again (SIGCONT).
+    pub fn resume(&self) -> Result<(), HarnessError> {
+        let pid = self.pid().ok_or(HarnessError::NotRunning)?;
+        send_signal(pid, libc::SIGCONT, "SIGCONT")
+    }
+
+    /// Stops the broker gracefully if it runs, then starts it again on the same
+    /// ports and data folder and waits until it is ready.
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
+        self.stop().await?;
+        self.start_again().await
+    }
+
+    /// Starts a stopped or killed broker again on the same ports and data folder
+    /// and waits until it is ready.
+    pub async fn start_again(&mut self) -> Result<(), HarnessError> {
+        if let Some(pid) = self.pid() {
+            if self.exit_status()?.is_none() {
+                return Err(HarnessError::AlreadyRunning { pid });
+            }
+            self.child = None;
+        }
+        // The old JVM's sockets may linger for a moment; keep the same ports and retry.
+        let deadline = Instant::now() + self.config.ready_timeout;
+        loop {
+            let log_start = self.log_len();
+            match self.launch().await {
+                Err(HarnessError::BrokerExited { .. })
+                    if Instant::now() < deadline && self.log_shows_port_clash(log_start) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Spawns the JVM and waits until the broker is ready; on failure no JVM is left.
+    async fn launch(&mut self) -> Result<(), HarnessError> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(|e| HarnessError::io(format!("opening {}", self.log_path.display()), e))?;
+        let log_for_stderr = log
+            .try_clone()
+            .map_err(|e| HarnessError::io("duplicating the log file handle", e))?;
+        let mut command = Command::new(&self.java);
+        command
+            .arg(format!("-Xmx{}m", self.config.max_heap_mb))
+            .arg("-Xms64m")
+            .arg("-XX:+UseSerialGC")
+            .arg("-Djava.awt.headless=true")
+            .arg(jvm_property("java.io.tmpdir", &self.base_dir.join("tmp")))
+            .arg(format!(
+                "-Dlog4j.configuration=file:{}",
+                self.conf_dir.join("log4j.properties").display()
+            ))
+            .arg(jvm_property("activemq.home", &self.activemq_home))
+            .arg(jvm_property("activemq.base", &self.base_dir))
+            .arg(jvm_property("activemq.conf", &self.conf_dir))
+            .arg(jvm_property("activemq.data", &self.data_dir))
+            .arg("-jar")
+            .arg(self.activemq_home.join("bin/activemq.jar"))
+            .arg("start")
+            .arg(format!(
+                "xbean:file:{}",
+                self.conf_dir.join("activemq.xml").display()
+            ))
+            .current_dir(&self.base_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_for_stderr);
+        self.child = Some(spawn_tied_to_process(command)?);
+        let result = self.await_ready().await;
+        if result.is_err() {
+            self.kill().await?;
+        }
+        result
+    }
+
+    async fn await_ready(&mut self) -> Result<(), HarnessError> {
+        let timeout = self.config.ready_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status()? {
+                return Err(HarnessError::BrokerExited {
+                    status: status.to_string(),
+                    log: self.log_path.clone(),
+                    log_tail: file_tail(&self.log_path, LOG_TAIL_LINES),
+                });
+            }
+            let last_attempt = match tokio::time::timeout_at(deadline, self.probe()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the probe itself timed out".to_owned(),
+            };
+            if Instant::now() >= deadline {
+                return Err(HarnessError::BrokerNotReady {
+                    timeout,
+                    last_attempt,
+                    log: self.log_path.clone(),
+                    log_tail: file_tail(&self.log_path, LOG_TAIL_LINES),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// One readiness check: STOMP `CONNECT` gets `CONNECTED`, and the SSL port
+    /// (if any) accepts TCP.
+    async fn probe(&self) -> Result<(), HarnessError> {
+        let mut stomp = self.raw_connect().await?;
+        let reply = stomp.handshake(self.credentials()).await?;
+        if reply.command != "CONNECTED" {
+            return Err(HarnessError::Stomp(format!(
+                "CONNECT answered with {}: {}",
+                reply.command,
+                reply.header("message").unwrap_or_default()
+            )));
+        }
+        // Best effort: the probe's connection is dropped either way.
+        let _ = stomp.send_frame("DISCONNECT", &[], b"").await;
+        if let Some(addr) = self.ssl_addr() {
+            TcpStream::connect(addr)
+                .await
+                .map_err(|e| HarnessError::io(format!("connecting to the SSL port {addr}"), e))?;
+        }
+        Ok(())
+    }
+
+    fn exit_status(&mut self) -> Result<Option<ExitStatus>, HarnessError> {
+        match self.child.as_mut() {
+            None => Ok(None),
+            Some(child) => child
+                .try_wait()
+                .map_err(|e| HarnessError::io("checking the broker JVM", e)),
+        }
+    }
+
+    /// Polls until the JVM has exited (`Some`) or `timeout` passed (`None`).
+    async fn wait_for_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<ExitStatus>, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    fn write_activemq_xml(&self) -> Result<(), HarnessError> {
+        let name = self
+            .base_dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "outbox-test".into());
+        let xml = BrokerLayout {
+            name: &name,
+            data_dir: &self.data_dir,
+            stomp_port: self.stomp_port,
+            ssl: self
+                .ssl_port
+                .zip(self.tls.as_ref())
+                .map(|(port, tls)| (port, tls.keystore.as_path())),
+            credentials: self.credentials(),
+        }
+        .activemq_xml();
+        write_file(&self.conf_dir.join("activemq.xml"), &xml)
+    }
+
+    fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log_path)
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Whether the log written since `offset` says a port was taken.
+    fn log_shows_port_clash(&self, offset: u64) -> bool {
+        let mut text = String::new();
+        File::open(&self.log_path)
+            .and_then(|mut file| {
+                file.seek(SeekFrom::Start(offset))?;
+                file.read_to_string(&mut text)
+            })
+            .is_ok()
+            && text.contains("Address already in use")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Errors here mean the JVM is already gone.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if keep_broker_data() {
+            eprintln!("keeping broker files in {}", self.base_dir.display());
+        } else {
+            // Best effort: a leftover folder under target/ harms nothing.
+            let _ = std::fs::remove_dir_all(&self.base_dir);
+        }
+    }
+}
+
+fn keep_broker_data() -> bool {
+    std::env::var_os(KEEP_BROKER_DATA_VAR).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+}
+
+/// Two distinct ports that were free on 127.0.0.1 a moment ago.
+fn free_ports() -> Result<[u16; 2], HarnessError> {
+    let bind = || {
+        TcpListener::bind(loopback(0))
+            .and_then(|listener| Ok((listener.local_addr()?.port(), listener)))
+            .map_err(|e| HarnessError::io("finding a free port on 127.0.0.1", e))
+    };
+    // Both listeners stay open until both ports are known, so they differ.
+    let (first, _a) = bind()?;
+    let (second, _b) = bind()?;
+    Ok([first, second])
+}
+
+fn find_java() -> Result<PathBuf, HarnessError> {
+    let from_java_home = std::env::var_os("JAVA_HOME")
+        .map(|home| PathBuf::from(home).join("bin/java"))
+        .filter(|java| java.is_file());
+    let from_path = || {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("java"))
+                .find(|java| java.is_file())
+        })
+    };
+    from_java_home
+        .or_else(from_path)
+        .ok_or(HarnessError::Missing {
+            what: "java",
+            detail: "not in $JAVA_HOME/bin or on PATH".into(),
+            install: INSTALL_BROKER,
+        })
+}
+
+fn jvm_property(name: &str, path: &Path) -> String {
+    format!("-D{name}={}", path.display())
+}
+
+fn write_file(path: &Path, contents: &str) -> Result<(), HarnessError> {
+    std::fs::write(path, contents)
+        .map_err(|e| HarnessError::io(format!("writing {}", path.display()), e))
+}

@@ -1,0 +1,206 @@
+//! What a test broker looks like, and the `activemq.xml` made from it.
+
+use std::path::Path;
+use std::time::Duration;
+
+/// The broker configuration template, shared with `scripts/broker.sh`.
+const ACTIVEMQ_XML_TEMPLATE: &str = include_str!("../broker/activemq.xml.in");
+
+/// The log4j 1.2 configuration the Debian package's jars read.
+pub(crate) const LOG4J_PROPERTIES: &str = include_str!("../broker/log4j.properties");
+
+/// A STOMP login and passcode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    login: String,
+    passcode: String,
+}
+
+impl Credentials {
+    /// Credentials with the given login and passcode.
+    pub fn new(login: impl Into<String>, passcode: impl Into<String>) -> Self {
+        Credentials {
+            login: login.into(),
+            passcode: passcode.into(),
+        }
+    }
+
+    /// The value for the `login` header.
+    pub fn login(&self) -> &str {
+        &self.login
+    }
+
+    /// The value for the `passcode` header.
+    pub fn passcode(&self) -> &str {
+        &self.passcode
+    }
+}
+
+/// How to set up a test broker; `BrokerConfig::default()` is an open broker with a
+/// plain STOMP connector only.
+///
+/// ```
+/// use outbox_test_harness::BrokerConfig;
+///
+/// let config = BrokerConfig::default()
+///     .with_credentials("alice", "s3cret")
+///     .with_ssl();
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    pub(crate) credentials: Option<Credentials>,
+    pub(crate) ssl: bool,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) max_heap_mb: u32,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            credentials: None,
+            ssl: false,
+            ready_timeout: Duration::from_secs(60),
+            max_heap_mb: 256,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Requires this login and passcode on every connection
+    /// (ActiveMQ's `simpleAuthenticationPlugin`, anonymous access off).
+    pub fn with_credentials(
+        mut self,
+        login: impl Into<String>,
+        passcode: impl Into<String>,
+    ) -> Self {
+        self.credentials = Some(Credentials::new(login, passcode));
+        self
+    }
+
+    /// Adds a `stomp+ssl` connector with a freshly generated certificate for
+    /// `localhost` and `127.0.0.1`; clients trust [`Broker::ca_cert_pem`](crate::Broker::ca_cert_pem).
+    pub fn with_ssl(mut self) -> Self {
+        self.ssl = true;
+        self
+    }
+
+    /// How long a start may take before it fails (60 s unless changed).
+    pub fn with_ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// The JVM's maximum heap in MiB (256 unless changed).
+    pub fn with_max_heap_mb(mut self, mb: u32) -> Self {
+        self.max_heap_mb = mb;
+        self
+    }
+}
+
+/// The concrete values one broker instance is configured with.
+pub(crate) struct BrokerLayout<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) data_dir: &'a Path,
+    pub(crate) stomp_port: u16,
+    /// The `stomp+ssl` port and the PKCS12 keystore to serve it with.
+    pub(crate) ssl: Option<(u16, &'a Path)>,
+    pub(crate) credentials: Option<&'a Credentials>,
+}
+
+impl BrokerLayout<'_> {
+    /// Renders `activemq.xml`.
+    pub(crate) fn activemq_xml(&self) -> String {
+        let plugins = match self.credentials {
+            None => String::new(),
+            Some(credentials) => format!(
+                "\n    <plugins>\n      <simpleAuthenticationPlugin anonymousAccessAllowed=\"false\">\n        \
+                 <users>\n          <authenticationUser username=\"{}\" password=\"{}\" groups=\"users,admins\"/>\n        \
+                 </users>\n      </simpleAuthenticationPlugin>\n    </plugins>\n",
+                xml_attr(credentials.login()),
+                xml_attr(credentials.passcode()),
+            ),
+        };
+        let mut connectors = format!(
+            "      <transportConnector name=\"stomp\" uri=\"stomp://127.0.0.1:{}\"/>\n",
+            self.stomp_port
+        );
+        let ssl_context = match self.ssl {
+            None => String::new(),
+            Some((port, keystore)) => {
+                connectors.push_str(&format!(
+                    "      <transportConnector name=\"stomp+ssl\" uri=\"stomp+ssl://127.0.0.1:{port}\"/>\n"
+                ));
+                format!(
+                    "\n    <sslContext>\n      <sslContext keyStore=\"file:{}\" keyStorePassword=\"{}\" \
+                     keyStoreType=\"PKCS12\"/>\n    </sslContext>\n",
+                    xml_attr(&keystore.to_string_lossy()),
+                    crate::tls::KEYSTORE_PASSWORD,
+                )
+            }
+        };
+        ACTIVEMQ_XML_TEMPLATE
+            .replace("@BROKER_NAME@", &xml_attr(self.name))
+            .replace("@DATA_DIR@", &xml_attr(&self.data_dir.to_string_lossy()))
+            .replace("@PLUGINS@", &plugins)
+            .replace("@SSL_CONTEXT@", &ssl_context)
+            .replace("@CONNECTORS@", &connectors)
+    }
+}
+
+/// Escapes a value for a double-quoted XML attribute. `$` is escaped too so that
+/// Spring's property placeholders never see `${...}` in a password.
+fn xml_attr(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '$' => out.push_str("&#36;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_broker_has_one_stomp_connector_and_no_plugins() {
+        let xml = BrokerLayout {
+            name: "b1",
+            data_dir: Path::new("/tmp/b1/data"),
+            stomp_port: 61999,
+            ssl: None,
+            credentials: None,
+        }
+        .activemq_xml();
+        assert!(xml.contains(r#"uri="stomp://127.0.0.1:61999""#));
+        assert!(xml.contains(r#"<kahaDB directory="/tmp/b1/data/kahadb"/>"#));
+        assert!(!xml.contains("plugins"));
+        assert!(!xml.contains("sslContext"));
+        assert!(!xml.contains('@'), "placeholder left in:\n{xml}");
+    }
+
+    #[test]
+    fn credentials_and_ssl_are_rendered_escaped() {
+        let credentials = Credentials::new("a\"l", "<p&${x}>");
+        let xml = BrokerLayout {
+            name: "b2",
+            data_dir: Path::new("/tmp/b2/data"),
+            stomp_port: 1,
+            ssl: Some((2, Path::new("/tmp/b2/tls/broker.p12"))),
+            credentials: Some(&credentials),
+        }
+        .activemq_xml();
+        assert!(xml.contains(r#"username="a&quot;l" password="&lt;p&amp;&#36;{x}&gt;""#));
+        assert!(xml.contains(r#"uri="stomp+ssl://127.0.0.1:2""#));
+        assert!(xml.contains(r#"keyStore="file:/tmp/b2/tls/broker.p12""#));
+    }
+}
