@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::config::{BrokerLayout, LOG4J_PROPERTIES};
 use crate::paths::{file_tail, target_dir, unique_name};
-use crate::process::{send_signal, spawn_tied_to_process};
+use crate::process::{process_exists, send_signal, spawn_tied_to_process};
 use crate::raw_stomp::RawStomp;
 use crate::tls::{self, TlsFiles};
 use crate::{BrokerConfig, Credentials, HarnessError};
@@ -25,6 +25,9 @@ const INSTALL_BROKER: &str = "apt-get install -y openjdk-17-jre-headless activem
 
 /// Set (to anything but `0` or empty) to keep broker folders after the test.
 pub const KEEP_BROKER_DATA_VAR: &str = "OUTBOX_KEEP_BROKER_DATA";
+
+/// Names the process that owns a broker folder, so orphans can be recognised.
+const OWNER_FILE: &str = "owner.pid";
 
 /// How often a fresh broker may pick new ports after finding its ports taken.
 const PORT_ATTEMPTS: usize = 5;
@@ -103,9 +106,11 @@ impl Broker {
             });
         }
 
-        let base_dir = target_dir()
-            .join("test-brokers")
-            .join(unique_name("broker-"));
+        let brokers_dir = target_dir().join("test-brokers");
+        if !keep_broker_data() {
+            remove_orphaned_folders(&brokers_dir);
+        }
+        let base_dir = brokers_dir.join(unique_name("broker-"));
         let data_dir = base_dir.join("data");
         let conf_dir = base_dir.join("conf");
         for dir in [&data_dir, &conf_dir, &base_dir.join("tmp")] {
@@ -126,6 +131,10 @@ impl Broker {
             config,
         };
         // From here on, dropping `broker` on an error cleans up the folder and JVM.
+        write_file(
+            &broker.base_dir.join(OWNER_FILE),
+            &std::process::id().to_string(),
+        )?;
         if broker.config.ssl {
             broker.tls = Some(tls::generate(&broker.base_dir.join("tls"))?);
         }
@@ -462,6 +471,23 @@ impl Drop for Broker {
         } else {
             // Best effort: a leftover folder under target/ harms nothing.
             let _ = std::fs::remove_dir_all(&self.base_dir);
+        }
+    }
+}
+
+/// Removes broker folders whose owning test process is gone: Drop never ran for
+/// them because that process was killed.
+fn remove_orphaned_folders(brokers_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(brokers_dir) else {
+        return;
+    };
+    for folder in entries.flatten().map(|entry| entry.path()) {
+        let owner = std::fs::read_to_string(folder.join(OWNER_FILE))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok());
+        if owner.is_some_and(|pid| !process_exists(pid)) {
+            // Best effort: another test may be removing the same orphan.
+            let _ = std::fs::remove_dir_all(&folder);
         }
     }
 }

@@ -91,3 +91,13 @@ pub(crate) fn send_signal(
         })
     }
 }
+
+/// Whether a process with this id exists (it may belong to another user).
+pub(crate) fn process_exists(pid: u32) -> bool {
+    let Ok(raw_pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) with signal 0 only checks for existence and permission.
+    let found = unsafe { libc::kill(raw_pid, 0) } == 0;
+    found || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}

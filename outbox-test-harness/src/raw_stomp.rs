@@ -183,7 +183,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawStomp<S> {
                 .map_err(|e| HarnessError::io("reading from the STOMP connection", e))?;
             if read == 0 {
                 return Err(HarnessError::Stomp(format!(
-                    "connection closed by the broker{}",
+                    "connection closed by the other side{}",
                     if self.buffer.is_empty() {
                         String::new()
                     } else {
