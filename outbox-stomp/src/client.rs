@@ -448,7 +448,13 @@ impl Client {
         if let Some(selector) = &options.selector {
             frame = frame.with_header("selector", selector.clone());
         }
-        if let Some(prefetch) = options.prefetch {
+        // With client acks the broker stops at the prefetch, so a buffer of the
+        // same size never fills and the socket is always read.
+        let prefetch = options.prefetch.or_else(|| {
+            (options.ack != AckMode::Auto)
+                .then(|| u32::try_from(options.buffer).unwrap_or(u32::MAX))
+        });
+        if let Some(prefetch) = prefetch {
             frame = frame.with_header("activemq.prefetchSize", prefetch);
         }
         if let Some(name) = &options.durable_name {
@@ -568,7 +574,11 @@ impl Subscribe {
         self
     }
 
-    /// Messages buffered locally before the client stops reading the socket.
+    /// Messages buffered locally (default 256; with client acks also the
+    /// default prefetch). When an `auto` subscription's buffer is full the
+    /// client stops reading the socket, which also delays receipts on this
+    /// connection: read `auto` subscriptions promptly, or give them their own
+    /// client.
     pub fn buffer(mut self, n: usize) -> Subscribe {
         self.buffer = n.max(1);
         self

@@ -1,0 +1,389 @@
+//! The client against real ActiveMQ brokers started by the test harness.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use outbox_stomp::{
+    AckMode, Client, Config, Error, Message, Outgoing, Subscribe, Subscription, Version,
+};
+use outbox_test_harness::{Broker, BrokerConfig};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn recv(sub: &mut Subscription, within: Duration) -> Option<Message> {
+    tokio::time::timeout(within, sub.next_message())
+        .await
+        .ok()
+        .flatten()
+}
+
+fn config(broker: &Broker) -> Config {
+    Config::parse(&format!(
+        "failover:({})?initialReconnectDelay=100&maxReconnectDelay=1000",
+        broker.stomp_uri()
+    ))
+    .expect("harness URI parses")
+    .with_receipt_timeout(Duration::from_secs(15))
+}
+
+/// Polls `check` until it holds or `WAIT` runs out; never asserts on time itself.
+async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < until {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
+
+#[tokio::test]
+async fn binary_bodies_and_escaped_headers_round_trip_on_every_version() {
+    let broker = Broker::start().await.unwrap();
+    for version in Version::ALL {
+        let client = Client::connect(config(&broker).with_versions(&[version]))
+            .await
+            .unwrap();
+        assert_eq!(client.version(), version);
+        let queue = format!("/queue/round-trip-{version}");
+        let mut sub = client
+            .subscribe(Subscribe::new(queue.clone()))
+            .await
+            .unwrap();
+        let body = Bytes::from_static(b"\0binary\0\xff\xfe\x00end");
+        // 1.0 has no escaping: a colon passes, a newline cannot be written at all.
+        let tricky = match version {
+            Version::V1_0 => "a:b:c",
+            Version::V1_1 => "back\\slash new\nline co:lon",
+            Version::V1_2 => "back\\slash new\nline co:lon car\rriage",
+        };
+        client
+            .send(
+                Outgoing::new(queue.clone(), body.clone())
+                    .header("x-tricky", tricky)
+                    .header("x-plain", "é€"),
+            )
+            .await
+            .unwrap();
+        let msg = recv(&mut sub, WAIT).await.expect("message arrives");
+        assert_eq!(msg.body(), &body, "version {version}");
+        assert_eq!(msg.header("x-tricky"), Some(tricky), "version {version}");
+        assert_eq!(msg.header("x-plain"), Some("é€"));
+        msg.ack().await.unwrap();
+        client.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn receipts_confirm_sends_and_a_rejected_send_gets_its_own_error() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker)).await.unwrap();
+    client
+        .send(Outgoing::new("/queue/ok", "fine").persistent(true))
+        .await
+        .unwrap();
+    // A remote temporary queue that does not exist: ActiveMQ refuses the SEND.
+    let err = client
+        .send(Outgoing::new("/remote-temp-queue/does-not-exist", "bad"))
+        .await
+        .unwrap_err();
+    match err {
+        Error::Rejected(e) => {
+            assert!(e.receipt_id.is_some(), "{e:?}");
+            assert!(e.details.contains("DestinationDoesNotExist"), "{e:?}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // A SEND naming an unknown transaction is refused with its own receipt id too.
+    let err = client
+        .send(Outgoing::new("/queue/ok", "bad").header("transaction", "no-such-tx"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Rejected(ref e) if e.message.contains("no-such-tx")),
+        "{err:?}"
+    );
+    // The same client keeps working (reconnecting if the broker closed the socket).
+    client
+        .send(Outgoing::new("/queue/ok", "still fine"))
+        .await
+        .unwrap();
+    let mut sub = client.subscribe(Subscribe::new("/queue/ok")).await.unwrap();
+    let mut bodies = Vec::new();
+    while let Some(m) = recv(&mut sub, Duration::from_secs(3)).await {
+        bodies.push(String::from_utf8_lossy(m.body()).into_owned());
+        m.ack().await.unwrap();
+    }
+    assert_eq!(bodies, ["fine", "still fine"]);
+}
+
+#[tokio::test]
+async fn committed_transaction_delivers_and_aborted_one_delivers_nothing() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker)).await.unwrap();
+    let mut sub = client.subscribe(Subscribe::new("/queue/tx")).await.unwrap();
+
+    let aborted = client.begin().await.unwrap();
+    for i in 0..5 {
+        aborted
+            .send(Outgoing::new("/queue/tx", format!("aborted-{i}")))
+            .await
+            .unwrap();
+    }
+    aborted.abort().await.unwrap();
+
+    let committed = client.begin().await.unwrap();
+    for i in 0..5 {
+        committed
+            .send(Outgoing::new("/queue/tx", format!("committed-{i}")).persistent(true))
+            .await
+            .unwrap();
+    }
+    committed.commit().await.unwrap();
+
+    let mut got = Vec::new();
+    while let Some(m) = recv(&mut sub, Duration::from_secs(3)).await {
+        got.push(String::from_utf8_lossy(m.body()).into_owned());
+        m.ack().await.unwrap();
+    }
+    let expected: Vec<String> = (0..5).map(|i| format!("committed-{i}")).collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
+async fn unacked_message_is_redelivered_and_acked_one_is_not() {
+    let broker = Broker::start().await.unwrap();
+    let producer = Client::connect(config(&broker)).await.unwrap();
+    producer
+        .send(Outgoing::new("/queue/ack", "acked").persistent(true))
+        .await
+        .unwrap();
+    producer
+        .send(Outgoing::new("/queue/ack", "unacked").persistent(true))
+        .await
+        .unwrap();
+
+    let first = Client::connect(config(&broker)).await.unwrap();
+    let mut sub = first
+        .subscribe(Subscribe::new("/queue/ack").ack(AckMode::ClientIndividual))
+        .await
+        .unwrap();
+    let a = recv(&mut sub, WAIT).await.unwrap();
+    let b = recv(&mut sub, WAIT).await.unwrap();
+    assert_eq!(a.body().as_ref(), b"acked");
+    assert_eq!(b.body().as_ref(), b"unacked");
+    a.ack_confirmed().await.unwrap();
+    drop(b);
+    drop(sub);
+    first.disconnect().await.unwrap();
+
+    let second = Client::connect(config(&broker)).await.unwrap();
+    let mut sub = second
+        .subscribe(Subscribe::new("/queue/ack"))
+        .await
+        .unwrap();
+    let again = recv(&mut sub, WAIT).await.expect("redelivery");
+    assert_eq!(again.body().as_ref(), b"unacked");
+    again.ack_confirmed().await.unwrap();
+    assert!(
+        recv(&mut sub, Duration::from_secs(2)).await.is_none(),
+        "the acked message came back"
+    );
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_a_typed_error() {
+    let broker =
+        Broker::start_with(BrokerConfig::default().with_credentials("app", "right-secret"))
+            .await
+            .unwrap();
+    let err = Client::connect(config(&broker).with_credentials("app", "wrong-secret"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ConnectRejected(_)), "{err:?}");
+    let client = Client::connect(config(&broker).with_credentials("app", "right-secret"))
+        .await
+        .unwrap();
+    client
+        .send(Outgoing::new("/queue/auth", "in"))
+        .await
+        .unwrap();
+    let shown = format!(
+        "{:?}",
+        config(&broker).with_credentials("app", "right-secret")
+    );
+    assert!(!shown.contains("right-secret"), "{shown}");
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn tls_connection_to_a_stomp_ssl_connector() {
+    let broker = Broker::start_with(BrokerConfig::default().with_ssl())
+        .await
+        .unwrap();
+    let uri = broker.ssl_uri().unwrap().replace("127.0.0.1", "localhost");
+    let config = Config::parse(&uri)
+        .unwrap()
+        .with_tls_ca_file(broker.ca_cert_pem().unwrap());
+    let client = Client::connect(config).await.unwrap();
+    let mut sub = client
+        .subscribe(Subscribe::new("/queue/tls"))
+        .await
+        .unwrap();
+    client
+        .send(Outgoing::new("/queue/tls", "secret"))
+        .await
+        .unwrap();
+    let m = recv(&mut sub, WAIT).await.unwrap();
+    assert_eq!(m.body().as_ref(), b"secret");
+}
+
+#[tokio::test]
+async fn broker_kill_during_publishing_loses_no_confirmed_message_and_subscription_resumes() {
+    let mut broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker)).await.unwrap();
+    let mut events = client
+        .subscribe(Subscribe::new("/queue/after-restart"))
+        .await
+        .unwrap();
+
+    let publisher = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut confirmed = Vec::new();
+            let mut unknown = 0;
+            for i in 0..600u32 {
+                match client
+                    .send(Outgoing::new("/queue/kill", i.to_string()).persistent(true))
+                    .await
+                {
+                    Ok(()) => confirmed.push(i),
+                    Err(e) if e.outcome_unknown() || matches!(e, Error::Stale(_)) => unknown += 1,
+                    Err(e) => panic!("unexpected error {e:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (confirmed, unknown)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    broker.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.start_again().await.unwrap();
+    let (confirmed, unknown) = publisher.await.unwrap();
+    assert!(client.epoch() >= 1, "the client never noticed the kill");
+    assert!(!confirmed.is_empty());
+
+    // The subscription made before the kill is live again.
+    client
+        .send(Outgoing::new("/queue/after-restart", "hello again"))
+        .await
+        .unwrap();
+    let m = recv(&mut events, WAIT)
+        .await
+        .expect("resubscribed after reconnect");
+    assert_eq!(m.body().as_ref(), b"hello again");
+
+    let mut sub = client
+        .subscribe(Subscribe::new("/queue/kill").prefetch(1000))
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(m) = recv(&mut sub, Duration::from_secs(3)).await {
+        seen.insert(String::from_utf8_lossy(m.body()).parse::<u32>().unwrap());
+        m.ack().await.unwrap();
+    }
+    let lost: Vec<u32> = confirmed
+        .iter()
+        .copied()
+        .filter(|i| !seen.contains(i))
+        .collect();
+    eprintln!(
+        "confirmed {} / unknown outcome {} / on broker after restart {} / lost {}",
+        confirmed.len(),
+        unknown,
+        seen.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "confirmed but missing: {lost:?}");
+}
+
+#[tokio::test]
+async fn frozen_broker_is_detected_by_heart_beats_and_the_client_recovers() {
+    let broker = Broker::start().await.unwrap();
+    let mut config =
+        config(&broker).with_heart_beat(Duration::from_millis(500), Duration::from_millis(500));
+    config.connect_timeout = Duration::from_secs(2);
+    let client = Client::connect(config).await.unwrap();
+    let mut sub = client
+        .subscribe(Subscribe::new("/queue/frozen"))
+        .await
+        .unwrap();
+    assert_eq!(client.epoch(), 0);
+    broker.pause().unwrap();
+    let noticed = eventually(|| client.epoch() >= 1).await;
+    broker.resume().unwrap();
+    assert!(noticed, "a silent broker was not detected");
+    client
+        .send(Outgoing::new("/queue/frozen", "thawed"))
+        .await
+        .unwrap();
+    let m = recv(&mut sub, WAIT)
+        .await
+        .expect("subscription resumed after the thaw");
+    assert_eq!(m.body().as_ref(), b"thawed");
+}
+
+#[tokio::test]
+async fn slow_consumer_does_not_make_the_client_buffer_without_bound() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker)).await.unwrap();
+    let tx = client.begin().await.unwrap();
+    for i in 0..2000 {
+        tx.send(Outgoing::new("/queue/slow", format!("{i}")))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // The prefetch bounds what the broker dispatches ahead of the acks, and the
+    // local buffer is sized to it, so a consumer that does not read holds the
+    // broker back instead of filling memory.
+    let mut sub = client
+        .subscribe(Subscribe::new("/queue/slow").prefetch(8))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Meanwhile the connection keeps answering other requests.
+    client
+        .send(Outgoing::new("/queue/other", "still responsive"))
+        .await
+        .unwrap();
+    let mut count = 0;
+    while let Some(m) = recv(&mut sub, Duration::from_secs(3)).await {
+        m.ack().await.unwrap();
+        count += 1;
+    }
+    assert_eq!(count, 2000);
+    assert_eq!(client.epoch(), 0);
+}
+
+#[tokio::test]
+async fn broker_closing_the_session_fails_the_request_and_the_client_reconnects() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker)).await.unwrap();
+    // An empty queue name makes ActiveMQ send an ERROR and drop the connection.
+    let err = client
+        .send(Outgoing::new("/queue/", "x"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.outcome_unknown() || matches!(err, Error::Rejected(_)),
+        "{err:?}"
+    );
+    assert!(eventually(|| client.epoch() >= 1).await);
+    client
+        .send(Outgoing::new("/queue/ok", "after"))
+        .await
+        .unwrap();
+}
