@@ -212,3 +212,29 @@ async fn dropping_a_broker_removes_its_folder() -> TestResult {
     assert!(!folder.exists(), "{} is still there", folder.display());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_jvm_that_exits_during_start_up_is_reported_with_its_log() -> TestResult {
+    // A 1 MiB heap is too small for the JVM to start at all.
+    let outcome = Broker::start_with(BrokerConfig::default().with_max_heap_mb(1)).await;
+    match outcome {
+        Err(HarnessError::BrokerExited { log_tail, .. }) => {
+            assert!(log_tail.contains("heap"), "log tail: {log_tail}");
+        }
+        other => panic!("expected BrokerExited, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_broker_that_is_not_ready_in_time_is_reported_with_its_log_file() -> TestResult {
+    let outcome =
+        Broker::start_with(BrokerConfig::default().with_ready_timeout(Duration::ZERO)).await;
+    match outcome {
+        Err(error @ HarnessError::BrokerNotReady { .. }) => {
+            assert!(error.to_string().contains("broker.log"), "{error}");
+        }
+        other => panic!("expected BrokerNotReady, got {other:?}"),
+    }
+    Ok(())
+}

@@ -5,7 +5,11 @@ use std::time::Duration;
 
 /// Everything that can go wrong while starting brokers, talking raw STOMP or
 /// preparing test databases.
-#[derive(Debug, thiserror::Error)]
+///
+/// Messages include their underlying cause. `Debug` prints the same text as
+/// `Display`, so a test that returns `Result<(), Box<dyn Error>>` shows a readable
+/// message, with quoted broker log lines on lines of their own.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum HarnessError {
     /// A program or file the harness needs is not installed.
@@ -131,6 +135,12 @@ pub enum HarnessError {
         #[source]
         source: sqlx::Error,
     },
+}
+
+impl std::fmt::Debug for HarnessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
 }
 
 impl HarnessError {
