@@ -78,6 +78,8 @@ pub struct Broker {
     ssl_port: Option<u16>,
     tls: Option<TlsFiles>,
     child: Option<Child>,
+    /// Set when start-up failed, so the log the error points to stays readable.
+    keep_folder: bool,
 }
 
 impl Broker {
@@ -128,9 +130,11 @@ impl Broker {
             ssl_port: None,
             tls: None,
             child: None,
+            keep_folder: false,
             config,
         };
-        // From here on, dropping `broker` on an error cleans up the folder and JVM.
+        // From here on, dropping `broker` on an error removes the folder; only a
+        // failed launch keeps it, for its log.
         write_file(
             &broker.base_dir.join(OWNER_FILE),
             &std::process::id().to_string(),
@@ -153,7 +157,11 @@ impl Broker {
                 {
                     attempt += 1;
                 }
-                result => return result.map(|()| broker),
+                Ok(()) => return Ok(broker),
+                Err(e) => {
+                    broker.keep_folder = true;
+                    return Err(e);
+                }
             }
         }
     }
@@ -313,7 +321,7 @@ impl Broker {
         let mut command = Command::new(&self.java);
         command
             .arg(format!("-Xmx{}m", self.config.max_heap_mb))
-            .arg("-Xms64m")
+            .arg(format!("-Xms{}m", self.config.max_heap_mb.min(64)))
             .arg("-XX:+UseSerialGC")
             .arg("-Djava.awt.headless=true")
             .arg(jvm_property("java.io.tmpdir", &self.base_dir.join("tmp")))
@@ -466,7 +474,7 @@ impl Drop for Broker {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if keep_broker_data() {
+        if self.keep_folder || keep_broker_data() {
             eprintln!("keeping broker files in {}", self.base_dir.display());
         } else {
             // Best effort: a leftover folder under target/ harms nothing.
@@ -475,8 +483,8 @@ impl Drop for Broker {
     }
 }
 
-/// Removes broker folders whose owning test process is gone: Drop never ran for
-/// them because that process was killed.
+/// Removes broker folders whose owning test process is gone: kept after a failed
+/// start, or left behind because the process was killed before Drop ran.
 fn remove_orphaned_folders(brokers_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(brokers_dir) else {
         return;
