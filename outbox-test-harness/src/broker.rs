@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::{BrokerLayout, LOG4J_PROPERTIES};
-use crate::paths::{file_tail, target_dir, unique_name};
+use crate::paths::{env_flag, file_tail, target_dir, unique_name};
 use crate::process::{process_exists, send_signal, spawn_tied_to_process};
 use crate::raw_stomp::RawStomp;
 use crate::tls::{self, TlsFiles};
@@ -501,7 +501,7 @@ fn remove_orphaned_folders(brokers_dir: &Path) {
 }
 
 fn keep_broker_data() -> bool {
-    std::env::var_os(KEEP_BROKER_DATA_VAR).is_some_and(|v| !v.is_empty() && v != "0")
+    env_flag(KEEP_BROKER_DATA_VAR)
 }
 
 fn loopback(port: u16) -> SocketAddr {

@@ -219,7 +219,7 @@ impl Server {
     /// The admin URL, or `None` (with a notice) if the skip variable is set.
     fn admin_url(self) -> Option<String> {
         let (url_var, skip_var, default_url) = self.vars();
-        if std::env::var_os(skip_var).is_some_and(|v| !v.is_empty() && v != "0") {
+        if crate::paths::env_flag(skip_var) {
             eprintln!(
                 "notice: {skip_var} is set, skipping the {} part of this test",
                 self.label()

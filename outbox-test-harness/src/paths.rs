@@ -1,4 +1,4 @@
-//! Where test artefacts go, and unique names for them.
+//! Where test artefacts go, unique names for them, and switches from the environment.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -25,6 +25,11 @@ pub(crate) fn target_dir() -> PathBuf {
                 .filter(|dir| dir.is_absolute())
         })
         .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Whether a yes/no environment variable is on: set, and neither empty nor `0`.
+pub(crate) fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// A 64-bit value that differs between calls and between processes.
