@@ -33,11 +33,11 @@ async fn raw_connect(addr: std::net::SocketAddr) -> TcpStream {
 async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, needle: &[u8]) {
     let mut chunk = [0u8; 65536];
     loop {
-        if let Some(at) = memchr::memmem::find(buf, needle) {
-            if let Some(nul) = memchr::memchr(0, &buf[at..]) {
-                buf.drain(..at + nul + 1);
-                return;
-            }
+        if let Some(at) = memchr::memmem::find(buf, needle)
+            && let Some(nul) = memchr::memchr(0, &buf[at..])
+        {
+            buf.drain(..at + nul + 1);
+            return;
         }
         let n = s.read(&mut chunk).await.expect("read");
         assert!(n > 0, "broker closed the connection");
@@ -71,7 +71,9 @@ async fn raw_publish(addr: std::net::SocketAddr, queue: &str, n: usize, batch: u
                 out.extend_from_slice(BODY);
                 out.push(0);
             }
-            out.extend_from_slice(format!("COMMIT\ntransaction:t{k}\nreceipt:c{k}\n\n\0").as_bytes());
+            out.extend_from_slice(
+                format!("COMMIT\ntransaction:t{k}\nreceipt:c{k}\n\n\0").as_bytes(),
+            );
         }
         s.write_all(&out).await.expect("write");
         read_until(&mut s, &mut buf, format!("receipt-id:c{k}\n").as_bytes()).await;
@@ -153,7 +155,10 @@ async fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
-    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let broker = Broker::start_with(BrokerConfig::default().with_max_heap_mb(2048))
         .await
         .expect("broker");
@@ -166,8 +171,14 @@ async fn main() {
     raw_publish(addr, "/queue/warm", n, 500).await;
     client_consume(&client, "/queue/warm", 2 * n, AckMode::Auto).await;
 
-    println!("| {:<34} | {:>5} | {:>7} | {:>9} | {:>10} |", "publish (persistent, 200 B)", "batch", "msgs", "ms", "msg/s");
-    println!("|{:-<36}|{:-<7}|{:-<9}|{:-<11}|{:-<12}|", "", "", "", "", "");
+    println!(
+        "| {:<34} | {:>5} | {:>7} | {:>9} | {:>10} |",
+        "publish (persistent, 200 B)", "batch", "msgs", "ms", "msg/s"
+    );
+    println!(
+        "|{:-<36}|{:-<7}|{:-<9}|{:-<11}|{:-<12}|",
+        "", "", "", "", ""
+    );
     for (batch, count) in [(1, n / 10), (100, n), (500, n), (1000, n)] {
         let took = raw_publish(addr, &format!("/queue/raw-{batch}"), count, batch).await;
         row("raw socket", &batch.to_string(), count, took);
@@ -175,8 +186,14 @@ async fn main() {
         row("outbox-stomp Client", &batch.to_string(), count, took);
     }
     println!();
-    println!("| {:<34} | {:>5} | {:>7} | {:>9} | {:>10} |", "consume (prefetch 1000)", "", "msgs", "ms", "msg/s");
-    println!("|{:-<36}|{:-<7}|{:-<9}|{:-<11}|{:-<12}|", "", "", "", "", "");
+    println!(
+        "| {:<34} | {:>5} | {:>7} | {:>9} | {:>10} |",
+        "consume (prefetch 1000)", "", "msgs", "ms", "msg/s"
+    );
+    println!(
+        "|{:-<36}|{:-<7}|{:-<9}|{:-<11}|{:-<12}|",
+        "", "", "", "", ""
+    );
     fill(&client, "/queue/c-raw", n).await;
     fill(&client, "/queue/c-auto", n).await;
     fill(&client, "/queue/c-ind", n).await;

@@ -145,11 +145,7 @@ fn bench_decode(c: &mut Criterion) {
         ];
         for (codec, f) in codecs {
             group.bench_function(codec, |b| {
-                b.iter_batched_ref(
-                    || BytesMut::from(&bytes[..]),
-                    |buf| f(buf),
-                    BatchSize::LargeInput,
-                )
+                b.iter_batched_ref(|| BytesMut::from(&bytes[..]), f, BatchSize::LargeInput)
             });
         }
         group.finish();

@@ -1,5 +1,5 @@
 //! The async client: a cheap handle ([`Client`]) that talks over a channel to
-//! one event loop task, which owns the socket, the timers and the [`Session`].
+//! one event loop task, which owns the socket, the timers and the protocol session.
 //!
 //! The loop `select!`s over the network, the command channel and the heart-beat
 //! deadline. When the connection drops, every request still waiting for a
@@ -1112,10 +1112,8 @@ impl EventLoop {
             tokio::select! {
                 biased;
                 permit = reserve(&parked), if parked.is_some() => {
-                    if let Some((_, message)) = parked.take() {
-                        if let Ok(permit) = permit {
-                            permit.send(message);
-                        }
+                    if let (Some((_, message)), Ok(permit)) = (parked.take(), permit) {
+                        permit.send(message);
                     }
                     // The client, not the broker, was the slow one.
                     self.session.reset_read_clock(Instant::now());
@@ -1350,12 +1348,11 @@ impl EventLoop {
         if conn.send(frame).await.is_ok() {
             let wait = async {
                 while let Some(Ok(item)) = conn.next().await {
-                    if let Received::Frame(f) = item {
-                        if f.command() == Command::Receipt
-                            && f.header("receipt-id") == Some("disconnect")
-                        {
-                            break;
-                        }
+                    if let Received::Frame(f) = item
+                        && f.command() == Command::Receipt
+                        && f.header("receipt-id") == Some("disconnect")
+                    {
+                        break;
                     }
                 }
             };

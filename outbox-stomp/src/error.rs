@@ -147,10 +147,10 @@ pub struct BrokerError {
 impl std::fmt::Display for BrokerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)?;
-        if let Some(first) = self.details.lines().find(|l| !l.trim().is_empty()) {
-            if first.trim() != self.message.trim() {
-                write!(f, " ({})", first.trim())?;
-            }
+        if let Some(first) = self.details.lines().find(|l| !l.trim().is_empty())
+            && first.trim() != self.message.trim()
+        {
+            write!(f, " ({})", first.trim())?;
         }
         Ok(())
     }

@@ -283,15 +283,15 @@ impl<T> Session<T> {
 
     /// What is due at `now`.
     pub(crate) fn poll_timers(&self, now: Instant) -> Timer {
-        if let Some(limit) = self.heart_beat.read_timeout {
-            if now.saturating_duration_since(self.last_read) >= limit {
-                return Timer::PeerSilent(limit);
-            }
+        if let Some(limit) = self.heart_beat.read_timeout
+            && now.saturating_duration_since(self.last_read) >= limit
+        {
+            return Timer::PeerSilent(limit);
         }
-        if let Some(every) = self.heart_beat.send_every {
-            if now.saturating_duration_since(self.last_write) >= every {
-                return Timer::SendHeartBeat;
-            }
+        if let Some(every) = self.heart_beat.send_every
+            && now.saturating_duration_since(self.last_write) >= every
+        {
+            return Timer::SendHeartBeat;
         }
         Timer::Idle
     }

@@ -5,27 +5,36 @@ use bytes::{BufMut, BytesMut};
 use super::Version;
 
 /// Undoes escaping; on an undefined sequence returns it for the error message.
-pub(super) fn unescape(raw: &[u8], version: Version) -> Result<String, String> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut iter = raw.iter().copied();
-    while let Some(b) = iter.next() {
-        if b != b'\\' {
-            out.push(b);
-            continue;
+/// The input is valid UTF-8 and only ASCII sequences are replaced by ASCII
+/// bytes, so the output is valid UTF-8 too.
+pub(super) fn unescape(raw: &[u8], version: Version) -> Result<Vec<u8>, String> {
+    // Exact size up front, so the buffer becomes `Bytes` without reallocating.
+    let mut escapes = 0;
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'\\' {
+            escapes += 1;
+            i += 1;
         }
-        match iter.next() {
-            Some(b'\\') => out.push(b'\\'),
-            Some(b'n') => out.push(b'\n'),
-            Some(b'c') => out.push(b':'),
-            Some(b'r') if version == Version::V1_2 => out.push(b'\r'),
-            Some(other) => {
-                return Err(String::from_utf8_lossy(&[b'\\', other]).into_owned());
-            }
-            None => return Err("\\".to_owned()),
-        }
+        i += 1;
     }
-    // Only ASCII bytes were replaced, so the validated input stays valid UTF-8.
-    String::from_utf8(out).map_err(|_| "\\".to_owned())
+    let mut out = Vec::with_capacity(raw.len().saturating_sub(escapes));
+    let mut rest = raw;
+    while let Some(at) = rest.iter().position(|&b| b == b'\\') {
+        out.extend_from_slice(&rest[..at]);
+        let replacement = match rest.get(at + 1) {
+            Some(b'\\') => b'\\',
+            Some(b'n') => b'\n',
+            Some(b'c') => b':',
+            Some(b'r') if version == Version::V1_2 => b'\r',
+            Some(&other) => return Err(String::from_utf8_lossy(&[b'\\', other]).into_owned()),
+            None => return Err("\\".to_owned()),
+        };
+        out.push(replacement);
+        rest = &rest[at + 2..];
+    }
+    out.extend_from_slice(rest);
+    Ok(out)
 }
 
 /// Writes `text` escaped for `version` (1.1 or 1.2).

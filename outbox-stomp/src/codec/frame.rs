@@ -177,11 +177,7 @@ impl Headers {
     }
 
     pub(crate) fn push_fields(&mut self, name: Field2, value: Field2) {
-        let conv = |f: Field2| match f {
-            Field2::Span(a, b) => Field::Span(a as u32, b as u32),
-            Field2::Owned(text) => Field::Owned(Bytes::from(text)),
-        };
-        self.fields.push((conv(name), conv(value)));
+        self.fields.push((name.into_field(), value.into_field()));
     }
 
     fn text<'a>(&'a self, field: &'a Field) -> &'a str {
@@ -368,7 +364,17 @@ impl From<usize> for HeaderText {
 /// Header text produced while decoding: a span of the head or unescaped text.
 pub(crate) enum Field2 {
     Span(usize, usize),
-    Owned(String),
+    /// Unescaped bytes; UTF-8 because only ASCII escapes of valid UTF-8 were replaced.
+    Owned(Vec<u8>),
+}
+
+impl Field2 {
+    fn into_field(self) -> Field {
+        match self {
+            Field2::Span(a, b) => Field::Span(a as u32, b as u32),
+            Field2::Owned(bytes) => Field::Owned(Bytes::from(bytes)),
+        }
+    }
 }
 
 /// A STOMP frame: a command, ordered headers and a binary body.

@@ -167,7 +167,10 @@ impl StompCodec {
         let bytes: &[u8] = &head;
         let line_end = |start: usize| -> (usize, usize) {
             // Returns (end of content, start of next line); a head always ends in '\n'.
-            let nl = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |o| start + o);
+            let nl = bytes[start..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(bytes.len(), |o| start + o);
             let end = if nl > start && bytes[nl - 1] == b'\r' {
                 nl - 1
             } else {
@@ -181,20 +184,24 @@ impl StompCodec {
         })?;
         let escapes = self.escapes(command);
         let version = self.version;
-        let mut fields = Vec::with_capacity(lines.saturating_sub(1));
+        let mut headers = Headers::with_raw(head.clone(), lines.saturating_sub(1));
         while pos < bytes.len() {
             let (end, next) = line_end(pos);
             if end == pos {
                 break;
             }
             let line = &bytes[pos..end];
-            let colon = memchr::memchr(b':', line).ok_or_else(|| CodecError::MalformedHeader {
-                line: String::from_utf8_lossy(line).into_owned(),
+            // Lines are short: a plain loop beats a SIMD search's set-up here.
+            let colon = line.iter().position(|&b| b == b':').ok_or_else(|| {
+                CodecError::MalformedHeader {
+                    line: String::from_utf8_lossy(line).into_owned(),
+                }
             })?;
+            let has_escape = escapes && line.contains(&b'\\');
             let name = (pos, pos + colon);
             let value = (pos + colon + 1, end);
             let field = |(a, b): (usize, usize)| -> Result<Field2, CodecError> {
-                if escapes && memchr::memchr(b'\\', &bytes[a..b]).is_some() {
+                if has_escape && bytes[a..b].contains(&b'\\') {
                     escape::unescape(&bytes[a..b], version)
                         .map(Field2::Owned)
                         .map_err(|sequence| CodecError::InvalidEscape {
@@ -205,12 +212,8 @@ impl StompCodec {
                     Ok(Field2::Span(a, b))
                 }
             };
-            fields.push((field(name)?, field(value)?));
+            headers.push_fields(field(name)?, field(value)?);
             pos = next;
-        }
-        let mut headers = Headers::with_raw(head, fields.len());
-        for (n, v) in fields {
-            headers.push_fields(n, v);
         }
         Ok((command, headers))
     }
