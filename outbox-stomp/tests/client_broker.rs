@@ -387,3 +387,75 @@ async fn broker_closing_the_session_fails_the_request_and_the_client_reconnects(
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn virtual_topic_fans_out_to_consumer_queues_and_selectors_filter() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker)).await.unwrap();
+    // Consumer queues must exist before the producer publishes.
+    let mut points = client
+        .subscribe(Subscribe::new(
+            "/queue/Consumer.points.VirtualTopic.user.created",
+        ))
+        .await
+        .unwrap();
+    let mut mail = client
+        .subscribe(
+            Subscribe::new("/queue/Consumer.mail.VirtualTopic.user.created")
+                .selector("plan = 'pro'"),
+        )
+        .await
+        .unwrap();
+    for plan in ["free", "pro"] {
+        client
+            .send(
+                Outgoing::new("/topic/VirtualTopic.user.created", plan)
+                    .header("plan", plan)
+                    .persistent(true),
+            )
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while let Some(m) = recv(&mut points, Duration::from_secs(3)).await {
+        got.push(String::from_utf8_lossy(m.body()).into_owned());
+        m.ack().await.unwrap();
+    }
+    assert_eq!(got, ["free", "pro"]);
+    let m = recv(&mut mail, WAIT).await.expect("selected message");
+    assert_eq!(m.body().as_ref(), b"pro");
+    m.ack().await.unwrap();
+    assert!(recv(&mut mail, Duration::from_secs(2)).await.is_none());
+}
+
+#[tokio::test]
+async fn durable_topic_subscription_keeps_messages_while_offline_and_acks_in_a_transaction() {
+    let broker = Broker::start().await.unwrap();
+    let durable = || config(&broker).with_client_id("durable-client");
+    let consumer = Client::connect(durable()).await.unwrap();
+    let sub = consumer
+        .subscribe(Subscribe::new("/topic/news").durable("news-reader"))
+        .await
+        .unwrap();
+    drop(sub);
+    consumer.disconnect().await.unwrap();
+
+    let producer = Client::connect(config(&broker)).await.unwrap();
+    producer
+        .send(Outgoing::new("/topic/news", "while away").persistent(true))
+        .await
+        .unwrap();
+
+    let consumer = Client::connect(durable()).await.unwrap();
+    let mut sub = consumer
+        .subscribe(Subscribe::new("/topic/news").durable("news-reader"))
+        .await
+        .unwrap();
+    let m = recv(&mut sub, WAIT)
+        .await
+        .expect("kept for the durable subscriber");
+    assert_eq!(m.body().as_ref(), b"while away");
+    let tx = consumer.begin().await.unwrap();
+    tx.ack(&m).await.unwrap();
+    tx.commit().await.unwrap();
+}
