@@ -19,7 +19,10 @@ use clap::{Parser, Subcommand};
 use outbox::stomp::{AckMode, Client, Config, Frame, Subscribe};
 
 #[derive(Parser)]
-#[command(name = "stomp", about = "Send and receive STOMP messages on an ActiveMQ broker")]
+#[command(
+    name = "stomp",
+    about = "Send and receive STOMP messages on an ActiveMQ broker"
+)]
 struct Cli {
     /// Broker URI: stomp://host:port, stomp+ssl://host:port or failover:(...)
     #[arg(long, env = "STOMP_URI", default_value = "stomp://127.0.0.1:61613")]
@@ -98,7 +101,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             file,
         } => {
             let body = match file {
-                Some(path) => std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+                Some(path) => std::fs::read(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
                 None => {
                     let mut buf = Vec::new();
                     std::io::stdin()
@@ -129,10 +133,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             let mut out = std::io::stdout().lock();
             for n in 0..count {
-                let message = tokio::time::timeout(Duration::from_secs(cli.timeout), sub.next_message())
-                    .await
-                    .map_err(|_| format!("no message within {} s after {n} received", cli.timeout))?
-                    .ok_or("connection closed")?;
+                let message =
+                    tokio::time::timeout(Duration::from_secs(cli.timeout), sub.next_message())
+                        .await
+                        .map_err(|_| {
+                            format!("no message within {} s after {n} received", cli.timeout)
+                        })?
+                        .ok_or("connection closed")?;
                 if json {
                     let headers: Vec<serde_json::Value> = message
                         .headers()
