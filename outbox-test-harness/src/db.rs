@@ -82,6 +82,22 @@ impl<DB: Database> TestDb<DB> {
             _cleanup: cleanup,
         })
     }
+
+    /// A fresh database on `server`, or `None` when its skip variable is set.
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    async fn on_server(server: Server) -> Result<Option<Self>, HarnessError> {
+        let Some(admin_url) = server.admin_url() else {
+            return Ok(None);
+        };
+        let name = server.create_database(&admin_url).await?;
+        let url = with_database(&admin_url, &name);
+        let cleanup = Cleanup::ServerDatabase {
+            server,
+            admin_url,
+            name,
+        };
+        TestDb::open(url, cleanup).await.map(Some)
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -103,18 +119,7 @@ impl TestDb<sqlx::Postgres> {
     /// `OUTBOX_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
     /// dropped on drop. `Ok(None)` if `OUTBOX_SKIP_POSTGRES=1`.
     pub async fn postgres() -> Result<Option<Self>, HarnessError> {
-        let server = Server::Postgres;
-        let Some(admin_url) = server.admin_url() else {
-            return Ok(None);
-        };
-        let name = server.create_database(&admin_url).await?;
-        let url = with_database(&admin_url, &name);
-        let cleanup = Cleanup::ServerDatabase {
-            server,
-            admin_url,
-            name,
-        };
-        TestDb::open(url, cleanup).await.map(Some)
+        TestDb::on_server(Server::Postgres).await
     }
 }
 
@@ -124,18 +129,7 @@ impl TestDb<sqlx::MySql> {
     /// `OUTBOX_TEST_MYSQL_URL` (default `mysql://root@127.0.0.1:3306/test`),
     /// dropped on drop. `Ok(None)` if `OUTBOX_SKIP_MYSQL=1`.
     pub async fn mysql() -> Result<Option<Self>, HarnessError> {
-        let server = Server::MySql;
-        let Some(admin_url) = server.admin_url() else {
-            return Ok(None);
-        };
-        let name = server.create_database(&admin_url).await?;
-        let url = with_database(&admin_url, &name);
-        let cleanup = Cleanup::ServerDatabase {
-            server,
-            admin_url,
-            name,
-        };
-        TestDb::open(url, cleanup).await.map(Some)
+        TestDb::on_server(Server::MySql).await
     }
 }
 
