@@ -181,14 +181,7 @@ impl Headers {
     }
 
     fn text<'a>(&'a self, field: &'a Field) -> &'a str {
-        let bytes: &[u8] = match field {
-            Field::Span(a, b) => &self.raw[*a as usize..*b as usize],
-            Field::Owned(b) => b,
-        };
-        // SAFETY: every Field holds UTF-8 (see the invariant on `Field`): spans
-        // point into a head that was validated with `str::from_utf8` and cut at
-        // ASCII delimiters, owned fields were built from `str`/`String`.
-        unsafe { std::str::from_utf8_unchecked(bytes) }
+        field_text(&self.raw, field)
     }
 
     /// The first value of `name`, if present.
@@ -274,7 +267,10 @@ fn field_text<'a>(raw: &'a Bytes, field: &'a Field) -> &'a str {
         Field::Span(a, b) => &raw[*a as usize..*b as usize],
         Field::Owned(b) => b,
     };
-    // SAFETY: see `Headers::text`.
+    // SAFETY: every Field holds UTF-8 (see the invariant on `Field`): spans
+    // point into a head that was validated with `str::from_utf8` and cut at
+    // ASCII delimiters, owned fields were built from `str`/`String` or from
+    // unescaping validated UTF-8 (ASCII replaced by ASCII).
     unsafe { std::str::from_utf8_unchecked(bytes) }
 }
 

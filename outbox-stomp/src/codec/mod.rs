@@ -406,7 +406,7 @@ impl Encoder<&Frame> for StompCodec {
                 dst.put_u8(b':');
                 escape::escape_into(value, self.version, dst);
             } else {
-                check_raw(command, name, value, self.version)?;
+                check_raw(command, name, value)?;
                 dst.put_slice(name.as_bytes());
                 dst.put_u8(b':');
                 dst.put_slice(value.as_bytes());
@@ -415,8 +415,8 @@ impl Encoder<&Frame> for StompCodec {
         }
         if !body.is_empty() {
             dst.put_slice(b"content-length:");
-            let mut digits = itoa_buf(body.len());
-            dst.put_slice(digits.as_bytes_mut());
+            let digits = itoa_buf(body.len());
+            dst.put_slice(digits.as_bytes());
             dst.put_u8(b'\n');
         }
         dst.put_u8(b'\n');
@@ -435,12 +435,7 @@ impl Encoder<Frame> for StompCodec {
 }
 
 /// Checks a header that must be written without escaping.
-fn check_raw(
-    command: Command,
-    name: &str,
-    value: &str,
-    version: Version,
-) -> Result<(), CodecError> {
+fn check_raw(command: Command, name: &str, value: &str) -> Result<(), CodecError> {
     let fail = |reason| {
         Err(CodecError::UnencodableHeader {
             command,
@@ -448,7 +443,6 @@ fn check_raw(
             reason,
         })
     };
-    let _ = version;
     if name.is_empty() {
         return fail("empty header name");
     }
@@ -468,7 +462,7 @@ struct Digits {
 }
 
 impl Digits {
-    fn as_bytes_mut(&mut self) -> &[u8] {
+    fn as_bytes(&self) -> &[u8] {
         &self.buf[self.start..]
     }
 }
