@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
 use crate::codec::{Command, Frame, Headers, Limits, Received, StompCodec, Version};
-use crate::error::{BrokerError, Error};
+use crate::error::{BrokerError, CodecError, Error};
 use crate::session::{AckId, Inbound, Session, Timer};
 use crate::uri::{BrokerAddr, BrokerUri, Scheme};
 
@@ -782,26 +782,21 @@ impl Transaction {
     }
 
     /// COMMIT with a receipt: `Ok` means the broker applied the whole transaction.
-    pub async fn commit(mut self) -> Result<(), Error> {
-        self.finished = true;
-        self.client
-            .request(
-                Frame::commit(self.id.clone()),
-                Some(self.epoch),
-                "transaction",
-            )
-            .await
+    pub async fn commit(self) -> Result<(), Error> {
+        self.finish(Frame::commit).await
     }
 
     /// ABORT with a receipt.
-    pub async fn abort(mut self) -> Result<(), Error> {
+    pub async fn abort(self) -> Result<(), Error> {
+        self.finish(Frame::abort).await
+    }
+
+    /// Ends the transaction with COMMIT or ABORT, waiting for the receipt.
+    async fn finish(mut self, end: fn(String) -> Frame) -> Result<(), Error> {
         self.finished = true;
+        let frame = end(self.id.clone());
         self.client
-            .request(
-                Frame::abort(self.id.clone()),
-                Some(self.epoch),
-                "transaction",
-            )
+            .request(frame, Some(self.epoch), "transaction")
             .await
     }
 }
@@ -871,32 +866,17 @@ async fn establish(
     if let Some(id) = &config.client_id {
         connect = connect.with_header("client-id", id.clone());
     }
-    let io_error = |e: crate::error::CodecError| match e {
-        crate::error::CodecError::Io(source) => Error::Connect {
-            addr: shown.clone(),
-            source,
-        },
-        other => Error::Codec(other),
-    };
     tokio::time::timeout_at(deadline, conn.send(connect))
         .await
         .map_err(|_| timeout())?
-        .map_err(io_error)?;
+        .map_err(|e| link_error(&shown, e))?;
     loop {
         let item = tokio::time::timeout_at(deadline, conn.next())
             .await
             .map_err(|_| timeout())?;
         let frame = match item {
-            None => {
-                return Err(Error::Connect {
-                    addr: shown.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "broker closed the connection during CONNECT",
-                    ),
-                });
-            }
-            Some(Err(e)) => return Err(io_error(e)),
+            None => return Err(closed_by_peer(&shown, "during CONNECT")),
+            Some(Err(e)) => return Err(link_error(&shown, e)),
             Some(Ok(Received::HeartBeat)) => continue,
             Some(Ok(Received::Frame(f))) => f,
         };
@@ -1122,29 +1102,16 @@ impl EventLoop {
                     let Some(request) = request else {
                         return self.goodbye(conn).await;
                     };
-                    if let Request::Disconnect { reply } = request {
-                        let ended = self.goodbye(conn).await;
-                        let _ = reply.send(Ok(()));
-                        return ended;
-                    }
-                    if let Err(ended) = self.handle(conn, request, &mut written).await {
-                        return ended;
-                    }
                     // Batch whatever else is queued into the same write.
-                    for _ in 0..1024 {
-                        match self.rx.try_recv() {
-                            Ok(Request::Disconnect { reply }) => {
-                                let _ = self.flush(conn, &mut written).await;
-                                let ended = self.goodbye(conn).await;
-                                let _ = reply.send(Ok(()));
-                                return ended;
-                            }
-                            Ok(request) => {
-                                if let Err(ended) = self.handle(conn, request, &mut written).await {
-                                    return ended;
-                                }
-                            }
-                            Err(_) => break,
+                    let mut next = Some(request);
+                    let mut batched = 0;
+                    while let Some(request) = next.take() {
+                        if let Err(ended) = self.handle(conn, request, &mut written).await {
+                            return ended;
+                        }
+                        batched += 1;
+                        if batched < 1024 {
+                            next = self.rx.try_recv().ok();
                         }
                     }
                     if let Err(ended) = self.flush(conn, &mut written).await {
@@ -1154,12 +1121,8 @@ impl EventLoop {
                 item = conn.next(), if parked.is_none() => {
                     let now = Instant::now();
                     match item {
-                        None => return Ended::Lost(Error::Connect {
-                            addr: self.addr(),
-                            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "broker closed the connection"),
-                        }),
-                        Some(Err(crate::error::CodecError::Io(e))) => return Ended::Lost(Error::Connect { addr: self.addr(), source: e }),
-                        Some(Err(e)) => return Ended::Lost(Error::Codec(e)),
+                        None => return Ended::Lost(closed_by_peer(&self.addr(), "")),
+                        Some(Err(e)) => return Ended::Lost(link_error(&self.addr(), e)),
                         Some(Ok(Received::HeartBeat)) => self.session.on_read(now),
                         Some(Ok(Received::Frame(frame))) => {
                             self.session.on_read(now);
@@ -1178,7 +1141,7 @@ impl EventLoop {
                             let io = conn.get_mut();
                             let wrote = tokio::io::AsyncWriteExt::write_all(io, b"\n").await;
                             if let Err(e) = wrote {
-                                return Ended::Lost(Error::Connect { addr: self.addr(), source: e });
+                                return Ended::Lost(link_error(&self.addr(), e.into()));
                             }
                             self.session.on_write(now);
                         }
@@ -1305,22 +1268,24 @@ impl EventLoop {
                 Frame::unsubscribe(id)
             }
             Request::Disconnect { reply } => {
+                let _ = self.flush(conn, written).await;
+                let ended = self.goodbye(conn).await;
                 let _ = reply.send(Ok(()));
-                return Ok(());
+                return Err(ended);
             }
         };
         conn.feed(frame).await.map_err(|e| self.write_failed(e))
     }
 
-    fn write_failed(&self, e: crate::error::CodecError) -> Ended {
-        match e {
-            crate::error::CodecError::Io(source) => Ended::Lost(Error::Connect {
-                addr: self.addr(),
-                source,
-            }),
+    fn write_failed(&self, e: CodecError) -> Ended {
+        let socket = matches!(e, CodecError::Io(_));
+        let error = link_error(&self.addr(), e);
+        if socket {
+            Ended::Lost(error)
+        } else {
             // A frame we could not encode is the caller's mistake, but its reply is
             // already registered; closing is the only safe answer.
-            other => Ended::Fatal(Error::Codec(other)),
+            Ended::Fatal(error)
         }
     }
 
@@ -1360,6 +1325,26 @@ impl EventLoop {
         }
         let _ = tokio::io::AsyncWriteExt::shutdown(conn.get_mut()).await;
         Ended::Closed
+    }
+}
+
+/// Names the broker address in socket failures; other codec errors pass through.
+fn link_error(addr: &str, error: CodecError) -> Error {
+    match error {
+        CodecError::Io(source) => Error::Connect {
+            addr: addr.to_owned(),
+            source,
+        },
+        other => Error::Codec(other),
+    }
+}
+
+/// The broker closed the socket (`when` says at which step, if it matters).
+fn closed_by_peer(addr: &str, when: &str) -> Error {
+    let text = format!("broker closed the connection {when}");
+    Error::Connect {
+        addr: addr.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, text.trim_end()),
     }
 }
 
