@@ -61,12 +61,9 @@ pub enum Received {
 enum DecodeState {
     /// Between frames.
     Idle,
-    /// Inside the head; `scanned` bytes contain no head end yet.
-    Head {
-        scanned: usize,
-        line_start: usize,
-        lines: usize,
-    },
+    /// Inside the head; `scanned` bytes contain no head end yet, and the
+    /// line ends found in them are in `StompCodec::line_ends`.
+    Head { scanned: usize },
     /// Head parsed and consumed; waiting for the body.
     Body {
         command: Command,
@@ -82,6 +79,9 @@ pub struct StompCodec {
     version: Version,
     limits: Limits,
     state: DecodeState,
+    /// Offsets of the `\n` of each head line found so far (the terminating
+    /// empty line excluded): the scan records them once, the parse reuses them.
+    line_ends: Vec<usize>,
 }
 
 impl Default for StompCodec {
@@ -97,6 +97,7 @@ impl StompCodec {
             version,
             limits,
             state: DecodeState::Idle,
+            line_ends: Vec::new(),
         }
     }
 
@@ -119,44 +120,9 @@ impl StompCodec {
         self.version != Version::V1_0 && !command.is_connect_like()
     }
 
-    /// Scans for the end of the head. Returns the offset where the body starts.
-    fn find_head_end(
-        &self,
-        buf: &[u8],
-        scanned: &mut usize,
-        line_start: &mut usize,
-        lines: &mut usize,
-    ) -> Result<Option<usize>, CodecError> {
-        let limit = self.limits.max_line_length;
-        let mut pos = *scanned;
-        while let Some(off) = memchr::memchr(b'\n', &buf[pos..]) {
-            let nl = pos + off;
-            let len = nl - *line_start;
-            let empty = len == 0 || (len == 1 && buf[*line_start] == b'\r');
-            if empty {
-                return Ok(Some(nl + 1));
-            }
-            if len > limit + 1 || (len == limit + 1 && buf[nl - 1] != b'\r') {
-                return Err(CodecError::LineTooLong { limit });
-            }
-            *lines += 1;
-            if *lines > self.limits.max_headers + 1 {
-                return Err(CodecError::TooManyHeaders {
-                    limit: self.limits.max_headers,
-                });
-            }
-            *line_start = nl + 1;
-            pos = nl + 1;
-        }
-        if buf.len() - *line_start > limit + 1 {
-            return Err(CodecError::LineTooLong { limit });
-        }
-        *scanned = buf.len();
-        Ok(None)
-    }
-
-    /// Builds command and headers from a complete head (ending in the empty line).
-    fn parse_head(&self, head: Bytes, lines: usize) -> Result<(Command, Headers), CodecError> {
+    /// Builds command and headers from a complete head whose line ends
+    /// (`\n` offsets, the terminating empty line excluded) are `ends`.
+    fn parse_head(&self, head: Bytes, ends: &[usize]) -> Result<(Command, Headers), CodecError> {
         if let Err(e) = std::str::from_utf8(&head) {
             let line = head[..e.valid_up_to()]
                 .iter()
@@ -165,31 +131,27 @@ impl StompCodec {
             return Err(CodecError::NotUtf8 { line });
         }
         let bytes: &[u8] = &head;
-        let line_end = |start: usize| -> (usize, usize) {
-            // Returns (end of content, start of next line); a head always ends in '\n'.
-            let nl = bytes[start..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(bytes.len(), |o| start + o);
-            let end = if nl > start && bytes[nl - 1] == b'\r' {
+        // Content of the line ending at `nl` and starting at `start`, without CR.
+        let content_end = |start: usize, nl: usize| {
+            if nl > start && bytes[nl - 1] == b'\r' {
                 nl - 1
             } else {
                 nl
-            };
-            (end, nl + 1)
+            }
         };
-        let (cmd_end, mut pos) = line_end(0);
+        let Some((&first, rest)) = ends.split_first() else {
+            return Err(CodecError::UnknownCommand(String::new()));
+        };
+        let cmd_end = content_end(0, first);
         let command = Command::from_bytes(&bytes[..cmd_end]).ok_or_else(|| {
             CodecError::UnknownCommand(String::from_utf8_lossy(&bytes[..cmd_end]).into_owned())
         })?;
         let escapes = self.escapes(command);
         let version = self.version;
-        let mut headers = Headers::with_raw(head.clone(), lines.saturating_sub(1));
-        while pos < bytes.len() {
-            let (end, next) = line_end(pos);
-            if end == pos {
-                break;
-            }
+        let mut headers = Headers::with_raw(head.clone(), rest.len());
+        let mut pos = first + 1;
+        for &nl in rest {
+            let end = content_end(pos, nl);
             let line = &bytes[pos..end];
             // Lines are short: a plain loop beats a SIMD search's set-up here.
             let colon = line.iter().position(|&b| b == b':').ok_or_else(|| {
@@ -213,10 +175,47 @@ impl StompCodec {
                 }
             };
             headers.push_fields(field(name)?, field(value)?);
-            pos = next;
+            pos = nl + 1;
         }
         Ok((command, headers))
     }
+}
+
+/// Scans for the end of the head from `scanned` on, recording line ends in
+/// `ends`. Returns the offset where the body starts.
+fn find_head_end(
+    buf: &[u8],
+    scanned: &mut usize,
+    ends: &mut Vec<usize>,
+    limits: Limits,
+) -> Result<Option<usize>, CodecError> {
+    let limit = limits.max_line_length;
+    let mut line_start = ends.last().map_or(0, |&nl| nl + 1);
+    let mut pos = *scanned;
+    while let Some(off) = memchr::memchr(b'\n', &buf[pos..]) {
+        let nl = pos + off;
+        let len = nl - line_start;
+        let empty = len == 0 || (len == 1 && buf[line_start] == b'\r');
+        if empty {
+            return Ok(Some(nl + 1));
+        }
+        if len > limit + 1 || (len == limit + 1 && buf[nl - 1] != b'\r') {
+            return Err(CodecError::LineTooLong { limit });
+        }
+        ends.push(nl);
+        if ends.len() > limits.max_headers + 1 {
+            return Err(CodecError::TooManyHeaders {
+                limit: limits.max_headers,
+            });
+        }
+        line_start = nl + 1;
+        pos = nl + 1;
+    }
+    if buf.len() - line_start > limit + 1 {
+        return Err(CodecError::LineTooLong { limit });
+    }
+    *scanned = buf.len();
+    Ok(None)
 }
 
 fn parse_content_length(value: &str) -> Result<usize, CodecError> {
@@ -257,29 +256,14 @@ impl Decoder for StompCodec {
                             None => return Ok(saw_eol.then_some(Received::HeartBeat)),
                         }
                     }
-                    self.state = DecodeState::Head {
-                        scanned: 0,
-                        line_start: 0,
-                        lines: 0,
-                    };
+                    self.line_ends.clear();
+                    self.state = DecodeState::Head { scanned: 0 };
                 }
-                DecodeState::Head {
-                    scanned,
-                    line_start,
-                    lines,
-                } => {
-                    let (mut s, mut l, mut n) = (*scanned, *line_start, *lines);
-                    let found = self.find_head_end(buf, &mut s, &mut l, &mut n);
+                DecodeState::Head { scanned } => {
+                    let found = find_head_end(buf, scanned, &mut self.line_ends, self.limits);
                     let body_start = match found {
                         Ok(Some(at)) => at,
-                        Ok(None) => {
-                            self.state = DecodeState::Head {
-                                scanned: s,
-                                line_start: l,
-                                lines: n,
-                            };
-                            return Ok(saw_eol.then_some(Received::HeartBeat));
-                        }
+                        Ok(None) => return Ok(saw_eol.then_some(Received::HeartBeat)),
                         Err(e) => {
                             self.state = DecodeState::Idle;
                             return Err(e);
@@ -287,7 +271,10 @@ impl Decoder for StompCodec {
                     };
                     let head = buf.split_to(body_start).freeze();
                     self.state = DecodeState::Idle;
-                    let (command, headers) = self.parse_head(head, n)?;
+                    let ends = std::mem::take(&mut self.line_ends);
+                    let parsed = self.parse_head(head, &ends);
+                    self.line_ends = ends;
+                    let (command, headers) = parsed?;
                     let content_length = match headers.get("content-length") {
                         Some(v) => Some(parse_content_length(v)?),
                         None => None,
