@@ -142,6 +142,17 @@ async fn fill(client: &Client, queue: &str, n: usize) {
     client_publish(client, queue, n, 1000).await;
 }
 
+fn table_head(title: &str, batch: &str) {
+    println!(
+        "| {title:<34} | {batch:>5} | {:>7} | {:>9} | {:>10} |",
+        "msgs", "ms", "msg/s"
+    );
+    println!(
+        "|{:-<36}|{:-<7}|{:-<9}|{:-<11}|{:-<12}|",
+        "", "", "", "", ""
+    );
+}
+
 fn row(what: &str, batch: &str, n: usize, took: Duration) {
     println!(
         "| {what:<34} | {batch:>5} | {n:>7} | {:>9.1} | {:>10.0} |",
@@ -171,14 +182,7 @@ async fn main() {
     raw_publish(addr, "/queue/warm", n, 500).await;
     client_consume(&client, "/queue/warm", 2 * n, AckMode::Auto).await;
 
-    println!(
-        "| {:<34} | {:>5} | {:>7} | {:>9} | {:>10} |",
-        "publish (persistent, 200 B)", "batch", "msgs", "ms", "msg/s"
-    );
-    println!(
-        "|{:-<36}|{:-<7}|{:-<9}|{:-<11}|{:-<12}|",
-        "", "", "", "", ""
-    );
+    table_head("publish (persistent, 200 B)", "batch");
     for (batch, count) in [(1, n / 10), (100, n), (500, n), (1000, n)] {
         let took = raw_publish(addr, &format!("/queue/raw-{batch}"), count, batch).await;
         row("raw socket", &batch.to_string(), count, took);
@@ -186,14 +190,7 @@ async fn main() {
         row("outbox-stomp Client", &batch.to_string(), count, took);
     }
     println!();
-    println!(
-        "| {:<34} | {:>5} | {:>7} | {:>9} | {:>10} |",
-        "consume (prefetch 1000)", "", "msgs", "ms", "msg/s"
-    );
-    println!(
-        "|{:-<36}|{:-<7}|{:-<9}|{:-<11}|{:-<12}|",
-        "", "", "", "", ""
-    );
+    table_head("consume (prefetch 1000)", "");
     fill(&client, "/queue/c-raw", n).await;
     fill(&client, "/queue/c-auto", n).await;
     fill(&client, "/queue/c-ind", n).await;
