@@ -1,0 +1,270 @@
+//! The database side: one [`Backend`] implementation per supported database.
+//!
+//! The relay and the inbox are written once, against this small interface:
+//! run a statement with bound [`Value`]s, fetch rows as [`Cell`]s, begin a
+//! transaction that writes. The SQL text that differs between databases —
+//! column types, `FOR UPDATE SKIP LOCKED`, insert-or-ignore, wake-up
+//! notifications — lives in one file per database (`sqlite.rs`, `postgres.rs`,
+//! `mysql.rs`) as a [`Dialect`]; the statements shared by all three are built
+//! from it in `sql.rs`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use sqlx::{Database, Pool, Transaction};
+use tokio::sync::Notify;
+
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "postgres")]
+mod postgres;
+pub(crate) mod sql;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+/// A value bound to a statement placeholder.
+#[derive(Debug, Clone)]
+#[doc(hidden)]
+pub enum Value<'a> {
+    /// An integer (`BIGINT`).
+    Int(i64),
+    /// Text, or SQL `NULL`.
+    Text(Option<&'a str>),
+    /// Bytes, or SQL `NULL`.
+    Bytes(Option<&'a [u8]>),
+}
+
+/// The expected type of a fetched column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[doc(hidden)]
+pub enum Column {
+    /// A nullable integer.
+    Int,
+    /// Nullable text.
+    Text,
+    /// Nullable bytes.
+    Bytes,
+}
+
+/// A fetched column value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[doc(hidden)]
+pub enum Cell {
+    /// An integer or `NULL`.
+    Int(Option<i64>),
+    /// Text or `NULL`.
+    Text(Option<String>),
+    /// Bytes or `NULL`.
+    Bytes(Option<Vec<u8>>),
+}
+
+impl Cell {
+    pub(crate) fn int(&self) -> Option<i64> {
+        match self {
+            Cell::Int(v) => *v,
+            _ => None,
+        }
+    }
+
+    pub(crate) fn take_text(&mut self) -> Option<String> {
+        match self {
+            Cell::Text(v) => v.take(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn take_bytes(&mut self) -> Option<Vec<u8>> {
+        match self {
+            Cell::Bytes(v) => v.take(),
+            _ => None,
+        }
+    }
+}
+
+/// How a database writes statement placeholders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[doc(hidden)]
+pub enum Placeholders {
+    /// `?` (SQLite, MySQL).
+    Question,
+    /// `$1`, `$2`… (PostgreSQL).
+    Dollar,
+}
+
+/// The SQL that differs between databases. One value per database, in that
+/// database's file.
+#[derive(Debug)]
+#[doc(hidden)]
+pub struct Dialect {
+    /// The database's name, for messages.
+    pub name: &'static str,
+    /// Placeholder style.
+    pub placeholders: Placeholders,
+    /// Suffix of the claim query that skips rows other relays hold.
+    pub skip_locked: &'static str,
+    /// `CREATE TABLE` (and index) statements for the outbox table.
+    pub outbox_ddl: fn(&str) -> Vec<String>,
+    /// `CREATE TABLE` (and index) statements for the inbox table.
+    pub inbox_ddl: fn(&str) -> Vec<String>,
+    /// `CREATE TABLE` statements for the schema-version and lease tables.
+    pub meta_ddl: fn() -> Vec<String>,
+    /// `INSERT` that does nothing when the key exists: (table, columns, placeholders).
+    pub insert_ignore: fn(&str, &str, &str) -> String,
+    /// Statement run inside an appending transaction so other processes wake up
+    /// when it commits; `None` where the database has no such feature.
+    pub notify: fn(&str) -> Option<String>,
+    /// `DELETE` of at most `LIMIT ?` rows matching a condition: (table, condition).
+    pub delete_limited: fn(&str, &str) -> String,
+}
+
+/// A database the outbox and the inbox can use: SQLite, PostgreSQL or
+/// MySQL/MariaDB (each behind its cargo feature). Sealed.
+pub trait Backend: Database + sealed::Sealed {
+    #[doc(hidden)]
+    const DIALECT: &'static Dialect;
+
+    /// Begins a transaction that will write, taking the write lock up front
+    /// where the database needs that to avoid deadlocks (SQLite).
+    #[doc(hidden)]
+    fn begin_write(
+        pool: &Pool<Self>,
+    ) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send;
+
+    /// Runs one statement and returns the number of rows it changed.
+    #[doc(hidden)]
+    fn exec(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: &[Value<'_>],
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// Runs one query and returns its rows, decoded as `columns` says.
+    #[doc(hidden)]
+    fn fetch(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: &[Value<'_>],
+        columns: &[Column],
+    ) -> impl Future<Output = Result<Vec<Vec<Cell>>, sqlx::Error>> + Send;
+
+    /// Starts a task that calls `wake.notify_one()` whenever another process
+    /// commits events to `table`. `None` where the database cannot notify.
+    #[doc(hidden)]
+    fn listen(
+        pool: &Pool<Self>,
+        table: &str,
+        wake: Arc<Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>>;
+}
+
+pub(crate) mod sealed {
+    pub trait Sealed {}
+}
+
+/// Implements [`Backend`]'s statement plumbing for one sqlx database type.
+macro_rules! statement_plumbing {
+    ($db:ty) => {
+        async fn exec(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            sql: &str,
+            args: &[$crate::backend::Value<'_>],
+        ) -> Result<u64, sqlx::Error> {
+            use sqlx::Executor as _;
+            let mut query = sqlx::query::<$db>(sql);
+            for arg in args {
+                query = match arg {
+                    $crate::backend::Value::Int(v) => query.bind(*v),
+                    $crate::backend::Value::Text(v) => query.bind(*v),
+                    $crate::backend::Value::Bytes(v) => query.bind(*v),
+                };
+            }
+            Ok(conn.execute(query).await?.rows_affected())
+        }
+
+        async fn fetch(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            sql: &str,
+            args: &[$crate::backend::Value<'_>],
+            columns: &[$crate::backend::Column],
+        ) -> Result<Vec<Vec<$crate::backend::Cell>>, sqlx::Error> {
+            use sqlx::Executor as _;
+            use sqlx::Row as _;
+            use $crate::backend::{Cell, Column};
+            let mut query = sqlx::query::<$db>(sql);
+            for arg in args {
+                query = match arg {
+                    $crate::backend::Value::Int(v) => query.bind(*v),
+                    $crate::backend::Value::Text(v) => query.bind(*v),
+                    $crate::backend::Value::Bytes(v) => query.bind(*v),
+                };
+            }
+            let rows = conn.fetch_all(query).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let mut cells = Vec::with_capacity(columns.len());
+                for (i, column) in columns.iter().enumerate() {
+                    cells.push(match column {
+                        Column::Int => Cell::Int(row.try_get(i)?),
+                        Column::Text => Cell::Text(row.try_get(i)?),
+                        Column::Bytes => Cell::Bytes(row.try_get(i)?),
+                    });
+                }
+                out.push(cells);
+            }
+            Ok(out)
+        }
+    };
+}
+pub(crate) use statement_plumbing;
+
+/// Rewrites `?` placeholders into the dialect's style.
+pub(crate) fn placeholders(style: Placeholders, sql: &str) -> String {
+    match style {
+        Placeholders::Question => sql.to_owned(),
+        Placeholders::Dollar => {
+            let mut out = String::with_capacity(sql.len() + 16);
+            let mut n = 0;
+            let mut quoted = false;
+            for c in sql.chars() {
+                if c == '\'' {
+                    quoted = !quoted;
+                }
+                if c == '?' && !quoted {
+                    n += 1;
+                    out.push('$');
+                    out.push_str(&n.to_string());
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// `?, ?, …` with `n` placeholders, for `IN` lists.
+pub(crate) fn marks(n: usize) -> String {
+    let mut s = String::with_capacity(n * 3);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('?');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollar_placeholders_are_numbered_outside_quotes() {
+        assert_eq!(
+            placeholders(Placeholders::Dollar, "a = ? AND b = '?' AND c IN (?, ?)"),
+            "a = $1 AND b = '?' AND c IN ($2, $3)"
+        );
+        assert_eq!(placeholders(Placeholders::Question, "x = ?"), "x = ?");
+        assert_eq!(marks(3), "?, ?, ?");
+    }
+}

@@ -1,0 +1,115 @@
+//! MySQL 8 and MariaDB 10.6+: `FOR UPDATE SKIP LOCKED` claims. Indexes are
+//! declared inside `CREATE TABLE`, because MySQL has no
+//! `CREATE INDEX IF NOT EXISTS`. No cross-process wake-up: a bounded poll.
+
+use std::sync::Arc;
+
+use sqlx::{MySql, Pool, Transaction};
+use tokio::sync::Notify;
+
+use super::{Backend, Dialect, Placeholders, statement_plumbing};
+
+static MYSQL: Dialect = Dialect {
+    name: "MySQL",
+    placeholders: Placeholders::Question,
+    skip_locked: " FOR UPDATE SKIP LOCKED",
+    outbox_ddl,
+    inbox_ddl,
+    meta_ddl,
+    insert_ignore: |table, columns, values| {
+        format!("INSERT IGNORE INTO {table} ({columns}) VALUES ({values})")
+    },
+    notify: |_| None,
+    // MySQL refuses LIMIT inside an IN subquery but takes it on DELETE.
+    delete_limited: |table, condition| {
+        format!("DELETE FROM {table} WHERE {condition} ORDER BY id LIMIT ?")
+    },
+};
+
+fn outbox_ddl(t: &str) -> Vec<String> {
+    vec![format!(
+        "CREATE TABLE IF NOT EXISTS {t} (
+            id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            event_id VARCHAR(64) NOT NULL,
+            event_type VARCHAR(255) NOT NULL,
+            destination VARCHAR(1024) NOT NULL,
+            event_key VARCHAR(255),
+            headers TEXT NOT NULL,
+            content LONGBLOB NOT NULL,
+            content_type VARCHAR(255) NOT NULL,
+            process VARCHAR(16) NOT NULL DEFAULT 'NEW',
+            attempts BIGINT NOT NULL DEFAULT 0,
+            next_attempt_at BIGINT NOT NULL,
+            last_error TEXT,
+            claimed_by VARCHAR(64),
+            claimed_until BIGINT,
+            create_time BIGINT NOT NULL,
+            update_time BIGINT NOT NULL,
+            published_time BIGINT,
+            UNIQUE KEY {t}_event_id (event_id),
+            KEY {t}_process (process, id),
+            KEY {t}_key (event_key, id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+    )]
+}
+
+fn inbox_ddl(t: &str) -> Vec<String> {
+    vec![format!(
+        "CREATE TABLE IF NOT EXISTS {t} (
+            id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            consumer VARCHAR(128) NOT NULL,
+            event_id VARCHAR(64) NOT NULL,
+            event_type VARCHAR(255),
+            event_key VARCHAR(255),
+            process VARCHAR(16) NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            next_attempt_at BIGINT,
+            last_error TEXT,
+            headers TEXT,
+            content LONGBLOB,
+            create_time BIGINT NOT NULL,
+            update_time BIGINT NOT NULL,
+            processed_time BIGINT,
+            UNIQUE KEY {t}_consumer_event (consumer, event_id),
+            KEY {t}_process (process, next_attempt_at),
+            KEY {t}_key (consumer, event_key, process)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+    )]
+}
+
+fn meta_ddl() -> Vec<String> {
+    vec![
+        "CREATE TABLE IF NOT EXISTS outbox_schema_version (
+            table_name VARCHAR(64) NOT NULL PRIMARY KEY,
+            version BIGINT NOT NULL,
+            update_time BIGINT NOT NULL
+        ) ENGINE=InnoDB"
+            .to_owned(),
+        "CREATE TABLE IF NOT EXISTS outbox_lease (
+            name VARCHAR(128) NOT NULL PRIMARY KEY,
+            holder VARCHAR(64),
+            until_time BIGINT NOT NULL
+        ) ENGINE=InnoDB"
+            .to_owned(),
+    ]
+}
+
+impl super::sealed::Sealed for MySql {}
+
+impl Backend for MySql {
+    const DIALECT: &'static Dialect = &MYSQL;
+
+    async fn begin_write(pool: &Pool<MySql>) -> Result<Transaction<'static, MySql>, sqlx::Error> {
+        pool.begin().await
+    }
+
+    statement_plumbing!(MySql);
+
+    fn listen(
+        _pool: &Pool<MySql>,
+        _table: &str,
+        _wake: Arc<Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
+}

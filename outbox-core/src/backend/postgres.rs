@@ -1,0 +1,145 @@
+//! PostgreSQL: `FOR UPDATE SKIP LOCKED` claims, and `NOTIFY` in the appending
+//! transaction so relays in other processes wake up the moment it commits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::{Pool, Postgres, Transaction};
+use tokio::sync::Notify;
+
+use super::{Backend, Dialect, Placeholders, statement_plumbing};
+
+static POSTGRES: Dialect = Dialect {
+    name: "PostgreSQL",
+    placeholders: Placeholders::Dollar,
+    skip_locked: " FOR UPDATE SKIP LOCKED",
+    outbox_ddl,
+    inbox_ddl,
+    meta_ddl,
+    insert_ignore: |table, columns, values| {
+        format!("INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING")
+    },
+    // The table name is a validated identifier, so it is a valid channel name.
+    notify: |table| Some(format!("NOTIFY {table}")),
+    delete_limited: |table, condition| {
+        format!(
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY id LIMIT ?)"
+        )
+    },
+};
+
+fn outbox_ddl(t: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
+                id BIGSERIAL PRIMARY KEY,
+                event_id VARCHAR(64) NOT NULL,
+                event_type VARCHAR(255) NOT NULL,
+                destination VARCHAR(1024) NOT NULL,
+                event_key VARCHAR(255),
+                headers TEXT NOT NULL,
+                content BYTEA NOT NULL,
+                content_type VARCHAR(255) NOT NULL,
+                process VARCHAR(16) NOT NULL DEFAULT 'NEW',
+                attempts BIGINT NOT NULL DEFAULT 0,
+                next_attempt_at BIGINT NOT NULL,
+                last_error TEXT,
+                claimed_by VARCHAR(64),
+                claimed_until BIGINT,
+                create_time BIGINT NOT NULL,
+                update_time BIGINT NOT NULL,
+                published_time BIGINT
+            )"
+        ),
+        format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_event_id ON {t} (event_id)"),
+        format!("CREATE INDEX IF NOT EXISTS {t}_process ON {t} (process, id)"),
+        format!("CREATE INDEX IF NOT EXISTS {t}_key ON {t} (event_key, id)"),
+    ]
+}
+
+fn inbox_ddl(t: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
+                id BIGSERIAL PRIMARY KEY,
+                consumer VARCHAR(128) NOT NULL,
+                event_id VARCHAR(64) NOT NULL,
+                event_type VARCHAR(255),
+                event_key VARCHAR(255),
+                process VARCHAR(16) NOT NULL,
+                attempts BIGINT NOT NULL DEFAULT 0,
+                next_attempt_at BIGINT,
+                last_error TEXT,
+                headers TEXT,
+                content BYTEA,
+                create_time BIGINT NOT NULL,
+                update_time BIGINT NOT NULL,
+                processed_time BIGINT
+            )"
+        ),
+        format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_consumer_event ON {t} (consumer, event_id)"),
+        format!("CREATE INDEX IF NOT EXISTS {t}_process ON {t} (process, next_attempt_at)"),
+        format!("CREATE INDEX IF NOT EXISTS {t}_key ON {t} (consumer, event_key, process)"),
+    ]
+}
+
+fn meta_ddl() -> Vec<String> {
+    vec![
+        "CREATE TABLE IF NOT EXISTS outbox_schema_version (
+            table_name VARCHAR(64) PRIMARY KEY,
+            version BIGINT NOT NULL,
+            update_time BIGINT NOT NULL
+        )"
+        .to_owned(),
+        "CREATE TABLE IF NOT EXISTS outbox_lease (
+            name VARCHAR(128) PRIMARY KEY,
+            holder VARCHAR(64),
+            until_time BIGINT NOT NULL
+        )"
+        .to_owned(),
+    ]
+}
+
+impl super::sealed::Sealed for Postgres {}
+
+impl Backend for Postgres {
+    const DIALECT: &'static Dialect = &POSTGRES;
+
+    async fn begin_write(
+        pool: &Pool<Postgres>,
+    ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        pool.begin().await
+    }
+
+    statement_plumbing!(Postgres);
+
+    fn listen(
+        pool: &Pool<Postgres>,
+        table: &str,
+        wake: Arc<Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let pool = pool.clone();
+        let channel = table.to_owned();
+        Some(tokio::spawn(async move {
+            loop {
+                let listener = async {
+                    let mut listener = PgListener::connect_with(&pool).await?;
+                    listener.listen(&channel).await?;
+                    // Anything committed while we were not listening is found now.
+                    wake.notify_one();
+                    loop {
+                        listener.recv().await?;
+                        wake.notify_one();
+                    }
+                };
+                let result: Result<(), sqlx::Error> = listener.await;
+                if let Err(error) = result {
+                    tracing::debug!(%error, channel, "LISTEN connection failed; retrying");
+                }
+                wake.notify_one();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }))
+    }
+}

@@ -1,0 +1,252 @@
+//! Statements shared by all databases, built once per table from its
+//! [`Dialect`](super::Dialect). Written with `?` placeholders and rewritten for
+//! the database at construction.
+
+use super::{Dialect, marks, placeholders};
+use crate::names::TableName;
+
+/// Columns of a claimed outbox row, in the order [`OutboxSql::claim`] selects them.
+pub(crate) const CLAIM_COLUMNS: &str =
+    "id, event_id, event_type, destination, event_key, headers, content, content_type, attempts";
+
+/// Columns written when an event is appended.
+const INSERT_COLUMNS: &str = "event_id, event_type, destination, event_key, headers, content, \
+     content_type, process, attempts, next_attempt_at, create_time, update_time";
+
+/// The statements of one outbox table.
+#[derive(Debug)]
+pub(crate) struct OutboxSql {
+    pub(crate) table: TableName,
+    dialect: &'static Dialect,
+    pub(crate) ddl: Vec<String>,
+    pub(crate) notify: Option<String>,
+    pub(crate) claim: String,
+    pub(crate) mark_published: String,
+    pub(crate) mark_published_one: String,
+    pub(crate) mark_rejected: String,
+    pub(crate) release: String,
+    pub(crate) delete_published: String,
+    pub(crate) backlog: String,
+    pub(crate) parked_count: String,
+    pub(crate) parked: String,
+    pub(crate) replay_one: String,
+    pub(crate) replay_all: String,
+    pub(crate) count_by_process: String,
+}
+
+impl OutboxSql {
+    pub(crate) fn new(dialect: &'static Dialect, table: TableName) -> OutboxSql {
+        let t = table.as_str();
+        let p = |sql: String| placeholders(dialect.placeholders, &sql);
+        OutboxSql {
+            ddl: (dialect.outbox_ddl)(t),
+            notify: (dialect.notify)(t),
+            claim: p(format!(
+                "SELECT {CLAIM_COLUMNS} FROM {t} WHERE process = 'NEW' AND next_attempt_at <= ? \
+                 AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY id LIMIT ?{}",
+                dialect.skip_locked
+            )),
+            mark_published: p(format!(
+                "UPDATE {t} SET process = 'PUBLISHED', published_time = ?, update_time = ?, \
+                 claimed_by = NULL, claimed_until = NULL WHERE claimed_by = ? AND process = 'NEW'"
+            )),
+            mark_published_one: p(format!(
+                "UPDATE {t} SET process = 'PUBLISHED', published_time = ?, update_time = ?, \
+                 claimed_by = NULL, claimed_until = NULL \
+                 WHERE id = ? AND claimed_by = ? AND process = 'NEW'"
+            )),
+            // `process` first: MySQL evaluates SET left to right with new values.
+            mark_rejected: p(format!(
+                "UPDATE {t} SET process = CASE WHEN attempts + 1 >= ? THEN 'FAILED' ELSE 'NEW' END, \
+                 attempts = attempts + 1, last_error = ?, next_attempt_at = ?, update_time = ?, \
+                 claimed_by = NULL, claimed_until = NULL \
+                 WHERE id = ? AND claimed_by = ? AND process = 'NEW'"
+            )),
+            release: p(format!(
+                "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL, \
+                 last_error = COALESCE(?, last_error), update_time = ? WHERE claimed_by = ?"
+            )),
+            delete_published: p((dialect.delete_limited)(
+                t,
+                "process = 'PUBLISHED' AND published_time < ?",
+            )),
+            backlog: format!("SELECT COUNT(*), MIN(create_time) FROM {t} WHERE process = 'NEW'"),
+            parked_count: format!("SELECT COUNT(*) FROM {t} WHERE process = 'FAILED'"),
+            parked: p(format!(
+                "SELECT event_id, event_type, destination, event_key, attempts, last_error, \
+                 create_time, update_time FROM {t} WHERE process = 'FAILED' ORDER BY id LIMIT ?"
+            )),
+            replay_one: p(format!(
+                "UPDATE {t} SET process = 'NEW', attempts = 0, next_attempt_at = ?, update_time = ?, \
+                 claimed_by = NULL, claimed_until = NULL WHERE process = 'FAILED' AND event_id = ?"
+            )),
+            replay_all: p(format!(
+                "UPDATE {t} SET process = 'NEW', attempts = 0, next_attempt_at = ?, update_time = ?, \
+                 claimed_by = NULL, claimed_until = NULL WHERE process = 'FAILED'"
+            )),
+            count_by_process: format!("SELECT process, COUNT(*) FROM {t} GROUP BY process"),
+            dialect,
+            table,
+        }
+    }
+
+    /// `INSERT` of `rows` events at once.
+    pub(crate) fn insert(&self, rows: usize) -> String {
+        let one = format!("({})", marks(12));
+        let values = vec![one; rows].join(", ");
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "INSERT INTO {} ({INSERT_COLUMNS}) VALUES {values}",
+                self.table
+            ),
+        )
+    }
+
+    /// Unpublished rows of the given keys up to id `?`, to check per-key order.
+    pub(crate) fn key_rows(&self, keys: usize) -> String {
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "SELECT id, event_key FROM {} WHERE process <> 'PUBLISHED' AND id <= ? \
+                 AND event_key IN ({}) ORDER BY id",
+                self.table,
+                marks(keys)
+            ),
+        )
+    }
+
+    /// Sets the claim on `ids` rows.
+    pub(crate) fn claim_update(&self, ids: usize) -> String {
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "UPDATE {} SET claimed_by = ?, claimed_until = ? WHERE id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+}
+
+/// The statements of one inbox table.
+#[derive(Debug)]
+pub(crate) struct InboxSql {
+    pub(crate) ddl: Vec<String>,
+    pub(crate) insert: String,
+    pub(crate) key_pending: String,
+    pub(crate) due: String,
+    pub(crate) due_in_key_order: String,
+    pub(crate) take_retry: String,
+    pub(crate) fail_retry: String,
+    pub(crate) counts: String,
+    pub(crate) parked: String,
+    pub(crate) replay_one: String,
+    pub(crate) replay_all: String,
+    pub(crate) delete_processed: String,
+}
+
+/// Columns of a due retry row, in the order [`InboxSql::due`] selects them.
+pub(crate) const DUE_COLUMNS: &str =
+    "i.id, i.event_id, i.event_type, i.event_key, i.headers, i.content, i.attempts";
+
+impl InboxSql {
+    pub(crate) fn new(dialect: &'static Dialect, table: &TableName) -> InboxSql {
+        let t = table.as_str();
+        let p = |sql: String| placeholders(dialect.placeholders, &sql);
+        let due = format!(
+            "SELECT {DUE_COLUMNS} FROM {t} i WHERE i.consumer = ? AND i.process = 'RETRY' \
+             AND i.next_attempt_at <= ?"
+        );
+        InboxSql {
+            ddl: (dialect.inbox_ddl)(t),
+            insert: p(format!(
+                "INSERT INTO {t} (consumer, event_id, event_type, event_key, process, attempts, \
+                 next_attempt_at, last_error, headers, content, create_time, update_time, \
+                 processed_time) VALUES ({})",
+                marks(13)
+            )),
+            key_pending: p(format!(
+                "SELECT COUNT(*) FROM {t} WHERE consumer = ? AND event_key = ? \
+                 AND process <> 'PROCESSED'"
+            )),
+            due: p(format!("{due} ORDER BY i.id LIMIT ?")),
+            due_in_key_order: p(format!(
+                "{due} AND (i.event_key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} o \
+                 WHERE o.consumer = i.consumer AND o.event_key = i.event_key \
+                 AND o.process <> 'PROCESSED' AND o.id < i.id)) ORDER BY i.id LIMIT ?"
+            )),
+            take_retry: p(format!(
+                "UPDATE {t} SET process = 'PROCESSED', attempts = attempts + 1, \
+                 processed_time = ?, update_time = ?, content = NULL \
+                 WHERE id = ? AND process = 'RETRY'"
+            )),
+            // `process` first: MySQL evaluates SET left to right with new values.
+            fail_retry: p(format!(
+                "UPDATE {t} SET process = CASE WHEN attempts + 1 >= ? THEN 'FAILED' ELSE 'RETRY' END, \
+                 attempts = attempts + 1, last_error = ?, next_attempt_at = ?, update_time = ? \
+                 WHERE id = ? AND process = 'RETRY'"
+            )),
+            counts: p(format!(
+                "SELECT process, COUNT(*) FROM {t} WHERE consumer = ? GROUP BY process"
+            )),
+            parked: p(format!(
+                "SELECT event_id, event_type, event_key, attempts, last_error, create_time, \
+                 update_time, content FROM {t} WHERE consumer = ? AND process = 'FAILED' \
+                 ORDER BY id LIMIT ?"
+            )),
+            replay_one: p(format!(
+                "UPDATE {t} SET process = 'RETRY', attempts = 0, next_attempt_at = ?, \
+                 update_time = ? WHERE consumer = ? AND process = 'FAILED' AND event_id = ?"
+            )),
+            replay_all: p(format!(
+                "UPDATE {t} SET process = 'RETRY', attempts = 0, next_attempt_at = ?, \
+                 update_time = ? WHERE consumer = ? AND process = 'FAILED'"
+            )),
+            delete_processed: p((dialect.delete_limited)(
+                t,
+                "consumer = ? AND process = 'PROCESSED' AND processed_time < ?",
+            )),
+        }
+    }
+}
+
+/// Statements of the shared schema-version and lease tables.
+#[derive(Debug)]
+pub(crate) struct MetaSql {
+    pub(crate) ddl: Vec<String>,
+    pub(crate) version: String,
+    pub(crate) version_insert: String,
+    pub(crate) version_update: String,
+    pub(crate) lease_insert: String,
+    pub(crate) lease_take: String,
+}
+
+impl MetaSql {
+    pub(crate) fn new(dialect: &'static Dialect) -> MetaSql {
+        let p = |sql: String| placeholders(dialect.placeholders, &sql);
+        MetaSql {
+            ddl: (dialect.meta_ddl)(),
+            version: p("SELECT version FROM outbox_schema_version WHERE table_name = ?".into()),
+            version_insert: p((dialect.insert_ignore)(
+                "outbox_schema_version",
+                "table_name, version, update_time",
+                "?, 0, ?",
+            )),
+            version_update: p(
+                "UPDATE outbox_schema_version SET version = ?, update_time = ? WHERE table_name = ?"
+                    .into(),
+            ),
+            lease_insert: p((dialect.insert_ignore)(
+                "outbox_lease",
+                "name, holder, until_time",
+                "?, NULL, 0",
+            )),
+            lease_take: p(
+                "UPDATE outbox_lease SET holder = ?, until_time = ? \
+                 WHERE name = ? AND (until_time < ? OR holder = ?)"
+                    .into(),
+            ),
+        }
+    }
+}

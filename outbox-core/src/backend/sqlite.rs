@@ -1,0 +1,122 @@
+//! SQLite: the embedded default. One writer at a time, so the relay's claim
+//! takes the write lock at `BEGIN IMMEDIATE` and a lease column keeps other
+//! relays off claimed rows; wake-ups across processes fall back to polling.
+
+use std::sync::Arc;
+
+use sqlx::{Pool, Sqlite, Transaction};
+use tokio::sync::Notify;
+
+use super::{Backend, Dialect, Placeholders, statement_plumbing};
+
+static SQLITE: Dialect = Dialect {
+    name: "SQLite",
+    placeholders: Placeholders::Question,
+    skip_locked: "",
+    outbox_ddl,
+    inbox_ddl,
+    meta_ddl,
+    insert_ignore: |table, columns, values| {
+        format!("INSERT OR IGNORE INTO {table} ({columns}) VALUES ({values})")
+    },
+    notify: |_| None,
+    delete_limited: |table, condition| {
+        format!(
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY id LIMIT ?)"
+        )
+    },
+};
+
+fn outbox_ddl(t: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                event_id TEXT NOT NULL,
+                event_type TEXT NOT NULL,
+                destination TEXT NOT NULL,
+                event_key TEXT,
+                headers TEXT NOT NULL,
+                content BLOB NOT NULL,
+                content_type TEXT NOT NULL,
+                process TEXT NOT NULL DEFAULT 'NEW',
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at INTEGER NOT NULL,
+                last_error TEXT,
+                claimed_by TEXT,
+                claimed_until INTEGER,
+                create_time INTEGER NOT NULL,
+                update_time INTEGER NOT NULL,
+                published_time INTEGER
+            )"
+        ),
+        format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_event_id ON {t} (event_id)"),
+        format!("CREATE INDEX IF NOT EXISTS {t}_process ON {t} (process, id)"),
+        format!("CREATE INDEX IF NOT EXISTS {t}_key ON {t} (event_key, id)"),
+    ]
+}
+
+fn inbox_ddl(t: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                consumer TEXT NOT NULL,
+                event_id TEXT NOT NULL,
+                event_type TEXT,
+                event_key TEXT,
+                process TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at INTEGER,
+                last_error TEXT,
+                headers TEXT,
+                content BLOB,
+                create_time INTEGER NOT NULL,
+                update_time INTEGER NOT NULL,
+                processed_time INTEGER
+            )"
+        ),
+        format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_consumer_event ON {t} (consumer, event_id)"),
+        format!("CREATE INDEX IF NOT EXISTS {t}_process ON {t} (process, next_attempt_at)"),
+        format!("CREATE INDEX IF NOT EXISTS {t}_key ON {t} (consumer, event_key, process)"),
+    ]
+}
+
+fn meta_ddl() -> Vec<String> {
+    vec![
+        "CREATE TABLE IF NOT EXISTS outbox_schema_version (
+            table_name TEXT PRIMARY KEY,
+            version INTEGER NOT NULL,
+            update_time INTEGER NOT NULL
+        )"
+        .to_owned(),
+        "CREATE TABLE IF NOT EXISTS outbox_lease (
+            name TEXT PRIMARY KEY,
+            holder TEXT,
+            until_time INTEGER NOT NULL
+        )"
+        .to_owned(),
+    ]
+}
+
+impl super::sealed::Sealed for Sqlite {}
+
+impl Backend for Sqlite {
+    const DIALECT: &'static Dialect = &SQLITE;
+
+    async fn begin_write(pool: &Pool<Sqlite>) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        // A deferred transaction that reads first cannot always upgrade to a
+        // writer later (SQLITE_BUSY without waiting); take the lock up front.
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    statement_plumbing!(Sqlite);
+
+    fn listen(
+        _pool: &Pool<Sqlite>,
+        _table: &str,
+        _wake: Arc<Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
+}

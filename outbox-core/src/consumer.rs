@@ -1,0 +1,678 @@
+//! The consumer runtime: commit, then ack.
+//!
+//! For every delivery:
+//!
+//! ```text
+//! decode ──fails──► park FAILED with raw bytes ─────────────────────────┐
+//!   │                                                                   │
+//! BEGIN ─► INSERT inbox row ──unique violation──► ROLLBACK (duplicate) ──┤
+//!   │                                                                   ├─► ACK
+//! handler(tx, event) ──Err──► ROLLBACK, INSERT RETRY row with payload ──┤
+//!   │                                                                   │
+//! COMMIT ───────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! A database error anywhere leaves the message unacked and the delivery is
+//! tried again with backoff; if the process dies, the broker redelivers it and
+//! the inbox row decides. `RETRY` rows are picked up by a local retry loop: the
+//! row is switched to `PROCESSED` inside the handler's transaction, so the
+//! row lock makes two processes retrying the same row harmless. NACK is never
+//! used — on ActiveMQ it sends the message straight to the dead-letter queue.
+
+use std::collections::hash_map::DefaultHasher;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt as _;
+use outbox_stomp::{AckMode, Client, Message, Subscribe};
+use serde::de::DeserializeOwned;
+use sqlx::Transaction;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::backend::{Backend, Column, Value};
+use crate::backoff::Backoff;
+use crate::inbox::{Delivery, Inbox, Recorded, fallback_event_id};
+use crate::names::{ms, now_ms};
+use crate::{Error, HandlerError, failpoint, schema};
+
+/// A boxed, sendable future: what a [`Handler`] returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Applies one kind of event inside the consumer's database transaction.
+///
+/// `#[transactional_event(consumer = …)]` implements this for an annotated
+/// function; implement it by hand for anything else.
+pub trait Handler<DB: Backend>: Send + Sync + 'static {
+    /// The decoded event.
+    type Event: Send + 'static;
+
+    /// Decodes the payload. An error parks the delivery as `FAILED` with its
+    /// raw bytes; the handler is not called.
+    fn decode(&self, delivery: &Delivery) -> Result<Self::Event, String>;
+
+    /// Applies the event. Everything written through `tx` commits together
+    /// with the inbox row; an `Err` rolls it all back and schedules a retry.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut Transaction<'static, DB>,
+        event: Self::Event,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// Decodes a JSON payload; the error text names the type and the position.
+pub fn decode_json<T: DeserializeOwned>(delivery: &Delivery) -> Result<T, String> {
+    serde_json::from_slice(&delivery.body)
+        .map_err(|e| format!("payload is not a valid {}: {e}", std::any::type_name::<T>()))
+}
+
+/// Settings of a consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The queue to consume, e.g. `/queue/Consumer.points.VirtualTopic.user.created`.
+    pub destination: String,
+    /// Handlers running at once (default 8).
+    pub concurrency: usize,
+    /// Unacked messages the broker may push (`activemq.prefetchSize`; default
+    /// twice the concurrency).
+    pub prefetch: Option<u32>,
+    /// Handle the events of one key one after another, in order, and hold later
+    /// events of a key while an earlier one waits for a retry (default off).
+    pub per_key_order: bool,
+    /// Handler failures before an event is parked as `FAILED` (default 5).
+    pub max_attempts: u32,
+    /// Delay between local retries (default 500 ms doubling to 5 min).
+    pub retry_backoff: Backoff,
+    /// How often the retry loop looks for due rows (default 250 ms).
+    pub retry_poll: Duration,
+    /// Processed rows older than this are deleted (default 7 days). Keep it
+    /// longer than the broker can redeliver a message, or a late redelivery is
+    /// applied again.
+    pub retention: Option<Duration>,
+    /// How often retention runs (default 1 min).
+    pub retention_interval: Duration,
+}
+
+impl ConsumerConfig {
+    /// Consumes `destination` with default settings.
+    pub fn new(destination: impl Into<String>) -> ConsumerConfig {
+        ConsumerConfig {
+            destination: destination.into(),
+            concurrency: 8,
+            prefetch: None,
+            per_key_order: false,
+            max_attempts: 5,
+            retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(300)),
+            retry_poll: Duration::from_millis(250),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            retention_interval: Duration::from_secs(60),
+        }
+    }
+
+    /// Consumes service `service`'s queue of the Virtual Topic `topic`:
+    /// `/queue/Consumer.<service>.VirtualTopic.<topic>`. Producers publish to
+    /// `/topic/VirtualTopic.<topic>`.
+    pub fn virtual_topic(service: &str, topic: &str) -> ConsumerConfig {
+        ConsumerConfig::new(format!("/queue/Consumer.{service}.VirtualTopic.{topic}"))
+    }
+}
+
+/// Counters of one consumer.
+#[derive(Debug, Default)]
+pub struct ConsumerMetrics {
+    /// Events applied (first delivery or retry).
+    pub processed: AtomicU64,
+    /// Deliveries recognised as duplicates and acked without the handler.
+    pub duplicates: AtomicU64,
+    /// Handler failures that scheduled a retry.
+    pub retried: AtomicU64,
+    /// Events parked as `FAILED` (budget spent or undecodable).
+    pub failed: AtomicU64,
+    /// Database errors that delayed a delivery.
+    pub db_errors: AtomicU64,
+}
+
+impl ConsumerMetrics {
+    /// (processed, duplicates, retried, failed).
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        (
+            self.processed.load(Ordering::Relaxed),
+            self.duplicates.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// An inbox consumer: a handler, its inbox and its queue.
+pub struct Consumer<DB: Backend, H: Handler<DB>> {
+    shared: Arc<Shared<DB, H>>,
+}
+
+struct Shared<DB: Backend, H: Handler<DB>> {
+    inbox: Inbox<DB>,
+    handler: H,
+    config: ConsumerConfig,
+    metrics: Arc<ConsumerMetrics>,
+}
+
+impl<DB: Backend, H: Handler<DB>> std::fmt::Debug for Consumer<DB, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("inbox", &self.shared.inbox)
+            .field("destination", &self.shared.config.destination)
+            .finish()
+    }
+}
+
+/// A running consumer: stop it gracefully with [`ConsumerHandle::shutdown`].
+#[derive(Debug)]
+pub struct ConsumerHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+    metrics: Arc<ConsumerMetrics>,
+}
+
+impl ConsumerHandle {
+    /// The consumer's counters.
+    pub fn metrics(&self) -> &Arc<ConsumerMetrics> {
+        &self.metrics
+    }
+
+    /// Stops taking deliveries, finishes (commits and acks) the ones in flight,
+    /// unsubscribes so unprocessed prefetched messages go back to the queue,
+    /// and waits for all of that.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => Err(Error::InvalidEvent(format!("consumer task failed: {join}"))),
+        }
+    }
+}
+
+/// What became of one delivery.
+enum Outcome {
+    Processed,
+    Duplicate,
+    Retry,
+    Parked,
+}
+
+impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
+    /// A consumer that applies `handler` to the messages of
+    /// `config.destination`, recording them in `inbox`.
+    pub fn new(inbox: Inbox<DB>, handler: H, config: ConsumerConfig) -> Consumer<DB, H> {
+        Consumer {
+            shared: Arc::new(Shared {
+                inbox,
+                handler,
+                config,
+                metrics: Arc::default(),
+            }),
+        }
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> Arc<ConsumerMetrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Subscribes (so a Virtual Topic consumer queue exists from now on) and
+    /// starts consuming on a task.
+    pub async fn spawn(self, client: Client) -> Result<ConsumerHandle, Error> {
+        let config = &self.shared.config;
+        let concurrency = config.concurrency.max(1);
+        let prefetch = config
+            .prefetch
+            .unwrap_or_else(|| u32::try_from(concurrency * 2).unwrap_or(u32::MAX))
+            .max(1);
+        let subscription = client
+            .subscribe(
+                Subscribe::new(config.destination.clone())
+                    .ack(AckMode::ClientIndividual)
+                    .prefetch(prefetch)
+                    .buffer(usize::try_from(prefetch).unwrap_or(usize::MAX)),
+            )
+            .await?;
+        let (stop, stopped) = watch::channel(false);
+        let metrics = self.metrics();
+        let task = tokio::spawn(self.run(subscription, stopped));
+        Ok(ConsumerHandle {
+            stop,
+            task,
+            metrics,
+        })
+    }
+
+    async fn run(
+        self,
+        mut subscription: outbox_stomp::Subscription,
+        mut stopped: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let shared = self.shared;
+        let concurrency = shared.config.concurrency.max(1);
+        let retry = tokio::spawn(retry_loop(shared.clone(), stopped.clone()));
+        let mut tasks = JoinSet::new();
+        let permits = Arc::new(Semaphore::new(concurrency));
+        // Per-key order: one lane per handler slot, a key always in the same lane.
+        let lanes: Vec<mpsc::Sender<Message>> = if shared.config.per_key_order {
+            (0..concurrency)
+                .map(|_| {
+                    let (tx, mut rx) = mpsc::channel::<Message>(64);
+                    let shared = shared.clone();
+                    let mut stopped = stopped.clone();
+                    tasks.spawn(async move {
+                        while let Some(message) = rx.recv().await {
+                            deliver(&shared, message, &mut stopped).await;
+                        }
+                    });
+                    tx
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut next_lane = 0usize;
+        loop {
+            let message = tokio::select! {
+                _ = stopped.wait_for(|s| *s) => break,
+                m = subscription.next_message() => m,
+            };
+            let Some(message) = message else {
+                tracing::warn!("subscription ended; consumer stops");
+                break;
+            };
+            if lanes.is_empty() {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let shared = shared.clone();
+                let mut stopped = stopped.clone();
+                tasks.spawn(async move {
+                    deliver(&shared, message, &mut stopped).await;
+                    drop(permit);
+                });
+                // Reap finished tasks so the set stays small.
+                while tasks.try_join_next().is_some() {}
+            } else {
+                let lane = match message.header("event-key") {
+                    Some(key) => {
+                        let mut h = DefaultHasher::new();
+                        key.hash(&mut h);
+                        usize::try_from(h.finish() % lanes.len() as u64).unwrap_or(0)
+                    }
+                    None => {
+                        next_lane = (next_lane + 1) % lanes.len();
+                        next_lane
+                    }
+                };
+                if lanes[lane].send(message).await.is_err() {
+                    break;
+                }
+            }
+        }
+        drop(lanes);
+        while tasks.join_next().await.is_some() {}
+        let _ = retry.await;
+        // Prefetched messages nobody took go back to the queue.
+        if let Err(error) = subscription.unsubscribe().await {
+            tracing::debug!(%error, "unsubscribe on shutdown failed");
+        }
+        Ok(())
+    }
+}
+
+/// Processes one message until it is settled (acked) or the consumer stops.
+async fn deliver<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    message: Message,
+    stopped: &mut watch::Receiver<bool>,
+) {
+    let delivery = to_delivery(&message);
+    let mut failures = 0u32;
+    loop {
+        match process(shared, &delivery).await {
+            Ok(outcome) => {
+                let counter = match outcome {
+                    Outcome::Processed => &shared.metrics.processed,
+                    Outcome::Duplicate => &shared.metrics.duplicates,
+                    Outcome::Retry => &shared.metrics.retried,
+                    Outcome::Parked => &shared.metrics.failed,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                failpoint::hit("inbox.after_commit");
+                if let Err(error) = message.ack().await {
+                    // The broker redelivers it; the inbox row makes that harmless.
+                    tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
+                }
+                return;
+            }
+            Err(error) => {
+                shared.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, event_id = delivery.event_id, "delivery not settled; will try again");
+                let pause = shared.config.retry_backoff.delay(failures);
+                failures = failures.saturating_add(1);
+                tokio::select! {
+                    // Unacked: the broker redelivers it after we disconnect.
+                    _ = stopped.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One attempt at a fresh delivery. `Err` only for database trouble.
+async fn process<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    delivery: &Delivery,
+) -> Result<Outcome, Error> {
+    let inbox = &shared.inbox;
+    let event = match shared.handler.decode(delivery) {
+        Ok(event) => event,
+        Err(reason) => {
+            tracing::error!(
+                event_id = delivery.event_id,
+                reason,
+                "undecodable payload parked"
+            );
+            let mut conn = inbox.acquire().await?;
+            return Ok(
+                match inbox
+                    .record(&mut conn, delivery, "FAILED", Some(&reason), None)
+                    .await?
+                {
+                    Recorded::New => Outcome::Parked,
+                    Recorded::Duplicate => Outcome::Duplicate,
+                },
+            );
+        }
+    };
+    if shared.config.per_key_order {
+        if let Some(key) = &delivery.key {
+            if inbox.key_pending(key).await? {
+                // An earlier event of this key waits for a retry: queue behind it.
+                let mut conn = inbox.acquire().await?;
+                let waiting = "waiting for an earlier event of its key";
+                return Ok(
+                    match inbox
+                        .record(&mut conn, delivery, "RETRY", Some(waiting), Some(now_ms()))
+                        .await?
+                    {
+                        Recorded::New => Outcome::Retry,
+                        Recorded::Duplicate => Outcome::Duplicate,
+                    },
+                );
+            }
+        }
+    }
+    let mut tx = DB::begin_write(inbox.pool())
+        .await
+        .map_err(Error::db("beginning an inbox transaction"))?;
+    if inbox
+        .record(&mut tx, delivery, "PROCESSED", None, None)
+        .await?
+        == Recorded::Duplicate
+    {
+        let _ = tx.rollback().await;
+        return Ok(Outcome::Duplicate);
+    }
+    match run_handler(&shared.handler, &mut tx, event, delivery).await {
+        Ok(()) => {
+            failpoint::hit("inbox.before_commit");
+            tx.commit()
+                .await
+                .map_err(Error::db("committing an inbox transaction"))?;
+            Ok(Outcome::Processed)
+        }
+        Err(error) => {
+            let _ = tx.rollback().await;
+            let reason = error.to_string();
+            tracing::warn!(
+                event_id = delivery.event_id,
+                reason,
+                "handler failed; retry scheduled"
+            );
+            let next = now_ms() + ms(shared.config.retry_backoff.delay(0));
+            let mut conn = inbox.acquire().await?;
+            let park = shared.config.max_attempts <= 1;
+            let state = if park { "FAILED" } else { "RETRY" };
+            Ok(
+                match inbox
+                    .record(&mut conn, delivery, state, Some(&reason), Some(next))
+                    .await?
+                {
+                    Recorded::New if park => Outcome::Parked,
+                    Recorded::New => Outcome::Retry,
+                    Recorded::Duplicate => Outcome::Duplicate,
+                },
+            )
+        }
+    }
+}
+
+/// Runs the handler, turning a panic into an error.
+async fn run_handler<DB: Backend, H: Handler<DB>>(
+    handler: &H,
+    tx: &mut Transaction<'static, DB>,
+    event: H::Event,
+    delivery: &Delivery,
+) -> Result<(), HandlerError> {
+    match AssertUnwindSafe(handler.handle(tx, event, delivery))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result,
+        Err(_) => Err("the handler panicked".into()),
+    }
+}
+
+/// Retries `RETRY` rows whose time has come, and runs retention.
+async fn retry_loop<DB: Backend, H: Handler<DB>>(
+    shared: Arc<Shared<DB, H>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let holder = uuid::Uuid::now_v7().simple().to_string();
+    let mut next_retention = tokio::time::Instant::now();
+    loop {
+        let busy = match retry_due(&shared).await {
+            Ok(n) => n > 0,
+            Err(error) => {
+                tracing::warn!(%error, "retry loop failed");
+                false
+            }
+        };
+        if tokio::time::Instant::now() >= next_retention {
+            next_retention = tokio::time::Instant::now() + shared.config.retention_interval;
+            if let Err(error) = retention(&shared, &holder).await {
+                tracing::warn!(%error, "inbox retention failed");
+            }
+        }
+        let pause = if busy {
+            Duration::ZERO
+        } else {
+            shared.config.retry_poll
+        };
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Handles due retry rows once; returns how many were tried.
+async fn retry_due<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>) -> Result<usize, Error> {
+    let inbox = &shared.inbox;
+    let sql = if shared.config.per_key_order {
+        &inbox.sql.due_in_key_order
+    } else {
+        &inbox.sql.due
+    };
+    let rows = {
+        let mut conn = inbox.acquire().await?;
+        DB::fetch(
+            &mut conn,
+            sql,
+            &[
+                Value::Text(Some(&inbox.consumer)),
+                Value::Int(now_ms()),
+                Value::Int(100),
+            ],
+            &[
+                Column::Int,
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Bytes,
+                Column::Int,
+            ],
+        )
+        .await
+        .map_err(Error::db("selecting due retries"))?
+    };
+    let tried = rows.len();
+    for mut row in rows {
+        let id = row[0].int().unwrap_or(0);
+        let headers: Vec<(String, String)> = row[4]
+            .take_text()
+            .and_then(|h| serde_json::from_str(&h).ok())
+            .unwrap_or_default();
+        let attempts = row[6].int().unwrap_or(0);
+        let delivery = Delivery {
+            event_id: row[1].take_text().unwrap_or_default(),
+            event_type: row[2].take_text(),
+            key: row[3].take_text(),
+            headers,
+            body: Bytes::from(row[5].take_bytes().unwrap_or_default()),
+            attempt: u32::try_from(attempts).unwrap_or(u32::MAX),
+        };
+        retry_one(shared, id, attempts, &delivery).await?;
+    }
+    Ok(tried)
+}
+
+async fn retry_one<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    id: i64,
+    attempts: i64,
+    delivery: &Delivery,
+) -> Result<(), Error> {
+    let inbox = &shared.inbox;
+    let now = now_ms();
+    let mut tx = DB::begin_write(inbox.pool())
+        .await
+        .map_err(Error::db("beginning a retry"))?;
+    let taken = DB::exec(
+        &mut tx,
+        &inbox.sql.take_retry,
+        &[Value::Int(now), Value::Int(now), Value::Int(id)],
+    )
+    .await
+    .map_err(Error::db("taking a retry"))?;
+    if taken == 0 {
+        // Another process took it meanwhile.
+        let _ = tx.rollback().await;
+        return Ok(());
+    }
+    let result = match shared.handler.decode(delivery) {
+        Ok(event) => run_handler(&shared.handler, &mut tx, event, delivery)
+            .await
+            .map_err(|e| (e.to_string(), false)),
+        Err(reason) => Err((reason, true)),
+    };
+    match result {
+        Ok(()) => {
+            tx.commit().await.map_err(Error::db("committing a retry"))?;
+            shared.metrics.processed.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Err((reason, undecodable)) => {
+            let _ = tx.rollback().await;
+            let budget = if undecodable {
+                0
+            } else {
+                i64::from(shared.config.max_attempts)
+            };
+            let spent = attempts + 1 >= budget;
+            let next = now_ms()
+                + ms(shared
+                    .config
+                    .retry_backoff
+                    .delay(u32::try_from(attempts).unwrap_or(u32::MAX)));
+            let mut conn = inbox.acquire().await?;
+            DB::exec(
+                &mut conn,
+                &inbox.sql.fail_retry,
+                &[
+                    Value::Int(budget),
+                    Value::Text(Some(&reason)),
+                    Value::Int(next),
+                    Value::Int(now_ms()),
+                    Value::Int(id),
+                ],
+            )
+            .await
+            .map_err(Error::db("recording a failed retry"))?;
+            if spent {
+                tracing::error!(
+                    event_id = delivery.event_id,
+                    reason,
+                    "event parked as FAILED"
+                );
+                shared.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                shared.metrics.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn retention<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    holder: &str,
+) -> Result<(), Error> {
+    let Some(keep) = shared.config.retention else {
+        return Ok(());
+    };
+    let inbox = &shared.inbox;
+    let name = format!("{}.{}.retention", inbox.table, inbox.consumer);
+    let until = now_ms() + ms(shared.config.retention_interval) * 2;
+    if !schema::take_lease(inbox.pool(), &name, holder, until).await? {
+        return Ok(());
+    }
+    while inbox.delete_processed(keep, 1000).await? == 1000 {
+        tokio::task::yield_now().await;
+    }
+    Ok(())
+}
+
+fn to_delivery(message: &Message) -> Delivery {
+    let headers: Vec<(String, String)> = message
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let event_id = message
+        .header("event-id")
+        .or_else(|| message.message_id())
+        .map(str::to_owned)
+        .unwrap_or_else(fallback_event_id);
+    Delivery {
+        event_id,
+        event_type: message.header("event-type").map(str::to_owned),
+        key: message.header("event-key").map(str::to_owned),
+        headers,
+        body: message.body().clone(),
+        attempt: 0,
+    }
+}

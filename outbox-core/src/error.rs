@@ -1,0 +1,116 @@
+//! The one error type of `outbox-core`.
+
+use std::fmt;
+
+/// Everything that can go wrong in the outbox, the relay and the inbox.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A database statement failed.
+    #[error("database error while {action}: {source}")]
+    Database {
+        /// What the library was doing, e.g. "claiming a batch".
+        action: &'static str,
+        /// The error sqlx reported.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A configured identifier (table name, consumer name) is not acceptable.
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidName {
+        /// Which setting, e.g. "outbox table name".
+        what: &'static str,
+        /// The rejected value.
+        value: String,
+        /// Why, worded as the fix.
+        reason: &'static str,
+    },
+    /// An event could not be turned into a message.
+    #[error("event {event_type:?} could not be serialized: {source}")]
+    Serialize {
+        /// The event type being appended.
+        event_type: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An event field is not acceptable (empty destination, header with a newline…).
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+    /// The broker transport failed outside a publish (connect, subscribe).
+    #[error("broker error: {0}")]
+    Broker(#[from] outbox_stomp::Error),
+    /// The schema in the database is newer than this library knows.
+    #[error(
+        "table {table} is at schema version {found}, newer than this library's {known}; upgrade the outbox crates"
+    )]
+    SchemaTooNew {
+        /// The table.
+        table: String,
+        /// Version found in the database.
+        found: i64,
+        /// Highest version this build knows.
+        known: i64,
+    },
+}
+
+impl Error {
+    pub(crate) fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+        move |source| Error::Database { action, source }
+    }
+}
+
+/// The error a consumer handler returns; its text is stored as `last_error`.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a publish attempt failed, as the relay needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishError {
+    /// Whether the broker refused the messages or could not be reached.
+    pub kind: PublishErrorKind,
+    /// Human-readable detail, stored as the rows' `last_error`.
+    pub message: String,
+}
+
+/// The two kinds of publish failure, which the relay treats differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PublishErrorKind {
+    /// The broker answered with an error: the messages themselves may be at
+    /// fault, so each row's attempt counts against its retry budget.
+    Rejected,
+    /// The broker was unreachable, the connection dropped or no receipt came in
+    /// time: the rows are released without spending their budget and the relay
+    /// backs off as a whole.
+    Unavailable,
+}
+
+impl PublishError {
+    /// A rejection by the broker.
+    pub fn rejected(message: impl Into<String>) -> PublishError {
+        PublishError {
+            kind: PublishErrorKind::Rejected,
+            message: message.into(),
+        }
+    }
+
+    /// The broker could not be reached or did not confirm.
+    pub fn unavailable(message: impl Into<String>) -> PublishError {
+        PublishError {
+            kind: PublishErrorKind::Unavailable,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            PublishErrorKind::Rejected => "rejected by the broker",
+            PublishErrorKind::Unavailable => "broker unavailable",
+        };
+        write!(f, "{kind}: {}", self.message)
+    }
+}
+
+impl std::error::Error for PublishError {}

@@ -1,0 +1,381 @@
+//! The producer side: the [`Outbox`] handle appends events inside the caller's
+//! transaction and reports on the table.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{Pool, Transaction};
+use uuid::Uuid;
+
+use crate::backend::sql::OutboxSql;
+use crate::backend::{Backend, Column, Value};
+use crate::event::Event;
+use crate::names::{TableName, now_ms};
+use crate::{Error, Publisher, Relay, RelayConfig, schema, wake};
+
+/// Default name of the outbox table.
+pub const DEFAULT_OUTBOX_TABLE: &str = "outbox_event";
+
+/// Handle on one outbox table in one database. Cheap to clone.
+///
+/// ```no_run
+/// # #[cfg(feature = "sqlite")]
+/// # async fn demo(pool: sqlx::SqlitePool) -> Result<(), outbox_core::Error> {
+/// use outbox_core::{Event, Outbox};
+///
+/// let outbox = Outbox::new(pool.clone());
+/// outbox.migrate().await?;
+///
+/// let mut tx = pool.begin().await.map_err(|e| outbox_core::Error::Database { action: "begin", source: e })?;
+/// sqlx::query("INSERT INTO users (name) VALUES ('ada')").execute(&mut *tx).await.ok();
+/// outbox.append(&mut tx, Event::json("user.created", "/topic/VirtualTopic.user.created", &"ada")?).await?;
+/// outbox.commit(tx).await?; // commits, then wakes the relays of this process
+/// # Ok(())
+/// # }
+/// ```
+pub struct Outbox<DB: Backend> {
+    pub(crate) inner: Arc<Inner<DB>>,
+}
+
+pub(crate) struct Inner<DB: Backend> {
+    pub(crate) pool: Pool<DB>,
+    pub(crate) sql: OutboxSql,
+}
+
+impl<DB: Backend> Clone for Outbox<DB> {
+    fn clone(&self) -> Self {
+        Outbox {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> std::fmt::Debug for Outbox<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("database", &DB::DIALECT.name)
+            .field("table", &self.inner.sql.table)
+            .finish()
+    }
+}
+
+/// How far behind the relay is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backlog {
+    /// Rows waiting to be published (`NEW`).
+    pub pending: u64,
+    /// Age of the oldest waiting row.
+    pub oldest_pending_age: Option<Duration>,
+    /// Rows parked after their retry budget (`FAILED`).
+    pub parked: u64,
+}
+
+/// A row parked as `FAILED`, as listed by [`Outbox::parked`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedEvent {
+    /// The event id.
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// The destination.
+    pub destination: String,
+    /// The key, if any.
+    pub key: Option<String>,
+    /// Publish attempts made.
+    pub attempts: i64,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When it was appended (ms since the Unix epoch).
+    pub create_time: i64,
+    /// When it was parked (ms since the Unix epoch).
+    pub update_time: i64,
+}
+
+impl<DB: Backend> Outbox<DB> {
+    /// The outbox in table [`DEFAULT_OUTBOX_TABLE`].
+    pub fn new(pool: Pool<DB>) -> Outbox<DB> {
+        let table = TableName::new("outbox table name", DEFAULT_OUTBOX_TABLE)
+            .unwrap_or_else(|_| unreachable!("the default name is valid"));
+        Outbox::with(pool, table)
+    }
+
+    /// The outbox in table `table`; the name is validated.
+    pub fn with_table(pool: Pool<DB>, table: &str) -> Result<Outbox<DB>, Error> {
+        Ok(Outbox::with(
+            pool,
+            TableName::new("outbox table name", table)?,
+        ))
+    }
+
+    fn with(pool: Pool<DB>, table: TableName) -> Outbox<DB> {
+        Outbox {
+            inner: Arc::new(Inner {
+                pool,
+                sql: OutboxSql::new(DB::DIALECT, table),
+            }),
+        }
+    }
+
+    /// The pool this outbox uses.
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.inner.pool
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        self.inner.sql.table.as_str()
+    }
+
+    /// Creates or upgrades the outbox table (and the shared
+    /// `outbox_schema_version` and `outbox_lease` tables). Safe to call at
+    /// every start and from several processes.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        schema::migrate(
+            &self.inner.pool,
+            self.table(),
+            std::slice::from_ref(&self.inner.sql.ddl),
+        )
+        .await
+    }
+
+    /// Appends one event in the caller's transaction. Nothing reaches the broker
+    /// before that transaction commits; if it rolls back, the event never existed.
+    pub async fn append(&self, tx: &mut Transaction<'_, DB>, event: Event) -> Result<Uuid, Error> {
+        let id = event.id;
+        append_all(&self.inner.sql, tx, std::slice::from_ref(&event)).await?;
+        Ok(id)
+    }
+
+    /// Appends several events in the caller's transaction, in order.
+    pub async fn append_all(
+        &self,
+        tx: &mut Transaction<'_, DB>,
+        events: &[Event],
+    ) -> Result<Vec<Uuid>, Error> {
+        append_all(&self.inner.sql, tx, events).await?;
+        Ok(events.iter().map(|e| e.id).collect())
+    }
+
+    /// Commits `tx` and wakes this process's relays at once.
+    pub async fn commit(&self, tx: Transaction<'_, DB>) -> Result<(), Error> {
+        tx.commit().await.map_err(Error::db("committing"))?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Wakes this process's relays for this table (after a commit made elsewhere).
+    pub fn wake(&self) {
+        wake::wake(self.table());
+    }
+
+    /// Starts building a relay for this outbox.
+    pub fn relay<P: Publisher>(&self, publisher: P, config: RelayConfig) -> Relay<DB, P> {
+        Relay::new(self.clone(), publisher, config)
+    }
+
+    /// Backlog size, oldest waiting row and parked rows.
+    pub async fn backlog(&self) -> Result<Backlog, Error> {
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &self.inner.sql.backlog,
+            &[],
+            &[Column::Int, Column::Int],
+        )
+        .await
+        .map_err(Error::db("reading the backlog"))?;
+        let parked = DB::fetch(&mut conn, &self.inner.sql.parked_count, &[], &[Column::Int])
+            .await
+            .map_err(Error::db("counting parked rows"))?;
+        let first = rows.first();
+        let pending = first.and_then(|r| r[0].int()).unwrap_or(0);
+        let oldest = first.and_then(|r| r[1].int());
+        Ok(Backlog {
+            pending: u64::try_from(pending).unwrap_or(0),
+            oldest_pending_age: oldest
+                .map(|t| Duration::from_millis(u64::try_from(now_ms() - t).unwrap_or(0))),
+            parked: u64::try_from(parked.first().and_then(|r| r[0].int()).unwrap_or(0))
+                .unwrap_or(0),
+        })
+    }
+
+    /// Rows per `process` value (`NEW`, `PUBLISHED`, `FAILED`), for dashboards and tests.
+    pub async fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &self.inner.sql.count_by_process,
+            &[],
+            &[Column::Text, Column::Int],
+        )
+        .await
+        .map_err(Error::db("counting rows"))?;
+        Ok(rows
+            .into_iter()
+            .map(|mut r| {
+                let n = u64::try_from(r[1].int().unwrap_or(0)).unwrap_or(0);
+                (r[0].take_text().unwrap_or_default(), n)
+            })
+            .collect())
+    }
+
+    /// Up to `limit` parked rows, oldest first.
+    pub async fn parked(&self, limit: u32) -> Result<Vec<ParkedEvent>, Error> {
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &self.inner.sql.parked,
+            &[Value::Int(i64::from(limit))],
+            &[
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Int,
+                Column::Text,
+                Column::Int,
+                Column::Int,
+            ],
+        )
+        .await
+        .map_err(Error::db("listing parked rows"))?;
+        Ok(rows
+            .into_iter()
+            .map(|mut r| ParkedEvent {
+                event_id: r[0].take_text().unwrap_or_default(),
+                event_type: r[1].take_text().unwrap_or_default(),
+                destination: r[2].take_text().unwrap_or_default(),
+                key: r[3].take_text(),
+                attempts: r[4].int().unwrap_or(0),
+                last_error: r[5].take_text(),
+                create_time: r[6].int().unwrap_or(0),
+                update_time: r[7].int().unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Puts one parked event back to `NEW` with a fresh budget. `false` when no
+    /// parked row has this id.
+    pub async fn replay(&self, event_id: Uuid) -> Result<bool, Error> {
+        let mut conn = self.acquire().await?;
+        let id = event_id.to_string();
+        let now = now_ms();
+        let n = DB::exec(
+            &mut conn,
+            &self.inner.sql.replay_one,
+            &[Value::Int(now), Value::Int(now), Value::Text(Some(&id))],
+        )
+        .await
+        .map_err(Error::db("replaying a parked row"))?;
+        self.wake();
+        Ok(n > 0)
+    }
+
+    /// Puts every parked event back to `NEW`; returns how many.
+    pub async fn replay_all(&self) -> Result<u64, Error> {
+        let mut conn = self.acquire().await?;
+        let now = now_ms();
+        let n = DB::exec(
+            &mut conn,
+            &self.inner.sql.replay_all,
+            &[Value::Int(now), Value::Int(now)],
+        )
+        .await
+        .map_err(Error::db("replaying parked rows"))?;
+        self.wake();
+        Ok(n)
+    }
+
+    async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, Error> {
+        self.inner
+            .pool
+            .acquire()
+            .await
+            .map_err(Error::db("acquiring a connection"))
+    }
+}
+
+/// Rows per `INSERT` statement: keeps the number of bound values well under
+/// every database's limit.
+const INSERT_CHUNK: usize = 200;
+
+/// Inserts `events` into the outbox table of `sql` inside `tx`.
+pub(crate) async fn append_all<DB: Backend>(
+    sql: &OutboxSql,
+    tx: &mut Transaction<'_, DB>,
+    events: &[Event],
+) -> Result<(), Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    for event in events {
+        event.validate()?;
+    }
+    let now = now_ms();
+    for chunk in events.chunks(INSERT_CHUNK) {
+        let ids: Vec<String> = chunk.iter().map(|e| e.id.to_string()).collect();
+        let headers: Vec<String> = chunk.iter().map(Event::headers_json).collect();
+        let mut args = Vec::with_capacity(chunk.len() * 12);
+        for ((event, id), headers) in chunk.iter().zip(&ids).zip(&headers) {
+            args.extend([
+                Value::Text(Some(id)),
+                Value::Text(Some(&event.event_type)),
+                Value::Text(Some(&event.destination)),
+                Value::Text(event.key.as_deref()),
+                Value::Text(Some(headers)),
+                Value::Bytes(Some(&event.content)),
+                Value::Text(Some(&event.content_type)),
+                Value::Text(Some("NEW")),
+                Value::Int(0),
+                Value::Int(now),
+                Value::Int(now),
+                Value::Int(now),
+            ]);
+        }
+        DB::exec(&mut **tx, &sql.insert(chunk.len()), &args)
+            .await
+            .map_err(Error::db("appending events"))?;
+    }
+    if let Some(notify) = &sql.notify {
+        DB::exec(&mut **tx, notify, &[])
+            .await
+            .map_err(Error::db("notifying relays"))?;
+    }
+    Ok(())
+}
+
+/// Appends `events` to the outbox table `table` inside `tx`: what
+/// `#[transactional_event]` producers call. The statements are built once per
+/// database and table.
+pub async fn append_to_table<DB: Backend>(
+    tx: &mut Transaction<'_, DB>,
+    table: &str,
+    events: &[Event],
+) -> Result<(), Error> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<(&'static str, String), Arc<OutboxSql>>>> =
+        OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    let key = (DB::DIALECT.name, table.to_owned());
+    let cached = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let sql = match cached {
+        Some(sql) => sql,
+        None => {
+            let sql = Arc::new(OutboxSql::new(
+                DB::DIALECT,
+                TableName::new("outbox table name", table)?,
+            ));
+            cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, sql.clone());
+            sql
+        }
+    };
+    append_all(&sql, tx, events).await
+}

@@ -1,0 +1,580 @@
+//! The relay: moves committed outbox rows to the broker.
+//!
+//! One step of the loop:
+//!
+//! ```text
+//!  claim ──► publish (one STOMP transaction) ──► receipt ──► mark PUBLISHED
+//!    │            │ rejected                        │
+//!    │            └─► one by one: each row PUBLISHED, or attempts+1 / backoff / FAILED
+//!    │            │ broker unavailable
+//!    │            └─► release the claim, back off the whole relay
+//!    └─ nothing due ──► wait for a wake-up (in process, NOTIFY) or the poll interval
+//! ```
+//!
+//! Claiming takes rows that are `NEW`, due (`next_attempt_at` passed) and not
+//! leased, in id order, skipping rows other relays have locked; a row whose key
+//! has an earlier unpublished row outside the batch is left alone, so a key's
+//! events are never reordered. The claim is a lease (`claimed_by`,
+//! `claimed_until`): a relay that dies leaves rows that another relay takes
+//! when the lease runs out, and publishes them again — a duplicate with the same
+//! event id, never a loss.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, watch};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::backend::{Backend, Cell, Column, Value};
+use crate::backoff::Backoff;
+use crate::error::{PublishError, PublishErrorKind};
+use crate::event::OutboxMessage;
+use crate::names::{ms, now_ms};
+use crate::{Error, Outbox, Publisher, failpoint, schema, wake};
+
+/// Settings of a relay. `RelayConfig::default()` suits most services.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows per claim and per STOMP transaction (default 500).
+    pub batch_size: u32,
+    /// How long a claim holds before another relay may take the rows (default
+    /// 30 s). Must exceed the time a publish can take (the client's receipt timeout).
+    pub lease: Duration,
+    /// Fallback poll when no wake-up arrives (default 100 ms).
+    pub poll_interval: Duration,
+    /// Rejections a row may have before it is parked as `FAILED` (default 10).
+    pub max_attempts: u32,
+    /// Delay before a rejected row is tried again (default 1 s doubling to 5 min).
+    pub retry_backoff: Backoff,
+    /// Pause of the whole relay while the broker is unreachable (default 100 ms
+    /// doubling to 10 s).
+    pub outage_backoff: Backoff,
+    /// Published rows older than this are deleted; `None` keeps them (default 7 days).
+    pub retention: Option<Duration>,
+    /// How often retention runs (default 1 min).
+    pub retention_interval: Duration,
+    /// Rows deleted per retention statement (default 1000).
+    pub retention_batch: u32,
+    /// This relay's name in `claimed_by` (default: a fresh UUID).
+    pub relay_id: String,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch_size: 500,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+            max_attempts: 10,
+            retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
+            outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            retention_interval: Duration::from_secs(60),
+            retention_batch: 1000,
+            relay_id: Uuid::now_v7().simple().to_string(),
+        }
+    }
+}
+
+/// Counters of one relay, shared with whoever holds the `Arc`.
+#[derive(Debug, Default)]
+pub struct RelayMetrics {
+    /// Rows marked `PUBLISHED`.
+    pub published: AtomicU64,
+    /// Rejections that scheduled a retry.
+    pub retried: AtomicU64,
+    /// Rows parked as `FAILED`.
+    pub failed: AtomicU64,
+    /// Batches given back because the broker was unavailable.
+    pub unavailable: AtomicU64,
+    /// Published rows deleted by retention.
+    pub deleted: AtomicU64,
+}
+
+/// A plain copy of [`RelayMetrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayCounts {
+    /// Rows marked `PUBLISHED`.
+    pub published: u64,
+    /// Rejections that scheduled a retry.
+    pub retried: u64,
+    /// Rows parked as `FAILED`.
+    pub failed: u64,
+    /// Batches given back because the broker was unavailable.
+    pub unavailable: u64,
+    /// Published rows deleted by retention.
+    pub deleted: u64,
+}
+
+impl RelayMetrics {
+    /// The counters now.
+    pub fn snapshot(&self) -> RelayCounts {
+        RelayCounts {
+            published: self.published.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            unavailable: self.unavailable.load(Ordering::Relaxed),
+            deleted: self.deleted.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What one relay step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing was due.
+    Idle,
+    /// This many rows were claimed and published (some may have been rejected).
+    Published(usize),
+    /// The broker could not be reached; the claim was released.
+    Unavailable,
+}
+
+/// Publishes an outbox's rows. Build with [`Outbox::relay`], run with
+/// [`Relay::run`] or [`Relay::spawn`].
+pub struct Relay<DB: Backend, P: Publisher> {
+    outbox: Outbox<DB>,
+    publisher: P,
+    config: RelayConfig,
+    metrics: Arc<RelayMetrics>,
+    wake: Arc<Notify>,
+    batch: AtomicU64,
+}
+
+impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("outbox", &self.outbox)
+            .field("relay_id", &self.config.relay_id)
+            .finish()
+    }
+}
+
+/// A running relay: stop it gracefully with [`RelayHandle::shutdown`].
+#[derive(Debug)]
+pub struct RelayHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+    metrics: Arc<RelayMetrics>,
+}
+
+impl RelayHandle {
+    /// The relay's counters.
+    pub fn metrics(&self) -> &Arc<RelayMetrics> {
+        &self.metrics
+    }
+
+    /// Asks the relay to stop after the batch in flight and waits for it.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => Err(Error::InvalidEvent(format!("relay task failed: {join}"))),
+        }
+    }
+}
+
+impl<DB: Backend, P: Publisher> Relay<DB, P> {
+    pub(crate) fn new(outbox: Outbox<DB>, publisher: P, config: RelayConfig) -> Relay<DB, P> {
+        Relay {
+            outbox,
+            publisher,
+            config,
+            metrics: Arc::default(),
+            wake: Arc::new(Notify::new()),
+            batch: AtomicU64::new(0),
+        }
+    }
+
+    /// The relay's counters.
+    pub fn metrics(&self) -> Arc<RelayMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs the relay on a task until [`RelayHandle::shutdown`].
+    pub fn spawn(self) -> RelayHandle {
+        let (stop, mut stopped) = watch::channel(false);
+        let metrics = self.metrics();
+        let task = tokio::spawn(async move {
+            self.run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+        });
+        RelayHandle {
+            stop,
+            task,
+            metrics,
+        }
+    }
+
+    /// Runs until `shutdown` completes. The batch in flight is finished (its
+    /// rows marked) before returning; nothing is left claimed.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let table = self.outbox.table().to_owned();
+        wake::register(&table, &self.wake);
+        let listener = DB::listen(self.outbox.pool(), &table, self.wake.clone());
+        let mut outages = 0u32;
+        let mut db_failures = 0u32;
+        let mut next_retention = Instant::now();
+        tracing::info!(relay = %self.config.relay_id, table, "relay started");
+        loop {
+            let pause = match self.step().await {
+                Ok(Step::Published(_)) => {
+                    outages = 0;
+                    db_failures = 0;
+                    None
+                }
+                Ok(Step::Idle) => {
+                    outages = 0;
+                    db_failures = 0;
+                    Some(self.config.poll_interval)
+                }
+                Ok(Step::Unavailable) => {
+                    outages += 1;
+                    Some(self.config.outage_backoff.delay(outages - 1))
+                }
+                Err(error) => {
+                    db_failures += 1;
+                    tracing::warn!(%error, "relay step failed");
+                    Some(self.config.outage_backoff.delay(db_failures - 1))
+                }
+            };
+            if Instant::now() >= next_retention {
+                next_retention = Instant::now() + self.config.retention_interval;
+                if let Err(error) = self.retention().await {
+                    tracing::warn!(%error, "retention failed");
+                }
+            }
+            match pause {
+                None => {
+                    // More may be due at once; still notice a shutdown.
+                    if futures_poll_ready(&mut shutdown).await {
+                        break;
+                    }
+                }
+                Some(pause) => {
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+        if let Some(listener) = listener {
+            listener.abort();
+        }
+        tracing::info!(relay = %self.config.relay_id, "relay stopped");
+        Ok(())
+    }
+
+    /// One claim → publish → mark cycle.
+    pub async fn step(&self) -> Result<Step, Error> {
+        let seq = self.batch.fetch_add(1, Ordering::Relaxed);
+        let token = format!("{}-{seq}", self.config.relay_id);
+        let batch = self
+            .claim(&token)
+            .instrument(tracing::debug_span!("outbox.claim", token))
+            .await?;
+        if batch.is_empty() {
+            return Ok(Step::Idle);
+        }
+        let n = batch.len();
+        failpoint::hit("relay.before_publish");
+        let published = self
+            .publisher
+            .publish(&batch)
+            .instrument(tracing::debug_span!("outbox.publish", rows = n))
+            .await;
+        match published {
+            Ok(()) => {
+                failpoint::hit("relay.after_receipt");
+                self.mark_published(&token)
+                    .instrument(tracing::debug_span!("outbox.mark", rows = n))
+                    .await?;
+                Ok(Step::Published(n))
+            }
+            Err(error) if error.kind == PublishErrorKind::Unavailable => {
+                tracing::warn!(%error, rows = n, "broker unavailable; batch released");
+                self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+                self.release(&token, Some(&error.message)).await?;
+                Ok(Step::Unavailable)
+            }
+            Err(error) if n == 1 => {
+                self.reject(&token, &batch[0], &error).await?;
+                Ok(Step::Published(n))
+            }
+            Err(error) => {
+                tracing::warn!(%error, rows = n, "batch rejected; publishing one by one");
+                self.one_by_one(&token, &batch).await
+            }
+        }
+    }
+
+    /// After a rejected batch: find the culprits by publishing each row alone.
+    async fn one_by_one(&self, token: &str, batch: &[OutboxMessage]) -> Result<Step, Error> {
+        let mut blocked: HashSet<&str> = HashSet::new();
+        for m in batch {
+            if m.key.as_deref().is_some_and(|k| blocked.contains(k)) {
+                continue;
+            }
+            match self.publisher.publish(std::slice::from_ref(m)).await {
+                Ok(()) => {
+                    failpoint::hit("relay.after_receipt");
+                    let now = now_ms();
+                    let mut conn = self.acquire().await?;
+                    DB::exec(
+                        &mut conn,
+                        &self.outbox.inner.sql.mark_published_one,
+                        &[
+                            Value::Int(now),
+                            Value::Int(now),
+                            Value::Int(m.id),
+                            Value::Text(Some(token)),
+                        ],
+                    )
+                    .await
+                    .map_err(Error::db("marking a row published"))?;
+                    self.metrics.published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) if error.kind == PublishErrorKind::Unavailable => {
+                    self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+                    self.release(token, Some(&error.message)).await?;
+                    return Ok(Step::Unavailable);
+                }
+                Err(error) => {
+                    self.reject(token, m, &error).await?;
+                    if let Some(key) = &m.key {
+                        blocked.insert(key);
+                    }
+                }
+            }
+        }
+        // Rows held back behind a rejected row of their key.
+        self.release(token, None).await?;
+        Ok(Step::Published(batch.len()))
+    }
+
+    async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, Error> {
+        self.outbox
+            .pool()
+            .acquire()
+            .await
+            .map_err(Error::db("acquiring a connection"))
+    }
+
+    /// Claims up to `batch_size` due rows for `token`.
+    async fn claim(&self, token: &str) -> Result<Vec<OutboxMessage>, Error> {
+        let sql = &self.outbox.inner.sql;
+        let now = now_ms();
+        let mut tx = DB::begin_write(self.outbox.pool())
+            .await
+            .map_err(Error::db("beginning a claim"))?;
+        let rows = DB::fetch(
+            &mut tx,
+            &sql.claim,
+            &[
+                Value::Int(now),
+                Value::Int(now),
+                Value::Int(i64::from(self.config.batch_size.max(1))),
+            ],
+            &[
+                Column::Int,
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Bytes,
+                Column::Text,
+                Column::Int,
+            ],
+        )
+        .await
+        .map_err(Error::db("selecting due rows"))?;
+        if rows.is_empty() {
+            tx.commit().await.map_err(Error::db("ending a claim"))?;
+            return Ok(Vec::new());
+        }
+        let mut batch: Vec<OutboxMessage> = rows.into_iter().map(to_message).collect();
+        // Per-key order: drop rows that an unpublished earlier row of their key
+        // (not in this batch) must precede.
+        let keys: Vec<&str> = {
+            let mut seen = HashSet::new();
+            batch
+                .iter()
+                .filter_map(|m| m.key.as_deref())
+                .filter(|k| seen.insert(*k))
+                .collect()
+        };
+        if !keys.is_empty() {
+            let max_id = batch.iter().map(|m| m.id).max().unwrap_or(0);
+            let mut args = vec![Value::Int(max_id)];
+            args.extend(keys.iter().map(|k| Value::Text(Some(k))));
+            let earlier = DB::fetch(
+                &mut tx,
+                &sql.key_rows(keys.len()),
+                &args,
+                &[Column::Int, Column::Text],
+            )
+            .await
+            .map_err(Error::db("checking key order"))?;
+            let in_batch: HashSet<i64> = batch.iter().map(|m| m.id).collect();
+            let mut accepted = HashSet::new();
+            let mut blocked = HashSet::new();
+            for mut row in earlier {
+                let id = row[0].int().unwrap_or(0);
+                let key = row[1].take_text().unwrap_or_default();
+                if in_batch.contains(&id) && !blocked.contains(&key) {
+                    accepted.insert(id);
+                } else {
+                    blocked.insert(key);
+                }
+            }
+            batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
+        }
+        if !batch.is_empty() {
+            let until = now + ms(self.config.lease);
+            let mut args = vec![Value::Text(Some(token)), Value::Int(until)];
+            args.extend(batch.iter().map(|m| Value::Int(m.id)));
+            DB::exec(&mut tx, &sql.claim_update(batch.len()), &args)
+                .await
+                .map_err(Error::db("claiming rows"))?;
+        }
+        tx.commit().await.map_err(Error::db("committing a claim"))?;
+        Ok(batch)
+    }
+
+    async fn mark_published(&self, token: &str) -> Result<(), Error> {
+        let now = now_ms();
+        let mut conn = self.acquire().await?;
+        let n = DB::exec(
+            &mut conn,
+            &self.outbox.inner.sql.mark_published,
+            &[Value::Int(now), Value::Int(now), Value::Text(Some(token))],
+        )
+        .await
+        .map_err(Error::db("marking rows published"))?;
+        self.metrics.published.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn release(&self, token: &str, error: Option<&str>) -> Result<(), Error> {
+        let mut conn = self.acquire().await?;
+        DB::exec(
+            &mut conn,
+            &self.outbox.inner.sql.release,
+            &[
+                Value::Text(error),
+                Value::Int(now_ms()),
+                Value::Text(Some(token)),
+            ],
+        )
+        .await
+        .map_err(Error::db("releasing a claim"))?;
+        Ok(())
+    }
+
+    async fn reject(
+        &self,
+        token: &str,
+        m: &OutboxMessage,
+        error: &PublishError,
+    ) -> Result<(), Error> {
+        let attempts = u32::try_from(m.attempts).unwrap_or(u32::MAX);
+        let now = now_ms();
+        let next = now + ms(self.config.retry_backoff.delay(attempts));
+        let mut conn = self.acquire().await?;
+        DB::exec(
+            &mut conn,
+            &self.outbox.inner.sql.mark_rejected,
+            &[
+                Value::Int(i64::from(self.config.max_attempts)),
+                Value::Text(Some(&error.message)),
+                Value::Int(next),
+                Value::Int(now),
+                Value::Int(m.id),
+                Value::Text(Some(token)),
+            ],
+        )
+        .await
+        .map_err(Error::db("recording a rejection"))?;
+        if attempts.saturating_add(1) >= self.config.max_attempts {
+            tracing::error!(event_id = m.event_id, %error, "event parked as FAILED");
+            self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::warn!(event_id = m.event_id, %error, "event rejected; will retry");
+            self.metrics.retried.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Deletes old published rows, if this relay holds the retention lease.
+    async fn retention(&self) -> Result<(), Error> {
+        let Some(keep) = self.config.retention else {
+            return Ok(());
+        };
+        let name = format!("{}.retention", self.outbox.table());
+        let until = now_ms() + ms(self.config.retention_interval) * 2;
+        if !schema::take_lease(self.outbox.pool(), &name, &self.config.relay_id, until).await? {
+            return Ok(());
+        }
+        let before = now_ms() - ms(keep);
+        let limit = i64::from(self.config.retention_batch.max(1));
+        loop {
+            let mut conn = self.acquire().await?;
+            let n = DB::exec(
+                &mut conn,
+                &self.outbox.inner.sql.delete_published,
+                &[Value::Int(before), Value::Int(limit)],
+            )
+            .await
+            .map_err(Error::db("deleting published rows"))?;
+            self.metrics.deleted.fetch_add(n, Ordering::Relaxed);
+            if n < u64::try_from(limit).unwrap_or(0) {
+                return Ok(());
+            }
+            // Small batches, with room for the relay's own statements between.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// `true` if `shutdown` has completed, without waiting.
+async fn futures_poll_ready<F: Future<Output = ()>>(shutdown: &mut std::pin::Pin<&mut F>) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.as_mut() => true,
+        _ = std::future::ready(()) => false,
+    }
+}
+
+fn to_message(mut row: Vec<Cell>) -> OutboxMessage {
+    let headers = row[5]
+        .take_text()
+        .and_then(|h| serde_json::from_str::<HashMap<String, String>>(&h).ok())
+        .map(|h| {
+            let mut v: Vec<_> = h.into_iter().collect();
+            v.sort();
+            v
+        })
+        .unwrap_or_default();
+    OutboxMessage {
+        id: row[0].int().unwrap_or(0),
+        event_id: row[1].take_text().unwrap_or_default(),
+        event_type: row[2].take_text().unwrap_or_default(),
+        destination: row[3].take_text().unwrap_or_default(),
+        key: row[4].take_text(),
+        headers,
+        content: Bytes::from(row[6].take_bytes().unwrap_or_default()),
+        content_type: row[7].take_text().unwrap_or_default(),
+        attempts: row[8].int().unwrap_or(0),
+    }
+}

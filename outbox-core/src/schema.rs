@@ -1,0 +1,112 @@
+//! Versioned migrations and the shared lease table.
+//!
+//! Each table's version lives in `outbox_schema_version` (one row per table);
+//! a migration runs only the steps above that version. Every step is written to
+//! be repeatable (`IF NOT EXISTS`), so two processes migrating at once do no harm.
+//! `outbox_lease` holds named, expiring leases that make a periodic job (such as
+//! retention) run in one process at a time.
+
+use sqlx::Pool;
+
+use crate::Error;
+use crate::backend::sql::MetaSql;
+use crate::backend::{Backend, Value};
+use crate::names::now_ms;
+
+/// Brings `table` up to [`SCHEMA_VERSION`] by running `steps[v - 1]` for every
+/// missing version `v`.
+pub(crate) async fn migrate<DB: Backend>(
+    pool: &Pool<DB>,
+    table: &str,
+    steps: &[Vec<String>],
+) -> Result<(), Error> {
+    let meta = MetaSql::new(DB::DIALECT);
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(Error::db("connecting to migrate"))?;
+    for statement in &meta.ddl {
+        DB::exec(&mut conn, statement, &[])
+            .await
+            .map_err(Error::db("creating outbox_schema_version"))?;
+    }
+    DB::exec(
+        &mut conn,
+        &meta.version_insert,
+        &[Value::Text(Some(table)), Value::Int(now_ms())],
+    )
+    .await
+    .map_err(Error::db("recording the schema version"))?;
+    let rows = DB::fetch(
+        &mut conn,
+        &meta.version,
+        &[Value::Text(Some(table))],
+        &[crate::backend::Column::Int],
+    )
+    .await
+    .map_err(Error::db("reading the schema version"))?;
+    let found = rows.first().and_then(|r| r[0].int()).unwrap_or(0);
+    let known = i64::try_from(steps.len()).unwrap_or(i64::MAX);
+    if found > known {
+        return Err(Error::SchemaTooNew {
+            table: table.to_owned(),
+            found,
+            known,
+        });
+    }
+    for (version, step) in (1_i64..)
+        .zip(steps)
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        for statement in step {
+            DB::exec(&mut conn, statement, &[])
+                .await
+                .map_err(Error::db("running a migration"))?;
+        }
+        DB::exec(
+            &mut conn,
+            &meta.version_update,
+            &[
+                Value::Int(version),
+                Value::Int(now_ms()),
+                Value::Text(Some(table)),
+            ],
+        )
+        .await
+        .map_err(Error::db("recording the schema version"))?;
+        tracing::info!(table, version, "migrated");
+    }
+    Ok(())
+}
+
+/// Takes or renews the lease `name` for `holder` until `until` (ms). `true` when
+/// this holder has it now.
+pub(crate) async fn take_lease<DB: Backend>(
+    pool: &Pool<DB>,
+    name: &str,
+    holder: &str,
+    until: i64,
+) -> Result<bool, Error> {
+    let meta = MetaSql::new(DB::DIALECT);
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(Error::db("connecting to take a lease"))?;
+    DB::exec(&mut conn, &meta.lease_insert, &[Value::Text(Some(name))])
+        .await
+        .map_err(Error::db("creating a lease"))?;
+    let changed = DB::exec(
+        &mut conn,
+        &meta.lease_take,
+        &[
+            Value::Text(Some(holder)),
+            Value::Int(until),
+            Value::Text(Some(name)),
+            Value::Int(now_ms()),
+            Value::Text(Some(holder)),
+        ],
+    )
+    .await
+    .map_err(Error::db("taking a lease"))?;
+    Ok(changed == 1)
+}

@@ -1,0 +1,33 @@
+//! In-process wake-ups: relays register per table; a commit through
+//! [`Outbox::commit`](crate::Outbox::commit) or [`wake`] notifies them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::Notify;
+
+static WAKERS: Mutex<Vec<(String, Weak<Notify>)>> = Mutex::new(Vec::new());
+
+/// Registers a relay's notifier for `table`.
+pub(crate) fn register(table: &str, notify: &Arc<Notify>) {
+    let mut wakers = WAKERS.lock().unwrap_or_else(|e| e.into_inner());
+    wakers.retain(|(_, w)| w.strong_count() > 0);
+    wakers.push((table.to_owned(), Arc::downgrade(notify)));
+}
+
+/// Wakes every relay of this process that serves the outbox table `table`.
+/// Call it after committing a transaction that appended events, unless the
+/// commit went through [`Outbox::commit`](crate::Outbox::commit), which does.
+pub fn wake(table: &str) {
+    let wakers = WAKERS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut seen: HashMap<*const Notify, ()> = HashMap::new();
+    for (t, w) in wakers.iter() {
+        if t == table {
+            if let Some(n) = w.upgrade() {
+                if seen.insert(Arc::as_ptr(&n), ()).is_none() {
+                    n.notify_one();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Shared pieces of the integration tests: databases, brokers, counting what
+//! arrived, and child processes that crash at failpoints.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use outbox::stomp::{AckMode, Client, Config, Subscribe};
+use outbox_test_harness::{Broker, BrokerConfig, TestDb};
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A SQLite test database (never skipped).
+pub async fn sqlite() -> Option<TestDb<sqlx::Sqlite>> {
+    Some(TestDb::sqlite().await.expect("SQLite test database"))
+}
+
+/// A PostgreSQL test database, or `None` when skipped by configuration.
+pub async fn postgres() -> Option<TestDb<sqlx::Postgres>> {
+    TestDb::postgres().await.expect("PostgreSQL test database")
+}
+
+/// A MySQL/MariaDB test database, or `None` when skipped by configuration.
+pub async fn mysql() -> Option<TestDb<sqlx::MySql>> {
+    TestDb::mysql().await.expect("MySQL test database")
+}
+
+/// A broker with room for a few thousand persistent messages.
+pub async fn broker() -> Broker {
+    Broker::start_with(BrokerConfig::default().with_max_heap_mb(512))
+        .await
+        .expect("ActiveMQ test broker")
+}
+
+/// A client that reconnects quickly and waits at most 5 s for receipts.
+pub async fn client(broker: &Broker) -> Client {
+    Client::connect(
+        Config::parse(&broker.stomp_uri())
+            .expect("broker URI")
+            .with_receipt_timeout(Duration::from_secs(5)),
+    )
+    .await
+    .expect("connect to the test broker")
+}
+
+/// One received message, as the tests count it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub event_id: String,
+    pub event_type: Option<String>,
+    pub key: Option<String>,
+    pub group: Option<String>,
+    pub persistent: Option<String>,
+    pub content_type: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Reads `destination` until nothing arrives for `idle`, acking everything.
+pub async fn drain(broker: &Broker, destination: &str, idle: Duration) -> Vec<Received> {
+    let client = client(broker).await;
+    let mut sub = client
+        .subscribe(
+            Subscribe::new(destination)
+                .ack(AckMode::ClientIndividual)
+                .prefetch(1000)
+                .buffer(1000),
+        )
+        .await
+        .expect("subscribe");
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(idle, sub.next_message()).await {
+        out.push(Received {
+            event_id: m.header("event-id").unwrap_or_default().to_owned(),
+            event_type: m.header("event-type").map(str::to_owned),
+            key: m.header("event-key").map(str::to_owned),
+            group: m.header("JMSXGroupID").map(str::to_owned),
+            persistent: m.header("persistent").map(str::to_owned),
+            content_type: m.header("content-type").map(str::to_owned),
+            headers: m
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            body: m.body().to_vec(),
+        });
+        m.ack().await.expect("ack");
+    }
+    let _ = client.disconnect().await;
+    out
+}
+
+/// How many times each event id arrived.
+pub fn tally(received: &[Received]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for r in received {
+        *counts.entry(r.event_id.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Runs the `#[ignore]`d test `child` of this test binary in a child process
+/// with `env`, and waits up to `limit` for it to end. Returns whether it was
+/// killed by SIGKILL (a failpoint fired) and its stderr.
+pub async fn run_child(child: &str, env: &[(&str, String)], limit: Duration) -> (bool, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args([
+        child,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child_proc = cmd.spawn().expect("spawn child test process");
+    let output = tokio::time::timeout(limit, child_proc.wait_with_output())
+        .await
+        .expect("the child process should have reached its failpoint in time")
+        .expect("child output");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.signal() == Some(9), stderr)
+}
+
+/// The value of a variable a child process needs.
+pub fn child_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
