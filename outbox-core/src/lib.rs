@@ -41,7 +41,9 @@ mod wake;
 
 pub use backend::Backend;
 pub use backoff::Backoff;
-pub use consumer::{Consumer, ConsumerConfig, ConsumerHandle, ConsumerMetrics, Handler};
+pub use consumer::{
+    BoxFuture, Consumer, ConsumerConfig, ConsumerHandle, ConsumerMetrics, Handler, decode_json,
+};
 pub use error::{Error, HandlerError, PublishError, PublishErrorKind};
 pub use event::{Event, JSON, OutboxMessage};
 pub use inbox::{DEFAULT_INBOX_TABLE, Delivery, Inbox, InboxCounts, ParkedDelivery};

@@ -452,18 +452,36 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         Ok(batch)
     }
 
+    /// Marks the batch published. A failure here means a re-publish after the
+    /// lease, so transient errors (deadlock victims, a dropped connection) are
+    /// retried a few times first.
     async fn mark_published(&self, token: &str) -> Result<(), Error> {
-        let now = now_ms();
-        let mut conn = self.acquire().await?;
-        let n = DB::exec(
-            &mut conn,
-            &self.outbox.inner.sql.mark_published,
-            &[Value::Int(now), Value::Int(now), Value::Text(Some(token))],
-        )
-        .await
-        .map_err(Error::db("marking rows published"))?;
-        self.metrics.published.fetch_add(n, Ordering::Relaxed);
-        Ok(())
+        let mut attempt = 0;
+        loop {
+            let now = now_ms();
+            let result = match self.acquire().await {
+                Ok(mut conn) => DB::exec(
+                    &mut conn,
+                    &self.outbox.inner.sql.mark_published,
+                    &[Value::Int(now), Value::Int(now), Value::Text(Some(token))],
+                )
+                .await
+                .map_err(Error::db("marking rows published")),
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(n) => {
+                    self.metrics.published.fetch_add(n, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(error) if attempt < 4 => {
+                    tracing::warn!(%error, attempt, "marking published failed; retrying");
+                    tokio::time::sleep(self.config.outage_backoff.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     async fn release(&self, token: &str, error: Option<&str>) -> Result<(), Error> {

@@ -8,6 +8,8 @@
 use std::future::Future;
 
 use outbox_stomp::{Client, Outgoing};
+#[cfg(test)]
+use bytes::Bytes;
 
 use crate::error::PublishError;
 use crate::event::{JSON, OutboxMessage};
@@ -80,5 +82,54 @@ fn classify(error: outbox_stomp::Error) -> PublishError {
     match &error {
         E::Rejected(_) | E::Broker(_) => PublishError::rejected(error.to_string()),
         _ => PublishError::unavailable(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keyed_message_carries_the_key_as_group_and_all_outbox_headers() {
+        let m = OutboxMessage {
+            id: 1,
+            event_id: "e1".into(),
+            event_type: "user.created".into(),
+            destination: "/topic/VirtualTopic.user.created".into(),
+            key: Some("user-7".into()),
+            headers: vec![("tenant".into(), "acme".into())],
+            content: Bytes::from_static(b"{}"),
+            content_type: JSON.into(),
+            attempts: 0,
+        };
+        let frame = message_for(&m).into_frame();
+        let h = frame.headers();
+        assert_eq!(h.get("destination"), Some("/topic/VirtualTopic.user.created"));
+        assert_eq!(h.get("persistent"), Some("true"));
+        assert_eq!(h.get("JMSXGroupID"), Some("user-7"));
+        assert_eq!(h.get("event-key"), Some("user-7"));
+        assert_eq!(h.get("event-id"), Some("e1"));
+        assert_eq!(h.get("event-type"), Some("user.created"));
+        assert_eq!(h.get("content-type"), Some(JSON));
+        assert_eq!(h.get("amq-msg-type"), Some("text"));
+        assert_eq!(h.get("tenant"), Some("acme"));
+    }
+
+    #[test]
+    fn binary_payloads_stay_bytes_messages_and_unkeyed_ones_have_no_group() {
+        let m = OutboxMessage {
+            id: 1,
+            event_id: "e1".into(),
+            event_type: "blob".into(),
+            destination: "/queue/x".into(),
+            key: None,
+            headers: vec![],
+            content: Bytes::from_static(&[0, 1]),
+            content_type: "application/octet-stream".into(),
+            attempts: 0,
+        };
+        let frame = message_for(&m).into_frame();
+        assert_eq!(frame.headers().get("amq-msg-type"), None);
+        assert_eq!(frame.headers().get("JMSXGroupID"), None);
     }
 }

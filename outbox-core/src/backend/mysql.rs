@@ -48,7 +48,8 @@ fn outbox_ddl(t: &str) -> Vec<String> {
             published_time BIGINT,
             UNIQUE KEY {t}_event_id (event_id),
             KEY {t}_process (process, id),
-            KEY {t}_key (event_key, id)
+            KEY {t}_key (event_key, id),
+            KEY {t}_claim (claimed_by)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
     )]
 }

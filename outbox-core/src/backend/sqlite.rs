@@ -53,6 +53,7 @@ fn outbox_ddl(t: &str) -> Vec<String> {
         format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_event_id ON {t} (event_id)"),
         format!("CREATE INDEX IF NOT EXISTS {t}_process ON {t} (process, id)"),
         format!("CREATE INDEX IF NOT EXISTS {t}_key ON {t} (event_key, id)"),
+        format!("CREATE INDEX IF NOT EXISTS {t}_claim ON {t} (claimed_by)"),
     ]
 }
 
