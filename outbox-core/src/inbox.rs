@@ -189,7 +189,7 @@ impl<DB: Backend> Inbox<DB> {
                 } else {
                     i64::from(error.is_some())
                 }),
-                next_attempt_at.map_or(Value::Text(None), Value::Int),
+                next_attempt_at.map_or(Value::NullInt, Value::Int),
                 Value::Text(error),
                 Value::Text(headers.as_deref()),
                 Value::Bytes((!processed).then_some(&delivery.body[..])),
@@ -198,7 +198,7 @@ impl<DB: Backend> Inbox<DB> {
                 if processed {
                     Value::Int(now)
                 } else {
-                    Value::Text(None)
+                    Value::NullInt
                 },
             ],
         )

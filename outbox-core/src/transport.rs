@@ -7,9 +7,9 @@
 
 use std::future::Future;
 
-use outbox_stomp::{Client, Outgoing};
 #[cfg(test)]
 use bytes::Bytes;
+use outbox_stomp::{Client, Outgoing};
 
 use crate::error::PublishError;
 use crate::event::{JSON, OutboxMessage};
@@ -104,7 +104,10 @@ mod tests {
         };
         let frame = message_for(&m).into_frame();
         let h = frame.headers();
-        assert_eq!(h.get("destination"), Some("/topic/VirtualTopic.user.created"));
+        assert_eq!(
+            h.get("destination"),
+            Some("/topic/VirtualTopic.user.created")
+        );
         assert_eq!(h.get("persistent"), Some("true"));
         assert_eq!(h.get("JMSXGroupID"), Some("user-7"));
         assert_eq!(h.get("event-key"), Some("user-7"));

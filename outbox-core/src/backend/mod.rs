@@ -28,6 +28,8 @@ mod sqlite;
 pub enum Value<'a> {
     /// An integer (`BIGINT`).
     Int(i64),
+    /// A `BIGINT` SQL `NULL`.
+    NullInt,
     /// Text, or SQL `NULL`.
     Text(Option<&'a str>),
     /// Bytes, or SQL `NULL`.
@@ -174,6 +176,7 @@ macro_rules! statement_plumbing {
             for arg in args {
                 query = match arg {
                     $crate::backend::Value::Int(v) => query.bind(*v),
+                    $crate::backend::Value::NullInt => query.bind(Option::<i64>::None),
                     $crate::backend::Value::Text(v) => query.bind(*v),
                     $crate::backend::Value::Bytes(v) => query.bind(*v),
                 };
@@ -194,6 +197,7 @@ macro_rules! statement_plumbing {
             for arg in args {
                 query = match arg {
                     $crate::backend::Value::Int(v) => query.bind(*v),
+                    $crate::backend::Value::NullInt => query.bind(Option::<i64>::None),
                     $crate::backend::Value::Text(v) => query.bind(*v),
                     $crate::backend::Value::Bytes(v) => query.bind(*v),
                 };
