@@ -65,6 +65,13 @@ pub trait Handler<DB: Backend>: Send + Sync + 'static {
         event: Self::Event,
         delivery: &'a Delivery,
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// Called after the handler's transaction committed (before the ACK):
+    /// a place for in-memory effects that must follow a durable write, such as
+    /// metrics. The default does nothing.
+    fn after_commit(&self, delivery: &Delivery) {
+        let _ = delivery;
+    }
 }
 
 /// Decodes a JSON payload; the error text names the type and the position.
@@ -431,6 +438,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
             tx.commit()
                 .await
                 .map_err(Error::db("committing an inbox transaction"))?;
+            shared.handler.after_commit(delivery);
             Ok(Outcome::Processed)
         }
         Err(error) => {
@@ -592,6 +600,7 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
     match result {
         Ok(()) => {
             tx.commit().await.map_err(Error::db("committing a retry"))?;
+            shared.handler.after_commit(delivery);
             shared.metrics.processed.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }

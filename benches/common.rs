@@ -1,0 +1,83 @@
+//! Pieces shared by the benchmark binaries: the broker, the databases, and the
+//! table printer.
+#![allow(dead_code)]
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use outbox::stomp::{Client, Config};
+use outbox_test_harness::{Broker, BrokerConfig, TestDb};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+/// A broker with a heap large enough that producer flow control stays out of the way.
+pub async fn broker() -> Broker {
+    Broker::start_with(BrokerConfig::default().with_max_heap_mb(2048))
+        .await
+        .expect("start ActiveMQ")
+}
+
+pub async fn client(broker: &Broker) -> Client {
+    Client::connect(
+        Config::parse(&broker.stomp_uri())
+            .expect("uri")
+            .with_receipt_timeout(Duration::from_secs(30)),
+    )
+    .await
+    .expect("connect")
+}
+
+/// A SQLite file in WAL mode with `synchronous=NORMAL`, the settings the
+/// README recommends for the embedded default.
+pub async fn sqlite(dir: &std::path::Path) -> sqlx::SqlitePool {
+    let options = SqliteConnectOptions::from_str(&format!(
+        "sqlite://{}?mode=rwc",
+        dir.join("bench.db").display()
+    ))
+    .expect("sqlite url")
+    .journal_mode(SqliteJournalMode::Wal)
+    .synchronous(SqliteSynchronous::Normal);
+    SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .expect("sqlite pool")
+}
+
+pub async fn postgres() -> Option<TestDb<sqlx::Postgres>> {
+    TestDb::postgres().await.expect("PostgreSQL")
+}
+
+pub async fn mysql() -> Option<TestDb<sqlx::MySql>> {
+    TestDb::mysql().await.expect("MySQL")
+}
+
+/// Prints one table row of `cells` with the widths of `widths`.
+pub fn row(widths: &[usize], cells: &[String]) {
+    let line: Vec<String> = cells
+        .iter()
+        .zip(widths)
+        .map(|(c, w)| format!("{c:<w$}"))
+        .collect();
+    println!("| {} |", line.join(" | "));
+}
+
+pub fn head(widths: &[usize], names: &[&str]) {
+    row(widths, &names.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    println!("|-{}-|", dashes.join("-|-"));
+}
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs one statement on any of the three pools.
+pub async fn exec<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, sql: &str) -> Result<(), sqlx::Error>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    sqlx::raw_sql(sql).execute(pool).await.map(|_| ())
+}

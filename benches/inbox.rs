@@ -1,0 +1,360 @@
+//! Consumer throughput with dedup, and latency from producer commit to handler
+//! commit, per database, side by side with a plain STOMP consumer that does no
+//! database work. Prints two tables.
+//!
+//! Method: one broker from the test harness (persistent KahaDB, 2 GiB heap) on
+//! loopback; 200-byte JSON payloads, `persistent:true`.
+//!
+//! - Throughput: a queue is pre-filled with `N` messages (untimed). The plain
+//!   consumer subscribes with `client-individual` acks and the same prefetch as
+//!   the inbox consumer, acks every message, and is timed until the `N`th. The
+//!   inbox consumer (`concurrency` 8, prefetch 16) runs the full path per message —
+//!   transaction, inbox insert (the dedup), a handler that inserts one business
+//!   row, commit, ack — and is timed until `N` events are processed.
+//! - Latency at a steady `RATE` events/s for `SECS` seconds, after one second of
+//!   unrecorded warm-up. Outbox rows: the producer commits one event per
+//!   transaction (`Outbox::commit`, which wakes the in-process relay) and notes
+//!   the time after its commit returned; the relay publishes; the consumer's
+//!   handler commits, and `Handler::after_commit` notes the time. Plain rows: the
+//!   producer notes the time, sends with a receipt; the consumer notes the time
+//!   of arrival. Same process, same clock.
+//!
+//! Run with `cargo bench --bench inbox`; `BENCH_N`, `BENCH_RATE`, `BENCH_SECS`
+//! change the sizes.
+
+#[path = "common.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outbox::core::{
+    Backend, BoxFuture, Consumer, ConsumerConfig, Delivery, Event, Handler, HandlerError, Inbox,
+    Outbox, RelayConfig, StompPublisher,
+};
+use outbox::stomp::{AckMode, Outgoing, Subscribe};
+use outbox_test_harness::Broker;
+
+const BODY: &str = r#"{"user_id":123456,"name":"a user with a name of a typical length","email":"someone@example.com","created_at":"2026-11-24T05:00:00Z","plan":"free","padding":"xxxxxxxxxxxx"}"#;
+const CONCURRENCY: usize = 8;
+const PREFETCH: u32 = 16;
+
+/// Inserts one business row per event; notes commit times for latency runs.
+struct Award<DB> {
+    sent: Arc<Mutex<HashMap<String, Instant>>>,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+    _db: std::marker::PhantomData<fn() -> DB>,
+}
+
+macro_rules! award_handler {
+    ($db:ty) => {
+        impl Handler<$db> for Award<$db> {
+            type Event = ();
+
+            fn decode(&self, _: &Delivery) -> Result<(), String> {
+                Ok(())
+            }
+
+            fn handle<'a>(
+                &'a self,
+                tx: &'a mut sqlx::Transaction<'static, $db>,
+                _: (),
+                _: &'a Delivery,
+            ) -> BoxFuture<'a, Result<(), HandlerError>> {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO points (user_id, points) VALUES (1, 100)")
+                        .execute(&mut **tx)
+                        .await?;
+                    Ok(())
+                })
+            }
+
+            fn after_commit(&self, delivery: &Delivery) {
+                let now = Instant::now();
+                if let Some(t0) = self.sent.lock().unwrap().remove(&delivery.event_id) {
+                    self.latencies.lock().unwrap().push(now - t0);
+                }
+            }
+        }
+    };
+}
+award_handler!(sqlx::Sqlite);
+award_handler!(sqlx::Postgres);
+award_handler!(sqlx::MySql);
+
+fn award<DB>() -> Award<DB> {
+    Award {
+        sent: Arc::default(),
+        latencies: Arc::default(),
+        _db: std::marker::PhantomData,
+    }
+}
+
+async fn fill(broker: &Broker, queue: &str, n: usize) {
+    let client = common::client(broker).await;
+    let mut i = 0;
+    while i < n {
+        let tx = client.begin().await.expect("begin");
+        for k in i..(i + 500).min(n) {
+            tx.send(
+                Outgoing::new(queue.to_owned(), BODY)
+                    .persistent(true)
+                    .header("event-id", format!("fill-{queue}-{k}")),
+            )
+            .await
+            .expect("send");
+        }
+        tx.commit().await.expect("commit");
+        i += 500;
+    }
+    let _ = client.disconnect().await;
+}
+
+async fn plain_throughput(broker: &Broker, n: usize, queue: &str) -> f64 {
+    fill(broker, queue, n).await;
+    let client = common::client(broker).await;
+    let start = Instant::now();
+    let mut sub = client
+        .subscribe(
+            Subscribe::new(queue)
+                .ack(AckMode::ClientIndividual)
+                .prefetch(PREFETCH)
+                .buffer(PREFETCH as usize),
+        )
+        .await
+        .expect("subscribe");
+    for _ in 0..n {
+        let m = sub.next_message().await.expect("message");
+        m.ack().await.expect("ack");
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn prepare<DB: Backend>(pool: &sqlx::Pool<DB>) -> Inbox<DB>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let inbox = Inbox::new(pool.clone(), "bench").expect("inbox");
+    inbox.migrate().await.expect("migrate");
+    common::exec(pool, "DROP TABLE IF EXISTS points").await.ok();
+    common::exec(pool, "CREATE TABLE points (user_id BIGINT NOT NULL, points BIGINT NOT NULL)")
+        .await
+        .expect("points table");
+    common::exec(pool, "DELETE FROM inbox_event").await.expect("clean inbox");
+    inbox
+}
+
+fn config(queue: &str) -> ConsumerConfig {
+    ConsumerConfig {
+        concurrency: CONCURRENCY,
+        prefetch: Some(PREFETCH),
+        retention: None,
+        ..ConsumerConfig::new(queue)
+    }
+}
+
+async fn inbox_throughput<DB: Backend>(broker: &Broker, pool: sqlx::Pool<DB>, n: usize, queue: &str) -> f64
+where
+    Award<DB>: Handler<DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let inbox = prepare(&pool).await;
+    fill(broker, queue, n).await;
+    let start = Instant::now();
+    let handle = Consumer::new(inbox, award::<DB>(), config(queue))
+        .spawn(common::client(broker).await)
+        .await
+        .expect("consumer");
+    while handle.metrics().snapshot().0 < n as u64 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    handle.shutdown().await.expect("shutdown");
+    rate
+}
+
+fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, usize) {
+    v.sort();
+    if v.is_empty() {
+        return (Duration::ZERO, Duration::ZERO, 0);
+    }
+    let at = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    (at(0.50), at(0.99), v.len())
+}
+
+async fn plain_latency(broker: &Broker, rate: usize, secs: u64, queue: &str) -> (Duration, Duration, usize) {
+    let consumer = common::client(broker).await;
+    let mut sub = consumer
+        .subscribe(
+            Subscribe::new(queue)
+                .ack(AckMode::ClientIndividual)
+                .prefetch(PREFETCH)
+                .buffer(PREFETCH as usize),
+        )
+        .await
+        .expect("subscribe");
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let reader = {
+        let sent = sent.clone();
+        let latencies = latencies.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next_message().await {
+                let now = Instant::now();
+                if let Some(t0) = m.header("event-id").and_then(|id| sent.lock().unwrap().remove(id)) {
+                    latencies.lock().unwrap().push(now - t0);
+                }
+                let _ = m.ack().await;
+            }
+        })
+    };
+    let producer = common::client(broker).await;
+    steady(rate, secs, &latencies, |i, record| {
+        let producer = producer.clone();
+        let sent = sent.clone();
+        let queue = queue.to_owned();
+        async move {
+            let id = format!("p-{i}");
+            if record {
+                sent.lock().unwrap().insert(id.clone(), Instant::now());
+            }
+            producer
+                .send(Outgoing::new(queue, BODY).persistent(true).header("event-id", id))
+                .await
+                .expect("send");
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reader.abort();
+    let v = latencies.lock().unwrap().clone();
+    percentiles(v)
+}
+
+/// Calls `produce(i, record)` `rate` times a second: one second of warm-up
+/// (`record = false`), then `secs` recorded seconds. Each call runs on its own
+/// task so a slow one does not delay the schedule.
+async fn steady<F, Fut>(rate: usize, secs: u64, latencies: &Arc<Mutex<Vec<Duration>>>, produce: F)
+where
+    F: Fn(usize, bool) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let period = Duration::from_secs(1) / rate as u32;
+    let mut tick = tokio::time::interval(period);
+    let total = rate * (secs as usize + 1);
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        tick.tick().await;
+        if i == rate {
+            latencies.lock().unwrap().clear();
+        }
+        tasks.push(tokio::spawn(produce(i, i >= rate)));
+    }
+    for t in tasks {
+        t.await.expect("producer task");
+    }
+}
+
+async fn outbox_latency<DB: Backend>(
+    broker: &Broker,
+    pool: sqlx::Pool<DB>,
+    rate: usize,
+    secs: u64,
+    topic: &str,
+) -> (Duration, Duration, usize)
+where
+    Award<DB>: Handler<DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let inbox = prepare(&pool).await;
+    let outbox = Outbox::new(pool.clone());
+    outbox.migrate().await.expect("migrate");
+    let handler = award::<DB>();
+    let sent = handler.sent.clone();
+    let latencies = handler.latencies.clone();
+    let queue = format!("/queue/Consumer.bench.VirtualTopic.{topic}");
+    let consumer = Consumer::new(inbox, handler, config(&queue))
+        .spawn(common::client(broker).await)
+        .await
+        .expect("consumer");
+    let relay = outbox
+        .relay(
+            StompPublisher::new(common::client(broker).await),
+            RelayConfig { retention: None, ..RelayConfig::default() },
+        )
+        .spawn();
+    let destination = format!("/topic/VirtualTopic.{topic}");
+    steady(rate, secs, &latencies, |_, record| {
+        let outbox = outbox.clone();
+        let sent = sent.clone();
+        let destination = destination.clone();
+        async move {
+            let mut tx = outbox.pool().begin().await.expect("begin");
+            let event = Event::raw("user.created", destination, BODY, outbox::core::JSON);
+            let id = outbox.append(&mut tx, event).await.expect("append").to_string();
+            outbox.commit(tx).await.expect("commit");
+            if record {
+                sent.lock().unwrap().insert(id, Instant::now());
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.shutdown().await.expect("relay");
+    consumer.shutdown().await.expect("consumer");
+    let v = latencies.lock().unwrap().clone();
+    percentiles(v)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let n = common::env_usize("BENCH_N", 10_000);
+    let rate = common::env_usize("BENCH_RATE", 1_000);
+    let secs = common::env_usize("BENCH_SECS", 5) as u64;
+    let broker = common::broker().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = common::sqlite(dir.path()).await;
+    let pg = common::postgres().await;
+    let my = common::mysql().await;
+
+    // JVM warm-up.
+    plain_throughput(&broker, 5_000, "/queue/bench.warmup").await;
+
+    println!("\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {PREFETCH}\n");
+    let widths = [40, 10, 12];
+    common::head(&widths, &["consumer", "msg/s", "× plain"]);
+    let plain = plain_throughput(&broker, n, "/queue/bench.in.plain").await;
+    let line = |name: &str, r: f64| vec![name.to_string(), format!("{r:.0}"), format!("{:.2}", r / plain)];
+    common::row(&widths, &line("plain STOMP consumer (ack only)", plain));
+    let r = inbox_throughput(&broker, sqlite.clone(), n, "/queue/bench.in.sqlite").await;
+    common::row(&widths, &line("inbox consumer, SQLite (WAL)", r));
+    if let Some(pg) = &pg {
+        let r = inbox_throughput(&broker, pg.pool().clone(), n, "/queue/bench.in.pg").await;
+        common::row(&widths, &line("inbox consumer, PostgreSQL", r));
+    }
+    if let Some(my) = &my {
+        let r = inbox_throughput(&broker, my.pool().clone(), n, "/queue/bench.in.my").await;
+        common::row(&widths, &line("inbox consumer, MariaDB", r));
+    }
+
+    println!("\nLatency at {rate} events/s for {secs} s (after 1 s warm-up)\n");
+    let widths = [52, 9, 9, 8];
+    common::head(&widths, &["path", "p50 ms", "p99 ms", "events"]);
+    let (p50, p99, count) = plain_latency(&broker, rate, secs, "/queue/bench.lat.plain").await;
+    common::row(&widths, &vec!["plain STOMP send → receive".into(), ms(p50), ms(p99), count.to_string()]);
+    let (p50, p99, count) = outbox_latency(&broker, sqlite.clone(), rate, secs, "lat.sqlite").await;
+    common::row(&widths, &vec!["outbox commit → inbox commit, SQLite (WAL)".into(), ms(p50), ms(p99), count.to_string()]);
+    if let Some(pg) = &pg {
+        let (p50, p99, count) = outbox_latency(&broker, pg.pool().clone(), rate, secs, "lat.pg").await;
+        common::row(&widths, &vec!["outbox commit → inbox commit, PostgreSQL".into(), ms(p50), ms(p99), count.to_string()]);
+    }
+    if let Some(my) = &my {
+        let (p50, p99, count) = outbox_latency(&broker, my.pool().clone(), rate, secs, "lat.my").await;
+        common::row(&widths, &vec!["outbox commit → inbox commit, MariaDB".into(), ms(p50), ms(p99), count.to_string()]);
+    }
+}

@@ -1,0 +1,184 @@
+//! Relay throughput: committed outbox rows → PUBLISHED in ActiveMQ, per
+//! database, side by side with a plain STOMP publisher that does no database
+//! work (the broker's ceiling for the same messages). Prints a table.
+//!
+//! Method: one broker from the test harness (persistent KahaDB, 2 GiB heap) on
+//! loopback. Every message is the same 200-byte JSON payload, `persistent:true`,
+//! with the outbox headers. The ceiling publishes pre-built messages with the
+//! relay's own publisher (`StompPublisher`: `BEGIN`, a `SEND` per message,
+//! `COMMIT` with a receipt), `BATCH` per transaction, from `RELAYS` connections at
+//! once. A relay row first commits `N` rows (untimed), then starts `RELAYS`
+//! relays with `batch_size = BATCH` and times from start until all `N` rows are
+//! `PUBLISHED` (relay counters; the database confirms `NEW = 0` at the end).
+//! Each row uses its own queue. A warm-up ceiling run precedes the table.
+//! Run with `cargo bench --bench relay`; `BENCH_N`, `BENCH_BATCH`, and
+//! `BENCH_RELAYS` (comma list, default `1,2`) change the sizes.
+
+#[path = "common.rs"]
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use outbox::core::{
+    Backend, Event, Outbox, OutboxMessage, Publisher, RelayConfig, StompPublisher,
+};
+use outbox_test_harness::Broker;
+
+const BODY: &str = r#"{"user_id":123456,"name":"a user with a name of a typical length","email":"someone@example.com","created_at":"2026-11-24T05:00:00Z","plan":"free","padding":"xxxxxxxxxxxx"}"#;
+
+fn messages(n: usize, queue: &str) -> Vec<OutboxMessage> {
+    (0..n)
+        .map(|i| OutboxMessage {
+            id: i as i64,
+            event_id: uuid::Uuid::now_v7().to_string(),
+            event_type: "user.created".into(),
+            destination: queue.into(),
+            key: Some(format!("user-{}", i % 100)),
+            headers: vec![],
+            content: Bytes::from_static(BODY.as_bytes()),
+            content_type: outbox::core::JSON.into(),
+            attempts: 0,
+        })
+        .collect()
+}
+
+/// The broker's ceiling: `connections` publishers sharing `n` messages.
+async fn ceiling(broker: &Broker, n: usize, batch: usize, connections: usize, queue: &str) -> f64 {
+    let per = n / connections;
+    let mut publishers = Vec::new();
+    for _ in 0..connections {
+        publishers.push(StompPublisher::new(common::client(broker).await));
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for p in publishers {
+        let all = messages(per, queue);
+        tasks.push(tokio::spawn(async move {
+            for chunk in all.chunks(batch) {
+                p.publish(chunk).await.expect("publish");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("publisher task");
+    }
+    (per * connections) as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn relay_run<DB: Backend>(
+    broker: &Broker,
+    pool: sqlx::Pool<DB>,
+    n: usize,
+    batch: usize,
+    relays: usize,
+    queue: &str,
+) -> f64
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let outbox = Outbox::new(pool.clone());
+    outbox.migrate().await.expect("migrate");
+    // Commit N rows, untimed.
+    let mut i = 0;
+    while i < n {
+        let mut tx = pool.begin().await.expect("begin");
+        let events: Vec<Event> = (i..(i + 500).min(n))
+            .map(|k| {
+                Event::raw("user.created", queue, BODY, outbox::core::JSON)
+                    .with_key(format!("user-{}", k % 100))
+            })
+            .collect();
+        outbox.append_all(&mut tx, &events).await.expect("append");
+        tx.commit().await.expect("commit");
+        i += 500;
+    }
+    let mut handles = Vec::new();
+    for _ in 0..relays {
+        let config = RelayConfig {
+            batch_size: batch as u32,
+            retention: None,
+            ..RelayConfig::default()
+        };
+        handles.push(
+            outbox
+                .relay(StompPublisher::new(common::client(broker).await), config)
+                .spawn(),
+        );
+    }
+    let metrics: Vec<_> = handles.iter().map(|h| h.metrics().clone()).collect();
+    let start = Instant::now();
+    loop {
+        let done: u64 = metrics
+            .iter()
+            .map(|m| m.published.load(Ordering::Relaxed))
+            .sum();
+        if done as usize >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    for h in handles {
+        h.shutdown().await.expect("shutdown");
+    }
+    let backlog = outbox.backlog().await.expect("backlog");
+    assert_eq!(backlog.pending, 0, "every row published");
+    // Keep the next run's database small.
+    common::exec(&pool, "DELETE FROM outbox_event").await.ok();
+    rate
+}
+
+#[tokio::main]
+async fn main() {
+    let n = common::env_usize("BENCH_N", 20_000);
+    let batch = common::env_usize("BENCH_BATCH", 500);
+    let relay_counts: Vec<usize> = std::env::var("BENCH_RELAYS")
+        .unwrap_or_else(|_| "1,2".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let broker = common::broker().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = common::sqlite(dir.path()).await;
+    let pg = common::postgres().await;
+    let my = common::mysql().await;
+
+    // JVM warm-up.
+    ceiling(&broker, n.min(10_000), batch, 1, "/queue/bench.warmup").await;
+
+    println!(
+        "\nRelay throughput: {n} persistent messages of {} B, {batch} per STOMP transaction\n",
+        BODY.len()
+    );
+    let widths = [34, 11, 12, 10];
+    common::head(&widths, &["publisher", "connections", "msg/s", "× ceiling"]);
+    let mut q = 0;
+    let mut queue = || {
+        q += 1;
+        format!("/queue/bench.relay.{q}")
+    };
+    for &relays in &relay_counts {
+        let top = ceiling(&broker, n, batch, relays, &queue()).await;
+        let fmt = |name: &str, rate: f64| {
+            vec![
+                name.to_string(),
+                relays.to_string(),
+                format!("{rate:.0}"),
+                format!("{:.2}", rate / top),
+            ]
+        };
+        common::row(&widths, &fmt("plain STOMP publisher (ceiling)", top));
+        let rate = relay_run(&broker, sqlite.clone(), n, batch, relays, &queue()).await;
+        common::row(&widths, &fmt("relay, SQLite (WAL)", rate));
+        if let Some(pg) = &pg {
+            let rate = relay_run(&broker, pg.pool().clone(), n, batch, relays, &queue()).await;
+            common::row(&widths, &fmt("relay, PostgreSQL", rate));
+        }
+        if let Some(my) = &my {
+            let rate = relay_run(&broker, my.pool().clone(), n, batch, relays, &queue()).await;
+            common::row(&widths, &fmt("relay, MariaDB", rate));
+        }
+    }
+}
