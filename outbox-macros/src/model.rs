@@ -1,0 +1,98 @@
+//! The typed model of one annotated function. It keeps the original syn nodes
+//! so that errors and generated code point at the user's own tokens.
+
+use proc_macro2::Span;
+use syn::{Expr, Ident, ItemFn, LitStr, Pat, Type};
+
+/// An argument's value together with the name it was given under.
+pub(crate) struct Named<T> {
+    /// The argument's name as written (for spans).
+    pub(crate) name: Ident,
+    /// Its value.
+    pub(crate) value: T,
+}
+
+/// The arguments, each at most once, with the right kind of value.
+#[derive(Default)]
+pub(crate) struct Args {
+    pub(crate) pool: Option<Ident>,
+    pub(crate) destination: Option<Named<LitStr>>,
+    pub(crate) event_type: Option<Named<LitStr>>,
+    pub(crate) key: Option<Named<Expr>>,
+    pub(crate) headers: Option<Named<Vec<Header>>>,
+    pub(crate) table: Option<Named<LitStr>>,
+    pub(crate) consumer: Option<Named<LitStr>>,
+}
+
+/// One extra header of a producer's events.
+pub(crate) struct Header {
+    /// The header name.
+    pub(crate) name: LitStr,
+    /// Its value: an expression over `event` whose result implements `Display`.
+    pub(crate) value: Expr,
+}
+
+/// What the attribute turns the function into.
+pub(crate) enum Form {
+    Producer(Box<Producer>),
+    Consumer(Box<Consumer>),
+}
+
+/// `#[transactional_event(destination = …, event_type = …)]`, with or without `pool`.
+pub(crate) struct Producer {
+    pub(crate) func: ItemFn,
+    /// The transaction parameter as written.
+    pub(crate) tx: TxParam,
+    /// `Some` in the pool form: the generated function takes `pool: &Pool<DB>`.
+    pub(crate) pool: Option<Ident>,
+    pub(crate) destination: LitStr,
+    pub(crate) event_type: LitStr,
+    pub(crate) key: Option<Expr>,
+    pub(crate) headers: Vec<Header>,
+    /// The outbox table as the relay names it (lower case).
+    pub(crate) table: LitStr,
+    /// The whole return type, `Result<…>`.
+    pub(crate) output: Type,
+    /// The error type of the `Result` (for the span of the conversion).
+    pub(crate) error_span: Span,
+    /// Whether the `Ok` value is one event or several.
+    pub(crate) events: Events,
+    /// The event type as written in the return type (for the span of the
+    /// `Serialize` requirement).
+    pub(crate) event_span: Span,
+}
+
+/// The `Ok` value of a producer.
+pub(crate) enum Events {
+    /// One event: the value itself is serialised.
+    One,
+    /// `Vec<E>` or `Option<E>`: each element is one event.
+    Each,
+}
+
+/// `#[transactional_event(consumer = …, destination = …)]`.
+pub(crate) struct Consumer {
+    pub(crate) func: ItemFn,
+    /// The database type `DB` of `&mut Transaction<'_, DB>`.
+    pub(crate) db: Type,
+    /// The event parameter's type.
+    pub(crate) event: Type,
+    /// Whether the function takes `delivery: &Delivery` as third parameter.
+    pub(crate) delivery: bool,
+    /// The error type of the function's `Result` (for the span of the conversion).
+    pub(crate) error_span: Span,
+    pub(crate) consumer: LitStr,
+    pub(crate) destination: LitStr,
+    /// The inbox table, if not the default.
+    pub(crate) table: Option<LitStr>,
+}
+
+/// The first parameter, `tx: &mut Transaction<'_, DB>`.
+pub(crate) struct TxParam {
+    /// The parameter's pattern as written, e.g. `tx` or `mut tx`.
+    pub(crate) pat: Pat,
+    /// Its type as written.
+    pub(crate) ty: Type,
+    /// `DB`.
+    pub(crate) db: Type,
+}
