@@ -1,0 +1,11 @@
+use outbox::transactional_event;
+use sqlx::{Sqlite, Transaction};
+
+#[transactional_event(destination = "/queue/users", event_type = "user.created")]
+async fn create_user(tx: &mut Transaction<'_, Sqlite>) -> Result<i64, outbox::core::Error> {
+    let _ = tx;
+    let id: i64 = "one";
+    Ok(id)
+}
+
+fn main() {}

@@ -1,0 +1,10 @@
+use outbox::transactional_event;
+use sqlx::{Sqlite, Transaction};
+
+#[transactional_event(consumer = "points", destination = "/queue/users")]
+async fn award_points(tx: &mut Transaction<'_, Sqlite>, event: i64) -> Result<i64, String> {
+    let _ = tx;
+    Ok(event)
+}
+
+fn main() {}
