@@ -338,29 +338,42 @@ macro_rules! relay_suite {
                 let dest = format!("/queue/test.many.{relays}");
                 let mut handles = Vec::new();
                 for _ in 0..relays {
+                    // A lease and a receipt timeout far longer than any publish: an
+                    // expired lease or an unknown outcome is re-published by design,
+                    // which would make a duplicate here.
                     let config = RelayConfig {
                         batch_size: 25,
+                        lease: Duration::from_secs(60),
                         ..fast_relay()
                     };
-                    handles.push(
-                        outbox
-                            .relay(StompPublisher::new(client(&broker).await), config)
-                            .spawn(),
-                    );
+                    let patient = outbox::stomp::Client::connect(
+                        outbox::stomp::Config::parse(&broker.stomp_uri())
+                            .unwrap()
+                            .with_receipt_timeout(Duration::from_secs(50)),
+                    )
+                    .await
+                    .unwrap();
+                    handles.push(outbox.relay(StompPublisher::new(patient), config).spawn());
                 }
                 let base = round * 1000;
                 let ids = append_users(&outbox, &dest, base..base + 300, 10).await;
                 wait_published(&outbox, Duration::from_secs(60)).await;
                 let mut published = 0;
+                let mut all = Vec::new();
                 for h in handles {
                     let metrics = h.metrics().clone();
                     h.shutdown().await.unwrap();
                     published += metrics.snapshot().published;
+                    all.push(metrics.snapshot());
                 }
                 assert_eq!(published, 300, "{relays} relays");
                 let got = drain(&broker, &dest, Duration::from_secs(2)).await;
                 let counts = tally(&got);
-                assert_eq!(got.len(), 300, "{relays} relays: each event exactly once");
+                assert_eq!(
+                    got.len(),
+                    300,
+                    "{relays} relays: each event exactly once; relay counters {all:?}"
+                );
                 assert!(ids.iter().all(|id| counts.get(id) == Some(&1)));
                 let mut last: HashMap<String, i64> = HashMap::new();
                 for r in &got {

@@ -403,23 +403,22 @@ async fn process<DB: Backend, H: Handler<DB>>(
             );
         }
     };
-    if shared.config.per_key_order {
-        if let Some(key) = &delivery.key {
-            if inbox.key_pending(key).await? {
-                // An earlier event of this key waits for a retry: queue behind it.
-                let mut conn = inbox.acquire().await?;
-                let waiting = "waiting for an earlier event of its key";
-                return Ok(
-                    match inbox
-                        .record(&mut conn, delivery, "RETRY", Some(waiting), Some(now_ms()))
-                        .await?
-                    {
-                        Recorded::New => Outcome::Retry,
-                        Recorded::Duplicate => Outcome::Duplicate,
-                    },
-                );
-            }
-        }
+    if shared.config.per_key_order
+        && let Some(key) = &delivery.key
+        && inbox.key_pending(key).await?
+    {
+        // An earlier event of this key waits for a retry: queue behind it.
+        let mut conn = inbox.acquire().await?;
+        let waiting = "waiting for an earlier event of its key";
+        return Ok(
+            match inbox
+                .record(&mut conn, delivery, "RETRY", Some(waiting), Some(now_ms()))
+                .await?
+            {
+                Recorded::New => Outcome::Retry,
+                Recorded::Duplicate => Outcome::Duplicate,
+            },
+        );
     }
     let mut tx = DB::begin_write(inbox.pool())
         .await

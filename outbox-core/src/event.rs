@@ -154,10 +154,10 @@ impl Event {
                 self.content_type
             ));
         }
-        if let Some(key) = &self.key {
-            if key.is_empty() || key.len() > 255 {
-                return bad(format!("key {key:?} must be 1 to 255 bytes"));
-            }
+        if let Some(key) = &self.key
+            && (key.is_empty() || key.len() > 255)
+        {
+            return bad(format!("key {key:?} must be 1 to 255 bytes"));
         }
         for name in self.headers.keys() {
             if name.is_empty() {

@@ -354,8 +354,8 @@ pub async fn append_to_table<DB: Backend>(
 ) -> Result<(), Error> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<(&'static str, String), Arc<OutboxSql>>>> =
-        OnceLock::new();
+    type Statements = HashMap<(&'static str, String), Arc<OutboxSql>>;
+    static CACHE: OnceLock<Mutex<Statements>> = OnceLock::new();
     let cache = CACHE.get_or_init(Mutex::default);
     let key = (DB::DIALECT.name, table.to_owned());
     let cached = cache

@@ -155,6 +155,12 @@ impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
     }
 }
 
+/// A claimed batch and the token that holds it.
+struct Claimed {
+    token: String,
+    batch: Vec<OutboxMessage>,
+}
+
 /// A running relay: stop it gracefully with [`RelayHandle::shutdown`].
 #[derive(Debug)]
 pub struct RelayHandle {
@@ -223,9 +229,71 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let mut outages = 0u32;
         let mut db_failures = 0u32;
         let mut next_retention = Instant::now();
+        // Pipeline: while batch i is being published, batch i-1 is marked and
+        // batch i+1 claimed. Batches go to the broker one after another on one
+        // connection, so a key's events keep their order; if batch i fails,
+        // batch i+1 is released unpublished.
+        let mut ready: Option<Claimed> = None;
+        let mut unmarked: Option<Claimed> = None;
         tracing::info!(relay = %self.config.relay_id, table, "relay started");
         loop {
-            let pause = match self.step().await {
+            let outcome: Result<Step, Error> = match ready.take() {
+                None => {
+                    let marked = match unmarked.take() {
+                        Some(done) => self.mark_published(&done.token).await,
+                        None => Ok(()),
+                    };
+                    match marked {
+                        Err(error) => Err(error),
+                        Ok(()) => match self.claim_next(&HashSet::new()).await {
+                            Ok(Some(claimed)) => {
+                                ready = Some(claimed);
+                                Ok(Step::Published(0))
+                            }
+                            Ok(None) => Ok(Step::Idle),
+                            Err(error) => Err(error),
+                        },
+                    }
+                }
+                Some(current) => {
+                    let in_flight: HashSet<i64> = current.batch.iter().map(|m| m.id).collect();
+                    let n = current.batch.len();
+                    let previous = unmarked.take();
+                    failpoint::hit("relay.before_publish");
+                    let (published, following) = tokio::join!(
+                        self.publisher
+                            .publish(&current.batch)
+                            .instrument(tracing::debug_span!("outbox.publish", rows = n)),
+                        async {
+                            if let Some(done) = previous {
+                                self.mark_published(&done.token).await?;
+                            }
+                            self.claim_next(&in_flight).await
+                        }
+                    );
+                    match published {
+                        Ok(()) => {
+                            failpoint::hit("relay.after_receipt");
+                            unmarked = Some(current);
+                            match following {
+                                Ok(next) => {
+                                    ready = next;
+                                    Ok(Step::Published(n))
+                                }
+                                Err(error) => Err(error),
+                            }
+                        }
+                        Err(error) => {
+                            if let Ok(Some(next)) = following {
+                                self.release(&next.token, None).await?;
+                            }
+                            self.publish_failed(&current.token, &current.batch, error)
+                                .await
+                        }
+                    }
+                }
+            };
+            let pause = match outcome {
                 Ok(Step::Published(_)) => {
                     outages = 0;
                     db_failures = 0;
@@ -252,21 +320,26 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     tracing::warn!(%error, "retention failed");
                 }
             }
-            match pause {
-                None => {
-                    // More may be due at once; still notice a shutdown.
-                    if futures_poll_ready(&mut shutdown).await {
-                        break;
-                    }
-                }
+            let stop = match pause {
+                None => futures_poll_ready(&mut shutdown).await,
                 Some(pause) => {
                     tokio::select! {
-                        _ = &mut shutdown => break,
-                        _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = &mut shutdown => true,
+                        _ = self.wake.notified() => false,
+                        _ = tokio::time::sleep(pause) => false,
                     }
                 }
+            };
+            if stop {
+                break;
             }
+        }
+        // Finish what is in flight: mark the published batch, give back the claimed one.
+        if let Some(done) = unmarked.take() {
+            self.mark_published(&done.token).await?;
+        }
+        if let Some(claimed) = ready.take() {
+            self.release(&claimed.token, None).await?;
         }
         if let Some(listener) = listener {
             listener.abort();
@@ -280,7 +353,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let seq = self.batch.fetch_add(1, Ordering::Relaxed);
         let token = format!("{}-{seq}", self.config.relay_id);
         let batch = self
-            .claim(&token)
+            .claim(&token, &HashSet::new())
             .instrument(tracing::debug_span!("outbox.claim", token))
             .await?;
         if batch.is_empty() {
@@ -301,19 +374,43 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     .await?;
                 Ok(Step::Published(n))
             }
-            Err(error) if error.kind == PublishErrorKind::Unavailable => {
+            Err(error) => self.publish_failed(&token, &batch, error).await,
+        }
+    }
+
+    /// Claims the next batch under a fresh token; `None` when nothing is due.
+    async fn claim_next(&self, in_flight: &HashSet<i64>) -> Result<Option<Claimed>, Error> {
+        let seq = self.batch.fetch_add(1, Ordering::Relaxed);
+        let token = format!("{}-{seq}", self.config.relay_id);
+        let batch = self
+            .claim(&token, in_flight)
+            .instrument(tracing::debug_span!("outbox.claim", token))
+            .await?;
+        Ok((!batch.is_empty()).then_some(Claimed { token, batch }))
+    }
+
+    /// Settles a batch whose publish failed.
+    async fn publish_failed(
+        &self,
+        token: &str,
+        batch: &[OutboxMessage],
+        error: PublishError,
+    ) -> Result<Step, Error> {
+        let n = batch.len();
+        match error.kind {
+            PublishErrorKind::Unavailable => {
                 tracing::warn!(%error, rows = n, "broker unavailable; batch released");
                 self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
-                self.release(&token, Some(&error.message)).await?;
+                self.release(token, Some(&error.message)).await?;
                 Ok(Step::Unavailable)
             }
-            Err(error) if n == 1 => {
-                self.reject(&token, &batch[0], &error).await?;
+            _ if n == 1 => {
+                self.reject(token, &batch[0], &error).await?;
                 Ok(Step::Published(n))
             }
-            Err(error) => {
+            _ => {
                 tracing::warn!(%error, rows = n, "batch rejected; publishing one by one");
-                self.one_by_one(&token, &batch).await
+                self.one_by_one(token, batch).await
             }
         }
     }
@@ -370,8 +467,14 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .map_err(Error::db("acquiring a connection"))
     }
 
-    /// Claims up to `batch_size` due rows for `token`.
-    async fn claim(&self, token: &str) -> Result<Vec<OutboxMessage>, Error> {
+    /// Claims up to `batch_size` due rows for `token`. Rows in `in_flight` (the
+    /// batch this relay is publishing right now, on the same connection, before
+    /// this one) count as going ahead of the claimed rows of their keys.
+    async fn claim(
+        &self,
+        token: &str,
+        in_flight: &HashSet<i64>,
+    ) -> Result<Vec<OutboxMessage>, Error> {
         let sql = &self.outbox.inner.sql;
         let now = now_ms();
         let mut tx = DB::begin_write(self.outbox.pool())
@@ -432,6 +535,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             for mut row in earlier {
                 let id = row[0].int().unwrap_or(0);
                 let key = row[1].take_text().unwrap_or_default();
+                if in_flight.contains(&id) {
+                    continue;
+                }
                 if in_batch.contains(&id) && !blocked.contains(&key) {
                     accepted.insert(id);
                 } else {

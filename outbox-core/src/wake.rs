@@ -1,7 +1,7 @@
 //! In-process wake-ups: relays register per table; a commit through
 //! [`Outbox::commit`](crate::Outbox::commit) or [`wake`] notifies them.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::Notify;
@@ -20,14 +20,13 @@ pub(crate) fn register(table: &str, notify: &Arc<Notify>) {
 /// commit went through [`Outbox::commit`](crate::Outbox::commit), which does.
 pub fn wake(table: &str) {
     let wakers = WAKERS.lock().unwrap_or_else(|e| e.into_inner());
-    let mut seen: HashMap<*const Notify, ()> = HashMap::new();
+    let mut seen: HashSet<*const Notify> = HashSet::new();
     for (t, w) in wakers.iter() {
-        if t == table {
-            if let Some(n) = w.upgrade() {
-                if seen.insert(Arc::as_ptr(&n), ()).is_none() {
-                    n.notify_one();
-                }
-            }
+        if t == table
+            && let Some(n) = w.upgrade()
+            && seen.insert(Arc::as_ptr(&n))
+        {
+            n.notify_one();
         }
     }
 }
