@@ -62,7 +62,10 @@ pub fn row(widths: &[usize], cells: &[String]) {
 }
 
 pub fn head(widths: &[usize], names: &[&str]) {
-    row(widths, &names.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    row(
+        widths,
+        &names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    );
     let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
     println!("|-{}-|", dashes.join("-|-"));
 }

@@ -8,11 +8,13 @@
 //! - Throughput: a queue is pre-filled with `N` messages (untimed). The plain
 //!   consumer subscribes with `client-individual` acks and the same prefetch as
 //!   the inbox consumer, acks every message, and is timed until the `N`th. The
-//!   inbox consumer (`concurrency` 8, prefetch 16) runs the full path per message —
+//!   inbox consumer (`concurrency` 8, `batch_size` 16, prefetch 128, its own database) runs the full path per message —
 //!   transaction, inbox insert (the dedup), a handler that inserts one business
 //!   row, commit, ack — and is timed until `N` events are processed.
 //! - Latency at a steady `RATE` events/s for `SECS` seconds, after one second of
-//!   unrecorded warm-up. Outbox rows: the producer commits one event per
+//!   unrecorded warm-up. Outbox rows use two databases of the same kind, as in
+//!   the reference scenario (producer and relay on one, consumer on the other):
+//!   the producer commits one event per
 //!   transaction (`Outbox::commit`, which wakes the in-process relay) and notes
 //!   the time after its commit returned; the relay publishes; the consumer's
 //!   handler commits, and `Handler::after_commit` notes the time. Plain rows: the
@@ -38,7 +40,7 @@ use outbox_test_harness::Broker;
 
 const BODY: &str = r#"{"user_id":123456,"name":"a user with a name of a typical length","email":"someone@example.com","created_at":"2026-11-24T05:00:00Z","plan":"free","padding":"xxxxxxxxxxxx"}"#;
 const CONCURRENCY: usize = 8;
-const PREFETCH: u32 = 16;
+const PREFETCH: u32 = 128;
 
 /// Inserts one business row per event; notes commit times for latency runs.
 struct Award<DB> {
@@ -138,10 +140,15 @@ where
     let inbox = Inbox::new(pool.clone(), "bench").expect("inbox");
     inbox.migrate().await.expect("migrate");
     common::exec(pool, "DROP TABLE IF EXISTS points").await.ok();
-    common::exec(pool, "CREATE TABLE points (user_id BIGINT NOT NULL, points BIGINT NOT NULL)")
+    common::exec(
+        pool,
+        "CREATE TABLE points (user_id BIGINT NOT NULL, points BIGINT NOT NULL)",
+    )
+    .await
+    .expect("points table");
+    common::exec(pool, "DELETE FROM inbox_event")
         .await
-        .expect("points table");
-    common::exec(pool, "DELETE FROM inbox_event").await.expect("clean inbox");
+        .expect("clean inbox");
     inbox
 }
 
@@ -154,7 +161,12 @@ fn config(queue: &str) -> ConsumerConfig {
     }
 }
 
-async fn inbox_throughput<DB: Backend>(broker: &Broker, pool: sqlx::Pool<DB>, n: usize, queue: &str) -> f64
+async fn inbox_throughput<DB: Backend>(
+    broker: &Broker,
+    pool: sqlx::Pool<DB>,
+    n: usize,
+    queue: &str,
+) -> f64
 where
     Award<DB>: Handler<DB>,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -183,7 +195,12 @@ fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, usize) {
     (at(0.50), at(0.99), v.len())
 }
 
-async fn plain_latency(broker: &Broker, rate: usize, secs: u64, queue: &str) -> (Duration, Duration, usize) {
+async fn plain_latency(
+    broker: &Broker,
+    rate: usize,
+    secs: u64,
+    queue: &str,
+) -> (Duration, Duration, usize) {
     let consumer = common::client(broker).await;
     let mut sub = consumer
         .subscribe(
@@ -202,7 +219,10 @@ async fn plain_latency(broker: &Broker, rate: usize, secs: u64, queue: &str) -> 
         tokio::spawn(async move {
             while let Some(m) = sub.next_message().await {
                 let now = Instant::now();
-                if let Some(t0) = m.header("event-id").and_then(|id| sent.lock().unwrap().remove(id)) {
+                if let Some(t0) = m
+                    .header("event-id")
+                    .and_then(|id| sent.lock().unwrap().remove(id))
+                {
                     latencies.lock().unwrap().push(now - t0);
                 }
                 let _ = m.ack().await;
@@ -220,7 +240,11 @@ async fn plain_latency(broker: &Broker, rate: usize, secs: u64, queue: &str) -> 
                 sent.lock().unwrap().insert(id.clone(), Instant::now());
             }
             producer
-                .send(Outgoing::new(queue, BODY).persistent(true).header("event-id", id))
+                .send(
+                    Outgoing::new(queue, BODY)
+                        .persistent(true)
+                        .header("event-id", id),
+                )
                 .await
                 .expect("send");
         }
@@ -258,6 +282,7 @@ where
 
 async fn outbox_latency<DB: Backend>(
     broker: &Broker,
+    producer_pool: sqlx::Pool<DB>,
     pool: sqlx::Pool<DB>,
     rate: usize,
     secs: u64,
@@ -268,7 +293,7 @@ where
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
 {
     let inbox = prepare(&pool).await;
-    let outbox = Outbox::new(pool.clone());
+    let outbox = Outbox::new(producer_pool);
     outbox.migrate().await.expect("migrate");
     let handler = award::<DB>();
     let sent = handler.sent.clone();
@@ -281,7 +306,10 @@ where
     let relay = outbox
         .relay(
             StompPublisher::new(common::client(broker).await),
-            RelayConfig { retention: None, ..RelayConfig::default() },
+            RelayConfig {
+                retention: None,
+                ..RelayConfig::default()
+            },
         )
         .spawn();
     let destination = format!("/topic/VirtualTopic.{topic}");
@@ -292,7 +320,11 @@ where
         async move {
             let mut tx = outbox.pool().begin().await.expect("begin");
             let event = Event::raw("user.created", destination, BODY, outbox::core::JSON);
-            let id = outbox.append(&mut tx, event).await.expect("append").to_string();
+            let id = outbox
+                .append(&mut tx, event)
+                .await
+                .expect("append")
+                .to_string();
             outbox.commit(tx).await.expect("commit");
             if record {
                 sent.lock().unwrap().insert(id, Instant::now());
@@ -318,18 +350,30 @@ async fn main() {
     let secs = common::env_usize("BENCH_SECS", 5) as u64;
     let broker = common::broker().await;
     let dir = tempfile::tempdir().expect("tempdir");
+    let producer_dir = tempfile::tempdir().expect("tempdir");
     let sqlite = common::sqlite(dir.path()).await;
+    let sqlite_producer = common::sqlite(producer_dir.path()).await;
     let pg = common::postgres().await;
+    let pg_producer = common::postgres().await;
     let my = common::mysql().await;
+    let my_producer = common::mysql().await;
 
     // JVM warm-up.
     plain_throughput(&broker, 5_000, "/queue/bench.warmup").await;
 
-    println!("\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {PREFETCH}\n");
+    println!(
+        "\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {PREFETCH}\n"
+    );
     let widths = [40, 10, 12];
     common::head(&widths, &["consumer", "msg/s", "× plain"]);
     let plain = plain_throughput(&broker, n, "/queue/bench.in.plain").await;
-    let line = |name: &str, r: f64| vec![name.to_string(), format!("{r:.0}"), format!("{:.2}", r / plain)];
+    let line = |name: &str, r: f64| {
+        vec![
+            name.to_string(),
+            format!("{r:.0}"),
+            format!("{:.2}", r / plain),
+        ]
+    };
     common::row(&widths, &line("plain STOMP consumer (ack only)", plain));
     let r = inbox_throughput(&broker, sqlite.clone(), n, "/queue/bench.in.sqlite").await;
     common::row(&widths, &line("inbox consumer, SQLite (WAL)", r));
@@ -346,15 +390,71 @@ async fn main() {
     let widths = [52, 9, 9, 8];
     common::head(&widths, &["path", "p50 ms", "p99 ms", "events"]);
     let (p50, p99, count) = plain_latency(&broker, rate, secs, "/queue/bench.lat.plain").await;
-    common::row(&widths, &vec!["plain STOMP send → receive".into(), ms(p50), ms(p99), count.to_string()]);
-    let (p50, p99, count) = outbox_latency(&broker, sqlite.clone(), rate, secs, "lat.sqlite").await;
-    common::row(&widths, &vec!["outbox commit → inbox commit, SQLite (WAL)".into(), ms(p50), ms(p99), count.to_string()]);
-    if let Some(pg) = &pg {
-        let (p50, p99, count) = outbox_latency(&broker, pg.pool().clone(), rate, secs, "lat.pg").await;
-        common::row(&widths, &vec!["outbox commit → inbox commit, PostgreSQL".into(), ms(p50), ms(p99), count.to_string()]);
+    common::row(
+        &widths,
+        &vec![
+            "plain STOMP send → receive".into(),
+            ms(p50),
+            ms(p99),
+            count.to_string(),
+        ],
+    );
+    let (p50, p99, count) = outbox_latency(
+        &broker,
+        sqlite_producer.clone(),
+        sqlite.clone(),
+        rate,
+        secs,
+        "lat.sqlite",
+    )
+    .await;
+    common::row(
+        &widths,
+        &vec![
+            "outbox commit → inbox commit, SQLite (WAL)".into(),
+            ms(p50),
+            ms(p99),
+            count.to_string(),
+        ],
+    );
+    if let (Some(pg), Some(producer)) = (&pg, &pg_producer) {
+        let (p50, p99, count) = outbox_latency(
+            &broker,
+            producer.pool().clone(),
+            pg.pool().clone(),
+            rate,
+            secs,
+            "lat.pg",
+        )
+        .await;
+        common::row(
+            &widths,
+            &vec![
+                "outbox commit → inbox commit, PostgreSQL".into(),
+                ms(p50),
+                ms(p99),
+                count.to_string(),
+            ],
+        );
     }
-    if let Some(my) = &my {
-        let (p50, p99, count) = outbox_latency(&broker, my.pool().clone(), rate, secs, "lat.my").await;
-        common::row(&widths, &vec!["outbox commit → inbox commit, MariaDB".into(), ms(p50), ms(p99), count.to_string()]);
+    if let (Some(my), Some(producer)) = (&my, &my_producer) {
+        let (p50, p99, count) = outbox_latency(
+            &broker,
+            producer.pool().clone(),
+            my.pool().clone(),
+            rate,
+            secs,
+            "lat.my",
+        )
+        .await;
+        common::row(
+            &widths,
+            &vec![
+                "outbox commit → inbox commit, MariaDB".into(),
+                ms(p50),
+                ms(p99),
+                count.to_string(),
+            ],
+        );
     }
 }

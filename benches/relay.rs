@@ -21,9 +21,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use outbox::core::{
-    Backend, Event, Outbox, OutboxMessage, Publisher, RelayConfig, StompPublisher,
-};
+use outbox::core::{Backend, Event, Outbox, OutboxMessage, Publisher, RelayConfig, StompPublisher};
 use outbox_test_harness::Broker;
 
 const BODY: &str = r#"{"user_id":123456,"name":"a user with a name of a typical length","email":"someone@example.com","created_at":"2026-11-24T05:00:00Z","plan":"free","padding":"xxxxxxxxxxxx"}"#;

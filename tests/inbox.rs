@@ -186,6 +186,39 @@ macro_rules! inbox_suite {
         }
 
         #[tokio::test]
+        async fn a_prefilled_queue_is_applied_in_batches_with_duplicates_failures_and_bad_payloads() {
+            let Some((_db, inbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.inbox.batch";
+            let producer = client(&broker).await;
+            send(&producer, dest, "e-1", &user(1)).await;
+            send(&producer, dest, "e-1", &user(1)).await;
+            send(&producer, dest, "e-bad", b"[]").await;
+            send(&producer, dest, "e-2", &user(2)).await;
+            send(&producer, dest, "e-3", &user(3)).await;
+            send(&producer, dest, "e-4", &user(4)).await;
+            let faults = Faults::default();
+            faults.0.lock().unwrap().insert(3, 1);
+            // One worker: the five waiting messages go into one transaction.
+            let config = ConsumerConfig { concurrency: 1, batch_size: 16, ..quick(dest) };
+            let handle = Consumer::new(inbox.clone(), points_handler(&faults), config)
+                .spawn(client(&broker).await)
+                .await
+                .unwrap();
+            eventually("four applied", Duration::from_secs(30), || {
+                let inbox = inbox.clone();
+                async move { inbox.counts().await.unwrap().processed == 4 }
+            })
+            .await;
+            let metrics = handle.metrics().clone();
+            handle.shutdown().await.unwrap();
+            assert_eq!(points(&inbox).await, HashMap::from([(1, 1), (2, 1), (3, 1), (4, 1)]));
+            let (processed, duplicates, retried, failed) = metrics.snapshot();
+            assert_eq!((processed, duplicates, retried, failed), (4, 1, 1, 1));
+            assert_eq!(inbox.parked(10).await.unwrap()[0].event_id, "e-bad");
+        }
+
+        #[tokio::test]
         async fn failing_handlers_are_retried_parked_and_replayed_while_others_flow() {
             let Some((_db, inbox)) = setup().await else { return };
             let broker = broker().await;

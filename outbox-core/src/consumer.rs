@@ -33,7 +33,7 @@ use futures_util::FutureExt as _;
 use outbox_stomp::{AckMode, Client, Message, Subscribe};
 use serde::de::DeserializeOwned;
 use sqlx::Transaction;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::backend::{Backend, Column, Value};
@@ -88,8 +88,12 @@ pub struct ConsumerConfig {
     /// Handlers running at once (default 8).
     pub concurrency: usize,
     /// Unacked messages the broker may push (`activemq.prefetchSize`; default
-    /// twice the concurrency).
+    /// `concurrency × batch_size`, at most 1000).
     pub prefetch: Option<u32>,
+    /// Deliveries applied in one database transaction when several are waiting
+    /// (default 16): one commit for many events, each inside a savepoint so a
+    /// failing handler undoes only its own work. 1 = a transaction per event.
+    pub batch_size: usize,
     /// Handle the events of one key one after another, in order, and hold later
     /// events of a key while an earlier one waits for a retry (default off).
     pub per_key_order: bool,
@@ -114,6 +118,7 @@ impl ConsumerConfig {
             destination: destination.into(),
             concurrency: 8,
             prefetch: None,
+            batch_size: 16,
             per_key_order: false,
             max_attempts: 5,
             retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(300)),
@@ -239,7 +244,10 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         let concurrency = config.concurrency.max(1);
         let prefetch = config
             .prefetch
-            .unwrap_or_else(|| u32::try_from(concurrency * 2).unwrap_or(u32::MAX))
+            .unwrap_or_else(|| {
+                let batch = config.batch_size.max(1);
+                u32::try_from((concurrency * batch).min(1000)).unwrap_or(1000)
+            })
             .max(1);
         let subscription = client
             .subscribe(
@@ -268,25 +276,51 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         let concurrency = shared.config.concurrency.max(1);
         let retry = tokio::spawn(retry_loop(shared.clone(), stopped.clone()));
         let mut tasks = JoinSet::new();
-        let permits = Arc::new(Semaphore::new(concurrency));
-        // Per-key order: one lane per handler slot, a key always in the same lane.
-        let lanes: Vec<mpsc::Sender<Message>> = if shared.config.per_key_order {
-            (0..concurrency)
-                .map(|_| {
-                    let (tx, mut rx) = mpsc::channel::<Message>(64);
-                    let shared = shared.clone();
-                    let mut stopped = stopped.clone();
-                    tasks.spawn(async move {
-                        while let Some(message) = rx.recv().await {
-                            deliver(&shared, message, &mut stopped).await;
-                        }
-                    });
-                    tx
-                })
-                .collect()
+        // Workers take up to `batch_size` waiting messages at a time. Without
+        // per-key order they share one queue; with it, each worker has its own
+        // lane and a key always goes to the same lane.
+        let lane_count = if shared.config.per_key_order {
+            concurrency
         } else {
-            Vec::new()
+            1
         };
+        let capacity = usize::try_from(shared.config.prefetch.unwrap_or(64)).unwrap_or(64);
+        let mut lanes: Vec<mpsc::Sender<Message>> = Vec::with_capacity(lane_count);
+        for _ in 0..lane_count {
+            let (tx, rx) = mpsc::channel::<Message>(capacity.max(1));
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            let workers = if shared.config.per_key_order {
+                1
+            } else {
+                concurrency
+            };
+            for _ in 0..workers {
+                let shared = shared.clone();
+                let rx = rx.clone();
+                let mut stopped = stopped.clone();
+                tasks.spawn(async move {
+                    let most = shared.config.batch_size.max(1);
+                    loop {
+                        let batch = {
+                            let mut rx = rx.lock().await;
+                            let Some(first) = rx.recv().await else {
+                                return;
+                            };
+                            let mut batch = vec![first];
+                            while batch.len() < most {
+                                match rx.try_recv() {
+                                    Ok(m) => batch.push(m),
+                                    Err(_) => break,
+                                }
+                            }
+                            batch
+                        };
+                        deliver(&shared, batch, &mut stopped).await;
+                    }
+                });
+            }
+            lanes.push(tx);
+        }
         let mut next_lane = 0usize;
         loop {
             let message = tokio::select! {
@@ -297,33 +331,19 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                 tracing::warn!("subscription ended; consumer stops");
                 break;
             };
-            if lanes.is_empty() {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let shared = shared.clone();
-                let mut stopped = stopped.clone();
-                tasks.spawn(async move {
-                    deliver(&shared, message, &mut stopped).await;
-                    drop(permit);
-                });
-                // Reap finished tasks so the set stays small.
-                while tasks.try_join_next().is_some() {}
-            } else {
-                let lane = match message.header("event-key") {
-                    Some(key) => {
-                        let mut h = DefaultHasher::new();
-                        key.hash(&mut h);
-                        usize::try_from(h.finish() % lanes.len() as u64).unwrap_or(0)
-                    }
-                    None => {
-                        next_lane = (next_lane + 1) % lanes.len();
-                        next_lane
-                    }
-                };
-                if lanes[lane].send(message).await.is_err() {
-                    break;
+            let lane = match message.header("event-key") {
+                Some(key) if lanes.len() > 1 => {
+                    let mut h = DefaultHasher::new();
+                    key.hash(&mut h);
+                    usize::try_from(h.finish() % lanes.len() as u64).unwrap_or(0)
                 }
+                _ => {
+                    next_lane = (next_lane + 1) % lanes.len();
+                    next_lane
+                }
+            };
+            if lanes[lane].send(message).await.is_err() {
+                break;
             }
         }
         drop(lanes);
@@ -337,44 +357,186 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     }
 }
 
-/// Processes one message until it is settled (acked) or the consumer stops.
+/// Processes messages until they are settled (acked) or the consumer stops.
 async fn deliver<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
-    message: Message,
+    messages: Vec<Message>,
     stopped: &mut watch::Receiver<bool>,
 ) {
-    let delivery = to_delivery(&message);
+    let deliveries: Vec<Delivery> = messages.iter().map(to_delivery).collect();
     let mut failures = 0u32;
     loop {
-        match process(shared, &delivery).await {
-            Ok(outcome) => {
-                let counter = match outcome {
-                    Outcome::Processed => &shared.metrics.processed,
-                    Outcome::Duplicate => &shared.metrics.duplicates,
-                    Outcome::Retry => &shared.metrics.retried,
-                    Outcome::Parked => &shared.metrics.failed,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+        let attempt = if deliveries.len() == 1 {
+            process(shared, &deliveries[0]).await.map(|o| vec![o])
+        } else {
+            process_batch(shared, &deliveries).await
+        };
+        match attempt {
+            Ok(outcomes) => {
+                for outcome in &outcomes {
+                    let counter = match outcome {
+                        Outcome::Processed => &shared.metrics.processed,
+                        Outcome::Duplicate => &shared.metrics.duplicates,
+                        Outcome::Retry => &shared.metrics.retried,
+                        Outcome::Parked => &shared.metrics.failed,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
                 failpoint::hit("inbox.after_commit");
-                if let Err(error) = message.ack().await {
-                    // The broker redelivers it; the inbox row makes that harmless.
-                    tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
+                for (message, delivery) in messages.iter().zip(&deliveries) {
+                    if let Err(error) = message.ack().await {
+                        // The broker redelivers it; the inbox row makes that harmless.
+                        tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
+                    }
                 }
                 return;
             }
             Err(error) => {
                 shared.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, event_id = delivery.event_id, "delivery not settled; will try again");
+                tracing::warn!(%error, messages = deliveries.len(), "deliveries not settled; will try again");
                 let pause = shared.config.retry_backoff.delay(failures);
                 failures = failures.saturating_add(1);
                 tokio::select! {
-                    // Unacked: the broker redelivers it after we disconnect.
+                    // Unacked: the broker redelivers them after we disconnect.
                     _ = stopped.wait_for(|s| *s) => return,
                     _ = tokio::time::sleep(pause) => {}
                 }
             }
         }
     }
+}
+
+/// Savepoint statements: the same on the three databases.
+const SAVEPOINT: &str = "SAVEPOINT outbox_delivery";
+const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT outbox_delivery";
+const RELEASE: &str = "RELEASE SAVEPOINT outbox_delivery";
+
+/// Several fresh deliveries in one database transaction, each inside a
+/// savepoint, so one commit settles them all and a failing handler undoes only
+/// its own work. `Err` only for database trouble (then nothing is acked).
+async fn process_batch<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    deliveries: &[Delivery],
+) -> Result<Vec<Outcome>, Error> {
+    let inbox = &shared.inbox;
+    let per_key = shared.config.per_key_order;
+    let mut outcomes: Vec<Option<Outcome>> = deliveries.iter().map(|_| None).collect();
+    let mut todo = Vec::with_capacity(deliveries.len());
+    for (i, delivery) in deliveries.iter().enumerate() {
+        match shared.handler.decode(delivery) {
+            Ok(event) => todo.push((i, event)),
+            Err(reason) => {
+                tracing::error!(
+                    event_id = delivery.event_id,
+                    reason,
+                    "undecodable payload parked"
+                );
+                let mut conn = inbox.acquire().await?;
+                outcomes[i] = Some(
+                    match inbox
+                        .record(&mut conn, delivery, "FAILED", Some(&reason), None)
+                        .await?
+                    {
+                        Recorded::New => Outcome::Parked,
+                        Recorded::Duplicate => Outcome::Duplicate,
+                    },
+                );
+            }
+        }
+    }
+    // Keys that must wait: an earlier event of theirs is waiting for a retry.
+    let mut held: std::collections::HashSet<String> = std::collections::HashSet::new();
+    if per_key {
+        let indices: Vec<usize> = todo.iter().map(|(i, _)| *i).collect();
+        for i in indices {
+            if let Some(key) = &deliveries[i].key
+                && !held.contains(key)
+                && inbox.key_pending(key).await?
+            {
+                held.insert(key.clone());
+            }
+        }
+    }
+    let mut tx = DB::begin_write(inbox.pool())
+        .await
+        .map_err(Error::db("beginning an inbox transaction"))?;
+    let mut applied = Vec::new();
+    for (i, event) in todo {
+        let delivery = &deliveries[i];
+        DB::exec(&mut tx, SAVEPOINT, &[])
+            .await
+            .map_err(Error::db("setting a savepoint"))?;
+        let key_held = per_key && delivery.key.as_ref().is_some_and(|k| held.contains(k));
+        let outcome = if key_held {
+            let waiting = "waiting for an earlier event of its key";
+            match inbox
+                .record(&mut tx, delivery, "RETRY", Some(waiting), Some(now_ms()))
+                .await?
+            {
+                Recorded::New => Outcome::Retry,
+                Recorded::Duplicate => Outcome::Duplicate,
+            }
+        } else if inbox
+            .record(&mut tx, delivery, "PROCESSED", None, None)
+            .await?
+            == Recorded::Duplicate
+        {
+            Outcome::Duplicate
+        } else {
+            match run_handler(&shared.handler, &mut tx, event, delivery).await {
+                Ok(()) => {
+                    applied.push(i);
+                    Outcome::Processed
+                }
+                Err(error) => {
+                    DB::exec(&mut tx, ROLLBACK_TO, &[])
+                        .await
+                        .map_err(Error::db("rolling back to a savepoint"))?;
+                    let reason = error.to_string();
+                    tracing::warn!(
+                        event_id = delivery.event_id,
+                        reason,
+                        "handler failed; retry scheduled"
+                    );
+                    if let Some(key) = &delivery.key {
+                        held.insert(key.clone());
+                    }
+                    let next = now_ms() + ms(shared.config.retry_backoff.delay(0));
+                    let park = shared.config.max_attempts <= 1;
+                    let state = if park { "FAILED" } else { "RETRY" };
+                    match inbox
+                        .record(&mut tx, delivery, state, Some(&reason), Some(next))
+                        .await?
+                    {
+                        Recorded::New if park => Outcome::Parked,
+                        Recorded::New => Outcome::Retry,
+                        Recorded::Duplicate => Outcome::Duplicate,
+                    }
+                }
+            }
+        };
+        if matches!(outcome, Outcome::Duplicate) {
+            // Undo whatever the failed insert left (PostgreSQL aborts the statement's transaction).
+            DB::exec(&mut tx, ROLLBACK_TO, &[])
+                .await
+                .map_err(Error::db("rolling back to a savepoint"))?;
+        }
+        DB::exec(&mut tx, RELEASE, &[])
+            .await
+            .map_err(Error::db("releasing a savepoint"))?;
+        outcomes[i] = Some(outcome);
+    }
+    failpoint::hit("inbox.before_commit");
+    tx.commit()
+        .await
+        .map_err(Error::db("committing an inbox transaction"))?;
+    for i in applied {
+        shared.handler.after_commit(&deliveries[i]);
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::Duplicate))
+        .collect())
 }
 
 /// One attempt at a fresh delivery. `Err` only for database trouble.
