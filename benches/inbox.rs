@@ -392,7 +392,7 @@ async fn main() {
     let (p50, p99, count) = plain_latency(&broker, rate, secs, "/queue/bench.lat.plain").await;
     common::row(
         &widths,
-        &vec![
+        &[
             "plain STOMP send → receive".into(),
             ms(p50),
             ms(p99),
@@ -410,7 +410,7 @@ async fn main() {
     .await;
     common::row(
         &widths,
-        &vec![
+        &[
             "outbox commit → inbox commit, SQLite (WAL)".into(),
             ms(p50),
             ms(p99),
@@ -429,7 +429,7 @@ async fn main() {
         .await;
         common::row(
             &widths,
-            &vec![
+            &[
                 "outbox commit → inbox commit, PostgreSQL".into(),
                 ms(p50),
                 ms(p99),
@@ -449,7 +449,7 @@ async fn main() {
         .await;
         common::row(
             &widths,
-            &vec![
+            &[
                 "outbox commit → inbox commit, MariaDB".into(),
                 ms(p50),
                 ms(p99),
