@@ -263,8 +263,10 @@ macro_rules! inbox_suite {
             assert_eq!(applied, (1..=10).map(|n| (n, 1)).collect::<HashMap<_, _>>());
             let (processed, duplicates, retried, failed) = metrics.snapshot();
             assert_eq!((processed, duplicates, failed), (10, 0, 1));
-            // User 1: 3 failures; user 2: 5 failures, the 5th parks it.
-            assert_eq!(retried, 3 + 4);
+            // User 2: 5 recorded failures, the 5th parks it. User 1: 3 failures,
+            // one of which may fall in a batch that is rolled back and applied one
+            // by one, which records no retry.
+            assert!(retried == 3 + 4 || retried == 2 + 4, "retried {retried}");
         }
 
         #[tokio::test]

@@ -91,8 +91,10 @@ pub struct ConsumerConfig {
     /// `concurrency × batch_size`, at most 1000).
     pub prefetch: Option<u32>,
     /// Deliveries applied in one database transaction when several are waiting
-    /// (default 16): one commit for many events, each inside a savepoint so a
-    /// failing handler undoes only its own work. 1 = a transaction per event.
+    /// (default 16): one commit for many events. When one of them is a
+    /// duplicate or its handler fails, that transaction is rolled back and the
+    /// batch is applied one event per transaction, so a failing handler never
+    /// undoes another event's work. 1 = a transaction per event.
     pub batch_size: usize,
     /// Handle the events of one key one after another, in order, and hold later
     /// events of a key while an earlier one waits for a retry (default off).
@@ -406,20 +408,17 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     }
 }
 
-/// Savepoint statements: the same on the three databases.
-const SAVEPOINT: &str = "SAVEPOINT outbox_delivery";
-const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT outbox_delivery";
-const RELEASE: &str = "RELEASE SAVEPOINT outbox_delivery";
-
-/// Several fresh deliveries in one database transaction, each inside a
-/// savepoint, so one commit settles them all and a failing handler undoes only
-/// its own work. `Err` only for database trouble (then nothing is acked).
+/// Several fresh deliveries in one database transaction: one commit settles
+/// them all. Optimistic: if any of them turns out to be a duplicate or its
+/// handler fails, the transaction is rolled back and the deliveries are
+/// processed one by one, each in its own transaction — so a failing handler
+/// never undoes another event's work. `Err` only for database trouble (then
+/// nothing is acked).
 async fn process_batch<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     deliveries: &[Delivery],
 ) -> Result<Vec<Outcome>, Error> {
     let inbox = &shared.inbox;
-    let per_key = shared.config.per_key_order;
     let mut outcomes: Vec<Option<Outcome>> = deliveries.iter().map(|_| None).collect();
     let mut todo = Vec::with_capacity(deliveries.len());
     for (i, delivery) in deliveries.iter().enumerate() {
@@ -444,94 +443,60 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
             }
         }
     }
-    // Keys that must wait: an earlier event of theirs is waiting for a retry.
-    let mut held: std::collections::HashSet<String> = std::collections::HashSet::new();
-    if per_key {
+    let mut one_by_one = false;
+    if shared.config.per_key_order {
         let indices: Vec<usize> = todo.iter().map(|(i, _)| *i).collect();
         for i in indices {
             if let Some(key) = &deliveries[i].key
-                && !held.contains(key)
                 && inbox.key_pending(key).await?
             {
-                held.insert(key.clone());
+                one_by_one = true;
+                break;
             }
         }
     }
-    let mut tx = DB::begin_write(inbox.pool())
-        .await
-        .map_err(Error::db("beginning an inbox transaction"))?;
-    let mut applied = Vec::new();
-    for (i, event) in todo {
-        let delivery = &deliveries[i];
-        DB::exec(&mut tx, SAVEPOINT, &[])
+    if !one_by_one && !todo.is_empty() {
+        let mut tx = DB::begin_write(inbox.pool())
             .await
-            .map_err(Error::db("setting a savepoint"))?;
-        let key_held = per_key && delivery.key.as_ref().is_some_and(|k| held.contains(k));
-        let outcome = if key_held {
-            let waiting = "waiting for an earlier event of its key";
-            match inbox
-                .record(&mut tx, delivery, "RETRY", Some(waiting), Some(now_ms()))
+            .map_err(Error::db("beginning an inbox transaction"))?;
+        let mut applied = Vec::with_capacity(todo.len());
+        let mut clean = true;
+        for (i, event) in todo {
+            let delivery = &deliveries[i];
+            let fresh = inbox
+                .record(&mut tx, delivery, "PROCESSED", None, None)
                 .await?
+                == Recorded::New;
+            if !fresh
+                || run_handler(&shared.handler, &mut tx, event, delivery)
+                    .await
+                    .is_err()
             {
-                Recorded::New => Outcome::Retry,
-                Recorded::Duplicate => Outcome::Duplicate,
+                clean = false;
+                break;
             }
-        } else if inbox
-            .record(&mut tx, delivery, "PROCESSED", None, None)
-            .await?
-            == Recorded::Duplicate
-        {
-            Outcome::Duplicate
-        } else {
-            match run_handler(&shared.handler, &mut tx, event, delivery).await {
-                Ok(()) => {
-                    applied.push(i);
-                    Outcome::Processed
-                }
-                Err(error) => {
-                    DB::exec(&mut tx, ROLLBACK_TO, &[])
-                        .await
-                        .map_err(Error::db("rolling back to a savepoint"))?;
-                    let reason = error.to_string();
-                    tracing::warn!(
-                        event_id = delivery.event_id,
-                        reason,
-                        "handler failed; retry scheduled"
-                    );
-                    if let Some(key) = &delivery.key {
-                        held.insert(key.clone());
-                    }
-                    let next = now_ms() + ms(shared.config.retry_backoff.delay(0));
-                    let park = shared.config.max_attempts <= 1;
-                    let state = if park { "FAILED" } else { "RETRY" };
-                    match inbox
-                        .record(&mut tx, delivery, state, Some(&reason), Some(next))
-                        .await?
-                    {
-                        Recorded::New if park => Outcome::Parked,
-                        Recorded::New => Outcome::Retry,
-                        Recorded::Duplicate => Outcome::Duplicate,
-                    }
-                }
-            }
-        };
-        if matches!(outcome, Outcome::Duplicate) {
-            // Undo whatever the failed insert left (PostgreSQL aborts the statement's transaction).
-            DB::exec(&mut tx, ROLLBACK_TO, &[])
-                .await
-                .map_err(Error::db("rolling back to a savepoint"))?;
+            applied.push(i);
         }
-        DB::exec(&mut tx, RELEASE, &[])
-            .await
-            .map_err(Error::db("releasing a savepoint"))?;
-        outcomes[i] = Some(outcome);
+        if clean {
+            failpoint::hit("inbox.before_commit");
+            tx.commit()
+                .await
+                .map_err(Error::db("committing an inbox transaction"))?;
+            for &i in &applied {
+                shared.handler.after_commit(&deliveries[i]);
+                outcomes[i] = Some(Outcome::Processed);
+            }
+        } else {
+            let _ = tx.rollback().await;
+            one_by_one = true;
+        }
     }
-    failpoint::hit("inbox.before_commit");
-    tx.commit()
-        .await
-        .map_err(Error::db("committing an inbox transaction"))?;
-    for i in applied {
-        shared.handler.after_commit(&deliveries[i]);
+    if one_by_one {
+        for (i, delivery) in deliveries.iter().enumerate() {
+            if outcomes[i].is_none() {
+                outcomes[i] = Some(process(shared, delivery).await?);
+            }
+        }
     }
     Ok(outcomes
         .into_iter()
