@@ -1,0 +1,284 @@
+//! The points service of the reference scenario: it owns database DB2 and gives
+//! every new user exactly one welcome-points row.
+//!
+//! It consumes `user.created` from its own Virtual Topic queue,
+//! `/queue/Consumer.points.VirtualTopic.user.created`, with a
+//! `#[transactional_event]` consumer: each event's id is recorded in DB2's inbox
+//! in the same transaction as the `welcome_points` row, and the message is
+//! acknowledged only after that commit. Kill the process at any moment: an
+//! uncommitted event is delivered again after the restart, and an event the
+//! broker delivers twice (same event id) is recognised and skipped. The
+//! `welcome_points` table deliberately has no unique key on `user_id`, so a
+//! double effect would show as a second row.
+//!
+//! ```text
+//! cargo run --example points_service
+//! cargo run --example points_service --all-features -- \
+//!     --broker 'failover:(stomp://127.0.0.1:61613)?maxReconnectDelay=1000' \
+//!     --database mysql://root@127.0.0.1:3306/points
+//! ```
+//!
+//! `--database` takes `sqlite://…` (default `sqlite://target/demo/points.db?mode=rwc`),
+//! `postgres://…` or `mysql://…`. Start this service before the user service:
+//! subscribing creates the queue, and a Virtual Topic queue only receives
+//! messages published after it exists. It runs until SIGINT or SIGTERM, then
+//! finishes the events in flight and stops; `RUST_LOG` sets the log filter
+//! (default `info`).
+
+use std::io::IsTerminal as _;
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use outbox::core::{Backend, Consumer, Delivery, Handler, Inbox};
+use outbox::stomp::{Client, Config};
+use outbox::transactional_event;
+use serde::Deserialize;
+use sqlx::Transaction;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Consumes `user.created` and writes one welcome-points row per user into DB2.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Broker URI, e.g. `stomp://host:61613` or `failover:(stomp://a:61613,stomp://b:61613)`.
+    #[arg(long, default_value = "stomp://127.0.0.1:61613")]
+    broker: String,
+    /// DB2: `sqlite://…`, `postgres://…` or `mysql://…`.
+    #[arg(long, default_value = "sqlite://target/demo/points.db?mode=rwc")]
+    database: String,
+}
+
+/// The part of the user service's event this service needs.
+#[derive(Debug, Deserialize)]
+struct UserCreated {
+    user_id: i64,
+}
+
+const WELCOME_POINTS: i64 = 100;
+
+/// The same table on SQLite, PostgreSQL and MySQL/MariaDB. No unique key on
+/// `user_id`: the inbox, not the schema, keeps the effect single.
+const CREATE_WELCOME_POINTS: &str = "CREATE TABLE IF NOT EXISTS welcome_points (\
+     user_id BIGINT NOT NULL, points BIGINT NOT NULL, \
+     event_id VARCHAR(64) NOT NULL, create_time BIGINT NOT NULL)";
+
+/// One module per database: `#[transactional_event]` needs the concrete
+/// transaction type, and the placeholders differ (`?` or `$1`).
+macro_rules! points_in {
+    ($db:ty, $insert:literal) => {
+        use super::*;
+
+        /// Gives the new user their welcome points, once per event id.
+        #[transactional_event(
+            consumer = "points",
+            destination = "/queue/Consumer.points.VirtualTopic.user.created"
+        )]
+        pub(super) async fn award_welcome_points(
+            tx: &mut Transaction<'_, $db>,
+            event: UserCreated,
+            delivery: &Delivery,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::query($insert)
+                .bind(event.user_id)
+                .bind(WELCOME_POINTS)
+                .bind(&delivery.event_id)
+                .bind(now_ms())
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        }
+
+        /// Creates the tables and starts consuming.
+        pub(super) async fn run(
+            pool: sqlx::Pool<$db>,
+            args: &Args,
+            stop: watch::Receiver<bool>,
+        ) -> Result<(), BoxError> {
+            sqlx::query(CREATE_WELCOME_POINTS).execute(&pool).await?;
+            let inbox = AwardWelcomePoints::inbox(pool.clone())?;
+            inbox.migrate().await?;
+            let consumer = AwardWelcomePoints::consumer(pool.clone())?;
+            consume(args, consumer, inbox, stop).await?;
+            pool.close().await;
+            Ok(())
+        }
+    };
+}
+
+mod on_sqlite {
+    points_in!(
+        sqlx::Sqlite,
+        "INSERT INTO welcome_points (user_id, points, event_id, create_time) VALUES (?, ?, ?, ?)"
+    );
+}
+
+mod on_postgres {
+    points_in!(
+        sqlx::Postgres,
+        "INSERT INTO welcome_points (user_id, points, event_id, create_time) VALUES ($1, $2, $3, $4)"
+    );
+}
+
+mod on_mysql {
+    points_in!(
+        sqlx::MySql,
+        "INSERT INTO welcome_points (user_id, points, event_id, create_time) VALUES (?, ?, ?, ?)"
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let stop = stop_on_signals()?;
+    let scheme = args.database.split(':').next().unwrap_or_default();
+    match scheme {
+        "sqlite" => on_sqlite::run(open_sqlite(&args.database).await?, &args, stop).await,
+        "postgres" | "postgresql" => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(10)
+                .connect(&args.database)
+                .await?;
+            on_postgres::run(pool, &args, stop).await
+        }
+        "mysql" | "mariadb" => {
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(10)
+                .connect(&args.database)
+                .await?;
+            on_mysql::run(pool, &args, stop).await
+        }
+        _ => Err(format!(
+            "unsupported database URL {:?}: use sqlite://, postgres:// or mysql://",
+            args.database
+        )
+        .into()),
+    }
+}
+
+/// Subscribes (which creates the Virtual Topic queue), consumes until stopped,
+/// then shuts the consumer down gracefully.
+async fn consume<DB: Backend, H: Handler<DB>>(
+    args: &Args,
+    consumer: Consumer<DB, H>,
+    inbox: Inbox<DB>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), BoxError> {
+    let config = Config::parse(&args.broker)?.with_receipt_timeout(Duration::from_secs(5));
+    let Some(client) = connect(config, stop.clone()).await? else {
+        return Ok(());
+    };
+    let consumer = consumer.spawn(client.clone()).await?;
+    tracing::info!(
+        queue = "/queue/Consumer.points.VirtualTopic.user.created",
+        "subscribed to the user.created queue; it keeps every event published from now on"
+    );
+    let mut progress = tokio::time::interval(Duration::from_secs(1));
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => break,
+            _ = progress.tick() => {
+                let now = consumer.metrics().snapshot();
+                if last != Some(now) {
+                    last = Some(now);
+                    let (processed, duplicates, retried, failed) = now;
+                    tracing::info!(processed, duplicates, retried, failed, "welcome points");
+                }
+            }
+        }
+    }
+    let metrics = consumer.metrics().clone();
+    consumer.shutdown().await?;
+    let _ = client.disconnect().await;
+    let (processed, duplicates, retried, failed) = metrics.snapshot();
+    tracing::info!(processed, duplicates, retried, failed, "welcome points");
+    let counts = inbox.counts().await?;
+    tracing::info!(
+        processed = counts.processed,
+        retry = counts.retry,
+        failed = counts.failed,
+        "points service stopped; inbox rows"
+    );
+    Ok(())
+}
+
+/// Connects, retrying while the broker is unreachable; `None` if stopped first.
+async fn connect(
+    config: Config,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Option<Client>, BoxError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return Ok(None),
+            attempt = Client::connect(config.clone()) => attempt,
+        };
+        match attempt {
+            Ok(client) => {
+                tracing::info!(broker = %config.uri, "connected to the broker");
+                return Ok(Some(client));
+            }
+            Err(error @ outbox::stomp::Error::ConnectRejected(_)) => return Err(error.into()),
+            Err(error) => {
+                tracing::warn!(%error, broker = %config.uri, "broker not reachable; retrying");
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// A stop flag raised by SIGINT or SIGTERM.
+fn stop_on_signals() -> std::io::Result<watch::Receiver<bool>> {
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let stop = Arc::new(watch::channel(false).0);
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::info!("{name} received; shutting down");
+        flag.send_replace(true);
+    });
+    Ok(stop.subscribe())
+}
+
+/// A SQLite pool in WAL mode with `synchronous=NORMAL`: commits are durable
+/// against a crash of the process, and readers do not block the writer.
+async fn open_sqlite(url: &str) -> Result<sqlx::SqlitePool, BoxError> {
+    let options = SqliteConnectOptions::from_str(url)?
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10));
+    if let Some(dir) = options.get_filename().parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    Ok(SqlitePoolOptions::new()
+        .max_connections(10)
+        .connect_with(options)
+        .await?)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

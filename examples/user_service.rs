@@ -1,0 +1,394 @@
+//! The user service of the reference scenario: it owns database DB1, registers
+//! users, and tells the rest of the world through ActiveMQ.
+//!
+//! Each registration is one database transaction holding the user row and its
+//! `user.created` event (a `#[transactional_event]` producer in `pool` form). The
+//! relay, running in the same process, publishes the events to the Virtual Topic
+//! `/topic/VirtualTopic.user.created` (key: the user id) and marks them published
+//! only after the broker confirmed them. Kill the process at any moment: a
+//! committed user's event is still sent after the restart, and the restarted
+//! service continues after the highest user id already in DB1.
+//!
+//! ```text
+//! cargo run --example user_service -- --users 1000 --rate 200
+//! cargo run --example user_service --all-features -- \
+//!     --broker 'failover:(stomp://127.0.0.1:61613)?maxReconnectDelay=1000' \
+//!     --database postgres://postgres@127.0.0.1:5432/users --users 1000 --exit-when-done
+//! ```
+//!
+//! `--database` takes `sqlite://…` (default `sqlite://target/demo/users.db?mode=rwc`),
+//! `postgres://…` or `mysql://…`. Start the points service first: a Virtual Topic
+//! queue only receives messages published after it exists. SIGINT or SIGTERM
+//! stops the service gracefully; `RUST_LOG` sets the log filter (default `info`).
+
+use std::future::Future;
+use std::io::IsTerminal as _;
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use outbox::core::{Backend, Outbox, RelayConfig, RelayHandle, StompPublisher};
+use outbox::stomp::{Client, Config};
+use outbox::transactional_event;
+use serde::Serialize;
+use sqlx::Transaction;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::time::{MissedTickBehavior, interval};
+use tracing_subscriber::EnvFilter;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Registers users 1..=N in DB1 and publishes a `user.created` event for each.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Broker URI, e.g. `stomp://host:61613` or `failover:(stomp://a:61613,stomp://b:61613)`.
+    #[arg(long, default_value = "stomp://127.0.0.1:61613")]
+    broker: String,
+    /// DB1: `sqlite://…`, `postgres://…` or `mysql://…`.
+    #[arg(long, default_value = "sqlite://target/demo/users.db?mode=rwc")]
+    database: String,
+    /// Register users 1..=N (continuing after the highest id already in DB1).
+    #[arg(long, default_value_t = 1000)]
+    users: i64,
+    /// Registrations per second; 0 registers as fast as the database allows.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Exit once N users exist and every event has been published.
+    #[arg(long)]
+    exit_when_done: bool,
+}
+
+/// The event: what the points service (or anyone else) learns about a new user.
+#[derive(Debug, Serialize)]
+struct UserCreated {
+    user_id: i64,
+    name: String,
+}
+
+/// The same table on SQLite, PostgreSQL and MySQL/MariaDB.
+const CREATE_USERS: &str = "CREATE TABLE IF NOT EXISTS users (\
+     id BIGINT PRIMARY KEY, name VARCHAR(100) NOT NULL, create_time BIGINT NOT NULL)";
+const HIGHEST_ID: &str = "SELECT COALESCE(MAX(id), 0) FROM users";
+
+/// What the service needs from DB1 besides the outbox.
+trait Users {
+    /// Creates the `users` table if it does not exist.
+    fn create_table(&self) -> impl Future<Output = Result<(), sqlx::Error>>;
+    /// The highest registered user id, 0 if none.
+    fn highest_id(&self) -> impl Future<Output = Result<i64, sqlx::Error>>;
+    /// Registers one user: its row and its event, in one transaction.
+    fn register(
+        &self,
+        user_id: i64,
+    ) -> impl Future<Output = Result<UserCreated, outbox::core::Error>>;
+}
+
+/// One module per database: `#[transactional_event]` needs the concrete
+/// transaction type, and the placeholders differ (`?` or `$1`).
+// Skipped because rustfmt re-indents an attribute's lines inside a macro body on every run.
+#[rustfmt::skip]
+macro_rules! users_in {
+    ($db:ty, $insert:literal) => {
+        use super::*;
+
+        /// Inserts the user; the generated code appends its `user.created`
+        /// event in the same transaction, commits, and wakes the relay.
+        #[transactional_event(
+            pool,
+            destination = "/topic/VirtualTopic.user.created",
+            event_type = "user.created",
+            key = event.user_id
+        )]
+        async fn register_user(
+            tx: &mut Transaction<'_, $db>,
+            user_id: i64,
+        ) -> Result<UserCreated, outbox::core::Error> {
+            let user = UserCreated {
+                user_id,
+                name: format!("user-{user_id}"),
+            };
+            sqlx::query($insert)
+                .bind(user.user_id)
+                .bind(&user.name)
+                .bind(now_ms())
+                .execute(&mut **tx)
+                .await
+                .map_err(|source| outbox::core::Error::Database {
+                    action: "inserting a user",
+                    source,
+                })?;
+            Ok(user)
+        }
+
+        pub(super) struct Db1(pub(super) sqlx::Pool<$db>);
+
+        impl Users for Db1 {
+            async fn create_table(&self) -> Result<(), sqlx::Error> {
+                sqlx::query(CREATE_USERS).execute(&self.0).await.map(drop)
+            }
+
+            async fn highest_id(&self) -> Result<i64, sqlx::Error> {
+                sqlx::query_scalar(HIGHEST_ID).fetch_one(&self.0).await
+            }
+
+            async fn register(&self, user_id: i64) -> Result<UserCreated, outbox::core::Error> {
+                register_user(&self.0, user_id).await
+            }
+        }
+    };
+}
+
+mod on_sqlite {
+    users_in!(
+        sqlx::Sqlite,
+        "INSERT INTO users (id, name, create_time) VALUES (?, ?, ?)"
+    );
+}
+
+mod on_postgres {
+    users_in!(
+        sqlx::Postgres,
+        "INSERT INTO users (id, name, create_time) VALUES ($1, $2, $3)"
+    );
+}
+
+mod on_mysql {
+    users_in!(
+        sqlx::MySql,
+        "INSERT INTO users (id, name, create_time) VALUES (?, ?, ?)"
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let stop = stop_on_signals()?;
+    let scheme = args.database.split(':').next().unwrap_or_default();
+    match scheme {
+        "sqlite" => {
+            let pool = open_sqlite(&args.database).await?;
+            serve(&args, Outbox::new(pool.clone()), on_sqlite::Db1(pool), stop).await
+        }
+        "postgres" | "postgresql" => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(&args.database)
+                .await?;
+            serve(
+                &args,
+                Outbox::new(pool.clone()),
+                on_postgres::Db1(pool),
+                stop,
+            )
+            .await
+        }
+        "mysql" | "mariadb" => {
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(4)
+                .connect(&args.database)
+                .await?;
+            serve(&args, Outbox::new(pool.clone()), on_mysql::Db1(pool), stop).await
+        }
+        _ => Err(format!(
+            "unsupported database URL {:?}: use sqlite://, postgres:// or mysql://",
+            args.database
+        )
+        .into()),
+    }
+}
+
+/// Migrates, starts the relay, registers the users, and stops on a signal
+/// (or, with `--exit-when-done`, once everything is published).
+async fn serve<DB: Backend>(
+    args: &Args,
+    outbox: Outbox<DB>,
+    users: impl Users,
+    stop: Arc<watch::Sender<bool>>,
+) -> Result<(), BoxError> {
+    outbox.migrate().await?;
+    users.create_table().await?;
+    let broker = Config::parse(&args.broker)?.with_receipt_timeout(Duration::from_secs(5));
+    // The relay needs the broker, registrations do not: while the broker is
+    // away users keep being registered and their events wait in the outbox.
+    let relay = tokio::spawn(start_relay(outbox.clone(), broker, stop.subscribe()));
+    let registered = register_users(args, &users, &outbox, stop.subscribe()).await;
+    stop.send_replace(true);
+    match relay.await {
+        Ok(Ok(Some(relay))) => relay.shutdown().await?,
+        Ok(Ok(None)) => {}
+        Ok(Err(error)) => return Err(error),
+        Err(join) => return Err(join.into()),
+    }
+    registered?;
+    let backlog = outbox.backlog().await?;
+    let highest = users.highest_id().await?;
+    tracing::info!(
+        users = highest,
+        unpublished = backlog.pending,
+        "user service stopped"
+    );
+    outbox.pool().close().await;
+    Ok(())
+}
+
+/// Connects to the broker (waiting for it if need be) and runs the relay.
+async fn start_relay<DB: Backend>(
+    outbox: Outbox<DB>,
+    broker: Config,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<RelayHandle>, BoxError> {
+    let Some(client) = connect(broker, stop).await? else {
+        return Ok(None);
+    };
+    let config = RelayConfig {
+        // A killed relay's claimed rows are taken over after this long; it
+        // must exceed the receipt timeout above.
+        lease: Duration::from_secs(10),
+        ..RelayConfig::default()
+    };
+    Ok(Some(
+        outbox.relay(StompPublisher::new(client), config).spawn(),
+    ))
+}
+
+/// Registers users up to `--users` at `--rate`, until done or stopped.
+async fn register_users<DB: Backend>(
+    args: &Args,
+    users: &impl Users,
+    outbox: &Outbox<DB>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), BoxError> {
+    let mut next = users.highest_id().await? + 1;
+    if next > 1 {
+        tracing::info!(
+            highest = next - 1,
+            "users exist already; continuing after them"
+        );
+    }
+    let mut pace = (args.rate > 0.0).then(|| {
+        let mut pace = interval(Duration::from_secs_f64(1.0 / args.rate));
+        pace.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        pace
+    });
+    let mut progress = interval(Duration::from_secs(2));
+    let mut announced = false;
+    loop {
+        let done = next > args.users;
+        if done && !announced {
+            announced = true;
+            tracing::info!(users = args.users, "all users registered");
+        }
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+            _ = progress.tick() => {
+                let pending = outbox.backlog().await.map(|b| b.pending).unwrap_or(0);
+                tracing::info!(registered = next - 1, of = args.users, unpublished = pending, "progress");
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)), if done => {
+                if args.exit_when_done && outbox.backlog().await?.pending == 0 {
+                    tracing::info!("every event is published; exiting as asked");
+                    return Ok(());
+                }
+            }
+            _ = tick(&mut pace), if !done => match users.register(next).await {
+                Ok(user) => {
+                    tracing::debug!(user_id = user.user_id, "registered");
+                    next += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, user_id = next, "registration failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    // The commit may have succeeded before the error: ask DB1.
+                    if let Ok(highest) = users.highest_id().await {
+                        next = highest + 1;
+                    }
+                }
+            },
+        }
+    }
+}
+
+async fn tick(pace: &mut Option<tokio::time::Interval>) {
+    if let Some(pace) = pace {
+        pace.tick().await;
+    }
+}
+
+/// Connects, retrying while the broker is unreachable; `None` if stopped first.
+async fn connect(
+    config: Config,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Option<Client>, BoxError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return Ok(None),
+            attempt = Client::connect(config.clone()) => attempt,
+        };
+        match attempt {
+            Ok(client) => {
+                tracing::info!(broker = %config.uri, "connected to the broker");
+                return Ok(Some(client));
+            }
+            Err(error @ outbox::stomp::Error::ConnectRejected(_)) => return Err(error.into()),
+            Err(error) => {
+                tracing::warn!(%error, broker = %config.uri, "broker not reachable; retrying");
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// A stop flag raised by SIGINT or SIGTERM.
+fn stop_on_signals() -> std::io::Result<Arc<watch::Sender<bool>>> {
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let stop = Arc::new(watch::channel(false).0);
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::info!("{name} received; shutting down");
+        flag.send_replace(true);
+    });
+    Ok(stop)
+}
+
+/// A SQLite pool in WAL mode with `synchronous=NORMAL`: commits are durable
+/// against a crash of the process, and readers do not block the writer.
+async fn open_sqlite(url: &str) -> Result<sqlx::SqlitePool, BoxError> {
+    let options = SqliteConnectOptions::from_str(url)?
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10));
+    if let Some(dir) = options.get_filename().parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    Ok(SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await?)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
