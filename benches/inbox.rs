@@ -45,6 +45,7 @@ const PREFETCH: u32 = 128;
 /// Inserts one business row per event; notes commit times for latency runs.
 struct Award<DB> {
     sent: Arc<Mutex<HashMap<String, Instant>>>,
+    done: Arc<Mutex<HashMap<String, Instant>>>,
     latencies: Arc<Mutex<Vec<Duration>>>,
     _db: std::marker::PhantomData<fn() -> DB>,
 }
@@ -73,10 +74,12 @@ macro_rules! award_handler {
             }
 
             fn after_commit(&self, delivery: &Delivery) {
-                let now = Instant::now();
-                if let Some(t0) = self.sent.lock().unwrap().remove(&delivery.event_id) {
-                    self.latencies.lock().unwrap().push(now - t0);
-                }
+                // Matched with the producer's times at the end: the handler can
+                // commit before the producer has noted its own commit time.
+                self.done
+                    .lock()
+                    .unwrap()
+                    .insert(delivery.event_id.clone(), Instant::now());
             }
         }
     };
@@ -88,6 +91,7 @@ award_handler!(sqlx::MySql);
 fn award<DB>() -> Award<DB> {
     Award {
         sent: Arc::default(),
+        done: Arc::default(),
         latencies: Arc::default(),
         _db: std::marker::PhantomData,
     }
@@ -297,6 +301,7 @@ where
     outbox.migrate().await.expect("migrate");
     let handler = award::<DB>();
     let sent = handler.sent.clone();
+    let done = handler.done.clone();
     let latencies = handler.latencies.clone();
     let queue = format!("/queue/Consumer.bench.VirtualTopic.{topic}");
     let consumer = Consumer::new(inbox, handler, config(&queue))
@@ -335,7 +340,13 @@ where
     tokio::time::sleep(Duration::from_secs(1)).await;
     relay.shutdown().await.expect("relay");
     consumer.shutdown().await.expect("consumer");
-    let v = latencies.lock().unwrap().clone();
+    let sent = sent.lock().unwrap();
+    let done = done.lock().unwrap();
+    let v: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(id, t0)| done.get(id).map(|t1| t1.saturating_duration_since(*t0)))
+        .collect();
+    let _ = latencies;
     percentiles(v)
 }
 

@@ -460,22 +460,20 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
             .await
             .map_err(Error::db("beginning an inbox transaction"))?;
         let mut applied = Vec::with_capacity(todo.len());
-        let mut clean = true;
-        for (i, event) in todo {
-            let delivery = &deliveries[i];
-            let fresh = inbox
-                .record(&mut tx, delivery, "PROCESSED", None, None)
-                .await?
-                == Recorded::New;
-            if !fresh
-                || run_handler(&shared.handler, &mut tx, event, delivery)
+        let rows: Vec<&Delivery> = todo.iter().map(|(i, _)| &deliveries[*i]).collect();
+        let mut clean = inbox.record_processed(&mut tx, &rows).await? == Recorded::New;
+        if clean {
+            for (i, event) in todo {
+                let delivery = &deliveries[i];
+                if run_handler(&shared.handler, &mut tx, event, delivery)
                     .await
                     .is_err()
-            {
-                clean = false;
-                break;
+                {
+                    clean = false;
+                    break;
+                }
+                applied.push(i);
             }
-            applied.push(i);
         }
         if clean {
             failpoint::hit("inbox.before_commit");

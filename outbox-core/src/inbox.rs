@@ -213,6 +213,37 @@ impl<DB: Backend> Inbox<DB> {
         }
     }
 
+    /// Inserts `PROCESSED` rows for all of `deliveries` in one statement. A
+    /// unique violation (any of them a duplicate) is `Recorded::Duplicate` and
+    /// leaves the transaction to be rolled back.
+    pub(crate) async fn record_processed(
+        &self,
+        conn: &mut DB::Connection,
+        deliveries: &[&Delivery],
+    ) -> Result<Recorded, Error> {
+        let now = now_ms();
+        let mut args = Vec::with_capacity(deliveries.len() * 7);
+        for d in deliveries {
+            args.extend([
+                Value::Text(Some(&self.consumer)),
+                Value::Text(Some(&d.event_id)),
+                Value::Text(d.event_type.as_deref()),
+                Value::Text(d.key.as_deref()),
+                Value::Int(now),
+                Value::Int(now),
+                Value::Int(now),
+            ]);
+        }
+        match DB::exec(conn, &self.sql.insert_processed(deliveries.len()), &args).await {
+            Ok(_) => Ok(Recorded::New),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(Recorded::Duplicate),
+            Err(source) => Err(Error::Database {
+                action: "recording events in the inbox",
+                source,
+            }),
+        }
+    }
+
     /// `true` when an earlier event of `key` is waiting for a retry or parked.
     pub(crate) async fn key_pending(&self, key: &str) -> Result<bool, Error> {
         let mut conn = self.acquire().await?;

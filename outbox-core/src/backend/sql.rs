@@ -132,6 +132,8 @@ impl OutboxSql {
 /// The statements of one inbox table.
 #[derive(Debug)]
 pub(crate) struct InboxSql {
+    dialect: &'static Dialect,
+    table: String,
     pub(crate) ddl: Vec<String>,
     pub(crate) insert: String,
     pub(crate) key_pending: String,
@@ -159,6 +161,8 @@ impl InboxSql {
              AND i.next_attempt_at <= ?"
         );
         InboxSql {
+            dialect,
+            table: t.to_owned(),
             ddl: (dialect.inbox_ddl)(t),
             insert: p(format!(
                 "INSERT INTO {t} (consumer, event_id, event_type, event_key, process, attempts, \
@@ -208,6 +212,24 @@ impl InboxSql {
                 "consumer = ? AND process = 'PROCESSED' AND processed_time < ?",
             )),
         }
+    }
+}
+
+impl InboxSql {
+    /// `INSERT` of `rows` processed rows at once: (consumer, event_id,
+    /// event_type, event_key, time) each.
+    pub(crate) fn insert_processed(&self, rows: usize) -> String {
+        let one = "(?, ?, ?, ?, 'PROCESSED', 1, NULL, NULL, NULL, NULL, ?, ?, ?)";
+        let values = vec![one; rows].join(", ");
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "INSERT INTO {} (consumer, event_id, event_type, event_key, process, attempts, \
+                 next_attempt_at, last_error, headers, content, create_time, update_time, \
+                 processed_time) VALUES {values}",
+                self.table
+            ),
+        )
     }
 }
 
