@@ -103,7 +103,7 @@ macro_rules! points_in {
             sqlx::query(CREATE_WELCOME_POINTS).execute(&pool).await?;
             let inbox = AwardWelcomePoints::inbox(pool.clone())?;
             inbox.migrate().await?;
-            let consumer = AwardWelcomePoints::consumer(pool.clone())?;
+            let consumer = || AwardWelcomePoints::consumer(pool.clone());
             consume(args, consumer, inbox, stop).await?;
             pool.close().await;
             Ok(())
@@ -170,15 +170,25 @@ async fn main() -> Result<(), BoxError> {
 /// then shuts the consumer down gracefully.
 async fn consume<DB: Backend, H: Handler<DB>>(
     args: &Args,
-    consumer: Consumer<DB, H>,
+    consumer: impl Fn() -> Result<Consumer<DB, H>, outbox::core::Error>,
     inbox: Inbox<DB>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), BoxError> {
     let config = Config::parse(&args.broker)?.with_receipt_timeout(Duration::from_secs(5));
-    let Some(client) = connect(config, stop.clone()).await? else {
-        return Ok(());
+    let (client, consumer) = loop {
+        let Some(client) = connect(config.clone(), stop.clone()).await? else {
+            return Ok(());
+        };
+        match consumer()?.spawn(client.clone()).await {
+            Ok(consumer) => break (client, consumer),
+            // The broker went away between connecting and subscribing.
+            Err(error) => {
+                tracing::warn!(%error, "subscribing failed; connecting again");
+                let _ = client.disconnect().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     };
-    let consumer = consumer.spawn(client.clone()).await?;
     tracing::info!(
         queue = "/queue/Consumer.points.VirtualTopic.user.created",
         "subscribed to the user.created queue; it keeps every event published from now on"

@@ -294,7 +294,8 @@ async fn register_users<DB: Backend>(
                 tracing::info!(registered = next - 1, of = args.users, unpublished = pending, "progress");
             }
             _ = tokio::time::sleep(Duration::from_millis(100)), if done => {
-                if args.exit_when_done && outbox.backlog().await?.pending == 0 {
+                let published = outbox.backlog().await.is_ok_and(|b| b.pending == 0);
+                if args.exit_when_done && published {
                     tracing::info!("every event is published; exiting as asked");
                     return Ok(());
                 }
