@@ -36,7 +36,7 @@ use sqlx::Transaction;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::backend::{Backend, Column, Value};
+use crate::backend::{Backend, Column, Value, WriteGate};
 use crate::backoff::Backoff;
 use crate::inbox::{Delivery, Inbox, Recorded, fallback_event_id};
 use crate::names::{ms, now_ms};
@@ -175,6 +175,7 @@ struct Shared<DB: Backend, H: Handler<DB>> {
     handler: H,
     config: ConsumerConfig,
     metrics: Arc<ConsumerMetrics>,
+    gate: WriteGate,
 }
 
 impl<DB: Backend, H: Handler<DB>> std::fmt::Debug for Consumer<DB, H> {
@@ -230,6 +231,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                 handler,
                 config,
                 metrics: Arc::default(),
+                gate: WriteGate::new(DB::DIALECT),
             }),
         }
     }
@@ -456,6 +458,7 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
         }
     }
     if !one_by_one && !todo.is_empty() {
+        let _turn = shared.gate.enter().await;
         let mut tx = DB::begin_write(inbox.pool())
             .await
             .map_err(Error::db("beginning an inbox transaction"))?;
@@ -545,6 +548,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
             },
         );
     }
+    let _turn = shared.gate.enter().await;
     let mut tx = DB::begin_write(inbox.pool())
         .await
         .map_err(Error::db("beginning an inbox transaction"))?;
@@ -700,6 +704,7 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
 ) -> Result<(), Error> {
     let inbox = &shared.inbox;
     let now = now_ms();
+    let _turn = shared.gate.enter().await;
     let mut tx = DB::begin_write(inbox.pool())
         .await
         .map_err(Error::db("beginning a retry"))?;

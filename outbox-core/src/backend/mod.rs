@@ -117,6 +117,27 @@ pub struct Dialect {
     pub notify: fn(&str) -> Option<String>,
     /// `DELETE` of at most `LIMIT ?` rows matching a condition: (table, condition).
     pub delete_limited: fn(&str, &str) -> String,
+    /// One writer at a time (SQLite): writers of one component queue in the
+    /// process instead of sleeping in the database's busy handler.
+    pub single_writer: bool,
+}
+
+/// Lets one writing transaction at a time through on single-writer databases.
+#[derive(Debug, Default)]
+pub(crate) struct WriteGate(Option<tokio::sync::Mutex<()>>);
+
+impl WriteGate {
+    pub(crate) fn new(dialect: &Dialect) -> WriteGate {
+        WriteGate(dialect.single_writer.then(|| tokio::sync::Mutex::new(())))
+    }
+
+    /// Waits for this component's turn to write; the turn ends when the guard drops.
+    pub(crate) async fn enter(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.0 {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        }
+    }
 }
 
 /// A database the outbox and the inbox can use: SQLite, PostgreSQL or

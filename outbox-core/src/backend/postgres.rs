@@ -27,6 +27,7 @@ static POSTGRES: Dialect = Dialect {
             "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY id LIMIT ?)"
         )
     },
+    single_writer: false,
 };
 
 fn outbox_ddl(t: &str) -> Vec<String> {

@@ -25,6 +25,7 @@ static SQLITE: Dialect = Dialect {
             "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY id LIMIT ?)"
         )
     },
+    single_writer: true,
 };
 
 fn outbox_ddl(t: &str) -> Vec<String> {
