@@ -144,23 +144,32 @@ impl fmt::Display for Command {
     }
 }
 
-/// One header name or value: a span of the decoded frame's head, or owned text.
+/// A decoded header: its name and value as `start..end` offsets into the
+/// frame's head.
 ///
-/// Invariant: the bytes are valid UTF-8 (checked when the frame was decoded, or
-/// they came from a `&str`).
-#[derive(Clone)]
-enum Field {
-    Span(u32, u32),
-    Owned(Bytes),
+/// Invariant: the head holds UTF-8 at both spans. The head was validated with
+/// `str::from_utf8`, the spans are cut at ASCII delimiters, and unescaping in
+/// place only replaced ASCII pairs with ASCII bytes.
+#[derive(Clone, Copy)]
+pub(super) struct HeadSpan {
+    pub(super) name: (usize, usize),
+    pub(super) value: (usize, usize),
 }
 
 /// The ordered headers of a frame. Repeated names are kept; lookups return the
 /// first occurrence, as the STOMP specification says.
+///
+/// A decoded frame's headers are spans of its head, which costs one small
+/// `Vec` per frame; headers added later are owned text and come after them.
 #[derive(Clone, Default)]
 pub struct Headers {
-    /// The frame head the spans point into (empty for built frames).
+    /// The decoded frame's head the spans point into (empty for built frames).
     raw: Bytes,
-    fields: Vec<(Field, Field)>,
+    /// Decoded headers, in frame order, before every entry of `owned`.
+    decoded: Vec<HeadSpan>,
+    /// Headers added with `push` or `set`. Invariant: UTF-8, as they come from
+    /// `str`/`String` or are slices of `raw` at a span.
+    owned: Vec<(Bytes, Bytes)>,
 }
 
 impl Headers {
@@ -169,27 +178,34 @@ impl Headers {
         Headers::default()
     }
 
-    pub(crate) fn with_raw(raw: Bytes, capacity: usize) -> Headers {
+    /// Headers of a decoded frame: `decoded` are spans of `raw`, the frame's
+    /// head, which must hold UTF-8 at each span.
+    pub(super) fn from_head(raw: Bytes, decoded: Vec<HeadSpan>) -> Headers {
         Headers {
             raw,
-            fields: Vec::with_capacity(capacity),
+            decoded,
+            owned: Vec::new(),
         }
     }
 
-    pub(crate) fn push_fields(&mut self, name: Field2, value: Field2) {
-        self.fields.push((name.into_field(), value.into_field()));
-    }
-
-    fn text<'a>(&'a self, field: &'a Field) -> &'a str {
-        field_text(&self.raw, field)
+    fn span_text(&self, (start, end): (usize, usize)) -> &str {
+        utf8(&self.raw[start..end])
     }
 
     /// The first value of `name`, if present.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.fields
+        let name = name.as_bytes();
+        if let Some(span) = self
+            .decoded
             .iter()
-            .find(|(n, _)| self.text(n) == name)
-            .map(|(_, v)| self.text(v))
+            .find(|span| &self.raw[span.name.0..span.name.1] == name)
+        {
+            return Some(self.span_text(span.value));
+        }
+        self.owned
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| utf8(v))
     }
 
     /// Every value of `name`, in frame order.
@@ -204,73 +220,121 @@ impl Headers {
 
     /// All headers as `(name, value)`, in frame order, repeats included.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
-        self.fields
-            .iter()
-            .map(move |(n, v)| (self.text(n), self.text(v)))
+        Iter {
+            headers: self,
+            decoded: self.decoded.iter(),
+            owned: self.owned.iter(),
+        }
     }
 
     /// Number of header lines, repeats included.
     pub fn len(&self) -> usize {
-        self.fields.len()
+        self.decoded.len() + self.owned.len()
     }
 
     /// True when there are no headers.
     pub fn is_empty(&self) -> bool {
-        self.fields.is_empty()
+        self.len() == 0
     }
 
     /// Appends a header (an existing one of the same name keeps precedence).
     pub fn push(&mut self, name: impl Into<HeaderText>, value: impl Into<HeaderText>) {
-        self.fields
-            .push((Field::Owned(name.into().0), Field::Owned(value.into().0)));
+        self.owned.push((name.into().0, value.into().0));
     }
 
     /// Sets `name` to `value`: replaces the first occurrence and drops the others,
     /// or appends when absent.
     pub fn set(&mut self, name: impl Into<HeaderText>, value: impl Into<HeaderText>) {
         let name = name.into().0;
-        let value = Field::Owned(value.into().0);
-        let key = String::from_utf8_lossy(&name).into_owned();
-        let mut first = None;
-        for (i, (n, _)) in self.fields.iter().enumerate() {
-            if self.text(n) == key {
-                first = Some(i);
-                break;
-            }
+        let value = value.into().0;
+        let raw = &self.raw;
+        if self
+            .decoded
+            .iter()
+            .any(|span| raw[span.name.0..span.name.1] == name[..])
+        {
+            self.make_owned();
         }
-        match first {
-            Some(i) => {
-                self.fields[i].1 = value;
-                let mut idx = 0;
-                let raw = self.raw.clone();
-                self.fields.retain(|(n, _)| {
-                    let keep = idx <= i || field_text(&raw, n) != key;
-                    idx += 1;
+        match self.owned.iter().position(|(n, _)| *n == name) {
+            Some(first) => {
+                self.owned[first].1 = value;
+                let mut index = 0;
+                self.owned.retain(|(n, _)| {
+                    let keep = index <= first || *n != name;
+                    index += 1;
                     keep
                 });
             }
-            None => self.fields.push((Field::Owned(name), value)),
+            None => self.owned.push((name, value)),
         }
     }
 
     /// Removes every header called `name`; returns how many were removed.
     pub fn remove(&mut self, name: &str) -> usize {
-        let before = self.fields.len();
-        let raw = self.raw.clone();
-        self.fields.retain(|(n, _)| field_text(&raw, n) != name);
-        before - self.fields.len()
+        let before = self.len();
+        let name = name.as_bytes();
+        let raw = &self.raw;
+        self.decoded
+            .retain(|span| &raw[span.name.0..span.name.1] != name);
+        self.owned.retain(|(n, _)| n != name);
+        before - self.len()
+    }
+
+    /// Turns the decoded spans into owned entries (slices of the head, no
+    /// copies), so that a decoded entry can be changed in place.
+    fn make_owned(&mut self) {
+        if self.decoded.is_empty() {
+            return;
+        }
+        let raw = std::mem::take(&mut self.raw);
+        let mut owned = Vec::with_capacity(self.decoded.len() + self.owned.len());
+        for span in self.decoded.drain(..) {
+            owned.push((
+                raw.slice(span.name.0..span.name.1),
+                raw.slice(span.value.0..span.value.1),
+            ));
+        }
+        owned.append(&mut self.owned);
+        self.owned = owned;
     }
 }
 
-fn field_text<'a>(raw: &'a Bytes, field: &'a Field) -> &'a str {
-    let bytes: &[u8] = match field {
-        Field::Span(a, b) => &raw[*a as usize..*b as usize],
-        Field::Owned(b) => b,
-    };
-    // SAFETY: every Field holds UTF-8 (see the invariant on `Field`): spans
-    // point into a head that was validated with `str::from_utf8` and cut at
-    // ASCII delimiters, owned fields were built from `str`/`String` or from
-    // unescaping validated UTF-8 (ASCII replaced by ASCII).
+/// The decoded headers, then the owned ones.
+struct Iter<'a> {
+    headers: &'a Headers,
+    decoded: std::slice::Iter<'a, HeadSpan>,
+    owned: std::slice::Iter<'a, (Bytes, Bytes)>,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<(&'a str, &'a str)> {
+        if let Some(span) = self.decoded.next() {
+            let headers = self.headers;
+            return Some((headers.span_text(span.name), headers.span_text(span.value)));
+        }
+        self.owned
+            .next()
+            .map(|(name, value)| (utf8(name), utf8(value)))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let len = self.decoded.len() + self.owned.len();
+        (len, Some(len))
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
+
+/// Header bytes as text. Only for bytes a [`Headers`] holds: at a span of its
+/// head or in its owned entries.
+fn utf8(bytes: &[u8]) -> &str {
+    // SAFETY: callers pass only header bytes, which are UTF-8 by the
+    // invariants on `HeadSpan` (spans of a validated head, cut at ASCII
+    // delimiters, unescaped by replacing ASCII pairs with ASCII bytes) and on
+    // `Headers::owned` (built from `str`/`String`, or slices of the head at a
+    // span).
     unsafe { std::str::from_utf8_unchecked(bytes) }
 }
 
@@ -354,22 +418,6 @@ impl From<u32> for HeaderText {
 impl From<usize> for HeaderText {
     fn from(n: usize) -> HeaderText {
         HeaderText(Bytes::from(n.to_string()))
-    }
-}
-
-/// Header text produced while decoding: a span of the head or unescaped text.
-pub(crate) enum Field2 {
-    Span(usize, usize),
-    /// Unescaped bytes; UTF-8 because only ASCII escapes of valid UTF-8 were replaced.
-    Owned(Vec<u8>),
-}
-
-impl Field2 {
-    fn into_field(self) -> Field {
-        match self {
-            Field2::Span(a, b) => Field::Span(a as u32, b as u32),
-            Field2::Owned(bytes) => Field::Owned(Bytes::from(bytes)),
-        }
     }
 }
 

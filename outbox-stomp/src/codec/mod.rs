@@ -2,13 +2,15 @@
 //!
 //! [`StompCodec`] is a `tokio_util::codec` [`Decoder`] and [`Encoder`]. Decoding
 //! works in two steps: a cheap scan for the end of the head (`\n\n`), which
-//! remembers how far it got so a slow peer's bytes are not rescanned, then one
-//! pass that builds the headers as spans of the frozen head (no copies unless a
-//! value needs unescaping). The body is taken by `content-length` when present
-//! (binary, NULs allowed) or up to the first NUL; its size is checked against
-//! [`Limits::max_body`] before it is buffered. End-of-line bytes between frames
-//! are heart-beats and come out as [`Received::HeartBeat`] so the connection can
-//! track liveness.
+//! remembers how far it got so a slow peer's bytes are not rescanned and where
+//! each line ends, then one pass over those lines that builds the headers as
+//! spans of the frozen head. Escaped names and values are unescaped in place in
+//! the head (unescaping only shrinks text), so no header is copied: a frame's
+//! headers cost one vector of spans. The body is taken by `content-length` when
+//! present (binary, NULs allowed) or up to the first NUL; its size is checked
+//! against [`Limits::max_body`] before it is buffered. End-of-line bytes between
+//! frames are heart-beats and come out as [`Received::HeartBeat`] so the
+//! connection can track liveness.
 //!
 //! Escaping follows the negotiated [`Version`]: none in 1.0 and never in
 //! CONNECT/STOMP/CONNECTED frames; `\\`, `\n`, `\c` in 1.1; and `\r` in 1.2.
@@ -18,13 +20,13 @@ mod frame;
 #[cfg(test)]
 mod tests;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 pub use crate::error::CodecError;
 pub use frame::{Command, Frame, HeaderText, Headers, Version};
 
-use frame::Field2;
+use frame::HeadSpan;
 
 /// Size limits the decoder enforces. The defaults suit ActiveMQ traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,9 +122,15 @@ impl StompCodec {
         self.version != Version::V1_0 && !command.is_connect_like()
     }
 
-    /// Builds command and headers from a complete head whose line ends
-    /// (`\n` offsets, the terminating empty line excluded) are `ends`.
-    fn parse_head(&self, head: Bytes, ends: &[usize]) -> Result<(Command, Headers), CodecError> {
+    /// Builds command, headers and the first `content-length` from a complete
+    /// head whose line ends (`\n` offsets, the terminating empty line
+    /// excluded) are `ends`. Escaped fields are unescaped in place, so every
+    /// header is a span of the head.
+    fn parse_head(
+        &self,
+        mut head: BytesMut,
+        ends: &[usize],
+    ) -> Result<(Command, Headers, Option<usize>), CodecError> {
         if let Err(e) = std::str::from_utf8(&head) {
             let line = head[..e.valid_up_to()]
                 .iter()
@@ -130,54 +138,86 @@ impl StompCodec {
                 .count();
             return Err(CodecError::NotUtf8 { line });
         }
-        let bytes: &[u8] = &head;
-        // Content of the line ending at `nl` and starting at `start`, without CR.
-        let content_end = |start: usize, nl: usize| {
-            if nl > start && bytes[nl - 1] == b'\r' {
-                nl - 1
-            } else {
-                nl
-            }
-        };
         let Some((&first, rest)) = ends.split_first() else {
             return Err(CodecError::UnknownCommand(String::new()));
         };
-        let cmd_end = content_end(0, first);
-        let command = Command::from_bytes(&bytes[..cmd_end]).ok_or_else(|| {
-            CodecError::UnknownCommand(String::from_utf8_lossy(&bytes[..cmd_end]).into_owned())
+        let cmd_end = content_end(&head, 0, first);
+        let command = Command::from_bytes(&head[..cmd_end]).ok_or_else(|| {
+            CodecError::UnknownCommand(String::from_utf8_lossy(&head[..cmd_end]).into_owned())
         })?;
         let escapes = self.escapes(command);
-        let version = self.version;
-        let mut headers = Headers::with_raw(head.clone(), rest.len());
+        // Offset of the next backslash at or after the current line (or the
+        // head's length): one search finds the few escaped lines of a head.
+        let next_backslash = |head: &[u8], from: usize| {
+            memchr::memchr(b'\\', &head[from..]).map_or(head.len(), |off| from + off)
+        };
+        let mut backslash = if escapes {
+            next_backslash(&head, first + 1)
+        } else {
+            head.len()
+        };
+        let mut fields = Vec::with_capacity(rest.len());
+        let mut content_length = None;
         let mut pos = first + 1;
         for &nl in rest {
-            let end = content_end(pos, nl);
-            let line = &bytes[pos..end];
+            let end = content_end(&head, pos, nl);
+            let line = &head[pos..end];
             // Lines are short: a plain loop beats a SIMD search's set-up here.
             let colon = line.iter().position(|&b| b == b':').ok_or_else(|| {
                 CodecError::MalformedHeader {
                     line: String::from_utf8_lossy(line).into_owned(),
                 }
             })?;
-            let has_escape = escapes && line.contains(&b'\\');
-            let name = (pos, pos + colon);
-            let value = (pos + colon + 1, end);
-            let field = |(a, b): (usize, usize)| -> Result<Field2, CodecError> {
-                if has_escape && bytes[a..b].contains(&b'\\') {
-                    escape::unescape(&bytes[a..b], version)
-                        .map(Field2::Owned)
-                        .map_err(|sequence| CodecError::InvalidEscape {
-                            sequence,
-                            line: String::from_utf8_lossy(line).into_owned(),
-                        })
-                } else {
-                    Ok(Field2::Span(a, b))
+            let (mut name_end, value_start, mut value_end) = (pos + colon, pos + colon + 1, end);
+            if backslash < end {
+                // Check the whole line before changing it, so an error can quote it.
+                let invalid = |sequence| CodecError::InvalidEscape {
+                    sequence,
+                    line: String::from_utf8_lossy(line).into_owned(),
+                };
+                // Nothing before the first backslash needs looking at.
+                let in_name = backslash < name_end;
+                let value_from = backslash.max(value_start);
+                if in_name {
+                    escape::check(&head[backslash..name_end], self.version).map_err(invalid)?;
                 }
-            };
-            headers.push_fields(field(name)?, field(value)?);
+                escape::check(&head[value_from..end], self.version).map_err(invalid)?;
+                if in_name {
+                    name_end =
+                        backslash + escape::unescape_in_place(&mut head[backslash..name_end]);
+                }
+                value_end = value_from + escape::unescape_in_place(&mut head[value_from..end]);
+                backslash = next_backslash(&head, nl + 1);
+            }
+            if content_length.is_none() && &head[pos..name_end] == b"content-length" {
+                content_length = Some((value_start, value_end));
+            }
+            fields.push(HeadSpan {
+                name: (pos, name_end),
+                value: (value_start, value_end),
+            });
             pos = nl + 1;
         }
-        Ok((command, headers))
+        // Parsed after every line, so a malformed line is reported first.
+        let content_length = match content_length {
+            Some((start, end)) => Some(parse_content_length(&head[start..end])?),
+            None => None,
+        };
+        Ok((
+            command,
+            Headers::from_head(head.freeze(), fields),
+            content_length,
+        ))
+    }
+}
+
+/// End of the content of the line from `start` to the `\n` at `nl`, without
+/// its CR.
+fn content_end(head: &[u8], start: usize, nl: usize) -> usize {
+    if nl > start && head[nl - 1] == b'\r' {
+        nl - 1
+    } else {
+        nl
     }
 }
 
@@ -190,6 +230,8 @@ fn find_head_end(
     limits: Limits,
 ) -> Result<Option<usize>, CodecError> {
     let limit = limits.max_line_length;
+    // A line may be one byte longer than the limit if that byte is its CR.
+    let with_cr = limit.saturating_add(1);
     let mut line_start = ends.last().map_or(0, |&nl| nl + 1);
     let mut pos = *scanned;
     while let Some(off) = memchr::memchr(b'\n', &buf[pos..]) {
@@ -199,11 +241,12 @@ fn find_head_end(
         if empty {
             return Ok(Some(nl + 1));
         }
-        if len > limit + 1 || (len == limit + 1 && buf[nl - 1] != b'\r') {
+        if len > with_cr || (len == with_cr && buf[nl - 1] != b'\r') {
             return Err(CodecError::LineTooLong { limit });
         }
         ends.push(nl);
-        if ends.len() > limits.max_headers + 1 {
+        // The first line is the command, not a header.
+        if ends.len() - 1 > limits.max_headers {
             return Err(CodecError::TooManyHeaders {
                 limit: limits.max_headers,
             });
@@ -211,21 +254,20 @@ fn find_head_end(
         line_start = nl + 1;
         pos = nl + 1;
     }
-    if buf.len() - line_start > limit + 1 {
+    if buf.len() - line_start > with_cr {
         return Err(CodecError::LineTooLong { limit });
     }
     *scanned = buf.len();
     Ok(None)
 }
 
-fn parse_content_length(value: &str) -> Result<usize, CodecError> {
-    let digits = value.trim();
+fn parse_content_length(value: &[u8]) -> Result<usize, CodecError> {
+    let invalid = || CodecError::InvalidContentLength(String::from_utf8_lossy(value).into_owned());
+    let digits = std::str::from_utf8(value).map_err(|_| invalid())?.trim();
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(CodecError::InvalidContentLength(value.to_owned()));
+        return Err(invalid());
     }
-    digits
-        .parse::<usize>()
-        .map_err(|_| CodecError::InvalidContentLength(value.to_owned()))
+    digits.parse::<usize>().map_err(|_| invalid())
 }
 
 impl Decoder for StompCodec {
@@ -269,16 +311,12 @@ impl Decoder for StompCodec {
                             return Err(e);
                         }
                     };
-                    let head = buf.split_to(body_start).freeze();
+                    let head = buf.split_to(body_start);
                     self.state = DecodeState::Idle;
                     let ends = std::mem::take(&mut self.line_ends);
                     let parsed = self.parse_head(head, &ends);
                     self.line_ends = ends;
-                    let (command, headers) = parsed?;
-                    let content_length = match headers.get("content-length") {
-                        Some(v) => Some(parse_content_length(v)?),
-                        None => None,
-                    };
+                    let (command, headers, content_length) = parsed?;
                     if let Some(length) = content_length {
                         if length > self.limits.max_body {
                             return Err(CodecError::BodyTooLarge {

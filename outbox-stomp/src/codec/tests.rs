@@ -140,6 +140,65 @@ fn escaped_header_values_are_unescaped_in_1_2() {
 }
 
 #[test]
+fn escapes_in_names_values_or_both_are_undone_and_later_lines_still_parse() {
+    let f = one(
+        Version::V1_2,
+        b"MESSAGE\r\nk\\c1:v\nplain:text\r\nv:a\\nb\\\\\nn\\\\x:\\r\nlast:1\n\n\0",
+    );
+    assert_eq!(
+        f.headers().iter().collect::<Vec<_>>(),
+        [
+            ("k:1", "v"),
+            ("plain", "text"),
+            ("v", "a\nb\\"),
+            ("n\\x", "\r"),
+            ("last", "1")
+        ]
+    );
+}
+
+#[test]
+fn invalid_escape_error_quotes_the_line_as_received() {
+    // The name is valid and would be unescaped first: the error must still
+    // show the line before any change.
+    let err = decode_all(Version::V1_2, b"MESSAGE\na\\cb:x\\ty\n\n\0").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::InvalidEscape { ref sequence, ref line }
+                if sequence == "\\t" && line == "a\\cb:x\\ty"
+        ),
+        "{err:?}"
+    );
+    let err = decode_all(Version::V1_2, b"MESSAGE\na\\:x\n\n\0").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::InvalidEscape { ref sequence, ref line }
+                if sequence == "\\" && line == "a\\:x"
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn first_content_length_wins() {
+    let f = one(
+        Version::V1_2,
+        b"MESSAGE\ncontent-length:2\ncontent-length:5\n\nab\0",
+    );
+    assert_eq!(f.body().as_ref(), b"ab");
+}
+
+#[test]
+fn escaped_content_length_name_is_not_content_length() {
+    // `\c` unescapes to ':', so this header is named "content:length".
+    let f = one(Version::V1_2, b"MESSAGE\ncontent\\clength:1\n\nabc\0");
+    assert_eq!(f.header("content:length"), Some("1"));
+    assert_eq!(f.body().as_ref(), b"abc");
+}
+
+#[test]
 fn carriage_return_escape_is_undefined_in_1_1() {
     let err = decode_all(Version::V1_1, b"MESSAGE\na:x\\ry\n\n\0").unwrap_err();
     assert!(matches!(err, CodecError::InvalidEscape { ref sequence, .. } if sequence == "\\r"));
@@ -292,6 +351,22 @@ fn overlong_line_is_rejected_before_its_end_arrives() {
 }
 
 #[test]
+fn line_and_header_limits_at_their_maximum_do_not_overflow() {
+    let limits = Limits {
+        max_line_length: usize::MAX,
+        max_headers: usize::MAX,
+        ..Limits::default()
+    };
+    let mut c = StompCodec::new(Version::V1_2, limits);
+    let mut buf = BytesMut::from(&b"MESSAGE\na:1\n\n\0MESSAGE\nb:2"[..]);
+    assert!(matches!(
+        c.decode(&mut buf).unwrap(),
+        Some(Received::Frame(_))
+    ));
+    assert_eq!(c.decode(&mut buf).unwrap(), None);
+}
+
+#[test]
 fn too_many_headers_are_rejected() {
     let limits = Limits {
         max_headers: 2,
@@ -378,6 +453,20 @@ fn decoded_body_and_headers_share_the_read_buffer() {
 }
 
 #[test]
+fn unescaped_headers_also_share_the_read_buffer() {
+    let mut buf = BytesMut::with_capacity(256);
+    buf.extend_from_slice(b"MESSAGE\nmessage\\c-id:ID\\chost\\c1\\\\2\n\n\0");
+    let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+    let Some(Received::Frame(f)) = codec(Version::V1_2).decode(&mut buf).unwrap() else {
+        panic!("no frame");
+    };
+    let (name, value) = f.headers().iter().next().unwrap();
+    assert_eq!((name, value), ("message:-id", "ID:host:1\\2"));
+    assert!(range.contains(&(name.as_ptr() as usize)));
+    assert!(range.contains(&(value.as_ptr() as usize)));
+}
+
+#[test]
 fn encoder_writes_content_length_for_every_non_empty_body() {
     let out = encode(Version::V1_2, &Frame::send("/queue/a", &b"x\0y"[..])).unwrap();
     assert_eq!(
@@ -447,6 +536,36 @@ fn headers_set_replaces_all_occurrences() {
     );
     assert_eq!(f.headers_mut().remove("b"), 1);
     assert_eq!(f.headers().len(), 1);
+}
+
+#[test]
+fn decoded_headers_can_be_extended_and_changed_in_order() {
+    let mut f = one(Version::V1_2, b"MESSAGE\na:1\nb:2\na:3\n\n\0");
+    f.headers_mut().push("c", "4");
+    f.headers_mut().push("a", "5");
+    assert_eq!(f.header("c"), Some("4"));
+    assert_eq!(f.header("a"), Some("1"));
+    assert_eq!(
+        f.headers().get_all("a").collect::<Vec<_>>(),
+        ["1", "3", "5"]
+    );
+    assert_eq!(f.headers_mut().remove("b"), 1);
+    assert_eq!(
+        f.headers().iter().collect::<Vec<_>>(),
+        [("a", "1"), ("a", "3"), ("c", "4"), ("a", "5")]
+    );
+    f.headers_mut().set("c", "6");
+    f.headers_mut().set("d", "7");
+    assert_eq!(
+        f.headers().iter().collect::<Vec<_>>(),
+        [("a", "1"), ("a", "3"), ("c", "6"), ("a", "5"), ("d", "7")]
+    );
+    assert_eq!(f.headers().iter().len(), 5);
+    f.headers_mut().set("a", "9");
+    assert_eq!(
+        f.headers().iter().collect::<Vec<_>>(),
+        [("a", "9"), ("c", "6"), ("d", "7")]
+    );
 }
 
 #[test]
