@@ -263,6 +263,13 @@ macro_rules! inbox_suite {
             assert_eq!(applied, (1..=10).map(|n| (n, 1)).collect::<HashMap<_, _>>());
             let (processed, duplicates, retried, failed) = metrics.snapshot();
             assert_eq!((processed, duplicates, failed), (10, 0, 1));
+            // Retention removes processed rows in small batches, nothing else.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(inbox.delete_processed(Duration::ZERO, 4).await.unwrap(), 4);
+            assert_eq!(inbox.delete_processed(Duration::ZERO, 4).await.unwrap(), 4);
+            assert_eq!(inbox.delete_processed(Duration::ZERO, 4).await.unwrap(), 2);
+            assert_eq!(inbox.counts().await.unwrap().processed, 0);
+            assert_eq!(inbox.delete_processed(Duration::from_secs(3600), 4).await.unwrap(), 0);
             // User 2: 5 recorded failures, the 5th parks it. User 1: 3 failures,
             // one of which may fall in a batch that is rolled back and applied one
             // by one, which records no retry.

@@ -541,3 +541,41 @@ mod postgres {
 mod mysql {
     relay_suite!(sqlx::MySql, support::mysql);
 }
+
+/// PostgreSQL only: a commit made without the in-process wake-up (as another
+/// process would make it) wakes the relay through LISTEN/NOTIFY.
+mod postgres_notify {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_commit_elsewhere_wakes_the_relay_through_notify() {
+        let Some(db) = support::postgres().await else {
+            return;
+        };
+        let outbox = Outbox::new(db.pool().clone());
+        outbox.migrate().await.unwrap();
+        let publisher = Scripted::default();
+        // The poll would take a minute: only a notification can be this quick.
+        let config = RelayConfig {
+            poll_interval: Duration::from_secs(60),
+            ..fast_relay()
+        };
+        let relay = outbox.relay(publisher.clone(), config).spawn();
+        tokio::time::sleep(Duration::from_millis(500)).await; // LISTEN is up
+        let mut tx = db.pool().begin().await.unwrap();
+        outbox
+            .append(&mut tx, Event::json("ping", "/queue/x", &1).unwrap())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap(); // plain commit: no in-process wake-up
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while publisher.published.lock().unwrap().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay was not woken"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        relay.shutdown().await.unwrap();
+    }
+}
