@@ -477,9 +477,30 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     ) -> Result<Vec<OutboxMessage>, Error> {
         let sql = &self.outbox.inner.sql;
         let now = now_ms();
+        // A read first: an idle relay takes no write lock (SQLite) and opens no
+        // transaction.
+        {
+            let mut conn = self.acquire().await?;
+            let due = DB::fetch(
+                &mut conn,
+                &sql.due_probe,
+                &[Value::Int(now), Value::Int(now)],
+                &[Column::Int],
+            )
+            .await
+            .map_err(Error::db("looking for due rows"))?;
+            if due.is_empty() {
+                return Ok(Vec::new());
+            }
+        }
         let mut tx = DB::begin_write(self.outbox.pool())
             .await
             .map_err(Error::db("beginning a claim"))?;
+        if let Some(relaxed) = DB::DIALECT.relaxed_commit {
+            DB::exec(&mut tx, relaxed, &[])
+                .await
+                .map_err(Error::db("relaxing the claim's commit"))?;
+        }
         let rows = DB::fetch(
             &mut tx,
             &sql.claim,
@@ -565,16 +586,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let mut attempt = 0;
         loop {
             let now = now_ms();
-            let result = match self.acquire().await {
-                Ok(mut conn) => DB::exec(
-                    &mut conn,
-                    &self.outbox.inner.sql.mark_published,
-                    &[Value::Int(now), Value::Int(now), Value::Text(Some(token))],
-                )
-                .await
-                .map_err(Error::db("marking rows published")),
-                Err(error) => Err(error),
-            };
+            let result = self.mark_once(token, now).await;
             match result {
                 Ok(n) => {
                     self.metrics.published.fetch_add(n, Ordering::Relaxed);
@@ -586,6 +598,32 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     attempt += 1;
                 }
                 Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn mark_once(&self, token: &str, now: i64) -> Result<u64, Error> {
+        let sql = &self.outbox.inner.sql.mark_published;
+        let args = [Value::Int(now), Value::Int(now), Value::Text(Some(token))];
+        let failed = Error::db("marking rows published");
+        match DB::DIALECT.relaxed_commit {
+            None => {
+                let mut conn = self.acquire().await?;
+                DB::exec(&mut conn, sql, &args).await.map_err(failed)
+            }
+            Some(relaxed) => {
+                let mut tx = self
+                    .outbox
+                    .pool()
+                    .begin()
+                    .await
+                    .map_err(Error::db("beginning a mark"))?;
+                DB::exec(&mut tx, relaxed, &[])
+                    .await
+                    .map_err(Error::db("relaxing the mark's commit"))?;
+                let n = DB::exec(&mut tx, sql, &args).await.map_err(failed)?;
+                tx.commit().await.map_err(Error::db("committing a mark"))?;
+                Ok(n)
             }
         }
     }

@@ -117,6 +117,11 @@ pub struct Dialect {
     pub notify: fn(&str) -> Option<String>,
     /// `DELETE` of at most `LIMIT ?` rows matching a condition: (table, condition).
     pub delete_limited: fn(&str, &str) -> String,
+    /// Statement that lets the current transaction commit without waiting for
+    /// its log flush, for the relay's own bookkeeping (claims and marks): losing
+    /// one in a database crash only means a re-publish. `None` where the
+    /// database has no per-transaction switch.
+    pub relaxed_commit: Option<&'static str>,
     /// One writer at a time (SQLite): writers of one component queue in the
     /// process instead of sleeping in the database's busy handler.
     pub single_writer: bool,

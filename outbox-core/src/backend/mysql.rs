@@ -24,6 +24,7 @@ static MYSQL: Dialect = Dialect {
     delete_limited: |table, condition| {
         format!("DELETE FROM {table} WHERE {condition} ORDER BY id LIMIT ?")
     },
+    relaxed_commit: None,
     single_writer: false,
 };
 

@@ -27,6 +27,7 @@ static POSTGRES: Dialect = Dialect {
             "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY id LIMIT ?)"
         )
     },
+    relaxed_commit: Some("SET LOCAL synchronous_commit TO OFF"),
     single_writer: false,
 };
 

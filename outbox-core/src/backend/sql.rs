@@ -21,6 +21,7 @@ pub(crate) struct OutboxSql {
     pub(crate) ddl: Vec<String>,
     pub(crate) notify: Option<String>,
     pub(crate) claim: String,
+    pub(crate) due_probe: String,
     pub(crate) mark_published: String,
     pub(crate) mark_published_one: String,
     pub(crate) mark_rejected: String,
@@ -45,6 +46,10 @@ impl OutboxSql {
                 "SELECT {CLAIM_COLUMNS} FROM {t} WHERE process = 'NEW' AND next_attempt_at <= ? \
                  AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY id LIMIT ?{}",
                 dialect.skip_locked
+            )),
+            due_probe: p(format!(
+                "SELECT id FROM {t} WHERE process = 'NEW' AND next_attempt_at <= ? \
+                 AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY id LIMIT 1"
             )),
             mark_published: p(format!(
                 "UPDATE {t} SET process = 'PUBLISHED', published_time = ?, update_time = ?, \

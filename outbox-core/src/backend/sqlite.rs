@@ -25,6 +25,7 @@ static SQLITE: Dialect = Dialect {
             "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY id LIMIT ?)"
         )
     },
+    relaxed_commit: None,
     single_writer: true,
 };
 
