@@ -46,6 +46,7 @@ const PREFETCH: u32 = 128;
 struct Award<DB> {
     sent: Arc<Mutex<HashMap<String, Instant>>>,
     done: Arc<Mutex<HashMap<String, Instant>>>,
+    received: Arc<Mutex<HashMap<String, Instant>>>,
     latencies: Arc<Mutex<Vec<Duration>>>,
     _db: std::marker::PhantomData<fn() -> DB>,
 }
@@ -55,7 +56,14 @@ macro_rules! award_handler {
         impl Handler<$db> for Award<$db> {
             type Event = ();
 
-            fn decode(&self, _: &Delivery) -> Result<(), String> {
+            fn decode(&self, delivery: &Delivery) -> Result<(), String> {
+                // The consumer decodes as soon as it takes the message: the split
+                // point between the relay-and-broker part and the consumer part.
+                self.received
+                    .lock()
+                    .unwrap()
+                    .entry(delivery.event_id.clone())
+                    .or_insert_with(Instant::now);
                 Ok(())
             }
 
@@ -92,6 +100,7 @@ fn award<DB>() -> Award<DB> {
     Award {
         sent: Arc::default(),
         done: Arc::default(),
+        received: Arc::default(),
         latencies: Arc::default(),
         _db: std::marker::PhantomData,
     }
@@ -302,6 +311,7 @@ where
     let handler = award::<DB>();
     let sent = handler.sent.clone();
     let done = handler.done.clone();
+    let received = handler.received.clone();
     let latencies = handler.latencies.clone();
     let queue = format!("/queue/Consumer.bench.VirtualTopic.{topic}");
     let consumer = Consumer::new(inbox, handler, config(&queue))
@@ -342,10 +352,21 @@ where
     consumer.shutdown().await.expect("consumer");
     let sent = sent.lock().unwrap();
     let done = done.lock().unwrap();
+    let received = received.lock().unwrap();
     let v: Vec<Duration> = sent
         .iter()
         .filter_map(|(id, t0)| done.get(id).map(|t1| t1.saturating_duration_since(*t0)))
         .collect();
+    let to_consumer: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(id, t0)| received.get(id).map(|t| t.saturating_duration_since(*t0)))
+        .collect();
+    let (p50, p99, _) = percentiles(to_consumer);
+    eprintln!(
+        "  {topic}: commit → consumer takes the message: p50 {} ms, p99 {} ms",
+        ms(p50),
+        ms(p99)
+    );
     let _ = latencies;
     percentiles(v)
 }
