@@ -426,23 +426,7 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
     for (i, delivery) in deliveries.iter().enumerate() {
         match shared.handler.decode(delivery) {
             Ok(event) => todo.push((i, event)),
-            Err(reason) => {
-                tracing::error!(
-                    event_id = delivery.event_id,
-                    reason,
-                    "undecodable payload parked"
-                );
-                let mut conn = inbox.acquire().await?;
-                outcomes[i] = Some(
-                    match inbox
-                        .record(&mut conn, delivery, "FAILED", Some(&reason), None)
-                        .await?
-                    {
-                        Recorded::New => Outcome::Parked,
-                        Recorded::Duplicate => Outcome::Duplicate,
-                    },
-                );
-            }
+            Err(reason) => outcomes[i] = Some(park_undecodable(inbox, delivery, &reason).await?),
         }
     }
     let mut one_by_one = false;
@@ -513,40 +497,15 @@ async fn process<DB: Backend, H: Handler<DB>>(
     let inbox = &shared.inbox;
     let event = match shared.handler.decode(delivery) {
         Ok(event) => event,
-        Err(reason) => {
-            tracing::error!(
-                event_id = delivery.event_id,
-                reason,
-                "undecodable payload parked"
-            );
-            let mut conn = inbox.acquire().await?;
-            return Ok(
-                match inbox
-                    .record(&mut conn, delivery, "FAILED", Some(&reason), None)
-                    .await?
-                {
-                    Recorded::New => Outcome::Parked,
-                    Recorded::Duplicate => Outcome::Duplicate,
-                },
-            );
-        }
+        Err(reason) => return park_undecodable(inbox, delivery, &reason).await,
     };
     if shared.config.per_key_order
         && let Some(key) = &delivery.key
         && inbox.key_pending(key).await?
     {
         // An earlier event of this key waits for a retry: queue behind it.
-        let mut conn = inbox.acquire().await?;
         let waiting = "waiting for an earlier event of its key";
-        return Ok(
-            match inbox
-                .record(&mut conn, delivery, "RETRY", Some(waiting), Some(now_ms()))
-                .await?
-            {
-                Recorded::New => Outcome::Retry,
-                Recorded::Duplicate => Outcome::Duplicate,
-            },
-        );
+        return set_aside(inbox, delivery, "RETRY", waiting, Some(now_ms())).await;
     }
     let _turn = shared.gate.enter().await;
     let mut tx = DB::begin_write(inbox.pool())
@@ -578,21 +537,48 @@ async fn process<DB: Backend, H: Handler<DB>>(
                 "handler failed; retry scheduled"
             );
             let next = now_ms() + ms(shared.config.retry_backoff.delay(0));
-            let mut conn = inbox.acquire().await?;
-            let park = shared.config.max_attempts <= 1;
-            let state = if park { "FAILED" } else { "RETRY" };
-            Ok(
-                match inbox
-                    .record(&mut conn, delivery, state, Some(&reason), Some(next))
-                    .await?
-                {
-                    Recorded::New if park => Outcome::Parked,
-                    Recorded::New => Outcome::Retry,
-                    Recorded::Duplicate => Outcome::Duplicate,
-                },
-            )
+            let state = if shared.config.max_attempts <= 1 {
+                "FAILED"
+            } else {
+                "RETRY"
+            };
+            set_aside(inbox, delivery, state, &reason, Some(next)).await
         }
     }
+}
+
+/// Records `delivery` in state `FAILED` (parked) or `RETRY`, outside any
+/// handler transaction; a row already there makes it a duplicate.
+async fn set_aside<DB: Backend>(
+    inbox: &Inbox<DB>,
+    delivery: &Delivery,
+    state: &str,
+    reason: &str,
+    next_attempt_at: Option<i64>,
+) -> Result<Outcome, Error> {
+    let mut conn = inbox.acquire().await?;
+    let recorded = inbox
+        .record(&mut conn, delivery, state, Some(reason), next_attempt_at)
+        .await?;
+    Ok(match recorded {
+        Recorded::Duplicate => Outcome::Duplicate,
+        Recorded::New if state == "FAILED" => Outcome::Parked,
+        Recorded::New => Outcome::Retry,
+    })
+}
+
+/// Parks a delivery whose payload the handler cannot decode, with its raw bytes.
+async fn park_undecodable<DB: Backend>(
+    inbox: &Inbox<DB>,
+    delivery: &Delivery,
+    reason: &str,
+) -> Result<Outcome, Error> {
+    tracing::error!(
+        event_id = delivery.event_id,
+        reason,
+        "undecodable payload parked"
+    );
+    set_aside(inbox, delivery, "FAILED", reason, None).await
 }
 
 /// Runs the handler, turning a panic into an error.

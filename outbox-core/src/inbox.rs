@@ -259,10 +259,7 @@ impl<DB: Backend> Inbox<DB> {
     }
 
     pub(crate) async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, Error> {
-        self.pool
-            .acquire()
-            .await
-            .map_err(Error::db("acquiring a connection"))
+        crate::backend::acquire(&self.pool).await
     }
 
     /// Counts of this consumer's rows per state.

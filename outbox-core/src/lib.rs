@@ -49,7 +49,7 @@ pub use event::{Event, JSON, OutboxMessage};
 pub use inbox::{DEFAULT_INBOX_TABLE, Delivery, Inbox, InboxCounts, ParkedDelivery};
 pub use names::TableName;
 pub use outbox::{Backlog, DEFAULT_OUTBOX_TABLE, Outbox, ParkedEvent};
-pub use relay::{Relay, RelayConfig, RelayCounts, RelayHandle, RelayMetrics, Step};
+pub use relay::{Relay, RelayConfig, RelayCounts, RelayHandle, RelayMetrics};
 pub use transport::{Publisher, StompPublisher, message_for};
 pub use wake::wake;
 

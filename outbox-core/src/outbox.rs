@@ -287,11 +287,7 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, Error> {
-        self.inner
-            .pool
-            .acquire()
-            .await
-            .map_err(Error::db("acquiring a connection"))
+        crate::backend::acquire(&self.inner.pool).await
     }
 }
 

@@ -124,9 +124,9 @@ impl RelayMetrics {
     }
 }
 
-/// What one relay step did.
+/// What one turn of the relay loop did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Nothing was due.
     Idle,
     /// This many rows were claimed and published (some may have been rejected).
@@ -348,36 +348,6 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         Ok(())
     }
 
-    /// One claim → publish → mark cycle.
-    pub async fn step(&self) -> Result<Step, Error> {
-        let seq = self.batch.fetch_add(1, Ordering::Relaxed);
-        let token = format!("{}-{seq}", self.config.relay_id);
-        let batch = self
-            .claim(&token, &HashSet::new())
-            .instrument(tracing::debug_span!("outbox.claim", token))
-            .await?;
-        if batch.is_empty() {
-            return Ok(Step::Idle);
-        }
-        let n = batch.len();
-        failpoint::hit("relay.before_publish");
-        let published = self
-            .publisher
-            .publish(&batch)
-            .instrument(tracing::debug_span!("outbox.publish", rows = n))
-            .await;
-        match published {
-            Ok(()) => {
-                failpoint::hit("relay.after_receipt");
-                self.mark_published(&token)
-                    .instrument(tracing::debug_span!("outbox.mark", rows = n))
-                    .await?;
-                Ok(Step::Published(n))
-            }
-            Err(error) => self.publish_failed(&token, &batch, error).await,
-        }
-    }
-
     /// Claims the next batch under a fresh token; `None` when nothing is due.
     async fn claim_next(&self, in_flight: &HashSet<i64>) -> Result<Option<Claimed>, Error> {
         let seq = self.batch.fetch_add(1, Ordering::Relaxed);
@@ -460,11 +430,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     }
 
     async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, Error> {
-        self.outbox
-            .pool()
-            .acquire()
-            .await
-            .map_err(Error::db("acquiring a connection"))
+        crate::backend::acquire(self.outbox.pool()).await
     }
 
     /// Claims up to `batch_size` due rows for `token`. Rows in `in_flight` (the
@@ -582,6 +548,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// Marks the batch published. A failure here means a re-publish after the
     /// lease, so transient errors (deadlock victims, a dropped connection) are
     /// retried a few times first.
+    #[tracing::instrument(name = "outbox.mark", level = "debug", skip(self))]
     async fn mark_published(&self, token: &str) -> Result<(), Error> {
         let mut attempt = 0;
         loop {

@@ -21,10 +21,7 @@ pub(crate) async fn migrate<DB: Backend>(
     steps: &[Vec<String>],
 ) -> Result<(), Error> {
     let meta = MetaSql::new(DB::DIALECT);
-    let mut conn = pool
-        .acquire()
-        .await
-        .map_err(Error::db("connecting to migrate"))?;
+    let mut conn = crate::backend::acquire(pool).await?;
     for statement in &meta.ddl {
         DB::exec(&mut conn, statement, &[])
             .await
@@ -88,10 +85,7 @@ pub(crate) async fn take_lease<DB: Backend>(
     until: i64,
 ) -> Result<bool, Error> {
     let meta = MetaSql::new(DB::DIALECT);
-    let mut conn = pool
-        .acquire()
-        .await
-        .map_err(Error::db("connecting to take a lease"))?;
+    let mut conn = crate::backend::acquire(pool).await?;
     DB::exec(&mut conn, &meta.lease_insert, &[Value::Text(Some(name))])
         .await
         .map_err(Error::db("creating a lease"))?;

@@ -189,15 +189,15 @@ pub(crate) mod sealed {
     pub trait Sealed {}
 }
 
-/// Implements [`Backend`]'s statement plumbing for one sqlx database type.
-macro_rules! statement_plumbing {
+/// Defines `bind`: a statement of one sqlx database type with [`Value`]s bound
+/// to its placeholders. Used by [`statement_plumbing`], at module level.
+macro_rules! query_binder {
     ($db:ty) => {
-        async fn exec(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            sql: &str,
-            args: &[$crate::backend::Value<'_>],
-        ) -> Result<u64, sqlx::Error> {
-            use sqlx::Executor as _;
+        /// `sql` with `args` bound to its placeholders, in order.
+        fn bind<'q>(
+            sql: &'q str,
+            args: &'q [$crate::backend::Value<'q>],
+        ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
             let mut query = sqlx::query::<$db>(sql);
             for arg in args {
                 query = match arg {
@@ -207,7 +207,23 @@ macro_rules! statement_plumbing {
                     $crate::backend::Value::Bytes(v) => query.bind(*v),
                 };
             }
-            Ok(conn.execute(query).await?.rows_affected())
+            query
+        }
+    };
+}
+pub(crate) use query_binder;
+
+/// Implements [`Backend`]'s statement plumbing for one sqlx database type
+/// (inside its `impl Backend`; the module must also invoke [`query_binder`]).
+macro_rules! statement_plumbing {
+    ($db:ty) => {
+        async fn exec(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            sql: &str,
+            args: &[$crate::backend::Value<'_>],
+        ) -> Result<u64, sqlx::Error> {
+            use sqlx::Executor as _;
+            Ok(conn.execute(bind(sql, args)).await?.rows_affected())
         }
 
         async fn fetch(
@@ -219,16 +235,7 @@ macro_rules! statement_plumbing {
             use sqlx::Executor as _;
             use sqlx::Row as _;
             use $crate::backend::{Cell, Column};
-            let mut query = sqlx::query::<$db>(sql);
-            for arg in args {
-                query = match arg {
-                    $crate::backend::Value::Int(v) => query.bind(*v),
-                    $crate::backend::Value::NullInt => query.bind(Option::<i64>::None),
-                    $crate::backend::Value::Text(v) => query.bind(*v),
-                    $crate::backend::Value::Bytes(v) => query.bind(*v),
-                };
-            }
-            let rows = conn.fetch_all(query).await?;
+            let rows = conn.fetch_all(bind(sql, args)).await?;
             let mut out = Vec::with_capacity(rows.len());
             for row in rows {
                 let mut cells = Vec::with_capacity(columns.len());
@@ -246,6 +253,15 @@ macro_rules! statement_plumbing {
     };
 }
 pub(crate) use statement_plumbing;
+
+/// A connection from `pool`, with the error every caller reports.
+pub(crate) async fn acquire<DB: Backend>(
+    pool: &Pool<DB>,
+) -> Result<sqlx::pool::PoolConnection<DB>, crate::Error> {
+    pool.acquire()
+        .await
+        .map_err(crate::Error::db("acquiring a connection"))
+}
 
 /// Rewrites `?` placeholders into the dialect's style.
 pub(crate) fn placeholders(style: Placeholders, sql: &str) -> String {

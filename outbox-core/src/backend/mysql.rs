@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sqlx::{MySql, Pool, Transaction};
 use tokio::sync::Notify;
 
-use super::{Backend, Dialect, Placeholders, statement_plumbing};
+use super::{Backend, Dialect, Placeholders, query_binder, statement_plumbing};
 
 static MYSQL: Dialect = Dialect {
     name: "MySQL",
@@ -98,6 +98,8 @@ fn meta_ddl() -> Vec<String> {
 }
 
 impl super::sealed::Sealed for MySql {}
+
+query_binder!(MySql);
 
 impl Backend for MySql {
     const DIALECT: &'static Dialect = &MYSQL;

@@ -8,7 +8,7 @@ use sqlx::postgres::PgListener;
 use sqlx::{Pool, Postgres, Transaction};
 use tokio::sync::Notify;
 
-use super::{Backend, Dialect, Placeholders, statement_plumbing};
+use super::{Backend, Dialect, Placeholders, query_binder, statement_plumbing};
 
 static POSTGRES: Dialect = Dialect {
     name: "PostgreSQL",
@@ -105,6 +105,8 @@ fn meta_ddl() -> Vec<String> {
 }
 
 impl super::sealed::Sealed for Postgres {}
+
+query_binder!(Postgres);
 
 impl Backend for Postgres {
     const DIALECT: &'static Dialect = &POSTGRES;

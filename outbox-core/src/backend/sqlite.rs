@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sqlx::{Pool, Sqlite, Transaction};
 use tokio::sync::Notify;
 
-use super::{Backend, Dialect, Placeholders, statement_plumbing};
+use super::{Backend, Dialect, Placeholders, query_binder, statement_plumbing};
 
 static SQLITE: Dialect = Dialect {
     name: "SQLite",
@@ -103,6 +103,8 @@ fn meta_ddl() -> Vec<String> {
 }
 
 impl super::sealed::Sealed for Sqlite {}
+
+query_binder!(Sqlite);
 
 impl Backend for Sqlite {
     const DIALECT: &'static Dialect = &SQLITE;
