@@ -8,12 +8,15 @@
 //! examples first (`cargo build --examples --all-features`, a no-op when
 //! they are up to date).
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use outbox_test_harness::TestDb;
+use support::{mysql, postgres};
 
 const USERS: u64 = 200;
 
@@ -137,14 +140,6 @@ async fn run_on_mysql(mode: &[&str]) {
     let mut args = server_args(&db1, &db2).await;
     args.extend(mode.iter().map(|s| s.to_string()));
     run_demo(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
-}
-
-async fn postgres() -> Option<TestDb<sqlx::Postgres>> {
-    TestDb::postgres().await.expect("PostgreSQL test database")
-}
-
-async fn mysql() -> Option<TestDb<sqlx::MySql>> {
-    TestDb::mysql().await.expect("MySQL test database")
 }
 
 #[tokio::test]

@@ -11,9 +11,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use outbox::core::{
-    Backend, Backoff, ConsumerConfig, Delivery, Event, Outbox, RelayConfig, StompPublisher,
-};
+use outbox::core::{Backoff, ConsumerConfig, Delivery, Event, Outbox, RelayConfig, StompPublisher};
 use outbox::transactional_event;
 use serde::{Deserialize, Serialize};
 use sqlx::Transaction;
@@ -83,21 +81,6 @@ fn fast_consumer(destination: &str) -> ConsumerConfig {
     }
 }
 
-async fn wait_published<DB: Backend>(outbox: &Outbox<DB>, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let backlog = outbox.backlog().await.expect("backlog");
-        if backlog.pending == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "backlog still {backlog:?} after {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Polls `condition` until it holds (`true`) or `limit` passes (`false`).
 async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
 where
@@ -112,13 +95,6 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     true
-}
-
-fn count(counts: &[(String, u64)], process: &str) -> u64 {
-    counts
-        .iter()
-        .find(|(p, _)| p == process)
-        .map_or(0, |(_, n)| *n)
 }
 
 fn header<'a>(received: &'a Received, name: &str) -> Option<&'a str> {

@@ -52,28 +52,6 @@ impl Publisher for Scripted {
     }
 }
 
-async fn wait_published<DB: outbox::core::Backend>(outbox: &Outbox<DB>, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let backlog = outbox.backlog().await.expect("backlog");
-        if backlog.pending == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "backlog still {backlog:?} after {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn count(counts: &[(String, u64)], process: &str) -> u64 {
-    counts
-        .iter()
-        .find(|(p, _)| p == process)
-        .map_or(0, |(_, n)| *n)
-}
-
 macro_rules! relay_suite {
     ($db:ty, $open:path) => {
         use super::*;

@@ -133,3 +133,30 @@ pub async fn run_child(child: &str, env: &[(&str, String)], limit: Duration) -> 
 pub fn child_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
+
+/// Waits until `outbox` has no row left to publish, failing the test after `limit`.
+pub async fn wait_published<DB: outbox::core::Backend>(
+    outbox: &outbox::core::Outbox<DB>,
+    limit: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let backlog = outbox.backlog().await.expect("backlog");
+        if backlog.pending == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backlog still {backlog:?} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The count of `process` in the result of `Outbox::counts`.
+pub fn count(counts: &[(String, u64)], process: &str) -> u64 {
+    counts
+        .iter()
+        .find(|(p, _)| p == process)
+        .map_or(0, |(_, n)| *n)
+}
