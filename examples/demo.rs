@@ -29,6 +29,8 @@
 mod db;
 #[path = "demo/service.rs"]
 mod service;
+#[path = "shared/mod.rs"]
+mod shared;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -46,7 +48,7 @@ use tokio::time::Instant;
 use crate::db::{Check, Db, Progress};
 use crate::service::Service;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use shared::BoxError;
 
 /// The points service's queue on the Virtual Topic `user.created`.
 const POINTS_QUEUE: &str = "/queue/Consumer.points.VirtualTopic.user.created";

@@ -25,23 +25,20 @@
 //! finishes the events in flight and stops; `RUST_LOG` sets the log filter
 //! (default `info`).
 
-use std::io::IsTerminal as _;
-use std::str::FromStr as _;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::Parser;
 use outbox::core::{Backend, Consumer, Delivery, Handler, Inbox};
-use outbox::stomp::{Client, Config};
+use outbox::stomp::Config;
 use outbox::transactional_event;
 use serde::Deserialize;
 use sqlx::Transaction;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+#[path = "shared/mod.rs"]
+mod shared;
+
+use shared::{BoxError, connect, init_logging, now_ms, open_sqlite, stop_on_signals};
 
 /// Consumes `user.created` and writes one welcome-points row per user into DB2.
 #[derive(Debug, Parser)]
@@ -134,16 +131,12 @@ mod on_mysql {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let args = Args::parse();
-    let stop = stop_on_signals()?;
+    let stop = stop_on_signals()?.subscribe();
     let scheme = args.database.split(':').next().unwrap_or_default();
     match scheme {
-        "sqlite" => on_sqlite::run(open_sqlite(&args.database).await?, &args, stop).await,
+        "sqlite" => on_sqlite::run(open_sqlite(&args.database, 10).await?, &args, stop).await,
         "postgres" | "postgresql" => {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(10)
@@ -221,74 +214,4 @@ async fn consume<DB: Backend, H: Handler<DB>>(
         "points service stopped; inbox rows"
     );
     Ok(())
-}
-
-/// Connects, retrying while the broker is unreachable; `None` if stopped first.
-async fn connect(
-    config: Config,
-    mut stop: watch::Receiver<bool>,
-) -> Result<Option<Client>, BoxError> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let attempt = tokio::select! {
-            _ = stop.wait_for(|stopped| *stopped) => return Ok(None),
-            attempt = Client::connect(config.clone()) => attempt,
-        };
-        match attempt {
-            Ok(client) => {
-                tracing::info!(broker = %config.uri, "connected to the broker");
-                return Ok(Some(client));
-            }
-            Err(error @ outbox::stomp::Error::ConnectRejected(_)) => return Err(error.into()),
-            Err(error) => {
-                tracing::warn!(%error, broker = %config.uri, "broker not reachable; retrying");
-                tokio::select! {
-                    _ = stop.wait_for(|stopped| *stopped) => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-}
-
-/// A stop flag raised by SIGINT or SIGTERM.
-fn stop_on_signals() -> std::io::Result<watch::Receiver<bool>> {
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let stop = Arc::new(watch::channel(false).0);
-    let flag = stop.clone();
-    tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = interrupt.recv() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
-        };
-        tracing::info!("{name} received; shutting down");
-        flag.send_replace(true);
-    });
-    Ok(stop.subscribe())
-}
-
-/// A SQLite pool in WAL mode with `synchronous=NORMAL`: commits are durable
-/// against a crash of the process, and readers do not block the writer.
-async fn open_sqlite(url: &str) -> Result<sqlx::SqlitePool, BoxError> {
-    let options = SqliteConnectOptions::from_str(url)?
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10));
-    if let Some(dir) = options.get_filename().parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)?;
-    }
-    Ok(SqlitePoolOptions::new()
-        .max_connections(10)
-        .connect_with(options)
-        .await?)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -1,11 +1,8 @@
 //! Read-only looks into DB1 and DB2, on whichever database each one is.
 
 use std::collections::{HashMap, HashSet};
-use std::str::FromStr as _;
-use std::time::Duration;
 
 use outbox::core::Outbox;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::BoxError;
 
@@ -31,19 +28,8 @@ impl Db {
     pub(crate) async fn open(url: &str) -> Result<Db, BoxError> {
         let scheme = url.split(':').next().unwrap_or_default();
         Ok(match scheme {
-            "sqlite" => {
-                // The services' settings; the services create the file's tables.
-                let options = SqliteConnectOptions::from_str(url)?
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(10));
-                Db::Sqlite(
-                    SqlitePoolOptions::new()
-                        .max_connections(2)
-                        .connect_with(options)
-                        .await?,
-                )
-            }
+            // The services' settings; the services create the file's tables.
+            "sqlite" => Db::Sqlite(crate::shared::open_sqlite(url, 2).await?),
             "postgres" | "postgresql" => Db::Postgres(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(2)
