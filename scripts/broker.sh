@@ -48,7 +48,7 @@ stomp_answers() {
 write_config() {
   local template xml connector
   template=$(<"$root/outbox-test-harness/broker/activemq.xml.in")
-  connector="      <transportConnector name=\"stomp\" uri=\"stomp://127.0.0.1:$port\"/>"
+  connector="      <transportConnector name=\"stomp\" uri=\"stomp://127.0.0.1:$port?transport.tcpNoDelay=true\"/>"
   xml=${template//@BROKER_NAME@/outbox-demo}
   xml=${xml//@DATA_DIR@/$dir/data}
   xml=${xml//@PLUGINS@/}

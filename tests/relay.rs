@@ -34,15 +34,41 @@ fn fast_relay() -> RelayConfig {
     }
 }
 
-/// A publisher in memory that rejects events of type `poison` while `reject` is on.
+/// A publisher in memory that rejects events of type `poison` while `reject` is
+/// on, and refuses everything as if the broker were down while `down` is on.
 #[derive(Clone, Default)]
 struct Scripted {
     reject: Arc<Mutex<bool>>,
+    down: Arc<Mutex<bool>>,
     published: Arc<Mutex<Vec<OutboxMessage>>>,
+}
+
+impl Scripted {
+    /// The JSON payloads published so far, in order.
+    fn sent(&self) -> Vec<i64> {
+        self.published
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| serde_json::from_slice(&m.content).unwrap())
+            .collect()
+    }
+}
+
+/// Polls `done` every 20 ms until it holds; fails after `limit`.
+async fn until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl Publisher for Scripted {
     async fn publish(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
+        if *self.down.lock().unwrap() {
+            return Err(PublishError::unavailable("down in the test"));
+        }
         let reject = *self.reject.lock().unwrap();
         if reject && batch.iter().any(|m| m.event_type == "poison") {
             return Err(PublishError::rejected("poison refused"));
@@ -438,6 +464,291 @@ macro_rules! relay_suite {
             assert_eq!(outbox.backlog().await.unwrap().parked, 0);
         }
 
+        /// The relay lease `claimed_by` of the row of `event_id`, read through `conn`.
+        async fn lease_of(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            event_id: &uuid::Uuid,
+        ) -> Option<String> {
+            sqlx::query_scalar::<_, Option<String>>(&format!(
+                "SELECT claimed_by FROM outbox_event WHERE event_id = '{event_id}'"
+            ))
+            .fetch_one(conn)
+            .await
+            .unwrap()
+        }
+
+        #[tokio::test]
+        async fn handed_off_rows_skip_the_claim_and_wait_behind_a_parked_row_of_their_key() {
+            let Some((_db, outbox)) = setup().await else {
+                return;
+            };
+            let dest = "/queue/test.handoff";
+            let publisher = Scripted::default();
+            *publisher.reject.lock().unwrap() = true;
+            let config = RelayConfig {
+                relay_id: "handoff-a".into(),
+                max_attempts: 3,
+                retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(40)),
+                // Far longer than the test: a handed-off row can only be
+                // published by the hand-off, never by a claim after its lease.
+                lease: Duration::from_secs(600),
+                ..fast_relay()
+            };
+            let relay = outbox.relay(publisher.clone(), config).spawn();
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let first = outbox
+                .append_all(
+                    &mut tx,
+                    &[
+                        Event::json("ok", dest, &1).unwrap().with_key("a"),
+                        Event::json("poison", dest, &2).unwrap().with_key("b"),
+                    ],
+                )
+                .await
+                .unwrap();
+            for id in &first {
+                assert_eq!(lease_of(&mut tx, id).await.as_deref(), Some("handoff-a-h"));
+            }
+            outbox.commit(tx).await.unwrap();
+            until(
+                "the poison row is parked",
+                Duration::from_secs(20),
+                async || outbox.backlog().await.unwrap().parked == 1,
+            )
+            .await;
+
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let later = outbox
+                .append_all(
+                    &mut tx,
+                    &[
+                        Event::json("ok", dest, &3).unwrap().with_key("b"),
+                        Event::json("ok", dest, &4).unwrap().with_key("c"),
+                    ],
+                )
+                .await
+                .unwrap();
+            for id in &later {
+                assert_eq!(lease_of(&mut tx, id).await.as_deref(), Some("handoff-a-h"));
+            }
+            outbox.commit(tx).await.unwrap();
+            until(
+                "event 4 is published",
+                Duration::from_secs(10),
+                async || publisher.sent().contains(&4),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(publisher.sent(), vec![1, 4]);
+            assert_eq!(
+                outbox.backlog().await.unwrap().pending,
+                1,
+                "event 3 waits behind the parked event of key b"
+            );
+            let mut conn = outbox.pool().acquire().await.unwrap();
+            assert_eq!(
+                lease_of(&mut conn, &later[0]).await,
+                None,
+                "the held-back row went back to the usual claim"
+            );
+            drop(conn);
+
+            *publisher.reject.lock().unwrap() = false;
+            assert!(outbox.replay(first[1]).await.unwrap());
+            wait_published(&outbox, Duration::from_secs(10)).await;
+            relay.shutdown().await.unwrap();
+            assert_eq!(publisher.sent(), vec![1, 4, 2, 3]);
+        }
+
+        #[tokio::test]
+        async fn a_relay_that_cannot_publish_gives_its_rows_back_and_takes_no_more() {
+            let Some((_db, outbox)) = setup().await else {
+                return;
+            };
+            let dest = "/queue/test.handoff.down";
+            let publisher = Scripted::default();
+            *publisher.down.lock().unwrap() = true;
+            let config = RelayConfig {
+                relay_id: "handoff-b".into(),
+                lease: Duration::from_secs(600),
+                outage_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(100)),
+                ..fast_relay()
+            };
+            let relay = outbox.relay(publisher.clone(), config).spawn();
+            let metrics = relay.metrics().clone();
+            let append = async |n: i64| {
+                let mut tx = outbox.pool().begin().await.unwrap();
+                let id = outbox
+                    .append(&mut tx, Event::json("ok", dest, &n).unwrap().with_key("k"))
+                    .await
+                    .unwrap();
+                let lease = lease_of(&mut tx, &id).await;
+                outbox.commit(tx).await.unwrap();
+                (id, lease)
+            };
+            let (one, lease) = append(1).await;
+            assert_eq!(lease.as_deref(), Some("handoff-b-h"));
+            // Two failed publishes: after the first the relay stopped taking
+            // hand-offs and gave the row back; the second claimed it the usual way.
+            until(
+                "two failed publishes",
+                Duration::from_secs(10),
+                async || metrics.snapshot().unavailable >= 2,
+            )
+            .await;
+            let mut conn = outbox.pool().acquire().await.unwrap();
+            assert_ne!(
+                lease_of(&mut conn, &one).await.as_deref(),
+                Some("handoff-b-h")
+            );
+            drop(conn);
+            let (_, lease) = append(2).await;
+            assert_eq!(lease, None, "no hand-off to a relay that cannot publish");
+
+            *publisher.down.lock().unwrap() = false;
+            wait_published(&outbox, Duration::from_secs(10)).await;
+            let (_, lease) = append(3).await;
+            assert_eq!(
+                lease.as_deref(),
+                Some("handoff-b-h"),
+                "hand-off resumes after a publish"
+            );
+            wait_published(&outbox, Duration::from_secs(10)).await;
+            relay.shutdown().await.unwrap();
+            assert_eq!(publisher.sent(), vec![1, 2, 3]);
+            let mut conn = outbox.pool().acquire().await.unwrap();
+            let leased: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM outbox_event WHERE claimed_by IS NOT NULL",
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+            assert_eq!(leased, 0, "nothing is left leased after shutdown");
+        }
+
+        #[tokio::test]
+        async fn a_killed_relay_s_hand_offs_are_taken_over_by_its_successor() {
+            let Some((db, outbox)) = setup().await else {
+                return;
+            };
+            let broker = broker().await;
+            let dest = "/queue/test.handoff.crash";
+            let env = |failpoint: &str, from: i64| {
+                vec![
+                    ("OUTBOX_FAILPOINT", failpoint.to_owned()),
+                    ("OUTBOX_TEST_DB_URL", db.url().to_owned()),
+                    ("OUTBOX_TEST_BROKER", broker.stomp_uri()),
+                    ("OUTBOX_TEST_DEST", dest.to_owned()),
+                    ("OUTBOX_TEST_FROM", from.to_string()),
+                ]
+            };
+            let child = concat!(module_path!(), "::child_producer_relay");
+            let child = child.split_once("::").map_or(child, |(_, rest)| rest);
+            let (killed, stderr) = run_child(
+                child,
+                &env("relay.before_publish", 0),
+                Duration::from_secs(60),
+            )
+            .await;
+            assert!(
+                killed,
+                "child was not killed at relay.before_publish: {stderr}"
+            );
+            let (killed, stderr) = run_child(
+                child,
+                &env("relay.after_receipt", 50),
+                Duration::from_secs(60),
+            )
+            .await;
+            assert!(
+                killed,
+                "child was not killed at relay.after_receipt: {stderr}"
+            );
+            assert_eq!(outbox.backlog().await.unwrap().pending, 100);
+            let leased: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM outbox_event WHERE claimed_by = 'crashy-h'",
+            )
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap();
+            assert_eq!(leased, 100, "every row was handed off to the killed relays");
+
+            // The same relay name takes the rows over at once; under a claim
+            // they would wait for their ten-minute lease.
+            let relay = outbox
+                .relay(
+                    StompPublisher::new(client(&broker).await),
+                    RelayConfig {
+                        relay_id: "crashy".into(),
+                        batch_size: 20,
+                        lease: Duration::from_secs(600),
+                        ..fast_relay()
+                    },
+                )
+                .spawn();
+            wait_published(&outbox, Duration::from_secs(30)).await;
+            relay.shutdown().await.unwrap();
+            let got = drain(&broker, dest, Duration::from_secs(2)).await;
+            let counts = tally(&got);
+            assert_eq!(counts.len(), 100, "every event arrives");
+            assert!(counts.values().all(|n| *n <= 2), "{counts:?}");
+            // Exactly the batch confirmed before the second kill arrives twice.
+            assert_eq!(counts.values().filter(|n| **n == 2).count(), 20);
+            assert_eq!(got.len(), 120);
+        }
+
+        #[tokio::test]
+        #[ignore = "child process of a_killed_relay_s_hand_offs_are_taken_over_by_its_successor"]
+        async fn child_producer_relay() {
+            let (Some(url), Some(broker), Some(dest), Some(from)) = (
+                child_var("OUTBOX_TEST_DB_URL"),
+                child_var("OUTBOX_TEST_BROKER"),
+                child_var("OUTBOX_TEST_DEST"),
+                child_var("OUTBOX_TEST_FROM"),
+            ) else {
+                return;
+            };
+            let from: i64 = from.parse().unwrap();
+            let pool = sqlx::Pool::<$db>::connect(&url).await.unwrap();
+            let outbox = Outbox::new(pool);
+            let client =
+                outbox::stomp::Client::connect(outbox::stomp::Config::parse(&broker).unwrap())
+                    .await
+                    .unwrap();
+            let relay = outbox
+                .relay(
+                    StompPublisher::new(client),
+                    RelayConfig {
+                        relay_id: "crashy".into(),
+                        batch_size: 20,
+                        lease: Duration::from_secs(600),
+                        ..fast_relay()
+                    },
+                )
+                .spawn();
+            let events: Vec<Event> = (from..from + 50)
+                .map(|i| {
+                    Event::json(
+                        "user.created",
+                        &dest,
+                        &UserCreated {
+                            user_id: i,
+                            name: format!("user{i}"),
+                            seq: i,
+                        },
+                    )
+                    .unwrap()
+                    .with_key(format!("k{}", i % 7))
+                })
+                .collect();
+            let mut tx = outbox.pool().begin().await.unwrap();
+            outbox.append_all(&mut tx, &events).await.unwrap();
+            outbox.commit(tx).await.unwrap();
+            // The armed failpoint ends this process; a timeout means it never fired.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(relay);
+        }
+
         #[tokio::test]
         async fn retention_deletes_only_old_published_rows() {
             let Some((_db, outbox)) = setup().await else {
@@ -534,8 +845,11 @@ mod postgres_notify {
         outbox.migrate().await.unwrap();
         let publisher = Scripted::default();
         // The poll would take a minute: only a notification can be this quick.
+        // Without hand-off: the row stays free for relays of other processes,
+        // which is what NOTIFY is for.
         let config = RelayConfig {
             poll_interval: Duration::from_secs(60),
+            handoff: false,
             ..fast_relay()
         };
         let relay = outbox.relay(publisher.clone(), config).spawn();

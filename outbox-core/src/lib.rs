@@ -61,5 +61,5 @@ pub mod __private {
     pub use sqlx;
 
     pub use crate::consumer::{BoxFuture, decode_json};
-    pub use crate::outbox::append_to_table;
+    pub use crate::outbox::{append_to_pool_table, append_to_table};
 }

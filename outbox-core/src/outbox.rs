@@ -7,10 +7,11 @@ use std::time::Duration;
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
-use crate::backend::sql::OutboxSql;
+use crate::backend::sql::{INSERT_VALUES, OutboxSql};
 use crate::backend::{Backend, Column, Value};
 use crate::event::Event;
 use crate::names::{TableName, now_ms};
+use crate::wake::PoolId;
 use crate::{Error, Publisher, Relay, RelayConfig, schema, wake};
 
 /// Default name of the outbox table.
@@ -39,6 +40,7 @@ pub struct Outbox<DB: Backend> {
 
 pub(crate) struct Inner<DB: Backend> {
     pub(crate) pool: Pool<DB>,
+    pub(crate) pool_id: PoolId,
     pub(crate) sql: OutboxSql,
 }
 
@@ -110,6 +112,7 @@ impl<DB: Backend> Outbox<DB> {
     fn with(pool: Pool<DB>, table: TableName) -> Outbox<DB> {
         Outbox {
             inner: Arc::new(Inner {
+                pool_id: wake::pool_id(&pool),
                 pool,
                 sql: OutboxSql::new(DB::DIALECT, table),
             }),
@@ -142,7 +145,13 @@ impl<DB: Backend> Outbox<DB> {
     /// before that transaction commits; if it rolls back, the event never existed.
     pub async fn append(&self, tx: &mut Transaction<'_, DB>, event: Event) -> Result<Uuid, Error> {
         let id = event.id;
-        append_all(&self.inner.sql, tx, std::slice::from_ref(&event)).await?;
+        append_all(
+            &self.inner.sql,
+            self.inner.pool_id,
+            tx,
+            std::slice::from_ref(&event),
+        )
+        .await?;
         Ok(id)
     }
 
@@ -152,7 +161,7 @@ impl<DB: Backend> Outbox<DB> {
         tx: &mut Transaction<'_, DB>,
         events: &[Event],
     ) -> Result<Vec<Uuid>, Error> {
-        append_all(&self.inner.sql, tx, events).await?;
+        append_all(&self.inner.sql, self.inner.pool_id, tx, events).await?;
         Ok(events.iter().map(|e| e.id).collect())
     }
 
@@ -295,9 +304,12 @@ impl<DB: Backend> Outbox<DB> {
 /// every database's limit.
 const INSERT_CHUNK: usize = 200;
 
-/// Inserts `events` into the outbox table of `sql` inside `tx`.
+/// Inserts `events` into the outbox table of `sql` inside `tx`. When a relay
+/// of this process serves that table on the pool `pool`, the rows are leased
+/// to it as they are inserted (hand-off): it publishes them without a claim.
 pub(crate) async fn append_all<DB: Backend>(
     sql: &OutboxSql,
+    pool: PoolId,
     tx: &mut Transaction<'_, DB>,
     events: &[Event],
 ) -> Result<(), Error> {
@@ -308,10 +320,15 @@ pub(crate) async fn append_all<DB: Backend>(
         event.validate()?;
     }
     let now = now_ms();
+    let lease = wake::handoff_lease(sql.table.as_str(), pool, now);
+    let (claimed_by, claimed_until) = match &lease {
+        Some((token, until)) => (Value::Text(Some(token)), Value::Int(*until)),
+        None => (Value::Text(None), Value::NullInt),
+    };
     for chunk in events.chunks(INSERT_CHUNK) {
         let ids: Vec<String> = chunk.iter().map(|e| e.id.to_string()).collect();
         let headers: Vec<String> = chunk.iter().map(Event::headers_json).collect();
-        let mut args = Vec::with_capacity(chunk.len() * 12);
+        let mut args = Vec::with_capacity(chunk.len() * INSERT_VALUES);
         for ((event, id), headers) in chunk.iter().zip(&ids).zip(&headers) {
             args.extend([
                 Value::Text(Some(id)),
@@ -326,13 +343,17 @@ pub(crate) async fn append_all<DB: Backend>(
                 Value::Int(now),
                 Value::Int(now),
                 Value::Int(now),
+                claimed_by.clone(),
+                claimed_until.clone(),
             ]);
         }
         DB::exec(&mut **tx, &sql.insert(chunk.len()), &args)
             .await
             .map_err(Error::db("appending events"))?;
     }
-    if let Some(notify) = &sql.notify {
+    // Handed-off rows are leased to a relay of this process, which the commit
+    // wakes: other relays could not take them, so they need no NOTIFY.
+    if let Some(notify) = sql.notify.as_ref().filter(|_| lease.is_none()) {
         DB::exec(&mut **tx, notify, &[])
             .await
             .map_err(Error::db("notifying relays"))?;
@@ -341,13 +362,31 @@ pub(crate) async fn append_all<DB: Backend>(
 }
 
 /// Appends `events` to the outbox table `table` inside `tx`: what
-/// `#[transactional_event]` producers call. The statements are built once per
-/// database and table.
+/// `#[transactional_event]` producers that receive the caller's transaction
+/// call. The statements are built once per database and table.
 pub async fn append_to_table<DB: Backend>(
     tx: &mut Transaction<'_, DB>,
     table: &str,
     events: &[Event],
 ) -> Result<(), Error> {
+    // Without the pool the rows cannot be matched with a relay: no hand-off.
+    append_all(&*statements::<DB>(table)?, 0, tx, events).await
+}
+
+/// As [`append_to_table`], for `#[transactional_event(pool)]` functions: `tx`
+/// was begun on `pool`, so a relay of this process on that pool takes the rows
+/// without a claim.
+pub async fn append_to_pool_table<DB: Backend>(
+    pool: &Pool<DB>,
+    tx: &mut Transaction<'_, DB>,
+    table: &str,
+    events: &[Event],
+) -> Result<(), Error> {
+    append_all(&*statements::<DB>(table)?, wake::pool_id(pool), tx, events).await
+}
+
+/// The statements of outbox table `table`, built once per database and table.
+fn statements<DB: Backend>(table: &str) -> Result<Arc<OutboxSql>, Error> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     type Statements = HashMap<(&'static str, String), Arc<OutboxSql>>;
@@ -359,7 +398,7 @@ pub async fn append_to_table<DB: Backend>(
         .unwrap_or_else(|e| e.into_inner())
         .get(&key)
         .cloned();
-    let sql = match cached {
+    Ok(match cached {
         Some(sql) => sql,
         None => {
             let sql = Arc::new(OutboxSql::new(
@@ -372,6 +411,5 @@ pub async fn append_to_table<DB: Backend>(
                 .insert(key, sql.clone());
             sql
         }
-    };
-    append_all(&sql, tx, events).await
+    })
 }

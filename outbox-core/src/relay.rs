@@ -18,11 +18,21 @@
 //! `claimed_until`): a relay that dies leaves rows that another relay takes
 //! when the lease runs out, and publishes them again — a duplicate with the same
 //! event id, never a loss.
+//!
+//! Hand-off ([`RelayConfig::handoff`]): while a relay runs, rows appended in
+//! its process through an [`Outbox`] on its pool are inserted already leased to
+//! it (`claimed_by` = the relay's hand-off token). After the commit wakes it,
+//! the relay reads them with a plain `SELECT` and publishes them: no claim
+//! transaction and no write lock on the way. They obey the same rules as
+//! claimed rows: per-key order (a row with an earlier unpublished row of its key
+//! elsewhere is given back to the usual claim), the lease (if the relay dies,
+//! any relay takes them when it runs out; one started with the same
+//! `relay_id` takes them at once), marked only after the broker's receipt.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,6 +45,7 @@ use crate::backoff::Backoff;
 use crate::error::{PublishError, PublishErrorKind};
 use crate::event::OutboxMessage;
 use crate::names::{ms, now_ms};
+use crate::wake::Handoff;
 use crate::{Error, Outbox, Publisher, failpoint, schema, wake};
 
 /// Settings of a relay. `RelayConfig::default()` suits most services.
@@ -60,8 +71,16 @@ pub struct RelayConfig {
     pub retention_interval: Duration,
     /// Rows deleted per retention statement (default 1000).
     pub retention_batch: u32,
-    /// This relay's name in `claimed_by` (default: a fresh UUID).
+    /// This relay's name in `claimed_by` (default: a fresh UUID). A relay
+    /// started again with the same name takes over the rows handed off to its
+    /// predecessor at once instead of after their lease.
     pub relay_id: String,
+    /// Hand-off (default on): while this relay runs, rows appended in this
+    /// process through an [`Outbox`] on the same pool (or a
+    /// `#[transactional_event(pool)]` function) are leased to it as they are
+    /// inserted, and it publishes them right after their commit without a
+    /// claim transaction. Rows written elsewhere are claimed as usual.
+    pub handoff: bool,
 }
 
 impl Default for RelayConfig {
@@ -77,6 +96,7 @@ impl Default for RelayConfig {
             retention_interval: Duration::from_secs(60),
             retention_batch: 1000,
             relay_id: Uuid::now_v7().simple().to_string(),
+            handoff: true,
         }
     }
 }
@@ -144,6 +164,8 @@ pub struct Relay<DB: Backend, P: Publisher> {
     metrics: Arc<RelayMetrics>,
     wake: Arc<Notify>,
     batch: AtomicU64,
+    turn: AtomicU64,
+    handoff_token: String,
 }
 
 impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
@@ -159,6 +181,15 @@ impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
 struct Claimed {
     token: String,
     batch: Vec<OutboxMessage>,
+    /// Rows handed off at insert time: the token is shared with rows not in
+    /// this batch, so the batch is settled by id.
+    handed_off: bool,
+}
+
+impl Claimed {
+    fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.batch.iter().map(|m| m.id)
+    }
 }
 
 /// A running relay: stop it gracefully with [`RelayHandle::shutdown`].
@@ -188,6 +219,8 @@ impl RelayHandle {
 impl<DB: Backend, P: Publisher> Relay<DB, P> {
     pub(crate) fn new(outbox: Outbox<DB>, publisher: P, config: RelayConfig) -> Relay<DB, P> {
         Relay {
+            handoff_token: format!("{}-h", config.relay_id),
+            turn: AtomicU64::new(0),
             outbox,
             publisher,
             config,
@@ -206,10 +239,16 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     pub fn spawn(self) -> RelayHandle {
         let (stop, mut stopped) = watch::channel(false);
         let metrics = self.metrics();
+        // Registered before the task starts: rows appended right after
+        // `spawn` returns are handed off already.
+        let handoff = self.offer_handoff();
         let task = tokio::spawn(async move {
-            self.run(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
+            self.run_with(
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+                handoff,
+            )
             .await
         });
         RelayHandle {
@@ -222,43 +261,70 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// Runs until `shutdown` completes. The batch in flight is finished (its
     /// rows marked) before returning; nothing is left claimed.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let handoff = self.offer_handoff();
+        self.run_with(shutdown, handoff).await
+    }
+
+    /// Registers for in-process wake-ups and, if enabled, for hand-off. The
+    /// hand-off lasts as long as the returned `Arc`.
+    fn offer_handoff(&self) -> Option<Arc<Handoff>> {
+        let table = self.outbox.table();
+        wake::register(table, &self.wake);
+        self.config.handoff.then(|| {
+            let handoff = Arc::new(Handoff {
+                token: self.handoff_token.clone(),
+                lease_ms: ms(self.config.lease),
+                active: AtomicBool::new(true),
+            });
+            wake::register_handoff(table, self.outbox.inner.pool_id, &handoff);
+            handoff
+        })
+    }
+
+    async fn run_with(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+        handoff: Option<Arc<Handoff>>,
+    ) -> Result<(), Error> {
         tokio::pin!(shutdown);
         let table = self.outbox.table().to_owned();
-        wake::register(&table, &self.wake);
         let listener = DB::listen(self.outbox.pool(), &table, self.wake.clone());
         let mut outages = 0u32;
         let mut db_failures = 0u32;
         let mut next_retention = Instant::now();
         // Pipeline: while batch i is being published, batch i-1 is marked and
-        // batch i+1 claimed. Batches go to the broker one after another on one
-        // connection, so a key's events keep their order; if batch i fails,
-        // batch i+1 is released unpublished.
+        // (for claimed rows) batch i+1 claimed. Batches go to the broker one
+        // after another on one connection, so a key's events keep their order;
+        // if batch i fails, batch i+1 is released unpublished. Handed-off rows
+        // are read after the receipt instead: a read is cheap, and rows
+        // committed while batch i was on the wire then go out in batch i+1.
         let mut ready: Option<Claimed> = None;
         let mut unmarked: Option<Claimed> = None;
         tracing::info!(relay = %self.config.relay_id, table, "relay started");
         loop {
             let outcome: Result<Step, Error> = match ready.take() {
                 None => {
-                    let marked = match unmarked.take() {
-                        Some(done) => self.mark_published(&done.token).await,
-                        None => Ok(()),
-                    };
-                    match marked {
-                        Err(error) => Err(error),
-                        Ok(()) => match self.claim_next(&HashSet::new()).await {
-                            Ok(Some(claimed)) => {
-                                ready = Some(claimed);
-                                Ok(Step::Published(0))
-                            }
-                            Ok(None) => Ok(Step::Idle),
-                            Err(error) => Err(error),
+                    let ahead: HashSet<i64> = unmarked.iter().flat_map(Claimed::ids).collect();
+                    match self.next_batch(&ahead).await {
+                        Ok(Some(claimed)) => {
+                            ready = Some(claimed);
+                            Ok(Step::Published(0))
+                        }
+                        Ok(None) => match unmarked.take() {
+                            Some(done) => self.mark_published(&done).await.map(|()| Step::Idle),
+                            None => Ok(Step::Idle),
                         },
+                        Err(error) => Err(error),
                     }
                 }
                 Some(current) => {
-                    let in_flight: HashSet<i64> = current.batch.iter().map(|m| m.id).collect();
-                    let n = current.batch.len();
                     let previous = unmarked.take();
+                    let in_flight: HashSet<i64> = current
+                        .ids()
+                        .chain(previous.iter().flat_map(Claimed::ids))
+                        .collect();
+                    let read_ahead = !current.handed_off;
+                    let n = current.batch.len();
                     failpoint::hit("relay.before_publish");
                     let (published, following) = tokio::join!(
                         self.publisher
@@ -266,9 +332,13 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                             .instrument(tracing::debug_span!("outbox.publish", rows = n)),
                         async {
                             if let Some(done) = previous {
-                                self.mark_published(&done.token).await?;
+                                self.mark_published(&done).await?;
                             }
-                            self.claim_next(&in_flight).await
+                            if read_ahead {
+                                self.next_batch(&in_flight).await
+                            } else {
+                                Ok(None)
+                            }
                         }
                     );
                     match published {
@@ -285,10 +355,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                         }
                         Err(error) => {
                             if let Ok(Some(next)) = following {
-                                self.release(&next.token, None).await?;
+                                self.release(&next, None).await?;
                             }
-                            self.publish_failed(&current.token, &current.batch, error)
-                                .await
+                            self.publish_failed(&current, error).await
                         }
                     }
                 }
@@ -314,6 +383,13 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     Some(self.config.outage_backoff.delay(db_failures - 1))
                 }
             };
+            // While the relay cannot publish, producers stop handing rows to it
+            // (what it already holds it gave back or holds under a lease).
+            if let Some(handoff) = &handoff {
+                handoff
+                    .active
+                    .store(outages == 0 && db_failures == 0, Ordering::Release);
+            }
             if Instant::now() >= next_retention {
                 next_retention = Instant::now() + self.config.retention_interval;
                 if let Err(error) = self.retention().await {
@@ -334,18 +410,100 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 break;
             }
         }
-        // Finish what is in flight: mark the published batch, give back the claimed one.
+        // Finish what is in flight: mark the published batch, give back the
+        // claimed one and the rows handed off but not yet read.
+        if let Some(handoff) = &handoff {
+            handoff.active.store(false, Ordering::Release);
+        }
         if let Some(done) = unmarked.take() {
-            self.mark_published(&done.token).await?;
+            self.mark_published(&done).await?;
         }
         if let Some(claimed) = ready.take() {
-            self.release(&claimed.token, None).await?;
+            self.release(&claimed, None).await?;
         }
+        if handoff.is_some() {
+            self.release_token(&self.handoff_token, None).await?;
+        }
+        drop(handoff);
         if let Some(listener) = listener {
             listener.abort();
         }
         tracing::info!(relay = %self.config.relay_id, "relay stopped");
         Ok(())
+    }
+
+    /// The next batch: rows handed off to this relay, or rows claimed the
+    /// usual way. Every fourth turn tries the claim first, so a steady stream
+    /// of handed-off rows cannot starve rows written by other processes.
+    async fn next_batch(&self, ahead: &HashSet<i64>) -> Result<Option<Claimed>, Error> {
+        if !self.config.handoff {
+            return self.claim_next(ahead).await;
+        }
+        if self.turn.fetch_add(1, Ordering::Relaxed).is_multiple_of(4) {
+            if let Some(claimed) = self.claim_next(ahead).await? {
+                return Ok(Some(claimed));
+            }
+            return self.take_handed_off(ahead).await;
+        }
+        if let Some(claimed) = self.take_handed_off(ahead).await? {
+            return Ok(Some(claimed));
+        }
+        self.claim_next(ahead).await
+    }
+
+    /// Reads the committed rows leased to this relay at insert time (none of
+    /// `ahead`, which are on their way already). A row whose key has an
+    /// earlier unpublished row that is neither here nor ahead is given back
+    /// to the usual claim, which keeps the key's order.
+    async fn take_handed_off(&self, ahead: &HashSet<i64>) -> Result<Option<Claimed>, Error> {
+        let sql = &self.outbox.inner.sql;
+        let size = usize::try_from(self.config.batch_size.max(1)).unwrap_or(usize::MAX);
+        let limit = i64::try_from(size.saturating_add(ahead.len())).unwrap_or(i64::MAX);
+        let token = self.handoff_token.as_str();
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &sql.handed_off,
+            &[
+                Value::Text(Some(token)),
+                Value::Int(now_ms()),
+                Value::Int(limit),
+            ],
+            &CLAIM_TYPES,
+        )
+        .await
+        .map_err(Error::db("reading handed-off rows"))?;
+        let mut batch: Vec<OutboxMessage> = rows
+            .into_iter()
+            .map(to_message)
+            .filter(|m| !ahead.contains(&m.id))
+            .take(size)
+            .collect();
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let accepted = self.key_order(&mut conn, &batch, ahead).await?;
+        let held: Vec<i64> = batch
+            .iter()
+            .filter(|m| m.key.is_some() && !accepted.contains(&m.id))
+            .map(|m| m.id)
+            .collect();
+        if !held.is_empty() {
+            let now = now_ms();
+            for ids in held.chunks(ID_CHUNK) {
+                let mut args = vec![Value::Int(now), Value::Text(Some(token))];
+                args.extend(ids.iter().map(|id| Value::Int(*id)));
+                DB::exec(&mut conn, &sql.release_ids(ids.len()), &args)
+                    .await
+                    .map_err(Error::db("giving back handed-off rows"))?;
+            }
+            batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
+        }
+        Ok((!batch.is_empty()).then(|| Claimed {
+            token: token.to_owned(),
+            batch,
+            handed_off: true,
+        }))
     }
 
     /// Claims the next batch under a fresh token; `None` when nothing is due.
@@ -356,37 +514,41 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .claim(&token, in_flight)
             .instrument(tracing::debug_span!("outbox.claim", token))
             .await?;
-        Ok((!batch.is_empty()).then_some(Claimed { token, batch }))
+        Ok((!batch.is_empty()).then_some(Claimed {
+            token,
+            batch,
+            handed_off: false,
+        }))
     }
 
     /// Settles a batch whose publish failed.
-    async fn publish_failed(
-        &self,
-        token: &str,
-        batch: &[OutboxMessage],
-        error: PublishError,
-    ) -> Result<Step, Error> {
-        let n = batch.len();
+    async fn publish_failed(&self, claimed: &Claimed, error: PublishError) -> Result<Step, Error> {
+        let n = claimed.batch.len();
         match error.kind {
             PublishErrorKind::Unavailable => {
                 tracing::warn!(%error, rows = n, "broker unavailable; batch released");
                 self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
-                self.release(token, Some(&error.message)).await?;
+                // Handed-off rows not yet read go back too: other relays may
+                // take them while this one waits for the broker.
+                self.release_token(&claimed.token, Some(&error.message))
+                    .await?;
                 Ok(Step::Unavailable)
             }
             _ if n == 1 => {
-                self.reject(token, &batch[0], &error).await?;
+                self.reject(&claimed.token, &claimed.batch[0], &error)
+                    .await?;
                 Ok(Step::Published(n))
             }
             _ => {
                 tracing::warn!(%error, rows = n, "batch rejected; publishing one by one");
-                self.one_by_one(token, batch).await
+                self.one_by_one(claimed).await
             }
         }
     }
 
     /// After a rejected batch: find the culprits by publishing each row alone.
-    async fn one_by_one(&self, token: &str, batch: &[OutboxMessage]) -> Result<Step, Error> {
+    async fn one_by_one(&self, claimed: &Claimed) -> Result<Step, Error> {
+        let (token, batch) = (claimed.token.as_str(), claimed.batch.as_slice());
         let mut blocked: HashSet<&str> = HashSet::new();
         for m in batch {
             if m.key.as_deref().is_some_and(|k| blocked.contains(k)) {
@@ -413,7 +575,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 }
                 Err(error) if error.kind == PublishErrorKind::Unavailable => {
                     self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
-                    self.release(token, Some(&error.message)).await?;
+                    self.release_token(token, Some(&error.message)).await?;
                     return Ok(Step::Unavailable);
                 }
                 Err(error) => {
@@ -425,7 +587,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             }
         }
         // Rows held back behind a rejected row of their key.
-        self.release(token, None).await?;
+        self.release(claimed, None).await?;
         Ok(Step::Published(batch.len()))
     }
 
@@ -475,17 +637,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 Value::Int(now),
                 Value::Int(i64::from(self.config.batch_size.max(1))),
             ],
-            &[
-                Column::Int,
-                Column::Text,
-                Column::Text,
-                Column::Text,
-                Column::Text,
-                Column::Text,
-                Column::Bytes,
-                Column::Text,
-                Column::Int,
-            ],
+            &CLAIM_TYPES,
         )
         .await
         .map_err(Error::db("selecting due rows"))?;
@@ -496,43 +648,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let mut batch: Vec<OutboxMessage> = rows.into_iter().map(to_message).collect();
         // Per-key order: drop rows that an unpublished earlier row of their key
         // (not in this batch) must precede.
-        let keys: Vec<&str> = {
-            let mut seen = HashSet::new();
-            batch
-                .iter()
-                .filter_map(|m| m.key.as_deref())
-                .filter(|k| seen.insert(*k))
-                .collect()
-        };
-        if !keys.is_empty() {
-            let max_id = batch.iter().map(|m| m.id).max().unwrap_or(0);
-            let mut args = vec![Value::Int(max_id)];
-            args.extend(keys.iter().map(|k| Value::Text(Some(k))));
-            let earlier = DB::fetch(
-                &mut tx,
-                &sql.key_rows(keys.len()),
-                &args,
-                &[Column::Int, Column::Text],
-            )
-            .await
-            .map_err(Error::db("checking key order"))?;
-            let in_batch: HashSet<i64> = batch.iter().map(|m| m.id).collect();
-            let mut accepted = HashSet::new();
-            let mut blocked = HashSet::new();
-            for mut row in earlier {
-                let id = row[0].int().unwrap_or(0);
-                let key = row[1].take_text().unwrap_or_default();
-                if in_flight.contains(&id) {
-                    continue;
-                }
-                if in_batch.contains(&id) && !blocked.contains(&key) {
-                    accepted.insert(id);
-                } else {
-                    blocked.insert(key);
-                }
-            }
-            batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
-        }
+        let accepted = self.key_order(&mut tx, &batch, in_flight).await?;
+        batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
         if !batch.is_empty() {
             let until = now + ms(self.config.lease);
             let mut args = vec![Value::Text(Some(token)), Value::Int(until)];
@@ -545,15 +662,67 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         Ok(batch)
     }
 
+    /// Of the keyed rows of `batch`, those no unpublished earlier row of their
+    /// key must precede: every earlier unpublished row of the key is in
+    /// `batch` itself or in `ahead` (published before `batch`, on the same
+    /// connection).
+    async fn key_order(
+        &self,
+        conn: &mut DB::Connection,
+        batch: &[OutboxMessage],
+        ahead: &HashSet<i64>,
+    ) -> Result<HashSet<i64>, Error> {
+        let mut seen = HashSet::new();
+        let keys: Vec<&str> = batch
+            .iter()
+            .filter_map(|m| m.key.as_deref())
+            .filter(|k| seen.insert(*k))
+            .collect();
+        let mut accepted = HashSet::new();
+        if keys.is_empty() {
+            return Ok(accepted);
+        }
+        let max_id = batch.iter().map(|m| m.id).max().unwrap_or(0);
+        let mut args = vec![Value::Int(max_id)];
+        args.extend(keys.iter().map(|k| Value::Text(Some(k))));
+        let earlier = DB::fetch(
+            conn,
+            &self.outbox.inner.sql.key_rows(keys.len()),
+            &args,
+            &[Column::Int, Column::Text],
+        )
+        .await
+        .map_err(Error::db("checking key order"))?;
+        let in_batch: HashSet<i64> = batch.iter().map(|m| m.id).collect();
+        let mut blocked = HashSet::new();
+        for mut row in earlier {
+            let id = row[0].int().unwrap_or(0);
+            let key = row[1].take_text().unwrap_or_default();
+            if ahead.contains(&id) {
+                continue;
+            }
+            if in_batch.contains(&id) && !blocked.contains(&key) {
+                accepted.insert(id);
+            } else {
+                blocked.insert(key);
+            }
+        }
+        Ok(accepted)
+    }
+
     /// Marks the batch published. A failure here means a re-publish after the
     /// lease, so transient errors (deadlock victims, a dropped connection) are
     /// retried a few times first.
-    #[tracing::instrument(name = "outbox.mark", level = "debug", skip(self))]
-    async fn mark_published(&self, token: &str) -> Result<(), Error> {
+    #[tracing::instrument(
+        name = "outbox.mark",
+        level = "debug",
+        skip_all,
+        fields(token = %claimed.token, rows = claimed.batch.len())
+    )]
+    async fn mark_published(&self, claimed: &Claimed) -> Result<(), Error> {
         let mut attempt = 0;
         loop {
-            let now = now_ms();
-            let result = self.mark_once(token, now).await;
+            let result = self.mark_once(claimed).await;
             match result {
                 Ok(n) => {
                     self.metrics.published.fetch_add(n, Ordering::Relaxed);
@@ -569,14 +738,35 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         }
     }
 
-    async fn mark_once(&self, token: &str, now: i64) -> Result<u64, Error> {
-        let sql = &self.outbox.inner.sql.mark_published;
-        let args = [Value::Int(now), Value::Int(now), Value::Text(Some(token))];
-        let failed = Error::db("marking rows published");
+    async fn mark_once(&self, claimed: &Claimed) -> Result<u64, Error> {
+        let sql = &self.outbox.inner.sql;
+        let now = now_ms();
+        let token = Value::Text(Some(&claimed.token));
+        let statements: Vec<(String, Vec<Value<'_>>)> = if claimed.handed_off {
+            let ids: Vec<i64> = claimed.ids().collect();
+            ids.chunks(ID_CHUNK)
+                .map(|chunk| {
+                    let mut args = vec![Value::Int(now), Value::Int(now), token.clone()];
+                    args.extend(chunk.iter().map(|id| Value::Int(*id)));
+                    (sql.mark_published_ids(chunk.len()), args)
+                })
+                .collect()
+        } else {
+            vec![(
+                sql.mark_published.clone(),
+                vec![Value::Int(now), Value::Int(now), token],
+            )]
+        };
+        let failed = || Error::db("marking rows published");
+        let mut n = 0;
         match DB::DIALECT.relaxed_commit {
             None => {
                 let mut conn = self.acquire().await?;
-                DB::exec(&mut conn, sql, &args).await.map_err(failed)
+                for (statement, args) in &statements {
+                    n += DB::exec(&mut conn, statement, args)
+                        .await
+                        .map_err(failed())?;
+                }
             }
             Some(relaxed) => {
                 let mut tx = self
@@ -588,14 +778,35 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 DB::exec(&mut tx, relaxed, &[])
                     .await
                     .map_err(Error::db("relaxing the mark's commit"))?;
-                let n = DB::exec(&mut tx, sql, &args).await.map_err(failed)?;
+                for (statement, args) in &statements {
+                    n += DB::exec(&mut tx, statement, args).await.map_err(failed())?;
+                }
                 tx.commit().await.map_err(Error::db("committing a mark"))?;
-                Ok(n)
             }
         }
+        Ok(n)
     }
 
-    async fn release(&self, token: &str, error: Option<&str>) -> Result<(), Error> {
+    /// Gives back a batch: a handed-off batch by id, a claimed one by token.
+    async fn release(&self, claimed: &Claimed, error: Option<&str>) -> Result<(), Error> {
+        if !claimed.handed_off {
+            return self.release_token(&claimed.token, error).await;
+        }
+        let sql = &self.outbox.inner.sql;
+        let ids: Vec<i64> = claimed.ids().collect();
+        let mut conn = self.acquire().await?;
+        for chunk in ids.chunks(ID_CHUNK) {
+            let mut args = vec![Value::Int(now_ms()), Value::Text(Some(&claimed.token))];
+            args.extend(chunk.iter().map(|id| Value::Int(*id)));
+            DB::exec(&mut conn, &sql.release_ids(chunk.len()), &args)
+                .await
+                .map_err(Error::db("releasing a claim"))?;
+        }
+        Ok(())
+    }
+
+    /// Gives back every row held under `token`.
+    async fn release_token(&self, token: &str, error: Option<&str>) -> Result<(), Error> {
         let mut conn = self.acquire().await?;
         DB::exec(
             &mut conn,
@@ -675,6 +886,22 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         }
     }
 }
+
+/// Ids per statement when rows are marked or given back by id.
+const ID_CHUNK: usize = 500;
+
+/// Column types of [`CLAIM_COLUMNS`](crate::backend::sql::CLAIM_COLUMNS).
+const CLAIM_TYPES: [Column; 9] = [
+    Column::Int,
+    Column::Text,
+    Column::Text,
+    Column::Text,
+    Column::Text,
+    Column::Text,
+    Column::Bytes,
+    Column::Text,
+    Column::Int,
+];
 
 /// `true` if `shutdown` has completed, without waiting.
 async fn futures_poll_ready<F: Future<Output = ()>>(shutdown: &mut std::pin::Pin<&mut F>) -> bool {

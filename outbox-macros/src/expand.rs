@@ -109,9 +109,9 @@ fn expand_producer(p: &Producer) -> TokenStream {
         let ty = &p.tx.ty;
         quote!(: #ty)
     });
+    let pool = Ident::new("pool", Span::mixed_site());
     let (first, begin, tx_ref, commit): (FnArg, _, _, _) = match &p.pool {
         Some(flag) => {
-            let pool = Ident::new("pool", Span::mixed_site());
             let begin_failed = fail(&error);
             let commit_failed = fail(&error);
             (
@@ -182,6 +182,16 @@ fn expand_producer(p: &Producer) -> TokenStream {
     });
     let serialize_failed = fail(&error);
     let append_failed = fail(&error);
+    // The pool form names its pool, so a relay of this process on that pool
+    // can take the rows without a claim.
+    let append = match &p.pool {
+        Some(_) => quote! {
+            ::outbox::__private::append_to_pool_table(#pool, #tx_ref, #table, &#events).await
+        },
+        None => quote! {
+            ::outbox::__private::append_to_table(#tx_ref, #table, &#events).await
+        },
+    };
 
     quote! {
         #(#attrs)*
@@ -204,9 +214,7 @@ fn expand_producer(p: &Producer) -> TokenStream {
                 };
                 #events.push(#built #key #(#headers)*);
             }
-            if let ::core::result::Result::Err(#error) =
-                ::outbox::__private::append_to_table(#tx_ref, #table, &#events).await
-            {
+            if let ::core::result::Result::Err(#error) = #append {
                 #append_failed
             }
             #commit

@@ -123,14 +123,14 @@ impl BrokerLayout<'_> {
             ),
         };
         let mut connectors = format!(
-            "      <transportConnector name=\"stomp\" uri=\"stomp://127.0.0.1:{}\"/>\n",
+            "      <transportConnector name=\"stomp\" uri=\"stomp://127.0.0.1:{}?transport.tcpNoDelay=true\"/>\n",
             self.stomp_port
         );
         let ssl_context = match self.ssl {
             None => String::new(),
             Some((port, keystore)) => {
                 connectors.push_str(&format!(
-                    "      <transportConnector name=\"stomp+ssl\" uri=\"stomp+ssl://127.0.0.1:{port}\"/>\n"
+                    "      <transportConnector name=\"stomp+ssl\" uri=\"stomp+ssl://127.0.0.1:{port}?transport.tcpNoDelay=true\"/>\n"
                 ));
                 format!(
                     "\n    <sslContext>\n      <sslContext keyStore=\"file:{}\" keyStorePassword=\"{}\" \
@@ -181,7 +181,7 @@ mod tests {
             credentials: None,
         }
         .activemq_xml();
-        assert!(xml.contains(r#"uri="stomp://127.0.0.1:61999""#));
+        assert!(xml.contains(r#"uri="stomp://127.0.0.1:61999?transport.tcpNoDelay=true""#));
         assert!(xml.contains(r#"<kahaDB directory="/tmp/b1/data/kahadb"/>"#));
         assert!(!xml.contains("plugins"));
         assert!(!xml.contains("sslContext"));
@@ -200,7 +200,7 @@ mod tests {
         }
         .activemq_xml();
         assert!(xml.contains(r#"username="a&quot;l" password="&lt;p&amp;&#36;{x}&gt;""#));
-        assert!(xml.contains(r#"uri="stomp+ssl://127.0.0.1:2""#));
+        assert!(xml.contains(r#"uri="stomp+ssl://127.0.0.1:2?transport.tcpNoDelay=true""#));
         assert!(xml.contains(r#"keyStore="file:/tmp/b2/tls/broker.p12""#));
     }
 }

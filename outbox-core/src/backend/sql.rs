@@ -11,7 +11,11 @@ pub(crate) const CLAIM_COLUMNS: &str =
 
 /// Columns written when an event is appended.
 const INSERT_COLUMNS: &str = "event_id, event_type, destination, event_key, headers, content, \
-     content_type, process, attempts, next_attempt_at, create_time, update_time";
+     content_type, process, attempts, next_attempt_at, create_time, update_time, claimed_by, \
+     claimed_until";
+
+/// Values per appended row (the columns of [`INSERT_COLUMNS`]).
+pub(crate) const INSERT_VALUES: usize = 14;
 
 /// The statements of one outbox table.
 #[derive(Debug)]
@@ -22,6 +26,7 @@ pub(crate) struct OutboxSql {
     pub(crate) notify: Option<String>,
     pub(crate) claim: String,
     pub(crate) due_probe: String,
+    pub(crate) handed_off: String,
     pub(crate) mark_published: String,
     pub(crate) mark_published_one: String,
     pub(crate) mark_rejected: String,
@@ -50,6 +55,10 @@ impl OutboxSql {
             due_probe: p(format!(
                 "SELECT id FROM {t} WHERE process = 'NEW' AND next_attempt_at <= ? \
                  AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY id LIMIT 1"
+            )),
+            handed_off: p(format!(
+                "SELECT {CLAIM_COLUMNS} FROM {t} WHERE claimed_by = ? AND process = 'NEW' \
+                 AND claimed_until > ? ORDER BY id LIMIT ?"
             )),
             mark_published: p(format!(
                 "UPDATE {t} SET process = 'PUBLISHED', published_time = ?, update_time = ?, \
@@ -97,7 +106,7 @@ impl OutboxSql {
 
     /// `INSERT` of `rows` events at once.
     pub(crate) fn insert(&self, rows: usize) -> String {
-        let one = format!("({})", marks(12));
+        let one = format!("({})", marks(INSERT_VALUES));
         let values = vec![one; rows].join(", ");
         placeholders(
             self.dialect.placeholders,
@@ -117,6 +126,35 @@ impl OutboxSql {
                  AND event_key IN ({}) ORDER BY id",
                 self.table,
                 marks(keys)
+            ),
+        )
+    }
+
+    /// Marks `ids` rows held by the lease `?` published: the values are the
+    /// publish time, the update time, the token, then the ids.
+    pub(crate) fn mark_published_ids(&self, ids: usize) -> String {
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "UPDATE {} SET process = 'PUBLISHED', published_time = ?, update_time = ?, \
+                 claimed_by = NULL, claimed_until = NULL \
+                 WHERE claimed_by = ? AND process = 'NEW' AND id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
+    /// Gives back the lease `?` on `ids` rows: the values are the update time,
+    /// the token, then the ids.
+    pub(crate) fn release_ids(&self, ids: usize) -> String {
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "UPDATE {} SET claimed_by = NULL, claimed_until = NULL, update_time = ? \
+                 WHERE claimed_by = ? AND id IN ({})",
+                self.table,
+                marks(ids)
             ),
         )
     }
