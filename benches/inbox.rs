@@ -22,7 +22,8 @@
 //!   of arrival. Same process, same clock.
 //!
 //! Run with `cargo bench --bench inbox`; `BENCH_N`, `BENCH_RATE`, `BENCH_SECS`
-//! change the sizes.
+//! change the sizes, `BENCH_PARTS` (`throughput,latency`) and `BENCH_DBS`
+//! (`sqlite,pg,my`) pick what runs.
 
 #[path = "common.rs"]
 mod common;
@@ -380,42 +381,59 @@ async fn main() {
     let n = common::env_usize("BENCH_N", 10_000);
     let rate = common::env_usize("BENCH_RATE", 1_000);
     let secs = common::env_usize("BENCH_SECS", 5) as u64;
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "throughput,latency".into());
+    let dbs = std::env::var("BENCH_DBS").unwrap_or_else(|_| "sqlite,pg,my".into());
+    let on = |list: &str, name: &str| list.split(',').any(|p| p.trim() == name);
     let broker = common::broker().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let producer_dir = tempfile::tempdir().expect("tempdir");
     let sqlite = common::sqlite(dir.path()).await;
     let sqlite_producer = common::sqlite(producer_dir.path()).await;
-    let pg = common::postgres().await;
-    let pg_producer = common::postgres().await;
-    let my = common::mysql().await;
-    let my_producer = common::mysql().await;
+    let (pg, pg_producer) = if on(&dbs, "pg") {
+        (common::postgres().await, common::postgres().await)
+    } else {
+        (None, None)
+    };
+    let (my, my_producer) = if on(&dbs, "my") {
+        (common::mysql().await, common::mysql().await)
+    } else {
+        (None, None)
+    };
+    let sqlite_on = on(&dbs, "sqlite");
 
     // JVM warm-up.
     plain_throughput(&broker, 5_000, "/queue/bench.warmup").await;
 
-    println!(
-        "\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {PREFETCH}\n"
-    );
-    let widths = [40, 10, 12];
-    common::head(&widths, &["consumer", "msg/s", "× plain"]);
-    let plain = plain_throughput(&broker, n, "/queue/bench.in.plain").await;
-    let line = |name: &str, r: f64| {
-        vec![
-            name.to_string(),
-            format!("{r:.0}"),
-            format!("{:.2}", r / plain),
-        ]
-    };
-    common::row(&widths, &line("plain STOMP consumer (ack only)", plain));
-    let r = inbox_throughput(&broker, sqlite.clone(), n, "/queue/bench.in.sqlite").await;
-    common::row(&widths, &line("inbox consumer, SQLite (WAL)", r));
-    if let Some(pg) = &pg {
-        let r = inbox_throughput(&broker, pg.pool().clone(), n, "/queue/bench.in.pg").await;
-        common::row(&widths, &line("inbox consumer, PostgreSQL", r));
+    if on(&parts, "throughput") {
+        println!(
+            "\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {PREFETCH}\n"
+        );
+        let widths = [40, 10, 12];
+        common::head(&widths, &["consumer", "msg/s", "× plain"]);
+        let plain = plain_throughput(&broker, n, "/queue/bench.in.plain").await;
+        let line = |name: &str, r: f64| {
+            vec![
+                name.to_string(),
+                format!("{r:.0}"),
+                format!("{:.2}", r / plain),
+            ]
+        };
+        common::row(&widths, &line("plain STOMP consumer (ack only)", plain));
+        if sqlite_on {
+            let r = inbox_throughput(&broker, sqlite.clone(), n, "/queue/bench.in.sqlite").await;
+            common::row(&widths, &line("inbox consumer, SQLite (WAL)", r));
+        }
+        if let Some(pg) = &pg {
+            let r = inbox_throughput(&broker, pg.pool().clone(), n, "/queue/bench.in.pg").await;
+            common::row(&widths, &line("inbox consumer, PostgreSQL", r));
+        }
+        if let Some(my) = &my {
+            let r = inbox_throughput(&broker, my.pool().clone(), n, "/queue/bench.in.my").await;
+            common::row(&widths, &line("inbox consumer, MariaDB", r));
+        }
     }
-    if let Some(my) = &my {
-        let r = inbox_throughput(&broker, my.pool().clone(), n, "/queue/bench.in.my").await;
-        common::row(&widths, &line("inbox consumer, MariaDB", r));
+    if !on(&parts, "latency") {
+        return;
     }
 
     println!("\nLatency at {rate} events/s for {secs} s (after 1 s warm-up)\n");
@@ -431,24 +449,26 @@ async fn main() {
             count.to_string(),
         ],
     );
-    let (p50, p99, count) = outbox_latency(
-        &broker,
-        sqlite_producer.clone(),
-        sqlite.clone(),
-        rate,
-        secs,
-        "lat.sqlite",
-    )
-    .await;
-    common::row(
-        &widths,
-        &[
-            "outbox commit → inbox commit, SQLite (WAL)".into(),
-            ms(p50),
-            ms(p99),
-            count.to_string(),
-        ],
-    );
+    if sqlite_on {
+        let (p50, p99, count) = outbox_latency(
+            &broker,
+            sqlite_producer.clone(),
+            sqlite.clone(),
+            rate,
+            secs,
+            "lat.sqlite",
+        )
+        .await;
+        common::row(
+            &widths,
+            &[
+                "outbox commit → inbox commit, SQLite (WAL)".into(),
+                ms(p50),
+                ms(p99),
+                count.to_string(),
+            ],
+        );
+    }
     if let (Some(pg), Some(producer)) = (&pg, &pg_producer) {
         let (p50, p99, count) = outbox_latency(
             &broker,

@@ -186,7 +186,7 @@ macro_rules! inbox_suite {
         }
 
         #[tokio::test]
-        async fn a_prefilled_queue_is_applied_in_batches_with_duplicates_failures_and_bad_payloads() {
+        async fn a_prefilled_queue_with_duplicates_failures_and_bad_payloads_is_applied_once() {
             let Some((_db, inbox)) = setup().await else { return };
             let broker = broker().await;
             let dest = "/queue/test.inbox.batch";
@@ -199,7 +199,8 @@ macro_rules! inbox_suite {
             send(&producer, dest, "e-4", &user(4)).await;
             let faults = Faults::default();
             faults.0.lock().unwrap().insert(3, 1);
-            // One worker: the five waiting messages go into one transaction.
+            // One worker: waiting messages go into one transaction when they
+            // arrive together.
             let config = ConsumerConfig { concurrency: 1, batch_size: 16, ..quick(dest) };
             let handle = Consumer::new(inbox.clone(), points_handler(&faults), config)
                 .spawn(client(&broker).await)
@@ -214,7 +215,11 @@ macro_rules! inbox_suite {
             handle.shutdown().await.unwrap();
             assert_eq!(points(&inbox).await, HashMap::from([(1, 1), (2, 1), (3, 1), (4, 1)]));
             let (processed, duplicates, retried, failed) = metrics.snapshot();
-            assert_eq!((processed, duplicates, retried, failed), (4, 1, 1, 1));
+            assert_eq!((processed, duplicates, failed), (4, 1, 1));
+            // User 3's one failure either rolled back the batch it was in (then
+            // it is applied on its own, no retry) or, if the messages arrived
+            // one by one, scheduled one local retry.
+            assert!(retried <= 1, "{retried}");
             assert_eq!(inbox.parked(10).await.unwrap()[0].event_id, "e-bad");
         }
 

@@ -292,37 +292,35 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let mut outages = 0u32;
         let mut db_failures = 0u32;
         let mut next_retention = Instant::now();
-        // Pipeline: while batch i is being published, batch i-1 is marked and
-        // (for claimed rows) batch i+1 claimed. Batches go to the broker one
-        // after another on one connection, so a key's events keep their order;
-        // if batch i fails, batch i+1 is released unpublished. Handed-off rows
-        // are read after the receipt instead: a read is cheap, and rows
-        // committed while batch i was on the wire then go out in batch i+1.
+        // Pipeline: batches go to the broker one after another on one
+        // connection, so a key's events keep their order; if batch i fails,
+        // a batch claimed meanwhile is released unpublished. While batch i is
+        // on the wire, claimed rows for batch i+1 are claimed; handed-off rows
+        // are read after the receipt instead (a read is cheap, and rows
+        // committed while batch i was on the wire then go out in batch i+1).
+        // Published batches are marked in the background; until then their
+        // rows count as ahead of everything read.
+        let mut marks = Marks::new(Marker {
+            outbox: self.outbox.clone(),
+            metrics: self.metrics.clone(),
+            backoff: self.config.outage_backoff,
+        });
         let mut ready: Option<Claimed> = None;
-        let mut unmarked: Option<Claimed> = None;
         tracing::info!(relay = %self.config.relay_id, table, "relay started");
         loop {
+            marks.advance().await;
             let outcome: Result<Step, Error> = match ready.take() {
-                None => {
-                    let ahead: HashSet<i64> = unmarked.iter().flat_map(Claimed::ids).collect();
-                    match self.next_batch(&ahead).await {
-                        Ok(Some(claimed)) => {
-                            ready = Some(claimed);
-                            Ok(Step::Published(0))
-                        }
-                        Ok(None) => match unmarked.take() {
-                            Some(done) => self.mark_published(&done).await.map(|()| Step::Idle),
-                            None => Ok(Step::Idle),
-                        },
-                        Err(error) => Err(error),
+                None => match self.next_batch(&marks.ids()).await {
+                    Ok(Some(claimed)) => {
+                        ready = Some(claimed);
+                        Ok(Step::Published(0))
                     }
-                }
+                    Ok(None) => Ok(Step::Idle),
+                    Err(error) => Err(error),
+                },
                 Some(current) => {
-                    let previous = unmarked.take();
-                    let in_flight: HashSet<i64> = current
-                        .ids()
-                        .chain(previous.iter().flat_map(Claimed::ids))
-                        .collect();
+                    let mut in_flight = marks.ids();
+                    in_flight.extend(current.ids());
                     let read_ahead = !current.handed_off;
                     let n = current.batch.len();
                     failpoint::hit("relay.before_publish");
@@ -331,9 +329,6 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                             .publish(&current.batch)
                             .instrument(tracing::debug_span!("outbox.publish", rows = n)),
                         async {
-                            if let Some(done) = previous {
-                                self.mark_published(&done).await?;
-                            }
                             if read_ahead {
                                 self.next_batch(&in_flight).await
                             } else {
@@ -344,7 +339,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     match published {
                         Ok(()) => {
                             failpoint::hit("relay.after_receipt");
-                            unmarked = Some(current);
+                            marks.push(current);
                             match following {
                                 Ok(next) => {
                                     ready = next;
@@ -357,6 +352,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                             if let Ok(Some(next)) = following {
                                 self.release(&next, None).await?;
                             }
+                            // Marked first: giving the batch back may give back
+                            // every row under its token.
+                            marks.drain().await;
                             self.publish_failed(&current, error).await
                         }
                     }
@@ -399,10 +397,16 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             let stop = match pause {
                 None => futures_poll_ready(&mut shutdown).await,
                 Some(pause) => {
-                    tokio::select! {
-                        _ = &mut shutdown => true,
-                        _ = self.wake.notified() => false,
-                        _ = tokio::time::sleep(pause) => false,
+                    let sleep = tokio::time::sleep(pause);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut shutdown => break true,
+                            _ = self.wake.notified() => break false,
+                            _ = &mut sleep => break false,
+                            // A finished mark may leave more to mark; keep waiting.
+                            _ = marks.finish(), if marks.is_running() => marks.start(),
+                        }
                     }
                 }
             };
@@ -410,14 +414,12 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 break;
             }
         }
-        // Finish what is in flight: mark the published batch, give back the
+        // Finish what is in flight: mark the published batches, give back the
         // claimed one and the rows handed off but not yet read.
         if let Some(handoff) = &handoff {
             handoff.active.store(false, Ordering::Release);
         }
-        if let Some(done) = unmarked.take() {
-            self.mark_published(&done).await?;
-        }
+        let marked = marks.settle().await;
         if let Some(claimed) = ready.take() {
             self.release(&claimed, None).await?;
         }
@@ -425,6 +427,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             self.release_token(&self.handoff_token, None).await?;
         }
         drop(handoff);
+        marked?;
         if let Some(listener) = listener {
             listener.abort();
         }
@@ -710,83 +713,6 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         Ok(accepted)
     }
 
-    /// Marks the batch published. A failure here means a re-publish after the
-    /// lease, so transient errors (deadlock victims, a dropped connection) are
-    /// retried a few times first.
-    #[tracing::instrument(
-        name = "outbox.mark",
-        level = "debug",
-        skip_all,
-        fields(token = %claimed.token, rows = claimed.batch.len())
-    )]
-    async fn mark_published(&self, claimed: &Claimed) -> Result<(), Error> {
-        let mut attempt = 0;
-        loop {
-            let result = self.mark_once(claimed).await;
-            match result {
-                Ok(n) => {
-                    self.metrics.published.fetch_add(n, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(error) if attempt < 4 => {
-                    tracing::warn!(%error, attempt, "marking published failed; retrying");
-                    tokio::time::sleep(self.config.outage_backoff.delay(attempt)).await;
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
-    }
-
-    async fn mark_once(&self, claimed: &Claimed) -> Result<u64, Error> {
-        let sql = &self.outbox.inner.sql;
-        let now = now_ms();
-        let token = Value::Text(Some(&claimed.token));
-        let statements: Vec<(String, Vec<Value<'_>>)> = if claimed.handed_off {
-            let ids: Vec<i64> = claimed.ids().collect();
-            ids.chunks(ID_CHUNK)
-                .map(|chunk| {
-                    let mut args = vec![Value::Int(now), Value::Int(now), token.clone()];
-                    args.extend(chunk.iter().map(|id| Value::Int(*id)));
-                    (sql.mark_published_ids(chunk.len()), args)
-                })
-                .collect()
-        } else {
-            vec![(
-                sql.mark_published.clone(),
-                vec![Value::Int(now), Value::Int(now), token],
-            )]
-        };
-        let failed = || Error::db("marking rows published");
-        let mut n = 0;
-        match DB::DIALECT.relaxed_commit {
-            None => {
-                let mut conn = self.acquire().await?;
-                for (statement, args) in &statements {
-                    n += DB::exec(&mut conn, statement, args)
-                        .await
-                        .map_err(failed())?;
-                }
-            }
-            Some(relaxed) => {
-                let mut tx = self
-                    .outbox
-                    .pool()
-                    .begin()
-                    .await
-                    .map_err(Error::db("beginning a mark"))?;
-                DB::exec(&mut tx, relaxed, &[])
-                    .await
-                    .map_err(Error::db("relaxing the mark's commit"))?;
-                for (statement, args) in &statements {
-                    n += DB::exec(&mut tx, statement, args).await.map_err(failed())?;
-                }
-                tx.commit().await.map_err(Error::db("committing a mark"))?;
-            }
-        }
-        Ok(n)
-    }
-
     /// Gives back a batch: a handed-off batch by id, a claimed one by token.
     async fn release(&self, claimed: &Claimed, error: Option<&str>) -> Result<(), Error> {
         if !claimed.handed_off {
@@ -884,6 +810,181 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             // Small batches, with room for the relay's own statements between.
             tokio::task::yield_now().await;
         }
+    }
+}
+
+/// Marks published batches in the background, one database round at a time,
+/// so a slow mark never holds up the next publish.
+struct Marker<DB: Backend> {
+    outbox: Outbox<DB>,
+    metrics: Arc<RelayMetrics>,
+    backoff: Backoff,
+}
+
+impl<DB: Backend> Marker<DB> {
+    /// Marks `batches` published, in one transaction. A failure here means a
+    /// re-publish, so transient errors (deadlock victims, a dropped
+    /// connection) are retried a few times first.
+    #[tracing::instrument(
+        name = "outbox.mark",
+        level = "debug",
+        skip_all,
+        fields(batches = batches.len(), rows = batches.iter().map(|b| b.batch.len()).sum::<usize>())
+    )]
+    async fn mark(&self, batches: &[Claimed]) -> Result<(), Error> {
+        let mut attempt = 0;
+        loop {
+            match self.mark_once(batches).await {
+                Ok(n) => {
+                    self.metrics.published.fetch_add(n, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(error) if attempt < 4 => {
+                    tracing::warn!(%error, attempt, "marking published failed; retrying");
+                    tokio::time::sleep(self.backoff.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn mark_once(&self, batches: &[Claimed]) -> Result<u64, Error> {
+        let sql = &self.outbox.inner.sql;
+        let now = now_ms();
+        let mut statements: Vec<(String, Vec<Value<'_>>)> = Vec::new();
+        for claimed in batches {
+            let token = Value::Text(Some(&claimed.token));
+            if claimed.handed_off {
+                for chunk in claimed.batch.chunks(ID_CHUNK) {
+                    let mut args = vec![Value::Int(now), Value::Int(now), token.clone()];
+                    args.extend(chunk.iter().map(|m| Value::Int(m.id)));
+                    statements.push((sql.mark_published_ids(chunk.len()), args));
+                }
+            } else {
+                statements.push((
+                    sql.mark_published.clone(),
+                    vec![Value::Int(now), Value::Int(now), token],
+                ));
+            }
+        }
+        let failed = || Error::db("marking rows published");
+        let mut tx = self
+            .outbox
+            .pool()
+            .begin()
+            .await
+            .map_err(Error::db("beginning a mark"))?;
+        if let Some(relaxed) = DB::DIALECT.relaxed_commit {
+            DB::exec(&mut tx, relaxed, &[])
+                .await
+                .map_err(Error::db("relaxing the mark's commit"))?;
+        }
+        let mut n = 0;
+        for (statement, args) in &statements {
+            n += DB::exec(&mut tx, statement, args).await.map_err(failed())?;
+        }
+        tx.commit().await.map_err(Error::db("committing a mark"))?;
+        Ok(n)
+    }
+}
+
+/// A finished mark: its batches and how it went.
+type MarkOutcome = (Vec<Claimed>, Result<(), Error>);
+
+/// Published batches waiting to be marked: at most one mark runs at a time,
+/// and what was published meanwhile is marked together in the next one.
+struct Marks<DB: Backend> {
+    marker: Arc<Marker<DB>>,
+    running: Option<tokio::task::JoinHandle<MarkOutcome>>,
+    /// Ids of the rows of the running mark (published, still `NEW` in the table).
+    running_ids: HashSet<i64>,
+    queued: Vec<Claimed>,
+}
+
+impl<DB: Backend> Marks<DB> {
+    fn new(marker: Marker<DB>) -> Marks<DB> {
+        Marks {
+            marker: Arc::new(marker),
+            running: None,
+            running_ids: HashSet::new(),
+            queued: Vec::new(),
+        }
+    }
+
+    /// Rows published but not yet marked: they go ahead of anything read now.
+    fn ids(&self) -> HashSet<i64> {
+        let mut ids = self.running_ids.clone();
+        ids.extend(self.queued.iter().flat_map(Claimed::ids));
+        ids
+    }
+
+    fn push(&mut self, published: Claimed) {
+        self.queued.push(published);
+        self.start();
+    }
+
+    /// Starts a mark of everything queued, unless one is running.
+    fn start(&mut self) {
+        if self.running.is_some() || self.queued.is_empty() {
+            return;
+        }
+        let batches = std::mem::take(&mut self.queued);
+        self.running_ids = batches.iter().flat_map(Claimed::ids).collect();
+        let marker = self.marker.clone();
+        self.running = Some(tokio::spawn(async move {
+            let result = marker.mark(&batches).await;
+            (batches, result)
+        }));
+    }
+
+    /// Takes the result of a finished mark (without waiting) and starts the next.
+    async fn advance(&mut self) {
+        if self.running.as_ref().is_some_and(|h| h.is_finished()) {
+            self.finish().await;
+        }
+        self.start();
+    }
+
+    fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Waits for the running mark, if any (cancel-safe). A mark that failed
+    /// after its retries is queued again: its rows stay ahead of later reads,
+    /// so they are not published again while the relay runs.
+    async fn finish(&mut self) {
+        let Some(handle) = self.running.as_mut() else {
+            return;
+        };
+        let outcome = handle.await;
+        self.running = None;
+        self.running_ids.clear();
+        match outcome {
+            Ok((_, Ok(()))) => {}
+            Ok((batches, Err(error))) => {
+                tracing::warn!(%error, "marking published failed; will try again");
+                self.queued.extend(batches);
+            }
+            Err(join) => tracing::error!(%join, "mark task failed"),
+        }
+    }
+
+    /// Waits until everything published so far has had its mark attempted.
+    async fn drain(&mut self) {
+        self.finish().await;
+        self.start();
+        self.finish().await;
+    }
+
+    /// Marks everything still unmarked (at shutdown).
+    async fn settle(&mut self) -> Result<(), Error> {
+        self.finish().await;
+        let batches = std::mem::take(&mut self.queued);
+        if batches.is_empty() {
+            return Ok(());
+        }
+        self.marker.mark(&batches).await
     }
 }
 
