@@ -85,7 +85,11 @@ pub fn decode_json<T: DeserializeOwned>(delivery: &Delivery) -> Result<T, String
 pub struct ConsumerConfig {
     /// The queue to consume, e.g. `/queue/Consumer.points.VirtualTopic.user.created`.
     pub destination: String,
-    /// Handlers running at once (default 8).
+    /// Handlers running at once (default 8). On SQLite, which writes one
+    /// transaction at a time, the consumer runs two workers instead, each
+    /// applying up to `concurrency × batch_size / 2` waiting deliveries in one
+    /// transaction (at most 1000): the same number in progress, in fewer, larger
+    /// transactions.
     pub concurrency: usize,
     /// Unacked messages the broker may push (`activemq.prefetchSize`; default
     /// `concurrency × batch_size`, at most 1000).
@@ -277,7 +281,11 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         mut stopped: watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let shared = self.shared;
-        let concurrency = shared.config.concurrency.max(1);
+        let (concurrency, most) = workers_and_batch(
+            DB::DIALECT.single_writer,
+            shared.config.concurrency,
+            shared.config.batch_size,
+        );
         let retry = tokio::spawn(retry_loop(shared.clone(), stopped.clone()));
         let mut tasks = JoinSet::new();
         // Workers take up to `batch_size` waiting messages at a time. Without
@@ -303,7 +311,6 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                 let rx = rx.clone();
                 let mut stopped = stopped.clone();
                 tasks.spawn(async move {
-                    let most = shared.config.batch_size.max(1);
                     loop {
                         let batch = {
                             let mut rx = rx.lock().await;
@@ -358,6 +365,20 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             tracing::debug!(%error, "unsubscribe on shutdown failed");
         }
         Ok(())
+    }
+}
+
+/// Workers and the most deliveries one batch gathers. On a database that
+/// writes one transaction at a time (SQLite) more workers would only queue for
+/// the write lock, each holding a few deliveries: two workers (one applies a
+/// batch while the other acks and gathers the next) each gather the share of
+/// the others, so as many deliveries are in progress as configured.
+fn workers_and_batch(single_writer: bool, concurrency: usize, batch_size: usize) -> (usize, usize) {
+    let (concurrency, batch_size) = (concurrency.max(1), batch_size.max(1));
+    if single_writer && concurrency > 2 && batch_size > 1 {
+        (2, (batch_size * concurrency / 2).min(1000))
+    } else {
+        (concurrency, batch_size)
     }
 }
 
@@ -798,5 +819,24 @@ fn to_delivery(message: &Message) -> Delivery {
         headers,
         body: message.body().clone(),
         attempt: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::workers_and_batch;
+
+    #[test]
+    fn a_single_writer_gets_two_workers_with_the_same_deliveries_in_progress() {
+        assert_eq!(workers_and_batch(true, 8, 16), (2, 64));
+        assert_eq!(workers_and_batch(true, 2, 16), (2, 16));
+        assert_eq!(
+            workers_and_batch(true, 8, 1),
+            (8, 1),
+            "one event per transaction is kept"
+        );
+        assert_eq!(workers_and_batch(true, 64, 100), (2, 1000));
+        assert_eq!(workers_and_batch(false, 8, 16), (8, 16));
+        assert_eq!(workers_and_batch(false, 0, 0), (1, 1));
     }
 }

@@ -222,26 +222,34 @@ impl<DB: Backend> Inbox<DB> {
         deliveries: &[&Delivery],
     ) -> Result<Recorded, Error> {
         let now = now_ms();
-        let mut args = Vec::with_capacity(deliveries.len() * 7);
-        for d in deliveries {
-            args.extend([
-                Value::Text(Some(&self.consumer)),
-                Value::Text(Some(&d.event_id)),
-                Value::Text(d.event_type.as_deref()),
-                Value::Text(d.key.as_deref()),
-                Value::Int(now),
-                Value::Int(now),
-                Value::Int(now),
-            ]);
+        // 7 values a row: 500 rows stay well under every database's limit.
+        for chunk in deliveries.chunks(500) {
+            let mut args = Vec::with_capacity(chunk.len() * 7);
+            for d in chunk {
+                args.extend([
+                    Value::Text(Some(&self.consumer)),
+                    Value::Text(Some(&d.event_id)),
+                    Value::Text(d.event_type.as_deref()),
+                    Value::Text(d.key.as_deref()),
+                    Value::Int(now),
+                    Value::Int(now),
+                    Value::Int(now),
+                ]);
+            }
+            match DB::exec(conn, &self.sql.insert_processed(chunk.len()), &args).await {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    return Ok(Recorded::Duplicate);
+                }
+                Err(source) => {
+                    return Err(Error::Database {
+                        action: "recording events in the inbox",
+                        source,
+                    });
+                }
+            }
         }
-        match DB::exec(conn, &self.sql.insert_processed(deliveries.len()), &args).await {
-            Ok(_) => Ok(Recorded::New),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(Recorded::Duplicate),
-            Err(source) => Err(Error::Database {
-                action: "recording events in the inbox",
-                source,
-            }),
-        }
+        Ok(Recorded::New)
     }
 
     /// `true` when an earlier event of `key` is waiting for a retry or parked.
