@@ -378,9 +378,9 @@ fn ms(d: Duration) -> String {
 
 #[tokio::main]
 async fn main() {
-    let n = common::env_usize("BENCH_N", 10_000);
+    let n = common::env_usize("BENCH_N", 30_000);
     let rate = common::env_usize("BENCH_RATE", 1_000);
-    let secs = common::env_usize("BENCH_SECS", 5) as u64;
+    let secs = common::env_usize("BENCH_SECS", 10) as u64;
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "throughput,latency".into());
     let dbs = std::env::var("BENCH_DBS").unwrap_or_else(|_| "sqlite,pg,my".into());
     let on = |list: &str, name: &str| list.split(',').any(|p| p.trim() == name);
