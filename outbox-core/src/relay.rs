@@ -79,7 +79,9 @@ pub struct RelayConfig {
     /// process through an [`Outbox`] on the same pool (or a
     /// `#[transactional_event(pool)]` function) are leased to it as they are
     /// inserted, and it publishes them right after their commit without a
-    /// claim transaction. Rows written elsewhere are claimed as usual.
+    /// claim transaction. Rows written elsewhere are claimed as usual. A
+    /// transaction that commits after the relay stopped leaves its rows to
+    /// any relay once their lease runs out.
     pub handoff: bool,
 }
 
