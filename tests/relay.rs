@@ -495,21 +495,22 @@ macro_rules! relay_suite {
                 ..fast_relay()
             };
             let relay = outbox.relay(publisher.clone(), config).spawn();
-            let mut tx = outbox.pool().begin().await.unwrap();
-            let first = outbox
-                .append_all(
-                    &mut tx,
-                    &[
-                        Event::json("ok", dest, &1).unwrap().with_key("a"),
-                        Event::json("poison", dest, &2).unwrap().with_key("b"),
-                    ],
-                )
-                .await
-                .unwrap();
-            for id in &first {
-                assert_eq!(lease_of(&mut tx, id).await.as_deref(), Some("handoff-a-h"));
-            }
-            outbox.commit(tx).await.unwrap();
+            // Appends in one transaction, checks the rows are leased to the
+            // relay before the commit, commits.
+            let append_handed_off = async |events: &[Event]| {
+                let mut tx = outbox.pool().begin().await.unwrap();
+                let ids = outbox.append_all(&mut tx, events).await.unwrap();
+                for id in &ids {
+                    assert_eq!(lease_of(&mut tx, id).await.as_deref(), Some("handoff-a-h"));
+                }
+                outbox.commit(tx).await.unwrap();
+                ids
+            };
+            let first = append_handed_off(&[
+                Event::json("ok", dest, &1).unwrap().with_key("a"),
+                Event::json("poison", dest, &2).unwrap().with_key("b"),
+            ])
+            .await;
             until(
                 "the poison row is parked",
                 Duration::from_secs(20),
@@ -517,21 +518,11 @@ macro_rules! relay_suite {
             )
             .await;
 
-            let mut tx = outbox.pool().begin().await.unwrap();
-            let later = outbox
-                .append_all(
-                    &mut tx,
-                    &[
-                        Event::json("ok", dest, &3).unwrap().with_key("b"),
-                        Event::json("ok", dest, &4).unwrap().with_key("c"),
-                    ],
-                )
-                .await
-                .unwrap();
-            for id in &later {
-                assert_eq!(lease_of(&mut tx, id).await.as_deref(), Some("handoff-a-h"));
-            }
-            outbox.commit(tx).await.unwrap();
+            let later = append_handed_off(&[
+                Event::json("ok", dest, &3).unwrap().with_key("b"),
+                Event::json("ok", dest, &4).unwrap().with_key("c"),
+            ])
+            .await;
             until(
                 "event 4 is published",
                 Duration::from_secs(10),
