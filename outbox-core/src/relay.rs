@@ -320,6 +320,10 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     Ok(None) => Ok(Step::Idle),
                     Err(error) => Err(error),
                 },
+                Some(current) if current.handed_off => {
+                    self.publish_handed_off(current, &mut marks, &mut ready)
+                        .await
+                }
                 Some(current) => {
                     let mut in_flight = marks.ids();
                     in_flight.extend(current.ids());
@@ -435,6 +439,84 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         }
         tracing::info!(relay = %self.config.relay_id, "relay stopped");
         Ok(())
+    }
+
+    /// Publishes a handed-off batch. Rows committed while it is on the wire
+    /// are read at once and, if they share no key with it, published right
+    /// behind it on the same connection (the broker keeps their order) instead
+    /// of after its receipt; otherwise they become the next batch.
+    async fn publish_handed_off(
+        &self,
+        current: Claimed,
+        marks: &mut Marks<DB>,
+        ready: &mut Option<Claimed>,
+    ) -> Result<Step, Error> {
+        let n = current.batch.len();
+        let mut ahead = marks.ids();
+        ahead.extend(current.ids());
+        let (done, receipt) = tokio::sync::oneshot::channel::<()>();
+        failpoint::hit("relay.before_publish");
+        let (published, following) = tokio::join!(
+            async {
+                let published = self
+                    .publisher
+                    .publish(&current.batch)
+                    .instrument(tracing::debug_span!("outbox.publish", rows = n))
+                    .await;
+                let _ = done.send(());
+                published
+            },
+            async {
+                tokio::select! {
+                    biased;
+                    _ = receipt => return Ok(None),
+                    _ = self.wake.notified() => {}
+                }
+                let Some(next) = self.take_handed_off(&ahead).await? else {
+                    return Ok(None);
+                };
+                if !shares_no_key(&current.batch, &next.batch) {
+                    return Ok(Some((next, None)));
+                }
+                failpoint::hit("relay.before_publish");
+                let m = next.batch.len();
+                let published = self
+                    .publisher
+                    .publish(&next.batch)
+                    .instrument(tracing::debug_span!("outbox.publish", rows = m))
+                    .await;
+                Ok::<_, Error>(Some((next, Some(published))))
+            }
+        );
+        if let Err(error) = published {
+            // The batch behind it goes back too, even if it arrived: it is
+            // published again later (same event ids).
+            if let Ok(Some((next, _))) = following {
+                self.release(&next, None).await?;
+            }
+            marks.drain().await;
+            return self.publish_failed(&current, error).await;
+        }
+        failpoint::hit("relay.after_receipt");
+        marks.push(current);
+        match following {
+            Ok(None) => Ok(Step::Published(n)),
+            Ok(Some((next, None))) => {
+                *ready = Some(next);
+                Ok(Step::Published(n))
+            }
+            Ok(Some((next, Some(Ok(()))))) => {
+                failpoint::hit("relay.after_receipt");
+                let m = next.batch.len();
+                marks.push(next);
+                Ok(Step::Published(n + m))
+            }
+            Ok(Some((next, Some(Err(error))))) => {
+                marks.drain().await;
+                self.publish_failed(&next, error).await
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// The next batch: rows handed off to this relay, or rows claimed the
@@ -988,6 +1070,14 @@ impl<DB: Backend> Marks<DB> {
         }
         self.marker.mark(&batches).await
     }
+}
+
+/// `true` when no key has rows in both batches.
+fn shares_no_key(a: &[OutboxMessage], b: &[OutboxMessage]) -> bool {
+    let keys: HashSet<&str> = a.iter().filter_map(|m| m.key.as_deref()).collect();
+    b.iter()
+        .filter_map(|m| m.key.as_deref())
+        .all(|k| !keys.contains(k))
 }
 
 /// Ids per statement when rows are marked or given back by id.
