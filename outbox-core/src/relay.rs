@@ -297,9 +297,10 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         // Pipeline: batches go to the broker one after another on one
         // connection, so a key's events keep their order; if batch i fails,
         // a batch claimed meanwhile is released unpublished. While batch i is
-        // on the wire, claimed rows for batch i+1 are claimed; handed-off rows
-        // are read after the receipt instead (a read is cheap, and rows
-        // committed while batch i was on the wire then go out in batch i+1).
+        // on the wire, claimed rows for batch i+1 are claimed. Rows handed off
+        // while a handed-off batch is on the wire are read when their commit
+        // wakes the relay and, sharing no key with it, follow it at once (see
+        // `publish_handed_off`); otherwise they go out after its receipt.
         // Published batches are marked in the background; until then their
         // rows count as ahead of everything read.
         let mut marks = Marks::new(Marker {
