@@ -35,11 +35,15 @@ fn fast_relay() -> RelayConfig {
 }
 
 /// A publisher in memory that rejects events of type `poison` while `reject` is
-/// on, and refuses everything as if the broker were down while `down` is on.
+/// on, refuses everything as if the broker were down while `down` is on, and
+/// takes `slow` for each publish, counting how many are in progress at once.
 #[derive(Clone, Default)]
 struct Scripted {
     reject: Arc<Mutex<bool>>,
     down: Arc<Mutex<bool>>,
+    slow: Arc<Mutex<Duration>>,
+    /// Publishes in progress now, and the most at once.
+    in_flight: Arc<Mutex<(usize, usize)>>,
     published: Arc<Mutex<Vec<OutboxMessage>>>,
 }
 
@@ -74,6 +78,16 @@ impl Publisher for Scripted {
             return Err(PublishError::rejected("poison refused"));
         }
         self.published.lock().unwrap().extend(batch.iter().cloned());
+        let slow = *self.slow.lock().unwrap();
+        if !slow.is_zero() {
+            {
+                let mut n = self.in_flight.lock().unwrap();
+                n.0 += 1;
+                n.1 = n.1.max(n.0);
+            }
+            tokio::time::sleep(slow).await;
+            self.in_flight.lock().unwrap().0 -= 1;
+        }
         Ok(())
     }
 }
@@ -549,6 +563,55 @@ macro_rules! relay_suite {
             wait_published(&outbox, Duration::from_secs(10)).await;
             relay.shutdown().await.unwrap();
             assert_eq!(publisher.sent(), vec![1, 4, 2, 3]);
+        }
+
+        #[tokio::test]
+        async fn rows_handed_off_during_a_publish_follow_it_unless_they_share_a_key() {
+            let Some((_db, outbox)) = setup().await else {
+                return;
+            };
+            let dest = "/queue/test.handoff.follow";
+            let publisher = Scripted::default();
+            *publisher.slow.lock().unwrap() = Duration::from_millis(400);
+            let config = RelayConfig {
+                relay_id: "handoff-c".into(),
+                lease: Duration::from_secs(600),
+                ..fast_relay()
+            };
+            let relay = outbox.relay(publisher.clone(), config).spawn();
+            let append = async |n: i64, key: &str| {
+                let mut tx = outbox.pool().begin().await.unwrap();
+                let event = Event::json("ok", dest, &n).unwrap().with_key(key);
+                outbox.append(&mut tx, event).await.unwrap();
+                outbox.commit(tx).await.unwrap();
+            };
+            let publishing = async || publisher.in_flight.lock().unwrap().0 == 1;
+            append(1, "a").await;
+            until(
+                "event 1 is on the wire",
+                Duration::from_secs(10),
+                publishing,
+            )
+            .await;
+            append(2, "b").await;
+            wait_published(&outbox, Duration::from_secs(10)).await;
+            let most = publisher.in_flight.lock().unwrap().1;
+            assert_eq!(most, 2, "event 2 (another key) followed event 1 at once");
+
+            *publisher.in_flight.lock().unwrap() = (0, 0);
+            append(3, "c").await;
+            until(
+                "event 3 is on the wire",
+                Duration::from_secs(10),
+                publishing,
+            )
+            .await;
+            append(4, "c").await;
+            wait_published(&outbox, Duration::from_secs(10)).await;
+            let most = publisher.in_flight.lock().unwrap().1;
+            assert_eq!(most, 1, "event 4 (same key) waited for event 3's receipt");
+            relay.shutdown().await.unwrap();
+            assert_eq!(publisher.sent(), vec![1, 2, 3, 4]);
         }
 
         #[tokio::test]

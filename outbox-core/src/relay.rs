@@ -468,13 +468,18 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 published
             },
             async {
-                tokio::select! {
-                    biased;
-                    _ = receipt => return Ok(None),
-                    _ = self.wake.notified() => {}
-                }
-                let Some(next) = self.take_handed_off(&ahead).await? else {
-                    return Ok(None);
+                // A wake-up may be left over from a commit this batch already
+                // holds: then the read finds nothing and the next one is awaited.
+                tokio::pin!(receipt);
+                let next = loop {
+                    tokio::select! {
+                        biased;
+                        _ = &mut receipt => return Ok(None),
+                        _ = self.wake.notified() => {}
+                    }
+                    if let Some(next) = self.take_handed_off(&ahead).await? {
+                        break next;
+                    }
                 };
                 if !shares_no_key(&current.batch, &next.batch) {
                     return Ok(Some((next, None)));
