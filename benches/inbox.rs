@@ -439,18 +439,18 @@ async fn main() {
     println!("\nLatency at {rate} events/s for {secs} s (after 1 s warm-up)\n");
     let widths = [52, 9, 9, 8];
     common::head(&widths, &["path", "p50 ms", "p99 ms", "events"]);
-    let (p50, p99, count) = plain_latency(&broker, rate, secs, "/queue/bench.lat.plain").await;
-    common::row(
-        &widths,
-        &[
-            "plain STOMP send → receive".into(),
-            ms(p50),
-            ms(p99),
-            count.to_string(),
-        ],
+    let latency_row = |path: &str, (p50, p99, count): (Duration, Duration, usize)| {
+        common::row(
+            &widths,
+            &[path.to_owned(), ms(p50), ms(p99), count.to_string()],
+        );
+    };
+    latency_row(
+        "plain STOMP send → receive",
+        plain_latency(&broker, rate, secs, "/queue/bench.lat.plain").await,
     );
     if sqlite_on {
-        let (p50, p99, count) = outbox_latency(
+        let measured = outbox_latency(
             &broker,
             sqlite_producer.clone(),
             sqlite.clone(),
@@ -459,18 +459,10 @@ async fn main() {
             "lat.sqlite",
         )
         .await;
-        common::row(
-            &widths,
-            &[
-                "outbox commit → inbox commit, SQLite (WAL)".into(),
-                ms(p50),
-                ms(p99),
-                count.to_string(),
-            ],
-        );
+        latency_row("outbox commit → inbox commit, SQLite (WAL)", measured);
     }
     if let (Some(pg), Some(producer)) = (&pg, &pg_producer) {
-        let (p50, p99, count) = outbox_latency(
+        let measured = outbox_latency(
             &broker,
             producer.pool().clone(),
             pg.pool().clone(),
@@ -479,18 +471,10 @@ async fn main() {
             "lat.pg",
         )
         .await;
-        common::row(
-            &widths,
-            &[
-                "outbox commit → inbox commit, PostgreSQL".into(),
-                ms(p50),
-                ms(p99),
-                count.to_string(),
-            ],
-        );
+        latency_row("outbox commit → inbox commit, PostgreSQL", measured);
     }
     if let (Some(my), Some(producer)) = (&my, &my_producer) {
-        let (p50, p99, count) = outbox_latency(
+        let measured = outbox_latency(
             &broker,
             producer.pool().clone(),
             my.pool().clone(),
@@ -499,14 +483,6 @@ async fn main() {
             "lat.my",
         )
         .await;
-        common::row(
-            &widths,
-            &[
-                "outbox commit → inbox commit, MariaDB".into(),
-                ms(p50),
-                ms(p99),
-                count.to_string(),
-            ],
-        );
+        latency_row("outbox commit → inbox commit, MariaDB", measured);
     }
 }

@@ -114,14 +114,9 @@ macro_rules! macro_suite {
         const POINTS_QUEUE: &str = "/queue/Consumer.points.VirtualTopic.macros.user.created";
         const AUDIT_QUEUE: &str = "/queue/Consumer.audit.VirtualTopic.macros.user.created";
 
-        /// Inserts a user; `name` "" is refused after the insert.
-        #[transactional_event(
-            destination = "/queue/macros.users",
-            event_type = "user.created",
-            key = event.user_id,
-            headers(tenant = "acme", "x-name" = event.name.to_uppercase())
-        )]
-        async fn create_user(
+        /// The body both producer forms run: inserts a user; `name` "" is
+        /// refused after the insert.
+        async fn insert_user(
             tx: &mut Transaction<'_, $db>,
             user_id: i64,
             name: &str,
@@ -138,6 +133,21 @@ macro_rules! macro_suite {
                 user_id,
                 name: name.to_owned(),
             })
+        }
+
+        /// Inserts a user; `name` "" is refused after the insert.
+        #[transactional_event(
+            destination = "/queue/macros.users",
+            event_type = "user.created",
+            key = event.user_id,
+            headers(tenant = "acme", "x-name" = event.name.to_uppercase())
+        )]
+        async fn create_user(
+            tx: &mut Transaction<'_, $db>,
+            user_id: i64,
+            name: &str,
+        ) -> Result<UserCreated, AppError> {
+            insert_user(tx, user_id, name).await
         }
 
         /// Inserts several users, one event each.
@@ -176,18 +186,7 @@ macro_rules! macro_suite {
             user_id: i64,
             name: &str,
         ) -> Result<UserCreated, AppError> {
-            sqlx::query(&format!(
-                "INSERT INTO users (id, name) VALUES ({user_id}, '{name}')"
-            ))
-            .execute(&mut **tx)
-            .await?;
-            if name.is_empty() {
-                return Err(AppError::Refused("a user needs a name".into()));
-            }
-            Ok(UserCreated {
-                user_id,
-                name: name.to_owned(),
-            })
+            insert_user(tx, user_id, name).await
         }
 
         /// Applied once per event id: a second run would add a second row.

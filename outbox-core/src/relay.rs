@@ -582,14 +582,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .map(|m| m.id)
             .collect();
         if !held.is_empty() {
-            let now = now_ms();
-            for ids in held.chunks(ID_CHUNK) {
-                let mut args = vec![Value::Int(now), Value::Text(Some(token))];
-                args.extend(ids.iter().map(|id| Value::Int(*id)));
-                DB::exec(&mut conn, &sql.release_ids(ids.len()), &args)
-                    .await
-                    .map_err(Error::db("giving back handed-off rows"))?;
-            }
+            self.give_back_ids(&mut conn, token, &held).await?;
             batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
         }
         Ok((!batch.is_empty()).then(|| Claimed {
@@ -808,15 +801,26 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         if !claimed.handed_off {
             return self.release_token(&claimed.token, error).await;
         }
-        let sql = &self.outbox.inner.sql;
         let ids: Vec<i64> = claimed.ids().collect();
         let mut conn = self.acquire().await?;
+        self.give_back_ids(&mut conn, &claimed.token, &ids).await
+    }
+
+    /// Gives back the rows `ids` held under `token`.
+    async fn give_back_ids(
+        &self,
+        conn: &mut DB::Connection,
+        token: &str,
+        ids: &[i64],
+    ) -> Result<(), Error> {
+        let sql = &self.outbox.inner.sql;
+        let now = now_ms();
         for chunk in ids.chunks(ID_CHUNK) {
-            let mut args = vec![Value::Int(now_ms()), Value::Text(Some(&claimed.token))];
+            let mut args = vec![Value::Int(now), Value::Text(Some(token))];
             args.extend(chunk.iter().map(|id| Value::Int(*id)));
-            DB::exec(&mut conn, &sql.release_ids(chunk.len()), &args)
+            DB::exec(&mut *conn, &sql.release_ids(chunk.len()), &args)
                 .await
-                .map_err(Error::db("releasing a claim"))?;
+                .map_err(Error::db("giving back rows"))?;
         }
         Ok(())
     }
