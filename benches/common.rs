@@ -38,17 +38,43 @@ pub async fn sqlite(dir: &std::path::Path) -> sqlx::SqlitePool {
     .synchronous(SqliteSynchronous::Normal);
     SqlitePoolOptions::new()
         .max_connections(8)
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .expect("sqlite pool")
 }
 
-pub async fn postgres() -> Option<TestDb<sqlx::Postgres>> {
-    TestDb::postgres().await.expect("PostgreSQL")
+/// A fresh server database and a pool on it set up as the README recommends
+/// for latency: `test_before_acquire(false)`, so taking a connection costs no
+/// round trip.
+pub struct ServerDb<DB: sqlx::Database> {
+    pool: sqlx::Pool<DB>,
+    // Dropped after the pool: removes the database.
+    _db: TestDb<DB>,
 }
 
-pub async fn mysql() -> Option<TestDb<sqlx::MySql>> {
-    TestDb::mysql().await.expect("MySQL")
+impl<DB: sqlx::Database> ServerDb<DB> {
+    pub fn pool(&self) -> &sqlx::Pool<DB> {
+        &self.pool
+    }
+}
+
+async fn server_db<DB: sqlx::Database>(db: TestDb<DB>) -> ServerDb<DB> {
+    let pool = sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(8)
+        .test_before_acquire(false)
+        .connect(db.url())
+        .await
+        .expect("bench pool");
+    ServerDb { pool, _db: db }
+}
+
+pub async fn postgres() -> Option<ServerDb<sqlx::Postgres>> {
+    Some(server_db(TestDb::postgres().await.expect("PostgreSQL")?).await)
+}
+
+pub async fn mysql() -> Option<ServerDb<sqlx::MySql>> {
+    Some(server_db(TestDb::mysql().await.expect("MySQL")?).await)
 }
 
 /// Prints one table row of `cells` with the widths of `widths`.

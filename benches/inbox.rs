@@ -3,7 +3,8 @@
 //! database work. Prints two tables.
 //!
 //! Method: one broker from the test harness (persistent KahaDB, 2 GiB heap) on
-//! loopback; 200-byte JSON payloads, `persistent:true`.
+//! loopback; 200-byte JSON payloads, `persistent:true`. Every pool is built
+//! with `test_before_acquire(false)`, as the README recommends for latency.
 //!
 //! - Throughput: a queue is pre-filled with `N` messages (untimed). The plain
 //!   consumer subscribes with `client-individual` acks and the same prefetch as
@@ -19,7 +20,8 @@
 //!   the time after its commit returned; the relay publishes; the consumer's
 //!   handler commits, and `Handler::after_commit` notes the time. Plain rows: the
 //!   producer notes the time, sends with a receipt; the consumer notes the time
-//!   of arrival. Same process, same clock.
+//!   of arrival, once on a plain queue and once through a Virtual Topic (the
+//!   outbox rows' path). Same process, same clock.
 //!
 //! Run with `cargo bench --bench inbox`; `BENCH_N`, `BENCH_RATE`, `BENCH_SECS`
 //! change the sizes, `BENCH_PARTS` (`throughput,latency`) and `BENCH_DBS`
@@ -209,10 +211,13 @@ fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, usize) {
     (at(0.50), at(0.99), v.len())
 }
 
+/// Plain send → receive: the producer sends to `destination`, the consumer
+/// reads `queue` (the same queue, or a Virtual Topic's consumer queue).
 async fn plain_latency(
     broker: &Broker,
     rate: usize,
     secs: u64,
+    destination: &str,
     queue: &str,
 ) -> (Duration, Duration, usize) {
     let consumer = common::client(broker).await;
@@ -247,7 +252,7 @@ async fn plain_latency(
     steady(rate, secs, &latencies, |i, record| {
         let producer = producer.clone();
         let sent = sent.clone();
-        let queue = queue.to_owned();
+        let destination = destination.to_owned();
         async move {
             let id = format!("p-{i}");
             if record {
@@ -255,7 +260,7 @@ async fn plain_latency(
             }
             producer
                 .send(
-                    Outgoing::new(queue, BODY)
+                    Outgoing::new(destination, BODY)
                         .persistent(true)
                         .header("event-id", id),
                 )
@@ -447,7 +452,25 @@ async fn main() {
     };
     latency_row(
         "plain STOMP send → receive",
-        plain_latency(&broker, rate, secs, "/queue/bench.lat.plain").await,
+        plain_latency(
+            &broker,
+            rate,
+            secs,
+            "/queue/bench.lat.plain",
+            "/queue/bench.lat.plain",
+        )
+        .await,
+    );
+    latency_row(
+        "plain STOMP send → receive, Virtual Topic",
+        plain_latency(
+            &broker,
+            rate,
+            secs,
+            "/topic/VirtualTopic.lat.plain",
+            "/queue/Consumer.bench.VirtualTopic.lat.plain",
+        )
+        .await,
     );
     if sqlite_on {
         let measured = outbox_latency(
