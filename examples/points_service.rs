@@ -140,6 +140,7 @@ async fn main() -> Result<(), BoxError> {
         "postgres" | "postgresql" => {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(10)
+                .test_before_acquire(false)
                 .connect(&args.database)
                 .await?;
             on_postgres::run(pool, &args, stop).await
@@ -147,6 +148,7 @@ async fn main() -> Result<(), BoxError> {
         "mysql" | "mariadb" => {
             let pool = sqlx::mysql::MySqlPoolOptions::new()
                 .max_connections(10)
+                .test_before_acquire(false)
                 .connect(&args.database)
                 .await?;
             on_mysql::run(pool, &args, stop).await

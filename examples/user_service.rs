@@ -174,6 +174,7 @@ async fn main() -> Result<(), BoxError> {
         "postgres" | "postgresql" => {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
+                .test_before_acquire(false)
                 .connect(&args.database)
                 .await?;
             serve(
@@ -187,6 +188,7 @@ async fn main() -> Result<(), BoxError> {
         "mysql" | "mariadb" => {
             let pool = sqlx::mysql::MySqlPoolOptions::new()
                 .max_connections(4)
+                .test_before_acquire(false)
                 .connect(&args.database)
                 .await?;
             serve(&args, Outbox::new(pool.clone()), on_mysql::Db1(pool), stop).await

@@ -91,8 +91,11 @@ pub(crate) async fn open_sqlite(
     {
         std::fs::create_dir_all(dir)?;
     }
+    // No ping before each use (see the README's pool settings): the services
+    // retry whatever fails on a broken connection.
     Ok(SqlitePoolOptions::new()
         .max_connections(max_connections)
+        .test_before_acquire(false)
         .connect_with(options)
         .await?)
 }
