@@ -408,8 +408,10 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 failpoint::hit("inbox.after_commit");
-                for (message, delivery) in messages.iter().zip(&deliveries) {
-                    if let Err(error) = message.ack().await {
+                // Queued together, the ACKs of a batch leave in one write.
+                let acks = futures_util::future::join_all(messages.iter().map(Message::ack)).await;
+                for (acked, delivery) in acks.into_iter().zip(&deliveries) {
+                    if let Err(error) = acked {
                         // The broker redelivers it; the inbox row makes that harmless.
                         tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
                     }
