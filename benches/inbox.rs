@@ -6,7 +6,8 @@
 //! loopback; 200-byte JSON payloads, `persistent:true`. Every pool is built
 //! with `test_before_acquire(false)`, as the README recommends for latency.
 //!
-//! - Throughput: a queue is pre-filled with `N` messages (untimed). The plain
+//! - Throughput, in `BENCH_ROUNDS` (default 3) interleaved rounds, each row's
+//!   median reported: a queue is pre-filled with `N` messages (untimed). The plain
 //!   consumer subscribes with `client-individual` acks and the same prefetch as
 //!   the inbox consumer, acks every message, and is timed until the `N`th. The
 //!   inbox consumer (`concurrency` 8, `batch_size` 16, prefetch 128, its own database) runs the full path per message —
@@ -23,8 +24,8 @@
 //!   of arrival, once on a plain queue and once through a Virtual Topic (the
 //!   outbox rows' path). Same process, same clock.
 //!
-//! Run with `cargo bench --bench inbox`; `BENCH_N`, `BENCH_RATE`, `BENCH_SECS`
-//! change the sizes, `BENCH_PARTS` (`throughput,latency`) and `BENCH_DBS`
+//! Run with `cargo bench --bench inbox`; `BENCH_N`, `BENCH_ROUNDS`, `BENCH_RATE`,
+//! `BENCH_SECS` change the sizes, `BENCH_PARTS` (`throughput,latency`) and `BENCH_DBS`
 //! (`sqlite,pg,my`) pick what runs.
 
 #[path = "common.rs"]
@@ -406,35 +407,68 @@ async fn main() {
     };
     let sqlite_on = on(&dbs, "sqlite");
 
-    // JVM warm-up.
-    plain_throughput(&broker, 5_000, "/queue/bench.warmup").await;
+    // JVM warm-up: the broker's consume rate keeps rising over the first tens
+    // of thousands of messages.
+    let warm_up = common::env_usize("BENCH_WARMUP", 60_000);
+    plain_throughput(&broker, warm_up, "/queue/bench.warmup").await;
 
     if on(&parts, "throughput") {
+        let rounds = common::env_usize("BENCH_ROUNDS", 3).max(1);
         println!(
-            "\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {PREFETCH}\n"
+            "\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {PREFETCH}, median of {rounds} interleaved rounds\n"
         );
-        let widths = [40, 10, 12];
-        common::head(&widths, &["consumer", "msg/s", "× plain"]);
-        let plain = plain_throughput(&broker, n, "/queue/bench.in.plain").await;
-        let line = |name: &str, r: f64| {
-            vec![
-                name.to_string(),
-                format!("{r:.0}"),
-                format!("{:.2}", r / plain),
-            ]
+        let mut rows: Vec<(&str, Vec<f64>)> = vec![("plain STOMP consumer (ack only)", Vec::new())];
+        // Each round measures every row once, in the same order, so the
+        // broker's drift over a run (JIT, store upkeep) touches every row alike.
+        for _ in 0..rounds {
+            let mut at = 0;
+            let mut note = |name: &'static str, rate: f64| {
+                match rows.get_mut(at) {
+                    Some(row) => row.1.push(rate),
+                    None => rows.push((name, vec![rate])),
+                }
+                at += 1;
+            };
+            note(
+                "plain STOMP consumer (ack only)",
+                plain_throughput(&broker, n, "/queue/bench.in.plain").await,
+            );
+            if sqlite_on {
+                let r =
+                    inbox_throughput(&broker, sqlite.clone(), n, "/queue/bench.in.sqlite").await;
+                note("inbox consumer, SQLite (WAL)", r);
+            }
+            if let Some(pg) = &pg {
+                let r = inbox_throughput(&broker, pg.pool().clone(), n, "/queue/bench.in.pg").await;
+                note("inbox consumer, PostgreSQL", r);
+            }
+            if let Some(my) = &my {
+                let r = inbox_throughput(&broker, my.pool().clone(), n, "/queue/bench.in.my").await;
+                note("inbox consumer, MariaDB", r);
+            }
+        }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
         };
-        common::row(&widths, &line("plain STOMP consumer (ack only)", plain));
-        if sqlite_on {
-            let r = inbox_throughput(&broker, sqlite.clone(), n, "/queue/bench.in.sqlite").await;
-            common::row(&widths, &line("inbox consumer, SQLite (WAL)", r));
-        }
-        if let Some(pg) = &pg {
-            let r = inbox_throughput(&broker, pg.pool().clone(), n, "/queue/bench.in.pg").await;
-            common::row(&widths, &line("inbox consumer, PostgreSQL", r));
-        }
-        if let Some(my) = &my {
-            let r = inbox_throughput(&broker, my.pool().clone(), n, "/queue/bench.in.my").await;
-            common::row(&widths, &line("inbox consumer, MariaDB", r));
+        let plain = median(&rows[0].1);
+        let widths = [40, 10, 8, 28];
+        common::head(
+            &widths,
+            &["consumer", "msg/s", "× plain", "each round, msg/s"],
+        );
+        for (name, rates) in &rows {
+            let each: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+            common::row(
+                &widths,
+                &[
+                    (*name).to_owned(),
+                    format!("{:.0}", median(rates)),
+                    format!("{:.2}", median(rates) / plain),
+                    each.join(", "),
+                ],
+            );
         }
     }
     if !on(&parts, "latency") {
