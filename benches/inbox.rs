@@ -52,6 +52,9 @@ struct Award<DB> {
     done: Arc<Mutex<HashMap<String, Instant>>>,
     received: Arc<Mutex<HashMap<String, Instant>>>,
     latencies: Arc<Mutex<Vec<Duration>>>,
+    /// Notes times (latency runs); throughput runs skip the bookkeeping, as
+    /// the plain consumer does.
+    timed: bool,
     _db: std::marker::PhantomData<fn() -> DB>,
 }
 
@@ -63,6 +66,9 @@ macro_rules! award_handler {
             fn decode(&self, delivery: &Delivery) -> Result<(), String> {
                 // The consumer decodes as soon as it takes the message: the split
                 // point between the relay-and-broker part and the consumer part.
+                if !self.timed {
+                    return Ok(());
+                }
                 self.received
                     .lock()
                     .unwrap()
@@ -88,6 +94,9 @@ macro_rules! award_handler {
             fn after_commit(&self, delivery: &Delivery) {
                 // Matched with the producer's times at the end: the handler can
                 // commit before the producer has noted its own commit time.
+                if !self.timed {
+                    return;
+                }
                 self.done
                     .lock()
                     .unwrap()
@@ -100,8 +109,9 @@ award_handler!(sqlx::Sqlite);
 award_handler!(sqlx::Postgres);
 award_handler!(sqlx::MySql);
 
-fn award<DB>() -> Award<DB> {
+fn award<DB>(timed: bool) -> Award<DB> {
     Award {
+        timed,
         sent: Arc::default(),
         done: Arc::default(),
         received: Arc::default(),
@@ -191,7 +201,7 @@ where
     let inbox = prepare(&pool).await;
     fill(broker, queue, n).await;
     let start = Instant::now();
-    let handle = Consumer::new(inbox, award::<DB>(), config(queue))
+    let handle = Consumer::new(inbox, award::<DB>(false), config(queue))
         .spawn(common::client(broker).await)
         .await
         .expect("consumer");
@@ -315,7 +325,7 @@ where
     let inbox = prepare(&pool).await;
     let outbox = Outbox::new(producer_pool);
     outbox.migrate().await.expect("migrate");
-    let handler = award::<DB>();
+    let handler = award::<DB>(true);
     let sent = handler.sent.clone();
     let done = handler.done.clone();
     let received = handler.received.clone();
