@@ -52,6 +52,14 @@ pub enum Error {
         /// Highest version this build knows.
         known: i64,
     },
+    /// Another process kept the migration lock longer than the wait allows
+    /// (MySQL: ten minutes), for instance while it builds an index on a large
+    /// table. Migrating again later finishes the job.
+    #[error("table {table}: another process held the migration lock too long; migrate again")]
+    MigrationLockBusy {
+        /// The table being migrated.
+        table: String,
+    },
 }
 
 impl Error {

@@ -154,12 +154,7 @@ impl<DB: Backend> Inbox<DB> {
 
     /// Creates or upgrades the inbox table. Safe to call at every start.
     pub async fn migrate(&self) -> Result<(), Error> {
-        schema::migrate(
-            &self.pool,
-            self.table.as_str(),
-            std::slice::from_ref(&self.sql.ddl),
-        )
-        .await
+        schema::migrate(&self.pool, self.table.as_str(), &self.sql.migrations).await
     }
 
     /// Inserts the row of `delivery` in state `process` inside `conn`'s

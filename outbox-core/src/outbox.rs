@@ -133,12 +133,7 @@ impl<DB: Backend> Outbox<DB> {
     /// `outbox_schema_version` and `outbox_lease` tables). Safe to call at
     /// every start and from several processes.
     pub async fn migrate(&self) -> Result<(), Error> {
-        schema::migrate(
-            &self.inner.pool,
-            self.table(),
-            std::slice::from_ref(&self.inner.sql.ddl),
-        )
-        .await
+        schema::migrate(&self.inner.pool, self.table(), &self.inner.sql.migrations).await
     }
 
     /// Appends one event in the caller's transaction. Nothing reaches the broker

@@ -1,8 +1,9 @@
 //! Versioned migrations and the shared lease table.
 //!
 //! Each table's version lives in `outbox_schema_version` (one row per table);
-//! a migration runs only the steps above that version. Every step is written to
-//! be repeatable (`IF NOT EXISTS`), so two processes migrating at once do no harm.
+//! a migration runs only the steps above that version. One process at a time
+//! migrates (an advisory lock on PostgreSQL, a named lock on MySQL, the write
+//! lock on SQLite), so two processes starting together do no harm.
 //! `outbox_lease` holds named, expiring leases that make a periodic job (such as
 //! retention) run in one process at a time.
 
@@ -10,7 +11,7 @@ use sqlx::Pool;
 
 use crate::Error;
 use crate::backend::sql::MetaSql;
-use crate::backend::{Backend, Value};
+use crate::backend::{Backend, Column, Value};
 use crate::names::now_ms;
 
 /// Brings `table` up to [`SCHEMA_VERSION`] by running `steps[v - 1]` for every
@@ -20,22 +21,46 @@ pub(crate) async fn migrate<DB: Backend>(
     table: &str,
     steps: &[Vec<String>],
 ) -> Result<(), Error> {
-    let meta = MetaSql::new(DB::DIALECT);
     let mut conn = crate::backend::acquire(pool).await?;
+    let Some((take, give_back)) = DB::DIALECT.migration_lock else {
+        return migrate_locked::<DB>(&mut conn, table, steps).await;
+    };
+    let taken = DB::fetch(&mut conn, take, &[], &[Column::Int])
+        .await
+        .map_err(Error::db("taking the migration lock"))?;
+    if taken.first().and_then(|r| r[0].int()) != Some(1) {
+        return Err(Error::MigrationLockBusy {
+            table: table.to_owned(),
+        });
+    }
+    let migrated = migrate_locked::<DB>(&mut conn, table, steps).await;
+    if DB::exec(&mut conn, give_back, &[]).await.is_err() {
+        // The lock belongs to the session: end it rather than pool it.
+        let _ = conn.close().await;
+    }
+    migrated
+}
+
+async fn migrate_locked<DB: Backend>(
+    conn: &mut DB::Connection,
+    table: &str,
+    steps: &[Vec<String>],
+) -> Result<(), Error> {
+    let meta = MetaSql::new(DB::DIALECT);
     for statement in &meta.ddl {
-        DB::exec(&mut conn, statement, &[])
+        DB::exec(conn, statement, &[])
             .await
             .map_err(Error::db("creating outbox_schema_version"))?;
     }
     DB::exec(
-        &mut conn,
+        conn,
         &meta.version_insert,
         &[Value::Text(Some(table)), Value::Int(now_ms())],
     )
     .await
     .map_err(Error::db("recording the schema version"))?;
     let rows = DB::fetch(
-        &mut conn,
+        conn,
         &meta.version,
         &[Value::Text(Some(table))],
         &[crate::backend::Column::Int],
@@ -56,12 +81,12 @@ pub(crate) async fn migrate<DB: Backend>(
         .skip(usize::try_from(found).unwrap_or(0))
     {
         for statement in step {
-            DB::exec(&mut conn, statement, &[])
+            DB::exec(conn, statement, &[])
                 .await
                 .map_err(Error::db("running a migration"))?;
         }
         DB::exec(
-            &mut conn,
+            conn,
             &meta.version_update,
             &[
                 Value::Int(version),

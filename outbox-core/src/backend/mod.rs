@@ -115,8 +115,18 @@ pub struct Dialect {
     /// Statement run inside an appending transaction so other processes wake up
     /// when it commits; `None` where the database has no such feature.
     pub notify: fn(&str) -> Option<String>,
-    /// `DELETE` of at most `LIMIT ?` rows matching a condition: (table, condition).
-    pub delete_limited: fn(&str, &str) -> String,
+    /// `DELETE` of at most `LIMIT ?` rows matching a condition, taken in the
+    /// order of an indexed column: (table, condition, order).
+    pub delete_limited: fn(&str, &str, &str) -> String,
+    /// `CREATE INDEX` for a migration step: (index, table, columns).
+    pub create_index: fn(&str, &str, &str) -> String,
+    /// Statements that take and give back the lock that lets one process at a
+    /// time migrate: (take, returning one row with 1 once taken; give back).
+    /// `IF NOT EXISTS` alone is not enough: on PostgreSQL two sessions creating
+    /// the same index at once can still collide, and MySQL has no
+    /// `CREATE INDEX IF NOT EXISTS`. `None` where one writer at a time is the
+    /// rule anyway (SQLite).
+    pub migration_lock: Option<(&'static str, &'static str)>,
     /// Statement that lets the current transaction commit without waiting for
     /// its log flush, for the relay's own bookkeeping (claims and marks): losing
     /// one in a database crash only means a re-publish. `None` where the

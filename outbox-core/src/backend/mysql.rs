@@ -1,6 +1,7 @@
-//! MySQL 8 and MariaDB 10.6+: `FOR UPDATE SKIP LOCKED` claims. Indexes are
-//! declared inside `CREATE TABLE`, because MySQL has no
-//! `CREATE INDEX IF NOT EXISTS`. No cross-process wake-up: a bounded poll.
+//! MySQL 8 and MariaDB 10.6+: `FOR UPDATE SKIP LOCKED` claims. The first
+//! version's indexes are declared inside `CREATE TABLE`, because MySQL has no
+//! `CREATE INDEX IF NOT EXISTS`; later ones are plain `CREATE INDEX`, run
+//! under the migration lock. No cross-process wake-up: a bounded poll.
 
 use std::sync::Arc;
 
@@ -21,9 +22,16 @@ static MYSQL: Dialect = Dialect {
     },
     notify: |_| None,
     // MySQL refuses LIMIT inside an IN subquery but takes it on DELETE.
-    delete_limited: |table, condition| {
-        format!("DELETE FROM {table} WHERE {condition} ORDER BY id LIMIT ?")
+    delete_limited: |table, condition, order| {
+        format!("DELETE FROM {table} WHERE {condition} ORDER BY {order} LIMIT ?")
     },
+    create_index: |index, table, columns| format!("CREATE INDEX {index} ON {table} ({columns})"),
+    // A named lock of the session, waited for up to ten minutes (an index
+    // built on a large table takes a while).
+    migration_lock: Some((
+        "SELECT CAST(GET_LOCK('outbox_migrate', 600) AS SIGNED)",
+        "SELECT RELEASE_LOCK('outbox_migrate')",
+    )),
     relaxed_commit: None,
     single_writer: false,
 };

@@ -22,7 +22,8 @@ pub(crate) const INSERT_VALUES: usize = 14;
 pub(crate) struct OutboxSql {
     pub(crate) table: TableName,
     dialect: &'static Dialect,
-    pub(crate) ddl: Vec<String>,
+    /// Schema versions 1, 2, …: the statements of each.
+    pub(crate) migrations: Vec<Vec<String>>,
     pub(crate) notify: Option<String>,
     pub(crate) claim: String,
     pub(crate) due_probe: String,
@@ -45,7 +46,16 @@ impl OutboxSql {
         let t = table.as_str();
         let p = |sql: String| placeholders(dialect.placeholders, &sql);
         OutboxSql {
-            ddl: (dialect.outbox_ddl)(t),
+            migrations: vec![
+                (dialect.outbox_ddl)(t),
+                // Version 2: retention finds old published rows by index
+                // instead of reading past every newer one.
+                vec![(dialect.create_index)(
+                    &format!("{t}_retention"),
+                    t,
+                    "process, published_time",
+                )],
+            ],
             notify: (dialect.notify)(t),
             claim: p(format!(
                 "SELECT {CLAIM_COLUMNS} FROM {t} WHERE process = 'NEW' AND next_attempt_at <= ? \
@@ -83,6 +93,7 @@ impl OutboxSql {
             delete_published: p((dialect.delete_limited)(
                 t,
                 "process = 'PUBLISHED' AND published_time < ?",
+                "published_time",
             )),
             backlog: format!("SELECT COUNT(*), MIN(create_time) FROM {t} WHERE process = 'NEW'"),
             parked_count: format!("SELECT COUNT(*) FROM {t} WHERE process = 'FAILED'"),
@@ -177,7 +188,8 @@ impl OutboxSql {
 pub(crate) struct InboxSql {
     dialect: &'static Dialect,
     table: String,
-    pub(crate) ddl: Vec<String>,
+    /// Schema versions 1, 2, …: the statements of each.
+    pub(crate) migrations: Vec<Vec<String>>,
     pub(crate) insert: String,
     pub(crate) key_pending: String,
     pub(crate) due: String,
@@ -206,7 +218,16 @@ impl InboxSql {
         InboxSql {
             dialect,
             table: t.to_owned(),
-            ddl: (dialect.inbox_ddl)(t),
+            migrations: vec![
+                (dialect.inbox_ddl)(t),
+                // Version 2: retention finds old processed rows by index
+                // instead of scanning the table.
+                vec![(dialect.create_index)(
+                    &format!("{t}_retention"),
+                    t,
+                    "consumer, processed_time",
+                )],
+            ],
             insert: p(format!(
                 "INSERT INTO {t} (consumer, event_id, event_type, event_key, process, attempts, \
                  next_attempt_at, last_error, headers, content, create_time, update_time, \
@@ -253,6 +274,7 @@ impl InboxSql {
             delete_processed: p((dialect.delete_limited)(
                 t,
                 "consumer = ? AND process = 'PROCESSED' AND processed_time < ?",
+                "processed_time",
             )),
         }
     }

@@ -20,11 +20,15 @@ static SQLITE: Dialect = Dialect {
         format!("INSERT OR IGNORE INTO {table} ({columns}) VALUES ({values})")
     },
     notify: |_| None,
-    delete_limited: |table, condition| {
+    delete_limited: |table, condition, order| {
         format!(
-            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY id LIMIT ?)"
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY {order} LIMIT ?)"
         )
     },
+    create_index: |index, table, columns| {
+        format!("CREATE INDEX IF NOT EXISTS {index} ON {table} ({columns})")
+    },
+    migration_lock: None,
     relaxed_commit: None,
     single_writer: true,
 };

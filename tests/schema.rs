@@ -1,0 +1,190 @@
+//! Schema versions on SQLite, PostgreSQL and MySQL/MariaDB (modules `sqlite`,
+//! `postgres`, `mysql`): a fresh table is created at the newest version, a
+//! table left at version 1 is upgraded to version 2 (the retention indexes),
+//! also by two processes migrating at once, and retention keeps deleting only
+//! old rows.
+
+mod support;
+
+use std::time::Duration;
+
+use outbox::core::{Inbox, Outbox};
+
+macro_rules! schema_suite {
+    ($db:ty, $open:path, $index_exists:expr) => {
+        use super::*;
+
+        type Db = $db;
+
+        async fn version(pool: &sqlx::Pool<Db>, table: &str) -> i64 {
+            let sql = format!(
+                "SELECT version FROM outbox_schema_version WHERE table_name = '{table}'"
+            );
+            sqlx::query_scalar(&sql)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        }
+
+        /// Puts `table` back to version 1: without its retention index.
+        async fn back_to_version_1(pool: &sqlx::Pool<Db>, table: &str) {
+            let drop = if <Db as outbox::core::Backend>::DIALECT.name == "MySQL" {
+                format!("DROP INDEX {table}_retention ON {table}")
+            } else {
+                format!("DROP INDEX {table}_retention")
+            };
+            sqlx::raw_sql(&drop).execute(pool).await.unwrap();
+            let sql = format!(
+                "UPDATE outbox_schema_version SET version = 1 WHERE table_name = '{table}'"
+            );
+            sqlx::raw_sql(&sql).execute(pool).await.unwrap();
+        }
+
+        #[tokio::test]
+        async fn fresh_tables_are_created_at_version_2_with_their_retention_indexes() {
+            let Some(db) = $open().await else { return };
+            let pool = db.pool().clone();
+            Outbox::new(pool.clone()).migrate().await.unwrap();
+            Inbox::new(pool.clone(), "points").unwrap().migrate().await.unwrap();
+            for table in ["outbox_event", "inbox_event"] {
+                assert_eq!(version(&pool, table).await, 2, "{table}");
+                assert!($index_exists(&pool, table).await, "{table}_retention");
+            }
+        }
+
+        #[tokio::test]
+        async fn tables_at_version_1_are_upgraded_even_by_two_processes_at_once() {
+            let Some(db) = $open().await else { return };
+            let pool = db.pool().clone();
+            let outbox = Outbox::new(pool.clone());
+            let inbox = Inbox::new(pool.clone(), "points").unwrap();
+            outbox.migrate().await.unwrap();
+            inbox.migrate().await.unwrap();
+            for table in ["outbox_event", "inbox_event"] {
+                back_to_version_1(&pool, table).await;
+                assert!(!$index_exists(&pool, table).await);
+            }
+            // Two pools stand for two processes starting together.
+            let other = sqlx::pool::PoolOptions::<Db>::new()
+                .max_connections(2)
+                .connect(db.url())
+                .await
+                .unwrap();
+            let (other_outbox, other_inbox) =
+                (Outbox::new(other.clone()), Inbox::new(other.clone(), "points").unwrap());
+            let (a, b, c, d) = tokio::join!(
+                outbox.migrate(),
+                other_outbox.migrate(),
+                inbox.migrate(),
+                other_inbox.migrate(),
+            );
+            for result in [a, b, c, d] {
+                result.unwrap();
+            }
+            for table in ["outbox_event", "inbox_event"] {
+                assert_eq!(version(&pool, table).await, 2, "{table}");
+                assert!($index_exists(&pool, table).await, "{table}_retention");
+            }
+            other.close().await;
+        }
+
+        #[tokio::test]
+        async fn inbox_retention_deletes_only_old_processed_rows_of_its_consumer() {
+            let Some(db) = $open().await else { return };
+            let pool = db.pool().clone();
+            let inbox = Inbox::new(pool.clone(), "points").unwrap();
+            inbox.migrate().await.unwrap();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            let hour = 3_600_000;
+            // (consumer, event, process, processed_time)
+            let rows = [
+                ("points", "old-1", "PROCESSED", Some(now - 48 * hour)),
+                ("points", "old-2", "PROCESSED", Some(now - 30 * hour)),
+                ("points", "new-1", "PROCESSED", Some(now - hour)),
+                ("points", "parked", "FAILED", None),
+                ("points", "waiting", "RETRY", None),
+                ("audit", "old-3", "PROCESSED", Some(now - 48 * hour)),
+            ];
+            for (consumer, event, process, processed) in rows {
+                let processed = processed.map_or("NULL".to_owned(), |t| t.to_string());
+                let sql = format!(
+                    "INSERT INTO inbox_event (consumer, event_id, process, attempts, \
+                     create_time, update_time, processed_time) \
+                     VALUES ('{consumer}', '{event}', '{process}', 1, {now}, {now}, {processed})"
+                );
+                sqlx::raw_sql(&sql).execute(&pool).await.unwrap();
+            }
+            let day = Duration::from_secs(24 * 3600);
+            assert_eq!(inbox.delete_processed(day, 1).await.unwrap(), 1);
+            assert_eq!(inbox.delete_processed(day, 1000).await.unwrap(), 1);
+            assert_eq!(inbox.delete_processed(day, 1000).await.unwrap(), 0);
+            let left: Vec<(String, String)> =
+                sqlx::query_as("SELECT consumer, event_id FROM inbox_event ORDER BY event_id")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            let left: Vec<(&str, &str)> =
+                left.iter().map(|(c, e)| (c.as_str(), e.as_str())).collect();
+            assert_eq!(
+                left,
+                vec![
+                    ("points", "new-1"),
+                    ("audit", "old-3"),
+                    ("points", "parked"),
+                    ("points", "waiting"),
+                ]
+            );
+        }
+    };
+}
+
+mod sqlite {
+    async fn index_exists(pool: &sqlx::SqlitePool, table: &str) -> bool {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = ?",
+        )
+        .bind(format!("{table}_retention"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        n == 1
+    }
+
+    schema_suite!(sqlx::Sqlite, support::sqlite, index_exists);
+}
+
+mod postgres {
+    async fn index_exists(pool: &sqlx::PgPool, table: &str) -> bool {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_indexes WHERE tablename = $1 AND indexname = $2",
+        )
+        .bind(table)
+        .bind(format!("{table}_retention"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        n == 1
+    }
+
+    schema_suite!(sqlx::Postgres, support::postgres, index_exists);
+}
+
+mod mysql {
+    async fn index_exists(pool: &sqlx::MySqlPool, table: &str) -> bool {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(DISTINCT index_name) FROM information_schema.statistics \
+             WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
+        )
+        .bind(table)
+        .bind(format!("{table}_retention"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        n == 1
+    }
+
+    schema_suite!(sqlx::MySql, support::mysql, index_exists);
+}
