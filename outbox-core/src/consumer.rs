@@ -277,95 +277,140 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
 
     async fn run(
         self,
-        mut subscription: outbox_stomp::Subscription,
-        mut stopped: watch::Receiver<bool>,
+        subscription: outbox_stomp::Subscription,
+        stopped: watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let shared = self.shared;
-        let (concurrency, most) = workers_and_batch(
+        let (workers, most) = workers_and_batch(
             DB::DIALECT.single_writer,
             shared.config.concurrency,
             shared.config.batch_size,
         );
         let retry = tokio::spawn(retry_loop(shared.clone(), stopped.clone()));
-        let mut tasks = JoinSet::new();
-        // Workers take up to `batch_size` waiting messages at a time. Without
-        // per-key order they share one queue; with it, each worker has its own
-        // lane and a key always goes to the same lane.
-        let lane_count = if shared.config.per_key_order {
-            concurrency
+        let subscription = if shared.config.per_key_order {
+            in_key_lanes(&shared, subscription, stopped, workers, most).await
         } else {
-            1
+            shared_subscription(&shared, subscription, stopped, workers, most).await
         };
-        let capacity = usize::try_from(shared.config.prefetch.unwrap_or(64)).unwrap_or(64);
-        let mut lanes: Vec<mpsc::Sender<Message>> = Vec::with_capacity(lane_count);
-        for _ in 0..lane_count {
-            let (tx, rx) = mpsc::channel::<Message>(capacity.max(1));
-            let rx = Arc::new(tokio::sync::Mutex::new(rx));
-            let workers = if shared.config.per_key_order {
-                1
-            } else {
-                concurrency
-            };
-            for _ in 0..workers {
-                let shared = shared.clone();
-                let rx = rx.clone();
-                let mut stopped = stopped.clone();
-                tasks.spawn(async move {
-                    loop {
-                        let batch = {
-                            let mut rx = rx.lock().await;
-                            let Some(first) = rx.recv().await else {
-                                return;
-                            };
-                            let mut batch = vec![first];
-                            while batch.len() < most {
-                                match rx.try_recv() {
-                                    Ok(m) => batch.push(m),
-                                    Err(_) => break,
-                                }
-                            }
-                            batch
-                        };
-                        deliver(&shared, batch, &mut stopped).await;
-                    }
-                });
-            }
-            lanes.push(tx);
-        }
-        let mut next_lane = 0usize;
-        loop {
-            let message = tokio::select! {
-                _ = stopped.wait_for(|s| *s) => break,
-                m = subscription.next_message() => m,
-            };
-            let Some(message) = message else {
-                tracing::warn!("subscription ended; consumer stops");
-                break;
-            };
-            let lane = match message.header("event-key") {
-                Some(key) if lanes.len() > 1 => {
-                    let mut h = DefaultHasher::new();
-                    key.hash(&mut h);
-                    usize::try_from(h.finish() % lanes.len() as u64).unwrap_or(0)
-                }
-                _ => {
-                    next_lane = (next_lane + 1) % lanes.len();
-                    next_lane
-                }
-            };
-            if lanes[lane].send(message).await.is_err() {
-                break;
-            }
-        }
-        drop(lanes);
-        while tasks.join_next().await.is_some() {}
         let _ = retry.await;
         // Prefetched messages nobody took go back to the queue.
-        if let Err(error) = subscription.unsubscribe().await {
+        if let Some(subscription) = subscription
+            && let Err(error) = subscription.unsubscribe().await
+        {
             tracing::debug!(%error, "unsubscribe on shutdown failed");
         }
         Ok(())
     }
+}
+
+/// Runs `workers` workers that each take up to `most` waiting messages
+/// straight from the subscription, until the consumer stops or the
+/// subscription ends; then hands the subscription back.
+async fn shared_subscription<DB: Backend, H: Handler<DB>>(
+    shared: &Arc<Shared<DB, H>>,
+    subscription: outbox_stomp::Subscription,
+    stopped: watch::Receiver<bool>,
+    workers: usize,
+    most: usize,
+) -> Option<outbox_stomp::Subscription> {
+    let subscription = Arc::new(tokio::sync::Mutex::new(subscription));
+    let mut tasks = JoinSet::new();
+    for _ in 0..workers {
+        let shared = shared.clone();
+        let subscription = subscription.clone();
+        let mut stopped = stopped.clone();
+        tasks.spawn(async move {
+            loop {
+                let batch = {
+                    let mut subscription = subscription.lock().await;
+                    let first = tokio::select! {
+                        biased;
+                        _ = stopped.wait_for(|s| *s) => return,
+                        m = subscription.next_message() => m,
+                    };
+                    let Some(first) = first else {
+                        tracing::warn!("subscription ended; consumer stops");
+                        return;
+                    };
+                    let mut batch = vec![first];
+                    while batch.len() < most {
+                        match subscription.try_next_message() {
+                            Some(m) => batch.push(m),
+                            None => break,
+                        }
+                    }
+                    batch
+                };
+                deliver(&shared, batch, &mut stopped).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Arc::try_unwrap(subscription)
+        .ok()
+        .map(tokio::sync::Mutex::into_inner)
+}
+
+/// Per-key order: one lane per worker, and a key always goes to the same
+/// lane, so a key's events are applied one after another. Reads the
+/// subscription until the consumer stops or it ends, lets the lanes drain,
+/// then hands the subscription back.
+async fn in_key_lanes<DB: Backend, H: Handler<DB>>(
+    shared: &Arc<Shared<DB, H>>,
+    mut subscription: outbox_stomp::Subscription,
+    mut stopped: watch::Receiver<bool>,
+    workers: usize,
+    most: usize,
+) -> Option<outbox_stomp::Subscription> {
+    let capacity = usize::try_from(shared.config.prefetch.unwrap_or(64)).unwrap_or(64);
+    let mut tasks = JoinSet::new();
+    let mut lanes: Vec<mpsc::Sender<Message>> = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, mut rx) = mpsc::channel::<Message>(capacity.max(1));
+        let shared = shared.clone();
+        let mut stopped = stopped.clone();
+        tasks.spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < most {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                deliver(&shared, batch, &mut stopped).await;
+            }
+        });
+        lanes.push(tx);
+    }
+    let mut next_lane = 0usize;
+    loop {
+        let message = tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            m = subscription.next_message() => m,
+        };
+        let Some(message) = message else {
+            tracing::warn!("subscription ended; consumer stops");
+            break;
+        };
+        let lane = match message.header("event-key") {
+            Some(key) => {
+                let mut h = DefaultHasher::new();
+                key.hash(&mut h);
+                usize::try_from(h.finish() % lanes.len() as u64).unwrap_or(0)
+            }
+            None => {
+                next_lane = (next_lane + 1) % lanes.len();
+                next_lane
+            }
+        };
+        if lanes[lane].send(message).await.is_err() {
+            break;
+        }
+    }
+    drop(lanes);
+    while tasks.join_next().await.is_some() {}
+    Some(subscription)
 }
 
 /// Workers and the most deliveries one batch gathers. On a database that

@@ -620,6 +620,12 @@ impl Subscription {
         self.rx.recv().await
     }
 
+    /// A message that has already arrived, without waiting; `None` when none
+    /// is waiting (or the client closed).
+    pub fn try_next_message(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
     /// Ends the subscription.
     pub async fn unsubscribe(mut self) -> Result<(), Error> {
         self.active = false;
