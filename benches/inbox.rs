@@ -427,18 +427,16 @@ async fn main() {
         println!(
             "\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {PREFETCH}, median of {rounds} interleaved rounds\n"
         );
-        let mut rows: Vec<(&str, Vec<f64>)> = vec![("plain STOMP consumer (ack only)", Vec::new())];
+        // Rows in the order of their first measurement, each with its rates.
+        let mut rows: Vec<(&str, Vec<f64>)> = Vec::new();
         // Each round measures every row once, in the same order, so the
         // broker's drift over a run (JIT, store upkeep) touches every row alike.
         for _ in 0..rounds {
-            let mut at = 0;
-            let mut note = |name: &'static str, rate: f64| {
-                match rows.get_mut(at) {
-                    Some(row) => row.1.push(rate),
+            let mut note =
+                |name: &'static str, rate: f64| match rows.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, rates)) => rates.push(rate),
                     None => rows.push((name, vec![rate])),
-                }
-                at += 1;
-            };
+                };
             note(
                 "plain STOMP consumer (ack only)",
                 plain_throughput(&broker, n, "/queue/bench.in.plain").await,

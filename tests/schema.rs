@@ -11,10 +11,22 @@ use std::time::Duration;
 use outbox::core::{Inbox, Outbox};
 
 macro_rules! schema_suite {
-    ($db:ty, $open:path, $index_exists:expr) => {
+    ($db:ty, $open:path, $count_index:literal) => {
         use super::*;
 
         type Db = $db;
+
+        /// Whether `table` has its retention index; `$count_index` counts the
+        /// indexes of a table (first bind) with a name (second bind).
+        async fn index_exists(pool: &sqlx::Pool<Db>, table: &str) -> bool {
+            let n: i64 = sqlx::query_scalar($count_index)
+                .bind(table)
+                .bind(format!("{table}_retention"))
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            n == 1
+        }
 
         async fn version(pool: &sqlx::Pool<Db>, table: &str) -> i64 {
             let sql = format!(
@@ -48,7 +60,7 @@ macro_rules! schema_suite {
             Inbox::new(pool.clone(), "points").unwrap().migrate().await.unwrap();
             for table in ["outbox_event", "inbox_event"] {
                 assert_eq!(version(&pool, table).await, 2, "{table}");
-                assert!($index_exists(&pool, table).await, "{table}_retention");
+                assert!(index_exists(&pool, table).await, "{table}_retention");
             }
         }
 
@@ -62,7 +74,7 @@ macro_rules! schema_suite {
             inbox.migrate().await.unwrap();
             for table in ["outbox_event", "inbox_event"] {
                 back_to_version_1(&pool, table).await;
-                assert!(!$index_exists(&pool, table).await);
+                assert!(!index_exists(&pool, table).await);
             }
             // Two pools stand for two processes starting together.
             let other = sqlx::pool::PoolOptions::<Db>::new()
@@ -83,7 +95,7 @@ macro_rules! schema_suite {
             }
             for table in ["outbox_event", "inbox_event"] {
                 assert_eq!(version(&pool, table).await, 2, "{table}");
-                assert!($index_exists(&pool, table).await, "{table}_retention");
+                assert!(index_exists(&pool, table).await, "{table}_retention");
             }
             other.close().await;
         }
@@ -142,49 +154,26 @@ macro_rules! schema_suite {
 }
 
 mod sqlite {
-    async fn index_exists(pool: &sqlx::SqlitePool, table: &str) -> bool {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = ?",
-        )
-        .bind(format!("{table}_retention"))
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        n == 1
-    }
-
-    schema_suite!(sqlx::Sqlite, support::sqlite, index_exists);
+    schema_suite!(
+        sqlx::Sqlite,
+        support::sqlite,
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND name = ?"
+    );
 }
 
 mod postgres {
-    async fn index_exists(pool: &sqlx::PgPool, table: &str) -> bool {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_indexes WHERE tablename = $1 AND indexname = $2",
-        )
-        .bind(table)
-        .bind(format!("{table}_retention"))
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        n == 1
-    }
-
-    schema_suite!(sqlx::Postgres, support::postgres, index_exists);
+    schema_suite!(
+        sqlx::Postgres,
+        support::postgres,
+        "SELECT COUNT(*) FROM pg_indexes WHERE tablename = $1 AND indexname = $2"
+    );
 }
 
 mod mysql {
-    async fn index_exists(pool: &sqlx::MySqlPool, table: &str) -> bool {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(DISTINCT index_name) FROM information_schema.statistics \
-             WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
-        )
-        .bind(table)
-        .bind(format!("{table}_retention"))
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        n == 1
-    }
-
-    schema_suite!(sqlx::MySql, support::mysql, index_exists);
+    schema_suite!(
+        sqlx::MySql,
+        support::mysql,
+        "SELECT COUNT(DISTINCT index_name) FROM information_schema.statistics \
+         WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?"
+    );
 }

@@ -332,14 +332,7 @@ async fn shared_subscription<DB: Backend, H: Handler<DB>>(
                         tracing::warn!("subscription ended; consumer stops");
                         return;
                     };
-                    let mut batch = vec![first];
-                    while batch.len() < most {
-                        match subscription.try_next_message() {
-                            Some(m) => batch.push(m),
-                            None => break,
-                        }
-                    }
-                    batch
+                    gather(first, most, || subscription.try_next_message())
                 };
                 deliver(&shared, batch, &mut stopped).await;
             }
@@ -371,13 +364,7 @@ async fn in_key_lanes<DB: Backend, H: Handler<DB>>(
         let mut stopped = stopped.clone();
         tasks.spawn(async move {
             while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < most {
-                    match rx.try_recv() {
-                        Ok(m) => batch.push(m),
-                        Err(_) => break,
-                    }
-                }
+                let batch = gather(first, most, || rx.try_recv().ok());
                 deliver(&shared, batch, &mut stopped).await;
             }
         });
@@ -411,6 +398,22 @@ async fn in_key_lanes<DB: Backend, H: Handler<DB>>(
     drop(lanes);
     while tasks.join_next().await.is_some() {}
     Some(subscription)
+}
+
+/// `first` and whatever else is already waiting, up to `most` messages.
+fn gather(
+    first: Message,
+    most: usize,
+    mut waiting: impl FnMut() -> Option<Message>,
+) -> Vec<Message> {
+    let mut batch = vec![first];
+    while batch.len() < most {
+        match waiting() {
+            Some(m) => batch.push(m),
+            None => break,
+        }
+    }
+    batch
 }
 
 /// Workers and the most deliveries one batch gathers. On a database that

@@ -63,7 +63,7 @@ async fn migrate_locked<DB: Backend>(
         conn,
         &meta.version,
         &[Value::Text(Some(table))],
-        &[crate::backend::Column::Int],
+        &[Column::Int],
     )
     .await
     .map_err(Error::db("reading the schema version"))?;
