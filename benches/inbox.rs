@@ -44,7 +44,10 @@ use outbox_test_harness::Broker;
 
 const BODY: &str = r#"{"user_id":123456,"name":"a user with a name of a typical length","email":"someone@example.com","created_at":"2026-11-24T05:00:00Z","plan":"free","padding":"xxxxxxxxxxxx"}"#;
 const CONCURRENCY: usize = 8;
-const PREFETCH: u32 = 128;
+/// Prefetch of every consumer (`BENCH_PREFETCH`, default 128).
+fn prefetch() -> u32 {
+    u32::try_from(common::env_usize("BENCH_PREFETCH", 128)).unwrap_or(128)
+}
 
 /// Inserts one business row per event; notes commit times for latency runs.
 struct Award<DB> {
@@ -148,8 +151,8 @@ async fn plain_throughput(broker: &Broker, n: usize, queue: &str) -> f64 {
         .subscribe(
             Subscribe::new(queue)
                 .ack(AckMode::ClientIndividual)
-                .prefetch(PREFETCH)
-                .buffer(PREFETCH as usize),
+                .prefetch(prefetch())
+                .buffer(prefetch() as usize),
         )
         .await
         .expect("subscribe");
@@ -182,7 +185,7 @@ where
 fn config(queue: &str) -> ConsumerConfig {
     ConsumerConfig {
         concurrency: CONCURRENCY,
-        prefetch: Some(PREFETCH),
+        prefetch: Some(prefetch()),
         retention: None,
         ..ConsumerConfig::new(queue)
     }
@@ -236,8 +239,8 @@ async fn plain_latency(
         .subscribe(
             Subscribe::new(queue)
                 .ack(AckMode::ClientIndividual)
-                .prefetch(PREFETCH)
-                .buffer(PREFETCH as usize),
+                .prefetch(prefetch())
+                .buffer(prefetch() as usize),
         )
         .await
         .expect("subscribe");
@@ -425,7 +428,8 @@ async fn main() {
     if on(&parts, "throughput") {
         let rounds = common::env_usize("BENCH_ROUNDS", 3).max(1);
         println!(
-            "\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {PREFETCH}, median of {rounds} interleaved rounds\n"
+            "\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {}, median of {rounds} interleaved rounds\n",
+            prefetch()
         );
         // Rows in the order of their first measurement, each with its rates.
         let mut rows: Vec<(&str, Vec<f64>)> = Vec::new();

@@ -1,8 +1,9 @@
 //! Schema versions on SQLite, PostgreSQL and MySQL/MariaDB (modules `sqlite`,
-//! `postgres`, `mysql`): a fresh table is created at the newest version, a
-//! table left at version 1 is upgraded to version 2 (the retention indexes),
-//! also by two processes migrating at once, and retention keeps deleting only
-//! old rows.
+//! `postgres`, `mysql`): a fresh table is created at the newest version (the
+//! outbox at 2, the inbox at 3), a table left at version 1 is upgraded (the
+//! retention indexes; on PostgreSQL and SQLite the inbox's partial indexes of
+//! pending rows), also by two processes migrating at once, with its retry and
+//! parked rows still found, and retention keeps deleting only old rows.
 
 mod support;
 
@@ -16,16 +17,51 @@ macro_rules! schema_suite {
 
         type Db = $db;
 
-        /// Whether `table` has its retention index; `$count_index` counts the
-        /// indexes of a table (first bind) with a name (second bind).
-        async fn index_exists(pool: &sqlx::Pool<Db>, table: &str) -> bool {
+        fn mysql() -> bool {
+            <Db as outbox::core::Backend>::DIALECT.name == "MySQL"
+        }
+
+        /// The newest version of each table.
+        const NEWEST: [(&str, i64); 2] = [("outbox_event", 2), ("inbox_event", 3)];
+
+        /// Whether `table` has the index `{table}_{suffix}`; `$count_index`
+        /// counts the indexes of a table (first bind) with a name (second bind).
+        async fn index_exists(pool: &sqlx::Pool<Db>, table: &str, suffix: &str) -> bool {
             let n: i64 = sqlx::query_scalar($count_index)
                 .bind(table)
-                .bind(format!("{table}_retention"))
+                .bind(format!("{table}_{suffix}"))
                 .fetch_one(pool)
                 .await
                 .unwrap();
             n == 1
+        }
+
+        /// The indexes a table has at its newest version, and those it no
+        /// longer has.
+        async fn assert_newest_indexes(pool: &sqlx::Pool<Db>) {
+            assert!(index_exists(pool, "outbox_event", "retention").await);
+            assert!(index_exists(pool, "inbox_event", "retention").await);
+            // MySQL has no partial indexes and keeps the full ones of version 1.
+            let (has, lacks) = if mysql() {
+                (["process", "key"], ["pending", "pending_key"])
+            } else {
+                (["pending", "pending_key"], ["process", "key"])
+            };
+            for suffix in has {
+                assert!(index_exists(pool, "inbox_event", suffix).await, "inbox_event_{suffix}");
+            }
+            for suffix in lacks {
+                assert!(!index_exists(pool, "inbox_event", suffix).await, "inbox_event_{suffix}");
+            }
+        }
+
+        async fn drop_index(pool: &sqlx::Pool<Db>, table: &str, suffix: &str) {
+            let drop = if mysql() {
+                format!("DROP INDEX {table}_{suffix} ON {table}")
+            } else {
+                format!("DROP INDEX {table}_{suffix}")
+            };
+            sqlx::raw_sql(&drop).execute(pool).await.unwrap();
         }
 
         async fn version(pool: &sqlx::Pool<Db>, table: &str) -> i64 {
@@ -38,14 +74,21 @@ macro_rules! schema_suite {
                 .unwrap()
         }
 
-        /// Puts `table` back to version 1: without its retention index.
+        /// Puts `table` back to version 1: without its retention index, and
+        /// the inbox with the full indexes of pending rows instead of partial
+        /// ones.
         async fn back_to_version_1(pool: &sqlx::Pool<Db>, table: &str) {
-            let drop = if <Db as outbox::core::Backend>::DIALECT.name == "MySQL" {
-                format!("DROP INDEX {table}_retention ON {table}")
-            } else {
-                format!("DROP INDEX {table}_retention")
-            };
-            sqlx::raw_sql(&drop).execute(pool).await.unwrap();
+            drop_index(pool, table, "retention").await;
+            if table == "inbox_event" && !mysql() {
+                drop_index(pool, table, "pending").await;
+                drop_index(pool, table, "pending_key").await;
+                for sql in [
+                    "CREATE INDEX inbox_event_process ON inbox_event (process, next_attempt_at)",
+                    "CREATE INDEX inbox_event_key ON inbox_event (consumer, event_key, process)",
+                ] {
+                    sqlx::raw_sql(sql).execute(pool).await.unwrap();
+                }
+            }
             let sql = format!(
                 "UPDATE outbox_schema_version SET version = 1 WHERE table_name = '{table}'"
             );
@@ -53,15 +96,15 @@ macro_rules! schema_suite {
         }
 
         #[tokio::test]
-        async fn fresh_tables_are_created_at_version_2_with_their_retention_indexes() {
+        async fn fresh_tables_are_created_at_the_newest_version_with_its_indexes() {
             let Some(db) = $open().await else { return };
             let pool = db.pool().clone();
             Outbox::new(pool.clone()).migrate().await.unwrap();
             Inbox::new(pool.clone(), "points").unwrap().migrate().await.unwrap();
-            for table in ["outbox_event", "inbox_event"] {
-                assert_eq!(version(&pool, table).await, 2, "{table}");
-                assert!(index_exists(&pool, table).await, "{table}_retention");
+            for (table, newest) in NEWEST {
+                assert_eq!(version(&pool, table).await, newest, "{table}");
             }
+            assert_newest_indexes(&pool).await;
         }
 
         #[tokio::test]
@@ -74,7 +117,16 @@ macro_rules! schema_suite {
             inbox.migrate().await.unwrap();
             for table in ["outbox_event", "inbox_event"] {
                 back_to_version_1(&pool, table).await;
-                assert!(!index_exists(&pool, table).await);
+                assert!(!index_exists(&pool, table, "retention").await);
+            }
+            // Rows the indexes of pending rows must still find afterwards.
+            for (event, process) in [("waiting", "RETRY"), ("parked", "FAILED"), ("done", "PROCESSED")] {
+                let sql = format!(
+                    "INSERT INTO inbox_event (consumer, event_id, event_key, process, attempts, \
+                     next_attempt_at, create_time, update_time) \
+                     VALUES ('points', '{event}', 'k', '{process}', 1, 0, 1, 1)"
+                );
+                sqlx::raw_sql(&sql).execute(&pool).await.unwrap();
             }
             // Two pools stand for two processes starting together.
             let other = sqlx::pool::PoolOptions::<Db>::new()
@@ -93,10 +145,21 @@ macro_rules! schema_suite {
             for result in [a, b, c, d] {
                 result.unwrap();
             }
-            for table in ["outbox_event", "inbox_event"] {
-                assert_eq!(version(&pool, table).await, 2, "{table}");
-                assert!(index_exists(&pool, table).await, "{table}_retention");
+            for (table, newest) in NEWEST {
+                assert_eq!(version(&pool, table).await, newest, "{table}");
             }
+            assert_newest_indexes(&pool).await;
+            let parked: Vec<String> = inbox
+                .parked(10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|p| p.event_id)
+                .collect();
+            assert_eq!(parked, ["parked"]);
+            assert_eq!(inbox.replay_all().await.unwrap(), 1);
+            let counts = inbox.counts().await.unwrap();
+            assert_eq!((counts.processed, counts.retry, counts.failed), (1, 2, 0));
             other.close().await;
         }
 

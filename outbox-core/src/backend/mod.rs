@@ -120,6 +120,11 @@ pub struct Dialect {
     pub delete_limited: fn(&str, &str, &str) -> String,
     /// `CREATE INDEX` for a migration step: (index, table, columns).
     pub create_index: fn(&str, &str, &str) -> String,
+    /// Inbox schema version 3 (table): the indexes that find retry and parked
+    /// rows and a key's pending rows, cut down to those rows (partial indexes),
+    /// so an applied event no longer updates them. Empty where the database
+    /// has no partial indexes (MySQL).
+    pub inbox_pending_indexes: fn(&str) -> Vec<String>,
     /// Statements that take and give back the lock that lets one process at a
     /// time migrate: (take, returning one row with 1 once taken; give back).
     /// `IF NOT EXISTS` alone is not enough: on PostgreSQL two sessions creating
@@ -135,6 +140,27 @@ pub struct Dialect {
     /// One writer at a time (SQLite): writers of one component queue in the
     /// process instead of sleeping in the database's busy handler.
     pub single_writer: bool,
+}
+
+/// Inbox schema version 3 where partial indexes exist (PostgreSQL, SQLite):
+/// the full indexes of version 1 on `(process, next_attempt_at)` and
+/// `(consumer, event_key, process)` give way to indexes of the rows that are
+/// not `PROCESSED`. Queries that use them repeat `process <> 'PROCESSED'` so
+/// that SQLite, which matches a partial index's condition term by term, picks
+/// them.
+fn partial_pending_indexes(t: &str) -> Vec<String> {
+    vec![
+        format!("DROP INDEX IF EXISTS {t}_process"),
+        format!("DROP INDEX IF EXISTS {t}_key"),
+        format!(
+            "CREATE INDEX IF NOT EXISTS {t}_pending ON {t} (consumer, process, next_attempt_at) \
+             WHERE process <> 'PROCESSED'"
+        ),
+        format!(
+            "CREATE INDEX IF NOT EXISTS {t}_pending_key ON {t} (consumer, event_key) \
+             WHERE process <> 'PROCESSED'"
+        ),
+    ]
 }
 
 /// Lets one writing transaction at a time through on single-writer databases.

@@ -26,6 +26,8 @@ static MYSQL: Dialect = Dialect {
         format!("DELETE FROM {table} WHERE {condition} ORDER BY {order} LIMIT ?")
     },
     create_index: |index, table, columns| format!("CREATE INDEX {index} ON {table} ({columns})"),
+    // No partial indexes: the inbox keeps its full ones.
+    inbox_pending_indexes: |_| Vec::new(),
     // A named lock of the session, waited for up to ten minutes (an index
     // built on a large table takes a while).
     migration_lock: Some((

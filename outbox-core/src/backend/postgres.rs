@@ -31,6 +31,7 @@ static POSTGRES: Dialect = Dialect {
         format!("CREATE INDEX IF NOT EXISTS {index} ON {table} ({columns})")
     },
     // A session lock: given back explicitly, or when the connection ends.
+    inbox_pending_indexes: super::partial_pending_indexes,
     migration_lock: Some((
         "SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_lock(7305093410471135041)) AS locked",
         "SELECT pg_advisory_unlock(7305093410471135041)",

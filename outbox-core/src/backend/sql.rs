@@ -213,7 +213,7 @@ impl InboxSql {
         let p = |sql: String| placeholders(dialect.placeholders, &sql);
         let due = format!(
             "SELECT {DUE_COLUMNS} FROM {t} i WHERE i.consumer = ? AND i.process = 'RETRY' \
-             AND i.next_attempt_at <= ?"
+             AND i.process <> 'PROCESSED' AND i.next_attempt_at <= ?"
         );
         InboxSql {
             dialect,
@@ -227,6 +227,9 @@ impl InboxSql {
                     t,
                     "consumer, processed_time",
                 )],
+                // Version 3: only rows waiting for a retry or parked are in
+                // the indexes that look for them.
+                (dialect.inbox_pending_indexes)(t),
             ],
             insert: p(format!(
                 "INSERT INTO {t} (consumer, event_id, event_type, event_key, process, attempts, \
@@ -261,7 +264,7 @@ impl InboxSql {
             parked: p(format!(
                 "SELECT event_id, event_type, event_key, attempts, last_error, create_time, \
                  update_time, content FROM {t} WHERE consumer = ? AND process = 'FAILED' \
-                 ORDER BY id LIMIT ?"
+                 AND process <> 'PROCESSED' ORDER BY id LIMIT ?"
             )),
             replay_one: p(format!(
                 "UPDATE {t} SET process = 'RETRY', attempts = 0, next_attempt_at = ?, \
@@ -269,7 +272,8 @@ impl InboxSql {
             )),
             replay_all: p(format!(
                 "UPDATE {t} SET process = 'RETRY', attempts = 0, next_attempt_at = ?, \
-                 update_time = ? WHERE consumer = ? AND process = 'FAILED'"
+                 update_time = ? WHERE consumer = ? AND process = 'FAILED' \
+                 AND process <> 'PROCESSED'"
             )),
             delete_processed: p((dialect.delete_limited)(
                 t,

@@ -28,6 +28,7 @@ static SQLITE: Dialect = Dialect {
     create_index: |index, table, columns| {
         format!("CREATE INDEX IF NOT EXISTS {index} ON {table} ({columns})")
     },
+    inbox_pending_indexes: super::partial_pending_indexes,
     migration_lock: None,
     relaxed_commit: None,
     single_writer: true,
