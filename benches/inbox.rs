@@ -24,7 +24,7 @@
 //!   of arrival, once on a plain queue and once through a Virtual Topic (the
 //!   outbox rows' path). Same process, same clock.
 //!
-//! Run with `cargo bench --bench inbox`; `BENCH_N`, `BENCH_ROUNDS`, `BENCH_RATE`,
+//! Run with `cargo bench --bench inbox`; `BENCH_N`, `BENCH_ROUNDS`, `BENCH_PREFETCH`, `BENCH_RATE`,
 //! `BENCH_SECS` change the sizes, `BENCH_PARTS` (`throughput,latency`) and `BENCH_DBS`
 //! (`sqlite,pg,my`) pick what runs.
 
