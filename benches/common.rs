@@ -110,3 +110,45 @@ where
 {
     sqlx::raw_sql(sql).execute(pool).await.map(|_| ())
 }
+
+/// Busy and total time of all CPUs (`/proc/stat`, in ticks); `None` off Linux.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let idle = v.get(3)? + v.get(4)?;
+    let total: u64 = v.iter().take(8).sum();
+    Some((total - idle, total))
+}
+
+/// Measures the CPU time the whole machine spends (every process: broker,
+/// database, this one) while a section runs.
+pub struct MachineCpu {
+    start: Option<(u64, u64)>,
+    at: std::time::Instant,
+}
+
+impl MachineCpu {
+    /// Starts measuring.
+    pub fn start() -> MachineCpu {
+        MachineCpu {
+            start: cpu_ticks(),
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// CPU time in microseconds per `items` since the start; NaN off Linux.
+    pub fn micros_per(&self, items: usize) -> f64 {
+        let (Some((busy0, total0)), Some((busy1, total1))) = (self.start, cpu_ticks()) else {
+            return f64::NAN;
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let share = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
+        share * cpus * self.at.elapsed().as_secs_f64() * 1e6 / items.max(1) as f64
+    }
+}

@@ -13,6 +13,12 @@
 //!   inbox consumer (`concurrency` 8, `batch_size` 16, prefetch 128, its own database) runs the full path per message —
 //!   transaction, inbox insert (the dedup), a handler that inserts one business
 //!   row, commit, ack — and is timed until `N` events are processed.
+//! - Beside each inbox row, the business write alone: the same workers, batches
+//!   and transactions, one points row per message, the batch's ACKs, and no
+//!   inbox row. The gap between the two is the inbox's own cost.
+//! - Each throughput row also shows the CPU time the whole machine (broker,
+//!   database server, this process) spent per message while it ran, from
+//!   `/proc/stat`: steadier than the rates, which move with the broker's speed.
 //! - Latency at a steady `RATE` events/s for `SECS` seconds, after one second of
 //!   unrecorded warm-up. Outbox rows use two databases of the same kind, as in
 //!   the reference scenario (producer and relay on one, consumer on the other):
@@ -143,10 +149,12 @@ async fn fill(broker: &Broker, queue: &str, n: usize) {
     let _ = client.disconnect().await;
 }
 
-async fn plain_throughput(broker: &Broker, n: usize, queue: &str) -> f64 {
+/// (messages per second, machine CPU µs per message).
+async fn plain_throughput(broker: &Broker, n: usize, queue: &str) -> (f64, f64) {
     fill(broker, queue, n).await;
     let client = common::client(broker).await;
     let start = Instant::now();
+    let cpu = common::MachineCpu::start();
     let mut sub = client
         .subscribe(
             Subscribe::new(queue)
@@ -160,7 +168,7 @@ async fn plain_throughput(broker: &Broker, n: usize, queue: &str) -> f64 {
         let m = sub.next_message().await.expect("message");
         m.ack().await.expect("ack");
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    (n as f64 / start.elapsed().as_secs_f64(), cpu.micros_per(n))
 }
 
 async fn prepare<DB: Backend>(pool: &sqlx::Pool<DB>) -> Inbox<DB>
@@ -184,11 +192,106 @@ where
 
 fn config(queue: &str) -> ConsumerConfig {
     ConsumerConfig {
-        concurrency: CONCURRENCY,
+        concurrency: common::env_usize("BENCH_CONCURRENCY", CONCURRENCY),
+        batch_size: common::env_usize("BENCH_BATCH", 16),
         prefetch: Some(prefetch()),
         retention: None,
         ..ConsumerConfig::new(queue)
     }
+}
+
+/// The business write alone: the same workers, batches and transactions as the
+/// inbox consumer (on SQLite its two workers, one writer at a time), each
+/// transaction inserting one points row per message, then the batch's ACKs; no
+/// inbox row, so no dedup. What remains between this row and the inbox row is
+/// the inbox's own cost.
+async fn business_only_throughput<DB: Backend>(
+    broker: &Broker,
+    pool: sqlx::Pool<DB>,
+    n: usize,
+    queue: &str,
+) -> (f64, f64)
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    prepare(&pool).await;
+    fill(broker, queue, n).await;
+    let client = common::client(broker).await;
+    let (workers, most) = if DB::DIALECT.single_writer {
+        (2, CONCURRENCY * 16 / 2)
+    } else {
+        (CONCURRENCY, 16)
+    };
+    let start = Instant::now();
+    let cpu = common::MachineCpu::start();
+    let subscription = client
+        .subscribe(
+            Subscribe::new(queue)
+                .ack(AckMode::ClientIndividual)
+                .prefetch(prefetch())
+                .buffer(prefetch() as usize),
+        )
+        .await
+        .expect("subscribe");
+    let subscription = Arc::new(tokio::sync::Mutex::new(subscription));
+    let writer = Arc::new(tokio::sync::Mutex::new(()));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (subscription, writer, done, pool) = (
+            subscription.clone(),
+            writer.clone(),
+            done.clone(),
+            pool.clone(),
+        );
+        tasks.spawn(async move {
+            loop {
+                let batch = {
+                    let mut subscription = subscription.lock().await;
+                    let Some(first) = subscription.next_message().await else {
+                        return;
+                    };
+                    let mut batch = vec![first];
+                    while batch.len() < most {
+                        match subscription.try_next_message() {
+                            Some(m) => batch.push(m),
+                            None => break,
+                        }
+                    }
+                    batch
+                };
+                {
+                    let _turn = if DB::DIALECT.single_writer {
+                        Some(writer.lock().await)
+                    } else {
+                        None
+                    };
+                    let mut tx = DB::begin_write(&pool).await.expect("begin");
+                    for _ in &batch {
+                        DB::exec(
+                            &mut tx,
+                            "INSERT INTO points (user_id, points) VALUES (1, 100)",
+                            &[],
+                        )
+                        .await
+                        .expect("insert");
+                    }
+                    tx.commit().await.expect("commit");
+                }
+                futures_util::future::join_all(batch.iter().map(|m| m.ack())).await;
+                done.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    while done.load(std::sync::atomic::Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let cpu = cpu.micros_per(n);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let _ = client.disconnect().await;
+    (rate, cpu)
 }
 
 async fn inbox_throughput<DB: Backend>(
@@ -196,7 +299,7 @@ async fn inbox_throughput<DB: Backend>(
     pool: sqlx::Pool<DB>,
     n: usize,
     queue: &str,
-) -> f64
+) -> (f64, f64)
 where
     Award<DB>: Handler<DB>,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -204,6 +307,7 @@ where
     let inbox = prepare(&pool).await;
     fill(broker, queue, n).await;
     let start = Instant::now();
+    let cpu = common::MachineCpu::start();
     let handle = Consumer::new(inbox, award::<DB>(false), config(queue))
         .spawn(common::client(broker).await)
         .await
@@ -212,8 +316,9 @@ where
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
+    let cpu = cpu.micros_per(n);
     handle.shutdown().await.expect("shutdown");
-    rate
+    (rate, cpu)
 }
 
 fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, usize) {
@@ -432,29 +537,43 @@ async fn main() {
             prefetch()
         );
         // Rows in the order of their first measurement, each with its rates.
-        let mut rows: Vec<(&str, Vec<f64>)> = Vec::new();
+        let mut rows: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
         // Each round measures every row once, in the same order, so the
         // broker's drift over a run (JIT, store upkeep) touches every row alike.
         for _ in 0..rounds {
-            let mut note =
-                |name: &'static str, rate: f64| match rows.iter_mut().find(|(n, _)| *n == name) {
-                    Some((_, rates)) => rates.push(rate),
-                    None => rows.push((name, vec![rate])),
-                };
+            let mut note = |name: &'static str, rate: (f64, f64)| match rows
+                .iter_mut()
+                .find(|(n, _)| *n == name)
+            {
+                Some((_, rates)) => rates.push(rate),
+                None => rows.push((name, vec![rate])),
+            };
             note(
                 "plain STOMP consumer (ack only)",
                 plain_throughput(&broker, n, "/queue/bench.in.plain").await,
             );
             if sqlite_on {
                 let r =
+                    business_only_throughput(&broker, sqlite.clone(), n, "/queue/bench.tx.sqlite")
+                        .await;
+                note("business write only, SQLite (WAL)", r);
+                let r =
                     inbox_throughput(&broker, sqlite.clone(), n, "/queue/bench.in.sqlite").await;
                 note("inbox consumer, SQLite (WAL)", r);
             }
             if let Some(pg) = &pg {
+                let r =
+                    business_only_throughput(&broker, pg.pool().clone(), n, "/queue/bench.tx.pg")
+                        .await;
+                note("business write only, PostgreSQL", r);
                 let r = inbox_throughput(&broker, pg.pool().clone(), n, "/queue/bench.in.pg").await;
                 note("inbox consumer, PostgreSQL", r);
             }
             if let Some(my) = &my {
+                let r =
+                    business_only_throughput(&broker, my.pool().clone(), n, "/queue/bench.tx.my")
+                        .await;
+                note("business write only, MariaDB", r);
                 let r = inbox_throughput(&broker, my.pool().clone(), n, "/queue/bench.in.my").await;
                 note("inbox consumer, MariaDB", r);
             }
@@ -464,20 +583,30 @@ async fn main() {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let plain = median(&rows[0].1);
-        let widths = [40, 10, 8, 28];
+        let rates = |v: &[(f64, f64)]| v.iter().map(|r| r.0).collect::<Vec<_>>();
+        let cpus = |v: &[(f64, f64)]| v.iter().map(|r| r.1).collect::<Vec<_>>();
+        let plain = median(&rates(&rows[0].1));
+        let widths = [40, 10, 8, 10, 28];
         common::head(
             &widths,
-            &["consumer", "msg/s", "× plain", "each round, msg/s"],
+            &[
+                "consumer",
+                "msg/s",
+                "× plain",
+                "CPU µs/msg",
+                "each round, msg/s",
+            ],
         );
-        for (name, rates) in &rows {
-            let each: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        for (name, measured) in &rows {
+            let each: Vec<String> = rates(measured).iter().map(|r| format!("{r:.0}")).collect();
+            let rate = median(&rates(measured));
             common::row(
                 &widths,
                 &[
                     (*name).to_owned(),
-                    format!("{:.0}", median(rates)),
-                    format!("{:.2}", median(rates) / plain),
+                    format!("{rate:.0}"),
+                    format!("{:.2}", rate / plain),
+                    format!("{:.0}", median(&cpus(measured))),
                     each.join(", "),
                 ],
             );
