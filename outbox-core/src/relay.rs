@@ -106,7 +106,11 @@ impl Default for RelayConfig {
 /// Counters of one relay, shared with whoever holds the `Arc`.
 #[derive(Debug, Default)]
 pub struct RelayMetrics {
-    /// Rows marked `PUBLISHED`.
+    /// Rows marked `PUBLISHED`, as the databases reported them changed. A mark
+    /// whose commit went through while the connection failed (so the relay saw
+    /// an error) finds nothing left to change when it is tried again: those
+    /// rows are published and marked but not counted here. Count the table
+    /// (`Outbox::counts`) for an exact figure.
     pub published: AtomicU64,
     /// Rejections that scheduled a retry.
     pub retried: AtomicU64,
