@@ -149,13 +149,10 @@ async fn fill(broker: &Broker, queue: &str, n: usize) {
     let _ = client.disconnect().await;
 }
 
-/// (messages per second, machine CPU µs per message).
-async fn plain_throughput(broker: &Broker, n: usize, queue: &str) -> (f64, f64) {
-    fill(broker, queue, n).await;
-    let client = common::client(broker).await;
-    let start = Instant::now();
-    let cpu = common::MachineCpu::start();
-    let mut sub = client
+/// A `client-individual` subscription with the bench's prefetch, as every
+/// plain consumer here uses.
+async fn subscribe(client: &outbox::stomp::Client, queue: &str) -> outbox::stomp::Subscription {
+    client
         .subscribe(
             Subscribe::new(queue)
                 .ack(AckMode::ClientIndividual)
@@ -163,7 +160,16 @@ async fn plain_throughput(broker: &Broker, n: usize, queue: &str) -> (f64, f64) 
                 .buffer(prefetch() as usize),
         )
         .await
-        .expect("subscribe");
+        .expect("subscribe")
+}
+
+/// (messages per second, machine CPU µs per message).
+async fn plain_throughput(broker: &Broker, n: usize, queue: &str) -> (f64, f64) {
+    fill(broker, queue, n).await;
+    let client = common::client(broker).await;
+    let start = Instant::now();
+    let cpu = common::MachineCpu::start();
+    let mut sub = subscribe(&client, queue).await;
     for _ in 0..n {
         let m = sub.next_message().await.expect("message");
         m.ack().await.expect("ack");
@@ -224,15 +230,7 @@ where
     };
     let start = Instant::now();
     let cpu = common::MachineCpu::start();
-    let subscription = client
-        .subscribe(
-            Subscribe::new(queue)
-                .ack(AckMode::ClientIndividual)
-                .prefetch(prefetch())
-                .buffer(prefetch() as usize),
-        )
-        .await
-        .expect("subscribe");
+    let subscription = subscribe(&client, queue).await;
     let subscription = Arc::new(tokio::sync::Mutex::new(subscription));
     let writer = Arc::new(tokio::sync::Mutex::new(()));
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -340,15 +338,7 @@ async fn plain_latency(
     queue: &str,
 ) -> (Duration, Duration, usize) {
     let consumer = common::client(broker).await;
-    let mut sub = consumer
-        .subscribe(
-            Subscribe::new(queue)
-                .ack(AckMode::ClientIndividual)
-                .prefetch(prefetch())
-                .buffer(prefetch() as usize),
-        )
-        .await
-        .expect("subscribe");
+    let mut sub = subscribe(&consumer, queue).await;
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let reader = {
