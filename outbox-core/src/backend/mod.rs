@@ -142,6 +142,19 @@ pub struct Dialect {
     pub single_writer: bool,
 }
 
+/// `DELETE` of at most `LIMIT ?` rows through a subquery of their ids, where
+/// the database takes `LIMIT` there (PostgreSQL, SQLite).
+fn delete_by_id_subquery(table: &str, condition: &str, order: &str) -> String {
+    format!(
+        "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY {order} LIMIT ?)"
+    )
+}
+
+/// `CREATE INDEX IF NOT EXISTS`, where the database has it (PostgreSQL, SQLite).
+fn create_index_if_not_exists(index: &str, table: &str, columns: &str) -> String {
+    format!("CREATE INDEX IF NOT EXISTS {index} ON {table} ({columns})")
+}
+
 /// Inbox schema version 3 where partial indexes exist (PostgreSQL, SQLite):
 /// the full indexes of version 1 on `(process, next_attempt_at)` and
 /// `(consumer, event_key, process)` give way to indexes of the rows that are

@@ -22,16 +22,10 @@ static POSTGRES: Dialect = Dialect {
     },
     // The table name is a validated identifier, so it is a valid channel name.
     notify: |table| Some(format!("NOTIFY {table}")),
-    delete_limited: |table, condition, order| {
-        format!(
-            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY {order} LIMIT ?)"
-        )
-    },
-    create_index: |index, table, columns| {
-        format!("CREATE INDEX IF NOT EXISTS {index} ON {table} ({columns})")
-    },
-    // A session lock: given back explicitly, or when the connection ends.
+    delete_limited: super::delete_by_id_subquery,
+    create_index: super::create_index_if_not_exists,
     inbox_pending_indexes: super::partial_pending_indexes,
+    // A session lock: given back explicitly, or when the connection ends.
     migration_lock: Some((
         "SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_lock(7305093410471135041)) AS locked",
         "SELECT pg_advisory_unlock(7305093410471135041)",

@@ -211,6 +211,8 @@ impl InboxSql {
     pub(crate) fn new(dialect: &'static Dialect, table: &TableName) -> InboxSql {
         let t = table.as_str();
         let p = |sql: String| placeholders(dialect.placeholders, &sql);
+        // The queries of pending rows repeat `process <> 'PROCESSED'`, the
+        // condition of version 3's partial indexes, so that SQLite uses them.
         let due = format!(
             "SELECT {DUE_COLUMNS} FROM {t} i WHERE i.consumer = ? AND i.process = 'RETRY' \
              AND i.process <> 'PROCESSED' AND i.next_attempt_at <= ?"

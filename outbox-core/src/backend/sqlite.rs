@@ -20,14 +20,8 @@ static SQLITE: Dialect = Dialect {
         format!("INSERT OR IGNORE INTO {table} ({columns}) VALUES ({values})")
     },
     notify: |_| None,
-    delete_limited: |table, condition, order| {
-        format!(
-            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY {order} LIMIT ?)"
-        )
-    },
-    create_index: |index, table, columns| {
-        format!("CREATE INDEX IF NOT EXISTS {index} ON {table} ({columns})")
-    },
+    delete_limited: super::delete_by_id_subquery,
+    create_index: super::create_index_if_not_exists,
     inbox_pending_indexes: super::partial_pending_indexes,
     migration_lock: None,
     relaxed_commit: None,
