@@ -30,7 +30,8 @@
 //!   of arrival, once on a plain queue and once through a Virtual Topic (the
 //!   outbox rows' path). Same process, same clock.
 //!
-//! Run with `cargo bench --bench inbox`; `BENCH_N`, `BENCH_ROUNDS`, `BENCH_PREFETCH`, `BENCH_RATE`,
+//! Run with `cargo bench --bench inbox`; `BENCH_N`, `BENCH_ROUNDS`, `BENCH_CONCURRENCY`,
+//! `BENCH_BATCH`, `BENCH_PREFETCH`, `BENCH_RATE`,
 //! `BENCH_SECS` change the sizes, `BENCH_PARTS` (`throughput,latency`) and `BENCH_DBS`
 //! (`sqlite,pg,my`) pick what runs.
 
@@ -49,7 +50,15 @@ use outbox::stomp::{AckMode, Outgoing, Subscribe};
 use outbox_test_harness::Broker;
 
 const BODY: &str = r#"{"user_id":123456,"name":"a user with a name of a typical length","email":"someone@example.com","created_at":"2026-11-24T05:00:00Z","plan":"free","padding":"xxxxxxxxxxxx"}"#;
-const CONCURRENCY: usize = 8;
+/// The inbox consumer's `concurrency` and `batch_size` (`BENCH_CONCURRENCY`,
+/// default 8; `BENCH_BATCH`, default 16); the business-write-only consumer
+/// takes the same.
+fn shape() -> (usize, usize) {
+    (
+        common::env_usize("BENCH_CONCURRENCY", 8).max(1),
+        common::env_usize("BENCH_BATCH", 16).max(1),
+    )
+}
 /// Prefetch of every consumer (`BENCH_PREFETCH`, default 128).
 fn prefetch() -> u32 {
     u32::try_from(common::env_usize("BENCH_PREFETCH", 128)).unwrap_or(128)
@@ -198,8 +207,8 @@ where
 
 fn config(queue: &str) -> ConsumerConfig {
     ConsumerConfig {
-        concurrency: common::env_usize("BENCH_CONCURRENCY", CONCURRENCY),
-        batch_size: common::env_usize("BENCH_BATCH", 16),
+        concurrency: shape().0,
+        batch_size: shape().1,
         prefetch: Some(prefetch()),
         retention: None,
         ..ConsumerConfig::new(queue)
@@ -223,10 +232,13 @@ where
     prepare(&pool).await;
     fill(broker, queue, n).await;
     let client = common::client(broker).await;
-    let (workers, most) = if DB::DIALECT.single_writer {
-        (2, CONCURRENCY * 16 / 2)
+    // As the consumer splits them (outbox-core's `workers_and_batch`): on a
+    // single writer, two workers share what `concurrency` workers would hold.
+    let (concurrency, batch) = shape();
+    let (workers, most) = if DB::DIALECT.single_writer && concurrency > 2 && batch > 1 {
+        (2, (concurrency * batch / 2).min(1000))
     } else {
-        (CONCURRENCY, 16)
+        (concurrency, batch)
     };
     let start = Instant::now();
     let cpu = common::MachineCpu::start();
@@ -317,6 +329,29 @@ where
     let cpu = cpu.micros_per(n);
     handle.shutdown().await.expect("shutdown");
     (rate, cpu)
+}
+
+/// One database's two throughput rows, business write only and then the inbox
+/// consumer, each on its own queue (`tag`), named after `database`.
+async fn database_rows<DB: Backend>(
+    broker: &Broker,
+    pool: &sqlx::Pool<DB>,
+    n: usize,
+    database: &str,
+    tag: &str,
+) -> [(String, (f64, f64)); 2]
+where
+    Award<DB>: Handler<DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let queue = format!("/queue/bench.tx.{tag}");
+    let business = business_only_throughput(broker, pool.clone(), n, &queue).await;
+    let queue = format!("/queue/bench.in.{tag}");
+    let inbox = inbox_throughput(broker, pool.clone(), n, &queue).await;
+    [
+        (format!("business write only, {database}"), business),
+        (format!("inbox consumer, {database}"), inbox),
+    ]
 }
 
 fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, usize) {
@@ -523,49 +558,37 @@ async fn main() {
     if on(&parts, "throughput") {
         let rounds = common::env_usize("BENCH_ROUNDS", 3).max(1);
         println!(
-            "\nConsumer throughput: {n} persistent messages, concurrency {CONCURRENCY}, prefetch {}, median of {rounds} interleaved rounds\n",
+            "\nConsumer throughput: {n} persistent messages, concurrency {}, batch size {}, prefetch {}, median of {rounds} interleaved rounds\n",
+            shape().0,
+            shape().1,
             prefetch()
         );
         // Rows in the order of their first measurement, each with its rates.
-        let mut rows: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
+        let mut rows: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
         // Each round measures every row once, in the same order, so the
         // broker's drift over a run (JIT, store upkeep) touches every row alike.
         for _ in 0..rounds {
-            let mut note = |name: &'static str, rate: (f64, f64)| match rows
-                .iter_mut()
-                .find(|(n, _)| *n == name)
-            {
-                Some((_, rates)) => rates.push(rate),
-                None => rows.push((name, vec![rate])),
-            };
+            let mut note =
+                |name: String, rate: (f64, f64)| match rows.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, rates)) => rates.push(rate),
+                    None => rows.push((name, vec![rate])),
+                };
             note(
-                "plain STOMP consumer (ack only)",
+                "plain STOMP consumer (ack only)".into(),
                 plain_throughput(&broker, n, "/queue/bench.in.plain").await,
             );
+            let mut measured = Vec::new();
             if sqlite_on {
-                let r =
-                    business_only_throughput(&broker, sqlite.clone(), n, "/queue/bench.tx.sqlite")
-                        .await;
-                note("business write only, SQLite (WAL)", r);
-                let r =
-                    inbox_throughput(&broker, sqlite.clone(), n, "/queue/bench.in.sqlite").await;
-                note("inbox consumer, SQLite (WAL)", r);
+                measured.extend(database_rows(&broker, &sqlite, n, "SQLite (WAL)", "sqlite").await);
             }
             if let Some(pg) = &pg {
-                let r =
-                    business_only_throughput(&broker, pg.pool().clone(), n, "/queue/bench.tx.pg")
-                        .await;
-                note("business write only, PostgreSQL", r);
-                let r = inbox_throughput(&broker, pg.pool().clone(), n, "/queue/bench.in.pg").await;
-                note("inbox consumer, PostgreSQL", r);
+                measured.extend(database_rows(&broker, pg.pool(), n, "PostgreSQL", "pg").await);
             }
             if let Some(my) = &my {
-                let r =
-                    business_only_throughput(&broker, my.pool().clone(), n, "/queue/bench.tx.my")
-                        .await;
-                note("business write only, MariaDB", r);
-                let r = inbox_throughput(&broker, my.pool().clone(), n, "/queue/bench.in.my").await;
-                note("inbox consumer, MariaDB", r);
+                measured.extend(database_rows(&broker, my.pool(), n, "MariaDB", "my").await);
+            }
+            for (name, rate) in measured {
+                note(name, rate);
             }
         }
         let median = |v: &[f64]| {
@@ -593,7 +616,7 @@ async fn main() {
             common::row(
                 &widths,
                 &[
-                    (*name).to_owned(),
+                    name.clone(),
                     format!("{rate:.0}"),
                     format!("{:.2}", rate / plain),
                     format!("{:.0}", median(&cpus(measured))),
