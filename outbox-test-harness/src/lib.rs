@@ -14,6 +14,9 @@
 //! - [`TestDb`] (cargo features `sqlite`, `postgres`, `mysql`) gives each test its
 //!   own SQLite file or its own uniquely named database on a PostgreSQL or
 //!   MySQL/MariaDB server, and removes it afterwards.
+//! - [`FaultProxy`] sits between a client and a broker (or a database server) and
+//!   injects network faults while traffic flows: latency, bandwidth, blackhole,
+//!   one frozen direction, cut, reset (also in the middle of a frame), refusal.
 //! - [`HarnessError`] is the one error type; it says how to install or start what
 //!   is missing.
 //!
@@ -30,6 +33,7 @@ mod db;
 mod error;
 mod paths;
 mod process;
+mod proxy;
 mod raw_stomp;
 mod tls;
 
@@ -38,4 +42,5 @@ pub use config::{BrokerConfig, Credentials};
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use db::{MYSQL_URL_VAR, POSTGRES_URL_VAR, SKIP_MYSQL_VAR, SKIP_POSTGRES_VAR, TestDb};
 pub use error::HarnessError;
+pub use proxy::{Direction, FaultProxy};
 pub use raw_stomp::{RawFrame, RawStomp};
