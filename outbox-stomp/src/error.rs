@@ -1,6 +1,6 @@
 //! Errors of the STOMP crate, layered: codec → session → connection.
 
-use crate::codec::Command;
+use crate::codec::{Command, Frame};
 
 /// Why bytes could not be turned into a frame, or a frame into bytes.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +144,29 @@ pub struct BrokerError {
     pub receipt_id: Option<String>,
 }
 
+impl BrokerError {
+    /// The error an ERROR frame carries.
+    pub fn from_frame(frame: &Frame) -> BrokerError {
+        BrokerError {
+            message: frame.header("message").unwrap_or("(no message)").to_owned(),
+            details: String::from_utf8_lossy(frame.body()).into_owned(),
+            receipt_id: frame.header("receipt-id").map(str::to_owned),
+        }
+    }
+
+    /// True when the broker refused a CONNECT for its credentials (ActiveMQ
+    /// answers with a `SecurityException`): retrying cannot help. Other refusals,
+    /// such as `InvalidClientIDException` while the broker still holds the
+    /// previous connection under the same `client-id`, pass with time.
+    pub fn is_login_refused(&self) -> bool {
+        let said = |needle: &str| self.message.contains(needle) || self.details.contains(needle);
+        said("SecurityException")
+            || said("AuthenticationException")
+            || said("password is invalid")
+            || said("not authorized")
+    }
+}
+
 impl std::fmt::Display for BrokerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)?;
@@ -183,14 +206,19 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// The broker refused the CONNECT frame (e.g. wrong login or passcode).
+    /// The broker refused the CONNECT frame for good (wrong login or passcode),
+    /// or kept refusing it until the connect attempts ran out.
     #[error("broker refused the connection: {0}")]
     ConnectRejected(BrokerError),
     /// The broker answered a request with an ERROR frame naming its receipt.
     #[error("broker rejected the request: {0}")]
     Rejected(BrokerError),
-    /// The broker sent an ERROR that matched no request; the connection was closed.
-    #[error("broker sent an error and closed the session: {0}")]
+    /// The broker sent an ERROR that matched no receipt and closed the
+    /// connection, as ActiveMQ does for a frame it will not take (a header over
+    /// its length limit, a frame over its size limit). Every request in flight
+    /// on that connection gets this error: one of them was refused, and none of
+    /// them took effect.
+    #[error("broker refused a frame and closed the connection: {0}")]
     Broker(BrokerError),
     /// No receipt within the timeout: the outcome is unknown.
     #[error("no receipt {receipt} within {after:?}; outcome unknown")]
@@ -229,6 +257,31 @@ pub enum Error {
         attempts: u32,
         /// The last failure.
         last: Box<Error>,
+    },
+    /// Writing to the broker failed in the middle of a session.
+    #[error("writing to {addr} failed: {source}")]
+    Write {
+        /// The address connected to.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A write made no progress for too long: the broker stopped reading (a
+    /// frozen broker or a half-open link with full buffers).
+    #[error("writing to {addr} made no progress for {after:?}; the broker stopped reading")]
+    WriteStalled {
+        /// The address connected to.
+        addr: String,
+        /// The stall limit ([`Config::write_timeout`](crate::Config::write_timeout)).
+        after: std::time::Duration,
+    },
+    /// No connection to the broker came up within the request's deadline; the
+    /// request was withdrawn and never written.
+    #[error("no connection to the broker within {waited:?}; the request was not sent")]
+    NotConnected {
+        /// How long the request waited.
+        waited: std::time::Duration,
     },
     /// The client was closed.
     #[error("the client is closed")]

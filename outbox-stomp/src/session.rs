@@ -130,20 +130,22 @@ impl AckId {
     }
 }
 
-/// One connection's protocol state. `T` is what a waiting caller is answered with.
+/// One connection's protocol state. `T` is what a waiting caller is answered
+/// with; `S` is where a subscription's messages go.
 #[derive(Debug)]
-pub(crate) struct Session<T> {
+pub(crate) struct Session<T, S> {
     version: Version,
-    pending: HashMap<String, T>,
-    /// Subscription id → SUBSCRIBE frame, re-sent after a reconnect.
-    subscriptions: BTreeMap<String, Frame>,
+    /// Receipt id → who waits for it, and until when.
+    pending: HashMap<String, (T, Instant)>,
+    /// Subscription id → its SUBSCRIBE frame (re-sent after a reconnect) and sink.
+    subscriptions: BTreeMap<String, (Frame, S)>,
     heart_beat: HeartBeat,
     last_read: Instant,
     last_write: Instant,
 }
 
-impl<T> Session<T> {
-    pub(crate) fn new(now: Instant) -> Session<T> {
+impl<T, S> Session<T, S> {
+    pub(crate) fn new(now: Instant) -> Session<T, S> {
         Session {
             version: Version::V1_2,
             pending: HashMap::new(),
@@ -188,25 +190,60 @@ impl<T> Session<T> {
         Ok(version)
     }
 
-    /// Adds a `receipt` header and remembers `token` until it is answered.
-    pub(crate) fn expect_receipt(&mut self, frame: Frame, id: String, token: T) -> Frame {
-        self.pending.insert(id.clone(), token);
-        frame.with_header("receipt", id)
+    /// The negotiated heart-beats of the current connection.
+    pub(crate) fn heart_beat(&self) -> HeartBeat {
+        self.heart_beat
+    }
+
+    /// Adds a `receipt` header and remembers `token` until it is answered or
+    /// `deadline` passes.
+    pub(crate) fn expect_receipt(
+        &mut self,
+        frame: Frame,
+        id: String,
+        token: T,
+        deadline: Instant,
+    ) -> Frame {
+        let frame = frame.with_header("receipt", id.clone());
+        self.pending.insert(id, (token, deadline));
+        frame
+    }
+
+    /// Takes out the requests whose deadline passed at `now`, with their receipt ids.
+    pub(crate) fn expired(&mut self, now: Instant) -> Vec<(String, T)> {
+        let due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        due.into_iter()
+            .filter_map(|id| self.pending.remove(&id).map(|(t, _)| (id, t)))
+            .collect()
     }
 
     /// Records a subscription so it is restored after a reconnect.
-    pub(crate) fn subscribed(&mut self, id: &str, frame: &Frame) {
-        self.subscriptions.insert(id.to_owned(), frame.clone());
+    pub(crate) fn subscribed(&mut self, id: &str, frame: &Frame, sink: S) {
+        self.subscriptions
+            .insert(id.to_owned(), (frame.clone(), sink));
     }
 
-    /// Forgets a subscription.
+    /// Forgets a subscription (and drops its sink); false if it was unknown.
     pub(crate) fn unsubscribed(&mut self, id: &str) -> bool {
         self.subscriptions.remove(id).is_some()
     }
 
-    /// SUBSCRIBE frames to send on a fresh connection.
-    pub(crate) fn resubscribe(&self) -> Vec<Frame> {
-        self.subscriptions.values().cloned().collect()
+    /// Where messages of subscription `id` go.
+    pub(crate) fn sink(&self, id: &str) -> Option<&S> {
+        self.subscriptions.get(id).map(|(_, sink)| sink)
+    }
+
+    /// Subscription ids and SUBSCRIBE frames to send on a fresh connection.
+    pub(crate) fn resubscribe(&self) -> Vec<(String, Frame)> {
+        self.subscriptions
+            .iter()
+            .map(|(id, (frame, _))| (id.clone(), frame.clone()))
+            .collect()
     }
 
     /// Classifies a frame from the server.
@@ -223,21 +260,17 @@ impl<T> Session<T> {
                 .header("receipt-id")
                 .and_then(|id| self.pending.remove(id))
             {
-                Some(token) => Inbound::Confirmed(token),
+                Some((token, _)) => Inbound::Confirmed(token),
                 None => Inbound::Ignored,
             },
             Command::Error => {
-                let error = BrokerError {
-                    message: frame.header("message").unwrap_or("(no message)").to_owned(),
-                    details: String::from_utf8_lossy(frame.body()).into_owned(),
-                    receipt_id: frame.header("receipt-id").map(str::to_owned),
-                };
+                let error = BrokerError::from_frame(&frame);
                 match error
                     .receipt_id
                     .as_deref()
                     .and_then(|id| self.pending.remove(id))
                 {
-                    Some(token) => Inbound::Rejected(token, error),
+                    Some((token, _)) => Inbound::Rejected(token, error),
                     None => Inbound::Fatal(error),
                 }
             }
@@ -247,7 +280,7 @@ impl<T> Session<T> {
 
     /// The connection is gone: every waiting request's outcome is unknown.
     pub(crate) fn drain_pending(&mut self) -> Vec<T> {
-        self.pending.drain().map(|(_, t)| t).collect()
+        self.pending.drain().map(|(_, (t, _))| t).collect()
     }
 
     /// Number of requests waiting for a receipt.
@@ -301,6 +334,43 @@ impl<T> Session<T> {
 mod tests {
     use super::*;
 
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    #[test]
+    fn a_request_past_its_deadline_is_handed_back_once_and_its_late_receipt_ignored() {
+        let start = Instant::now();
+        let mut s: Session<u32, ()> = Session::new(start);
+        let soon = start + Duration::from_secs(1);
+        s.expect_receipt(Frame::send("/queue/a", "x"), "late".into(), 1, soon);
+        s.expect_receipt(Frame::send("/queue/a", "y"), "fine".into(), 2, far());
+        assert!(s.expired(start).is_empty());
+        assert_eq!(s.expired(soon), [("late".to_owned(), 1)]);
+        assert!(s.expired(soon).is_empty());
+        let receipt = Frame::new(Command::Receipt).with_header("receipt-id", "late");
+        assert!(matches!(s.on_frame(receipt), Inbound::Ignored));
+        assert_eq!(s.pending_len(), 1);
+    }
+
+    #[test]
+    fn a_forgotten_subscription_has_no_sink_and_is_not_restored() {
+        let mut s: Session<(), u8> = Session::new(Instant::now());
+        s.subscribed("1", &Frame::subscribe("/queue/a", "1", "auto"), 9);
+        assert_eq!(s.sink("1"), Some(&9));
+        assert!(s.unsubscribed("1"));
+        assert!(!s.unsubscribed("1"));
+        assert_eq!(s.sink("1"), None);
+        assert!(s.resubscribe().is_empty());
+    }
+
+    #[test]
+    fn the_read_timeout_allows_the_grace_factor_on_top_of_the_slower_interval() {
+        // ActiveMQ's keep-alive can stay silent for about twice its interval.
+        let hb = negotiate_heart_beat((1000, 1000), Some("1000,1000"), 2.5);
+        assert_eq!(hb.read_timeout, Some(Duration::from_millis(2500)));
+    }
+
     fn connected(version: &str, hb: &str) -> Frame {
         Frame::new(Command::Connected)
             .with_header("version", version.to_owned())
@@ -309,9 +379,9 @@ mod tests {
 
     #[test]
     fn receipt_answers_the_request_that_asked_for_it() {
-        let mut s = Session::new(Instant::now());
+        let mut s: Session<u32, ()> = Session::new(Instant::now());
         let id = "r-1".to_owned();
-        let frame = s.expect_receipt(Frame::send("/queue/a", "x"), id.clone(), 7u32);
+        let frame = s.expect_receipt(Frame::send("/queue/a", "x"), id.clone(), 7u32, far());
         assert_eq!(frame.header("receipt"), Some(id.as_str()));
         let receipt = Frame::new(Command::Receipt).with_header("receipt-id", id);
         assert!(matches!(s.on_frame(receipt), Inbound::Confirmed(7)));
@@ -320,10 +390,10 @@ mod tests {
 
     #[test]
     fn error_with_receipt_id_rejects_only_that_request() {
-        let mut s = Session::new(Instant::now());
+        let mut s: Session<u32, ()> = Session::new(Instant::now());
         let (first, second) = ("r-1".to_owned(), "r-2".to_owned());
-        s.expect_receipt(Frame::send("/queue/a", "x"), first.clone(), 1u32);
-        s.expect_receipt(Frame::send("/queue/b", "y"), second.clone(), 2u32);
+        s.expect_receipt(Frame::send("/queue/a", "x"), first.clone(), 1u32, far());
+        s.expect_receipt(Frame::send("/queue/b", "y"), second.clone(), 2u32, far());
         let error = Frame::new(Command::Error)
             .with_header("receipt-id", second)
             .with_header("message", "not allowed");
@@ -337,16 +407,16 @@ mod tests {
 
     #[test]
     fn error_without_a_known_receipt_is_fatal() {
-        let mut s: Session<u32> = Session::new(Instant::now());
+        let mut s: Session<u32, ()> = Session::new(Instant::now());
         let error = Frame::new(Command::Error).with_header("message", "bye");
         assert!(matches!(s.on_frame(error), Inbound::Fatal(e) if e.message == "bye"));
     }
 
     #[test]
     fn lost_connection_hands_back_every_waiting_request() {
-        let mut s = Session::new(Instant::now());
-        s.expect_receipt(Frame::send("/queue/a", "x"), "a".into(), 1u32);
-        s.expect_receipt(Frame::send("/queue/a", "y"), "b".into(), 2u32);
+        let mut s: Session<u32, ()> = Session::new(Instant::now());
+        s.expect_receipt(Frame::send("/queue/a", "x"), "a".into(), 1u32, far());
+        s.expect_receipt(Frame::send("/queue/a", "y"), "b".into(), 2u32, far());
         let mut lost = s.drain_pending();
         lost.sort();
         assert_eq!(lost, [1, 2]);
@@ -354,30 +424,35 @@ mod tests {
 
     #[test]
     fn subscriptions_are_restored_after_reconnect_and_forgotten_after_unsubscribe() {
-        let mut s: Session<()> = Session::new(Instant::now());
-        s.subscribed("1", &Frame::subscribe("/queue/a", "1", "client-individual"));
-        s.subscribed("2", &Frame::subscribe("/queue/b", "2", "auto"));
+        let mut s: Session<(), ()> = Session::new(Instant::now());
+        s.subscribed(
+            "1",
+            &Frame::subscribe("/queue/a", "1", "client-individual"),
+            (),
+        );
+        s.subscribed("2", &Frame::subscribe("/queue/b", "2", "auto"), ());
         assert_eq!(s.resubscribe().len(), 2);
         assert!(s.unsubscribed("1"));
         let again = s.resubscribe();
         assert_eq!(again.len(), 1);
-        assert_eq!(again[0].header("destination"), Some("/queue/b"));
+        assert_eq!(again[0].0, "2");
+        assert_eq!(again[0].1.header("destination"), Some("/queue/b"));
     }
 
     #[test]
     fn version_is_taken_from_connected_and_must_have_been_offered() {
         let now = Instant::now();
-        let mut s: Session<()> = Session::new(now);
+        let mut s: Session<(), ()> = Session::new(now);
         assert_eq!(
             s.connected(&connected("1.1", "0,0"), &Version::ALL, (0, 0), 2.0, now),
             Ok(Version::V1_1)
         );
-        let mut s: Session<()> = Session::new(now);
+        let mut s: Session<(), ()> = Session::new(now);
         assert!(
             s.connected(&connected("1.2", "0,0"), &[Version::V1_0], (0, 0), 2.0, now)
                 .is_err()
         );
-        let mut s: Session<()> = Session::new(now);
+        let mut s: Session<(), ()> = Session::new(now);
         let bare = Frame::new(Command::Connected);
         assert_eq!(
             s.connected(&bare, &Version::ALL, (0, 0), 2.0, now),
@@ -402,7 +477,7 @@ mod tests {
     #[test]
     fn silent_peer_is_reported_after_the_read_timeout() {
         let start = Instant::now();
-        let mut s: Session<()> = Session::new(start);
+        let mut s: Session<(), ()> = Session::new(start);
         s.connected(
             &connected("1.2", "1000,1000"),
             &Version::ALL,

@@ -415,7 +415,10 @@ async fn pump(
         // Frozen: do not read, so the sender's buffers fill.
         while faults.borrow_and_update().frozen(direction) {
             if faults.changed().await.is_err() {
-                return Finished { _halves: (from, to), reset: false };
+                return Finished {
+                    _halves: (from, to),
+                    reset: false,
+                };
             }
         }
         let n = tokio::select! {
@@ -441,7 +444,10 @@ async fn pump(
             let _ = to.write_all(&buf[..part]).await;
             let _ = to.flush().await;
             counter.fetch_add(part as u64, Ordering::Relaxed);
-            return Finished { _halves: (from, to), reset: true };
+            return Finished {
+                _halves: (from, to),
+                reset: true,
+            };
         }
         if !now.latency.is_zero() {
             tokio::time::sleep(now.latency).await;
@@ -451,16 +457,21 @@ async fn pump(
             let slice = ((rate / 20).max(1) as usize).min(n);
             for chunk in buf[..n].chunks(slice) {
                 if to.write_all(chunk).await.is_err() {
-                    return Finished { _halves: (from, to), reset: false };
+                    return Finished {
+                        _halves: (from, to),
+                        reset: false,
+                    };
                 }
                 counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_secs_f64(chunk.len() as f64 / rate as f64))
-                    .await;
+                tokio::time::sleep(Duration::from_secs_f64(chunk.len() as f64 / rate as f64)).await;
             }
             continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
-            return Finished { _halves: (from, to), reset: false };
+            return Finished {
+                _halves: (from, to),
+                reset: false,
+            };
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }

@@ -1,0 +1,434 @@
+//! Getting a connection: which address to try next and after which delay (one
+//! plan for start-up and reconnect alike), the TCP/TLS/CONNECT handshake, and a
+//! transport wrapper that records when a write last made progress.
+//!
+//! ```text
+//!  attempt 0 1 2 3 …       start-up                     reconnect after losing address i
+//!  address               0 1 … n-1 0 1 …                i+1 i+2 … (wrapping)
+//!  delay before          0, d(0), d(1), …               d(0), d(1), …   (each with jitter)
+//!  limit                 (startupMaxReconnectAttempts+1)·n   maxReconnectAttempts
+//! ```
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+
+use super::Config;
+use crate::codec::{Command, Frame, Received, StompCodec, Version};
+use crate::error::{BrokerError, CodecError, Error};
+use crate::uri::{BrokerAddr, ReconnectPolicy, Scheme};
+
+/// Which connection the plan is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// The first connection, inside [`Client::connect`](super::Client::connect).
+    Startup,
+    /// After a connection was lost.
+    Reconnect,
+}
+
+/// One attempt: where and after how long.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Plan {
+    pub(crate) index: usize,
+    pub(crate) addr: BrokerAddr,
+    pub(crate) delay: Duration,
+}
+
+/// The failover list and where in it the client is.
+#[derive(Debug)]
+pub(crate) struct Connector {
+    addrs: Vec<BrokerAddr>,
+    policy: ReconnectPolicy,
+    /// The address of the current (or last) connection.
+    current: usize,
+}
+
+impl Connector {
+    /// The list of `addrs`, shuffled once when the policy says `randomize`.
+    pub(crate) fn new(addrs: &[BrokerAddr], policy: &ReconnectPolicy) -> Connector {
+        let mut addrs = addrs.to_vec();
+        if policy.randomize {
+            shuffle(&mut addrs, seed());
+        }
+        Connector {
+            addrs,
+            policy: policy.clone(),
+            current: 0,
+        }
+    }
+
+    /// The plan for attempt `attempt` (0-based) of `phase`, or `None` once the
+    /// policy's attempts are spent.
+    pub(crate) fn plan(&self, attempt: u32, phase: Phase) -> Option<Plan> {
+        let n = self.addrs.len();
+        if n == 0 {
+            return None;
+        }
+        let limit = match phase {
+            Phase::Startup => self
+                .policy
+                .startup_attempts
+                .map(|a| (u64::from(a) + 1) * n as u64),
+            Phase::Reconnect => self.policy.max_attempts.map(u64::from),
+        };
+        if limit.is_some_and(|limit| u64::from(attempt) >= limit) {
+            return None;
+        }
+        let index = match phase {
+            Phase::Startup => attempt as usize % n,
+            // Move on from the address that failed us.
+            Phase::Reconnect => (self.current + 1 + attempt as usize) % n,
+        };
+        let delay = match (phase, attempt) {
+            (Phase::Startup, 0) => Duration::ZERO,
+            (Phase::Startup, a) => jitter(self.policy.delay(a - 1), a),
+            (Phase::Reconnect, a) => jitter(self.policy.delay(a), a),
+        };
+        Some(Plan {
+            index,
+            addr: self.addrs[index].clone(),
+            delay,
+        })
+    }
+
+    /// The attempt of `plan` succeeded.
+    pub(crate) fn connected(&mut self, plan: &Plan) {
+        self.current = plan.index;
+    }
+}
+
+fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9E37_79B9_7F4A_7C15)
+        | 1
+}
+
+/// Fisher–Yates with xorshift: enough to spread clients over brokers.
+fn shuffle<T>(items: &mut [T], mut state: u64) {
+    for i in (1..items.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        items.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Spreads reconnect attempts of many clients: up to 20% less than `delay`.
+fn jitter(delay: Duration, salt: u32) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ salt.wrapping_mul(2_654_435_761);
+    let cut = delay.as_secs_f64() * 0.2 * (nanos % 1000) as f64 / 1000.0;
+    delay.saturating_sub(Duration::from_secs_f64(cut))
+}
+
+/// A byte stream the client can run STOMP over.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
+
+/// When a write to the socket last moved bytes.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    origin: Instant,
+    nanos: AtomicU64,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Progress {
+        Progress {
+            origin: Instant::now(),
+            nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = self.origin.elapsed().as_nanos() as u64;
+        self.nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    /// The last time bytes were written.
+    pub(crate) fn last(&self) -> Instant {
+        self.origin + Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// The socket with a record of write progress, so a stalled write can be told
+/// from a slow one.
+pub(crate) struct Tracked {
+    io: Box<dyn Transport>,
+    progress: Arc<Progress>,
+}
+
+impl Tracked {
+    pub(crate) fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.progress.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.progress.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A framed connection to the broker.
+pub(crate) type Conn = Framed<Tracked, StompCodec>;
+
+/// Why a guarded write did not finish.
+#[derive(Debug)]
+pub(crate) enum WriteFailure {
+    /// No byte moved for the stall limit.
+    Stalled,
+    /// The socket or the encoder failed.
+    Codec(CodecError),
+}
+
+/// Runs `write`, failing it once no byte moved for `stall`. A write that
+/// trickles (slow link) goes on; one into full buffers (the broker stopped
+/// reading) fails.
+pub(crate) async fn guarded<F>(
+    write: F,
+    progress: &Progress,
+    stall: Duration,
+) -> Result<(), WriteFailure>
+where
+    F: std::future::Future<Output = Result<(), CodecError>>,
+{
+    let mut write = std::pin::pin!(write);
+    // Most writes complete at once; only a blocked one needs a timer.
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    if let Poll::Ready(done) = first {
+        return done.map_err(WriteFailure::Codec);
+    }
+    let blocked = Instant::now();
+    loop {
+        let limit = progress.last().max(blocked) + stall;
+        tokio::select! {
+            done = write.as_mut() => return done.map_err(WriteFailure::Codec),
+            _ = tokio::time::sleep_until(limit) => {
+                if progress.last().max(blocked) + stall <= Instant::now() {
+                    return Err(WriteFailure::Stalled);
+                }
+            }
+        }
+    }
+}
+
+/// Opens a connection to `addr` and performs the CONNECT handshake; returns the
+/// framed connection and the CONNECTED frame.
+pub(crate) async fn establish(addr: BrokerAddr, config: &Config) -> Result<(Conn, Frame), Error> {
+    let deadline = Instant::now() + config.connect_timeout;
+    let shown = addr.to_string();
+    let timeout = || Error::ConnectTimeout {
+        addr: shown.clone(),
+        after: config.connect_timeout,
+    };
+    let tcp = tokio::time::timeout_at(
+        deadline,
+        TcpStream::connect((addr.host.as_str(), addr.port)),
+    )
+    .await
+    .map_err(|_| timeout())?
+    .map_err(|source| Error::Connect {
+        addr: shown.clone(),
+        source,
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Transport> = match addr.scheme {
+        Scheme::Tcp => Box::new(tcp),
+        Scheme::Tls => tokio::time::timeout_at(deadline, crate::tls::wrap(tcp, &addr, config))
+            .await
+            .map_err(|_| timeout())??,
+    };
+    let tracked = Tracked {
+        io,
+        progress: Arc::new(Progress::new()),
+    };
+    let mut conn = Framed::with_capacity(
+        tracked,
+        StompCodec::new(Version::V1_2, config.limits),
+        64 * 1024,
+    );
+    let host = config
+        .virtual_host
+        .clone()
+        .unwrap_or_else(|| addr.host.clone());
+    let mut connect = Frame::connect(&config.versions, host, config.heart_beat_ms());
+    if let Some(login) = &config.login {
+        connect = connect.with_header("login", login.clone());
+    }
+    if let Some(passcode) = &config.passcode {
+        connect = connect.with_header("passcode", passcode.clone());
+    }
+    if let Some(id) = &config.client_id {
+        connect = connect.with_header("client-id", id.clone());
+    }
+    tokio::time::timeout_at(deadline, conn.send(connect))
+        .await
+        .map_err(|_| timeout())?
+        .map_err(|e| link_error(&shown, e))?;
+    loop {
+        let item = tokio::time::timeout_at(deadline, conn.next())
+            .await
+            .map_err(|_| timeout())?;
+        let frame = match item {
+            None => return Err(closed_by_peer(&shown, "during CONNECT")),
+            Some(Err(e)) => return Err(link_error(&shown, e)),
+            Some(Ok(Received::HeartBeat)) => continue,
+            Some(Ok(Received::Frame(f))) => f,
+        };
+        return match frame.command() {
+            Command::Connected => Ok((conn, frame)),
+            Command::Error => Err(Error::ConnectRejected(BrokerError::from_frame(&frame))),
+            other => Err(Error::Protocol(format!("expected CONNECTED, got {other}"))),
+        };
+    }
+}
+
+/// Names the broker address in socket failures while connecting; other codec
+/// errors pass through.
+pub(crate) fn link_error(addr: &str, error: CodecError) -> Error {
+    match error {
+        CodecError::Io(source) => Error::Connect {
+            addr: addr.to_owned(),
+            source,
+        },
+        other => Error::Codec(other),
+    }
+}
+
+/// The broker closed the socket (`when` says at which step, if it matters).
+pub(crate) fn closed_by_peer(addr: &str, when: &str) -> Error {
+    let text = format!("broker closed the connection {when}");
+    Error::Connect {
+        addr: addr.to_owned(),
+        source: io::Error::new(io::ErrorKind::UnexpectedEof, text.trim_end()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uri::BrokerUri;
+
+    fn connector(uri: &str) -> Connector {
+        let uri = BrokerUri::parse(uri).unwrap();
+        Connector::new(&uri.addrs, &uri.reconnect)
+    }
+
+    #[test]
+    fn start_up_walks_the_list_from_the_top_for_the_allowed_passes() {
+        let c = connector("failover:(stomp://a:1,stomp://b:1)?startupMaxReconnectAttempts=1");
+        let hosts: Vec<_> = (0..)
+            .map_while(|a| c.plan(a, Phase::Startup))
+            .map(|p| p.addr.host)
+            .collect();
+        assert_eq!(hosts, ["a", "b", "a", "b"]);
+        assert_eq!(c.plan(0, Phase::Startup).unwrap().delay, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_reconnect_moves_on_to_the_next_address_after_the_lost_one() {
+        let mut c = connector("failover:(stomp://a:1,stomp://b:1,stomp://c:1)");
+        let b = c.plan(1, Phase::Startup).unwrap();
+        c.connected(&b);
+        let hosts: Vec<_> = (0..4)
+            .map(|a| c.plan(a, Phase::Reconnect).unwrap().addr.host)
+            .collect();
+        assert_eq!(hosts, ["c", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn reconnect_attempts_stop_at_the_limit_and_delays_grow_within_the_jitter() {
+        let c = connector(
+            "failover:(stomp://a:1)?maxReconnectAttempts=3&initialReconnectDelay=100&maxReconnectDelay=250",
+        );
+        let delays: Vec<_> = (0..)
+            .map_while(|a| c.plan(a, Phase::Reconnect))
+            .map(|p| p.delay)
+            .collect();
+        assert_eq!(delays.len(), 3);
+        for (delay, full) in delays.iter().zip([100u64, 200, 250]) {
+            let full = Duration::from_millis(full);
+            assert!(
+                *delay <= full && *delay >= full.mul_f64(0.8),
+                "{delay:?} vs {full:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn randomize_shuffles_the_list_but_keeps_every_address() {
+        let mut addrs: Vec<u32> = (0..16).collect();
+        shuffle(&mut addrs, 12345);
+        assert_ne!(addrs, (0..16).collect::<Vec<_>>());
+        addrs.sort_unstable();
+        assert_eq!(addrs, (0..16).collect::<Vec<_>>());
+        let c = connector("failover:(stomp://a:1,stomp://b:1,stomp://c:1)?randomize=true");
+        let mut hosts: Vec<_> = (0..3)
+            .map(|a| c.plan(a, Phase::Startup).unwrap().addr.host)
+            .collect();
+        hosts.sort();
+        assert_eq!(hosts, ["a", "b", "c"]);
+    }
+}

@@ -1,0 +1,833 @@
+//! The one task that owns the socket: it `select!`s over the network, the
+//! requests of the [`Client`] handles, the heart-beat deadline and a sweep
+//! timer, and reconnects when the connection is lost.
+//!
+//! ```text
+//!           connect(Startup) ──► serve ──► Lost / Refused ──► connect(Reconnect) ──► serve …
+//!                                  │                               │ (requests wait in the backlog
+//!                                  └─ Closed / Fatal ──► stop      │  until their deadline)
+//!                                                                  └─ attempts spent / login refused ──► stop
+//! ```
+//!
+//! Bounds: a request waits for a connection at most until its deadline (then
+//! it is withdrawn, never written), a request whose caller has gone is never
+//! written, a receipt not answered by its deadline is given up, and a write
+//! that moves no byte for the stall limit ends the connection. So nothing grows
+//! with the length of an outage, and no caller waits for ever.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::connector::{
+    Conn, Connector, Phase, Progress, WriteFailure, closed_by_peer, establish, guarded,
+};
+use super::{Client, Message, Reply, Request, ServerInfo, Shared};
+use crate::codec::{Command, Frame, Received};
+use crate::error::{BrokerError, CodecError, Error};
+use crate::session::{AckId, Inbound, Session, Timer};
+
+/// Where a subscription's messages go.
+pub(crate) type Sink = mpsc::Sender<Message>;
+
+/// Who waits for a receipt.
+pub(crate) enum Waiter {
+    /// A caller; for a SUBSCRIBE, the id of the subscription it creates.
+    Caller {
+        reply: Reply,
+        subscription: Option<String>,
+    },
+    /// A subscription the loop restored after a reconnect.
+    Restore { subscription: String },
+}
+
+/// Why one connection ended.
+enum Ended {
+    /// Closed on purpose; stop.
+    Closed,
+    /// Lost; reconnect.
+    Lost(Error),
+    /// The broker refused a frame with an ERROR and closed; reconnect.
+    Refused(BrokerError),
+    /// Unrecoverable; stop.
+    Fatal(Error),
+}
+
+/// How many refused connections are remembered for their late requests.
+const REFUSALS_KEPT: usize = 8;
+
+/// How long the broker may take to say why it closed after a failed write.
+const LAST_WORDS: Duration = Duration::from_millis(250);
+
+pub(crate) struct EventLoop {
+    rx: mpsc::Receiver<Request>,
+    /// For the handles inside delivered messages; weak so that the loop ends
+    /// when the user drops every handle.
+    handle: mpsc::WeakSender<Request>,
+    shared: Arc<Shared>,
+    session: Session<Waiter, Sink>,
+    connector: Connector,
+    /// Requests that arrived while disconnected, for the next connection.
+    backlog: VecDeque<Request>,
+    /// Connections (epochs) the broker closed after an ERROR, and that error.
+    refused: VecDeque<(u64, BrokerError)>,
+    /// Write progress of the current connection.
+    progress: Arc<Progress>,
+    /// How long a write may move no byte.
+    stall: Duration,
+    /// The address of the current connection.
+    addr: String,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Request>,
+        handle: mpsc::WeakSender<Request>,
+        shared: Arc<Shared>,
+    ) -> EventLoop {
+        let uri = &shared.config.uri;
+        let connector = Connector::new(&uri.addrs, &uri.reconnect);
+        EventLoop {
+            rx,
+            handle,
+            session: Session::new(Instant::now()),
+            connector,
+            backlog: VecDeque::new(),
+            refused: VecDeque::new(),
+            progress: Arc::new(Progress::new()),
+            stall: shared.config.receipt_timeout,
+            addr: String::new(),
+            shared,
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
+    }
+
+    fn sweep_every(&self) -> Duration {
+        super::sweep_every(&self.shared.config)
+    }
+
+    pub(crate) async fn run(mut self, first: Conn) {
+        let mut conn = first;
+        let error = loop {
+            let ended = self.serve(&mut conn).await;
+            self.shared.connected.store(false, Ordering::Release);
+            let epoch = self.epoch();
+            match ended {
+                Ended::Closed => {
+                    self.lost(|| Error::ConnectionLost);
+                    break None;
+                }
+                Ended::Fatal(e) => {
+                    self.lost(|| Error::ConnectionLost);
+                    break Some(e);
+                }
+                Ended::Lost(e) => {
+                    tracing::warn!(error = %e, "STOMP connection lost; reconnecting");
+                    self.lost(|| Error::ConnectionLost);
+                }
+                Ended::Refused(e) => {
+                    tracing::warn!(error = %e, "broker refused a frame and closed the connection; reconnecting");
+                    self.lost(|| Error::Broker(e.clone()));
+                    if self.refused.len() == REFUSALS_KEPT {
+                        self.refused.pop_front();
+                    }
+                    self.refused.push_back((epoch, e));
+                }
+            }
+            self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+            match self.connect(Phase::Reconnect).await {
+                Ok(Some(next)) => conn = next,
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        if let Some(error) = error {
+            tracing::error!(error = %error, "STOMP client stopped");
+            if let Ok(mut reason) = self.shared.reason.lock() {
+                *reason = Some(error.to_string());
+            }
+        }
+        self.shared.closed.store(true, Ordering::Release);
+        self.rx.close();
+        while let Ok(request) = self.rx.try_recv() {
+            request.fail(Error::Closed);
+        }
+        for request in self.backlog.drain(..) {
+            request.fail(Error::Closed);
+        }
+    }
+
+    /// The one connect loop for start-up and reconnect: tries the plan's
+    /// addresses with backoff and jitter, serving requests meanwhile, until one
+    /// connects, the attempts run out, or a login is refused. `Ok(None)`: the
+    /// client was closed meanwhile.
+    pub(crate) async fn connect(&mut self, phase: Phase) -> Result<Option<Conn>, Error> {
+        let mut attempt: u32 = 0;
+        let mut last: Option<Error> = None;
+        loop {
+            let Some(plan) = self.connector.plan(attempt, phase) else {
+                let last = last.unwrap_or(Error::ConnectionLost);
+                return Err(match phase {
+                    Phase::Startup => last,
+                    Phase::Reconnect => Error::ReconnectExhausted {
+                        attempts: attempt,
+                        last: Box::new(last),
+                    },
+                });
+            };
+            attempt += 1;
+            if self.offline_until(Instant::now() + plan.delay).await {
+                return Ok(None);
+            }
+            let shared = self.shared.clone();
+            let handshake = establish(plan.addr.clone(), &shared.config);
+            let mut handshake = std::pin::pin!(handshake);
+            let result = loop {
+                let tick = Instant::now() + self.sweep_every();
+                tokio::select! {
+                    result = &mut handshake => break result,
+                    closed = self.offline_step(tick) => if closed { return Ok(None) },
+                }
+            };
+            let error = match result {
+                Ok((conn, connected)) => match self.opened(conn, &connected, &plan).await {
+                    Ok(conn) => {
+                        if phase == Phase::Reconnect {
+                            tracing::info!(addr = %self.addr, attempt, "STOMP reconnected");
+                        }
+                        return Ok(Some(conn));
+                    }
+                    Err(e) => e,
+                },
+                Err(Error::ConnectRejected(e)) if e.is_login_refused() => {
+                    return Err(Error::ConnectRejected(e));
+                }
+                Err(e) => e,
+            };
+            tracing::debug!(error = %error, attempt, addr = %plan.addr, "STOMP connect attempt failed");
+            last = Some(error);
+        }
+    }
+
+    /// Takes a fresh connection into use: negotiation, bookkeeping, restored
+    /// subscriptions.
+    async fn opened(
+        &mut self,
+        mut conn: Conn,
+        connected: &Frame,
+        plan: &super::connector::Plan,
+    ) -> Result<Conn, Error> {
+        let config = &self.shared.config;
+        let version = self
+            .session
+            .connected(
+                connected,
+                &config.versions,
+                config.heart_beat_ms(),
+                config.heart_beat_grace,
+                Instant::now(),
+            )
+            .map_err(Error::Protocol)?;
+        conn.codec_mut().set_version(version);
+        self.addr = plan.addr.to_string();
+        self.progress = conn.get_ref().progress();
+        self.stall = config
+            .write_timeout
+            .or(self.session.heart_beat().read_timeout)
+            .unwrap_or(config.receipt_timeout);
+        let info = ServerInfo {
+            version,
+            server: connected.header("server").map(str::to_owned),
+            session: connected.header("session").map(str::to_owned),
+            heart_beat: connected.header("heart-beat").map(str::to_owned),
+            addr: self.addr.clone(),
+        };
+        tracing::debug!(addr = %self.addr, %version, "STOMP session open");
+        if let Ok(mut slot) = self.shared.info.lock() {
+            *slot = Some(info);
+        }
+        if let Err(e) = self.restore(&mut conn).await {
+            self.session.drain_pending();
+            return Err(e);
+        }
+        self.connector.connected(plan);
+        self.shared.connected.store(true, Ordering::Release);
+        Ok(conn)
+    }
+
+    /// Sends the SUBSCRIBE frames of the live subscriptions again, each with a
+    /// receipt: a refused one ends that subscription instead of the connection.
+    async fn restore(&mut self, conn: &mut Conn) -> Result<(), Error> {
+        let deadline = Instant::now() + self.shared.config.receipt_timeout;
+        for (id, frame) in self.session.resubscribe() {
+            let receipt = format!("restore-{id}-{}", self.shared.next_number());
+            let frame = self.session.expect_receipt(
+                frame,
+                receipt,
+                Waiter::Restore { subscription: id },
+                deadline,
+            );
+            let written = guarded(conn.feed(frame), &self.progress, self.stall).await;
+            written.map_err(|e| self.write_error(e))?;
+        }
+        let flushed = guarded(SinkExt::<Frame>::flush(conn), &self.progress, self.stall).await;
+        flushed.map_err(|e| self.write_error(e))
+    }
+
+    /// Waits until `wake`, serving requests; true when asked to close.
+    async fn offline_until(&mut self, wake: Instant) -> bool {
+        loop {
+            let now = Instant::now();
+            if now >= wake {
+                return false;
+            }
+            if self.offline_step(wake.min(now + self.sweep_every())).await {
+                return true;
+            }
+        }
+    }
+
+    /// Serves one request, or sweeps the backlog at `tick`; true when asked to close.
+    async fn offline_step(&mut self, tick: Instant) -> bool {
+        tokio::select! {
+            request = self.rx.recv() => match request {
+                None => true,
+                Some(request) => self.offline(request),
+            },
+            _ = tokio::time::sleep_until(tick) => {
+                self.sweep_backlog(Instant::now());
+                false
+            }
+        }
+    }
+
+    /// Handles a request while disconnected; returns true when asked to close.
+    fn offline(&mut self, request: Request) -> bool {
+        let epoch = self.epoch();
+        match request {
+            Request::Confirmed {
+                epoch: Some(e),
+                what,
+                reply,
+                ..
+            }
+            | Request::Written {
+                epoch: Some(e),
+                what,
+                reply,
+                ..
+            } if e != epoch => {
+                let _ = reply.send(Err(self.stale(e, what)));
+            }
+            Request::Queued { epoch: e, what, .. } if e != epoch => {
+                tracing::trace!(what, "frame of a lost connection dropped");
+            }
+            Request::Unsubscribe { id } => {
+                self.session.unsubscribed(&id);
+            }
+            Request::Disconnect { reply } => {
+                let _ = reply.send(Ok(()));
+                return true;
+            }
+            other => self.backlog.push_back(other),
+        }
+        false
+    }
+
+    /// Withdraws waiting requests whose caller has gone or whose deadline passed.
+    fn sweep_backlog(&mut self, now: Instant) {
+        let waited = self.shared.config.receipt_timeout;
+        let mut kept = VecDeque::with_capacity(self.backlog.len());
+        for request in self.backlog.drain(..) {
+            if request.abandoned() {
+                continue;
+            }
+            if request.deadline().is_some_and(|d| d <= now) {
+                request.fail(Error::NotConnected { waited });
+                continue;
+            }
+            kept.push_back(request);
+        }
+        self.backlog = kept;
+    }
+
+    /// The error for a request of a connection that is gone.
+    fn stale(&self, epoch: u64, what: &'static str) -> Error {
+        self.refused
+            .iter()
+            .find(|(e, _)| *e == epoch)
+            .map_or(Error::Stale(what), |(_, refusal)| {
+                Error::Broker(refusal.clone())
+            })
+    }
+
+    /// Answers every request waiting for a receipt of the lost connection; a
+    /// subscription whose SUBSCRIBE was not confirmed is forgotten.
+    fn lost(&mut self, error: impl Fn() -> Error) {
+        for waiter in self.session.drain_pending() {
+            match waiter {
+                Waiter::Caller {
+                    reply,
+                    subscription,
+                } => {
+                    if let Some(id) = subscription {
+                        self.session.unsubscribed(&id);
+                    }
+                    let _ = reply.send(Err(error()));
+                }
+                // Restored again on the next connection.
+                Waiter::Restore { .. } => {}
+            }
+        }
+    }
+
+    async fn serve(&mut self, conn: &mut Conn) -> Ended {
+        let mut parked: Option<(Sink, Message)> = None;
+        let mut written: Vec<Reply> = Vec::new();
+        // Requests that waited for this connection go first.
+        self.sweep_backlog(Instant::now());
+        while let Some(request) = self.backlog.pop_front() {
+            if let Err(ended) = self.handle(conn, request, &mut written).await {
+                return ended;
+            }
+        }
+        if let Err(ended) = self.flush(conn, &mut written).await {
+            return ended;
+        }
+        let mut sweep_at = Instant::now() + self.sweep_every();
+        loop {
+            let deadline = self.session.next_deadline();
+            tokio::select! {
+                biased;
+                permit = reserve(&parked), if parked.is_some() => {
+                    if let (Some((_, message)), Ok(permit)) = (parked.take(), permit) {
+                        permit.send(message);
+                    }
+                    // The client, not the broker, was the slow one.
+                    self.session.reset_read_clock(Instant::now());
+                }
+                request = self.rx.recv() => {
+                    let Some(request) = request else {
+                        return self.goodbye(conn).await;
+                    };
+                    // Batch whatever else is queued into the same write.
+                    let mut next = Some(request);
+                    let mut batched = 0;
+                    while let Some(request) = next.take() {
+                        if let Err(ended) = self.handle(conn, request, &mut written).await {
+                            return ended;
+                        }
+                        batched += 1;
+                        if batched < 1024 {
+                            next = self.rx.try_recv().ok();
+                        }
+                    }
+                    if let Err(ended) = self.flush(conn, &mut written).await {
+                        return ended;
+                    }
+                }
+                item = conn.next(), if parked.is_none() => {
+                    let now = Instant::now();
+                    let frame = match item {
+                        None => return Ended::Lost(closed_by_peer(&self.addr, "")),
+                        Some(Err(e)) => return Ended::Lost(read_error(&self.addr, e)),
+                        Some(Ok(Received::HeartBeat)) => {
+                            self.session.on_read(now);
+                            continue;
+                        }
+                        Some(Ok(Received::Frame(frame))) => frame,
+                    };
+                    self.session.on_read(now);
+                    match self.inbound(frame, &mut parked) {
+                        Ok(None) => {}
+                        Ok(Some(reply)) => {
+                            if let Err(ended) = self.send_now(conn, reply, &mut written).await {
+                                return ended;
+                            }
+                        }
+                        Err(ended) => return ended,
+                    }
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    let now = Instant::now();
+                    match self.session.poll_timers(now) {
+                        Timer::PeerSilent(after) if parked.is_none() => return Ended::Lost(Error::HeartBeatTimeout(after)),
+                        Timer::PeerSilent(_) => self.session.reset_read_clock(now),
+                        Timer::SendHeartBeat => {
+                            let io = conn.get_mut();
+                            let beat = async {
+                                tokio::io::AsyncWriteExt::write_all(io, b"\n").await.map_err(CodecError::Io)
+                            };
+                            if let Err(e) = guarded(beat, &self.progress, self.stall).await {
+                                return self.write_failed(conn, e).await;
+                            }
+                            self.session.on_write(now);
+                        }
+                        Timer::Idle => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(sweep_at) => {
+                    let now = Instant::now();
+                    sweep_at = now + self.sweep_every();
+                    for frame in self.expire(now) {
+                        if let Err(ended) = self.send_now(conn, frame, &mut written).await {
+                            return ended;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up the receipts whose deadline passed; returns UNSUBSCRIBE frames
+    /// for subscriptions whose caller gave up before the broker confirmed them.
+    fn expire(&mut self, now: Instant) -> Vec<Frame> {
+        let after = self.shared.config.receipt_timeout;
+        let mut unsubscribe = Vec::new();
+        for (receipt, waiter) in self.session.expired(now) {
+            match waiter {
+                Waiter::Caller {
+                    reply,
+                    subscription,
+                } => {
+                    let _ = reply.send(Err(Error::ReceiptTimeout { receipt, after }));
+                    if let Some(id) = subscription
+                        && self.session.unsubscribed(&id)
+                    {
+                        unsubscribe.push(Frame::unsubscribe(id));
+                    }
+                }
+                Waiter::Restore { subscription } => {
+                    tracing::warn!(%subscription, "no receipt for a restored subscription; keeping it");
+                }
+            }
+        }
+        unsubscribe
+    }
+
+    /// Writes one frame of the loop's own and flushes.
+    async fn send_now(
+        &mut self,
+        conn: &mut Conn,
+        frame: Frame,
+        written: &mut Vec<Reply>,
+    ) -> Result<(), Ended> {
+        self.write(conn, frame).await?;
+        self.flush(conn, written).await
+    }
+
+    fn inbound(
+        &mut self,
+        frame: Frame,
+        parked: &mut Option<(Sink, Message)>,
+    ) -> Result<Option<Frame>, Ended> {
+        match self.session.on_frame(frame) {
+            Inbound::Delivery {
+                subscription,
+                frame,
+            } => {
+                let Some(sink) = self.session.sink(&subscription) else {
+                    tracing::debug!(%subscription, "message for an unknown subscription dropped");
+                    return Ok(None);
+                };
+                // Every user handle is gone: nobody can ack, the broker redelivers.
+                let Some(tx) = self.handle.upgrade() else {
+                    return Ok(None);
+                };
+                let message = Message {
+                    ack: AckId::of(self.session.version(), &subscription, &frame),
+                    frame,
+                    epoch: self.epoch(),
+                    client: Client {
+                        tx,
+                        shared: self.shared.clone(),
+                    },
+                };
+                match sink.try_send(message) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(message)) => {
+                        *parked = Some((sink.clone(), message))
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        self.session.unsubscribed(&subscription);
+                        return Ok(Some(Frame::unsubscribe(subscription)));
+                    }
+                }
+                Ok(None)
+            }
+            Inbound::Confirmed(waiter) => Ok(self.confirmed(waiter)),
+            Inbound::Rejected(waiter, error) => {
+                self.rejected(waiter, error);
+                Ok(None)
+            }
+            Inbound::Fatal(error) => Err(Ended::Refused(error)),
+            Inbound::Ignored => Ok(None),
+            Inbound::Unexpected(command) => Err(Ended::Lost(Error::Protocol(format!(
+                "unexpected {command} frame"
+            )))),
+        }
+    }
+
+    /// A receipt arrived. A subscription whose caller gave up meanwhile is
+    /// ended at once (the returned UNSUBSCRIBE).
+    fn confirmed(&mut self, waiter: Waiter) -> Option<Frame> {
+        match waiter {
+            Waiter::Caller {
+                reply,
+                subscription,
+            } => {
+                if reply.send(Ok(())).is_err()
+                    && let Some(id) = subscription
+                    && self.session.unsubscribed(&id)
+                {
+                    return Some(Frame::unsubscribe(id));
+                }
+                None
+            }
+            Waiter::Restore { subscription } => {
+                tracing::debug!(%subscription, "subscription restored");
+                None
+            }
+        }
+    }
+
+    /// An ERROR named a receipt: that request failed. A refused SUBSCRIBE
+    /// leaves nothing behind to restore.
+    fn rejected(&mut self, waiter: Waiter, error: BrokerError) {
+        match waiter {
+            Waiter::Caller {
+                reply,
+                subscription,
+            } => {
+                if let Some(id) = subscription {
+                    self.session.unsubscribed(&id);
+                }
+                let _ = reply.send(Err(Error::Rejected(error)));
+            }
+            Waiter::Restore { subscription } => {
+                tracing::error!(%subscription, %error, "the broker refused to restore a subscription; it ends");
+                self.session.unsubscribed(&subscription);
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        conn: &mut Conn,
+        request: Request,
+        written: &mut Vec<Reply>,
+    ) -> Result<(), Ended> {
+        let epoch = self.epoch();
+        let frame = match request {
+            Request::Confirmed {
+                epoch: Some(e),
+                what,
+                reply,
+                ..
+            }
+            | Request::Written {
+                epoch: Some(e),
+                what,
+                reply,
+                ..
+            } if e != epoch => {
+                let _ = reply.send(Err(self.stale(e, what)));
+                return Ok(());
+            }
+            Request::Queued { epoch: e, what, .. } if e != epoch => {
+                tracing::trace!(what, "frame of a lost connection dropped");
+                return Ok(());
+            }
+            // The caller has gone: withdrawn, never written.
+            request if request.abandoned() => return Ok(()),
+            Request::Confirmed {
+                frame,
+                receipt,
+                reply,
+                deadline,
+                ..
+            } => {
+                let waiter = Waiter::Caller {
+                    reply,
+                    subscription: None,
+                };
+                self.session
+                    .expect_receipt(frame, receipt, waiter, deadline)
+            }
+            Request::Written { frame, reply, .. } => {
+                written.push(reply);
+                frame
+            }
+            Request::Queued { frame, .. } => frame,
+            Request::Subscribe {
+                id,
+                frame,
+                sink,
+                receipt,
+                reply,
+                deadline,
+            } => {
+                self.session.subscribed(&id, &frame, sink);
+                let waiter = Waiter::Caller {
+                    reply,
+                    subscription: Some(id),
+                };
+                self.session
+                    .expect_receipt(frame, receipt, waiter, deadline)
+            }
+            Request::Unsubscribe { id } => {
+                if !self.session.unsubscribed(&id) {
+                    return Ok(());
+                }
+                Frame::unsubscribe(id)
+            }
+            Request::Disconnect { reply } => {
+                let _ = self.flush(conn, written).await;
+                let ended = self.goodbye(conn).await;
+                let _ = reply.send(Ok(()));
+                return Err(ended);
+            }
+        };
+        self.write(conn, frame).await
+    }
+
+    async fn write(&mut self, conn: &mut Conn, frame: Frame) -> Result<(), Ended> {
+        match guarded(conn.feed(frame), &self.progress, self.stall).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.write_failed(conn, e).await),
+        }
+    }
+
+    async fn flush(&mut self, conn: &mut Conn, written: &mut Vec<Reply>) -> Result<(), Ended> {
+        let flushed = guarded(SinkExt::<Frame>::flush(conn), &self.progress, self.stall).await;
+        match flushed {
+            Ok(()) => {
+                self.session.on_write(Instant::now());
+                for reply in written.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for reply in written.drain(..) {
+                    let _ = reply.send(Err(Error::ConnectionLost));
+                }
+                Err(self.write_failed(conn, e).await)
+            }
+        }
+    }
+
+    fn write_error(&self, failure: WriteFailure) -> Error {
+        match failure {
+            WriteFailure::Stalled => Error::WriteStalled {
+                addr: self.addr.clone(),
+                after: self.stall,
+            },
+            WriteFailure::Codec(CodecError::Io(source)) => Error::Write {
+                addr: self.addr.clone(),
+                source,
+            },
+            WriteFailure::Codec(other) => Error::Codec(other),
+        }
+    }
+
+    /// Why a failed write ends the connection. A broker that refuses a frame
+    /// writes an ERROR and closes, so a write may fail before that ERROR is
+    /// read: look for it briefly before calling the connection lost.
+    async fn write_failed(&mut self, conn: &mut Conn, failure: WriteFailure) -> Ended {
+        let socket = matches!(failure, WriteFailure::Codec(CodecError::Io(_)));
+        let encoding =
+            matches!(failure, WriteFailure::Codec(ref e) if !matches!(e, CodecError::Io(_)));
+        let error = self.write_error(failure);
+        if encoding {
+            // A frame we could not encode is the caller's mistake, but its reply is
+            // already registered; closing is the only safe answer.
+            return Ended::Fatal(error);
+        }
+        if socket && let Some(refusal) = self.last_words(conn).await {
+            return Ended::Refused(refusal);
+        }
+        Ended::Lost(error)
+    }
+
+    /// Reads what the broker sent before it closed: receipts still count, an
+    /// ERROR without a receipt id is returned. Messages are left to redelivery.
+    async fn last_words(&mut self, conn: &mut Conn) -> Option<BrokerError> {
+        let read = async {
+            while let Some(Ok(item)) = conn.next().await {
+                let Received::Frame(frame) = item else {
+                    continue;
+                };
+                if !matches!(frame.command(), Command::Receipt | Command::Error) {
+                    continue;
+                }
+                match self.session.on_frame(frame) {
+                    Inbound::Confirmed(waiter) => {
+                        self.confirmed(waiter);
+                    }
+                    Inbound::Rejected(waiter, error) => self.rejected(waiter, error),
+                    Inbound::Fatal(error) => return Some(error),
+                    _ => {}
+                }
+            }
+            None
+        };
+        tokio::time::timeout(LAST_WORDS, read).await.ok().flatten()
+    }
+
+    /// DISCONNECT with a receipt, waiting briefly for it.
+    async fn goodbye(&mut self, conn: &mut Conn) -> Ended {
+        let frame = Frame::disconnect().with_header("receipt", "disconnect");
+        let wait_for = self
+            .shared
+            .config
+            .receipt_timeout
+            .min(Duration::from_secs(5));
+        if guarded(conn.send(frame), &self.progress, self.stall)
+            .await
+            .is_ok()
+        {
+            let wait = async {
+                while let Some(Ok(item)) = conn.next().await {
+                    if let Received::Frame(f) = item
+                        && f.command() == Command::Receipt
+                        && f.header("receipt-id") == Some("disconnect")
+                    {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(wait_for, wait).await;
+        }
+        let shutdown = tokio::io::AsyncWriteExt::shutdown(conn.get_mut());
+        let _ = tokio::time::timeout(wait_for, shutdown).await;
+        Ended::Closed
+    }
+}
+
+/// A read failure of a live session.
+fn read_error(addr: &str, error: CodecError) -> Error {
+    super::connector::link_error(addr, error)
+}
+
+async fn reserve(parked: &Option<(Sink, Message)>) -> Result<mpsc::OwnedPermit<Message>, ()> {
+    match parked {
+        Some((sink, _)) => sink.clone().reserve_owned().await.map_err(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,332 @@
+//! Subscriptions: the options ([`Subscribe`]), the stream ([`Subscription`])
+//! and what it yields ([`Message`]).
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_core::Stream;
+use tokio::sync::mpsc;
+
+use super::{Client, Request};
+use crate::codec::{Command, Frame, Headers};
+use crate::error::Error;
+use crate::session::AckId;
+
+/// How a subscription acknowledges messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// The broker considers a message consumed once dispatched (at-most-once).
+    Auto,
+    /// ACK of one message acknowledges it and every earlier one.
+    Client,
+    /// ACK acknowledges exactly one message (what an inbox wants).
+    ClientIndividual,
+}
+
+impl AckMode {
+    /// The `ack` header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckMode::Auto => "auto",
+            AckMode::Client => "client",
+            AckMode::ClientIndividual => "client-individual",
+        }
+    }
+}
+
+/// Options of a subscription.
+#[derive(Debug, Clone)]
+pub struct Subscribe {
+    destination: String,
+    id: Option<String>,
+    ack: AckMode,
+    selector: Option<String>,
+    prefetch: Option<u32>,
+    durable_name: Option<String>,
+    headers: Vec<(String, String)>,
+    buffer: usize,
+}
+
+impl Subscribe {
+    pub(crate) fn id_or(&self, generate: impl FnOnce() -> String) -> String {
+        self.id.clone().unwrap_or_else(generate)
+    }
+
+    pub(crate) fn destination(&self) -> &str {
+        &self.destination
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.buffer.max(1)
+    }
+
+    /// The SUBSCRIBE frame for subscription `id` (without a receipt).
+    pub(crate) fn frame(&self, id: &str) -> Frame {
+        let mut frame =
+            Frame::subscribe(self.destination.clone(), id.to_owned(), self.ack.as_str());
+        if let Some(selector) = &self.selector {
+            frame = frame.with_header("selector", selector.clone());
+        }
+        // With client acks the broker stops at the prefetch, so a buffer of the
+        // same size never fills and the socket is always read.
+        let prefetch = self.prefetch.or_else(|| {
+            (self.ack != AckMode::Auto).then(|| u32::try_from(self.buffer).unwrap_or(u32::MAX))
+        });
+        if let Some(prefetch) = prefetch {
+            frame = frame.with_header("activemq.prefetchSize", prefetch);
+        }
+        if let Some(name) = &self.durable_name {
+            frame = frame
+                .with_header("activemq.subscriptionName", name.clone())
+                .with_header("durable-subscription-name", name.clone());
+        }
+        for (k, v) in &self.headers {
+            frame = frame.with_header(k.clone(), v.clone());
+        }
+        frame
+    }
+
+    /// Subscribes to `destination` (`/queue/…` or `/topic/…`) with
+    /// `client-individual` acks.
+    pub fn new(destination: impl Into<String>) -> Subscribe {
+        Subscribe {
+            destination: destination.into(),
+            id: None,
+            ack: AckMode::ClientIndividual,
+            selector: None,
+            prefetch: None,
+            durable_name: None,
+            headers: Vec::new(),
+            buffer: 256,
+        }
+    }
+
+    /// The ack mode. `Auto` is at-most-once on ActiveMQ.
+    pub fn ack(mut self, mode: AckMode) -> Subscribe {
+        self.ack = mode;
+        self
+    }
+
+    /// A fixed subscription id (default: generated).
+    pub fn id(mut self, id: impl Into<String>) -> Subscribe {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// A JMS selector, e.g. `type = 'user.created'`.
+    pub fn selector(mut self, selector: impl Into<String>) -> Subscribe {
+        self.selector = Some(selector.into());
+        self
+    }
+
+    /// `activemq.prefetchSize`: how many unacknowledged messages the broker
+    /// dispatches ahead. Also sizes the local buffer unless set otherwise.
+    pub fn prefetch(mut self, n: u32) -> Subscribe {
+        self.prefetch = Some(n);
+        self.buffer = n.max(1) as usize;
+        self
+    }
+
+    /// A durable topic subscription under `name` (needs a client id).
+    pub fn durable(mut self, name: impl Into<String>) -> Subscribe {
+        self.durable_name = Some(name.into());
+        self
+    }
+
+    /// Any other SUBSCRIBE header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Subscribe {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Messages buffered locally (default 256; with client acks also the
+    /// default prefetch). When an `auto` subscription's buffer is full the
+    /// client stops reading the socket, which also delays receipts on this
+    /// connection: read `auto` subscriptions promptly, or give them their own
+    /// client.
+    pub fn buffer(mut self, n: usize) -> Subscribe {
+        self.buffer = n.max(1);
+        self
+    }
+}
+
+/// A stream of [`Message`]s of one subscription. Ends when the client closes.
+/// Dropping it unsubscribes.
+pub struct Subscription {
+    id: String,
+    destination: String,
+    rx: mpsc::Receiver<Message>,
+    client: Client,
+    active: bool,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .field("destination", &self.destination)
+            .finish()
+    }
+}
+
+impl Subscription {
+    pub(crate) fn new(
+        id: String,
+        destination: String,
+        rx: mpsc::Receiver<Message>,
+        client: Client,
+    ) -> Subscription {
+        Subscription {
+            id,
+            destination,
+            rx,
+            client,
+            active: true,
+        }
+    }
+
+    /// The subscription id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The destination.
+    pub fn destination(&self) -> &str {
+        &self.destination
+    }
+
+    /// The next message, or `None` once the client closed.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// A message that has already arrived, without waiting; `None` when none
+    /// is waiting (or the client closed).
+    pub fn try_next_message(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Ends the subscription (UNSUBSCRIBE is queued; it is not confirmed).
+    pub async fn unsubscribe(mut self) -> Result<(), Error> {
+        self.active = false;
+        let deadline = self.client.deadline();
+        self.client
+            .submit(
+                Request::Unsubscribe {
+                    id: self.id.clone(),
+                },
+                deadline,
+            )
+            .await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.active {
+            self.client.try_submit(Request::Unsubscribe {
+                id: self.id.clone(),
+            });
+        }
+    }
+}
+
+/// A delivered message.
+pub struct Message {
+    pub(crate) frame: Frame,
+    pub(crate) ack: AckId,
+    pub(crate) epoch: u64,
+    pub(crate) client: Client,
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("frame", &self.frame)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl Message {
+    /// The MESSAGE frame.
+    pub fn frame(&self) -> &Frame {
+        &self.frame
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        self.frame.headers()
+    }
+
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.frame.header(name)
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Bytes {
+        self.frame.body()
+    }
+
+    /// `destination` header.
+    pub fn destination(&self) -> Option<&str> {
+        self.frame.header("destination")
+    }
+
+    /// `message-id` header.
+    pub fn message_id(&self) -> Option<&str> {
+        self.frame.header("message-id")
+    }
+
+    /// True if ActiveMQ marked it as a redelivery.
+    pub fn redelivered(&self) -> bool {
+        self.frame.header("redelivered") == Some("true")
+    }
+
+    /// The connection epoch it arrived on.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Acknowledges the message (ACK, written without a receipt). After a
+    /// reconnect this fails with [`Error::Stale`]: the broker redelivers it.
+    pub async fn ack(&self) -> Result<(), Error> {
+        let frame = self.ack.frame(Command::Ack, None);
+        self.client
+            .written(frame, Some(self.epoch), "delivery")
+            .await
+    }
+
+    /// Acknowledges and waits for the broker's receipt.
+    pub async fn ack_confirmed(&self) -> Result<(), Error> {
+        let frame = self.ack.frame(Command::Ack, None);
+        self.client
+            .request(frame, Some(self.epoch), "delivery")
+            .await
+    }
+
+    /// Rejects the message. **On ActiveMQ a NACK sends the message to its
+    /// dead-letter queue at once** (no redelivery): do not use it for retries.
+    pub async fn nack(&self) -> Result<(), Error> {
+        let frame = self.ack.frame(Command::Nack, None);
+        self.client
+            .request(frame, Some(self.epoch), "delivery")
+            .await
+    }
+
+    /// Takes the frame out.
+    pub fn into_frame(self) -> Frame {
+        self.frame
+    }
+}
