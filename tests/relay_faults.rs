@@ -1,0 +1,262 @@
+//! The relay under broker faults, with a real ActiveMQ behind the harness's
+//! fault proxy and a SQLite outbox: a broker frozen while megabytes are
+//! queued, and an outage longer than three receipt timeouts while the relay
+//! publishes at full rate. Each test counts every event at the broker, and the
+//! outage test prints the process's memory through the outage and the
+//! duplicates the broker received.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox::core::{
+    Backoff, Event, Outbox, OutboxMessage, PublishError, Publisher, RelayConfig, StompPublisher,
+};
+use outbox::stomp::{Client, Config};
+use outbox_test_harness::{Direction, FaultProxy};
+use support::*;
+use tokio::time::Instant;
+
+const RECEIPT: Duration = Duration::from_millis(1500);
+const HEART_BEAT: Duration = Duration::from_millis(300);
+const DESTINATION: &str = "/queue/relay-faults";
+
+fn relay_config(batch_size: u32) -> RelayConfig {
+    RelayConfig {
+        batch_size,
+        // Longer than a publish can take, as the rule says.
+        lease: Duration::from_secs(20),
+        poll_interval: Duration::from_millis(50),
+        outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_millis(500)),
+        ..RelayConfig::default()
+    }
+}
+
+fn client_config(uri: &str) -> Config {
+    Config::parse(&format!(
+        "failover:({uri})?initialReconnectDelay=50&maxReconnectDelay=500"
+    ))
+    .expect("URI parses")
+    .with_heart_beat(HEART_BEAT, HEART_BEAT)
+    .with_receipt_timeout(RECEIPT)
+    .with_connect_timeout(Duration::from_secs(1))
+}
+
+/// The STOMP publisher, recording each failed publish: its size and whether
+/// anything of it may have reached the broker.
+#[derive(Clone)]
+struct Recording {
+    inner: StompPublisher,
+    failed: Arc<Mutex<Vec<(usize, String)>>>,
+}
+
+impl Publisher for Recording {
+    async fn publish(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
+        let result = self.inner.publish(batch).await;
+        if let Err(e) = &result {
+            self.failed
+                .lock()
+                .unwrap()
+                .push((batch.len(), e.message.clone()));
+        }
+        result
+    }
+}
+
+impl Recording {
+    /// Rows of failed publishes that may have been written to the broker:
+    /// every failure except a request withdrawn before it was written.
+    fn rows_possibly_sent(&self) -> usize {
+        self.failed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| !e.contains("the request was not sent"))
+            .map(|(n, _)| n)
+            .sum()
+    }
+}
+
+/// Appends `count` events with `payload` bytes each, `per_tx` to a transaction.
+async fn append(outbox: &Outbox<sqlx::Sqlite>, from: usize, count: usize, payload: usize) {
+    let pad = "p".repeat(payload);
+    let mut i = from;
+    while i < from + count {
+        let mut tx = outbox.pool().begin().await.unwrap();
+        for _ in 0..50.min(from + count - i) {
+            let event = Event::json(
+                "fault.test",
+                DESTINATION,
+                &serde_json::json!({ "seq": i, "pad": pad }),
+            )
+            .unwrap()
+            .with_key(format!("k{}", i % 20));
+            outbox.append(&mut tx, event).await.unwrap();
+            i += 1;
+        }
+        outbox.commit(tx).await.unwrap();
+    }
+}
+
+/// Resident set size of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn setup() -> (
+    outbox_test_harness::TestDb<sqlx::Sqlite>,
+    Outbox<sqlx::Sqlite>,
+) {
+    let db = sqlite().await.expect("SQLite");
+    let outbox = Outbox::new(db.pool().clone());
+    outbox.migrate().await.unwrap();
+    (db, outbox)
+}
+
+fn distinct(received: &[Received]) -> HashSet<String> {
+    received.iter().map(|r| r.event_id.clone()).collect()
+}
+
+#[tokio::test]
+async fn an_outage_of_three_receipt_timeouts_resends_only_what_was_in_flight_in_flat_memory() {
+    const EVENTS: usize = 6000;
+    const BATCH: u32 = 200;
+    let broker = broker().await;
+    let proxy = FaultProxy::start(broker.stomp_addr()).await.unwrap();
+    let (_db, outbox) = setup().await;
+    let client = Client::connect(client_config(&proxy.stomp_uri()))
+        .await
+        .unwrap();
+    let publisher = Recording {
+        inner: StompPublisher::new(client.clone()),
+        failed: Arc::default(),
+    };
+    let relay = outbox.relay(publisher.clone(), relay_config(BATCH)).spawn();
+
+    // Events flow at full rate while the broker goes away.
+    let producer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            for round in 0..30 {
+                append(&outbox, round * (EVENTS / 30), EVENTS / 30, 64).await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_kib();
+    proxy.refuse(true);
+    proxy.cut();
+    let outage = RECEIPT * 4;
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while started.elapsed() < outage {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        samples.push(rss_kib());
+    }
+    let waiting = outbox.backlog().await.unwrap().pending;
+    proxy.pass();
+    producer.await.unwrap();
+    wait_published(&outbox, Duration::from_secs(60)).await;
+    let got = drain(&broker, DESTINATION, Duration::from_secs(2)).await;
+    let metrics = relay.metrics().snapshot();
+    relay.shutdown().await.unwrap();
+
+    let peak = samples.iter().copied().max().unwrap_or(before);
+    let ids = distinct(&got);
+    let duplicates = got.len() - ids.len();
+    let in_flight = publisher.rows_possibly_sent();
+    let failed = publisher.failed.lock().unwrap().len();
+    println!(
+        "outage {outage:?} ({} receipt timeouts), {waiting} events waiting at its end",
+        outage.as_millis() / RECEIPT.as_millis()
+    );
+    println!(
+        "RSS before {before} KiB, peak during the outage {peak} KiB (+{} KiB); samples {samples:?}",
+        peak.saturating_sub(before)
+    );
+    println!(
+        "received {} messages for {} events: {duplicates} duplicates; \
+         {failed} failed publishes, {in_flight} rows of them possibly sent; relay {metrics:?}",
+        got.len(),
+        ids.len()
+    );
+    assert!(waiting > 0, "the outage held events back");
+    assert_eq!(ids.len(), EVENTS, "every event arrives");
+    assert!(
+        duplicates <= in_flight,
+        "duplicates ({duplicates}) beyond the rows in flight when attempts failed ({in_flight})"
+    );
+    assert!(
+        in_flight <= 3 * BATCH as usize,
+        "only the batches in flight at the cut were written: {in_flight}"
+    );
+    assert!(
+        peak.saturating_sub(before) < 16 * 1024,
+        "memory grew during the outage: {before} -> {peak} KiB"
+    );
+    client.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broker_frozen_with_megabytes_queued_is_failed_over_and_every_event_arrives() {
+    const EVENTS: usize = 3000;
+    let first = broker().await;
+    let second = broker().await;
+    let proxy = FaultProxy::start(first.stomp_addr()).await.unwrap();
+    let (_db, outbox) = setup().await;
+    let uri = format!("{},{}", proxy.stomp_uri(), second.stomp_uri());
+    let client = Client::connect(client_config(&uri)).await.unwrap();
+    let relay = outbox
+        .relay(StompPublisher::new(client.clone()), relay_config(100))
+        .spawn();
+    // 8 KiB per event: a batch is most of a megabyte.
+    let producer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { append(&outbox, 0, EVENTS, 8 * 1024).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let frozen = Instant::now();
+    // The broker stops reading and writing, as in a long GC pause.
+    proxy.freeze(Direction::ToServer);
+    proxy.freeze(Direction::ToClient);
+    let until = Instant::now() + Duration::from_secs(30);
+    while client
+        .server_info()
+        .is_none_or(|i| i.addr != second.stomp_uri())
+    {
+        assert!(Instant::now() < until, "no failover");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "failed over {:?} after the freeze (heart-beat read timeout {:?})",
+        frozen.elapsed(),
+        HEART_BEAT.mul_f64(2.5)
+    );
+    producer.await.unwrap();
+    wait_published(&outbox, Duration::from_secs(60)).await;
+    relay.shutdown().await.unwrap();
+    drop(proxy);
+    let mut got = drain(&first, DESTINATION, Duration::from_secs(2)).await;
+    let on_first = got.len();
+    got.extend(drain(&second, DESTINATION, Duration::from_secs(2)).await);
+    let ids = distinct(&got);
+    println!(
+        "{on_first} messages on the first broker, {} on the second, {} distinct of {EVENTS}",
+        got.len() - on_first,
+        ids.len()
+    );
+    assert!(on_first > 0, "events flowed before the freeze");
+    assert_eq!(ids.len(), EVENTS, "every event arrives");
+    client.disconnect().await.unwrap();
+}
