@@ -225,7 +225,12 @@ async fn a_broker_frozen_with_megabytes_queued_is_failed_over_and_every_event_ar
         let outbox = outbox.clone();
         tokio::spawn(async move { append(&outbox, 0, EVENTS, 8 * 1024).await })
     };
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let until = Instant::now() + Duration::from_secs(30);
+    while relay.metrics().snapshot().published < 500 {
+        assert!(Instant::now() < until, "nothing published before the freeze");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("before the freeze: {:?}", relay.metrics().snapshot());
     let frozen = Instant::now();
     // The broker stops reading and writing, as in a long GC pause.
     proxy.freeze(Direction::ToServer);
