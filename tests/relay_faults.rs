@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox::core::{
-    Backoff, Event, Outbox, OutboxMessage, PublishError, Publisher, RelayConfig, StompPublisher,
+    Backoff, BoxFuture, Consumer, ConsumerConfig, Delivery, Event, Handler, HandlerError, Inbox,
+    Outbox, OutboxMessage, PublishError, Publisher, RelayConfig, StompPublisher, decode_json,
 };
 use outbox::stomp::{Client, Config};
-use outbox_test_harness::{Direction, FaultProxy};
+use outbox_test_harness::{Broker, BrokerConfig, Direction, FaultProxy};
 use support::*;
 use tokio::time::Instant;
 
@@ -227,7 +228,10 @@ async fn a_broker_frozen_with_megabytes_queued_is_failed_over_and_every_event_ar
     };
     let until = Instant::now() + Duration::from_secs(30);
     while relay.metrics().snapshot().published < 500 {
-        assert!(Instant::now() < until, "nothing published before the freeze");
+        assert!(
+            Instant::now() < until,
+            "nothing published before the freeze"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("before the freeze: {:?}", relay.metrics().snapshot());
@@ -264,4 +268,91 @@ async fn a_broker_frozen_with_megabytes_queued_is_failed_over_and_every_event_ar
     assert!(on_first > 0, "events flowed before the freeze");
     assert_eq!(ids.len(), EVENTS, "every event arrives");
     client.disconnect().await.unwrap();
+}
+
+/// Applies nothing; the login test only needs a running consumer.
+struct Nothing;
+
+impl Handler<sqlx::Sqlite> for Nothing {
+    type Event = serde_json::Value;
+
+    fn decode(&self, delivery: &Delivery) -> Result<serde_json::Value, String> {
+        decode_json(delivery)
+    }
+
+    fn handle<'a>(
+        &'a self,
+        _tx: &'a mut sqlx::Transaction<'static, sqlx::Sqlite>,
+        _event: serde_json::Value,
+        _delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test]
+async fn a_login_refused_on_reconnect_stops_the_relay_and_the_consumer_with_the_reason() {
+    // The client logs in to an open broker; after a cut, the proxy leads it to
+    // a broker that refuses those credentials.
+    let open = broker().await;
+    let strict = Broker::start_with(BrokerConfig::default().with_credentials("alice", "s3cret"))
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(open.stomp_addr()).await.unwrap();
+    let (_db, outbox) = setup().await;
+    let config = || client_config(&proxy.stomp_uri()).with_credentials("mallory", "guess");
+    let relay_client = Client::connect(config()).await.unwrap();
+    let consumer_client = Client::connect(config()).await.unwrap();
+    let relay = outbox
+        .relay(StompPublisher::new(relay_client.clone()), relay_config(50))
+        .spawn();
+    let inbox = Inbox::new(outbox.pool().clone(), "login-test").unwrap();
+    inbox.migrate().await.unwrap();
+    let consumer = Consumer::new(inbox, Nothing, ConsumerConfig::new(DESTINATION))
+        .spawn(consumer_client.clone())
+        .await
+        .unwrap();
+    append(&outbox, 0, 10, 8).await;
+    wait_published(&outbox, Duration::from_secs(30)).await;
+
+    proxy.set_upstream(strict.stomp_addr());
+    proxy.cut();
+    let until = Instant::now() + Duration::from_secs(30);
+    while !(relay_client.is_closed() && consumer_client.is_closed()) {
+        assert!(
+            Instant::now() < until,
+            "the clients should give up on a refused login"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("client stopped: {:?}", relay_client.close_reason());
+    // The relay notices at its next publish.
+    append(&outbox, 10, 5, 8).await;
+    let until = Instant::now() + Duration::from_secs(30);
+    while relay.metrics().snapshot().stopped == 0
+        || consumer
+            .metrics()
+            .stopped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+    {
+        assert!(
+            Instant::now() < until,
+            "relay and consumer should report the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let relay_result = relay.shutdown().await;
+    let consumer_result = consumer.shutdown().await;
+    println!("relay: {relay_result:?}\nconsumer: {consumer_result:?}");
+    for result in [relay_result, consumer_result] {
+        match result {
+            Err(outbox::core::Error::BrokerGone(reason)) => {
+                assert!(reason.contains("refused"), "{reason}")
+            }
+            other => panic!("expected BrokerGone, got {other:?}"),
+        }
+    }
+    // The rows the relay could not publish wait for the next relay.
+    assert_eq!(outbox.backlog().await.unwrap().pending, 5);
 }

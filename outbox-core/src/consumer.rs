@@ -155,6 +155,9 @@ pub struct ConsumerMetrics {
     pub failed: AtomicU64,
     /// Database errors that delayed a delivery.
     pub db_errors: AtomicU64,
+    /// 1 once the consumer stopped because its broker connection ended for
+    /// good (or the broker refused to restore its subscription).
+    pub stopped: AtomicU64,
 }
 
 impl ConsumerMetrics {
@@ -267,7 +270,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             .await?;
         let (stop, stopped) = watch::channel(false);
         let metrics = self.metrics();
-        let task = tokio::spawn(self.run(subscription, stopped));
+        let task = tokio::spawn(self.run(client, subscription, stopped));
         Ok(ConsumerHandle {
             stop,
             task,
@@ -277,6 +280,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
 
     async fn run(
         self,
+        client: Client,
         subscription: outbox_stomp::Subscription,
         stopped: watch::Receiver<bool>,
     ) -> Result<(), Error> {
@@ -288,10 +292,22 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         );
         let retry = tokio::spawn(retry_loop(shared.clone(), stopped.clone()));
         let subscription = if shared.config.per_key_order {
-            in_key_lanes(&shared, subscription, stopped, workers, most).await
+            in_key_lanes(&shared, subscription, stopped.clone(), workers, most).await
         } else {
-            shared_subscription(&shared, subscription, stopped, workers, most).await
+            shared_subscription(&shared, subscription, stopped.clone(), workers, most).await
         };
+        if !*stopped.borrow() {
+            // The subscription ended on its own: the client stopped for good or
+            // the broker refused to restore the subscription.
+            let reason = client
+                .close_reason()
+                .unwrap_or_else(|| "the broker refused to restore the subscription".to_owned());
+            tracing::error!(destination = %shared.config.destination, %reason, "consumer stopped: the broker connection ended for good");
+            shared.metrics.stopped.store(1, Ordering::Relaxed);
+            retry.abort();
+            let _ = retry.await;
+            return Err(Error::BrokerGone(reason));
+        }
         let _ = retry.await;
         // Prefetched messages nobody took go back to the queue.
         if let Some(subscription) = subscription

@@ -40,6 +40,10 @@ pub enum Error {
     /// The broker transport failed outside a publish (connect, subscribe).
     #[error("broker error: {0}")]
     Broker(#[from] outbox_stomp::Error),
+    /// The broker connection ended for good (the broker refused the login, or
+    /// the reconnect attempts ran out): the relay or consumer stopped.
+    #[error("the broker connection ended for good: {0}")]
+    BrokerGone(String),
     /// The schema in the database is newer than this library knows.
     #[error(
         "table {table} is at schema version {found}, newer than this library's {known}; upgrade the outbox crates"
@@ -91,6 +95,10 @@ pub enum PublishErrorKind {
     /// time: the rows are released without spending their budget and the relay
     /// backs off as a whole.
     Unavailable,
+    /// The transport stopped for good (a refused login, reconnect attempts
+    /// spent): the rows are released and the relay stops with
+    /// [`Error::BrokerGone`].
+    Closed,
 }
 
 impl PublishError {
@@ -98,6 +106,14 @@ impl PublishError {
     pub fn rejected(message: impl Into<String>) -> PublishError {
         PublishError {
             kind: PublishErrorKind::Rejected,
+            message: message.into(),
+        }
+    }
+
+    /// The transport stopped for good.
+    pub fn closed(message: impl Into<String>) -> PublishError {
+        PublishError {
+            kind: PublishErrorKind::Closed,
             message: message.into(),
         }
     }
@@ -116,6 +132,7 @@ impl fmt::Display for PublishError {
         let kind = match self.kind {
             PublishErrorKind::Rejected => "rejected by the broker",
             PublishErrorKind::Unavailable => "broker unavailable",
+            PublishErrorKind::Closed => "broker connection ended for good",
         };
         write!(f, "{kind}: {}", self.message)
     }

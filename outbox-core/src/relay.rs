@@ -120,6 +120,8 @@ pub struct RelayMetrics {
     pub unavailable: AtomicU64,
     /// Published rows deleted by retention.
     pub deleted: AtomicU64,
+    /// 1 once the relay stopped because its broker connection ended for good.
+    pub stopped: AtomicU64,
 }
 
 /// A plain copy of [`RelayMetrics`].
@@ -135,6 +137,8 @@ pub struct RelayCounts {
     pub unavailable: u64,
     /// Published rows deleted by retention.
     pub deleted: u64,
+    /// 1 once the relay stopped because its broker connection ended for good.
+    pub stopped: u64,
 }
 
 impl RelayMetrics {
@@ -146,6 +150,7 @@ impl RelayMetrics {
             failed: self.failed.load(Ordering::Relaxed),
             unavailable: self.unavailable.load(Ordering::Relaxed),
             deleted: self.deleted.load(Ordering::Relaxed),
+            stopped: self.stopped.load(Ordering::Relaxed),
         }
     }
 }
@@ -159,6 +164,8 @@ pub(crate) enum Step {
     Published(usize),
     /// The broker could not be reached; the claim was released.
     Unavailable,
+    /// The transport stopped for good; the claim was released.
+    Stopped,
 }
 
 /// Publishes an outbox's rows. Build with [`Outbox::relay`], run with
@@ -172,6 +179,8 @@ pub struct Relay<DB: Backend, P: Publisher> {
     batch: AtomicU64,
     turn: AtomicU64,
     handoff_token: String,
+    /// Why the transport stopped for good, once it did.
+    last_closed: std::sync::Mutex<String>,
 }
 
 impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
@@ -226,6 +235,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     pub(crate) fn new(outbox: Outbox<DB>, publisher: P, config: RelayConfig) -> Relay<DB, P> {
         Relay {
             handoff_token: format!("{}-h", config.relay_id),
+            last_closed: std::sync::Mutex::default(),
             turn: AtomicU64::new(0),
             outbox,
             publisher,
@@ -313,6 +323,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             backoff: self.config.outage_backoff,
         });
         let mut ready: Option<Claimed> = None;
+        let mut stopped: Option<String> = None;
         tracing::info!(relay = %self.config.relay_id, table, "relay started");
         loop {
             marks.advance().await;
@@ -382,6 +393,15 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     db_failures = 0;
                     Some(self.config.poll_interval)
                 }
+                Ok(Step::Stopped) => {
+                    stopped = Some(
+                        self.last_closed
+                            .lock()
+                            .map(|r| r.clone())
+                            .unwrap_or_default(),
+                    );
+                    break;
+                }
                 Ok(Step::Unavailable) => {
                     outages += 1;
                     Some(self.config.outage_backoff.delay(outages - 1))
@@ -441,6 +461,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         marked?;
         if let Some(listener) = listener {
             listener.abort();
+        }
+        if let Some(reason) = stopped {
+            tracing::error!(relay = %self.config.relay_id, %reason, "relay stopped: the broker connection ended for good");
+            self.metrics.stopped.store(1, Ordering::Relaxed);
+            return Err(Error::BrokerGone(reason));
         }
         tracing::info!(relay = %self.config.relay_id, "relay stopped");
         Ok(())
@@ -615,6 +640,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     async fn publish_failed(&self, claimed: &Claimed, error: PublishError) -> Result<Step, Error> {
         let n = claimed.batch.len();
         match error.kind {
+            PublishErrorKind::Closed => self.closed(&claimed.token, &error).await,
             PublishErrorKind::Unavailable => {
                 tracing::warn!(%error, rows = n, "broker unavailable; batch released");
                 self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
@@ -634,6 +660,16 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 self.one_by_one(claimed).await
             }
         }
+    }
+
+    /// The transport stopped for good: give the rows back (another relay may
+    /// publish them) and stop.
+    async fn closed(&self, token: &str, error: &PublishError) -> Result<Step, Error> {
+        self.release_token(token, Some(&error.message)).await?;
+        if let Ok(mut reason) = self.last_closed.lock() {
+            *reason = error.message.clone();
+        }
+        Ok(Step::Stopped)
     }
 
     /// After a rejected batch: find the culprits by publishing each row alone.
@@ -662,6 +698,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     .await
                     .map_err(Error::db("marking a row published"))?;
                     self.metrics.published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) if error.kind == PublishErrorKind::Closed => {
+                    return self.closed(token, &error).await;
                 }
                 Err(error) if error.kind == PublishErrorKind::Unavailable => {
                     self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);

@@ -69,6 +69,7 @@ pub fn message_for(m: &OutboxMessage) -> Outgoing {
 
 impl Publisher for StompPublisher {
     async fn publish(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
+        let classify = |error| classify(&self.client, error);
         if let [one] = batch {
             // A single SEND with a receipt is as atomic as a transaction of one,
             // and ActiveMQ can dispatch it while it stores it: lower latency.
@@ -82,11 +83,17 @@ impl Publisher for StompPublisher {
     }
 }
 
-/// Sorts a client error into "the broker refused" and "the broker was not there".
-fn classify(error: outbox_stomp::Error) -> PublishError {
+/// Sorts a client error into "the broker refused", "the broker was not
+/// there" and "the client stopped for good".
+fn classify(client: &Client, error: outbox_stomp::Error) -> PublishError {
     use outbox_stomp::Error as E;
     match &error {
         E::Rejected(_) | E::Broker(_) => PublishError::rejected(error.to_string()),
+        E::Closed => PublishError::closed(
+            client
+                .close_reason()
+                .unwrap_or_else(|| "the STOMP client was closed".to_owned()),
+        ),
         _ => PublishError::unavailable(error.to_string()),
     }
 }

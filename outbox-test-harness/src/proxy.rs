@@ -87,7 +87,7 @@ enum End {
 }
 
 struct Shared {
-    upstream: SocketAddr,
+    upstream: Mutex<SocketAddr>,
     faults: watch::Sender<Faults>,
     refuse: AtomicBool,
     links: Mutex<Vec<(Arc<Link>, watch::Sender<End>)>>,
@@ -119,7 +119,7 @@ impl std::fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FaultProxy")
             .field("addr", &self.addr)
-            .field("upstream", &self.shared.upstream)
+            .field("upstream", &self.shared.upstream())
             .field("faults", &*self.shared.faults.borrow())
             .finish()
     }
@@ -136,7 +136,7 @@ impl FaultProxy {
             .local_addr()
             .map_err(|e| HarnessError::io("reading the fault proxy's address", e))?;
         let shared = Arc::new(Shared {
-            upstream,
+            upstream: Mutex::new(upstream),
             faults: watch::Sender::new(Faults::default()),
             refuse: AtomicBool::new(false),
             links: Mutex::new(Vec::new()),
@@ -183,6 +183,15 @@ impl FaultProxy {
         match direction {
             Direction::ToServer => self.shared.bytes_to_server.load(Ordering::Relaxed),
             Direction::ToClient => self.shared.bytes_to_client.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends new connections to `upstream` from now on (open ones stay where
+    /// they are): a server that changes under the client, e.g. one that refuses
+    /// its login.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        if let Ok(mut slot) = self.shared.upstream.lock() {
+            *slot = upstream;
         }
     }
 
@@ -283,6 +292,15 @@ impl Drop for FaultProxy {
     }
 }
 
+impl Shared {
+    fn upstream(&self) -> SocketAddr {
+        *self
+            .upstream
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -296,7 +314,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
         let shared = shared.clone();
         tokio::spawn(async move {
-            let Ok(server) = TcpStream::connect(shared.upstream).await else {
+            let Ok(server) = TcpStream::connect(shared.upstream()).await else {
                 reset_now(&client);
                 return;
             };
