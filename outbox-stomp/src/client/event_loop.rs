@@ -311,25 +311,10 @@ impl EventLoop {
 
     /// Handles a request while disconnected; returns true when asked to close.
     fn offline(&mut self, request: Request) -> bool {
-        let epoch = self.epoch();
+        let Some(request) = self.current(request) else {
+            return false;
+        };
         match request {
-            Request::Confirmed {
-                epoch: Some(e),
-                what,
-                reply,
-                ..
-            }
-            | Request::Written {
-                epoch: Some(e),
-                what,
-                reply,
-                ..
-            } if e != epoch => {
-                let _ = reply.send(Err(self.stale(e, what)));
-            }
-            Request::Queued { epoch: e, what, .. } if e != epoch => {
-                tracing::trace!(what, "frame of a lost connection dropped");
-            }
             Request::Unsubscribe { id } => {
                 self.session.unsubscribed(&id);
             }
@@ -357,6 +342,34 @@ impl EventLoop {
             kept.push_back(request);
         }
         self.backlog = kept;
+    }
+
+    /// Settles a request that belongs to a connection that is gone (its
+    /// caller learns why); passes the others on.
+    fn current(&self, request: Request) -> Option<Request> {
+        let epoch = self.epoch();
+        match request {
+            Request::Confirmed {
+                epoch: Some(e),
+                what,
+                reply,
+                ..
+            }
+            | Request::Written {
+                epoch: Some(e),
+                what,
+                reply,
+                ..
+            } if e != epoch => {
+                let _ = reply.send(Err(self.stale(e, what)));
+                None
+            }
+            Request::Queued { epoch: e, what, .. } if e != epoch => {
+                tracing::trace!(what, "frame of a lost connection dropped");
+                None
+            }
+            other => Some(other),
+        }
     }
 
     /// The error for a request of a connection that is gone.
@@ -625,27 +638,10 @@ impl EventLoop {
         request: Request,
         written: &mut Vec<Reply>,
     ) -> Result<(), Ended> {
-        let epoch = self.epoch();
+        let Some(request) = self.current(request) else {
+            return Ok(());
+        };
         let frame = match request {
-            Request::Confirmed {
-                epoch: Some(e),
-                what,
-                reply,
-                ..
-            }
-            | Request::Written {
-                epoch: Some(e),
-                what,
-                reply,
-                ..
-            } if e != epoch => {
-                let _ = reply.send(Err(self.stale(e, what)));
-                return Ok(());
-            }
-            Request::Queued { epoch: e, what, .. } if e != epoch => {
-                tracing::trace!(what, "frame of a lost connection dropped");
-                return Ok(());
-            }
             // The caller has gone: withdrawn, never written.
             request if request.abandoned() => return Ok(()),
             Request::Confirmed {
