@@ -34,6 +34,15 @@ fn fast_relay() -> RelayConfig {
     }
 }
 
+/// A lease long enough that a killed relay's batch is still held when its
+/// successor starts, short enough that the test does not wait long for it.
+fn crash_loop_relay() -> RelayConfig {
+    RelayConfig {
+        lease: Duration::from_secs(6),
+        ..fast_relay()
+    }
+}
+
 /// A publisher in memory that rejects events of type `poison` while `reject` is
 /// on, refuses everything as if the broker were down while `down` is on, and
 /// takes `slow` for each publish, counting how many are in progress at once.
@@ -319,6 +328,49 @@ macro_rules! relay_suite {
         }
 
         #[tokio::test]
+        async fn a_relay_restarted_under_its_id_in_a_crash_loop_never_marks_what_it_did_not_publish() {
+            let Some((db, outbox)) = setup().await else {
+                return;
+            };
+            let broker = broker().await;
+            let dest = "/queue/test.crash-loop";
+            // Eight batches of 20; each killed incarnation holds one, leased.
+            // One key per event, so no batch waits for another's key.
+            let ids = append_users(&outbox, dest, 0..160, 1000).await;
+            let env = vec![
+                ("OUTBOX_FAILPOINT", "relay.before_publish".to_owned()),
+                ("OUTBOX_TEST_DB_URL", db.url().to_owned()),
+                ("OUTBOX_TEST_BROKER", broker.stomp_uri()),
+                ("OUTBOX_TEST_RELAY_ID", "fixed-relay".to_owned()),
+            ];
+            let child = concat!(module_path!(), "::child_relay");
+            let child = child.split_once("::").map_or(child, |(_, rest)| rest);
+            for round in 0..3 {
+                let (killed, stderr) = run_child(child, &env, Duration::from_secs(60)).await;
+                assert!(killed, "round {round}: child not killed: {stderr}");
+            }
+            assert_eq!(outbox.backlog().await.unwrap().pending, 160, "nothing published yet");
+            // Started at once under the same id, while the dead ones' leases hold.
+            let relay = outbox
+                .relay(
+                    StompPublisher::new(client(&broker).await),
+                    RelayConfig {
+                        batch_size: 20,
+                        relay_id: "fixed-relay".to_owned(),
+                        ..crash_loop_relay()
+                    },
+                )
+                .spawn();
+            wait_published(&outbox, Duration::from_secs(60)).await;
+            relay.shutdown().await.unwrap();
+            let got = tally(&drain(&broker, dest, Duration::from_secs(2)).await);
+            let missing: Vec<_> = ids.iter().filter(|id| !got.contains_key(*id)).collect();
+            assert!(missing.is_empty(), "marked published but never sent: {} events", missing.len());
+            assert!(got.values().all(|n| *n == 1), "nothing was sent by the killed ones");
+            assert_eq!(count(&outbox.counts().await.unwrap(), "PUBLISHED"), 160);
+        }
+
+        #[tokio::test]
         #[ignore = "child process of a_relay_killed_at_either_failpoint_loses_nothing"]
         async fn child_relay() {
             let (Some(url), Some(broker)) = (
@@ -333,13 +385,15 @@ macro_rules! relay_suite {
                 outbox::stomp::Client::connect(outbox::stomp::Config::parse(&broker).unwrap())
                     .await
                     .unwrap();
-            let relay = outbox.relay(
-                StompPublisher::new(client),
-                RelayConfig {
-                    batch_size: 20,
-                    ..fast_relay()
-                },
-            );
+            let mut config = RelayConfig {
+                batch_size: 20,
+                ..fast_relay()
+            };
+            if let Some(relay_id) = child_var("OUTBOX_TEST_RELAY_ID") {
+                config.relay_id = relay_id;
+                config.lease = crash_loop_relay().lease;
+            }
+            let relay = outbox.relay(StompPublisher::new(client), config);
             // The armed failpoint ends this process; a timeout means it never fired.
             let _ =
                 tokio::time::timeout(Duration::from_secs(30), relay.run(std::future::pending()))

@@ -179,6 +179,8 @@ pub struct Relay<DB: Backend, P: Publisher> {
     batch: AtomicU64,
     turn: AtomicU64,
     handoff_token: String,
+    /// Tells this run's claim tokens from those of earlier runs under the same `relay_id`.
+    incarnation: String,
     /// Why the transport stopped for good, once it did.
     last_closed: std::sync::Mutex<String>,
 }
@@ -236,6 +238,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         Relay {
             handoff_token: format!("{}-h", config.relay_id),
             last_closed: std::sync::Mutex::default(),
+            // The random tail of a UUID v7.
+            incarnation: Uuid::now_v7().simple().to_string()[24..].to_owned(),
             turn: AtomicU64::new(0),
             outbox,
             publisher,
@@ -611,7 +615,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .map(|m| m.id)
             .collect();
         if !held.is_empty() {
-            self.give_back_ids(&mut conn, token, &held).await?;
+            self.give_back_ids(&mut conn, token, &held, None).await?;
             batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
         }
         Ok((!batch.is_empty()).then(|| Claimed {
@@ -624,7 +628,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// Claims the next batch under a fresh token; `None` when nothing is due.
     async fn claim_next(&self, in_flight: &HashSet<i64>) -> Result<Option<Claimed>, Error> {
         let seq = self.batch.fetch_add(1, Ordering::Relaxed);
-        let token = format!("{}-{seq}", self.config.relay_id);
+        // Unique to this incarnation: a relay started again under the same
+        // `relay_id` never holds a token its predecessor held.
+        let token = format!("{}-{}-{seq}", self.config.relay_id, self.incarnation);
         let batch = self
             .claim(&token, in_flight)
             .instrument(tracing::debug_span!("outbox.claim", token))
@@ -640,14 +646,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     async fn publish_failed(&self, claimed: &Claimed, error: PublishError) -> Result<Step, Error> {
         let n = claimed.batch.len();
         match error.kind {
-            PublishErrorKind::Closed => self.closed(&claimed.token, &error).await,
+            PublishErrorKind::Closed => self.closed(claimed, &error).await,
             PublishErrorKind::Unavailable => {
                 tracing::warn!(%error, rows = n, "broker unavailable; batch released");
                 self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
-                // Handed-off rows not yet read go back too: other relays may
-                // take them while this one waits for the broker.
-                self.release_token(&claimed.token, Some(&error.message))
-                    .await?;
+                self.release_failed(claimed, &error.message).await?;
                 Ok(Step::Unavailable)
             }
             _ if n == 1 => {
@@ -664,8 +667,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
 
     /// The transport stopped for good: give the rows back (another relay may
     /// publish them) and stop.
-    async fn closed(&self, token: &str, error: &PublishError) -> Result<Step, Error> {
-        self.release_token(token, Some(&error.message)).await?;
+    async fn closed(&self, claimed: &Claimed, error: &PublishError) -> Result<Step, Error> {
+        self.release_failed(claimed, &error.message).await?;
         if let Ok(mut reason) = self.last_closed.lock() {
             *reason = error.message.clone();
         }
@@ -700,11 +703,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     self.metrics.published.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(error) if error.kind == PublishErrorKind::Closed => {
-                    return self.closed(token, &error).await;
+                    return self.closed(claimed, &error).await;
                 }
                 Err(error) if error.kind == PublishErrorKind::Unavailable => {
                     self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
-                    self.release_token(token, Some(&error.message)).await?;
+                    self.release_failed(claimed, &error.message).await?;
                     return Ok(Step::Unavailable);
                 }
                 Err(error) => {
@@ -839,14 +842,23 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         Ok(accepted)
     }
 
-    /// Gives back a batch: a handed-off batch by id, a claimed one by token.
+    /// Gives back the rows of a batch, named by id and token.
     async fn release(&self, claimed: &Claimed, error: Option<&str>) -> Result<(), Error> {
-        if !claimed.handed_off {
-            return self.release_token(&claimed.token, error).await;
-        }
         let ids: Vec<i64> = claimed.ids().collect();
         let mut conn = self.acquire().await?;
-        self.give_back_ids(&mut conn, &claimed.token, &ids).await
+        self.give_back_ids(&mut conn, &claimed.token, &ids, error)
+            .await
+    }
+
+    /// Gives back a batch whose publish failed; for a handed-off one also the
+    /// rows handed off but not yet read, so other relays may take them while
+    /// this one waits for the broker.
+    async fn release_failed(&self, claimed: &Claimed, error: &str) -> Result<(), Error> {
+        if claimed.handed_off {
+            self.release_token(&claimed.token, Some(error)).await
+        } else {
+            self.release(claimed, Some(error)).await
+        }
     }
 
     /// Gives back the rows `ids` held under `token`.
@@ -855,11 +867,16 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         conn: &mut DB::Connection,
         token: &str,
         ids: &[i64],
+        error: Option<&str>,
     ) -> Result<(), Error> {
         let sql = &self.outbox.inner.sql;
         let now = now_ms();
         for chunk in ids.chunks(ID_CHUNK) {
-            let mut args = vec![Value::Int(now), Value::Text(Some(token))];
+            let mut args = vec![
+                Value::Text(error),
+                Value::Int(now),
+                Value::Text(Some(token)),
+            ];
             args.extend(chunk.iter().map(|id| Value::Int(*id)));
             DB::exec(&mut *conn, &sql.release_ids(chunk.len()), &args)
                 .await
@@ -991,18 +1008,12 @@ impl<DB: Backend> Marker<DB> {
         let now = now_ms();
         let mut statements: Vec<(String, Vec<Value<'_>>)> = Vec::new();
         for claimed in batches {
+            // Named by id and token: a mark never touches rows it did not publish.
             let token = Value::Text(Some(&claimed.token));
-            if claimed.handed_off {
-                for chunk in claimed.batch.chunks(ID_CHUNK) {
-                    let mut args = vec![Value::Int(now), Value::Int(now), token.clone()];
-                    args.extend(chunk.iter().map(|m| Value::Int(m.id)));
-                    statements.push((sql.mark_published_ids(chunk.len()), args));
-                }
-            } else {
-                statements.push((
-                    sql.mark_published.clone(),
-                    vec![Value::Int(now), Value::Int(now), token],
-                ));
+            for chunk in claimed.batch.chunks(ID_CHUNK) {
+                let mut args = vec![Value::Int(now), Value::Int(now), token.clone()];
+                args.extend(chunk.iter().map(|m| Value::Int(m.id)));
+                statements.push((sql.mark_published_ids(chunk.len()), args));
             }
         }
         let failed = || Error::db("marking rows published");

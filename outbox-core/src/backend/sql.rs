@@ -28,7 +28,6 @@ pub(crate) struct OutboxSql {
     pub(crate) claim: String,
     pub(crate) due_probe: String,
     pub(crate) handed_off: String,
-    pub(crate) mark_published: String,
     pub(crate) mark_published_one: String,
     pub(crate) mark_rejected: String,
     pub(crate) release: String,
@@ -69,10 +68,6 @@ impl OutboxSql {
             handed_off: p(format!(
                 "SELECT {CLAIM_COLUMNS} FROM {t} WHERE claimed_by = ? AND process = 'NEW' \
                  AND claimed_until > ? ORDER BY id LIMIT ?"
-            )),
-            mark_published: p(format!(
-                "UPDATE {t} SET process = 'PUBLISHED', published_time = ?, update_time = ?, \
-                 claimed_by = NULL, claimed_until = NULL WHERE claimed_by = ? AND process = 'NEW'"
             )),
             mark_published_one: p(format!(
                 "UPDATE {t} SET process = 'PUBLISHED', published_time = ?, update_time = ?, \
@@ -156,13 +151,14 @@ impl OutboxSql {
         )
     }
 
-    /// Gives back the lease `?` on `ids` rows: the values are the update time,
-    /// the token, then the ids.
+    /// Gives back the lease `?` on `ids` rows: the values are the error to keep
+    /// (NULL keeps the old one), the update time, the token, then the ids.
     pub(crate) fn release_ids(&self, ids: usize) -> String {
         placeholders(
             self.dialect.placeholders,
             &format!(
-                "UPDATE {} SET claimed_by = NULL, claimed_until = NULL, update_time = ? \
+                "UPDATE {} SET claimed_by = NULL, claimed_until = NULL, \
+                 last_error = COALESCE(?, last_error), update_time = ? \
                  WHERE claimed_by = ? AND id IN ({})",
                 self.table,
                 marks(ids)
