@@ -186,6 +186,47 @@ macro_rules! inbox_suite {
         }
 
         #[tokio::test]
+        async fn foreign_messages_with_ids_type_and_key_longer_than_the_columns_are_applied_once() {
+            let Some((_db, inbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.inbox.foreign";
+            let producer = client(&broker).await;
+            // Two 120-character ids that share their first 64 characters, as
+            // ActiveMQ message ids from one long host name do.
+            let stem = format!("ID:{}", "points-service-7d9f8b6c5-x2k4q-".repeat(3));
+            let (first, second) = (format!("{stem:.64}{:->56}", "1"), format!("{stem:.64}{:->56}", "2"));
+            assert_eq!((first.len(), second.len()), (120, 120));
+            let long = "t".repeat(300);
+            for (id, n) in [(&first, 1), (&first, 1), (&second, 2)] {
+                producer
+                    .send(
+                        Outgoing::new(dest, user(n))
+                            .persistent(true)
+                            .header("event-id", id.clone())
+                            .header("event-type", long.clone())
+                            .header("event-key", long.clone()),
+                    )
+                    .await
+                    .unwrap();
+            }
+            let handle = Consumer::new(inbox.clone(), points_handler(&Faults::default()), quick(dest))
+                .spawn(client(&broker).await)
+                .await
+                .unwrap();
+            let metrics = handle.metrics().clone();
+            eventually("two applied and a duplicate", Duration::from_secs(30), || {
+                let m = metrics.snapshot();
+                async move { m.0 == 2 && m.1 == 1 }
+            })
+            .await;
+            handle.shutdown().await.unwrap();
+            assert_eq!(points(&inbox).await, HashMap::from([(1, 1), (2, 1)]));
+            let counts = inbox.counts().await.unwrap();
+            assert_eq!((counts.processed, counts.retry, counts.failed), (2, 0, 0));
+            assert_eq!(metrics.db_errors.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing retried on a column limit");
+        }
+
+        #[tokio::test]
         async fn a_prefilled_queue_with_duplicates_failures_and_bad_payloads_is_applied_once() {
             let Some((_db, inbox)) = setup().await else { return };
             let broker = broker().await;

@@ -867,6 +867,37 @@ async fn retention<DB: Backend, H: Handler<DB>>(
     Ok(())
 }
 
+/// Longest dedup id the inbox column holds (`VARCHAR(64)`).
+const DEDUP_ID_MAX: usize = 64;
+
+/// Longest `event_type` / `event_key` the inbox columns hold (`VARCHAR(255)`).
+const TEXT_COLUMN_MAX: usize = 255;
+
+/// The inbox's dedup id for an `event-id` (or, from producers outside this
+/// framework, a broker `message-id`): the id itself when it fits the column
+/// and holds no NUL, else a stable digest of it, so every redelivery of the
+/// message maps to the same row. ActiveMQ's message ids grow with the
+/// producer's host name and can exceed the column.
+fn dedup_id(raw: &str) -> String {
+    if raw.len() <= DEDUP_ID_MAX && !raw.contains('\0') {
+        return raw.to_owned();
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(raw.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    // "sha256-" and 56 hex digits (224 bits): 63 characters.
+    format!("sha256-{}", &hex[..56])
+}
+
+/// A header value as the inbox can store it: NUL removed (PostgreSQL text
+/// cannot hold it), cut to the column's length on a character boundary.
+fn fit_column(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| *c != '\0')
+        .take(TEXT_COLUMN_MAX)
+        .collect()
+}
+
 fn to_delivery(message: &Message) -> Delivery {
     let headers: Vec<(String, String)> = message
         .headers()
@@ -876,12 +907,12 @@ fn to_delivery(message: &Message) -> Delivery {
     let event_id = message
         .header("event-id")
         .or_else(|| message.message_id())
-        .map(str::to_owned)
+        .map(dedup_id)
         .unwrap_or_else(fallback_event_id);
     Delivery {
         event_id,
-        event_type: message.header("event-type").map(str::to_owned),
-        key: message.header("event-key").map(str::to_owned),
+        event_type: message.header("event-type").map(fit_column),
+        key: message.header("event-key").map(fit_column),
         headers,
         body: message.body().clone(),
         attempt: 0,
@@ -890,6 +921,27 @@ fn to_delivery(message: &Message) -> Delivery {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_dedup_id_that_does_not_fit_becomes_a_stable_digest_and_one_that_fits_stays() {
+        let short = "0190d5a0-5f6e-7c3b-9a4e-2b8f6c1d0e9a";
+        assert_eq!(super::dedup_id(short), short);
+        let long = format!("ID:{}-40123-1733000000000-1:1:1:1:1", "pod-".repeat(25));
+        assert!(long.len() > 100);
+        let id = super::dedup_id(&long);
+        assert!(id.len() <= super::DEDUP_ID_MAX, "{id}");
+        assert_eq!(id, super::dedup_id(&long), "stable");
+        assert_ne!(id, super::dedup_id(&format!("{long}x")));
+        assert!(super::dedup_id("a\0b").starts_with("sha256-"));
+    }
+
+    #[test]
+    fn over_long_or_nul_holding_type_and_key_are_fitted_to_their_columns() {
+        let long = "é".repeat(300);
+        let fitted = super::fit_column(&long);
+        assert_eq!(fitted.chars().count(), super::TEXT_COLUMN_MAX);
+        assert_eq!(super::fit_column("user\0.created"), "user.created");
+    }
+
     use super::workers_and_batch;
 
     #[test]

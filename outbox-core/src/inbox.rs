@@ -56,12 +56,16 @@ impl<DB: Backend> std::fmt::Debug for Inbox<DB> {
 /// One message as a handler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
-    /// The event id (`event-id` header; the broker's `message-id` for messages
-    /// that were not sent by an outbox relay).
+    /// The dedup id: the `event-id` header, or the broker's `message-id` for
+    /// messages that were not sent by an outbox relay. An id longer than the
+    /// inbox column (64) or holding a NUL is replaced by `sha256-` and 56 hex
+    /// digits of its SHA-256, the same for every redelivery; the original is in
+    /// [`Delivery::headers`].
     pub event_id: String,
-    /// The `event-type` header.
+    /// The `event-type` header, without NUL bytes and cut to 255 characters
+    /// (the inbox column); the original is in [`Delivery::headers`].
     pub event_type: Option<String>,
-    /// The `event-key` header.
+    /// The `event-key` header, fitted like `event_type`.
     pub key: Option<String>,
     /// Every header of the message.
     pub headers: Vec<(String, String)>,
