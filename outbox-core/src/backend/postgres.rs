@@ -137,7 +137,10 @@ impl Backend for Postgres {
                     // Anything committed while we were not listening is found now.
                     wake.notify_one();
                     loop {
-                        listener.recv().await?;
+                        // `None`: the connection was lost and is being made
+                        // again; a commit in the gap sent no notification the
+                        // listener saw, so the relay reads now.
+                        listener.try_recv().await?;
                         wake.notify_one();
                     }
                 };
