@@ -27,13 +27,11 @@
 //! proxy while its old connection lingers at the server.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -342,83 +340,82 @@ async fn proxy_connection(
     mut end: watch::Receiver<End>,
     shared: Arc<Shared>,
 ) {
-    // The descriptors stay valid while the copy loops hold the halves, so a
-    // reset can reach both sockets whichever loop still runs.
-    let fds = [client.as_raw_fd(), server.as_raw_fd()];
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
-    let up = pump(
-        Direction::ToServer,
-        client_read,
-        server_write,
-        &link,
-        &shared,
-    );
-    let down = pump(
-        Direction::ToClient,
-        server_read,
-        client_write,
-        &link,
-        &shared,
-    );
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (None, None);
-    let how = loop {
-        tokio::select! {
-            f = &mut up, if up_done.is_none() => {
-                let reset = f.reset;
-                up_done = Some(f);
-                if reset { break End::Reset; }
-                if down_done.is_some() { break End::Close; }
-            }
-            f = &mut down, if down_done.is_none() => {
-                let reset = f.reset;
-                down_done = Some(f);
-                if reset { break End::Reset; }
-                if up_done.is_some() { break End::Close; }
-            }
-            changed = end.changed() => {
-                let how = if changed.is_err() { End::Close } else { *end.borrow() };
-                if how != End::Open { break how; }
+    // The copy loops borrow the sockets, so nothing shuts a socket down behind
+    // our back: a reset reaches the peers as RST alone, not FIN then RST.
+    let how = {
+        let up = pump(Direction::ToServer, &client, &server, &link, &shared);
+        let down = pump(Direction::ToClient, &server, &client, &link, &shared);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                reset = &mut up, if !up_done => {
+                    up_done = true;
+                    if reset { break End::Reset; }
+                    if down_done { break End::Close; }
+                }
+                reset = &mut down, if !down_done => {
+                    down_done = true;
+                    if reset { break End::Reset; }
+                    if up_done { break End::Close; }
+                }
+                changed = end.changed() => {
+                    let how = if changed.is_err() { End::Close } else { *end.borrow() };
+                    if how != End::Open { break how; }
+                }
             }
         }
     };
     if how == End::Reset {
-        for fd in fds {
-            zero_linger(fd);
-        }
+        let _ = client.set_zero_linger();
+        let _ = server.set_zero_linger();
     }
-    // Dropping the copy loops drops the socket halves: FIN, or RST after zero linger.
+    // Dropping closes both sockets: FIN, or RST after zero linger.
 }
 
-/// SO_LINGER with a zero timeout: closing the socket sends RST.
-fn zero_linger(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `fd` is an open socket owned by a live half; the option value is
-    // a properly sized `linger`.
+/// Half-closes `stream` for writing (forwards an EOF).
+fn shut_write(stream: &TcpStream) {
+    // SAFETY: the descriptor belongs to a live `TcpStream`; shutdown(2) does
+    // not close it.
     unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
+        libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR);
+    }
+}
+
+/// Writes all of `bytes` to a shared socket.
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        match to.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads what is there from a shared socket; 0 at EOF.
+async fn read_some(from: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        from.readable().await?;
+        match from.try_read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 
 /// Copies one direction under the faults in force until EOF, an error or an
-/// armed reset.
+/// armed reset; true for the reset.
 async fn pump(
     direction: Direction,
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    from: &TcpStream,
+    to: &TcpStream,
     link: &Link,
     shared: &Shared,
-) -> Finished {
+) -> bool {
     let mut faults = shared.faults.subscribe();
     let mut buf = vec![0u8; 16 * 1024];
     let armed = match direction {
@@ -433,39 +430,38 @@ async fn pump(
         // Frozen: do not read, so the sender's buffers fill.
         while faults.borrow_and_update().frozen(direction) {
             if faults.changed().await.is_err() {
-                return Finished {
-                    _halves: (from, to),
-                    reset: false,
-                };
+                return false;
             }
         }
         let n = tokio::select! {
-            read = from.read(&mut buf) => match read {
+            read = read_some(from, &mut buf) => match read {
                 Ok(0) | Err(_) => {
-                    let _ = to.shutdown().await;
-                    return Finished { _halves: (from, to), reset: false };
+                    shut_write(to);
+                    return false;
                 }
                 Ok(n) => n,
             },
             // A fault switched while waiting for bytes: look again.
             changed = faults.changed() => {
-                if changed.is_err() { return Finished { _halves: (from, to), reset: false }; }
+                if changed.is_err() { return false; }
                 continue;
             }
         };
+        // Frozen while the bytes came in: hold them until thawed.
+        while faults.borrow_and_update().frozen(direction) {
+            if faults.changed().await.is_err() {
+                return false;
+            }
+        }
         let now = faults.borrow().clone();
         if now.blackhole || link.blackhole.load(Ordering::Acquire) {
             continue;
         }
         if armed.swap(false, Ordering::AcqRel) {
             let part = (n / 2).max(1);
-            let _ = to.write_all(&buf[..part]).await;
-            let _ = to.flush().await;
+            let _ = write_all(to, &buf[..part]).await;
             counter.fetch_add(part as u64, Ordering::Relaxed);
-            return Finished {
-                _halves: (from, to),
-                reset: true,
-            };
+            return true;
         }
         if !now.latency.is_zero() {
             tokio::time::sleep(now.latency).await;
@@ -474,30 +470,89 @@ async fn pump(
             // Write in slices so a slow rate trickles instead of bursting.
             let slice = ((rate / 20).max(1) as usize).min(n);
             for chunk in buf[..n].chunks(slice) {
-                if to.write_all(chunk).await.is_err() {
-                    return Finished {
-                        _halves: (from, to),
-                        reset: false,
-                    };
+                if write_all(to, chunk).await.is_err() {
+                    return false;
                 }
                 counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_secs_f64(chunk.len() as f64 / rate as f64)).await;
             }
             continue;
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return Finished {
-                _halves: (from, to),
-                reset: false,
-            };
+        if write_all(to, &buf[..n]).await.is_err() {
+            return false;
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
-/// A direction that ended; its halves stay open until the connection ends, so
-/// one side's EOF does not tear down the other direction.
-struct Finished {
-    _halves: (OwnedReadHalf, OwnedWriteHalf),
-    reset: bool,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An upstream that echoes what it gets.
+    async fn echo() -> SocketAddr {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn round_trip(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+        stream.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await?;
+        Ok(buf.to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_reset_reaches_the_peer_as_a_reset_and_a_cut_as_an_end_of_file() {
+        let proxy = FaultProxy::start(echo().await).await.unwrap();
+        let mut reset = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut reset).await.unwrap(), b"ping");
+        proxy.reset();
+        let mut buf = [0u8; 16];
+        let err = reset.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+
+        let mut cut = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut cut).await.unwrap(), b"ping");
+        proxy.cut();
+        assert_eq!(cut.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_blackhole_forwards_nothing_and_pass_restores_new_traffic() {
+        let proxy = FaultProxy::start(echo().await).await.unwrap();
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        proxy.blackhole();
+        stream.write_all(b"lost").await.unwrap();
+        let mut buf = [0u8; 4];
+        let read = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf)).await;
+        assert!(read.is_err(), "nothing comes back through a blackhole");
+        proxy.pass();
+        assert_eq!(round_trip(&mut stream).await.unwrap(), b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_reset_at_once() {
+        let proxy = FaultProxy::start(echo().await).await.unwrap();
+        proxy.refuse(true);
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert!(round_trip(&mut stream).await.is_err());
+        proxy.refuse(false);
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut stream).await.unwrap(), b"ping");
+    }
 }
