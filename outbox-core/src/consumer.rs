@@ -299,9 +299,11 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         if !*stopped.borrow() {
             // The subscription ended on its own: the client stopped for good or
             // the broker refused to restore the subscription.
-            let reason = client
-                .close_reason()
-                .unwrap_or_else(|| "the broker refused to restore the subscription".to_owned());
+            let reason = match client.close_reason() {
+                Some(reason) => reason,
+                None if client.is_closed() => "the STOMP client was closed".to_owned(),
+                None => "the broker refused to restore the subscription".to_owned(),
+            };
             tracing::error!(destination = %shared.config.destination, %reason, "consumer stopped: the broker connection ended for good");
             shared.metrics.stopped.store(1, Ordering::Relaxed);
             retry.abort();

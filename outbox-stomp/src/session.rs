@@ -233,6 +233,11 @@ impl<T, S> Session<T, S> {
         self.subscriptions.remove(id).is_some()
     }
 
+    /// Keeps only the subscriptions whose sink passes `keep`.
+    pub(crate) fn retain_subscriptions(&mut self, mut keep: impl FnMut(&S) -> bool) {
+        self.subscriptions.retain(|_, (_, sink)| keep(sink));
+    }
+
     /// Where messages of subscription `id` go.
     pub(crate) fn sink(&self, id: &str) -> Option<&S> {
         self.subscriptions.get(id).map(|(_, sink)| sink)

@@ -56,13 +56,14 @@ pub struct ReconnectPolicy {
     pub initial_delay: Duration,
     /// Largest delay (`maxReconnectDelay`, ms; default 30000).
     pub max_delay: Duration,
-    /// Growth of the delay per failed round (`reconnectDelayExponent`; default 2.0).
+    /// Growth of the delay per failed attempt (`reconnectDelayExponent`; default 2.0).
     pub multiplier: f64,
-    /// Give up after this many failed attempts (`maxReconnectAttempts`; `-1`,
-    /// the default, retries for ever; `0` never reconnects).
+    /// Give up a reconnect after this many failed attempts, each address tried
+    /// counting one (`maxReconnectAttempts`; `-1`, the default, retries for
+    /// ever; `0` never reconnects).
     pub max_attempts: Option<u32>,
-    /// Attempts on the first connect (`startupMaxReconnectAttempts`; default 0:
-    /// one pass over the list, then fail).
+    /// Extra passes over the whole list on the first connect
+    /// (`startupMaxReconnectAttempts`; default 0: one pass, then fail).
     pub startup_attempts: Option<u32>,
     /// Shuffle the list before use (`randomize`; default false).
     pub randomize: bool,

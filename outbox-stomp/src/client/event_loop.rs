@@ -82,6 +82,9 @@ pub(crate) struct EventLoop {
     stall: Duration,
     /// The address of the current connection.
     addr: String,
+    /// An ERROR that matched no receipt, and until when a close counts as
+    /// its consequence.
+    refusal: Option<(BrokerError, Instant)>,
 }
 
 impl EventLoop {
@@ -102,6 +105,7 @@ impl EventLoop {
             progress: Arc::new(Progress::new()),
             stall: shared.config.receipt_timeout,
             addr: String::new(),
+            refusal: None,
             shared,
         }
     }
@@ -119,7 +123,17 @@ impl EventLoop {
         let error = loop {
             let ended = self.serve(&mut conn).await;
             self.shared.connected.store(false, Ordering::Release);
+            self.refusal = None;
             let epoch = self.epoch();
+            if let Ended::Refused(e) = &ended {
+                if self.refused.len() == REFUSALS_KEPT {
+                    self.refused.pop_front();
+                }
+                self.refused.push_back((epoch, e.clone()));
+            }
+            // The epoch moves on before any waiter is answered, so a caller
+            // that starts again at once belongs to the next connection.
+            self.shared.epoch.fetch_add(1, Ordering::AcqRel);
             match ended {
                 Ended::Closed => {
                     self.lost(|| Error::ConnectionLost);
@@ -136,13 +150,8 @@ impl EventLoop {
                 Ended::Refused(e) => {
                     tracing::warn!(error = %e, "broker refused a frame and closed the connection; reconnecting");
                     self.lost(|| Error::Broker(e.clone()));
-                    if self.refused.len() == REFUSALS_KEPT {
-                        self.refused.pop_front();
-                    }
-                    self.refused.push_back((epoch, e));
                 }
             }
-            self.shared.epoch.fetch_add(1, Ordering::AcqRel);
             match self.connect(Phase::Reconnect).await {
                 Ok(Some(next)) => conn = next,
                 Ok(None) => break None,
@@ -163,6 +172,7 @@ impl EventLoop {
         for request in self.backlog.drain(..) {
             request.fail(Error::Closed);
         }
+        self.note_backlog();
     }
 
     /// The one connect loop for start-up and reconnect: tries the plan's
@@ -251,12 +261,12 @@ impl EventLoop {
             addr: self.addr.clone(),
         };
         tracing::debug!(addr = %self.addr, %version, "STOMP session open");
-        if let Ok(mut slot) = self.shared.info.lock() {
-            *slot = Some(info);
-        }
         if let Err(e) = self.restore(&mut conn).await {
             self.session.drain_pending();
             return Err(e);
+        }
+        if let Ok(mut slot) = self.shared.info.lock() {
+            *slot = Some(info);
         }
         self.connector.connected(plan);
         self.shared.connected.store(true, Ordering::Release);
@@ -267,6 +277,8 @@ impl EventLoop {
     /// receipt: a refused one ends that subscription instead of the connection.
     async fn restore(&mut self, conn: &mut Conn) -> Result<(), Error> {
         let deadline = Instant::now() + self.shared.config.receipt_timeout;
+        // A subscription whose stream is gone needs no restoring.
+        self.session.retain_subscriptions(|sink| !sink.is_closed());
         for (id, frame) in self.session.resubscribe() {
             let receipt = format!("restore-{id}-{}", self.shared.next_number());
             let frame = self.session.expect_receipt(
@@ -322,9 +334,18 @@ impl EventLoop {
                 let _ = reply.send(Ok(()));
                 return true;
             }
-            other => self.backlog.push_back(other),
+            other => {
+                self.backlog.push_back(other);
+                self.note_backlog();
+            }
         }
         false
+    }
+
+    fn note_backlog(&self) {
+        self.shared
+            .waiting
+            .store(self.backlog.len(), Ordering::Relaxed);
     }
 
     /// Withdraws waiting requests whose caller has gone or whose deadline passed.
@@ -342,6 +363,7 @@ impl EventLoop {
             kept.push_back(request);
         }
         self.backlog = kept;
+        self.note_backlog();
     }
 
     /// Settles a request that belongs to a connection that is gone (its
@@ -372,14 +394,18 @@ impl EventLoop {
         }
     }
 
-    /// The error for a request of a connection that is gone.
+    /// The error for a request of a connection that is gone: for a
+    /// transaction of a connection the broker closed after an ERROR, that
+    /// refusal.
     fn stale(&self, epoch: u64, what: &'static str) -> Error {
-        self.refused
-            .iter()
-            .find(|(e, _)| *e == epoch)
-            .map_or(Error::Stale(what), |(_, refusal)| {
-                Error::Broker(refusal.clone())
-            })
+        // A transaction on a connection the broker closed after refusing a
+        // frame was refused with it; anything else is merely stale.
+        let refusal = (what == "transaction")
+            .then(|| self.refused.iter().find(|(e, _)| *e == epoch))
+            .flatten();
+        refusal.map_or(Error::Stale(what), |(_, refusal)| {
+            Error::Broker(refusal.clone())
+        })
     }
 
     /// Answers every request waiting for a receipt of the lost connection; a
@@ -408,6 +434,7 @@ impl EventLoop {
         // Requests that waited for this connection go first.
         self.sweep_backlog(Instant::now());
         while let Some(request) = self.backlog.pop_front() {
+            self.note_backlog();
             if let Err(ended) = self.handle(conn, request, &mut written).await {
                 return ended;
             }
@@ -450,8 +477,8 @@ impl EventLoop {
                 item = conn.next(), if parked.is_none() => {
                     let now = Instant::now();
                     let frame = match item {
-                        None => return Ended::Lost(closed_by_peer(&self.addr, "")),
-                        Some(Err(e)) => return Ended::Lost(read_error(&self.addr, e)),
+                        None => return self.ended(closed_by_peer(&self.addr, "")),
+                        Some(Err(e)) => return self.ended(read_error(&self.addr, e)),
                         Some(Ok(Received::HeartBeat)) => {
                             self.session.on_read(now);
                             continue;
@@ -497,6 +524,15 @@ impl EventLoop {
                     }
                 }
             }
+        }
+    }
+
+    /// The connection broke: a refusal if the broker closed it right after an
+    /// unsolicited ERROR, else a lost connection.
+    fn ended(&mut self, error: Error) -> Ended {
+        match self.refusal.take() {
+            Some((refusal, until)) if Instant::now() <= until => Ended::Refused(refusal),
+            _ => Ended::Lost(error),
         }
     }
 
@@ -581,7 +617,14 @@ impl EventLoop {
                 self.rejected(waiter, error);
                 Ok(None)
             }
-            Inbound::Fatal(error) => Err(Ended::Refused(error)),
+            Inbound::Fatal(error) => {
+                // ActiveMQ closes the connection after an ERROR for a frame it
+                // will not take; for other errors it keeps it. Only a close
+                // that follows makes this a refusal of what was in flight.
+                tracing::warn!(%error, "ERROR frame from the broker that names no request");
+                self.refusal = Some((error, Instant::now() + LAST_WORDS));
+                Ok(None)
+            }
             Inbound::Ignored => Ok(None),
             Inbound::Unexpected(command) => Err(Ended::Lost(Error::Protocol(format!(
                 "unexpected {command} frame"
@@ -751,7 +794,7 @@ impl EventLoop {
         if socket && let Some(refusal) = self.last_words(conn).await {
             return Ended::Refused(refusal);
         }
-        Ended::Lost(error)
+        self.ended(error)
     }
 
     /// Reads what the broker sent before it closed: receipts still count, an

@@ -28,7 +28,7 @@ mod subscription;
 mod transaction;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     counter: AtomicU64,
     pub(crate) closed: AtomicBool,
     pub(crate) connected: AtomicBool,
+    /// Requests waiting for a connection.
+    pub(crate) waiting: AtomicUsize,
     pub(crate) info: Mutex<Option<ServerInfo>>,
     pub(crate) reason: Mutex<Option<String>>,
 }
@@ -183,6 +185,7 @@ impl Client {
             counter: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             connected: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
             info: Mutex::new(None),
             reason: Mutex::new(None),
         });
@@ -213,6 +216,13 @@ impl Client {
     /// True while a connection is up (false while reconnecting or closed).
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire) && !self.is_closed()
+    }
+
+    /// Requests waiting for a connection now (while disconnected). Each has a
+    /// caller waiting on it and leaves by its deadline, so this stays at the
+    /// number of callers, however long an outage lasts.
+    pub fn waiting_requests(&self) -> usize {
+        self.shared.waiting.load(Ordering::Relaxed)
     }
 
     /// True once the client stopped for good.
