@@ -1,14 +1,12 @@
 //! TLS for `stomp+ssl://` addresses (cargo feature `tls`, rustls).
 
-use tokio::net::TcpStream;
-
 use crate::client::{Config, Transport};
 use crate::error::Error;
 use crate::uri::BrokerAddr;
 
 #[cfg(feature = "tls")]
 pub(crate) async fn wrap(
-    tcp: TcpStream,
+    tcp: impl Transport + 'static,
     addr: &BrokerAddr,
     config: &Config,
 ) -> Result<Box<dyn Transport>, Error> {
@@ -71,7 +69,7 @@ pub(crate) async fn wrap(
 
 #[cfg(not(feature = "tls"))]
 pub(crate) async fn wrap(
-    _tcp: TcpStream,
+    _tcp: impl Transport + 'static,
     addr: &BrokerAddr,
     _config: &Config,
 ) -> Result<Box<dyn Transport>, Error> {

@@ -173,12 +173,6 @@ pub(crate) struct Tracked {
     progress: Arc<Progress>,
 }
 
-impl Tracked {
-    pub(crate) fn progress(&self) -> Arc<Progress> {
-        self.progress.clone()
-    }
-}
-
 impl AsyncRead for Tracked {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -232,7 +226,7 @@ impl AsyncWrite for Tracked {
 }
 
 /// A framed connection to the broker.
-pub(crate) type Conn = Framed<Tracked, StompCodec>;
+pub(crate) type Conn = Framed<Box<dyn Transport>, StompCodec>;
 
 /// Why a guarded write did not finish.
 #[derive(Debug)]
@@ -275,8 +269,11 @@ where
 }
 
 /// Opens a connection to `addr` and performs the CONNECT handshake; returns the
-/// framed connection and the CONNECTED frame.
-pub(crate) async fn establish(addr: BrokerAddr, config: &Config) -> Result<(Conn, Frame), Error> {
+/// framed connection, the CONNECTED frame and the socket's write progress.
+pub(crate) async fn establish(
+    addr: BrokerAddr,
+    config: &Config,
+) -> Result<(Conn, Frame, Arc<Progress>), Error> {
     let deadline = Instant::now() + config.connect_timeout;
     let shown = addr.to_string();
     let timeout = || Error::ConnectTimeout {
@@ -294,21 +291,21 @@ pub(crate) async fn establish(addr: BrokerAddr, config: &Config) -> Result<(Conn
         source,
     })?;
     let _ = tcp.set_nodelay(true);
+    // Progress is counted on the socket itself, under TLS: bytes taken into
+    // TLS buffers are not bytes the broker read.
+    let progress = Arc::new(Progress::new());
+    let tracked = Tracked {
+        io: Box::new(tcp),
+        progress: progress.clone(),
+    };
     let io: Box<dyn Transport> = match addr.scheme {
-        Scheme::Tcp => Box::new(tcp),
-        Scheme::Tls => tokio::time::timeout_at(deadline, crate::tls::wrap(tcp, &addr, config))
+        Scheme::Tcp => Box::new(tracked),
+        Scheme::Tls => tokio::time::timeout_at(deadline, crate::tls::wrap(tracked, &addr, config))
             .await
             .map_err(|_| timeout())??,
     };
-    let tracked = Tracked {
-        io,
-        progress: Arc::new(Progress::new()),
-    };
-    let mut conn = Framed::with_capacity(
-        tracked,
-        StompCodec::new(Version::V1_2, config.limits),
-        64 * 1024,
-    );
+    let mut conn =
+        Framed::with_capacity(io, StompCodec::new(Version::V1_2, config.limits), 64 * 1024);
     let host = config
         .virtual_host
         .clone()
@@ -338,7 +335,7 @@ pub(crate) async fn establish(addr: BrokerAddr, config: &Config) -> Result<(Conn
             Some(Ok(Received::Frame(f))) => f,
         };
         return match frame.command() {
-            Command::Connected => Ok((conn, frame)),
+            Command::Connected => Ok((conn, frame, progress)),
             Command::Error => Err(Error::ConnectRejected(BrokerError::from_frame(&frame))),
             other => Err(Error::Protocol(format!("expected CONNECTED, got {other}"))),
         };

@@ -208,15 +208,17 @@ impl EventLoop {
                 }
             };
             let error = match result {
-                Ok((conn, connected)) => match self.opened(conn, &connected, &plan).await {
-                    Ok(conn) => {
-                        if phase == Phase::Reconnect {
-                            tracing::info!(addr = %self.addr, attempt, "STOMP reconnected");
+                Ok((conn, connected, progress)) => {
+                    match self.opened(conn, &connected, progress, &plan).await {
+                        Ok(conn) => {
+                            if phase == Phase::Reconnect {
+                                tracing::info!(addr = %self.addr, attempt, "STOMP reconnected");
+                            }
+                            return Ok(Some(conn));
                         }
-                        return Ok(Some(conn));
+                        Err(e) => e,
                     }
-                    Err(e) => e,
-                },
+                }
                 Err(Error::ConnectRejected(e)) if e.is_login_refused() => {
                     return Err(Error::ConnectRejected(e));
                 }
@@ -233,6 +235,7 @@ impl EventLoop {
         &mut self,
         mut conn: Conn,
         connected: &Frame,
+        progress: Arc<Progress>,
         plan: &super::connector::Plan,
     ) -> Result<Conn, Error> {
         let config = &self.shared.config;
@@ -248,7 +251,7 @@ impl EventLoop {
             .map_err(Error::Protocol)?;
         conn.codec_mut().set_version(version);
         self.addr = plan.addr.to_string();
-        self.progress = conn.get_ref().progress();
+        self.progress = progress;
         self.stall = config
             .write_timeout
             .or(self.session.heart_beat().read_timeout)
