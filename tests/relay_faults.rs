@@ -158,7 +158,12 @@ async fn an_outage_of_three_receipt_timeouts_resends_only_what_was_in_flight_in_
     let before = rss_kib();
     proxy.refuse(true);
     proxy.cut();
-    let outage = RECEIPT * 4;
+    // OUTBOX_TEST_OUTAGE_TIMEOUTS sets a longer outage, to see memory stay flat.
+    let timeouts: u32 = std::env::var("OUTBOX_TEST_OUTAGE_TIMEOUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let outage = RECEIPT * timeouts;
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut most_waiting = 0;
