@@ -530,6 +530,16 @@ impl EventLoop {
         }
     }
 
+    /// Remembers an ERROR that named no request. The first one names the
+    /// cause: ActiveMQ may send another while it reads the rest of the refused
+    /// frame as a new one.
+    fn note_refusal(&mut self, error: BrokerError) {
+        let now = Instant::now();
+        if self.refusal.as_ref().is_none_or(|(_, until)| *until < now) {
+            self.refusal = Some((error, now + LAST_WORDS));
+        }
+    }
+
     /// The connection broke: a refusal if the broker closed it right after an
     /// unsolicited ERROR, else a lost connection.
     fn ended(&mut self, error: Error) -> Ended {
@@ -625,7 +635,7 @@ impl EventLoop {
                 // will not take; for other errors it keeps it. Only a close
                 // that follows makes this a refusal of what was in flight.
                 tracing::warn!(%error, "ERROR frame from the broker that names no request");
-                self.refusal = Some((error, Instant::now() + LAST_WORDS));
+                self.note_refusal(error);
                 Ok(None)
             }
             Inbound::Ignored => Ok(None),
@@ -795,7 +805,7 @@ impl EventLoop {
             return Ended::Fatal(error);
         }
         if socket && let Some(refusal) = self.last_words(conn).await {
-            return Ended::Refused(refusal);
+            self.note_refusal(refusal);
         }
         self.ended(error)
     }
