@@ -216,8 +216,10 @@ pub enum Error {
     /// The broker sent an ERROR that matched no receipt and closed the
     /// connection, as ActiveMQ does for a frame it will not take (a header over
     /// its length limit, a frame over its size limit). Every request in flight
-    /// on that connection gets this error: one of them was refused, and none of
-    /// them took effect.
+    /// on that connection gets this error: one of them was refused. ActiveMQ
+    /// may read on past the refused frame before it closes and apply later
+    /// ones (a COMMIT among them) without sending their receipts, so the
+    /// outcome of the others is unknown.
     #[error("broker refused a frame and closed the connection: {0}")]
     Broker(BrokerError),
     /// No receipt within the timeout: the outcome is unknown.
@@ -292,6 +294,9 @@ impl Error {
     /// True when the outcome of the failed request is unknown (it may have
     /// reached the broker): retry only if the operation is idempotent downstream.
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self, Error::ReceiptTimeout { .. } | Error::ConnectionLost)
+        matches!(
+            self,
+            Error::ReceiptTimeout { .. } | Error::ConnectionLost | Error::Broker(_)
+        )
     }
 }

@@ -350,13 +350,21 @@ async fn an_oversized_header_inside_a_transaction_fails_the_commit_as_a_rejectio
         ),
         other => panic!("expected a broker rejection, got {other:?}"),
     }
-    assert!(!err.outcome_unknown());
-    // The client reconnects and goes on; the refused transaction left nothing.
+    // ActiveMQ may read on past the refused frame and apply the COMMIT before
+    // it closes, without its receipt: seen here now and then. So the outcome
+    // of the rest is unknown, never reported as done.
+    assert!(err.outcome_unknown());
+    // The client reconnects and goes on.
     client
         .send(Outgoing::new("/queue/oversized", "after"))
         .await
         .unwrap();
-    assert_eq!(drain(&broker, "/queue/oversized").await, ["after"]);
+    let bodies = drain(&broker, "/queue/oversized").await;
+    println!("delivered: {bodies:?}");
+    assert!(
+        bodies == ["after"] || bodies == ["fine", "after"],
+        "only whole frames, each once: {bodies:?}"
+    );
     client.disconnect().await.unwrap();
 }
 
