@@ -628,9 +628,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// Claims the next batch under a fresh token; `None` when nothing is due.
     async fn claim_next(&self, in_flight: &HashSet<i64>) -> Result<Option<Claimed>, Error> {
         let seq = self.batch.fetch_add(1, Ordering::Relaxed);
-        // Unique to this incarnation: a relay started again under the same
-        // `relay_id` never holds a token its predecessor held.
-        let token = format!("{}-{}-{seq}", self.config.relay_id, self.incarnation);
+        let token = claim_token(&self.config.relay_id, &self.incarnation, seq);
         let batch = self
             .claim(&token, in_flight)
             .instrument(tracing::debug_span!("outbox.claim", token))
@@ -1037,6 +1035,24 @@ impl<DB: Backend> Marker<DB> {
     }
 }
 
+/// Longest claim token: the `claimed_by` column is `VARCHAR(64)`.
+const TOKEN_MAX: usize = 64;
+
+/// The claim token of batch `seq`: unique to this incarnation, so a relay
+/// started again under the same `relay_id` never holds a token its
+/// predecessor held. A long `relay_id` is cut (on a character boundary) to
+/// leave room for the incarnation and the sequence; the incarnation keeps the
+/// token unique.
+fn claim_token(relay_id: &str, incarnation: &str, seq: u64) -> String {
+    let tail = format!("-{incarnation}-{seq}");
+    let room = TOKEN_MAX.saturating_sub(tail.len());
+    let mut cut = relay_id.len().min(room);
+    while !relay_id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{tail}", &relay_id[..cut])
+}
+
 /// A finished mark: its batches and how it went.
 type MarkOutcome = (Vec<Claimed>, Result<(), Error>);
 
@@ -1189,5 +1205,23 @@ fn to_message(mut row: Vec<Cell>) -> OutboxMessage {
         content: Bytes::from(row[6].take_bytes().unwrap_or_default()),
         content_type: row[7].take_text().unwrap_or_default(),
         attempts: row[8].int().unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claim_token;
+
+    #[test]
+    fn claim_tokens_differ_per_incarnation_and_fit_the_column_for_any_relay_id() {
+        assert_eq!(claim_token("relay", "0a1b2c3d", 7), "relay-0a1b2c3d-7");
+        assert_ne!(
+            claim_token("relay", "0a1b2c3d", 7),
+            claim_token("relay", "ffeeddcc", 7)
+        );
+        let long = "é".repeat(60);
+        let token = claim_token(&long, "0a1b2c3d", u64::MAX);
+        assert!(token.len() <= super::TOKEN_MAX, "{} bytes", token.len());
+        assert!(token.ends_with(&format!("-0a1b2c3d-{}", u64::MAX)));
     }
 }
