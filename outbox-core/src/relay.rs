@@ -156,7 +156,7 @@ impl RelayMetrics {
 }
 
 /// What one turn of the relay loop did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Step {
     /// Nothing was due.
     Idle,
@@ -164,8 +164,8 @@ pub(crate) enum Step {
     Published(usize),
     /// The broker could not be reached; the claim was released.
     Unavailable,
-    /// The transport stopped for good; the claim was released.
-    Stopped,
+    /// The transport stopped for good (why); the claim was released.
+    Stopped(String),
 }
 
 /// Publishes an outbox's rows. Build with [`Outbox::relay`], run with
@@ -181,8 +181,6 @@ pub struct Relay<DB: Backend, P: Publisher> {
     handoff_token: String,
     /// Tells this run's claim tokens from those of earlier runs under the same `relay_id`.
     incarnation: String,
-    /// Why the transport stopped for good, once it did.
-    last_closed: std::sync::Mutex<String>,
 }
 
 impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
@@ -237,7 +235,6 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     pub(crate) fn new(outbox: Outbox<DB>, publisher: P, config: RelayConfig) -> Relay<DB, P> {
         Relay {
             handoff_token: format!("{}-h", config.relay_id),
-            last_closed: std::sync::Mutex::default(),
             // The random tail of a UUID v7.
             incarnation: Uuid::now_v7().simple().to_string()[24..].to_owned(),
             turn: AtomicU64::new(0),
@@ -397,13 +394,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     db_failures = 0;
                     Some(self.config.poll_interval)
                 }
-                Ok(Step::Stopped) => {
-                    stopped = Some(
-                        self.last_closed
-                            .lock()
-                            .map(|r| r.clone())
-                            .unwrap_or_default(),
-                    );
+                Ok(Step::Stopped(reason)) => {
+                    stopped = Some(reason);
                     break;
                 }
                 Ok(Step::Unavailable) => {
@@ -667,10 +659,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// publish them) and stop.
     async fn closed(&self, claimed: &Claimed, error: &PublishError) -> Result<Step, Error> {
         self.release_failed(claimed, &error.message).await?;
-        if let Ok(mut reason) = self.last_closed.lock() {
-            *reason = error.message.clone();
-        }
-        Ok(Step::Stopped)
+        Ok(Step::Stopped(error.message.clone()))
     }
 
     /// After a rejected batch: find the culprits by publishing each row alone.

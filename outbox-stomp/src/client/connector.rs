@@ -155,9 +155,15 @@ impl Progress {
         }
     }
 
-    fn touch(&self) {
-        let nanos = self.origin.elapsed().as_nanos() as u64;
-        self.nanos.store(nanos, Ordering::Relaxed);
+    /// Records progress if a write moved bytes; passes its result on.
+    fn after(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            let nanos = self.origin.elapsed().as_nanos() as u64;
+            self.nanos.store(nanos, Ordering::Relaxed);
+        }
+        polled
     }
 
     /// The last time bytes were written.
@@ -190,12 +196,7 @@ impl AsyncWrite for Tracked {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.progress.touch();
-        }
-        polled
+        self.progress.after(polled)
     }
 
     fn poll_write_vectored(
@@ -204,12 +205,7 @@ impl AsyncWrite for Tracked {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.progress.touch();
-        }
-        polled
+        self.progress.after(polled)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::connector::{
-    Conn, Connector, Phase, Progress, WriteFailure, closed_by_peer, establish, guarded,
+    Conn, Connector, Phase, Progress, WriteFailure, closed_by_peer, establish, guarded, link_error,
 };
 use super::{Client, Message, Reply, Request, ServerInfo, Shared};
 use crate::codec::{Command, Frame, Received};
@@ -420,10 +420,7 @@ impl EventLoop {
                     reply,
                     subscription,
                 } => {
-                    if let Some(id) = subscription {
-                        self.session.unsubscribed(&id);
-                    }
-                    let _ = reply.send(Err(error()));
+                    self.caller_failed(reply, subscription, error());
                 }
                 // Restored again on the next connection.
                 Waiter::Restore { .. } => {}
@@ -445,7 +442,9 @@ impl EventLoop {
         if let Err(ended) = self.flush(conn, &mut written).await {
             return ended;
         }
-        let mut sweep_at = Instant::now() + self.sweep_every();
+        // One timer for the whole connection, reset when it fires.
+        let sweep = tokio::time::sleep(self.sweep_every());
+        tokio::pin!(sweep);
         loop {
             let deadline = self.session.next_deadline();
             tokio::select! {
@@ -481,7 +480,7 @@ impl EventLoop {
                     let now = Instant::now();
                     let frame = match item {
                         None => return self.ended(closed_by_peer(&self.addr, "")),
-                        Some(Err(e)) => return self.ended(read_error(&self.addr, e)),
+                        Some(Err(e)) => return self.ended(link_error(&self.addr, e)),
                         Some(Ok(Received::HeartBeat)) => {
                             self.session.on_read(now);
                             continue;
@@ -517,9 +516,9 @@ impl EventLoop {
                         Timer::Idle => {}
                     }
                 }
-                _ = tokio::time::sleep_until(sweep_at) => {
+                _ = &mut sweep => {
                     let now = Instant::now();
-                    sweep_at = now + self.sweep_every();
+                    sweep.as_mut().reset(now + self.sweep_every());
                     for frame in self.expire(now) {
                         if let Err(ended) = self.send_now(conn, frame, &mut written).await {
                             return ended;
@@ -560,10 +559,9 @@ impl EventLoop {
                     reply,
                     subscription,
                 } => {
-                    let _ = reply.send(Err(Error::ReceiptTimeout { receipt, after }));
-                    if let Some(id) = subscription
-                        && self.session.unsubscribed(&id)
-                    {
+                    let timeout = Error::ReceiptTimeout { receipt, after };
+                    // The broker may yet confirm it: end it there too.
+                    if let Some(id) = self.caller_failed(reply, subscription, timeout) {
                         unsubscribe.push(Frame::unsubscribe(id));
                     }
                 }
@@ -668,6 +666,18 @@ impl EventLoop {
         }
     }
 
+    /// Answers a caller's failed request; a SUBSCRIBE among them leaves no
+    /// subscription behind. Returns the id of a subscription it forgot.
+    fn caller_failed(
+        &mut self,
+        reply: Reply,
+        subscription: Option<String>,
+        error: Error,
+    ) -> Option<String> {
+        let _ = reply.send(Err(error));
+        subscription.filter(|id| self.session.unsubscribed(id))
+    }
+
     /// An ERROR named a receipt: that request failed. A refused SUBSCRIBE
     /// leaves nothing behind to restore.
     fn rejected(&mut self, waiter: Waiter, error: BrokerError) {
@@ -676,10 +686,7 @@ impl EventLoop {
                 reply,
                 subscription,
             } => {
-                if let Some(id) = subscription {
-                    self.session.unsubscribed(&id);
-                }
-                let _ = reply.send(Err(Error::Rejected(error)));
+                self.caller_failed(reply, subscription, Error::Rejected(error));
             }
             Waiter::Restore { subscription } => {
                 tracing::error!(%subscription, %error, "the broker refused to restore a subscription; it ends");
@@ -863,11 +870,6 @@ impl EventLoop {
         let _ = tokio::time::timeout(wait_for, shutdown).await;
         Ended::Closed
     }
-}
-
-/// A read failure of a live session.
-fn read_error(addr: &str, error: CodecError) -> Error {
-    super::connector::link_error(addr, error)
 }
 
 async fn reserve(parked: &Option<(Sink, Message)>) -> Result<mpsc::OwnedPermit<Message>, ()> {
