@@ -880,7 +880,13 @@ macro_rules! relay_suite {
             };
             // A publisher that refuses everything: the 3 new rows stay NEW.
             let relay = outbox.relay(Refuse, config).spawn();
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Waits for retention to act instead of a fixed time, which a
+            // loaded machine can overrun.
+            let watched = relay.metrics().clone();
+            until("retention deletes the old rows", Duration::from_secs(20), async || {
+                watched.snapshot().deleted >= 5
+            })
+            .await;
             let metrics = relay.metrics().snapshot();
             relay.shutdown().await.unwrap();
             assert_eq!(metrics.deleted, 5);
