@@ -20,7 +20,7 @@ pub async fn client(broker: &Broker) -> Client {
     Client::connect(
         Config::parse(&broker.stomp_uri())
             .expect("uri")
-            .with_receipt_timeout(Duration::from_secs(30)),
+            .with_receipt_timeout(Duration::from_secs(10)),
     )
     .await
     .expect("connect")

@@ -319,6 +319,7 @@ where
     let start = Instant::now();
     let cpu = common::MachineCpu::start();
     let handle = Consumer::new(inbox, award::<DB>(false), config(queue))
+        .expect("consumer settings")
         .spawn(common::client(broker).await)
         .await
         .expect("consumer");
@@ -465,6 +466,7 @@ where
     let latencies = handler.latencies.clone();
     let queue = format!("/queue/Consumer.bench.VirtualTopic.{topic}");
     let consumer = Consumer::new(inbox, handler, config(&queue))
+        .expect("consumer settings")
         .spawn(common::client(broker).await)
         .await
         .expect("consumer");
@@ -476,6 +478,7 @@ where
                 ..RelayConfig::default()
             },
         )
+        .expect("relay settings")
         .spawn();
     let destination = format!("/topic/VirtualTopic.{topic}");
     steady(rate, secs, &latencies, |_, record| {

@@ -102,6 +102,7 @@ where
         handles.push(
             outbox
                 .relay(StompPublisher::new(common::client(broker).await), config)
+                .expect("valid settings")
                 .spawn(),
         );
     }

@@ -246,12 +246,13 @@ async fn start_relay<DB: Backend>(
     };
     let config = RelayConfig {
         // A killed relay's claimed rows are taken over after this long; it
-        // must exceed the receipt timeout above.
-        lease: Duration::from_secs(10),
+        // must exceed the longest publish, about twice the receipt timeout
+        // above.
+        lease: Duration::from_secs(15),
         ..RelayConfig::default()
     };
     Ok(Some(
-        outbox.relay(StompPublisher::new(client), config).spawn(),
+        outbox.relay(StompPublisher::new(client), config)?.spawn(),
     ))
 }
 

@@ -151,11 +151,13 @@ macro_rules! cut_suite {
                 Points,
                 quick_consumer("/queue/Consumer.points.VirtualTopic.cut.user.created"),
             )
+            .expect("valid settings")
             .spawn(client(&broker).await)
             .await
             .unwrap();
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), quick_relay())
+                .expect("valid settings")
                 .spawn();
 
             let producer = {

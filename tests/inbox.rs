@@ -161,7 +161,7 @@ macro_rules! inbox_suite {
                 quick(&ConsumerConfig::virtual_topic("points", "user.created").destination),
             );
             // Subscribing creates the Virtual Topic consumer queue.
-            let handle = consumer.spawn(client(&broker).await).await.unwrap();
+            let handle = consumer.expect("valid settings").spawn(client(&broker).await).await.unwrap();
             let producer = client(&broker).await;
             let topic = "/topic/VirtualTopic.user.created";
             send(&producer, topic, "e-1", &user(1)).await;
@@ -210,7 +210,7 @@ macro_rules! inbox_suite {
                     .unwrap();
             }
             let handle = Consumer::new(inbox.clone(), points_handler(&Faults::default()), quick(dest))
-                .spawn(client(&broker).await)
+                .expect("valid settings").spawn(client(&broker).await)
                 .await
                 .unwrap();
             let metrics = handle.metrics().clone();
@@ -244,7 +244,7 @@ macro_rules! inbox_suite {
             // arrive together.
             let config = ConsumerConfig { concurrency: 1, batch_size: 16, ..quick(dest) };
             let handle = Consumer::new(inbox.clone(), points_handler(&faults), config)
-                .spawn(client(&broker).await)
+                .expect("valid settings").spawn(client(&broker).await)
                 .await
                 .unwrap();
             eventually("four applied", Duration::from_secs(30), || {
@@ -272,7 +272,7 @@ macro_rules! inbox_suite {
             faults.0.lock().unwrap().extend([(1, 3), (2, u32::MAX)]);
             let dest = "/queue/test.inbox.retry";
             let handle = Consumer::new(inbox.clone(), points_handler(&faults), quick(dest))
-                .spawn(client(&broker).await)
+                .expect("valid settings").spawn(client(&broker).await)
                 .await
                 .unwrap();
             let producer = client(&broker).await;
@@ -347,7 +347,7 @@ macro_rules! inbox_suite {
             assert!(committed_before_restart >= 1, "the after_commit child committed at least one event");
 
             let handle = Consumer::new(inbox.clone(), points_handler(&Faults::default()), quick(dest))
-                .spawn(client(&broker).await)
+                .expect("valid settings").spawn(client(&broker).await)
                 .await
                 .unwrap();
             eventually("all 30 applied", Duration::from_secs(60), || {
@@ -381,7 +381,7 @@ macro_rules! inbox_suite {
             let inbox = Inbox::new(pool, "points").unwrap();
             let client = Client::connect(outbox::stomp::Config::parse(&broker).unwrap()).await.unwrap();
             let handle = Consumer::new(inbox, points_handler(&Faults::default()), quick(&queue))
-                .spawn(client)
+                .expect("valid settings").spawn(client)
                 .await
                 .unwrap();
             // The armed failpoint ends this process; a timeout means it never fired.
@@ -400,7 +400,7 @@ macro_rules! inbox_suite {
             let order = handler.order.clone();
             let config = ConsumerConfig { per_key_order: true, concurrency: 4, ..quick(dest) };
             let handle = Consumer::new(inbox.clone(), handler, config)
-                .spawn(client(&broker).await)
+                .expect("valid settings").spawn(client(&broker).await)
                 .await
                 .unwrap();
             let producer = client(&broker).await;
@@ -440,7 +440,7 @@ macro_rules! inbox_suite {
             let config = ConsumerConfig { concurrency: 2, ..quick(dest) };
             let slow = Points { delay: Duration::from_millis(20), ..points_handler(&Faults::default()) };
             let handle = Consumer::new(inbox.clone(), slow, config)
-                .spawn(client(&broker).await)
+                .expect("valid settings").spawn(client(&broker).await)
                 .await
                 .unwrap();
             eventually("some events applied", Duration::from_secs(30), || {

@@ -60,7 +60,8 @@ impl From<outbox::core::Error> for AppError {
 fn sleepy_relay() -> RelayConfig {
     RelayConfig {
         poll_interval: Duration::from_secs(60),
-        lease: Duration::from_secs(1),
+        // Longer than a publish on `support::client` can take.
+        lease: Duration::from_secs(5),
         outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
         ..RelayConfig::default()
     }
@@ -280,7 +281,7 @@ macro_rules! macro_suite {
 
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), fast_relay())
-                .spawn();
+                .expect("valid settings").spawn();
             wait_published(&outbox, Duration::from_secs(30)).await;
             let got = drain(&broker, USERS, Duration::from_secs(2)).await;
             relay.shutdown().await.unwrap();
@@ -329,7 +330,7 @@ macro_rules! macro_suite {
             // The relay polls once a minute: only the wake-up makes it publish now.
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), sleepy_relay())
-                .spawn();
+                .expect("valid settings").spawn();
             tokio::time::sleep(Duration::from_millis(500)).await;
 
             let started = tokio::time::Instant::now();
@@ -389,10 +390,10 @@ macro_rules! macro_suite {
             let relays = [
                 outbox
                     .relay(StompPublisher::new(client(&broker).await), fast_relay())
-                    .spawn(),
+                    .expect("valid settings").spawn(),
                 custom
                     .relay(StompPublisher::new(client(&broker).await), fast_relay())
-                    .spawn(),
+                    .expect("valid settings").spawn(),
             ];
             let got = drain(&broker, USERS, Duration::from_secs(2)).await;
             for relay in relays {
@@ -432,7 +433,7 @@ macro_rules! macro_suite {
                 .unwrap();
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), fast_relay())
-                .spawn();
+                .expect("valid settings").spawn();
 
             for (id, name) in [(1, "ada"), (2, "bob"), (3, "cy")] {
                 register_user(&pool, id, name).await.unwrap();
@@ -476,7 +477,7 @@ macro_rules! macro_suite {
             resend.commit(tx).await.unwrap();
             let resend_relay = resend
                 .relay(StompPublisher::new(client(&broker).await), fast_relay())
-                .spawn();
+                .expect("valid settings").spawn();
 
             let recognised = eventually(long, || async {
                 points.metrics().snapshot().1 == 1 && audit.metrics().snapshot().1 == 1

@@ -28,7 +28,8 @@ struct UserCreated {
 fn fast_relay() -> RelayConfig {
     RelayConfig {
         poll_interval: Duration::from_millis(50),
-        lease: Duration::from_secs(1),
+        // Longer than a publish on `support::client` can take.
+        lease: Duration::from_secs(5),
         outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
         ..RelayConfig::default()
     }
@@ -209,7 +210,7 @@ macro_rules! relay_suite {
 
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), fast_relay())
-                .spawn();
+                .expect("valid settings").spawn();
             wait_published(&outbox, Duration::from_secs(30)).await;
             let got = drain(&broker, dest, Duration::from_secs(2)).await;
             relay.shutdown().await.unwrap();
@@ -256,7 +257,7 @@ macro_rules! relay_suite {
             let dest = "/queue/test.outage";
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), fast_relay())
-                .spawn();
+                .expect("valid settings").spawn();
             let mut ids = append_users(&outbox, dest, 0..30, 5).await;
             wait_published(&outbox, Duration::from_secs(30)).await;
             broker.kill().await.unwrap();
@@ -313,7 +314,7 @@ macro_rules! relay_suite {
 
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), fast_relay())
-                .spawn();
+                .expect("valid settings").spawn();
             wait_published(&outbox, Duration::from_secs(30)).await;
             relay.shutdown().await.unwrap();
             let got = drain(&broker, dest, Duration::from_secs(2)).await;
@@ -360,7 +361,7 @@ macro_rules! relay_suite {
                         ..crash_loop_relay()
                     },
                 )
-                .spawn();
+                .expect("valid settings").spawn();
             wait_published(&outbox, Duration::from_secs(60)).await;
             relay.shutdown().await.unwrap();
             let got = tally(&drain(&broker, dest, Duration::from_secs(2)).await);
@@ -382,8 +383,12 @@ macro_rules! relay_suite {
             let pool = sqlx::Pool::<$db>::connect(&url).await.unwrap();
             let outbox = Outbox::new(pool);
             let client =
-                outbox::stomp::Client::connect(outbox::stomp::Config::parse(&broker).unwrap())
-                    .await
+                outbox::stomp::Client::connect(
+                    outbox::stomp::Config::parse(&broker)
+                        .unwrap()
+                        .with_receipt_timeout(Duration::from_secs(2)),
+                )
+                .await
                     .unwrap();
             let mut config = RelayConfig {
                 batch_size: 20,
@@ -396,7 +401,7 @@ macro_rules! relay_suite {
             let relay = outbox.relay(StompPublisher::new(client), config);
             // The armed failpoint ends this process; a timeout means it never fired.
             let _ =
-                tokio::time::timeout(Duration::from_secs(30), relay.run(std::future::pending()))
+                tokio::time::timeout(Duration::from_secs(30), relay.expect("valid settings").run(std::future::pending()))
                     .await;
         }
 
@@ -415,7 +420,7 @@ macro_rules! relay_suite {
                     // which would make a duplicate here.
                     let config = RelayConfig {
                         batch_size: 25,
-                        lease: Duration::from_secs(60),
+                        lease: Duration::from_secs(120),
                         ..fast_relay()
                     };
                     let patient = outbox::stomp::Client::connect(
@@ -425,7 +430,7 @@ macro_rules! relay_suite {
                     )
                     .await
                     .unwrap();
-                    handles.push(outbox.relay(StompPublisher::new(patient), config).spawn());
+                    handles.push(outbox.relay(StompPublisher::new(patient), config).expect("valid settings").spawn());
                 }
                 let base = round * 1000;
                 let ids = append_users(&outbox, &dest, base..base + 300, 10).await;
@@ -483,7 +488,7 @@ macro_rules! relay_suite {
                 retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(40)),
                 ..fast_relay()
             };
-            let relay = outbox.relay(publisher.clone(), config).spawn();
+            let relay = outbox.relay(publisher.clone(), config).expect("valid settings").spawn();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
             while outbox.backlog().await.unwrap().parked == 0 {
                 assert!(tokio::time::Instant::now() < deadline, "never parked");
@@ -562,7 +567,7 @@ macro_rules! relay_suite {
                 lease: Duration::from_secs(600),
                 ..fast_relay()
             };
-            let relay = outbox.relay(publisher.clone(), config).spawn();
+            let relay = outbox.relay(publisher.clone(), config).expect("valid settings").spawn();
             // Appends in one transaction, checks the rows are leased to the
             // relay before the commit, commits.
             let append_handed_off = async |events: &[Event]| {
@@ -632,7 +637,7 @@ macro_rules! relay_suite {
                 lease: Duration::from_secs(600),
                 ..fast_relay()
             };
-            let relay = outbox.relay(publisher.clone(), config).spawn();
+            let relay = outbox.relay(publisher.clone(), config).expect("valid settings").spawn();
             let append = async |n: i64, key: &str| {
                 let mut tx = outbox.pool().begin().await.unwrap();
                 let event = Event::json("ok", dest, &n).unwrap().with_key(key);
@@ -682,7 +687,7 @@ macro_rules! relay_suite {
                 outage_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(100)),
                 ..fast_relay()
             };
-            let relay = outbox.relay(publisher.clone(), config).spawn();
+            let relay = outbox.relay(publisher.clone(), config).expect("valid settings").spawn();
             let metrics = relay.metrics().clone();
             let append = async |n: i64| {
                 let mut tx = outbox.pool().begin().await.unwrap();
@@ -793,7 +798,7 @@ macro_rules! relay_suite {
                         ..fast_relay()
                     },
                 )
-                .spawn();
+                .expect("valid settings").spawn();
             wait_published(&outbox, Duration::from_secs(30)).await;
             relay.shutdown().await.unwrap();
             let got = drain(&broker, dest, Duration::from_secs(2)).await;
@@ -820,8 +825,12 @@ macro_rules! relay_suite {
             let pool = sqlx::Pool::<$db>::connect(&url).await.unwrap();
             let outbox = Outbox::new(pool);
             let client =
-                outbox::stomp::Client::connect(outbox::stomp::Config::parse(&broker).unwrap())
-                    .await
+                outbox::stomp::Client::connect(
+                    outbox::stomp::Config::parse(&broker)
+                        .unwrap()
+                        .with_receipt_timeout(Duration::from_secs(2)),
+                )
+                .await
                     .unwrap();
             let relay = outbox
                 .relay(
@@ -833,7 +842,7 @@ macro_rules! relay_suite {
                         ..fast_relay()
                     },
                 )
-                .spawn();
+                .expect("valid settings").spawn();
             let events: Vec<Event> = (from..from + 50)
                 .map(|i| {
                     Event::json(
@@ -868,7 +877,7 @@ macro_rules! relay_suite {
                 retention: None,
                 ..fast_relay()
             };
-            let relay = outbox.relay(Scripted::default(), no_retention).spawn();
+            let relay = outbox.relay(Scripted::default(), no_retention).expect("valid settings").spawn();
             wait_published(&outbox, Duration::from_secs(10)).await;
             relay.shutdown().await.unwrap();
             append_users(&outbox, dest, 5..8, 5).await;
@@ -879,7 +888,7 @@ macro_rules! relay_suite {
                 ..fast_relay()
             };
             // A publisher that refuses everything: the 3 new rows stay NEW.
-            let relay = outbox.relay(Refuse, config).spawn();
+            let relay = outbox.relay(Refuse, config).expect("valid settings").spawn();
             // Waits for retention to act instead of a fixed time, which a
             // loaded machine can overrun.
             let watched = relay.metrics().clone();
@@ -966,7 +975,10 @@ mod postgres_notify {
             handoff: false,
             ..fast_relay()
         };
-        let relay = outbox.relay(publisher.clone(), config).spawn();
+        let relay = outbox
+            .relay(publisher.clone(), config)
+            .expect("valid settings")
+            .spawn();
         tokio::time::sleep(Duration::from_millis(500)).await; // LISTEN is up
         let mut tx = db.pool().begin().await.unwrap();
         outbox

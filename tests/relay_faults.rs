@@ -142,7 +142,10 @@ async fn an_outage_of_three_receipt_timeouts_resends_only_what_was_in_flight_in_
         inner: StompPublisher::new(client.clone()),
         failed: Arc::default(),
     };
-    let relay = outbox.relay(publisher.clone(), relay_config(BATCH)).spawn();
+    let relay = outbox
+        .relay(publisher.clone(), relay_config(BATCH))
+        .expect("valid settings")
+        .spawn();
 
     // Events flow at full rate while the broker goes away.
     let producer = {
@@ -232,6 +235,7 @@ async fn a_broker_frozen_with_megabytes_queued_is_failed_over_and_every_event_ar
     let client = Client::connect(client_config(&uri)).await.unwrap();
     let relay = outbox
         .relay(StompPublisher::new(client.clone()), relay_config(100))
+        .expect("valid settings")
         .spawn();
     // 8 KiB per event: a batch is most of a megabyte.
     let producer = {
@@ -317,10 +321,12 @@ async fn a_login_refused_on_reconnect_stops_the_relay_and_the_consumer_with_the_
     let consumer_client = Client::connect(config()).await.unwrap();
     let relay = outbox
         .relay(StompPublisher::new(relay_client.clone()), relay_config(50))
+        .expect("valid settings")
         .spawn();
     let inbox = Inbox::new(outbox.pool().clone(), "login-test").unwrap();
     inbox.migrate().await.unwrap();
     let consumer = Consumer::new(inbox, Nothing, ConsumerConfig::new(DESTINATION))
+        .expect("valid settings")
         .spawn(consumer_client.clone())
         .await
         .unwrap();

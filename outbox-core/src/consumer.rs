@@ -142,6 +142,61 @@ impl ConsumerConfig {
     }
 }
 
+/// The largest [`ConsumerConfig::batch_size`] and
+/// [`ConsumerConfig::concurrency`]: a batch's inbox rows are inserted with one
+/// statement, well within every database's limit on bound parameters.
+pub const MAX_CONSUMER_BATCH: usize = 1000;
+
+impl ConsumerConfig {
+    /// Checks the settings; [`Consumer::new`] calls it.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |setting, reason: String| Err(Error::InvalidConfig { setting, reason });
+        if self.destination.trim().is_empty() {
+            return invalid(
+                "ConsumerConfig::destination",
+                "is empty; name a queue such as /queue/orders".to_owned(),
+            );
+        }
+        for (setting, value) in [
+            ("ConsumerConfig::concurrency", self.concurrency),
+            ("ConsumerConfig::batch_size", self.batch_size),
+        ] {
+            if value == 0 || value > MAX_CONSUMER_BATCH {
+                return invalid(
+                    setting,
+                    format!("{value} is outside 1..={MAX_CONSUMER_BATCH}"),
+                );
+            }
+        }
+        if self.prefetch == Some(0) {
+            return invalid(
+                "ConsumerConfig::prefetch",
+                "0 would let the broker send nothing; use 1 or more, or None".to_owned(),
+            );
+        }
+        if self.max_attempts == 0 {
+            return invalid(
+                "ConsumerConfig::max_attempts",
+                "0 would park every event before its handler ran; use 1 or more".to_owned(),
+            );
+        }
+        for (setting, value) in [
+            ("ConsumerConfig::retry_backoff", self.retry_backoff.max),
+            ("ConsumerConfig::retry_poll", self.retry_poll),
+            (
+                "ConsumerConfig::retention_interval",
+                self.retention_interval,
+            ),
+        ] {
+            crate::relay::bounded(setting, value)?;
+        }
+        if let Some(keep) = self.retention {
+            crate::relay::bounded("ConsumerConfig::retention", keep)?;
+        }
+        Ok(())
+    }
+}
+
 /// Counters of one consumer.
 #[derive(Debug, Default)]
 pub struct ConsumerMetrics {
@@ -215,7 +270,7 @@ impl ConsumerHandle {
         let _ = self.stop.send(true);
         match self.task.await {
             Ok(result) => result,
-            Err(join) => Err(Error::InvalidEvent(format!("consumer task failed: {join}"))),
+            Err(join) => Err(Error::TaskFailed(format!("consumer: {join}"))),
         }
     }
 }
@@ -230,9 +285,15 @@ enum Outcome {
 
 impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     /// A consumer that applies `handler` to the messages of
-    /// `config.destination`, recording them in `inbox`.
-    pub fn new(inbox: Inbox<DB>, handler: H, config: ConsumerConfig) -> Consumer<DB, H> {
-        Consumer {
+    /// `config.destination`, recording them in `inbox`. The settings are
+    /// checked first ([`ConsumerConfig::validate`]).
+    pub fn new(
+        inbox: Inbox<DB>,
+        handler: H,
+        config: ConsumerConfig,
+    ) -> Result<Consumer<DB, H>, Error> {
+        config.validate()?;
+        Ok(Consumer {
             shared: Arc::new(Shared {
                 inbox,
                 handler,
@@ -240,7 +301,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                 metrics: Arc::default(),
                 gate: WriteGate::new(DB::DIALECT),
             }),
-        }
+        })
     }
 
     /// The counters.

@@ -25,6 +25,15 @@ pub enum Error {
         /// Why, worded as the fix.
         reason: &'static str,
     },
+    /// A relay or consumer setting is out of its range; the reason says the
+    /// fix.
+    #[error("invalid setting {setting}: {reason}")]
+    InvalidConfig {
+        /// The setting, e.g. "RelayConfig::lease".
+        setting: &'static str,
+        /// Why, worded as the fix.
+        reason: String,
+    },
     /// An event could not be turned into a message.
     #[error("event {event_type:?} could not be serialized: {source}")]
     Serialize {
@@ -44,6 +53,10 @@ pub enum Error {
     /// the reconnect attempts ran out): the relay or consumer stopped.
     #[error("the broker connection ended for good: {0}")]
     BrokerGone(String),
+    /// A relay's or consumer's task ended abnormally (it panicked or was
+    /// cancelled).
+    #[error("task failed: {0}")]
+    TaskFailed(String),
     /// The schema in the database is newer than this library knows.
     #[error(
         "table {table} is at schema version {found}, newer than this library's {known}; upgrade the outbox crates"

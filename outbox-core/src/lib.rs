@@ -42,14 +42,15 @@ mod wake;
 pub use backend::Backend;
 pub use backoff::Backoff;
 pub use consumer::{
-    BoxFuture, Consumer, ConsumerConfig, ConsumerHandle, ConsumerMetrics, Handler, decode_json,
+    BoxFuture, Consumer, ConsumerConfig, ConsumerHandle, ConsumerMetrics, Handler,
+    MAX_CONSUMER_BATCH, decode_json,
 };
 pub use error::{Error, HandlerError, PublishError, PublishErrorKind};
 pub use event::{Event, JSON, OutboxMessage};
 pub use inbox::{DEFAULT_INBOX_TABLE, Delivery, Inbox, InboxCounts, ParkedDelivery};
 pub use names::TableName;
 pub use outbox::{Backlog, DEFAULT_OUTBOX_TABLE, Outbox, ParkedEvent};
-pub use relay::{Relay, RelayConfig, RelayCounts, RelayHandle, RelayMetrics};
+pub use relay::{MAX_RELAY_BATCH, Relay, RelayConfig, RelayCounts, RelayHandle, RelayMetrics};
 pub use transport::{Publisher, StompPublisher, message_for};
 pub use wake::wake;
 

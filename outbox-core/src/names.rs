@@ -83,6 +83,10 @@ pub(crate) fn now_ms() -> i64 {
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Longest `relay_id`: it is stored in `claimed_by` and `outbox_lease.holder`
+/// (`VARCHAR(64)`), as the hand-off token `{relay_id}-h`.
+pub(crate) const RELAY_ID_MAX: usize = 62;
+
 /// A duration in whole milliseconds, saturating.
 pub(crate) fn ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)

@@ -172,9 +172,17 @@ impl<DB: Backend> Outbox<DB> {
         wake::wake(self.table());
     }
 
-    /// Starts building a relay for this outbox.
-    pub fn relay<P: Publisher>(&self, publisher: P, config: RelayConfig) -> Relay<DB, P> {
-        Relay::new(self.clone(), publisher, config)
+    /// A relay for this outbox, publishing through `publisher`. The settings
+    /// are checked first ([`RelayConfig::validate`]): an
+    /// [`Error::InvalidConfig`] names the one out of range, for instance a
+    /// lease not longer than a publish can take.
+    pub fn relay<P: Publisher>(
+        &self,
+        publisher: P,
+        config: RelayConfig,
+    ) -> Result<Relay<DB, P>, Error> {
+        config.validate(publisher.max_publish_time())?;
+        Ok(Relay::new(self.clone(), publisher, config))
     }
 
     /// Backlog size, oldest waiting row and parked rows.

@@ -54,7 +54,9 @@ pub struct RelayConfig {
     /// Rows per claim and per STOMP transaction (default 500).
     pub batch_size: u32,
     /// How long a claim holds before another relay may take the rows (default
-    /// 30 s). Must exceed the time a publish can take (the client's receipt timeout).
+    /// 30 s). Must exceed the time a publish can take
+    /// ([`Publisher::max_publish_time`]: about twice the STOMP client's
+    /// receipt timeout, 21 s by default); [`Outbox::relay`] checks it.
     pub lease: Duration,
     /// Fallback poll when no wake-up arrives (default 100 ms).
     pub poll_interval: Duration,
@@ -103,6 +105,92 @@ impl Default for RelayConfig {
     }
 }
 
+/// The largest [`RelayConfig::batch_size`]: a claim binds one parameter per
+/// row, well within every database's limit (SQLite's is 32,766).
+pub const MAX_RELAY_BATCH: u32 = 10_000;
+
+/// The longest duration a setting may have (ten years): every deadline
+/// computed from one stays far from overflowing.
+pub(crate) const MAX_SETTING: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Checks that `value` is at most [`MAX_SETTING`].
+pub(crate) fn bounded(setting: &'static str, value: Duration) -> Result<(), Error> {
+    if value > MAX_SETTING {
+        return Err(Error::InvalidConfig {
+            setting,
+            reason: format!("{value:?} is longer than ten years; use a shorter duration"),
+        });
+    }
+    Ok(())
+}
+
+impl RelayConfig {
+    /// Checks the settings against each other and against a publish that
+    /// can take up to `max_publish` ([`Publisher::max_publish_time`]).
+    /// [`Outbox::relay`] calls it; a relay never starts with settings that
+    /// would let another relay take rows still on their way.
+    pub fn validate(&self, max_publish: Option<Duration>) -> Result<(), Error> {
+        let invalid = |setting, reason: String| Err(Error::InvalidConfig { setting, reason });
+        if self.batch_size == 0 || self.batch_size > MAX_RELAY_BATCH {
+            return invalid(
+                "RelayConfig::batch_size",
+                format!("{} is outside 1..={MAX_RELAY_BATCH}", self.batch_size),
+            );
+        }
+        if self.max_attempts == 0 {
+            return invalid(
+                "RelayConfig::max_attempts",
+                "0 would park every row at its first rejection; use 1 or more".to_owned(),
+            );
+        }
+        if self.relay_id.is_empty() || self.relay_id.len() > crate::names::RELAY_ID_MAX {
+            return invalid(
+                "RelayConfig::relay_id",
+                format!(
+                    "{:?} must be 1 to {} bytes (it is stored in claimed_by with a suffix)",
+                    self.relay_id,
+                    crate::names::RELAY_ID_MAX
+                ),
+            );
+        }
+        if self.relay_id.chars().any(char::is_control) {
+            return invalid(
+                "RelayConfig::relay_id",
+                format!("{:?} holds a control character", self.relay_id),
+            );
+        }
+        for (setting, value) in [
+            ("RelayConfig::lease", self.lease),
+            ("RelayConfig::poll_interval", self.poll_interval),
+            ("RelayConfig::retry_backoff", self.retry_backoff.max),
+            ("RelayConfig::outage_backoff", self.outage_backoff.max),
+            ("RelayConfig::retention_interval", self.retention_interval),
+        ] {
+            bounded(setting, value)?;
+        }
+        if let Some(keep) = self.retention {
+            bounded("RelayConfig::retention", keep)?;
+        }
+        if self.lease.is_zero() {
+            return invalid("RelayConfig::lease", "must be longer than zero".to_owned());
+        }
+        if let Some(publish) = max_publish
+            && self.lease <= publish
+        {
+            return invalid(
+                "RelayConfig::lease",
+                format!(
+                    "{:?} is not longer than a publish can take ({publish:?}: about twice the \
+                     STOMP receipt timeout): another relay could take rows still on their way; \
+                     raise the lease or lower the receipt timeout",
+                    self.lease
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Counters of one relay, shared with whoever holds the `Arc`.
 #[derive(Debug, Default)]
 pub struct RelayMetrics {
@@ -120,6 +208,9 @@ pub struct RelayMetrics {
     pub unavailable: AtomicU64,
     /// Published rows deleted by retention.
     pub deleted: AtomicU64,
+    /// Database errors the relay backed off from (claim, mark, release,
+    /// reject); it keeps going after each.
+    pub db_errors: AtomicU64,
     /// 1 once the relay stopped because its broker connection ended for good.
     pub stopped: AtomicU64,
 }
@@ -137,6 +228,8 @@ pub struct RelayCounts {
     pub unavailable: u64,
     /// Published rows deleted by retention.
     pub deleted: u64,
+    /// Database errors the relay backed off from.
+    pub db_errors: u64,
     /// 1 once the relay stopped because its broker connection ended for good.
     pub stopped: u64,
 }
@@ -150,6 +243,7 @@ impl RelayMetrics {
             failed: self.failed.load(Ordering::Relaxed),
             unavailable: self.unavailable.load(Ordering::Relaxed),
             deleted: self.deleted.load(Ordering::Relaxed),
+            db_errors: self.db_errors.load(Ordering::Relaxed),
             stopped: self.stopped.load(Ordering::Relaxed),
         }
     }
@@ -226,8 +320,16 @@ impl RelayHandle {
         let _ = self.stop.send(true);
         match self.task.await {
             Ok(result) => result,
-            Err(join) => Err(Error::InvalidEvent(format!("relay task failed: {join}"))),
+            Err(join) => Err(Error::TaskFailed(format!("relay: {join}"))),
         }
+    }
+
+    /// `true` once the relay's task has ended, which before
+    /// [`shutdown`](RelayHandle::shutdown) only happens when it stopped for
+    /// good ([`Error::BrokerGone`]) or its task panicked; `shutdown` then
+    /// returns why.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
     }
 }
 
@@ -373,7 +475,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                         }
                         Err(error) => {
                             if let Ok(Some(next)) = following {
-                                self.release(&next, None).await?;
+                                self.give_back_claimed(&next).await;
                             }
                             // Marked first: giving the batch back may give back
                             // every row under its token.
@@ -404,6 +506,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 }
                 Err(error) => {
                     db_failures += 1;
+                    self.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, "relay step failed");
                     Some(self.config.outage_backoff.delay(db_failures - 1))
                 }
@@ -446,17 +549,21 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         if let Some(handoff) = &handoff {
             handoff.active.store(false, Ordering::Release);
         }
-        let marked = marks.settle().await;
-        if let Some(claimed) = ready.take() {
-            self.release(&claimed, None).await?;
-        }
-        if handoff.is_some() {
-            self.release_token(&self.handoff_token, None).await?;
-        }
-        drop(handoff);
-        marked?;
+        // Each step is tried even if one before it failed; rows not given back
+        // stay leased and are taken by any relay when the lease runs out.
         if let Some(listener) = listener {
             listener.abort();
+        }
+        let mut ended = marks.settle().await;
+        if let Some(claimed) = ready.take() {
+            ended = ended.and(self.release(&claimed, None).await);
+        }
+        if handoff.is_some() {
+            ended = ended.and(self.release_token(&self.handoff_token, None).await);
+        }
+        drop(handoff);
+        if let Err(error) = &ended {
+            tracing::warn!(relay = %self.config.relay_id, %error, "relay stopped; some rows stay leased until their lease runs out");
         }
         if let Some(reason) = stopped {
             tracing::error!(relay = %self.config.relay_id, %reason, "relay stopped: the broker connection ended for good");
@@ -464,7 +571,17 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             return Err(Error::BrokerGone(reason));
         }
         tracing::info!(relay = %self.config.relay_id, "relay stopped");
-        Ok(())
+        ended
+    }
+
+    /// Gives back a batch claimed ahead whose predecessor failed. If that
+    /// fails too, its rows stay leased to this relay until the lease runs
+    /// out, and are claimed again then: late, never lost.
+    async fn give_back_claimed(&self, claimed: &Claimed) {
+        if let Err(error) = self.release(claimed, None).await {
+            self.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, rows = claimed.batch.len(), "could not give back a batch; it is taken again when its lease runs out");
+        }
     }
 
     /// Publishes a handed-off batch. Rows committed while it is on the wire
@@ -523,7 +640,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             // The batch behind it goes back too, even if it arrived: it is
             // published again later (same event ids).
             if let Ok(Some((next, _))) = following {
-                self.release(&next, None).await?;
+                self.give_back_claimed(&next).await;
             }
             marks.drain().await;
             return self.publish_failed(&current, error).await;
@@ -1199,7 +1316,108 @@ fn to_message(mut row: Vec<Cell>) -> OutboxMessage {
 
 #[cfg(test)]
 mod tests {
-    use super::claim_token;
+    use super::{RelayConfig, claim_token};
+    use crate::Error;
+    use std::time::Duration;
+
+    fn refused(config: &RelayConfig, publish: Option<Duration>) -> &'static str {
+        match config.validate(publish) {
+            Err(Error::InvalidConfig { setting, .. }) => setting,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused_with_the_setting_named() {
+        let ok = RelayConfig::default();
+        ok.validate(Some(Duration::from_secs(21))).unwrap();
+        ok.validate(None).unwrap();
+        // The lease must outlast the longest publish.
+        assert_eq!(
+            refused(&ok, Some(Duration::from_secs(30))),
+            "RelayConfig::lease"
+        );
+        let cases = [
+            (
+                RelayConfig {
+                    batch_size: 0,
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::batch_size",
+            ),
+            (
+                RelayConfig {
+                    batch_size: 10_001,
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::batch_size",
+            ),
+            (
+                RelayConfig {
+                    max_attempts: 0,
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::max_attempts",
+            ),
+            (
+                RelayConfig {
+                    relay_id: String::new(),
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::relay_id",
+            ),
+            (
+                RelayConfig {
+                    relay_id: "r".repeat(63),
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::relay_id",
+            ),
+            (
+                RelayConfig {
+                    relay_id: "a\nb".into(),
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::relay_id",
+            ),
+            (
+                RelayConfig {
+                    lease: Duration::ZERO,
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::lease",
+            ),
+            (
+                RelayConfig {
+                    lease: Duration::MAX,
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::lease",
+            ),
+            (
+                RelayConfig {
+                    retention: Some(Duration::MAX),
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::retention",
+            ),
+            (
+                RelayConfig {
+                    retry_backoff: crate::Backoff::new(Duration::from_secs(1), Duration::MAX),
+                    ..RelayConfig::default()
+                },
+                "RelayConfig::retry_backoff",
+            ),
+        ];
+        for (config, setting) in cases {
+            assert_eq!(refused(&config, None), setting);
+        }
+        let longest = RelayConfig {
+            relay_id: "r".repeat(62),
+            ..RelayConfig::default()
+        };
+        longest.validate(None).unwrap();
+    }
 
     #[test]
     fn claim_tokens_differ_per_incarnation_and_fit_the_column_for_any_relay_id() {

@@ -6,6 +6,7 @@
 //! `COMMIT` with a receipt — so a batch is delivered whole or not at all.
 
 use std::future::Future;
+use std::time::Duration;
 
 #[cfg(test)]
 use bytes::Bytes;
@@ -22,6 +23,14 @@ pub trait Publisher: Send + Sync + 'static {
         &self,
         batch: &[OutboxMessage],
     ) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// The longest one [`publish`](Publisher::publish) can take before it
+    /// fails, if the publisher knows it. The relay's lease must be longer
+    /// (checked by [`Outbox::relay`](crate::Outbox::relay)), or another relay
+    /// could take rows that are still on their way. The default: unknown.
+    fn max_publish_time(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Publishes through an [`outbox_stomp::Client`]: one STOMP transaction per batch
@@ -68,6 +77,13 @@ pub fn message_for(m: &OutboxMessage) -> Outgoing {
 }
 
 impl Publisher for StompPublisher {
+    /// Twice the client's [`Client::max_wait`] (about twice the receipt
+    /// timeout): a batch's BEGIN waits at most that long to reach a live
+    /// connection, its COMMIT at most that long for the broker's receipt.
+    fn max_publish_time(&self) -> Option<Duration> {
+        Some(self.client.max_wait().saturating_mul(2))
+    }
+
     async fn publish(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
         let classify = |error| classify(&self.client, error);
         if let [one] = batch {

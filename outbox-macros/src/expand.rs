@@ -309,11 +309,7 @@ fn expand_consumer(c: &Consumer) -> TokenStream {
                 ::outbox::__private::Consumer<#db, Self>,
                 ::outbox::__private::Error,
             > {
-                ::core::result::Result::Ok(::outbox::__private::Consumer::new(
-                    Self::inbox(pool)?,
-                    #name,
-                    config,
-                ))
+                ::outbox::__private::Consumer::new(Self::inbox(pool)?, #name, config)
             }
         }
 

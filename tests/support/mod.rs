@@ -33,12 +33,13 @@ pub async fn broker() -> Broker {
         .expect("ActiveMQ test broker")
 }
 
-/// A client that reconnects quickly and waits at most 5 s for receipts.
+/// A client that reconnects quickly and waits at most 2 s for receipts, so
+/// a relay on it may hold a lease of 5 s (longer than a publish can take).
 pub async fn client(broker: &Broker) -> Client {
     Client::connect(
         Config::parse(&broker.stomp_uri())
             .expect("broker URI")
-            .with_receipt_timeout(Duration::from_secs(5)),
+            .with_receipt_timeout(Duration::from_secs(2)),
     )
     .await
     .expect("connect to the test broker")

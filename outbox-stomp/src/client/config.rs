@@ -36,7 +36,7 @@ pub struct Config {
     pub write_timeout: Option<Duration>,
     /// How long to wait for TCP connect plus CONNECTED (default 10 s).
     pub connect_timeout: Duration,
-    /// How long a request waits for its receipt (default 30 s).
+    /// How long a request waits for its receipt (default 10 s).
     pub receipt_timeout: Duration,
     /// Codec limits.
     pub limits: Limits,
@@ -81,7 +81,7 @@ impl Config {
             heart_beat_grace: 2.5,
             write_timeout: None,
             connect_timeout: Duration::from_secs(10),
-            receipt_timeout: Duration::from_secs(30),
+            receipt_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             tls_ca_file: None,
             tls_server_name: None,

@@ -152,6 +152,12 @@ pub(crate) fn sweep_every(config: &Config) -> Duration {
     (config.receipt_timeout / 20).clamp(Duration::from_millis(10), Duration::from_millis(250))
 }
 
+/// How long past its deadline a caller waits for the loop's answer: the
+/// loop answers at its next sweep.
+fn answer_margin(config: &Config) -> Duration {
+    sweep_every(config) * 2 + Duration::from_millis(50)
+}
+
 /// A STOMP connection handle. Cloning is cheap; all clones share one
 /// connection. The connection closes when [`Client::disconnect`] is called or
 /// the last handle (including subscriptions and messages) is dropped.
@@ -195,6 +201,18 @@ impl Client {
         };
         tokio::spawn(event_loop.run(conn));
         Ok(Client { tx, shared })
+    }
+
+    /// The longest one request can wait before it is answered or fails: the
+    /// receipt timeout (for a live connection, then for the receipt) and the
+    /// margin of the loop's deadline sweep.
+    pub fn max_wait(&self) -> Duration {
+        self.shared.config.receipt_timeout + answer_margin(&self.shared.config)
+    }
+
+    /// The settings this client was built with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
     }
 
     /// What the broker said in its latest CONNECTED frame.
@@ -268,7 +286,7 @@ impl Client {
         deadline: Instant,
         receipt: String,
     ) -> Result<(), Error> {
-        let margin = sweep_every(&self.shared.config) * 2 + Duration::from_millis(50);
+        let margin = answer_margin(&self.shared.config);
         match tokio::time::timeout_at(deadline + margin, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) if self.is_closed() => Err(Error::Closed),
