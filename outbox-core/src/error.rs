@@ -43,6 +43,17 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// An event's message would be larger than the broker accepts
+    /// ([`Outbox::with_limits`](crate::Outbox::with_limits)); the broker would
+    /// refuse it and close the connection.
+    #[error("event {event_type:?} is too large for the broker: {source}")]
+    EventTooLarge {
+        /// The event type being appended.
+        event_type: String,
+        /// Which limit, by how much.
+        #[source]
+        source: outbox_stomp::FrameTooLarge,
+    },
     /// An event field is not acceptable (empty destination, header with a newline…).
     #[error("invalid event: {0}")]
     InvalidEvent(String),

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use outbox_stomp::BrokerLimits;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -26,6 +27,10 @@ const RESERVED_HEADERS: &[&str] = &[
     "ack",
     "amq-msg-type",
 ];
+
+/// Longest header line the relay adds when it sends a message
+/// (`transaction:…` or `receipt:…`).
+const SENT_HEADER_LEN: usize = 64;
 
 /// The content type of JSON payloads.
 pub const JSON: &str = "application/json";
@@ -134,7 +139,9 @@ impl Event {
         &self.content
     }
 
-    pub(crate) fn validate(&self) -> Result<(), Error> {
+    /// Checks the fields, then the message the relay will send for this event
+    /// against `limits`.
+    pub(crate) fn validate(&self, limits: &BrokerLimits) -> Result<(), Error> {
         let bad = |what: String| Err(Error::InvalidEvent(what));
         if self.event_type.is_empty() || self.event_type.len() > 255 {
             return bad(format!(
@@ -169,7 +176,30 @@ impl Event {
                 ));
             }
         }
-        Ok(())
+        // The message as the relay builds it, without copying the payload; the
+        // relay adds one header when it sends (`transaction` or `receipt`).
+        let message = OutboxMessage {
+            id: 0,
+            event_id: self.id.to_string(),
+            event_type: self.event_type.clone(),
+            destination: self.destination.clone(),
+            key: self.key.clone(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            content: Bytes::new(),
+            content_type: self.content_type.clone(),
+            attempts: 0,
+        };
+        let frame = crate::transport::message_for(&message).into_frame();
+        limits
+            .check_sized(&frame, self.content.len(), 1, SENT_HEADER_LEN)
+            .map_err(|source| Error::EventTooLarge {
+                event_type: self.event_type.clone(),
+                source,
+            })
     }
 
     pub(crate) fn headers_json(&self) -> String {

@@ -50,6 +50,7 @@ pub use event::{Event, JSON, OutboxMessage};
 pub use inbox::{DEFAULT_INBOX_TABLE, Delivery, Inbox, InboxCounts, ParkedDelivery};
 pub use names::TableName;
 pub use outbox::{Backlog, DEFAULT_OUTBOX_TABLE, Outbox, ParkedEvent};
+pub use outbox_stomp::{BrokerLimits, FrameTooLarge};
 pub use relay::{MAX_RELAY_BATCH, Relay, RelayConfig, RelayCounts, RelayHandle, RelayMetrics};
 pub use transport::{Publisher, StompPublisher, message_for};
 pub use wake::wake;

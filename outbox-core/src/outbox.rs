@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use outbox_stomp::BrokerLimits;
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
@@ -41,7 +42,9 @@ pub struct Outbox<DB: Backend> {
 pub(crate) struct Inner<DB: Backend> {
     pub(crate) pool: Pool<DB>,
     pub(crate) pool_id: PoolId,
-    pub(crate) sql: OutboxSql,
+    pub(crate) sql: Arc<OutboxSql>,
+    /// What the broker accepts; events beyond it are refused at append.
+    pub(crate) limits: BrokerLimits,
 }
 
 impl<DB: Backend> Clone for Outbox<DB> {
@@ -114,9 +117,31 @@ impl<DB: Backend> Outbox<DB> {
             inner: Arc::new(Inner {
                 pool_id: wake::pool_id(&pool),
                 pool,
-                sql: OutboxSql::new(DB::DIALECT, table),
+                sql: Arc::new(OutboxSql::new(DB::DIALECT, table)),
+                limits: BrokerLimits::default(),
             }),
         }
+    }
+
+    /// This outbox with other broker limits (default: ActiveMQ's,
+    /// [`BrokerLimits::default`]). An event whose message would exceed them
+    /// is refused at append with [`Error::EventTooLarge`], instead of being
+    /// refused by the broker later. Set them to what the broker's transport
+    /// is configured to accept.
+    pub fn with_limits(self, limits: BrokerLimits) -> Outbox<DB> {
+        Outbox {
+            inner: Arc::new(Inner {
+                pool: self.inner.pool.clone(),
+                pool_id: self.inner.pool_id,
+                sql: self.inner.sql.clone(),
+                limits,
+            }),
+        }
+    }
+
+    /// The broker limits events are checked against.
+    pub fn limits(&self) -> &BrokerLimits {
+        &self.inner.limits
     }
 
     /// The pool this outbox uses.
@@ -143,6 +168,7 @@ impl<DB: Backend> Outbox<DB> {
         append_all(
             &self.inner.sql,
             self.inner.pool_id,
+            &self.inner.limits,
             tx,
             std::slice::from_ref(&event),
         )
@@ -156,7 +182,14 @@ impl<DB: Backend> Outbox<DB> {
         tx: &mut Transaction<'_, DB>,
         events: &[Event],
     ) -> Result<Vec<Uuid>, Error> {
-        append_all(&self.inner.sql, self.inner.pool_id, tx, events).await?;
+        append_all(
+            &self.inner.sql,
+            self.inner.pool_id,
+            &self.inner.limits,
+            tx,
+            events,
+        )
+        .await?;
         Ok(events.iter().map(|e| e.id).collect())
     }
 
@@ -313,6 +346,7 @@ const INSERT_CHUNK: usize = 200;
 pub(crate) async fn append_all<DB: Backend>(
     sql: &OutboxSql,
     pool: PoolId,
+    limits: &BrokerLimits,
     tx: &mut Transaction<'_, DB>,
     events: &[Event],
 ) -> Result<(), Error> {
@@ -320,7 +354,7 @@ pub(crate) async fn append_all<DB: Backend>(
         return Ok(());
     }
     for event in events {
-        event.validate()?;
+        event.validate(limits)?;
     }
     let now = now_ms();
     let lease = wake::handoff_lease(sql.table.as_str(), pool, now);
@@ -366,14 +400,16 @@ pub(crate) async fn append_all<DB: Backend>(
 
 /// Appends `events` to the outbox table `table` inside `tx`: what
 /// `#[transactional_event]` producers that receive the caller's transaction
-/// call. The statements are built once per database and table.
+/// call. The statements are built once per database and table; events are
+/// checked against the default [`BrokerLimits`].
 pub async fn append_to_table<DB: Backend>(
     tx: &mut Transaction<'_, DB>,
     table: &str,
     events: &[Event],
 ) -> Result<(), Error> {
     // Without the pool the rows cannot be matched with a relay: no hand-off.
-    append_all(&*statements::<DB>(table)?, 0, tx, events).await
+    let limits = BrokerLimits::default();
+    append_all(&*statements::<DB>(table)?, 0, &limits, tx, events).await
 }
 
 /// As [`append_to_table`], for `#[transactional_event(pool)]` functions: `tx`
@@ -385,7 +421,15 @@ pub async fn append_to_pool_table<DB: Backend>(
     table: &str,
     events: &[Event],
 ) -> Result<(), Error> {
-    append_all(&*statements::<DB>(table)?, wake::pool_id(pool), tx, events).await
+    let limits = BrokerLimits::default();
+    append_all(
+        &*statements::<DB>(table)?,
+        wake::pool_id(pool),
+        &limits,
+        tx,
+        events,
+    )
+    .await
 }
 
 /// The statements of outbox table `table`, built once per database and table.

@@ -39,7 +39,7 @@ mod session;
 mod tls;
 pub mod uri;
 
-pub use activemq::Outgoing;
+pub use activemq::{BrokerLimits, FrameTooLarge, Outgoing};
 pub use client::{
     AckMode, Client, Config, Message, ServerInfo, Subscribe, Subscription, Transaction,
 };

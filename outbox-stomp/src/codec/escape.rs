@@ -56,6 +56,17 @@ pub(super) fn unescape_in_place(field: &mut [u8]) -> usize {
     write
 }
 
+/// The length of `text` escaped for `version` (1.1 or 1.2).
+pub(crate) fn escaped_len(text: &str, version: Version) -> usize {
+    text.len()
+        + text
+            .bytes()
+            .filter(|b| {
+                matches!(b, b'\\' | b'\n' | b':') || (*b == b'\r' && version == Version::V1_2)
+            })
+            .count()
+}
+
 /// Writes `text` escaped for `version` (1.1 or 1.2).
 pub(super) fn escape_into(text: &str, version: Version, dst: &mut BytesMut) {
     let bytes = text.as_bytes();

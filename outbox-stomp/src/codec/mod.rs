@@ -15,7 +15,7 @@
 //! Escaping follows the negotiated [`Version`]: none in 1.0 and never in
 //! CONNECT/STOMP/CONNECTED frames; `\\`, `\n`, `\c` in 1.1; and `\r` in 1.2.
 
-mod escape;
+pub(crate) mod escape;
 mod frame;
 #[cfg(test)]
 mod tests;
