@@ -226,6 +226,97 @@ macro_rules! inbox_suite {
             assert_eq!(metrics.db_errors.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing retried on a column limit");
         }
 
+        /// Writes a `ledger` row per event; the table refuses user 13 every
+        /// time: at COMMIT on PostgreSQL (a deferred unique key) and SQLite (a
+        /// deferred foreign key), at the statement on MySQL (a CHECK).
+        struct Ledger;
+
+        impl Handler<Db> for Ledger {
+            type Event = UserCreated;
+
+            fn decode(&self, delivery: &Delivery) -> Result<UserCreated, String> {
+                decode_json(delivery)
+            }
+
+            fn handle<'a>(
+                &'a self,
+                tx: &'a mut sqlx::Transaction<'static, Db>,
+                event: UserCreated,
+                _delivery: &'a Delivery,
+            ) -> BoxFuture<'a, Result<(), HandlerError>> {
+                Box::pin(async move {
+                    sqlx::query(&format!("INSERT INTO ledger (user_id) VALUES ({})", event.user_id))
+                        .execute(&mut **tx)
+                        .await?;
+                    Ok(())
+                })
+            }
+        }
+
+        async fn refuse_user_13(pool: &sqlx::Pool<Db>) {
+            let statements: &[&str] = match <Db as outbox::core::Backend>::DIALECT.name {
+                "PostgreSQL" => &[
+                    "CREATE TABLE ledger (user_id BIGINT NOT NULL, \
+                     CONSTRAINT ledger_once UNIQUE (user_id) DEFERRABLE INITIALLY DEFERRED)",
+                    "INSERT INTO ledger (user_id) VALUES (13)",
+                ],
+                "SQLite" => &[
+                    "CREATE TABLE ledger_users (id BIGINT PRIMARY KEY)",
+                    "INSERT INTO ledger_users (id) VALUES (10), (11), (12), (14), (15), (16)",
+                    "CREATE TABLE ledger (user_id BIGINT NOT NULL \
+                     REFERENCES ledger_users (id) DEFERRABLE INITIALLY DEFERRED)",
+                ],
+                _ => &["CREATE TABLE ledger (user_id BIGINT NOT NULL, \
+                        CONSTRAINT ledger_not_13 CHECK (user_id <> 13))"],
+            };
+            for sql in statements {
+                sqlx::raw_sql(sql).execute(pool).await.unwrap();
+            }
+        }
+
+        #[tokio::test]
+        async fn a_delivery_whose_write_violates_a_constraint_every_time_is_parked_and_the_rest_of_its_batch_applied() {
+            let Some((db, inbox)) = setup().await else { return };
+            refuse_user_13(db.pool()).await;
+            let broker = broker().await;
+            let dest = "/queue/test.inbox.constraint";
+            let producer = client(&broker).await;
+            for n in 10..=16 {
+                send(&producer, dest, &format!("e-{n}"), &user(n)).await;
+            }
+            // One worker: the waiting messages go into one transaction.
+            let config = ConsumerConfig { concurrency: 1, batch_size: 16, max_attempts: 3, ..quick(dest) };
+            let handle = Consumer::new(inbox.clone(), Ledger, config)
+                .expect("valid settings").spawn(client(&broker).await)
+                .await
+                .unwrap();
+            eventually("six applied and one parked", Duration::from_secs(60), || {
+                let inbox = inbox.clone();
+                async move {
+                    let counts = inbox.counts().await.unwrap();
+                    counts.processed == 6 && counts.failed == 1
+                }
+            })
+            .await;
+            let metrics = handle.metrics().clone();
+            handle.shutdown().await.unwrap();
+            let mut users: Vec<i64> = sqlx::query_scalar("SELECT user_id FROM ledger WHERE user_id <> 13")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+            users.sort();
+            assert_eq!(users, vec![10, 11, 12, 14, 15, 16], "the rest applied once");
+            let parked = inbox.parked(10).await.unwrap();
+            assert_eq!(parked.len(), 1, "{parked:?}");
+            assert_eq!(parked[0].event_id, "e-13");
+            let error = parked[0].last_error.clone().unwrap_or_default();
+            assert!(!error.is_empty(), "parked with its error");
+            assert_eq!(parked[0].content, user(13), "parked with its payload");
+            let counts = inbox.counts().await.unwrap();
+            assert_eq!((counts.processed, counts.retry, counts.failed), (6, 0, 1));
+            println!("parked with {error:?}; {metrics:?}");
+        }
+
         #[tokio::test]
         async fn a_prefilled_queue_with_duplicates_failures_and_bad_payloads_is_applied_once() {
             let Some((_db, inbox)) = setup().await else { return };

@@ -516,48 +516,148 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     stopped: &mut watch::Receiver<bool>,
 ) {
     let deliveries: Vec<Delivery> = messages.iter().map(to_delivery).collect();
+    let outcomes = if let [one] = deliveries.as_slice() {
+        vec![settle_one(shared, one, stopped).await]
+    } else {
+        settle_batch(shared, &deliveries, stopped).await
+    };
+    for outcome in outcomes.iter().flatten() {
+        let counter = match outcome {
+            Outcome::Processed => &shared.metrics.processed,
+            Outcome::Duplicate => &shared.metrics.duplicates,
+            Outcome::Retry => &shared.metrics.retried,
+            Outcome::Parked => &shared.metrics.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    failpoint::hit("inbox.after_commit");
+    // Queued together, the ACKs of a batch leave in one write. A delivery
+    // left unsettled (the consumer stopped) is not acked: the broker
+    // redelivers it.
+    let settled: Vec<(&Message, &Delivery)> = messages
+        .iter()
+        .zip(&deliveries)
+        .zip(&outcomes)
+        .filter(|(_, outcome)| outcome.is_some())
+        .map(|(pair, _)| pair)
+        .collect();
+    let acks = futures_util::future::join_all(settled.iter().map(|(m, _)| m.ack())).await;
+    for (acked, (_, delivery)) in acks.into_iter().zip(&settled) {
+        if let Err(error) = acked {
+            // The broker redelivers it; the inbox row makes that harmless.
+            tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
+        }
+    }
+}
+
+/// Settles several deliveries, in one transaction when it can. A database
+/// error that trying again cannot cure (a value a column refuses, a violated
+/// constraint) settles them one by one instead, so one such delivery never
+/// holds back the others. `None` for a delivery left unsettled because the
+/// consumer stopped.
+async fn settle_batch<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    deliveries: &[Delivery],
+    stopped: &mut watch::Receiver<bool>,
+) -> Vec<Option<Outcome>> {
     let mut failures = 0u32;
     loop {
-        let attempt = if deliveries.len() == 1 {
-            process(shared, &deliveries[0]).await.map(|o| vec![o])
-        } else {
-            process_batch(shared, &deliveries).await
+        let error = match process_batch(shared, deliveries).await {
+            Ok(outcomes) => return outcomes.into_iter().map(Some).collect(),
+            Err(error) => error,
         };
-        match attempt {
-            Ok(outcomes) => {
-                for outcome in &outcomes {
-                    let counter = match outcome {
-                        Outcome::Processed => &shared.metrics.processed,
-                        Outcome::Duplicate => &shared.metrics.duplicates,
-                        Outcome::Retry => &shared.metrics.retried,
-                        Outcome::Parked => &shared.metrics.failed,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-                failpoint::hit("inbox.after_commit");
-                // Queued together, the ACKs of a batch leave in one write.
-                let acks = futures_util::future::join_all(messages.iter().map(Message::ack)).await;
-                for (acked, delivery) in acks.into_iter().zip(&deliveries) {
-                    if let Err(error) = acked {
-                        // The broker redelivers it; the inbox row makes that harmless.
-                        tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
-                    }
-                }
-                return;
+        shared.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+        if error.is_permanent() {
+            tracing::warn!(%error, messages = deliveries.len(), "a delivery of the batch cannot be recorded; settling them one by one");
+            let mut outcomes = Vec::with_capacity(deliveries.len());
+            for delivery in deliveries {
+                outcomes.push(settle_one(shared, delivery, stopped).await);
             }
+            return outcomes;
+        }
+        tracing::warn!(%error, messages = deliveries.len(), "deliveries not settled; will try again");
+        if !pause(shared, &mut failures, stopped).await {
+            return deliveries.iter().map(|_| None).collect();
+        }
+    }
+}
+
+/// Settles one delivery: transient database errors are tried again with
+/// backoff until the consumer stops (`None`); after `max_attempts`
+/// permanent ones the delivery is parked with the error.
+async fn settle_one<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    delivery: &Delivery,
+    stopped: &mut watch::Receiver<bool>,
+) -> Option<Outcome> {
+    let mut failures = 0u32;
+    let mut permanent = 0u32;
+    loop {
+        let error = match process(shared, delivery).await {
+            Ok(outcome) => return Some(outcome),
+            Err(error) => error,
+        };
+        shared.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+        if error.is_permanent() {
+            permanent += 1;
+            if permanent >= shared.config.max_attempts {
+                return park_unrecordable(&shared.inbox, delivery, &error).await;
+            }
+        }
+        tracing::warn!(%error, event_id = delivery.event_id, "delivery not settled; will try again");
+        if !pause(shared, &mut failures, stopped).await {
+            return None;
+        }
+    }
+}
+
+/// Waits the backoff for the `failures`-th failure; `false` if the consumer
+/// stopped meanwhile.
+async fn pause<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    failures: &mut u32,
+    stopped: &mut watch::Receiver<bool>,
+) -> bool {
+    let pause = shared.config.retry_backoff.delay(*failures);
+    *failures = failures.saturating_add(1);
+    tokio::select! {
+        // Unacked: the broker redelivers them after we disconnect.
+        _ = stopped.wait_for(|s| *s) => false,
+        _ = tokio::time::sleep(pause) => true,
+    }
+}
+
+/// Parks a delivery the database keeps refusing, with the error and its
+/// payload; if even that is refused, once more without the fields that may
+/// be at fault (type, key, headers). `None` if it cannot be parked either:
+/// then it stays unacked, and the broker redelivers it to the next
+/// connection.
+async fn park_unrecordable<DB: Backend>(
+    inbox: &Inbox<DB>,
+    delivery: &Delivery,
+    error: &Error,
+) -> Option<Outcome> {
+    let reason = format!("cannot be recorded: {error}");
+    tracing::error!(event_id = delivery.event_id, %error, "delivery parked: the database refuses it");
+    let bare = Delivery {
+        event_type: None,
+        key: None,
+        headers: Vec::new(),
+        ..delivery.clone()
+    };
+    for attempt in [delivery, &bare] {
+        match set_aside(inbox, attempt, "FAILED", &reason, None).await {
+            Ok(outcome) => return Some(outcome),
             Err(error) => {
-                shared.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, messages = deliveries.len(), "deliveries not settled; will try again");
-                let pause = shared.config.retry_backoff.delay(failures);
-                failures = failures.saturating_add(1);
-                tokio::select! {
-                    // Unacked: the broker redelivers them after we disconnect.
-                    _ = stopped.wait_for(|s| *s) => return,
-                    _ = tokio::time::sleep(pause) => {}
-                }
+                tracing::warn!(%error, event_id = delivery.event_id, "could not park the delivery");
             }
         }
     }
+    tracing::error!(
+        event_id = delivery.event_id,
+        "delivery neither recorded nor parked; left unacknowledged for the broker to redeliver"
+    );
+    None
 }
 
 /// Several fresh deliveries in one database transaction: one commit settles
@@ -706,9 +806,10 @@ async fn set_aside<DB: Backend>(
     reason: &str,
     next_attempt_at: Option<i64>,
 ) -> Result<Outcome, Error> {
+    let reason = error_text(reason);
     let mut conn = inbox.acquire().await?;
     let recorded = inbox
-        .record(&mut conn, delivery, state, Some(reason), next_attempt_at)
+        .record(&mut conn, delivery, state, Some(&reason), next_attempt_at)
         .await?;
     Ok(match recorded {
         Recorded::Duplicate => Outcome::Duplicate,
@@ -862,15 +963,32 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
             .map_err(|e| (e.to_string(), false)),
         Err(reason) => Err((reason, true)),
     };
+    let result = match result {
+        Ok(()) => match tx.commit().await {
+            Ok(()) => Ok(()),
+            // A constraint checked at commit fails every time: an attempt
+            // spent, like a failing handler.
+            Err(error) => {
+                let error = Error::db("committing a retry")(error);
+                if !error.is_permanent() {
+                    return Err(error);
+                }
+                Err((error.to_string(), false))
+            }
+        },
+        Err(failed) => {
+            let _ = tx.rollback().await;
+            Err(failed)
+        }
+    };
     match result {
         Ok(()) => {
-            tx.commit().await.map_err(Error::db("committing a retry"))?;
             shared.handler.after_commit(delivery);
             shared.metrics.processed.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
         Err((reason, undecodable)) => {
-            let _ = tx.rollback().await;
+            let reason = error_text(&reason);
             let budget = if undecodable {
                 0
             } else {
@@ -950,6 +1068,19 @@ fn dedup_id(raw: &str) -> String {
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     // "sha256-" and 56 hex digits (224 bits): 63 characters.
     format!("sha256-{}", &hex[..56])
+}
+
+/// Longest error text stored as `last_error`.
+const ERROR_TEXT_MAX: usize = 2000;
+
+/// An error text as the inbox can store it: NUL removed, cut to
+/// [`ERROR_TEXT_MAX`] characters.
+fn error_text(reason: &str) -> String {
+    reason
+        .chars()
+        .filter(|c| *c != '\0')
+        .take(ERROR_TEXT_MAX)
+        .collect()
 }
 
 /// A header value as the inbox can store it: NUL removed (PostgreSQL text

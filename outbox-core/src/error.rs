@@ -94,6 +94,62 @@ impl Error {
     pub(crate) fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
         move |source| Error::Database { action, source }
     }
+
+    /// `true` for a database error that trying again cannot cure: the data
+    /// itself is refused (a value too long or of the wrong kind, an encoding
+    /// the column cannot hold, a violated constraint). Connection trouble,
+    /// deadlocks, serialization failures, lock and pool timeouts are
+    /// transient (`false`), as is everything that is not a database error.
+    /// The consumer parks a delivery after a bounded number of permanent
+    /// errors instead of retrying it for ever.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Database { source, .. } => permanent_db_error(source),
+            _ => false,
+        }
+    }
+}
+
+/// See [`Error::is_permanent`].
+fn permanent_db_error(error: &sqlx::Error) -> bool {
+    use sqlx::error::ErrorKind;
+    let db = match error {
+        sqlx::Error::Database(db) => db,
+        sqlx::Error::Encode(_) => return true,
+        _ => return false,
+    };
+    if matches!(
+        db.kind(),
+        ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation
+    ) {
+        return true;
+    }
+    #[cfg(feature = "mysql")]
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        // Data too long, data truncated, incorrect string value (an
+        // encoding the column cannot hold), value out of range.
+        return matches!(my.number(), 1264 | 1265 | 1366 | 1406 | 3819)
+            || sqlstate_permanent(my.code());
+    }
+    let Some(code) = db.code() else {
+        return false;
+    };
+    if code.len() == 5 {
+        // SQLSTATE (PostgreSQL, MySQL): class 22 data exception, 23
+        // integrity constraint violation.
+        return sqlstate_permanent(Some(&code));
+    }
+    // SQLite result codes, primary code in the low byte: TOOBIG,
+    // CONSTRAINT, MISMATCH, RANGE.
+    code.parse::<u32>()
+        .is_ok_and(|c| matches!(c & 0xff, 18 | 19 | 20 | 25))
+}
+
+fn sqlstate_permanent(code: Option<&str>) -> bool {
+    code.is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
 }
 
 /// The error a consumer handler returns; its text is stored as `last_error`.
