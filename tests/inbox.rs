@@ -317,6 +317,71 @@ macro_rules! inbox_suite {
             println!("parked with {error:?}; {metrics:?}");
         }
 
+        /// The previous run applied `e-old` eight days ago and died before its
+        /// ACK; the broker still holds it, behind a backlog. Retention (seven
+        /// days) must not delete its row before it comes back.
+        #[tokio::test]
+        async fn after_a_long_downtime_retention_waits_until_the_queue_is_drained() {
+            let Some((db, inbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.inbox.downtime";
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            let then = now - 8 * 24 * 3_600_000;
+            for sql in [
+                format!(
+                    "INSERT INTO inbox_event (consumer, event_id, process, attempts, \
+                     create_time, update_time, processed_time) \
+                     VALUES ('points', 'e-old', 'PROCESSED', 1, {then}, {then}, {then})"
+                ),
+                "INSERT INTO points (user_id, points) VALUES (999, 100)".to_owned(),
+            ] {
+                sqlx::raw_sql(&sql).execute(db.pool()).await.unwrap();
+            }
+            let producer = client(&broker).await;
+            for n in 1..=100 {
+                send(&producer, dest, &format!("e-{n}"), &user(n)).await;
+            }
+            send(&producer, dest, "e-old", &user(999)).await;
+            // One event per transaction, one at a time: the backlog takes a
+            // while, and retention is due all along.
+            let config = ConsumerConfig {
+                concurrency: 1,
+                batch_size: 1,
+                retention: Some(Duration::from_secs(7 * 24 * 3600)),
+                retention_interval: Duration::from_millis(20),
+                ..quick(dest)
+            };
+            let handle = Consumer::new(inbox.clone(), points_handler(&Faults::default()), config)
+                .expect("valid settings").spawn(client(&broker).await)
+                .await
+                .unwrap();
+            let metrics = handle.metrics().clone();
+            eventually("the backlog applied and e-old seen again", Duration::from_secs(60), || {
+                let m = metrics.snapshot();
+                async move { m.0 + m.1 >= 101 }
+            })
+            .await;
+            let old_rows = || async {
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox_event WHERE event_id = 'e-old'")
+                    .fetch_one(db.pool())
+                    .await
+                    .unwrap();
+                n
+            };
+            // Drained: now retention deletes the old row.
+            eventually("the old row deleted after the drain", Duration::from_secs(30), || async {
+                old_rows().await == 0
+            })
+            .await;
+            handle.shutdown().await.unwrap();
+            let (processed, duplicates, _, _) = metrics.snapshot();
+            assert_eq!((processed, duplicates), (100, 1), "e-old is a duplicate, not applied again");
+            assert_eq!(points(&inbox).await.get(&999), Some(&1));
+        }
+
         #[tokio::test]
         async fn a_prefilled_queue_with_duplicates_failures_and_bad_payloads_is_applied_once() {
             let Some((_db, inbox)) = setup().await else { return };

@@ -110,8 +110,11 @@ pub struct ConsumerConfig {
     /// How often the retry loop looks for due rows (default 250 ms).
     pub retry_poll: Duration,
     /// Processed rows older than this are deleted (default 7 days). Keep it
-    /// longer than the broker can redeliver a message, or a late redelivery is
-    /// applied again.
+    /// longer than the broker can redeliver a message while the consumer
+    /// runs, or a late redelivery is applied again. After a start, retention
+    /// waits until the consumer has drained its queue (nothing in progress
+    /// and no delivery for a second), so messages the previous run received
+    /// but never acknowledged find their rows however long it was down.
     pub retention: Option<Duration>,
     /// How often retention runs (default 1 min).
     pub retention_interval: Duration,
@@ -238,6 +241,55 @@ struct Shared<DB: Backend, H: Handler<DB>> {
     config: ConsumerConfig,
     metrics: Arc<ConsumerMetrics>,
     gate: WriteGate,
+    /// Deliveries being settled now, and when the last one began or ended:
+    /// inbox retention waits until the consumer has drained what the broker
+    /// held for it ([`Drain`]).
+    drain: Drain,
+}
+
+/// Whether the consumer has drained its queue since it started: no delivery
+/// in progress and none for a quiet period. Until then inbox retention does
+/// not run, because the broker may still redeliver messages the previous run
+/// received (committed, never acked) however long the consumer was down; their
+/// inbox rows must be there when they come.
+#[derive(Debug)]
+struct Drain {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last_activity: std::sync::atomic::AtomicI64,
+    drained: std::sync::atomic::AtomicBool,
+}
+
+impl Drain {
+    fn new() -> Drain {
+        Drain {
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last_activity: std::sync::atomic::AtomicI64::new(now_ms()),
+            drained: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.last_activity.store(now_ms(), Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.last_activity.store(now_ms(), Ordering::Release);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// `true` once nothing was in progress for `quiet` (and from then on).
+    fn drained(&self, quiet: Duration) -> bool {
+        if self.drained.load(Ordering::Acquire) {
+            return true;
+        }
+        let idle = self.in_flight.load(Ordering::Acquire) == 0
+            && now_ms() - self.last_activity.load(Ordering::Acquire) >= ms(quiet);
+        if idle {
+            self.drained.store(true, Ordering::Release);
+        }
+        idle
+    }
 }
 
 impl<DB: Backend, H: Handler<DB>> std::fmt::Debug for Consumer<DB, H> {
@@ -300,6 +352,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                 config,
                 metrics: Arc::default(),
                 gate: WriteGate::new(DB::DIALECT),
+                drain: Drain::new(),
             }),
         })
     }
@@ -516,6 +569,7 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     stopped: &mut watch::Receiver<bool>,
 ) {
     let deliveries: Vec<Delivery> = messages.iter().map(to_delivery).collect();
+    shared.drain.begin();
     let outcomes = if let [one] = deliveries.as_slice() {
         vec![settle_one(shared, one, stopped).await]
     } else {
@@ -548,6 +602,7 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
             tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
         }
     }
+    shared.drain.end();
 }
 
 /// Settles several deliveries, in one transaction when it can. A database
@@ -863,7 +918,11 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
                 false
             }
         };
-        if tokio::time::Instant::now() >= next_retention {
+        // Retention starts once the consumer has drained its queue; until
+        // then it is looked at again every poll.
+        if tokio::time::Instant::now() >= next_retention
+            && shared.drain.drained(drain_quiet(&shared.config))
+        {
             next_retention = tokio::time::Instant::now() + shared.config.retention_interval;
             if let Err(error) = retention(&shared, &holder).await {
                 tracing::warn!(%error, "inbox retention failed");
@@ -1027,6 +1086,12 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
             Ok(())
         }
     }
+}
+
+/// How long without a delivery counts as drained: a second, or four retry
+/// polls if that is longer.
+fn drain_quiet(config: &ConsumerConfig) -> Duration {
+    Duration::from_secs(1).max(config.retry_poll.saturating_mul(4))
 }
 
 async fn retention<DB: Backend, H: Handler<DB>>(
