@@ -1114,10 +1114,10 @@ async fn retention<DB: Backend, H: Handler<DB>>(
 }
 
 /// Longest dedup id the inbox column holds (`VARCHAR(64)`).
-const DEDUP_ID_MAX: usize = 64;
+const DEDUP_ID_MAX: usize = outbox_rules::MAX_EVENT_ID;
 
 /// Longest `event_type` / `event_key` the inbox columns hold (`VARCHAR(255)`).
-const TEXT_COLUMN_MAX: usize = 255;
+const TEXT_COLUMN_MAX: usize = outbox_rules::MAX_EVENT_TYPE;
 
 /// The inbox's dedup id for an `event-id` (or, from producers outside this
 /// framework, a broker `message-id`): the id itself when it fits the column

@@ -10,24 +10,6 @@ use uuid::Uuid;
 
 use crate::Error;
 
-/// Headers the framework sets itself; an event may not set them.
-const RESERVED_HEADERS: &[&str] = &[
-    "destination",
-    "transaction",
-    "receipt",
-    "content-length",
-    "content-type",
-    "persistent",
-    "event-id",
-    "event-type",
-    "event-key",
-    "jmsxgroupid",
-    "message-id",
-    "subscription",
-    "ack",
-    "amq-msg-type",
-];
-
 /// Longest header line the relay adds when it sends a message
 /// (`transaction:…` or `receipt:…`).
 const SENT_HEADER_LEN: usize = 64;
@@ -143,26 +125,27 @@ impl Event {
     /// against `limits`.
     pub(crate) fn validate(&self, limits: &BrokerLimits) -> Result<(), Error> {
         let bad = |what: String| Err(Error::InvalidEvent(what));
-        if self.event_type.is_empty() || self.event_type.len() > 255 {
+        use outbox_rules::{MAX_CONTENT_TYPE, MAX_DESTINATION, MAX_EVENT_TYPE, MAX_KEY, length};
+        if !length(&self.event_type, MAX_EVENT_TYPE) {
             return bad(format!(
                 "event type {:?} must be 1 to 255 bytes",
                 self.event_type
             ));
         }
-        if self.destination.is_empty() || self.destination.len() > 1024 {
+        if !length(&self.destination, MAX_DESTINATION) {
             return bad(format!(
                 "destination {:?} must be 1 to 1024 bytes",
                 self.destination
             ));
         }
-        if self.content_type.is_empty() || self.content_type.len() > 255 {
+        if !length(&self.content_type, MAX_CONTENT_TYPE) {
             return bad(format!(
                 "content type {:?} must be 1 to 255 bytes",
                 self.content_type
             ));
         }
         if let Some(key) = &self.key
-            && (key.is_empty() || key.len() > 255)
+            && !length(key, MAX_KEY)
         {
             return bad(format!("key {key:?} must be 1 to 255 bytes"));
         }
@@ -170,7 +153,7 @@ impl Event {
             if name.is_empty() {
                 return bad("header names must not be empty".into());
             }
-            if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            if outbox_rules::is_reserved_header(name) {
                 return bad(format!(
                     "header {name:?} is set by the framework; choose another name"
                 ));

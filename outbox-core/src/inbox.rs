@@ -22,7 +22,7 @@ use crate::names::{TableName, check_consumer, now_ms};
 use crate::{Error, schema};
 
 /// Default name of the inbox table.
-pub const DEFAULT_INBOX_TABLE: &str = "inbox_event";
+pub const DEFAULT_INBOX_TABLE: &str = outbox_rules::DEFAULT_INBOX_TABLE;
 
 /// Handle on one consumer's rows in an inbox table. Cheap to clone.
 pub struct Inbox<DB: Backend> {

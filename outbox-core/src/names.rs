@@ -17,24 +17,11 @@ pub struct TableName(String);
 impl TableName {
     /// Checks `name`; `what` says which setting it is, for the error.
     pub fn new(what: &'static str, name: &str) -> Result<TableName, Error> {
-        let invalid = |reason| Error::InvalidName {
+        outbox_rules::table_name(name).map_err(|reason| Error::InvalidName {
             what,
             value: name.to_owned(),
             reason,
-        };
-        let first = name
-            .chars()
-            .next()
-            .ok_or_else(|| invalid("use a non-empty name"))?;
-        if name.len() > 48 {
-            return Err(invalid("use at most 48 characters"));
-        }
-        if !(first.is_ascii_alphabetic() || first == '_') {
-            return Err(invalid("start the name with a letter or `_`"));
-        }
-        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(invalid("use only ASCII letters, digits and `_`"));
-        }
+        })?;
         Ok(TableName(name.to_ascii_lowercase()))
     }
 
@@ -57,22 +44,13 @@ impl fmt::Debug for TableName {
 }
 
 /// Checks a consumer name (stored in the inbox and used in queue names):
-/// 1–128 characters of ASCII letters, digits, `_`, `-` and `.`.
+/// [`outbox_rules::consumer_name`].
 pub(crate) fn check_consumer(name: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidName {
-            what: "consumer name",
-            value: name.to_owned(),
-            reason: "use 1 to 128 ASCII letters, digits, `_`, `-` or `.`",
-        })
-    }
+    outbox_rules::consumer_name(name).map_err(|reason| Error::InvalidName {
+        what: "consumer name",
+        value: name.to_owned(),
+        reason,
+    })
 }
 
 /// Milliseconds since the Unix epoch: the unit of every time column.
@@ -83,9 +61,8 @@ pub(crate) fn now_ms() -> i64 {
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Longest `relay_id`: it is stored in `claimed_by` and `outbox_lease.holder`
-/// (`VARCHAR(64)`), as the hand-off token `{relay_id}-h`.
-pub(crate) const RELAY_ID_MAX: usize = 62;
+/// Longest `relay_id` ([`outbox_rules::MAX_RELAY_ID`]).
+pub(crate) const RELAY_ID_MAX: usize = outbox_rules::MAX_RELAY_ID;
 
 /// A duration in whole milliseconds, saturating.
 pub(crate) fn ms(d: std::time::Duration) -> i64 {

@@ -16,7 +16,7 @@ use crate::wake::PoolId;
 use crate::{Error, Publisher, Relay, RelayConfig, schema, wake};
 
 /// Default name of the outbox table.
-pub const DEFAULT_OUTBOX_TABLE: &str = "outbox_event";
+pub const DEFAULT_OUTBOX_TABLE: &str = outbox_rules::DEFAULT_OUTBOX_TABLE;
 
 /// Handle on one outbox table in one database. Cheap to clone.
 ///

@@ -1142,7 +1142,7 @@ impl<DB: Backend> Marker<DB> {
 }
 
 /// Longest claim token: the `claimed_by` column is `VARCHAR(64)`.
-const TOKEN_MAX: usize = 64;
+const TOKEN_MAX: usize = outbox_rules::MAX_CLAIM_TOKEN;
 
 /// The claim token of batch `seq`: unique to this incarnation, so a relay
 /// started again under the same `relay_id` never holds a token its

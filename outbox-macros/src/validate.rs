@@ -15,26 +15,7 @@ use syn::{
 use crate::args::{PairName, RawArg, RawArgs, RawValue, example};
 use crate::model::{Args, Consumer, Events, Form, Header, Named, Producer, TxParam};
 
-/// The default outbox table (`outbox_core::DEFAULT_OUTBOX_TABLE`).
-const DEFAULT_OUTBOX_TABLE: &str = "outbox_event";
-
-/// Header names the framework sets itself (`outbox_core`'s reserved list).
-const RESERVED_HEADERS: &[&str] = &[
-    "destination",
-    "transaction",
-    "receipt",
-    "content-length",
-    "content-type",
-    "persistent",
-    "event-id",
-    "event-type",
-    "event-key",
-    "jmsxgroupid",
-    "message-id",
-    "subscription",
-    "ack",
-    "amq-msg-type",
-];
+use outbox_rules::DEFAULT_OUTBOX_TABLE;
 
 const ARGUMENTS: &[&str] = &[
     "destination",
@@ -104,13 +85,17 @@ pub(crate) fn args(raw: RawArgs, errors: &mut Errors) -> CheckedArgs {
             "headers" => args.headers = headers(arg, errors),
             "destination" => {
                 args.destination = string(arg, errors).filter(|d| {
-                    check_len(&d.value, "destination", 1024, errors)
-                        && check_no_control(&d.value, "destination", errors)
+                    check_len(
+                        &d.value,
+                        "destination",
+                        outbox_rules::MAX_DESTINATION,
+                        errors,
+                    ) && check_no_control(&d.value, "destination", errors)
                 })
             }
             "event_type" => {
                 args.event_type = string(arg, errors).filter(|t| {
-                    check_len(&t.value, "event type", 255, errors)
+                    check_len(&t.value, "event type", outbox_rules::MAX_EVENT_TYPE, errors)
                         && check_no_control(&t.value, "event type", errors)
                 })
             }
@@ -301,7 +286,7 @@ fn headers(arg: RawArg, errors: &mut Errors) -> Option<Named<Vec<Header>>> {
                 "a header name must be non-empty and without control characters",
             );
             ok = false;
-        } else if RESERVED_HEADERS.contains(&text.to_ascii_lowercase().as_str()) {
+        } else if outbox_rules::is_reserved_header(&text) {
             errors.spanned(
                 &header,
                 format_args!(
@@ -352,44 +337,27 @@ fn check_no_control(value: &LitStr, what: &str, errors: &mut Errors) -> bool {
     true
 }
 
-/// The rules of `outbox_core::TableName`.
+/// The rules of `outbox_core::TableName` ([`outbox_rules::table_name`]).
 fn check_table(value: &LitStr, errors: &mut Errors) -> bool {
     let name = value.value();
-    let reason = match name.chars().next() {
-        None => Some("use a non-empty name"),
-        Some(_) if name.len() > 48 => Some("use at most 48 characters"),
-        Some(first) if !(first.is_ascii_alphabetic() || first == '_') => {
-            Some("start the name with a letter or `_`")
-        }
-        Some(_) if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
-            Some("use only ASCII letters, digits and `_`")
-        }
-        Some(_) => None,
-    };
-    if let Some(reason) = reason {
+    if let Err(reason) = outbox_rules::table_name(&name) {
         errors.spanned(value, format_args!("invalid table name {name:?}: {reason}"));
         return false;
     }
     true
 }
 
-/// The rules of `outbox_core`'s consumer names.
+/// The rules of `outbox_core`'s consumer names ([`outbox_rules::consumer_name`]).
 fn check_consumer(value: &LitStr, errors: &mut Errors) -> bool {
     let name = value.value();
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !ok {
+    if let Err(reason) = outbox_rules::consumer_name(&name) {
         errors.spanned(
             value,
-            format_args!(
-                "invalid consumer name {name:?}: use 1 to 128 ASCII letters, digits, `_`, `-` or `.`"
-            ),
+            format_args!("invalid consumer name {name:?}: {reason}"),
         );
+        return false;
     }
-    ok
+    true
 }
 
 /// Decides the form from the arguments and checks the signature for it.
