@@ -323,7 +323,7 @@ where
         .spawn(common::client(broker).await)
         .await
         .expect("consumer");
-    while handle.metrics().snapshot().0 < n as u64 {
+    while handle.metrics().snapshot().processed < n as u64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();

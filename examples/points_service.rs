@@ -197,7 +197,7 @@ async fn consume<DB: Backend, H: Handler<DB>>(
                 let now = consumer.metrics().snapshot();
                 if last != Some(now) {
                     last = Some(now);
-                    let (processed, duplicates, retried, failed) = now;
+                    let outbox::core::ConsumerCounts { processed, duplicates, retried, failed, .. } = now;
                     tracing::info!(processed, duplicates, retried, failed, "welcome points");
                 }
             }
@@ -206,7 +206,13 @@ async fn consume<DB: Backend, H: Handler<DB>>(
     let metrics = consumer.metrics().clone();
     consumer.shutdown().await?;
     let _ = client.disconnect().await;
-    let (processed, duplicates, retried, failed) = metrics.snapshot();
+    let outbox::core::ConsumerCounts {
+        processed,
+        duplicates,
+        retried,
+        failed,
+        ..
+    } = metrics.snapshot();
     tracing::info!(processed, duplicates, retried, failed, "welcome points");
     let counts = inbox.counts().await?;
     tracing::info!(

@@ -171,7 +171,7 @@ macro_rules! inbox_suite {
             let metrics = handle.metrics().clone();
             eventually("two applied, a duplicate and a parked event", Duration::from_secs(30), || {
                 let m = metrics.snapshot();
-                async move { m.0 == 2 && m.1 == 1 && m.3 == 1 }
+                async move { m.processed == 2 && m.duplicates == 1 && m.failed == 1 }
             })
             .await;
             handle.shutdown().await.unwrap();
@@ -216,7 +216,7 @@ macro_rules! inbox_suite {
             let metrics = handle.metrics().clone();
             eventually("two applied and a duplicate", Duration::from_secs(30), || {
                 let m = metrics.snapshot();
-                async move { m.0 == 2 && m.1 == 1 }
+                async move { m.processed == 2 && m.duplicates == 1 }
             })
             .await;
             handle.shutdown().await.unwrap();
@@ -361,7 +361,7 @@ macro_rules! inbox_suite {
             let metrics = handle.metrics().clone();
             eventually("the backlog applied and e-old seen again", Duration::from_secs(60), || {
                 let m = metrics.snapshot();
-                async move { m.0 + m.1 >= 101 }
+                async move { m.processed + m.duplicates >= 101 }
             })
             .await;
             let old_rows = || async {
@@ -377,7 +377,7 @@ macro_rules! inbox_suite {
             })
             .await;
             handle.shutdown().await.unwrap();
-            let (processed, duplicates, _, _) = metrics.snapshot();
+            let outbox::core::ConsumerCounts { processed, duplicates, .. } = metrics.snapshot();
             assert_eq!((processed, duplicates), (100, 1), "e-old is a duplicate, not applied again");
             assert_eq!(points(&inbox).await.get(&999), Some(&1));
         }
@@ -411,7 +411,7 @@ macro_rules! inbox_suite {
             let metrics = handle.metrics().clone();
             handle.shutdown().await.unwrap();
             assert_eq!(points(&inbox).await, HashMap::from([(1, 1), (2, 1), (3, 1), (4, 1)]));
-            let (processed, duplicates, retried, failed) = metrics.snapshot();
+            let outbox::core::ConsumerCounts { processed, duplicates, retried, failed, .. } = metrics.snapshot();
             assert_eq!((processed, duplicates, failed), (4, 1, 1));
             // User 3's one failure either rolled back the batch it was in (then
             // it is applied on its own, no retry) or, if the messages arrived
@@ -463,7 +463,7 @@ macro_rules! inbox_suite {
             handle.shutdown().await.unwrap();
             let applied = points(&inbox).await;
             assert_eq!(applied, (1..=10).map(|n| (n, 1)).collect::<HashMap<_, _>>());
-            let (processed, duplicates, retried, failed) = metrics.snapshot();
+            let outbox::core::ConsumerCounts { processed, duplicates, retried, failed, .. } = metrics.snapshot();
             assert_eq!((processed, duplicates, failed), (10, 0, 1));
             // Retention removes processed rows in small batches, nothing else.
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -536,7 +536,7 @@ macro_rules! inbox_suite {
             handle.shutdown().await.unwrap();
             let applied = points(&inbox).await;
             assert_eq!(applied, (1..=30).map(|n| (n, 1)).collect::<HashMap<_, _>>(), "every event applied exactly once");
-            let (_, duplicates, _, _) = metrics.snapshot();
+            let outbox::core::ConsumerCounts { duplicates, .. } = metrics.snapshot();
             assert!(duplicates >= 1, "the event committed before the kill came again and was skipped");
             let counts = inbox.counts().await.unwrap();
             assert_eq!((counts.processed, counts.retry, counts.failed), (30, 0, 0));

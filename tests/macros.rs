@@ -440,7 +440,7 @@ macro_rules! macro_suite {
             }
             let long = Duration::from_secs(30);
             let applied = eventually(long, || async {
-                points.metrics().snapshot().0 == 3 && audit.metrics().snapshot().0 == 3
+                points.metrics().snapshot().processed == 3 && audit.metrics().snapshot().processed == 3
             })
             .await;
             assert!(
@@ -480,7 +480,7 @@ macro_rules! macro_suite {
                 .expect("valid settings").spawn();
 
             let recognised = eventually(long, || async {
-                points.metrics().snapshot().1 == 1 && audit.metrics().snapshot().1 == 1
+                points.metrics().snapshot().duplicates == 1 && audit.metrics().snapshot().duplicates == 1
             })
             .await;
             assert!(
@@ -491,7 +491,7 @@ macro_rules! macro_suite {
             );
             assert_eq!(rows(&pool, "points").await, 3, "the handler ran only once");
             assert_eq!(rows(&pool, "audit").await, 3);
-            let (processed, duplicates, retried, failed) = points.metrics().snapshot();
+            let outbox::core::ConsumerCounts { processed, duplicates, retried, failed, .. } = points.metrics().snapshot();
             assert_eq!((processed, duplicates, retried, failed), (3, 1, 0, 0));
             let counts = AwardPoints::inbox(pool.clone()).unwrap().counts().await.unwrap();
             assert_eq!(counts.processed, 3);

@@ -218,15 +218,34 @@ pub struct ConsumerMetrics {
     pub stopped: AtomicU64,
 }
 
+/// A plain copy of [`ConsumerMetrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConsumerCounts {
+    /// Events applied (first delivery or retry).
+    pub processed: u64,
+    /// Deliveries recognised as duplicates and acked without the handler.
+    pub duplicates: u64,
+    /// Handler failures that scheduled a retry.
+    pub retried: u64,
+    /// Events parked as `FAILED`.
+    pub failed: u64,
+    /// Database errors that delayed a delivery.
+    pub db_errors: u64,
+    /// 1 once the consumer stopped because its broker connection ended for good.
+    pub stopped: u64,
+}
+
 impl ConsumerMetrics {
-    /// (processed, duplicates, retried, failed).
-    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
-        (
-            self.processed.load(Ordering::Relaxed),
-            self.duplicates.load(Ordering::Relaxed),
-            self.retried.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
+    /// The counters now.
+    pub fn snapshot(&self) -> ConsumerCounts {
+        ConsumerCounts {
+            processed: self.processed.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            db_errors: self.db_errors.load(Ordering::Relaxed),
+            stopped: self.stopped.load(Ordering::Relaxed),
+        }
     }
 }
 

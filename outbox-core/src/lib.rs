@@ -42,7 +42,7 @@ mod wake;
 pub use backend::Backend;
 pub use backoff::Backoff;
 pub use consumer::{
-    BoxFuture, Consumer, ConsumerConfig, ConsumerHandle, ConsumerMetrics, Handler,
+    BoxFuture, Consumer, ConsumerConfig, ConsumerCounts, ConsumerHandle, ConsumerMetrics, Handler,
     MAX_CONSUMER_BATCH, decode_json,
 };
 pub use error::{Error, HandlerError, PublishError, PublishErrorKind};
