@@ -648,7 +648,7 @@ macro_rules! relay_suite {
             assert_eq!(sent, vec![1, 4]);
 
             *publisher.reject.lock().unwrap() = false;
-            assert!(outbox.replay(ids[1]).await.unwrap());
+            assert!(outbox.replay(&ids[1].to_string()).await.unwrap());
             wait_published(&outbox, Duration::from_secs(10)).await;
             let metrics = relay.metrics().snapshot();
             relay.shutdown().await.unwrap();
@@ -746,7 +746,7 @@ macro_rules! relay_suite {
             drop(conn);
 
             *publisher.reject.lock().unwrap() = false;
-            assert!(outbox.replay(first[1]).await.unwrap());
+            assert!(outbox.replay(&first[1].to_string()).await.unwrap());
             wait_published(&outbox, Duration::from_secs(10)).await;
             relay.shutdown().await.unwrap();
             assert_eq!(publisher.sent(), vec![1, 4, 2, 3]);

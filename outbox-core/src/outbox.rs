@@ -300,15 +300,15 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// Puts one parked event back to `NEW` with a fresh budget. `false` when no
-    /// parked row has this id.
-    pub async fn replay(&self, event_id: Uuid) -> Result<bool, Error> {
+    /// parked row has this id. The id is text, as [`ParkedEvent::event_id`]
+    /// and [`Inbox::replay`](crate::Inbox::replay) have it.
+    pub async fn replay(&self, event_id: &str) -> Result<bool, Error> {
         let mut conn = self.acquire().await?;
-        let id = event_id.to_string();
         let now = now_ms();
         let n = DB::exec(
             &mut conn,
             &self.inner.sql.replay_one,
-            &[Value::Int(now), Value::Int(now), Value::Text(Some(&id))],
+            &[Value::Int(now), Value::Int(now), Value::Text(Some(event_id))],
         )
         .await
         .map_err(Error::db("replaying a parked row"))?;
