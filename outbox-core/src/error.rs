@@ -68,6 +68,17 @@ pub enum Error {
     /// cancelled).
     #[error("task failed: {0}")]
     TaskFailed(String),
+    /// A row read from an outbox or inbox table lacks a value or holds one
+    /// of the wrong kind (a table changed by hand, or a schema mismatch).
+    #[error("table {table}, column {column}: {reason}")]
+    Row {
+        /// Which table ("outbox" or "inbox").
+        table: &'static str,
+        /// The column.
+        column: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// The schema in the database is newer than this library knows.
     #[error(
         "table {table} is at schema version {found}, newer than this library's {known}; upgrade the outbox crates"

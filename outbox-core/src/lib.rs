@@ -36,6 +36,7 @@ mod names;
 mod outbox;
 mod relay;
 mod schema;
+mod store;
 mod transport;
 mod wake;
 

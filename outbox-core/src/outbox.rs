@@ -8,12 +8,13 @@ use outbox_stomp::BrokerLimits;
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
-use crate::backend::sql::{INSERT_VALUES, OutboxSql};
-use crate::backend::{Backend, Column, Value};
+use crate::backend::Backend;
+use crate::backend::sql::OutboxSql;
 use crate::event::Event;
 use crate::names::{TableName, now_ms};
+use crate::store::OutboxStore;
 use crate::wake::PoolId;
-use crate::{Error, Publisher, Relay, RelayConfig, schema, wake};
+use crate::{Error, Publisher, Relay, RelayConfig, wake};
 
 /// Default name of the outbox table.
 pub const DEFAULT_OUTBOX_TABLE: &str = outbox_rules::DEFAULT_OUTBOX_TABLE;
@@ -40,9 +41,8 @@ pub struct Outbox<DB: Backend> {
 }
 
 pub(crate) struct Inner<DB: Backend> {
-    pub(crate) pool: Pool<DB>,
+    pub(crate) store: OutboxStore<DB>,
     pub(crate) pool_id: PoolId,
-    pub(crate) sql: Arc<OutboxSql>,
     /// What the broker accepts; events beyond it are refused at append.
     pub(crate) limits: BrokerLimits,
 }
@@ -59,7 +59,7 @@ impl<DB: Backend> std::fmt::Debug for Outbox<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox")
             .field("database", &DB::DIALECT.name)
-            .field("table", &self.inner.sql.table)
+            .field("table", &self.table())
             .finish()
     }
 }
@@ -116,8 +116,7 @@ impl<DB: Backend> Outbox<DB> {
         Outbox {
             inner: Arc::new(Inner {
                 pool_id: wake::pool_id(&pool),
-                pool,
-                sql: Arc::new(OutboxSql::new(DB::DIALECT, table)),
+                store: OutboxStore::new(pool, Arc::new(OutboxSql::new(DB::DIALECT, table))),
                 limits: BrokerLimits::default(),
             }),
         }
@@ -131,9 +130,8 @@ impl<DB: Backend> Outbox<DB> {
     pub fn with_limits(self, limits: BrokerLimits) -> Outbox<DB> {
         Outbox {
             inner: Arc::new(Inner {
-                pool: self.inner.pool.clone(),
+                store: self.inner.store.clone(),
                 pool_id: self.inner.pool_id,
-                sql: self.inner.sql.clone(),
                 limits,
             }),
         }
@@ -146,19 +144,24 @@ impl<DB: Backend> Outbox<DB> {
 
     /// The pool this outbox uses.
     pub fn pool(&self) -> &Pool<DB> {
-        &self.inner.pool
+        self.inner.store.pool()
     }
 
     /// The table name.
     pub fn table(&self) -> &str {
-        self.inner.sql.table.as_str()
+        self.inner.store.table()
+    }
+
+    /// The statements on this outbox's table.
+    pub(crate) fn store(&self) -> &OutboxStore<DB> {
+        &self.inner.store
     }
 
     /// Creates or upgrades the outbox table (and the shared
     /// `outbox_schema_version` and `outbox_lease` tables). Safe to call at
     /// every start and from several processes.
     pub async fn migrate(&self) -> Result<(), Error> {
-        schema::migrate(&self.inner.pool, self.table(), &self.inner.sql.migrations).await
+        self.inner.store.migrate().await
     }
 
     /// Appends one event in the caller's transaction. Nothing reaches the broker
@@ -166,7 +169,7 @@ impl<DB: Backend> Outbox<DB> {
     pub async fn append(&self, tx: &mut Transaction<'_, DB>, event: Event) -> Result<Uuid, Error> {
         let id = event.id;
         append_all(
-            &self.inner.sql,
+            self.inner.store.sql(),
             self.inner.pool_id,
             &self.inner.limits,
             tx,
@@ -183,7 +186,7 @@ impl<DB: Backend> Outbox<DB> {
         events: &[Event],
     ) -> Result<Vec<Uuid>, Error> {
         append_all(
-            &self.inner.sql,
+            self.inner.store.sql(),
             self.inner.pool_id,
             &self.inner.limits,
             tx,
@@ -220,81 +223,34 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Backlog size, oldest waiting row and parked rows.
     pub async fn backlog(&self) -> Result<Backlog, Error> {
-        let mut conn = self.acquire().await?;
-        let rows = DB::fetch(
-            &mut conn,
-            &self.inner.sql.backlog,
-            &[],
-            &[Column::Int, Column::Int],
-        )
-        .await
-        .map_err(Error::db("reading the backlog"))?;
-        let parked = DB::fetch(&mut conn, &self.inner.sql.parked_count, &[], &[Column::Int])
-            .await
-            .map_err(Error::db("counting parked rows"))?;
-        let first = rows.first();
-        let pending = first.and_then(|r| r[0].int()).unwrap_or(0);
-        let oldest = first.and_then(|r| r[1].int());
+        let (pending, oldest, parked) = self.inner.store.backlog().await?;
         Ok(Backlog {
-            pending: u64::try_from(pending).unwrap_or(0),
+            pending,
             oldest_pending_age: oldest
                 .map(|t| Duration::from_millis(u64::try_from(now_ms() - t).unwrap_or(0))),
-            parked: u64::try_from(parked.first().and_then(|r| r[0].int()).unwrap_or(0))
-                .unwrap_or(0),
+            parked,
         })
     }
 
     /// Rows per `process` value (`NEW`, `PUBLISHED`, `FAILED`), for dashboards and tests.
     pub async fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
-        let mut conn = self.acquire().await?;
-        let rows = DB::fetch(
-            &mut conn,
-            &self.inner.sql.count_by_process,
-            &[],
-            &[Column::Text, Column::Int],
-        )
-        .await
-        .map_err(Error::db("counting rows"))?;
-        Ok(rows
-            .into_iter()
-            .map(|mut r| {
-                let n = u64::try_from(r[1].int().unwrap_or(0)).unwrap_or(0);
-                (r[0].take_text().unwrap_or_default(), n)
-            })
-            .collect())
+        self.inner.store.counts().await
     }
 
     /// Up to `limit` parked rows, oldest first.
     pub async fn parked(&self, limit: u32) -> Result<Vec<ParkedEvent>, Error> {
-        let mut conn = self.acquire().await?;
-        let rows = DB::fetch(
-            &mut conn,
-            &self.inner.sql.parked,
-            &[Value::Int(i64::from(limit))],
-            &[
-                Column::Text,
-                Column::Text,
-                Column::Text,
-                Column::Text,
-                Column::Int,
-                Column::Text,
-                Column::Int,
-                Column::Int,
-            ],
-        )
-        .await
-        .map_err(Error::db("listing parked rows"))?;
+        let rows = self.inner.store.parked(limit).await?;
         Ok(rows
             .into_iter()
-            .map(|mut r| ParkedEvent {
-                event_id: r[0].take_text().unwrap_or_default(),
-                event_type: r[1].take_text().unwrap_or_default(),
-                destination: r[2].take_text().unwrap_or_default(),
-                key: r[3].take_text(),
-                attempts: r[4].int().unwrap_or(0),
-                last_error: r[5].take_text(),
-                create_time: r[6].int().unwrap_or(0),
-                update_time: r[7].int().unwrap_or(0),
+            .map(|r| ParkedEvent {
+                event_id: r.event_id,
+                event_type: r.event_type,
+                destination: r.destination,
+                key: r.key,
+                attempts: r.attempts,
+                last_error: r.last_error,
+                create_time: r.create_time,
+                update_time: r.update_time,
             })
             .collect())
     }
@@ -303,42 +259,18 @@ impl<DB: Backend> Outbox<DB> {
     /// parked row has this id. The id is text, as [`ParkedEvent::event_id`]
     /// and [`Inbox::replay`](crate::Inbox::replay) have it.
     pub async fn replay(&self, event_id: &str) -> Result<bool, Error> {
-        let mut conn = self.acquire().await?;
-        let now = now_ms();
-        let n = DB::exec(
-            &mut conn,
-            &self.inner.sql.replay_one,
-            &[Value::Int(now), Value::Int(now), Value::Text(Some(event_id))],
-        )
-        .await
-        .map_err(Error::db("replaying a parked row"))?;
+        let n = self.inner.store.replay(Some(event_id), now_ms()).await?;
         self.wake();
         Ok(n > 0)
     }
 
     /// Puts every parked event back to `NEW`; returns how many.
     pub async fn replay_all(&self) -> Result<u64, Error> {
-        let mut conn = self.acquire().await?;
-        let now = now_ms();
-        let n = DB::exec(
-            &mut conn,
-            &self.inner.sql.replay_all,
-            &[Value::Int(now), Value::Int(now)],
-        )
-        .await
-        .map_err(Error::db("replaying parked rows"))?;
+        let n = self.inner.store.replay(None, now_ms()).await?;
         self.wake();
         Ok(n)
     }
-
-    async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, Error> {
-        crate::backend::acquire(&self.inner.pool).await
-    }
 }
-
-/// Rows per `INSERT` statement: keeps the number of bound values well under
-/// every database's limit.
-const INSERT_CHUNK: usize = 200;
 
 /// Inserts `events` into the outbox table of `sql` inside `tx`. When a relay
 /// of this process serves that table on the pool `pool`, the rows are leased
@@ -358,44 +290,10 @@ pub(crate) async fn append_all<DB: Backend>(
     }
     let now = now_ms();
     let lease = wake::handoff_lease(sql.table.as_str(), pool, now);
-    let (claimed_by, claimed_until) = match &lease {
-        Some((token, until)) => (Value::Text(Some(token)), Value::Int(*until)),
-        None => (Value::Text(None), Value::NullInt),
-    };
-    for chunk in events.chunks(INSERT_CHUNK) {
-        let ids: Vec<String> = chunk.iter().map(|e| e.id.to_string()).collect();
-        let headers: Vec<String> = chunk.iter().map(Event::headers_json).collect();
-        let mut args = Vec::with_capacity(chunk.len() * INSERT_VALUES);
-        for ((event, id), headers) in chunk.iter().zip(&ids).zip(&headers) {
-            args.extend([
-                Value::Text(Some(id)),
-                Value::Text(Some(&event.event_type)),
-                Value::Text(Some(&event.destination)),
-                Value::Text(event.key.as_deref()),
-                Value::Text(Some(headers)),
-                Value::Bytes(Some(&event.content)),
-                Value::Text(Some(&event.content_type)),
-                Value::Text(Some("NEW")),
-                Value::Int(0),
-                Value::Int(now),
-                Value::Int(now),
-                Value::Int(now),
-                claimed_by.clone(),
-                claimed_until.clone(),
-            ]);
-        }
-        DB::exec(&mut **tx, &sql.insert(chunk.len()), &args)
-            .await
-            .map_err(Error::db("appending events"))?;
-    }
-    // Handed-off rows are leased to a relay of this process, which the commit
-    // wakes: other relays could not take them, so they need no NOTIFY.
-    if let Some(notify) = sql.notify.as_ref().filter(|_| lease.is_none()) {
-        DB::exec(&mut **tx, notify, &[])
-            .await
-            .map_err(Error::db("notifying relays"))?;
-    }
-    Ok(())
+    let lease = lease
+        .as_ref()
+        .map(|(token, until)| (token.as_str(), *until));
+    crate::store::outbox::insert(sql, tx, events, lease, now).await
 }
 
 /// Appends `events` to the outbox table `table` inside `tx`: what

@@ -29,18 +29,17 @@
 //! any relay takes them when it runs out; one started with the same
 //! `relay_id` takes them at once), marked only after the broker's receipt.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::backend::{Backend, Cell, Column, Value};
+use crate::backend::Backend;
 use crate::backoff::Backoff;
 use crate::error::{PublishError, PublishErrorKind};
 use crate::event::OutboxMessage;
@@ -691,26 +690,14 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// earlier unpublished row that is neither here nor ahead is given back
     /// to the usual claim, which keeps the key's order.
     async fn take_handed_off(&self, ahead: &HashSet<i64>) -> Result<Option<Claimed>, Error> {
-        let sql = &self.outbox.inner.sql;
         let size = usize::try_from(self.config.batch_size.max(1)).unwrap_or(usize::MAX);
         let limit = i64::try_from(size.saturating_add(ahead.len())).unwrap_or(i64::MAX);
         let token = self.handoff_token.as_str();
-        let mut conn = self.acquire().await?;
-        let rows = DB::fetch(
-            &mut conn,
-            &sql.handed_off,
-            &[
-                Value::Text(Some(token)),
-                Value::Int(now_ms()),
-                Value::Int(limit),
-            ],
-            &CLAIM_TYPES,
-        )
-        .await
-        .map_err(Error::db("reading handed-off rows"))?;
+        let store = self.outbox.store();
+        let mut conn = store.acquire().await?;
+        let rows = store.handed_off(&mut conn, token, now_ms(), limit).await?;
         let mut batch: Vec<OutboxMessage> = rows
             .into_iter()
-            .map(to_message)
             .filter(|m| !ahead.contains(&m.id))
             .take(size)
             .collect();
@@ -790,20 +777,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             match self.publisher.publish(std::slice::from_ref(m)).await {
                 Ok(()) => {
                     failpoint::hit("relay.after_receipt");
-                    let now = now_ms();
-                    let mut conn = self.acquire().await?;
-                    DB::exec(
-                        &mut conn,
-                        &self.outbox.inner.sql.mark_published_one,
-                        &[
-                            Value::Int(now),
-                            Value::Int(now),
-                            Value::Int(m.id),
-                            Value::Text(Some(token)),
-                        ],
-                    )
-                    .await
-                    .map_err(Error::db("marking a row published"))?;
+                    let store = self.outbox.store();
+                    let mut conn = store.acquire().await?;
+                    store
+                        .mark_published(&mut conn, token, &[m.id], now_ms())
+                        .await?;
                     self.metrics.published.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(error) if error.kind == PublishErrorKind::Closed => {
@@ -827,10 +805,6 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         Ok(Step::Published(batch.len()))
     }
 
-    async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, Error> {
-        crate::backend::acquire(self.outbox.pool()).await
-    }
-
     /// Claims up to `batch_size` due rows for `token`. Rows in `in_flight` (the
     /// batch this relay is publishing right now, on the same connection, before
     /// this one) count as going ahead of the claimed rows of their keys.
@@ -839,60 +813,30 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         token: &str,
         in_flight: &HashSet<i64>,
     ) -> Result<Vec<OutboxMessage>, Error> {
-        let sql = &self.outbox.inner.sql;
+        let store = self.outbox.store();
         let now = now_ms();
         // A read first: an idle relay takes no write lock (SQLite) and opens no
         // transaction.
-        {
-            let mut conn = self.acquire().await?;
-            let due = DB::fetch(
-                &mut conn,
-                &sql.due_probe,
-                &[Value::Int(now), Value::Int(now)],
-                &[Column::Int],
-            )
-            .await
-            .map_err(Error::db("looking for due rows"))?;
-            if due.is_empty() {
-                return Ok(Vec::new());
-            }
+        if !store.any_due(now).await? {
+            return Ok(Vec::new());
         }
-        let mut tx = DB::begin_write(self.outbox.pool())
-            .await
-            .map_err(Error::db("beginning a claim"))?;
-        if let Some(relaxed) = DB::DIALECT.relaxed_commit {
-            DB::exec(&mut tx, relaxed, &[])
-                .await
-                .map_err(Error::db("relaxing the claim's commit"))?;
-        }
-        let rows = DB::fetch(
-            &mut tx,
-            &sql.claim,
-            &[
-                Value::Int(now),
-                Value::Int(now),
-                Value::Int(i64::from(self.config.batch_size.max(1))),
-            ],
-            &CLAIM_TYPES,
-        )
-        .await
-        .map_err(Error::db("selecting due rows"))?;
-        if rows.is_empty() {
+        let mut tx = store.begin_relaxed().await?;
+        let mut batch = store
+            .select_due(&mut tx, now, self.config.batch_size.max(1))
+            .await?;
+        if batch.is_empty() {
             tx.commit().await.map_err(Error::db("ending a claim"))?;
             return Ok(Vec::new());
         }
-        let mut batch: Vec<OutboxMessage> = rows.into_iter().map(to_message).collect();
         // Per-key order: drop rows that an unpublished earlier row of their key
         // (not in this batch) must precede.
         let accepted = self.key_order(&mut tx, &batch, in_flight).await?;
         batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
         if !batch.is_empty() {
-            let until = now + ms(self.config.lease);
-            let mut args = vec![Value::Text(Some(token)), Value::Int(until)];
-            args.extend(batch.iter().map(|m| Value::Int(m.id)));
-            DB::exec(&mut tx, &sql.claim_update(batch.len()), &args)
-                .await
-                .map_err(Error::db("claiming rows"))?;
+            let ids: Vec<i64> = batch.iter().map(|m| m.id).collect();
+            store
+                .lease(&mut tx, token, now + ms(self.config.lease), &ids)
+                .await?;
         }
         tx.commit().await.map_err(Error::db("committing a claim"))?;
         Ok(batch)
@@ -919,21 +863,14 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             return Ok(accepted);
         }
         let max_id = batch.iter().map(|m| m.id).max().unwrap_or(0);
-        let mut args = vec![Value::Int(max_id)];
-        args.extend(keys.iter().map(|k| Value::Text(Some(k))));
-        let earlier = DB::fetch(
-            conn,
-            &self.outbox.inner.sql.key_rows(keys.len()),
-            &args,
-            &[Column::Int, Column::Text],
-        )
-        .await
-        .map_err(Error::db("checking key order"))?;
+        let earlier = self
+            .outbox
+            .store()
+            .unpublished_of_keys(conn, max_id, &keys)
+            .await?;
         let in_batch: HashSet<i64> = batch.iter().map(|m| m.id).collect();
         let mut blocked = HashSet::new();
-        for mut row in earlier {
-            let id = row[0].int().unwrap_or(0);
-            let key = row[1].take_text().unwrap_or_default();
+        for (id, key) in earlier {
             if ahead.contains(&id) {
                 continue;
             }
@@ -949,7 +886,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// Gives back the rows of a batch, named by id and token.
     async fn release(&self, claimed: &Claimed, error: Option<&str>) -> Result<(), Error> {
         let ids: Vec<i64> = claimed.ids().collect();
-        let mut conn = self.acquire().await?;
+        let mut conn = self.outbox.store().acquire().await?;
         self.give_back_ids(&mut conn, &claimed.token, &ids, error)
             .await
     }
@@ -973,37 +910,18 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         ids: &[i64],
         error: Option<&str>,
     ) -> Result<(), Error> {
-        let sql = &self.outbox.inner.sql;
-        let now = now_ms();
-        for chunk in ids.chunks(ID_CHUNK) {
-            let mut args = vec![
-                Value::Text(error),
-                Value::Int(now),
-                Value::Text(Some(token)),
-            ];
-            args.extend(chunk.iter().map(|id| Value::Int(*id)));
-            DB::exec(&mut *conn, &sql.release_ids(chunk.len()), &args)
-                .await
-                .map_err(Error::db("giving back rows"))?;
-        }
-        Ok(())
+        self.outbox
+            .store()
+            .release_ids(conn, token, ids, error, now_ms())
+            .await
     }
 
     /// Gives back every row held under `token`.
     async fn release_token(&self, token: &str, error: Option<&str>) -> Result<(), Error> {
-        let mut conn = self.acquire().await?;
-        DB::exec(
-            &mut conn,
-            &self.outbox.inner.sql.release,
-            &[
-                Value::Text(error),
-                Value::Int(now_ms()),
-                Value::Text(Some(token)),
-            ],
-        )
-        .await
-        .map_err(Error::db("releasing a claim"))?;
-        Ok(())
+        self.outbox
+            .store()
+            .release_token(token, error, now_ms())
+            .await
     }
 
     async fn reject(
@@ -1015,21 +933,17 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let attempts = u32::try_from(m.attempts).unwrap_or(u32::MAX);
         let now = now_ms();
         let next = now + ms(self.config.retry_backoff.delay(attempts));
-        let mut conn = self.acquire().await?;
-        DB::exec(
-            &mut conn,
-            &self.outbox.inner.sql.mark_rejected,
-            &[
-                Value::Int(i64::from(self.config.max_attempts)),
-                Value::Text(Some(&error.message)),
-                Value::Int(next),
-                Value::Int(now),
-                Value::Int(m.id),
-                Value::Text(Some(token)),
-            ],
-        )
-        .await
-        .map_err(Error::db("recording a rejection"))?;
+        self.outbox
+            .store()
+            .reject(
+                token,
+                m.id,
+                self.config.max_attempts,
+                &error.message,
+                next,
+                now,
+            )
+            .await?;
         if attempts.saturating_add(1) >= self.config.max_attempts {
             tracing::error!(event_id = m.event_id, %error, "event parked as FAILED");
             self.metrics.failed.fetch_add(1, Ordering::Relaxed);
@@ -1051,18 +965,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             return Ok(());
         }
         let before = now_ms() - ms(keep);
-        let limit = i64::from(self.config.retention_batch.max(1));
+        let limit = self.config.retention_batch.max(1);
         loop {
-            let mut conn = self.acquire().await?;
-            let n = DB::exec(
-                &mut conn,
-                &self.outbox.inner.sql.delete_published,
-                &[Value::Int(before), Value::Int(limit)],
-            )
-            .await
-            .map_err(Error::db("deleting published rows"))?;
+            let n = self.outbox.store().delete_published(before, limit).await?;
             self.metrics.deleted.fetch_add(n, Ordering::Relaxed);
-            if n < u64::try_from(limit).unwrap_or(0) {
+            if n < u64::from(limit) {
                 return Ok(());
             }
             // Small batches, with room for the relay's own statements between.
@@ -1108,33 +1015,16 @@ impl<DB: Backend> Marker<DB> {
     }
 
     async fn mark_once(&self, batches: &[Claimed]) -> Result<u64, Error> {
-        let sql = &self.outbox.inner.sql;
+        let store = self.outbox.store();
         let now = now_ms();
-        let mut statements: Vec<(String, Vec<Value<'_>>)> = Vec::new();
+        let mut tx = store.begin_relaxed().await?;
+        let mut n = 0;
         for claimed in batches {
             // Named by id and token: a mark never touches rows it did not publish.
-            let token = Value::Text(Some(&claimed.token));
-            for chunk in claimed.batch.chunks(ID_CHUNK) {
-                let mut args = vec![Value::Int(now), Value::Int(now), token.clone()];
-                args.extend(chunk.iter().map(|m| Value::Int(m.id)));
-                statements.push((sql.mark_published_ids(chunk.len()), args));
-            }
-        }
-        let failed = || Error::db("marking rows published");
-        let mut tx = self
-            .outbox
-            .pool()
-            .begin()
-            .await
-            .map_err(Error::db("beginning a mark"))?;
-        if let Some(relaxed) = DB::DIALECT.relaxed_commit {
-            DB::exec(&mut tx, relaxed, &[])
-                .await
-                .map_err(Error::db("relaxing the mark's commit"))?;
-        }
-        let mut n = 0;
-        for (statement, args) in &statements {
-            n += DB::exec(&mut tx, statement, args).await.map_err(failed())?;
+            let ids: Vec<i64> = claimed.ids().collect();
+            n += store
+                .mark_published(&mut tx, &claimed.token, &ids, now)
+                .await?;
         }
         tx.commit().await.map_err(Error::db("committing a mark"))?;
         Ok(n)
@@ -1266,51 +1156,12 @@ fn shares_no_key(a: &[OutboxMessage], b: &[OutboxMessage]) -> bool {
         .all(|k| !keys.contains(k))
 }
 
-/// Ids per statement when rows are marked or given back by id.
-const ID_CHUNK: usize = 500;
-
-/// Column types of [`CLAIM_COLUMNS`](crate::backend::sql::CLAIM_COLUMNS).
-const CLAIM_TYPES: [Column; 9] = [
-    Column::Int,
-    Column::Text,
-    Column::Text,
-    Column::Text,
-    Column::Text,
-    Column::Text,
-    Column::Bytes,
-    Column::Text,
-    Column::Int,
-];
-
 /// `true` if `shutdown` has completed, without waiting.
 async fn futures_poll_ready<F: Future<Output = ()>>(shutdown: &mut std::pin::Pin<&mut F>) -> bool {
     tokio::select! {
         biased;
         _ = shutdown.as_mut() => true,
         _ = std::future::ready(()) => false,
-    }
-}
-
-fn to_message(mut row: Vec<Cell>) -> OutboxMessage {
-    let headers = row[5]
-        .take_text()
-        .and_then(|h| serde_json::from_str::<HashMap<String, String>>(&h).ok())
-        .map(|h| {
-            let mut v: Vec<_> = h.into_iter().collect();
-            v.sort();
-            v
-        })
-        .unwrap_or_default();
-    OutboxMessage {
-        id: row[0].int().unwrap_or(0),
-        event_id: row[1].take_text().unwrap_or_default(),
-        event_type: row[2].take_text().unwrap_or_default(),
-        destination: row[3].take_text().unwrap_or_default(),
-        key: row[4].take_text(),
-        headers,
-        content: Bytes::from(row[6].take_bytes().unwrap_or_default()),
-        content_type: row[7].take_text().unwrap_or_default(),
-        attempts: row[8].int().unwrap_or(0),
     }
 }
 

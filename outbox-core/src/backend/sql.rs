@@ -4,6 +4,14 @@
 
 use super::{Dialect, marks, placeholders};
 use crate::names::TableName;
+use crate::store::{InboxState, OutboxState};
+
+/// The outbox states as stored: new, published, failed.
+const STATES: (&str, &str, &str) = (
+    OutboxState::New.as_sql(),
+    OutboxState::Published.as_sql(),
+    OutboxState::Failed.as_sql(),
+);
 
 /// Columns of a claimed outbox row, in the order [`OutboxSql::claim`] selects them.
 pub(crate) const CLAIM_COLUMNS: &str =
@@ -28,7 +36,6 @@ pub(crate) struct OutboxSql {
     pub(crate) claim: String,
     pub(crate) due_probe: String,
     pub(crate) handed_off: String,
-    pub(crate) mark_published_one: String,
     pub(crate) mark_rejected: String,
     pub(crate) release: String,
     pub(crate) delete_published: String,
@@ -43,6 +50,7 @@ pub(crate) struct OutboxSql {
 impl OutboxSql {
     pub(crate) fn new(dialect: &'static Dialect, table: TableName) -> OutboxSql {
         let t = table.as_str();
+        let (new, published, failed) = STATES;
         let p = |sql: String| placeholders(dialect.placeholders, &sql);
         OutboxSql {
             migrations: vec![
@@ -57,29 +65,24 @@ impl OutboxSql {
             ],
             notify: (dialect.notify)(t),
             claim: p(format!(
-                "SELECT {CLAIM_COLUMNS} FROM {t} WHERE process = 'NEW' AND next_attempt_at <= ? \
+                "SELECT {CLAIM_COLUMNS} FROM {t} WHERE process = '{new}' AND next_attempt_at <= ? \
                  AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY id LIMIT ?{}",
                 dialect.skip_locked
             )),
             due_probe: p(format!(
-                "SELECT id FROM {t} WHERE process = 'NEW' AND next_attempt_at <= ? \
+                "SELECT id FROM {t} WHERE process = '{new}' AND next_attempt_at <= ? \
                  AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY id LIMIT 1"
             )),
             handed_off: p(format!(
-                "SELECT {CLAIM_COLUMNS} FROM {t} WHERE claimed_by = ? AND process = 'NEW' \
+                "SELECT {CLAIM_COLUMNS} FROM {t} WHERE claimed_by = ? AND process = '{new}' \
                  AND claimed_until > ? ORDER BY id LIMIT ?"
-            )),
-            mark_published_one: p(format!(
-                "UPDATE {t} SET process = 'PUBLISHED', published_time = ?, update_time = ?, \
-                 claimed_by = NULL, claimed_until = NULL \
-                 WHERE id = ? AND claimed_by = ? AND process = 'NEW'"
             )),
             // `process` first: MySQL evaluates SET left to right with new values.
             mark_rejected: p(format!(
-                "UPDATE {t} SET process = CASE WHEN attempts + 1 >= ? THEN 'FAILED' ELSE 'NEW' END, \
+                "UPDATE {t} SET process = CASE WHEN attempts + 1 >= ? THEN '{failed}' ELSE '{new}' END, \
                  attempts = attempts + 1, last_error = ?, next_attempt_at = ?, update_time = ?, \
                  claimed_by = NULL, claimed_until = NULL \
-                 WHERE id = ? AND claimed_by = ? AND process = 'NEW'"
+                 WHERE id = ? AND claimed_by = ? AND process = '{new}'"
             )),
             release: p(format!(
                 "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL, \
@@ -87,22 +90,22 @@ impl OutboxSql {
             )),
             delete_published: p((dialect.delete_limited)(
                 t,
-                "process = 'PUBLISHED' AND published_time < ?",
+                &format!("process = '{published}' AND published_time < ?"),
                 "published_time",
             )),
-            backlog: format!("SELECT COUNT(*), MIN(create_time) FROM {t} WHERE process = 'NEW'"),
-            parked_count: format!("SELECT COUNT(*) FROM {t} WHERE process = 'FAILED'"),
+            backlog: format!("SELECT COUNT(*), MIN(create_time) FROM {t} WHERE process = '{new}'"),
+            parked_count: format!("SELECT COUNT(*) FROM {t} WHERE process = '{failed}'"),
             parked: p(format!(
                 "SELECT event_id, event_type, destination, event_key, attempts, last_error, \
-                 create_time, update_time FROM {t} WHERE process = 'FAILED' ORDER BY id LIMIT ?"
+                 create_time, update_time FROM {t} WHERE process = '{failed}' ORDER BY id LIMIT ?"
             )),
             replay_one: p(format!(
-                "UPDATE {t} SET process = 'NEW', attempts = 0, next_attempt_at = ?, update_time = ?, \
-                 claimed_by = NULL, claimed_until = NULL WHERE process = 'FAILED' AND event_id = ?"
+                "UPDATE {t} SET process = '{new}', attempts = 0, next_attempt_at = ?, update_time = ?, \
+                 claimed_by = NULL, claimed_until = NULL WHERE process = '{failed}' AND event_id = ?"
             )),
             replay_all: p(format!(
-                "UPDATE {t} SET process = 'NEW', attempts = 0, next_attempt_at = ?, update_time = ?, \
-                 claimed_by = NULL, claimed_until = NULL WHERE process = 'FAILED'"
+                "UPDATE {t} SET process = '{new}', attempts = 0, next_attempt_at = ?, update_time = ?, \
+                 claimed_by = NULL, claimed_until = NULL WHERE process = '{failed}'"
             )),
             count_by_process: format!("SELECT process, COUNT(*) FROM {t} GROUP BY process"),
             dialect,
@@ -125,10 +128,11 @@ impl OutboxSql {
 
     /// Unpublished rows of the given keys up to id `?`, to check per-key order.
     pub(crate) fn key_rows(&self, keys: usize) -> String {
+        let published = OutboxState::Published.as_sql();
         placeholders(
             self.dialect.placeholders,
             &format!(
-                "SELECT id, event_key FROM {} WHERE process <> 'PUBLISHED' AND id <= ? \
+                "SELECT id, event_key FROM {} WHERE process <> '{published}' AND id <= ? \
                  AND event_key IN ({}) ORDER BY id",
                 self.table,
                 marks(keys)
@@ -139,12 +143,13 @@ impl OutboxSql {
     /// Marks `ids` rows held by the lease `?` published: the values are the
     /// publish time, the update time, the token, then the ids.
     pub(crate) fn mark_published_ids(&self, ids: usize) -> String {
+        let (new, published, _) = STATES;
         placeholders(
             self.dialect.placeholders,
             &format!(
-                "UPDATE {} SET process = 'PUBLISHED', published_time = ?, update_time = ?, \
+                "UPDATE {} SET process = '{published}', published_time = ?, update_time = ?, \
                  claimed_by = NULL, claimed_until = NULL \
-                 WHERE claimed_by = ? AND process = 'NEW' AND id IN ({})",
+                 WHERE claimed_by = ? AND process = '{new}' AND id IN ({})",
                 self.table,
                 marks(ids)
             ),
@@ -207,11 +212,16 @@ impl InboxSql {
     pub(crate) fn new(dialect: &'static Dialect, table: &TableName) -> InboxSql {
         let t = table.as_str();
         let p = |sql: String| placeholders(dialect.placeholders, &sql);
+        let (processed, retry, failed) = (
+            InboxState::Processed.as_sql(),
+            InboxState::Retry.as_sql(),
+            InboxState::Failed.as_sql(),
+        );
         // The queries of pending rows repeat `process <> 'PROCESSED'`, the
         // condition of version 3's partial indexes, so that SQLite uses them.
         let due = format!(
-            "SELECT {DUE_COLUMNS} FROM {t} i WHERE i.consumer = ? AND i.process = 'RETRY' \
-             AND i.process <> 'PROCESSED' AND i.next_attempt_at <= ?"
+            "SELECT {DUE_COLUMNS} FROM {t} i WHERE i.consumer = ? AND i.process = '{retry}' \
+             AND i.process <> '{processed}' AND i.next_attempt_at <= ?"
         );
         InboxSql {
             dialect,
@@ -237,45 +247,45 @@ impl InboxSql {
             )),
             key_pending: p(format!(
                 "SELECT COUNT(*) FROM {t} WHERE consumer = ? AND event_key = ? \
-                 AND process <> 'PROCESSED'"
+                 AND process <> '{processed}'"
             )),
             due: p(format!("{due} ORDER BY i.id LIMIT ?")),
             due_in_key_order: p(format!(
                 "{due} AND (i.event_key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} o \
                  WHERE o.consumer = i.consumer AND o.event_key = i.event_key \
-                 AND o.process <> 'PROCESSED' AND o.id < i.id)) ORDER BY i.id LIMIT ?"
+                 AND o.process <> '{processed}' AND o.id < i.id)) ORDER BY i.id LIMIT ?"
             )),
             take_retry: p(format!(
-                "UPDATE {t} SET process = 'PROCESSED', attempts = attempts + 1, \
+                "UPDATE {t} SET process = '{processed}', attempts = attempts + 1, \
                  processed_time = ?, update_time = ?, content = NULL \
-                 WHERE id = ? AND process = 'RETRY'"
+                 WHERE id = ? AND process = '{retry}'"
             )),
             // `process` first: MySQL evaluates SET left to right with new values.
             fail_retry: p(format!(
-                "UPDATE {t} SET process = CASE WHEN attempts + 1 >= ? THEN 'FAILED' ELSE 'RETRY' END, \
+                "UPDATE {t} SET process = CASE WHEN attempts + 1 >= ? THEN '{failed}' ELSE '{retry}' END, \
                  attempts = attempts + 1, last_error = ?, next_attempt_at = ?, update_time = ? \
-                 WHERE id = ? AND process = 'RETRY'"
+                 WHERE id = ? AND process = '{retry}'"
             )),
             counts: p(format!(
                 "SELECT process, COUNT(*) FROM {t} WHERE consumer = ? GROUP BY process"
             )),
             parked: p(format!(
                 "SELECT event_id, event_type, event_key, attempts, last_error, create_time, \
-                 update_time, content FROM {t} WHERE consumer = ? AND process = 'FAILED' \
-                 AND process <> 'PROCESSED' ORDER BY id LIMIT ?"
+                 update_time, content FROM {t} WHERE consumer = ? AND process = '{failed}' \
+                 AND process <> '{processed}' ORDER BY id LIMIT ?"
             )),
             replay_one: p(format!(
-                "UPDATE {t} SET process = 'RETRY', attempts = 0, next_attempt_at = ?, \
-                 update_time = ? WHERE consumer = ? AND process = 'FAILED' AND event_id = ?"
+                "UPDATE {t} SET process = '{retry}', attempts = 0, next_attempt_at = ?, \
+                 update_time = ? WHERE consumer = ? AND process = '{failed}' AND event_id = ?"
             )),
             replay_all: p(format!(
-                "UPDATE {t} SET process = 'RETRY', attempts = 0, next_attempt_at = ?, \
-                 update_time = ? WHERE consumer = ? AND process = 'FAILED' \
-                 AND process <> 'PROCESSED'"
+                "UPDATE {t} SET process = '{retry}', attempts = 0, next_attempt_at = ?, \
+                 update_time = ? WHERE consumer = ? AND process = '{failed}' \
+                 AND process <> '{processed}'"
             )),
             delete_processed: p((dialect.delete_limited)(
                 t,
-                "consumer = ? AND process = 'PROCESSED' AND processed_time < ?",
+                &format!("consumer = ? AND process = '{processed}' AND processed_time < ?"),
                 "processed_time",
             )),
         }
@@ -286,7 +296,8 @@ impl InboxSql {
     /// `INSERT` of `rows` processed rows at once: (consumer, event_id,
     /// event_type, event_key, time) each.
     pub(crate) fn insert_processed(&self, rows: usize) -> String {
-        let one = "(?, ?, ?, ?, 'PROCESSED', 1, NULL, NULL, NULL, NULL, ?, ?, ?)";
+        let processed = InboxState::Processed.as_sql();
+        let one = format!("(?, ?, ?, ?, '{processed}', 1, NULL, NULL, NULL, NULL, ?, ?, ?)");
         let values = vec![one; rows].join(", ");
         placeholders(
             self.dialect.placeholders,

@@ -1,0 +1,480 @@
+//! Every statement on an outbox table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sqlx::{Pool, Transaction};
+
+use super::{Row, decode_all};
+use crate::backend::sql::{INSERT_VALUES, OutboxSql};
+use crate::backend::{Backend, Column, Value};
+use crate::event::{Event, OutboxMessage};
+use crate::{Error, schema};
+
+/// Rows per `INSERT` statement: keeps the number of bound values well under
+/// every database's limit.
+const INSERT_CHUNK: usize = 200;
+
+/// Ids per statement when rows are marked or given back by id.
+const ID_CHUNK: usize = 500;
+
+/// Column types of [`CLAIM_COLUMNS`](crate::backend::sql::CLAIM_COLUMNS).
+const CLAIM_TYPES: [Column; 9] = [
+    Column::Int,
+    Column::Text,
+    Column::Text,
+    Column::Text,
+    Column::Text,
+    Column::Text,
+    Column::Bytes,
+    Column::Text,
+    Column::Int,
+];
+
+/// A parked row as [`OutboxStore::parked`] reads it.
+pub(crate) struct ParkedRow {
+    pub(crate) event_id: String,
+    pub(crate) event_type: String,
+    pub(crate) destination: String,
+    pub(crate) key: Option<String>,
+    pub(crate) attempts: i64,
+    pub(crate) last_error: Option<String>,
+    pub(crate) create_time: i64,
+    pub(crate) update_time: i64,
+}
+
+/// The statements of one outbox table, on its pool.
+#[derive(Debug)]
+pub(crate) struct OutboxStore<DB: Backend> {
+    pool: Pool<DB>,
+    sql: Arc<OutboxSql>,
+}
+
+impl<DB: Backend> Clone for OutboxStore<DB> {
+    fn clone(&self) -> Self {
+        OutboxStore {
+            pool: self.pool.clone(),
+            sql: self.sql.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> OutboxStore<DB> {
+    pub(crate) fn new(pool: Pool<DB>, sql: Arc<OutboxSql>) -> OutboxStore<DB> {
+        OutboxStore { pool, sql }
+    }
+
+    pub(crate) fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+
+    /// The statements, for producers that append without an [`Outbox`](crate::Outbox).
+    pub(crate) fn sql(&self) -> &OutboxSql {
+        &self.sql
+    }
+
+    pub(crate) fn table(&self) -> &str {
+        self.sql.table.as_str()
+    }
+
+    pub(crate) async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, Error> {
+        crate::backend::acquire(&self.pool).await
+    }
+
+    /// Creates or upgrades the table.
+    pub(crate) async fn migrate(&self) -> Result<(), Error> {
+        schema::migrate(&self.pool, self.table(), &self.sql.migrations).await
+    }
+
+    /// A transaction that writes, with the relaxed commit of the database
+    /// where it has one (the relay's claims and marks can be redone).
+    pub(crate) async fn begin_relaxed(&self) -> Result<Transaction<'static, DB>, Error> {
+        let mut tx = DB::begin_write(&self.pool)
+            .await
+            .map_err(Error::db("beginning a relay transaction"))?;
+        if let Some(relaxed) = DB::DIALECT.relaxed_commit {
+            DB::exec(&mut tx, relaxed, &[])
+                .await
+                .map_err(Error::db("relaxing a relay transaction's commit"))?;
+        }
+        Ok(tx)
+    }
+
+    /// `true` if some row is due and not leased: a read that takes no lock.
+    pub(crate) async fn any_due(&self, now: i64) -> Result<bool, Error> {
+        let mut conn = self.acquire().await?;
+        let due = DB::fetch(
+            &mut conn,
+            &self.sql.due_probe,
+            &[Value::Int(now), Value::Int(now)],
+            &[Column::Int],
+        )
+        .await
+        .map_err(Error::db("looking for due rows"))?;
+        Ok(!due.is_empty())
+    }
+
+    /// Up to `limit` due rows not leased, in id order, skipping rows other
+    /// relays have locked.
+    pub(crate) async fn select_due(
+        &self,
+        conn: &mut DB::Connection,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxMessage>, Error> {
+        let rows = DB::fetch(
+            conn,
+            &self.sql.claim,
+            &[
+                Value::Int(now),
+                Value::Int(now),
+                Value::Int(i64::from(limit)),
+            ],
+            &CLAIM_TYPES,
+        )
+        .await
+        .map_err(Error::db("selecting due rows"))?;
+        decode_all("outbox", rows, message)
+    }
+
+    /// Up to `limit` committed rows leased to `token` (handed off at insert)
+    /// whose lease still holds.
+    pub(crate) async fn handed_off(
+        &self,
+        conn: &mut DB::Connection,
+        token: &str,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<OutboxMessage>, Error> {
+        let rows = DB::fetch(
+            conn,
+            &self.sql.handed_off,
+            &[Value::Text(Some(token)), Value::Int(now), Value::Int(limit)],
+            &CLAIM_TYPES,
+        )
+        .await
+        .map_err(Error::db("reading handed-off rows"))?;
+        decode_all("outbox", rows, message)
+    }
+
+    /// The unpublished rows of `keys` up to id `max_id`, in id order: (id, key).
+    pub(crate) async fn unpublished_of_keys(
+        &self,
+        conn: &mut DB::Connection,
+        max_id: i64,
+        keys: &[&str],
+    ) -> Result<Vec<(i64, String)>, Error> {
+        let mut args = vec![Value::Int(max_id)];
+        args.extend(keys.iter().map(|k| Value::Text(Some(k))));
+        let rows = DB::fetch(
+            conn,
+            &self.sql.key_rows(keys.len()),
+            &args,
+            &[Column::Int, Column::Text],
+        )
+        .await
+        .map_err(Error::db("checking key order"))?;
+        decode_all("outbox", rows, |mut row| {
+            Ok((row.int(0, "id")?, row.text(1, "event_key")?))
+        })
+    }
+
+    /// Leases the rows `ids` to `token` until `until`.
+    pub(crate) async fn lease(
+        &self,
+        conn: &mut DB::Connection,
+        token: &str,
+        until: i64,
+        ids: &[i64],
+    ) -> Result<(), Error> {
+        let mut args = vec![Value::Text(Some(token)), Value::Int(until)];
+        args.extend(ids.iter().map(|id| Value::Int(*id)));
+        DB::exec(conn, &self.sql.claim_update(ids.len()), &args)
+            .await
+            .map_err(Error::db("claiming rows"))?;
+        Ok(())
+    }
+
+    /// Marks the rows `ids` held under `token` published; returns how many
+    /// changed.
+    pub(crate) async fn mark_published(
+        &self,
+        conn: &mut DB::Connection,
+        token: &str,
+        ids: &[i64],
+        now: i64,
+    ) -> Result<u64, Error> {
+        let mut n = 0;
+        for chunk in ids.chunks(ID_CHUNK) {
+            let mut args = vec![Value::Int(now), Value::Int(now), Value::Text(Some(token))];
+            args.extend(chunk.iter().map(|id| Value::Int(*id)));
+            n += DB::exec(conn, &self.sql.mark_published_ids(chunk.len()), &args)
+                .await
+                .map_err(Error::db("marking rows published"))?;
+        }
+        Ok(n)
+    }
+
+    /// Gives back the rows `ids` held under `token`, keeping `error` as
+    /// their last error (`None` keeps the one they had).
+    pub(crate) async fn release_ids(
+        &self,
+        conn: &mut DB::Connection,
+        token: &str,
+        ids: &[i64],
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), Error> {
+        for chunk in ids.chunks(ID_CHUNK) {
+            let mut args = vec![
+                Value::Text(error),
+                Value::Int(now),
+                Value::Text(Some(token)),
+            ];
+            args.extend(chunk.iter().map(|id| Value::Int(*id)));
+            DB::exec(&mut *conn, &self.sql.release_ids(chunk.len()), &args)
+                .await
+                .map_err(Error::db("giving back rows"))?;
+        }
+        Ok(())
+    }
+
+    /// Gives back every row held under `token`.
+    pub(crate) async fn release_token(
+        &self,
+        token: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), Error> {
+        let mut conn = self.acquire().await?;
+        DB::exec(
+            &mut conn,
+            &self.sql.release,
+            &[
+                Value::Text(error),
+                Value::Int(now),
+                Value::Text(Some(token)),
+            ],
+        )
+        .await
+        .map_err(Error::db("releasing a claim"))?;
+        Ok(())
+    }
+
+    /// Records a rejection of row `id` held under `token`: one attempt more,
+    /// parked as `FAILED` when that reaches `max_attempts`, else due again at
+    /// `next_attempt_at`.
+    pub(crate) async fn reject(
+        &self,
+        token: &str,
+        id: i64,
+        max_attempts: u32,
+        error: &str,
+        next_attempt_at: i64,
+        now: i64,
+    ) -> Result<(), Error> {
+        let mut conn = self.acquire().await?;
+        DB::exec(
+            &mut conn,
+            &self.sql.mark_rejected,
+            &[
+                Value::Int(i64::from(max_attempts)),
+                Value::Text(Some(error)),
+                Value::Int(next_attempt_at),
+                Value::Int(now),
+                Value::Int(id),
+                Value::Text(Some(token)),
+            ],
+        )
+        .await
+        .map_err(Error::db("recording a rejection"))?;
+        Ok(())
+    }
+
+    /// Deletes up to `limit` rows published before `before`; returns how many.
+    pub(crate) async fn delete_published(&self, before: i64, limit: u32) -> Result<u64, Error> {
+        let mut conn = self.acquire().await?;
+        DB::exec(
+            &mut conn,
+            &self.sql.delete_published,
+            &[Value::Int(before), Value::Int(i64::from(limit))],
+        )
+        .await
+        .map_err(Error::db("deleting published rows"))
+    }
+
+    /// Waiting rows, the create time of the oldest, and parked rows.
+    pub(crate) async fn backlog(&self) -> Result<(u64, Option<i64>, u64), Error> {
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &self.sql.backlog,
+            &[],
+            &[Column::Int, Column::Int],
+        )
+        .await
+        .map_err(Error::db("reading the backlog"))?;
+        let (pending, oldest) = match rows.into_iter().next() {
+            Some(cells) => {
+                let row = Row::new("outbox", cells);
+                (row.count(0, "COUNT(*)")?, row.opt_int(1))
+            }
+            None => (0, None),
+        };
+        let parked = DB::fetch(&mut conn, &self.sql.parked_count, &[], &[Column::Int])
+            .await
+            .map_err(Error::db("counting parked rows"))?;
+        let parked = match parked.into_iter().next() {
+            Some(cells) => Row::new("outbox", cells).count(0, "COUNT(*)")?,
+            None => 0,
+        };
+        Ok((pending, oldest, parked))
+    }
+
+    /// Rows per state.
+    pub(crate) async fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &self.sql.count_by_process,
+            &[],
+            &[Column::Text, Column::Int],
+        )
+        .await
+        .map_err(Error::db("counting rows"))?;
+        decode_all("outbox", rows, |mut row| {
+            Ok((row.text(0, "process")?, row.count(1, "COUNT(*)")?))
+        })
+    }
+
+    /// Up to `limit` parked rows, oldest first.
+    pub(crate) async fn parked(&self, limit: u32) -> Result<Vec<ParkedRow>, Error> {
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &self.sql.parked,
+            &[Value::Int(i64::from(limit))],
+            &[
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Int,
+                Column::Text,
+                Column::Int,
+                Column::Int,
+            ],
+        )
+        .await
+        .map_err(Error::db("listing parked rows"))?;
+        decode_all("outbox", rows, |mut row| {
+            Ok(ParkedRow {
+                event_id: row.text(0, "event_id")?,
+                event_type: row.text(1, "event_type")?,
+                destination: row.text(2, "destination")?,
+                key: row.opt_text(3),
+                attempts: row.int(4, "attempts")?,
+                last_error: row.opt_text(5),
+                create_time: row.int(6, "create_time")?,
+                update_time: row.int(7, "update_time")?,
+            })
+        })
+    }
+
+    /// Puts the parked row `event_id` (or every parked row) back to `NEW`
+    /// with a fresh budget; returns how many.
+    pub(crate) async fn replay(&self, event_id: Option<&str>, now: i64) -> Result<u64, Error> {
+        let mut conn = self.acquire().await?;
+        let (sql, args) = match event_id {
+            Some(id) => (
+                &self.sql.replay_one,
+                vec![Value::Int(now), Value::Int(now), Value::Text(Some(id))],
+            ),
+            None => (&self.sql.replay_all, vec![Value::Int(now), Value::Int(now)]),
+        };
+        DB::exec(&mut conn, sql, &args)
+            .await
+            .map_err(Error::db("replaying parked rows"))
+    }
+}
+
+/// Inserts `events` into the table of `sql` inside `tx` (see
+/// [`OutboxStore::insert`]); also used by the macro's producers, which have
+/// the statements but no store.
+pub(crate) async fn insert<DB: Backend>(
+    sql: &OutboxSql,
+    tx: &mut Transaction<'_, DB>,
+    events: &[Event],
+    lease: Option<(&str, i64)>,
+    now: i64,
+) -> Result<(), Error> {
+    let (claimed_by, claimed_until) = match lease {
+        Some((token, until)) => (Value::Text(Some(token)), Value::Int(until)),
+        None => (Value::Text(None), Value::NullInt),
+    };
+    let new = super::OutboxState::New.as_sql();
+    for chunk in events.chunks(INSERT_CHUNK) {
+        let ids: Vec<String> = chunk.iter().map(|e| e.id.to_string()).collect();
+        let headers: Vec<String> = chunk.iter().map(Event::headers_json).collect();
+        let mut args = Vec::with_capacity(chunk.len() * INSERT_VALUES);
+        for ((event, id), headers) in chunk.iter().zip(&ids).zip(&headers) {
+            args.extend([
+                Value::Text(Some(id)),
+                Value::Text(Some(&event.event_type)),
+                Value::Text(Some(&event.destination)),
+                Value::Text(event.key.as_deref()),
+                Value::Text(Some(headers)),
+                Value::Bytes(Some(&event.content)),
+                Value::Text(Some(&event.content_type)),
+                Value::Text(Some(new)),
+                Value::Int(0),
+                Value::Int(now),
+                Value::Int(now),
+                Value::Int(now),
+                claimed_by.clone(),
+                claimed_until.clone(),
+            ]);
+        }
+        DB::exec(&mut **tx, &sql.insert(chunk.len()), &args)
+            .await
+            .map_err(Error::db("appending events"))?;
+    }
+    // Handed-off rows are leased to a relay of this process, which the commit
+    // wakes: other relays could not take them, so they need no NOTIFY.
+    if let Some(notify) = sql.notify.as_ref().filter(|_| lease.is_none()) {
+        DB::exec(&mut **tx, notify, &[])
+            .await
+            .map_err(Error::db("notifying relays"))?;
+    }
+    Ok(())
+}
+
+/// A claimed row as the relay publishes it.
+fn message(mut row: Row) -> Result<OutboxMessage, Error> {
+    let headers = match row.opt_text(5) {
+        Some(json) => {
+            let map: HashMap<String, String> =
+                serde_json::from_str(&json).map_err(|_| Error::Row {
+                    table: "outbox",
+                    column: "headers",
+                    reason: "not a JSON object of strings",
+                })?;
+            let mut headers: Vec<(String, String)> = map.into_iter().collect();
+            headers.sort();
+            headers
+        }
+        None => Vec::new(),
+    };
+    Ok(OutboxMessage {
+        id: row.int(0, "id")?,
+        event_id: row.text(1, "event_id")?,
+        event_type: row.text(2, "event_type")?,
+        destination: row.text(3, "destination")?,
+        key: row.opt_text(4),
+        headers,
+        content: Bytes::from(row.bytes(6, "content")?),
+        content_type: row.text(7, "content_type")?,
+        attempts: row.int(8, "attempts")?,
+    })
+}
