@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::FutureExt as _;
 use outbox_stomp::{AckMode, Client, Message, Subscribe};
 use serde::de::DeserializeOwned;
@@ -36,10 +35,12 @@ use sqlx::Transaction;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::backend::{Backend, Column, Value, WriteGate};
+use crate::backend::{Backend, WriteGate};
 use crate::backoff::Backoff;
-use crate::inbox::{Delivery, Inbox, Recorded, fallback_event_id};
+use crate::inbox::{Delivery, Inbox, fallback_event_id};
 use crate::names::{ms, now_ms};
+use crate::store::inbox::DueRow;
+use crate::store::{InboxState, Recorded};
 use crate::{Error, HandlerError, failpoint, schema};
 
 /// A boxed, sendable future: what a [`Handler`] returns.
@@ -720,7 +721,7 @@ async fn park_unrecordable<DB: Backend>(
         ..delivery.clone()
     };
     for attempt in [delivery, &bare] {
-        match set_aside(inbox, attempt, "FAILED", &reason, None).await {
+        match set_aside(inbox, attempt, InboxState::Failed, &reason, None).await {
             Ok(outcome) => return Some(outcome),
             Err(error) => {
                 tracing::warn!(%error, event_id = delivery.event_id, "could not park the delivery");
@@ -758,7 +759,7 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
         let indices: Vec<usize> = todo.iter().map(|(i, _)| *i).collect();
         for i in indices {
             if let Some(key) = &deliveries[i].key
-                && inbox.key_pending(key).await?
+                && inbox.store.key_pending(key).await?
             {
                 one_by_one = true;
                 break;
@@ -772,7 +773,11 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
             .map_err(Error::db("beginning an inbox transaction"))?;
         let mut applied = Vec::with_capacity(todo.len());
         let rows: Vec<&Delivery> = todo.iter().map(|(i, _)| &deliveries[*i]).collect();
-        let mut clean = inbox.record_processed(&mut tx, &rows).await? == Recorded::New;
+        let mut clean = inbox
+            .store
+            .record_processed(&mut tx, &rows, now_ms())
+            .await?
+            == Recorded::New;
         if clean {
             for (i, event) in todo {
                 let delivery = &deliveries[i];
@@ -825,18 +830,26 @@ async fn process<DB: Backend, H: Handler<DB>>(
     };
     if shared.config.per_key_order
         && let Some(key) = &delivery.key
-        && inbox.key_pending(key).await?
+        && inbox.store.key_pending(key).await?
     {
         // An earlier event of this key waits for a retry: queue behind it.
         let waiting = "waiting for an earlier event of its key";
-        return set_aside(inbox, delivery, "RETRY", waiting, Some(now_ms())).await;
+        return set_aside(inbox, delivery, InboxState::Retry, waiting, Some(now_ms())).await;
     }
     let _turn = shared.gate.enter().await;
     let mut tx = DB::begin_write(inbox.pool())
         .await
         .map_err(Error::db("beginning an inbox transaction"))?;
     if inbox
-        .record(&mut tx, delivery, "PROCESSED", None, None)
+        .store
+        .record(
+            &mut tx,
+            delivery,
+            InboxState::Processed,
+            None,
+            None,
+            now_ms(),
+        )
         .await?
         == Recorded::Duplicate
     {
@@ -862,9 +875,9 @@ async fn process<DB: Backend, H: Handler<DB>>(
             );
             let next = now_ms() + ms(shared.config.retry_backoff.delay(0));
             let state = if shared.config.max_attempts <= 1 {
-                "FAILED"
+                InboxState::Failed
             } else {
-                "RETRY"
+                InboxState::Retry
             };
             set_aside(inbox, delivery, state, &reason, Some(next)).await
         }
@@ -876,18 +889,26 @@ async fn process<DB: Backend, H: Handler<DB>>(
 async fn set_aside<DB: Backend>(
     inbox: &Inbox<DB>,
     delivery: &Delivery,
-    state: &str,
+    state: InboxState,
     reason: &str,
     next_attempt_at: Option<i64>,
 ) -> Result<Outcome, Error> {
     let reason = error_text(reason);
-    let mut conn = inbox.acquire().await?;
+    let mut conn = inbox.store.acquire().await?;
     let recorded = inbox
-        .record(&mut conn, delivery, state, Some(&reason), next_attempt_at)
+        .store
+        .record(
+            &mut conn,
+            delivery,
+            state,
+            Some(&reason),
+            next_attempt_at,
+            now_ms(),
+        )
         .await?;
     Ok(match recorded {
         Recorded::Duplicate => Outcome::Duplicate,
-        Recorded::New if state == "FAILED" => Outcome::Parked,
+        Recorded::New if state == InboxState::Failed => Outcome::Parked,
         Recorded::New => Outcome::Retry,
     })
 }
@@ -903,7 +924,7 @@ async fn park_undecodable<DB: Backend>(
         reason,
         "undecodable payload parked"
     );
-    set_aside(inbox, delivery, "FAILED", reason, None).await
+    set_aside(inbox, delivery, InboxState::Failed, reason, None).await
 }
 
 /// Runs the handler, turning a panic into an error.
@@ -961,76 +982,29 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
 
 /// Handles due retry rows once; returns how many were tried.
 async fn retry_due<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>) -> Result<usize, Error> {
-    let inbox = &shared.inbox;
-    let sql = if shared.config.per_key_order {
-        &inbox.sql.due_in_key_order
-    } else {
-        &inbox.sql.due
-    };
-    let rows = {
-        let mut conn = inbox.acquire().await?;
-        DB::fetch(
-            &mut conn,
-            sql,
-            &[
-                Value::Text(Some(&inbox.consumer)),
-                Value::Int(now_ms()),
-                Value::Int(100),
-            ],
-            &[
-                Column::Int,
-                Column::Text,
-                Column::Text,
-                Column::Text,
-                Column::Text,
-                Column::Bytes,
-                Column::Int,
-            ],
-        )
-        .await
-        .map_err(Error::db("selecting due retries"))?
-    };
+    let rows = shared
+        .inbox
+        .store
+        .due(now_ms(), 100, shared.config.per_key_order)
+        .await?;
     let tried = rows.len();
-    for mut row in rows {
-        let id = row[0].int().unwrap_or(0);
-        let headers: Vec<(String, String)> = row[4]
-            .take_text()
-            .and_then(|h| serde_json::from_str(&h).ok())
-            .unwrap_or_default();
-        let attempts = row[6].int().unwrap_or(0);
-        let delivery = Delivery {
-            event_id: row[1].take_text().unwrap_or_default(),
-            event_type: row[2].take_text(),
-            key: row[3].take_text(),
-            headers,
-            body: Bytes::from(row[5].take_bytes().unwrap_or_default()),
-            attempt: u32::try_from(attempts).unwrap_or(u32::MAX),
-        };
-        retry_one(shared, id, attempts, &delivery).await?;
+    for row in &rows {
+        retry_one(shared, row).await?;
     }
     Ok(tried)
 }
 
 async fn retry_one<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
-    id: i64,
-    attempts: i64,
-    delivery: &Delivery,
+    row: &DueRow,
 ) -> Result<(), Error> {
-    let inbox = &shared.inbox;
-    let now = now_ms();
+    let (id, attempts, delivery) = (row.id, row.attempts, &row.delivery);
+    let store = &shared.inbox.store;
     let _turn = shared.gate.enter().await;
-    let mut tx = DB::begin_write(inbox.pool())
+    let mut tx = DB::begin_write(store.pool())
         .await
         .map_err(Error::db("beginning a retry"))?;
-    let taken = DB::exec(
-        &mut tx,
-        &inbox.sql.take_retry,
-        &[Value::Int(now), Value::Int(now), Value::Int(id)],
-    )
-    .await
-    .map_err(Error::db("taking a retry"))?;
-    if taken == 0 {
+    if !store.take_retry(&mut tx, id, now_ms()).await? {
         // Another process took it meanwhile.
         let _ = tx.rollback().await;
         return Ok(());
@@ -1078,20 +1052,9 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
                     .config
                     .retry_backoff
                     .delay(u32::try_from(attempts).unwrap_or(u32::MAX)));
-            let mut conn = inbox.acquire().await?;
-            DB::exec(
-                &mut conn,
-                &inbox.sql.fail_retry,
-                &[
-                    Value::Int(budget),
-                    Value::Text(Some(&reason)),
-                    Value::Int(next),
-                    Value::Int(now_ms()),
-                    Value::Int(id),
-                ],
-            )
-            .await
-            .map_err(Error::db("recording a failed retry"))?;
+            store
+                .fail_retry(id, budget, &reason, next, now_ms())
+                .await?;
             if spent {
                 tracing::error!(
                     event_id = delivery.event_id,
@@ -1121,7 +1084,7 @@ async fn retention<DB: Backend, H: Handler<DB>>(
         return Ok(());
     };
     let inbox = &shared.inbox;
-    let name = format!("{}.{}.retention", inbox.table, inbox.consumer);
+    let name = format!("{}.{}.retention", inbox.table(), inbox.consumer());
     let until = now_ms() + ms(shared.config.retention_interval) * 2;
     if !schema::take_lease(inbox.pool(), &name, holder, until).await? {
         return Ok(());

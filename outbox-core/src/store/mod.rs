@@ -6,8 +6,10 @@
 //! write no SQL of their own. The SQL text, built once per table and
 //! database, is in `backend/sql.rs`.
 
+pub(crate) mod inbox;
 pub(crate) mod outbox;
 
+pub(crate) use inbox::{InboxStore, Recorded};
 pub(crate) use outbox::OutboxStore;
 
 use crate::Error;

@@ -1,0 +1,411 @@
+//! Every statement on an inbox table, for one consumer.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sqlx::Pool;
+
+use super::{InboxState, Row, decode_all};
+use crate::backend::sql::InboxSql;
+use crate::backend::{Backend, Column, Value};
+use crate::inbox::Delivery;
+use crate::{Error, schema};
+
+/// Rows per multi-row insert: 7 values a row, well under every database's
+/// limit on bound parameters.
+const INSERT_CHUNK: usize = 500;
+
+/// Whether a row was inserted or its (consumer, event id) was there already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    New,
+    Duplicate,
+}
+
+/// A row waiting for a local retry.
+pub(crate) struct DueRow {
+    pub(crate) id: i64,
+    pub(crate) attempts: i64,
+    pub(crate) delivery: Delivery,
+}
+
+/// A parked row as [`InboxStore::parked`] reads it.
+pub(crate) struct ParkedRow {
+    pub(crate) event_id: String,
+    pub(crate) event_type: Option<String>,
+    pub(crate) key: Option<String>,
+    pub(crate) attempts: i64,
+    pub(crate) last_error: Option<String>,
+    pub(crate) create_time: i64,
+    pub(crate) update_time: i64,
+    pub(crate) content: Vec<u8>,
+}
+
+/// Rows per state of one consumer: (processed, retry, failed).
+pub(crate) type StateCounts = (u64, u64, u64);
+
+/// The statements of one consumer's rows in an inbox table.
+#[derive(Debug)]
+pub(crate) struct InboxStore<DB: Backend> {
+    pool: Pool<DB>,
+    consumer: String,
+    table: String,
+    sql: Arc<InboxSql>,
+}
+
+impl<DB: Backend> Clone for InboxStore<DB> {
+    fn clone(&self) -> Self {
+        InboxStore {
+            pool: self.pool.clone(),
+            consumer: self.consumer.clone(),
+            table: self.table.clone(),
+            sql: self.sql.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> InboxStore<DB> {
+    pub(crate) fn new(
+        pool: Pool<DB>,
+        consumer: String,
+        table: String,
+        sql: Arc<InboxSql>,
+    ) -> InboxStore<DB> {
+        InboxStore {
+            pool,
+            consumer,
+            table,
+            sql,
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+
+    pub(crate) fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    pub(crate) fn table(&self) -> &str {
+        &self.table
+    }
+
+    pub(crate) async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, Error> {
+        crate::backend::acquire(&self.pool).await
+    }
+
+    /// Creates or upgrades the table.
+    pub(crate) async fn migrate(&self) -> Result<(), Error> {
+        schema::migrate(&self.pool, &self.table, &self.sql.migrations).await
+    }
+
+    /// Inserts the row of `delivery` in `state` inside `conn`'s transaction.
+    /// A unique violation on (consumer, event_id) is a duplicate. A row not
+    /// processed keeps the headers and payload for its retry or replay.
+    pub(crate) async fn record(
+        &self,
+        conn: &mut DB::Connection,
+        delivery: &Delivery,
+        state: InboxState,
+        error: Option<&str>,
+        next_attempt_at: Option<i64>,
+        now: i64,
+    ) -> Result<Recorded, Error> {
+        let processed = state == InboxState::Processed;
+        let headers = (!processed).then(|| delivery.headers_json());
+        let attempts = if processed {
+            1
+        } else {
+            i64::from(error.is_some())
+        };
+        let result = DB::exec(
+            conn,
+            &self.sql.insert,
+            &[
+                Value::Text(Some(&self.consumer)),
+                Value::Text(Some(&delivery.event_id)),
+                Value::Text(delivery.event_type.as_deref()),
+                Value::Text(delivery.key.as_deref()),
+                Value::Text(Some(state.as_sql())),
+                Value::Int(attempts),
+                next_attempt_at.map_or(Value::NullInt, Value::Int),
+                Value::Text(error),
+                Value::Text(headers.as_deref()),
+                Value::Bytes((!processed).then_some(&delivery.body[..])),
+                Value::Int(now),
+                Value::Int(now),
+                if processed {
+                    Value::Int(now)
+                } else {
+                    Value::NullInt
+                },
+            ],
+        )
+        .await;
+        duplicate_or(result, "recording an event in the inbox")
+    }
+
+    /// Inserts `PROCESSED` rows for all of `deliveries` in one statement per
+    /// chunk. A unique violation (any of them a duplicate) is
+    /// [`Recorded::Duplicate`] and leaves the transaction to be rolled back.
+    pub(crate) async fn record_processed(
+        &self,
+        conn: &mut DB::Connection,
+        deliveries: &[&Delivery],
+        now: i64,
+    ) -> Result<Recorded, Error> {
+        for chunk in deliveries.chunks(INSERT_CHUNK) {
+            let mut args = Vec::with_capacity(chunk.len() * 7);
+            for d in chunk {
+                args.extend([
+                    Value::Text(Some(&self.consumer)),
+                    Value::Text(Some(&d.event_id)),
+                    Value::Text(d.event_type.as_deref()),
+                    Value::Text(d.key.as_deref()),
+                    Value::Int(now),
+                    Value::Int(now),
+                    Value::Int(now),
+                ]);
+            }
+            let result = DB::exec(conn, &self.sql.insert_processed(chunk.len()), &args).await;
+            if duplicate_or(result, "recording events in the inbox")? == Recorded::Duplicate {
+                return Ok(Recorded::Duplicate);
+            }
+        }
+        Ok(Recorded::New)
+    }
+
+    /// `true` when an earlier event of `key` is waiting for a retry or parked.
+    pub(crate) async fn key_pending(&self, key: &str) -> Result<bool, Error> {
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &self.sql.key_pending,
+            &[Value::Text(Some(&self.consumer)), Value::Text(Some(key))],
+            &[Column::Int],
+        )
+        .await
+        .map_err(Error::db("checking a key's pending events"))?;
+        let pending = match rows.into_iter().next() {
+            Some(cells) => Row::new("inbox", cells).count(0, "COUNT(*)")?,
+            None => 0,
+        };
+        Ok(pending > 0)
+    }
+
+    /// Up to `limit` rows due for a retry, oldest first; with `key_order`
+    /// only those no earlier pending row of their key must precede.
+    pub(crate) async fn due(
+        &self,
+        now: i64,
+        limit: u32,
+        key_order: bool,
+    ) -> Result<Vec<DueRow>, Error> {
+        let sql = if key_order {
+            &self.sql.due_in_key_order
+        } else {
+            &self.sql.due
+        };
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            sql,
+            &[
+                Value::Text(Some(&self.consumer)),
+                Value::Int(now),
+                Value::Int(i64::from(limit)),
+            ],
+            &[
+                Column::Int,
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Bytes,
+                Column::Int,
+            ],
+        )
+        .await
+        .map_err(Error::db("selecting due retries"))?;
+        decode_all("inbox", rows, |mut row| {
+            let headers = match row.opt_text(4) {
+                Some(json) => serde_json::from_str(&json).map_err(|_| Error::Row {
+                    table: "inbox",
+                    column: "headers",
+                    reason: "not a JSON array of name and value pairs",
+                })?,
+                None => Vec::new(),
+            };
+            let attempts = row.int(6, "attempts")?;
+            Ok(DueRow {
+                id: row.int(0, "id")?,
+                attempts,
+                delivery: Delivery {
+                    event_id: row.text(1, "event_id")?,
+                    event_type: row.opt_text(2),
+                    key: row.opt_text(3),
+                    headers,
+                    body: Bytes::from(row.bytes(5, "content")?),
+                    attempt: u32::try_from(attempts).unwrap_or(u32::MAX),
+                },
+            })
+        })
+    }
+
+    /// Switches the retry row `id` to `PROCESSED` inside `conn`'s transaction;
+    /// `false` if another process took it meanwhile.
+    pub(crate) async fn take_retry(
+        &self,
+        conn: &mut DB::Connection,
+        id: i64,
+        now: i64,
+    ) -> Result<bool, Error> {
+        let taken = DB::exec(
+            conn,
+            &self.sql.take_retry,
+            &[Value::Int(now), Value::Int(now), Value::Int(id)],
+        )
+        .await
+        .map_err(Error::db("taking a retry"))?;
+        Ok(taken > 0)
+    }
+
+    /// Records a failed retry of row `id`: one attempt more, parked as
+    /// `FAILED` when that reaches `budget`, else due again at
+    /// `next_attempt_at`.
+    pub(crate) async fn fail_retry(
+        &self,
+        id: i64,
+        budget: i64,
+        reason: &str,
+        next_attempt_at: i64,
+        now: i64,
+    ) -> Result<(), Error> {
+        let mut conn = self.acquire().await?;
+        DB::exec(
+            &mut conn,
+            &self.sql.fail_retry,
+            &[
+                Value::Int(budget),
+                Value::Text(Some(reason)),
+                Value::Int(next_attempt_at),
+                Value::Int(now),
+                Value::Int(id),
+            ],
+        )
+        .await
+        .map_err(Error::db("recording a failed retry"))?;
+        Ok(())
+    }
+
+    /// Rows per state: (processed, retry, failed).
+    pub(crate) async fn counts(&self) -> Result<StateCounts, Error> {
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &self.sql.counts,
+            &[Value::Text(Some(&self.consumer))],
+            &[Column::Text, Column::Int],
+        )
+        .await
+        .map_err(Error::db("counting inbox rows"))?;
+        let mut counts = (0, 0, 0);
+        for cells in rows {
+            let mut row = Row::new("inbox", cells);
+            let n = row.count(1, "COUNT(*)")?;
+            let state = row.text(0, "process")?;
+            if state == InboxState::Processed.as_sql() {
+                counts.0 = n;
+            } else if state == InboxState::Retry.as_sql() {
+                counts.1 = n;
+            } else if state == InboxState::Failed.as_sql() {
+                counts.2 = n;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Up to `limit` parked rows, oldest first, with their payloads.
+    pub(crate) async fn parked(&self, limit: u32) -> Result<Vec<ParkedRow>, Error> {
+        let mut conn = self.acquire().await?;
+        let rows = DB::fetch(
+            &mut conn,
+            &self.sql.parked,
+            &[
+                Value::Text(Some(&self.consumer)),
+                Value::Int(i64::from(limit)),
+            ],
+            &[
+                Column::Text,
+                Column::Text,
+                Column::Text,
+                Column::Int,
+                Column::Text,
+                Column::Int,
+                Column::Int,
+                Column::Bytes,
+            ],
+        )
+        .await
+        .map_err(Error::db("listing parked inbox rows"))?;
+        decode_all("inbox", rows, |mut row| {
+            Ok(ParkedRow {
+                event_id: row.text(0, "event_id")?,
+                event_type: row.opt_text(1),
+                key: row.opt_text(2),
+                attempts: row.int(3, "attempts")?,
+                last_error: row.opt_text(4),
+                create_time: row.int(5, "create_time")?,
+                update_time: row.int(6, "update_time")?,
+                content: row.opt_bytes(7).unwrap_or_default(),
+            })
+        })
+    }
+
+    /// Schedules the parked row `event_id` (or every parked row) for another
+    /// round of retries with a fresh budget; returns how many.
+    pub(crate) async fn replay(&self, event_id: Option<&str>, now: i64) -> Result<u64, Error> {
+        let mut conn = self.acquire().await?;
+        let mut args = vec![
+            Value::Int(now),
+            Value::Int(now),
+            Value::Text(Some(&self.consumer)),
+        ];
+        let sql = match event_id {
+            Some(id) => {
+                args.push(Value::Text(Some(id)));
+                &self.sql.replay_one
+            }
+            None => &self.sql.replay_all,
+        };
+        DB::exec(&mut conn, sql, &args)
+            .await
+            .map_err(Error::db("replaying parked inbox rows"))
+    }
+
+    /// Deletes up to `limit` rows processed before `before`; returns how many.
+    pub(crate) async fn delete_processed(&self, before: i64, limit: u32) -> Result<u64, Error> {
+        let mut conn = self.acquire().await?;
+        DB::exec(
+            &mut conn,
+            &self.sql.delete_processed,
+            &[
+                Value::Text(Some(&self.consumer)),
+                Value::Int(before),
+                Value::Int(i64::from(limit.max(1))),
+            ],
+        )
+        .await
+        .map_err(Error::db("deleting processed inbox rows"))
+    }
+}
+
+/// A unique violation is a duplicate; other errors are errors.
+fn duplicate_or(result: Result<u64, sqlx::Error>, action: &'static str) -> Result<Recorded, Error> {
+    match result {
+        Ok(_) => Ok(Recorded::New),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(Recorded::Duplicate),
+        Err(source) => Err(Error::Database { action, source }),
+    }
+}
