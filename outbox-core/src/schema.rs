@@ -9,7 +9,7 @@
 
 use sqlx::Pool;
 
-use crate::Error;
+use crate::{Error, failpoint};
 use crate::backend::sql::MetaSql;
 use crate::backend::{Backend, Column, Value};
 use crate::names::now_ms;
@@ -84,6 +84,7 @@ async fn migrate_locked<DB: Backend>(
             DB::exec(conn, statement, &[])
                 .await
                 .map_err(Error::db("running a migration"))?;
+            failpoint::hit("schema.after_statement");
         }
         DB::exec(
             conn,
