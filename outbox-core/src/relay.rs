@@ -305,7 +305,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
         let table = self.outbox.table().to_owned();
-        let listener = DB::listen(self.outbox.pool(), &table, self.wake.clone());
+        // Ends with this call however it ends: returned, failed or dropped.
+        let _listener = DB::listen(self.outbox.pool(), &table, self.wake.clone()).map(AbortOnDrop);
         let mut outages = 0u32;
         let mut db_failures = 0u32;
         let mut next_retention = Instant::now();
@@ -455,9 +456,6 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         }
         drop(handoff);
         marked?;
-        if let Some(listener) = listener {
-            listener.abort();
-        }
         if let Some(reason) = stopped {
             tracing::error!(relay = %self.config.relay_id, %reason, "relay stopped: the broker connection ended for good");
             self.metrics.stopped.store(1, Ordering::Relaxed);
@@ -1040,6 +1038,15 @@ fn claim_token(relay_id: &str, incarnation: &str, seq: u64) -> String {
         cut -= 1;
     }
     format!("{}{tail}", &relay_id[..cut])
+}
+
+/// A background task that is stopped when this handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A finished mark: its batches and how it went.
