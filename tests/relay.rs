@@ -1083,9 +1083,228 @@ mod mysql {
 }
 
 /// PostgreSQL only: a commit made without the in-process wake-up (as another
-/// process would make it) wakes the relay through LISTEN/NOTIFY.
+/// process would make it) wakes the relay through LISTEN/NOTIFY, also after
+/// the listening connection was lost; a relay that is dropped stops listening.
 mod postgres_notify {
     use super::*;
+
+    use outbox::stomp::{AckMode, Subscribe, Subscription};
+
+    /// The backends of this test's database whose last statement was a
+    /// `LISTEN`, other than `except`.
+    async fn listening(pool: &sqlx::PgPool, except: Option<i32>) -> Vec<i32> {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND query LIKE 'LISTEN %' AND pid <> pg_backend_pid() AND pid <> $1",
+        )
+        .bind(except.unwrap_or(0))
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    }
+
+    /// The one listening backend other than `except`, once it is there.
+    async fn listener_pid(pool: &sqlx::PgPool, except: Option<i32>) -> i32 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let pids = listening(pool, except).await;
+            assert!(pids.len() <= 1, "one relay, one listener: {pids:?}");
+            if let [pid] = pids[..] {
+                return pid;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no connection listens (other than {except:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Appends one event through `outbox` and commits it plainly, as another
+    /// process would (no in-process wake-up). Returns the event's id.
+    async fn append_elsewhere(outbox: &Outbox<sqlx::Postgres>, destination: &str) -> String {
+        let mut tx = outbox.pool().begin().await.unwrap();
+        let id = outbox
+            .append(&mut tx, Event::json("ping", destination, &1).unwrap())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        id.to_string()
+    }
+
+    /// The id of the next message on `sub`, waited for far less than the
+    /// relay's poll interval, so only a wake-up can deliver it in time.
+    async fn next_event_id(sub: &mut Subscription, what: &str) -> String {
+        let message = tokio::time::timeout(Duration::from_secs(30), sub.next_message())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the relay was not woken"))
+            .expect("subscription open");
+        message.header("event-id").unwrap_or_default().to_owned()
+    }
+
+    /// While shut, a pool built with [`Gate::pool`] hands out and makes no
+    /// connection: the test decides when the relay's listener can connect again.
+    #[derive(Clone)]
+    struct Gate(Arc<tokio::sync::watch::Sender<bool>>);
+
+    impl Gate {
+        fn new() -> Gate {
+            Gate(Arc::new(tokio::sync::watch::channel(true).0))
+        }
+
+        fn set_open(&self, open: bool) {
+            self.0.send_replace(open);
+        }
+
+        async fn pass(&self) {
+            let _ = self.0.subscribe().wait_for(|open| *open).await;
+        }
+
+        async fn pool(&self, url: &str) -> sqlx::PgPool {
+            let (on_acquire, on_connect) = (self.clone(), self.clone());
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .before_acquire(move |_, _| {
+                    let gate = on_acquire.clone();
+                    Box::pin(async move {
+                        gate.pass().await;
+                        Ok(true)
+                    })
+                })
+                .after_connect(move |_, _| {
+                    let gate = on_connect.clone();
+                    Box::pin(async move {
+                        gate.pass().await;
+                        Ok(())
+                    })
+                })
+                .connect(url)
+                .await
+                .unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relay_whose_listening_connection_was_ended_is_woken_again() {
+        let Some(db) = support::postgres().await else {
+            return;
+        };
+        let gate = Gate::new();
+        let outbox = Outbox::new(gate.pool(db.url()).await);
+        outbox.migrate().await.unwrap();
+        let broker = broker().await;
+        let dest = "/queue/test.listen-lost";
+        let consumer = client(&broker).await;
+        let mut sub = consumer
+            .subscribe(Subscribe::new(dest).ack(AckMode::Auto))
+            .await
+            .unwrap();
+        // Ten minutes between polls, 30 s allowed per event: only NOTIFY or
+        // the wake-up after listening again can deliver it in time.
+        let config = RelayConfig {
+            poll_interval: Duration::from_secs(600),
+            handoff: false,
+            ..fast_relay()
+        };
+        let relay = outbox
+            .relay(StompPublisher::new(client(&broker).await), config)
+            .expect("valid settings")
+            .spawn();
+        // Another process: a pool of its own, which the relay does not know.
+        let other = db.pool();
+        let elsewhere = Outbox::new(other.clone());
+        let first = listener_pid(other, None).await;
+
+        // Listening: NOTIFY wakes the relay. Waiting for the mark as well gives
+        // the reads that follow a publish time to run before the next commit,
+        // so that the next row is found by a wake-up, not by one of them.
+        let listened = append_elsewhere(&elsewhere, dest).await;
+        assert_eq!(
+            next_event_id(&mut sub, "committed while listening").await,
+            listened
+        );
+        until(
+            "the first event marked",
+            Duration::from_secs(30),
+            async || count(&outbox.counts().await.unwrap(), "PUBLISHED") == 1,
+        )
+        .await;
+
+        // The listener's backend is ended, and while it cannot connect again
+        // an event is committed: its notification reaches nobody. The relay
+        // finds the row when it is woken after listening again.
+        gate.set_open(false);
+        let ended: Vec<bool> = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(first)
+            .fetch_all(other)
+            .await
+            .unwrap();
+        assert_eq!(ended, [true], "the listening backend is ended");
+        until(
+            "the listening backend gone",
+            Duration::from_secs(30),
+            async || {
+                let left: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1")
+                        .bind(first)
+                        .fetch_one(other)
+                        .await
+                        .unwrap();
+                left == 0
+            },
+        )
+        .await;
+        let missed = append_elsewhere(&elsewhere, dest).await;
+        gate.set_open(true);
+        assert_eq!(
+            next_event_id(&mut sub, "committed while not listening").await,
+            missed
+        );
+
+        // Listening on a new connection, the relay is woken by NOTIFY again.
+        let second = listener_pid(other, Some(first)).await;
+        let notified = append_elsewhere(&elsewhere, dest).await;
+        assert_eq!(
+            next_event_id(&mut sub, "committed after listening again").await,
+            notified
+        );
+        assert_eq!(listener_pid(other, Some(first)).await, second);
+
+        relay.shutdown().await.unwrap();
+        let _ = consumer.disconnect().await;
+    }
+
+    #[tokio::test]
+    async fn a_relay_dropped_while_running_stops_listening() {
+        let Some(db) = support::postgres().await else {
+            return;
+        };
+        let outbox = Outbox::new(db.pool().clone());
+        outbox.migrate().await.unwrap();
+        let config = RelayConfig {
+            poll_interval: Duration::from_secs(600),
+            handoff: false,
+            ..fast_relay()
+        };
+        // Run in place, as under a timeout or a select, then dropped.
+        let mut running = Box::pin(
+            outbox
+                .relay(Scripted::default(), config)
+                .expect("valid settings")
+                .run(std::future::pending()),
+        );
+        tokio::select! {
+            result = &mut running => panic!("the relay stopped by itself: {result:?}"),
+            _ = listener_pid(db.pool(), None) => {}
+        }
+        drop(running);
+        until(
+            "no connection listens",
+            Duration::from_secs(30),
+            async || listening(db.pool(), None).await.is_empty(),
+        )
+        .await;
+    }
 
     #[tokio::test]
     async fn a_commit_elsewhere_wakes_the_relay_through_notify() {

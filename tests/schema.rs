@@ -4,12 +4,18 @@
 //! retention indexes; on PostgreSQL and SQLite the inbox's partial indexes of
 //! pending rows), also by two processes migrating at once, with its retry and
 //! parked rows still found, and retention keeps deleting only old rows.
+//!
+//! The crash test re-runs this binary as a child process (the `#[ignore]`d
+//! `child_migrate` test) that migrates with the failpoint
+//! `schema.after_statement` armed, so it dies by SIGKILL after a chosen
+//! statement of a step, before the step's version is recorded.
 
 mod support;
 
 use std::time::Duration;
 
 use outbox::core::{Inbox, Outbox};
+use support::{child_var, run_child};
 
 macro_rules! schema_suite {
     ($db:ty, $open:path, $count_index:literal) => {
@@ -161,6 +167,71 @@ macro_rules! schema_suite {
             let counts = inbox.counts().await.unwrap();
             assert_eq!((counts.processed, counts.retry, counts.failed), (1, 2, 0));
             other.close().await;
+        }
+
+        /// Migrates `table` (the outbox or the inbox of `points`) on `pool`.
+        async fn migrate(pool: &sqlx::Pool<Db>, table: &str) -> Result<(), outbox::core::Error> {
+            if table == "outbox_event" {
+                Outbox::new(pool.clone()).migrate().await
+            } else {
+                Inbox::new(pool.clone(), "points")?.migrate().await
+            }
+        }
+
+        #[tokio::test]
+        async fn a_migration_killed_after_any_statement_of_a_step_is_finished_by_the_next() {
+            let Some(db) = $open().await else { return };
+            let pool = db.pool().clone();
+            for (table, _) in NEWEST {
+                migrate(&pool, table).await.unwrap();
+            }
+            let child = concat!(module_path!(), "::child_migrate");
+            let child = child.split_once("::").map_or(child, |(_, rest)| rest);
+            for (table, newest) in NEWEST {
+                // Kill the child after its first statement, then its second…
+                // until it has fewer statements to run and finishes.
+                let mut at = 0;
+                loop {
+                    at += 1;
+                    assert!(at <= 10, "{table}: the child was still killed at statement {at}");
+                    back_to_version_1(&pool, table).await;
+                    let env = [
+                        ("OUTBOX_FAILPOINT", format!("schema.after_statement@{at}")),
+                        ("OUTBOX_TEST_DB_URL", db.url().to_owned()),
+                        ("OUTBOX_TEST_TABLE", table.to_owned()),
+                    ];
+                    let (killed, stderr) = run_child(child, &env, Duration::from_secs(60)).await;
+                    if !killed {
+                        assert!(at > 1, "{table}: the child was never killed: {stderr}");
+                        assert_eq!(version(&pool, table).await, newest, "{table}: {stderr}");
+                        break;
+                    }
+                    assert!(version(&pool, table).await < newest, "{table}, statement {at}");
+                    if at == 1 {
+                        // Version 2's index is built, the version not recorded:
+                        // the next start runs the step again.
+                        assert!(index_exists(&pool, table, "retention").await, "{table}");
+                        assert_eq!(version(&pool, table).await, 1, "{table}");
+                    }
+                    if let Err(error) = migrate(&pool, table).await {
+                        panic!("{table}: migrating after a kill at statement {at}: {error}");
+                    }
+                    assert_eq!(version(&pool, table).await, newest, "{table}, statement {at}");
+                    assert_newest_indexes(&pool).await;
+                }
+            }
+        }
+
+        #[tokio::test]
+        #[ignore = "child process of a_migration_killed_after_any_statement_of_a_step_is_finished_by_the_next"]
+        async fn child_migrate() {
+            let (Some(url), Some(table)) =
+                (child_var("OUTBOX_TEST_DB_URL"), child_var("OUTBOX_TEST_TABLE"))
+            else {
+                return;
+            };
+            let pool = sqlx::Pool::<Db>::connect(&url).await.unwrap();
+            migrate(&pool, &table).await.unwrap();
         }
 
         #[tokio::test]

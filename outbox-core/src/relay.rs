@@ -406,7 +406,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
         let table = self.outbox.table().to_owned();
-        let listener = DB::listen(self.outbox.pool(), &table, self.wake.clone());
+        // Ends with this call however it ends: returned, failed or dropped.
+        let _listener = DB::listen(self.outbox.pool(), &table, self.wake.clone()).map(AbortOnDrop);
         let mut outages = 0u32;
         let mut db_failures = 0u32;
         let mut next_retention = Instant::now();
@@ -550,9 +551,6 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         }
         // Each step is tried even if one before it failed; rows not given back
         // stay leased and are taken by any relay when the lease runs out.
-        if let Some(listener) = listener {
-            listener.abort();
-        }
         let mut ended = marks.settle().await;
         if let Some(claimed) = ready.take() {
             ended = ended.and(self.release(&claimed, None).await);
@@ -1047,6 +1045,15 @@ fn claim_token(relay_id: &str, incarnation: &str, seq: u64) -> String {
         cut -= 1;
     }
     format!("{}{tail}", &relay_id[..cut])
+}
+
+/// A background task that is stopped when this handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A finished mark: its batches and how it went.

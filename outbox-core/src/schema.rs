@@ -9,13 +9,17 @@
 
 use sqlx::Pool;
 
-use crate::Error;
 use crate::backend::sql::MetaSql;
 use crate::backend::{Backend, Column, Value};
 use crate::names::now_ms;
+use crate::{Error, failpoint};
 
-/// Brings `table` up to [`SCHEMA_VERSION`] by running `steps[v - 1]` for every
-/// missing version `v`.
+/// Brings `table` up to its newest version, `steps.len()`, by running
+/// `steps[v - 1]` for every missing version `v`. A step's version is recorded
+/// after its last statement, so a process that dies in between leaves the
+/// step to run again from its first statement: each statement must be safe to
+/// repeat (`IF [NOT] EXISTS`, or an error the dialect knows as
+/// [`already_applied`](crate::backend::Dialect::already_applied)).
 pub(crate) async fn migrate<DB: Backend>(
     pool: &Pool<DB>,
     table: &str,
@@ -81,9 +85,15 @@ async fn migrate_locked<DB: Backend>(
         .skip(usize::try_from(found).unwrap_or(0))
     {
         for statement in step {
-            DB::exec(conn, statement, &[])
-                .await
-                .map_err(Error::db("running a migration"))?;
+            match DB::exec(conn, statement, &[]).await {
+                Ok(_) => {}
+                // This step ran before and died before its version was recorded.
+                Err(error) if (DB::DIALECT.already_applied)(&error) => {
+                    tracing::info!(table, version, %error, "migration statement already applied");
+                }
+                Err(error) => return Err(Error::db("running a migration")(error)),
+            }
+            failpoint::hit("schema.after_statement");
         }
         DB::exec(
             conn,

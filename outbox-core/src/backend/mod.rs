@@ -118,13 +118,22 @@ pub struct Dialect {
     /// `DELETE` of at most `LIMIT ?` rows matching a condition, taken in the
     /// order of an indexed column: (table, condition, order).
     pub delete_limited: fn(&str, &str, &str) -> String,
-    /// `CREATE INDEX` for a migration step: (index, table, columns).
+    /// `CREATE INDEX` for a migration step: (index, table, columns). Safe to
+    /// run again, through `IF NOT EXISTS` or [`already_applied`](Self::already_applied).
     pub create_index: fn(&str, &str, &str) -> String,
     /// Inbox schema version 3 (table): the indexes that find retry and parked
     /// rows and a key's pending rows, cut down to those rows (partial indexes),
     /// so an applied event no longer updates them. Empty where the database
     /// has no partial indexes (MySQL).
     pub inbox_pending_indexes: fn(&str) -> Vec<String>,
+    /// Whether a migration statement failed only because its work is already
+    /// done: what it creates or adds exists, what it drops is gone. A step cut
+    /// off before its version was recorded runs again from its first
+    /// statement, so each must be safe to repeat; where the database has no
+    /// `IF [NOT] EXISTS` for a statement (MySQL: indexes and columns), its
+    /// error says so instead. Never where every statement can say
+    /// `IF [NOT] EXISTS` (PostgreSQL, SQLite).
+    pub already_applied: fn(&sqlx::Error) -> bool,
     /// Statements that take and give back the lock that lets one process at a
     /// time migrate: (take, returning one row with 1 once taken; give back).
     /// `IF NOT EXISTS` alone is not enough: on PostgreSQL two sessions creating

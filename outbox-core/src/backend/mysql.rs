@@ -1,10 +1,13 @@
 //! MySQL 8 and MariaDB 10.6+: `FOR UPDATE SKIP LOCKED` claims. The first
 //! version's indexes are declared inside `CREATE TABLE`, because MySQL has no
 //! `CREATE INDEX IF NOT EXISTS`; later ones are plain `CREATE INDEX`, run
-//! under the migration lock. No cross-process wake-up: a bounded poll.
+//! under the migration lock, and one that finds its index already built (by a
+//! migration that died before recording its version) counts as done. No
+//! cross-process wake-up: a bounded poll.
 
 use std::sync::Arc;
 
+use sqlx::mysql::MySqlDatabaseError;
 use sqlx::{MySql, Pool, Transaction};
 use tokio::sync::Notify;
 
@@ -28,6 +31,7 @@ static MYSQL: Dialect = Dialect {
     create_index: |index, table, columns| format!("CREATE INDEX {index} ON {table} ({columns})"),
     // No partial indexes: the inbox keeps its full ones.
     inbox_pending_indexes: |_| Vec::new(),
+    already_applied,
     // A named lock of the session, waited for up to ten minutes (an index
     // built on a large table takes a while).
     migration_lock: Some((
@@ -37,6 +41,31 @@ static MYSQL: Dialect = Dialect {
     relaxed_commit: None,
     single_writer: false,
 };
+
+/// `ER_DUP_FIELDNAME`: `ADD COLUMN` of a column that exists.
+const DUPLICATE_COLUMN: u16 = 1060;
+/// `ER_DUP_KEYNAME`: `CREATE INDEX` (or `ADD INDEX`) of an index that exists.
+const DUPLICATE_INDEX: u16 = 1061;
+/// `ER_CANT_DROP_FIELD_OR_KEY`: `DROP INDEX` (or `DROP COLUMN`) of one that
+/// is gone.
+const ALREADY_DROPPED: u16 = 1091;
+
+/// MySQL 8 has no `IF NOT EXISTS` for indexes and columns (MariaDB has, but
+/// one text serves both); these errors say that a statement run again already
+/// did its work. Decided by the server under the table's metadata lock, so
+/// an index still being built by a dead client's session is waited for, not
+/// missed.
+fn already_applied(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.try_downcast_ref::<MySqlDatabaseError>())
+        .is_some_and(|e| {
+            matches!(
+                e.number(),
+                DUPLICATE_COLUMN | DUPLICATE_INDEX | ALREADY_DROPPED
+            )
+        })
+}
 
 fn outbox_ddl(t: &str) -> Vec<String> {
     vec![format!(

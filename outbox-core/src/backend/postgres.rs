@@ -25,6 +25,7 @@ static POSTGRES: Dialect = Dialect {
     delete_limited: super::delete_by_id_subquery,
     create_index: super::create_index_if_not_exists,
     inbox_pending_indexes: super::partial_pending_indexes,
+    already_applied: |_| false,
     // A session lock: given back explicitly, or when the connection ends.
     migration_lock: Some((
         "SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_lock(7305093410471135041)) AS locked",

@@ -23,6 +23,7 @@ static SQLITE: Dialect = Dialect {
     delete_limited: super::delete_by_id_subquery,
     create_index: super::create_index_if_not_exists,
     inbox_pending_indexes: super::partial_pending_indexes,
+    already_applied: |_| false,
     migration_lock: None,
     relaxed_commit: None,
     single_writer: true,
