@@ -54,6 +54,10 @@ struct Recording {
 }
 
 impl Publisher for Recording {
+    fn max_publish_time(&self) -> Option<Duration> {
+        self.inner.max_publish_time()
+    }
+
     async fn publish(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
         let result = self.inner.publish(batch).await;
         if let Err(e) = &result {

@@ -113,9 +113,13 @@ pub struct ConsumerConfig {
     /// Processed rows older than this are deleted (default 7 days). Keep it
     /// longer than the broker can redeliver a message while the consumer
     /// runs, or a late redelivery is applied again. After a start, retention
-    /// waits until the consumer has drained its queue (nothing in progress
-    /// and no delivery for a second), so messages the previous run received
-    /// but never acknowledged find their rows however long it was down.
+    /// waits until the consumer has drained its queue (subscribed and
+    /// connected, nothing in progress and no delivery for a second), so
+    /// messages the previous run received but never acknowledged find their
+    /// rows however long it was down. Each consumer process decides for
+    /// itself: with several processes on one queue, one that is given no
+    /// messages counts as drained while another still works through a
+    /// backlog, so keep `retention` longer than a backlog takes to drain.
     pub retention: Option<Duration>,
     /// How often retention runs (default 1 min).
     pub retention_interval: Duration,
@@ -267,6 +271,16 @@ struct Shared<DB: Backend, H: Handler<DB>> {
     drain: Drain,
 }
 
+/// One delivery in progress, for [`Drain`].
+struct InFlight<'a>(&'a Drain);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Whether the consumer has drained its queue since it started: no delivery
 /// in progress and none for a quiet period. Until then inbox retention does
 /// not run, because the broker may still redeliver messages the previous run
@@ -288,20 +302,28 @@ impl Drain {
         }
     }
 
-    fn begin(&self) {
+    /// A delivery begins; it ends when the guard drops, however it ends.
+    fn begin(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        InFlight(self)
+    }
+
+    /// Counts the quiet period from now (at subscribe, and while the
+    /// connection is down: the broker cannot deliver then).
+    fn touch(&self) {
         self.last_activity.store(now_ms(), Ordering::Release);
     }
 
-    fn end(&self) {
-        self.last_activity.store(now_ms(), Ordering::Release);
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// `true` once nothing was in progress for `quiet` (and from then on).
-    fn drained(&self, quiet: Duration) -> bool {
+    /// `true` once nothing was in progress for `quiet` while connected (and
+    /// from then on).
+    fn drained(&self, quiet: Duration, connected: bool) -> bool {
         if self.drained.load(Ordering::Acquire) {
             return true;
+        }
+        if !connected {
+            self.touch();
+            return false;
         }
         let idle = self.in_flight.load(Ordering::Acquire) == 0
             && now_ms() - self.last_activity.load(Ordering::Acquire) >= ms(quiet);
@@ -424,7 +446,9 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             shared.config.concurrency,
             shared.config.batch_size,
         );
-        let retry = tokio::spawn(retry_loop(shared.clone(), stopped.clone()));
+        // The quiet period of the drain counts from the subscription.
+        shared.drain.touch();
+        let retry = tokio::spawn(retry_loop(shared.clone(), client.clone(), stopped.clone()));
         let subscription = if shared.config.per_key_order {
             in_key_lanes(&shared, subscription, stopped.clone(), workers, most).await
         } else {
@@ -589,7 +613,7 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     stopped: &mut watch::Receiver<bool>,
 ) {
     let deliveries: Vec<Delivery> = messages.iter().map(to_delivery).collect();
-    shared.drain.begin();
+    let _in_flight = shared.drain.begin();
     let outcomes = if let [one] = deliveries.as_slice() {
         vec![settle_one(shared, one, stopped).await]
     } else {
@@ -622,7 +646,6 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
             tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
         }
     }
-    shared.drain.end();
 }
 
 /// Settles several deliveries, in one transaction when it can. A database
@@ -676,7 +699,7 @@ async fn settle_one<DB: Backend, H: Handler<DB>>(
         if error.is_permanent() {
             permanent += 1;
             if permanent >= shared.config.max_attempts {
-                return park_unrecordable(&shared.inbox, delivery, &error).await;
+                return park_unrecordable(shared, delivery, &error, stopped).await;
             }
         }
         tracing::warn!(%error, event_id = delivery.event_id, "delivery not settled; will try again");
@@ -703,14 +726,16 @@ async fn pause<DB: Backend, H: Handler<DB>>(
 }
 
 /// Parks a delivery the database keeps refusing, with the error and its
-/// payload; if even that is refused, once more without the fields that may
-/// be at fault (type, key, headers). `None` if it cannot be parked either:
-/// then it stays unacked, and the broker redelivers it to the next
-/// connection.
-async fn park_unrecordable<DB: Backend>(
-    inbox: &Inbox<DB>,
+/// payload; if that is refused for good too, once more without the fields
+/// that may be at fault (type, key, headers). Transient errors are tried
+/// again with backoff until the consumer stops. `None` if it stopped, or the
+/// bare row is refused for good as well: then the delivery stays unacked and
+/// the broker redelivers it to the next connection.
+async fn park_unrecordable<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
     delivery: &Delivery,
     error: &Error,
+    stopped: &mut watch::Receiver<bool>,
 ) -> Option<Outcome> {
     let reason = format!("cannot be recorded: {error}");
     tracing::error!(event_id = delivery.event_id, %error, "delivery parked: the database refuses it");
@@ -720,11 +745,21 @@ async fn park_unrecordable<DB: Backend>(
         headers: Vec::new(),
         ..delivery.clone()
     };
+    let mut failures = 0u32;
     for attempt in [delivery, &bare] {
-        match set_aside(inbox, attempt, InboxState::Failed, &reason, None).await {
-            Ok(outcome) => return Some(outcome),
-            Err(error) => {
-                tracing::warn!(%error, event_id = delivery.event_id, "could not park the delivery");
+        loop {
+            match set_aside(&shared.inbox, attempt, InboxState::Failed, &reason, None).await {
+                Ok(outcome) => return Some(outcome),
+                Err(error) if error.is_permanent() => {
+                    tracing::warn!(%error, event_id = delivery.event_id, "could not park the delivery");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, event_id = delivery.event_id, "could not park the delivery yet");
+                    if !pause(shared, &mut failures, stopped).await {
+                        return None;
+                    }
+                }
             }
         }
     }
@@ -946,6 +981,7 @@ async fn run_handler<DB: Backend, H: Handler<DB>>(
 /// Retries `RETRY` rows whose time has come, and runs retention.
 async fn retry_loop<DB: Backend, H: Handler<DB>>(
     shared: Arc<Shared<DB, H>>,
+    client: Client,
     mut stopped: watch::Receiver<bool>,
 ) {
     let holder = uuid::Uuid::now_v7().simple().to_string();
@@ -961,7 +997,9 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
         // Retention starts once the consumer has drained its queue; until
         // then it is looked at again every poll.
         if tokio::time::Instant::now() >= next_retention
-            && shared.drain.drained(drain_quiet(&shared.config))
+            && shared
+                .drain
+                .drained(drain_quiet(&shared.config), client.is_connected())
         {
             next_retention = tokio::time::Instant::now() + shared.config.retention_interval;
             if let Err(error) = retention(&shared, &holder).await {

@@ -126,7 +126,8 @@ impl<DB: Backend> Outbox<DB> {
     /// [`BrokerLimits::default`]). An event whose message would exceed them
     /// is refused at append with [`Error::EventTooLarge`], instead of being
     /// refused by the broker later. Set them to what the broker's transport
-    /// is configured to accept.
+    /// is configured to accept. `#[transactional_event]` producers append
+    /// without an `Outbox` and check against the defaults.
     pub fn with_limits(self, limits: BrokerLimits) -> Outbox<DB> {
         Outbox {
             inner: Arc::new(Inner {

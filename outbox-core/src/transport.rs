@@ -27,7 +27,9 @@ pub trait Publisher: Send + Sync + 'static {
     /// The longest one [`publish`](Publisher::publish) can take before it
     /// fails, if the publisher knows it. The relay's lease must be longer
     /// (checked by [`Outbox::relay`](crate::Outbox::relay)), or another relay
-    /// could take rows that are still on their way. The default: unknown.
+    /// could take rows that are still on their way. The default: unknown,
+    /// which turns that check off; a publisher that wraps another should
+    /// forward it.
     fn max_publish_time(&self) -> Option<Duration> {
         None
     }

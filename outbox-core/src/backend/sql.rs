@@ -204,6 +204,23 @@ pub(crate) struct InboxSql {
     pub(crate) delete_processed: String,
 }
 
+/// The schema versions of inbox table `t`: the statements of each.
+fn inbox_migrations(dialect: &Dialect, t: &str) -> Vec<Vec<String>> {
+    vec![
+        (dialect.inbox_ddl)(t),
+        // Version 2: retention finds old processed rows by index instead of
+        // scanning the table.
+        vec![(dialect.create_index)(
+            &format!("{t}_retention"),
+            t,
+            "consumer, processed_time",
+        )],
+        // Version 3: only rows waiting for a retry or parked are in the
+        // indexes that look for them.
+        (dialect.inbox_pending_indexes)(t),
+    ]
+}
+
 /// Columns of a due retry row, in the order [`InboxSql::due`] selects them.
 pub(crate) const DUE_COLUMNS: &str =
     "i.id, i.event_id, i.event_type, i.event_key, i.headers, i.content, i.attempts";
@@ -226,19 +243,7 @@ impl InboxSql {
         InboxSql {
             dialect,
             table: t.to_owned(),
-            migrations: vec![
-                (dialect.inbox_ddl)(t),
-                // Version 2: retention finds old processed rows by index
-                // instead of scanning the table.
-                vec![(dialect.create_index)(
-                    &format!("{t}_retention"),
-                    t,
-                    "consumer, processed_time",
-                )],
-                // Version 3: only rows waiting for a retry or parked are in
-                // the indexes that look for them.
-                (dialect.inbox_pending_indexes)(t),
-            ],
+            migrations: inbox_migrations(dialect, t),
             insert: p(format!(
                 "INSERT INTO {t} (consumer, event_id, event_type, event_key, process, attempts, \
                  next_attempt_at, last_error, headers, content, create_time, update_time, \

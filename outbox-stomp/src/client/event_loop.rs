@@ -431,15 +431,7 @@ impl EventLoop {
     async fn serve(&mut self, conn: &mut Conn) -> Ended {
         let mut parked: Option<(Sink, Message)> = None;
         let mut written: Vec<Reply> = Vec::new();
-        // Requests that waited for this connection go first.
-        self.sweep_backlog(Instant::now());
-        while let Some(request) = self.backlog.pop_front() {
-            self.note_backlog();
-            if let Err(ended) = self.handle(conn, request, &mut written).await {
-                return ended;
-            }
-        }
-        if let Err(ended) = self.flush(conn, &mut written).await {
+        if let Err(ended) = self.serve_backlog(conn, &mut written).await {
             return ended;
         }
         // One timer for the whole connection, reset when it fires.
@@ -447,7 +439,7 @@ impl EventLoop {
         tokio::pin!(sweep);
         loop {
             let deadline = self.session.next_deadline();
-            tokio::select! {
+            let served = tokio::select! {
                 biased;
                 permit = reserve(&parked), if parked.is_some() => {
                     if let (Some((_, message)), Ok(permit)) = (parked.take(), permit) {
@@ -455,78 +447,126 @@ impl EventLoop {
                     }
                     // The client, not the broker, was the slow one.
                     self.session.reset_read_clock(Instant::now());
+                    Ok(())
                 }
-                request = self.rx.recv() => {
-                    let Some(request) = request else {
-                        return self.goodbye(conn).await;
-                    };
-                    // Batch whatever else is queued into the same write.
-                    let mut next = Some(request);
-                    let mut batched = 0;
-                    while let Some(request) = next.take() {
-                        if let Err(ended) = self.handle(conn, request, &mut written).await {
-                            return ended;
-                        }
-                        batched += 1;
-                        if batched < 1024 {
-                            next = self.rx.try_recv().ok();
-                        }
-                    }
-                    if let Err(ended) = self.flush(conn, &mut written).await {
-                        return ended;
-                    }
-                }
+                request = self.rx.recv() => match request {
+                    Some(request) => self.serve_requests(conn, request, &mut written).await,
+                    None => return self.goodbye(conn).await,
+                },
                 item = conn.next(), if parked.is_none() => {
-                    let now = Instant::now();
-                    let frame = match item {
-                        None => return self.ended(closed_by_peer(&self.addr, "")),
-                        Some(Err(e)) => return self.ended(link_error(&self.addr, e)),
-                        Some(Ok(Received::HeartBeat)) => {
-                            self.session.on_read(now);
-                            continue;
-                        }
-                        Some(Ok(Received::Frame(frame))) => frame,
-                    };
-                    self.session.on_read(now);
-                    match self.inbound(frame, &mut parked) {
-                        Ok(None) => {}
-                        Ok(Some(reply)) => {
-                            if let Err(ended) = self.send_now(conn, reply, &mut written).await {
-                                return ended;
-                            }
-                        }
-                        Err(ended) => return ended,
-                    }
+                    self.serve_inbound(conn, item, &mut parked, &mut written).await
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
-                    let now = Instant::now();
-                    match self.session.poll_timers(now) {
-                        Timer::PeerSilent(after) if parked.is_none() => return Ended::Lost(Error::HeartBeatTimeout(after)),
-                        Timer::PeerSilent(_) => self.session.reset_read_clock(now),
-                        Timer::SendHeartBeat => {
-                            let io = conn.get_mut();
-                            let beat = async {
-                                tokio::io::AsyncWriteExt::write_all(io, b"\n").await.map_err(CodecError::Io)
-                            };
-                            if let Err(e) = guarded(beat, &self.progress, self.stall).await {
-                                return self.write_failed(conn, e).await;
-                            }
-                            self.session.on_write(now);
-                        }
-                        Timer::Idle => {}
-                    }
+                    self.serve_timers(conn, parked.is_some()).await
                 }
                 _ = &mut sweep => {
                     let now = Instant::now();
                     sweep.as_mut().reset(now + self.sweep_every());
-                    for frame in self.expire(now) {
-                        if let Err(ended) = self.send_now(conn, frame, &mut written).await {
-                            return ended;
-                        }
-                    }
+                    self.serve_sweep(conn, now, &mut written).await
                 }
+            };
+            if let Err(ended) = served {
+                return ended;
             }
         }
+    }
+
+    /// Requests that waited for this connection go first.
+    async fn serve_backlog(
+        &mut self,
+        conn: &mut Conn,
+        written: &mut Vec<Reply>,
+    ) -> Result<(), Ended> {
+        self.sweep_backlog(Instant::now());
+        while let Some(request) = self.backlog.pop_front() {
+            self.note_backlog();
+            self.handle(conn, request, written).await?;
+        }
+        self.flush(conn, written).await
+    }
+
+    /// `first` and whatever else is queued, batched into the same write.
+    async fn serve_requests(
+        &mut self,
+        conn: &mut Conn,
+        first: Request,
+        written: &mut Vec<Reply>,
+    ) -> Result<(), Ended> {
+        let mut next = Some(first);
+        let mut batched = 0;
+        while let Some(request) = next.take() {
+            self.handle(conn, request, written).await?;
+            batched += 1;
+            if batched < 1024 {
+                next = self.rx.try_recv().ok();
+            }
+        }
+        self.flush(conn, written).await
+    }
+
+    /// A frame or a heart-beat from the broker, or the end of the link.
+    async fn serve_inbound(
+        &mut self,
+        conn: &mut Conn,
+        item: Option<Result<Received, CodecError>>,
+        parked: &mut Option<(Sink, Message)>,
+        written: &mut Vec<Reply>,
+    ) -> Result<(), Ended> {
+        let now = Instant::now();
+        let frame = match item {
+            None => return Err(self.ended(closed_by_peer(&self.addr, ""))),
+            Some(Err(e)) => return Err(self.ended(link_error(&self.addr, e))),
+            Some(Ok(Received::HeartBeat)) => {
+                self.session.on_read(now);
+                return Ok(());
+            }
+            Some(Ok(Received::Frame(frame))) => frame,
+        };
+        self.session.on_read(now);
+        match self.inbound(frame, parked)? {
+            Some(reply) => self.send_now(conn, reply, written).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Heart-beats: the broker silent too long, or one of ours due.
+    async fn serve_timers(&mut self, conn: &mut Conn, parked: bool) -> Result<(), Ended> {
+        let now = Instant::now();
+        match self.session.poll_timers(now) {
+            Timer::PeerSilent(after) if !parked => Err(Ended::Lost(Error::HeartBeatTimeout(after))),
+            Timer::PeerSilent(_) => {
+                self.session.reset_read_clock(now);
+                Ok(())
+            }
+            Timer::SendHeartBeat => {
+                let io = conn.get_mut();
+                let beat = async {
+                    tokio::io::AsyncWriteExt::write_all(io, b"\n")
+                        .await
+                        .map_err(CodecError::Io)
+                };
+                if let Err(e) = guarded(beat, &self.progress, self.stall).await {
+                    return Err(self.write_failed(conn, e).await);
+                }
+                self.session.on_write(now);
+                Ok(())
+            }
+            Timer::Idle => Ok(()),
+        }
+    }
+
+    /// Gives up receipts past their deadline (and unsubscribes what a
+    /// caller gave up on).
+    async fn serve_sweep(
+        &mut self,
+        conn: &mut Conn,
+        now: Instant,
+        written: &mut Vec<Reply>,
+    ) -> Result<(), Ended> {
+        for frame in self.expire(now) {
+            self.send_now(conn, frame, written).await?;
+        }
+        Ok(())
     }
 
     /// Remembers an ERROR that named no request. The first one names the

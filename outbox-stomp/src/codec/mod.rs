@@ -131,20 +131,7 @@ impl StompCodec {
         mut head: BytesMut,
         ends: &[usize],
     ) -> Result<(Command, Headers, Option<usize>), CodecError> {
-        if let Err(e) = std::str::from_utf8(&head) {
-            let line = head[..e.valid_up_to()]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count();
-            return Err(CodecError::NotUtf8 { line });
-        }
-        let Some((&first, rest)) = ends.split_first() else {
-            return Err(CodecError::UnknownCommand(String::new()));
-        };
-        let cmd_end = content_end(&head, 0, first);
-        let command = Command::from_bytes(&head[..cmd_end]).ok_or_else(|| {
-            CodecError::UnknownCommand(String::from_utf8_lossy(&head[..cmd_end]).into_owned())
-        })?;
+        let (command, first, rest) = parse_command(&head, ends)?;
         let escapes = self.escapes(command);
         // Offset of the next backslash at or after the current line (or the
         // head's length): one search finds the few escaped lines of a head.
@@ -211,6 +198,29 @@ impl StompCodec {
     }
 }
 
+/// Checks that `head` is UTF-8 and reads its command line: the command, the
+/// end of that line, and the ends of the header lines after it.
+fn parse_command<'e>(
+    head: &[u8],
+    ends: &'e [usize],
+) -> Result<(Command, usize, &'e [usize]), CodecError> {
+    if let Err(e) = std::str::from_utf8(head) {
+        let line = head[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        return Err(CodecError::NotUtf8 { line });
+    }
+    let Some((&first, rest)) = ends.split_first() else {
+        return Err(CodecError::UnknownCommand(String::new()));
+    };
+    let cmd_end = content_end(head, 0, first);
+    let command = Command::from_bytes(&head[..cmd_end]).ok_or_else(|| {
+        CodecError::UnknownCommand(String::from_utf8_lossy(&head[..cmd_end]).into_owned())
+    })?;
+    Ok((command, first, rest))
+}
+
 /// End of the content of the line from `start` to the `\n` at `nl`, without
 /// its CR.
 fn content_end(head: &[u8], start: usize, nl: usize) -> usize {
@@ -270,6 +280,131 @@ fn parse_content_length(value: &[u8]) -> Result<usize, CodecError> {
     digits.parse::<usize>().map_err(|_| invalid())
 }
 
+/// What one step of the decoder did.
+enum Step {
+    /// Moved to the next state: go on.
+    Next,
+    /// Needs more bytes.
+    Wait,
+    /// A complete frame.
+    Frame(Frame),
+}
+
+impl StompCodec {
+    /// Between frames: skips heart-beat EOLs, then starts a head.
+    fn skip_heart_beats(
+        &mut self,
+        buf: &mut BytesMut,
+        saw_eol: &mut bool,
+    ) -> Result<Step, CodecError> {
+        loop {
+            match buf.first() {
+                Some(b'\n') => {
+                    buf.advance(1);
+                    *saw_eol = true;
+                }
+                Some(b'\r') => match buf.get(1) {
+                    Some(b'\n') => {
+                        buf.advance(2);
+                        *saw_eol = true;
+                    }
+                    Some(_) => return Err(CodecError::StrayCarriageReturn),
+                    None => return Ok(Step::Wait),
+                },
+                Some(_) => break,
+                None => return Ok(Step::Wait),
+            }
+        }
+        self.line_ends.clear();
+        self.state = DecodeState::Head { scanned: 0 };
+        Ok(Step::Next)
+    }
+
+    /// Inside the head: once it is complete, parses it and moves to the body.
+    fn decode_head(&mut self, buf: &mut BytesMut) -> Result<Step, CodecError> {
+        let DecodeState::Head { scanned } = &mut self.state else {
+            return Ok(Step::Next);
+        };
+        let body_start = match find_head_end(buf, scanned, &mut self.line_ends, self.limits) {
+            Ok(Some(at)) => at,
+            Ok(None) => return Ok(Step::Wait),
+            Err(e) => {
+                self.state = DecodeState::Idle;
+                return Err(e);
+            }
+        };
+        let head = buf.split_to(body_start);
+        self.state = DecodeState::Idle;
+        let ends = std::mem::take(&mut self.line_ends);
+        let parsed = self.parse_head(head, &ends);
+        self.line_ends = ends;
+        let (command, headers, content_length) = parsed?;
+        if let Some(length) = content_length {
+            if length > self.limits.max_body {
+                return Err(CodecError::BodyTooLarge {
+                    length,
+                    limit: self.limits.max_body,
+                });
+            }
+            buf.reserve((length + 1).saturating_sub(buf.len()));
+        }
+        self.state = DecodeState::Body {
+            command,
+            headers,
+            content_length,
+            scanned: 0,
+        };
+        Ok(Step::Next)
+    }
+
+    /// Inside the body: once it and its NUL are there, the frame is complete.
+    fn decode_body(&mut self, buf: &mut BytesMut) -> Result<Step, CodecError> {
+        let DecodeState::Body {
+            content_length,
+            scanned,
+            ..
+        } = &mut self.state
+        else {
+            return Ok(Step::Next);
+        };
+        let too_large = |length, limit| CodecError::BodyTooLarge { length, limit };
+        let body_len = match *content_length {
+            Some(length) if buf.len() <= length => return Ok(Step::Wait),
+            Some(length) if buf[length] != 0 => {
+                self.state = DecodeState::Idle;
+                return Err(CodecError::MissingNul {
+                    content_length: length,
+                });
+            }
+            Some(length) => length,
+            None => match memchr::memchr(0, &buf[*scanned..]) {
+                Some(off) => *scanned + off,
+                None if buf.len() > self.limits.max_body => {
+                    let length = buf.len();
+                    self.state = DecodeState::Idle;
+                    return Err(too_large(length, self.limits.max_body));
+                }
+                None => {
+                    *scanned = buf.len();
+                    return Ok(Step::Wait);
+                }
+            },
+        };
+        if body_len > self.limits.max_body {
+            self.state = DecodeState::Idle;
+            return Err(too_large(body_len, self.limits.max_body));
+        }
+        let body = buf.split_to(body_len).freeze();
+        buf.advance(1);
+        match std::mem::replace(&mut self.state, DecodeState::Idle) {
+            DecodeState::Body {
+                command, headers, ..
+            } => Ok(Step::Frame(Frame::from_parts(command, headers, body))),
+            _ => Ok(Step::Next),
+        }
+    }
+}
+
 impl Decoder for StompCodec {
     type Item = Received;
     type Error = CodecError;
@@ -277,115 +412,16 @@ impl Decoder for StompCodec {
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Received>, CodecError> {
         let mut saw_eol = false;
         loop {
-            match &mut self.state {
-                DecodeState::Idle => {
-                    // Skip heart-beat EOLs; report them only if no frame follows yet.
-                    loop {
-                        match buf.first() {
-                            Some(b'\n') => {
-                                buf.advance(1);
-                                saw_eol = true;
-                            }
-                            Some(b'\r') => match buf.get(1) {
-                                Some(b'\n') => {
-                                    buf.advance(2);
-                                    saw_eol = true;
-                                }
-                                Some(_) => return Err(CodecError::StrayCarriageReturn),
-                                None => return Ok(saw_eol.then_some(Received::HeartBeat)),
-                            },
-                            Some(_) => break,
-                            None => return Ok(saw_eol.then_some(Received::HeartBeat)),
-                        }
-                    }
-                    self.line_ends.clear();
-                    self.state = DecodeState::Head { scanned: 0 };
-                }
-                DecodeState::Head { scanned } => {
-                    let found = find_head_end(buf, scanned, &mut self.line_ends, self.limits);
-                    let body_start = match found {
-                        Ok(Some(at)) => at,
-                        Ok(None) => return Ok(saw_eol.then_some(Received::HeartBeat)),
-                        Err(e) => {
-                            self.state = DecodeState::Idle;
-                            return Err(e);
-                        }
-                    };
-                    let head = buf.split_to(body_start);
-                    self.state = DecodeState::Idle;
-                    let ends = std::mem::take(&mut self.line_ends);
-                    let parsed = self.parse_head(head, &ends);
-                    self.line_ends = ends;
-                    let (command, headers, content_length) = parsed?;
-                    if let Some(length) = content_length {
-                        if length > self.limits.max_body {
-                            return Err(CodecError::BodyTooLarge {
-                                length,
-                                limit: self.limits.max_body,
-                            });
-                        }
-                        buf.reserve((length + 1).saturating_sub(buf.len()));
-                    }
-                    self.state = DecodeState::Body {
-                        command,
-                        headers,
-                        content_length,
-                        scanned: 0,
-                    };
-                }
-                DecodeState::Body {
-                    content_length,
-                    scanned,
-                    ..
-                } => {
-                    let body_len = match *content_length {
-                        Some(length) => {
-                            if buf.len() <= length {
-                                return Ok(saw_eol.then_some(Received::HeartBeat));
-                            }
-                            if buf[length] != 0 {
-                                self.state = DecodeState::Idle;
-                                return Err(CodecError::MissingNul {
-                                    content_length: length,
-                                });
-                            }
-                            length
-                        }
-                        None => match memchr::memchr(0, &buf[*scanned..]) {
-                            Some(off) => *scanned + off,
-                            None => {
-                                if buf.len() > self.limits.max_body {
-                                    let length = buf.len();
-                                    self.state = DecodeState::Idle;
-                                    return Err(CodecError::BodyTooLarge {
-                                        length,
-                                        limit: self.limits.max_body,
-                                    });
-                                }
-                                *scanned = buf.len();
-                                return Ok(saw_eol.then_some(Received::HeartBeat));
-                            }
-                        },
-                    };
-                    if body_len > self.limits.max_body {
-                        self.state = DecodeState::Idle;
-                        return Err(CodecError::BodyTooLarge {
-                            length: body_len,
-                            limit: self.limits.max_body,
-                        });
-                    }
-                    let body = buf.split_to(body_len).freeze();
-                    buf.advance(1);
-                    let DecodeState::Body {
-                        command, headers, ..
-                    } = std::mem::replace(&mut self.state, DecodeState::Idle)
-                    else {
-                        unreachable!("state was matched as Body above")
-                    };
-                    return Ok(Some(Received::Frame(Frame::from_parts(
-                        command, headers, body,
-                    ))));
-                }
+            let step = match self.state {
+                DecodeState::Idle => self.skip_heart_beats(buf, &mut saw_eol)?,
+                DecodeState::Head { .. } => self.decode_head(buf)?,
+                DecodeState::Body { .. } => self.decode_body(buf)?,
+            };
+            match step {
+                Step::Next => {}
+                // Heart-beats are reported only if no frame follows yet.
+                Step::Wait => return Ok(saw_eol.then_some(Received::HeartBeat)),
+                Step::Frame(frame) => return Ok(Some(Received::Frame(frame))),
             }
         }
     }

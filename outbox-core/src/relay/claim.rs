@@ -1,0 +1,216 @@
+//! Taking rows to publish: the claim, the hand-off read, and per-key order.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use tracing::Instrument;
+
+use super::{Claimed, Relay};
+use crate::backend::Backend;
+use crate::event::OutboxMessage;
+use crate::names::{ms, now_ms};
+use crate::{Error, Publisher};
+
+impl<DB: Backend, P: Publisher> Relay<DB, P> {
+    /// The next batch: rows handed off to this relay, or rows claimed the
+    /// usual way. Every fourth turn tries the claim first, so a steady stream
+    /// of handed-off rows cannot starve rows written by other processes.
+    /// `behind` says a batch is on its way ahead of this one: a claim then
+    /// lasts one publish longer, since its own publish starts only after
+    /// that one ends.
+    pub(super) async fn next_batch(
+        &self,
+        ahead: &HashSet<i64>,
+        behind: bool,
+    ) -> Result<Option<Claimed>, Error> {
+        if !self.config.handoff {
+            return self.claim_next(ahead, behind).await;
+        }
+        if self.turn.fetch_add(1, Ordering::Relaxed).is_multiple_of(4) {
+            if let Some(claimed) = self.claim_next(ahead, behind).await? {
+                return Ok(Some(claimed));
+            }
+            return self.take_handed_off(ahead).await;
+        }
+        if let Some(claimed) = self.take_handed_off(ahead).await? {
+            return Ok(Some(claimed));
+        }
+        self.claim_next(ahead, behind).await
+    }
+
+    /// Reads the committed rows leased to this relay at insert time (none of
+    /// `ahead`, which are on their way already). A row whose key has an
+    /// earlier unpublished row that is neither here nor ahead is given back
+    /// to the usual claim, which keeps the key's order.
+    pub(super) async fn take_handed_off(
+        &self,
+        ahead: &HashSet<i64>,
+    ) -> Result<Option<Claimed>, Error> {
+        let size = usize::try_from(self.config.batch_size.max(1)).unwrap_or(usize::MAX);
+        let limit = i64::try_from(size.saturating_add(ahead.len())).unwrap_or(i64::MAX);
+        let token = self.handoff_token.as_str();
+        let store = self.outbox.store();
+        let mut conn = store.acquire().await?;
+        let rows = store.handed_off(&mut conn, token, now_ms(), limit).await?;
+        let mut batch: Vec<OutboxMessage> = rows
+            .into_iter()
+            .filter(|m| !ahead.contains(&m.id))
+            .take(size)
+            .collect();
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let accepted = self.key_order(&mut conn, &batch, ahead).await?;
+        let held: Vec<i64> = batch
+            .iter()
+            .filter(|m| m.key.is_some() && !accepted.contains(&m.id))
+            .map(|m| m.id)
+            .collect();
+        if !held.is_empty() {
+            self.give_back_ids(&mut conn, token, &held, None).await?;
+            batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
+        }
+        Ok((!batch.is_empty()).then(|| Claimed {
+            token: token.to_owned(),
+            batch,
+            handed_off: true,
+        }))
+    }
+
+    /// Claims the next batch under a fresh token; `None` when nothing is due.
+    pub(super) async fn claim_next(
+        &self,
+        in_flight: &HashSet<i64>,
+        behind: bool,
+    ) -> Result<Option<Claimed>, Error> {
+        let seq = self.batch.fetch_add(1, Ordering::Relaxed);
+        let token = claim_token(&self.config.relay_id, &self.incarnation, seq);
+        let lease = if behind {
+            self.config.lease.saturating_add(self.max_publish)
+        } else {
+            self.config.lease
+        };
+        let batch = self
+            .claim(&token, in_flight, lease)
+            .instrument(tracing::debug_span!("outbox.claim", token))
+            .await?;
+        Ok((!batch.is_empty()).then_some(Claimed {
+            token,
+            batch,
+            handed_off: false,
+        }))
+    }
+
+    /// Claims up to `batch_size` due rows for `token`. Rows in `in_flight` (the
+    /// batch this relay is publishing right now, on the same connection, before
+    /// this one) count as going ahead of the claimed rows of their keys.
+    async fn claim(
+        &self,
+        token: &str,
+        in_flight: &HashSet<i64>,
+        lease: std::time::Duration,
+    ) -> Result<Vec<OutboxMessage>, Error> {
+        let store = self.outbox.store();
+        let now = now_ms();
+        // A read first: an idle relay takes no write lock (SQLite) and opens no
+        // transaction.
+        if !store.any_due(now).await? {
+            return Ok(Vec::new());
+        }
+        let mut tx = store.begin_relaxed().await?;
+        let mut batch = store
+            .select_due(&mut tx, now, self.config.batch_size.max(1))
+            .await?;
+        if batch.is_empty() {
+            tx.commit().await.map_err(Error::db("ending a claim"))?;
+            return Ok(Vec::new());
+        }
+        // Per-key order: drop rows that an unpublished earlier row of their key
+        // (not in this batch) must precede.
+        let accepted = self.key_order(&mut tx, &batch, in_flight).await?;
+        batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
+        if !batch.is_empty() {
+            let ids: Vec<i64> = batch.iter().map(|m| m.id).collect();
+            store.lease(&mut tx, token, now + ms(lease), &ids).await?;
+        }
+        tx.commit().await.map_err(Error::db("committing a claim"))?;
+        Ok(batch)
+    }
+
+    /// Of the keyed rows of `batch`, those no unpublished earlier row of their
+    /// key must precede: every earlier unpublished row of the key is in
+    /// `batch` itself or in `ahead` (published before `batch`, on the same
+    /// connection).
+    async fn key_order(
+        &self,
+        conn: &mut DB::Connection,
+        batch: &[OutboxMessage],
+        ahead: &HashSet<i64>,
+    ) -> Result<HashSet<i64>, Error> {
+        let mut seen = HashSet::new();
+        let keys: Vec<&str> = batch
+            .iter()
+            .filter_map(|m| m.key.as_deref())
+            .filter(|k| seen.insert(*k))
+            .collect();
+        let mut accepted = HashSet::new();
+        if keys.is_empty() {
+            return Ok(accepted);
+        }
+        let max_id = batch.iter().map(|m| m.id).max().unwrap_or(0);
+        let earlier = self
+            .outbox
+            .store()
+            .unpublished_of_keys(conn, max_id, &keys)
+            .await?;
+        let in_batch: HashSet<i64> = batch.iter().map(|m| m.id).collect();
+        let mut blocked = HashSet::new();
+        for (id, key) in earlier {
+            if ahead.contains(&id) {
+                continue;
+            }
+            if in_batch.contains(&id) && !blocked.contains(&key) {
+                accepted.insert(id);
+            } else {
+                blocked.insert(key);
+            }
+        }
+        Ok(accepted)
+    }
+}
+
+/// Longest claim token: the `claimed_by` column is `VARCHAR(64)`.
+const TOKEN_MAX: usize = outbox_rules::MAX_CLAIM_TOKEN;
+
+/// The claim token of batch `seq`: unique to this incarnation, so a relay
+/// started again under the same `relay_id` never holds a token its
+/// predecessor held. A long `relay_id` is cut (on a character boundary) to
+/// leave room for the incarnation and the sequence; the incarnation keeps the
+/// token unique.
+fn claim_token(relay_id: &str, incarnation: &str, seq: u64) -> String {
+    let tail = format!("-{incarnation}-{seq}");
+    let room = TOKEN_MAX.saturating_sub(tail.len());
+    let mut cut = relay_id.len().min(room);
+    while !relay_id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{tail}", &relay_id[..cut])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claim_token;
+
+    #[test]
+    fn claim_tokens_differ_per_incarnation_and_fit_the_column_for_any_relay_id() {
+        assert_eq!(claim_token("relay", "0a1b2c3d", 7), "relay-0a1b2c3d-7");
+        assert_ne!(
+            claim_token("relay", "0a1b2c3d", 7),
+            claim_token("relay", "ffeeddcc", 7)
+        );
+        let long = "é".repeat(60);
+        let token = claim_token(&long, "0a1b2c3d", u64::MAX);
+        assert!(token.len() <= super::TOKEN_MAX, "{} bytes", token.len());
+        assert!(token.ends_with(&format!("-0a1b2c3d-{}", u64::MAX)));
+    }
+}

@@ -1,0 +1,716 @@
+//! The relay: moves committed outbox rows to the broker.
+//!
+//! One step of the loop:
+//!
+//! ```text
+//!  claim ──► publish (one STOMP transaction) ──► receipt ──► mark PUBLISHED
+//!    │            │ rejected                        │
+//!    │            └─► one by one: each row PUBLISHED, or attempts+1 / backoff / FAILED
+//!    │            │ broker unavailable
+//!    │            └─► release the claim, back off the whole relay
+//!    └─ nothing due ──► wait for a wake-up (in process, NOTIFY) or the poll interval
+//! ```
+//!
+//! Claiming takes rows that are `NEW`, due (`next_attempt_at` passed) and not
+//! leased, in id order, skipping rows other relays have locked; a row whose key
+//! has an earlier unpublished row outside the batch is left alone, so a key's
+//! events are never reordered. The claim is a lease (`claimed_by`,
+//! `claimed_until`): a relay that dies leaves rows that another relay takes
+//! when the lease runs out, and publishes them again — a duplicate with the same
+//! event id, never a loss.
+//!
+//! Hand-off ([`RelayConfig::handoff`]): while a relay runs, rows appended in
+//! its process through an [`Outbox`] on its pool are inserted already leased to
+//! it (`claimed_by` = the relay's hand-off token). After the commit wakes it,
+//! the relay reads them with a plain `SELECT` and publishes them: no claim
+//! transaction and no write lock on the way. They obey the same rules as
+//! claimed rows: per-key order (a row with an earlier unpublished row of its key
+//! elsewhere is given back to the usual claim), the lease (if the relay dies,
+//! any relay takes them when it runs out; one started with the same
+//! `relay_id` takes them at once), marked only after the broker's receipt.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::sync::{Notify, watch};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::backend::Backend;
+use crate::error::{PublishError, PublishErrorKind};
+use crate::event::OutboxMessage;
+use crate::names::{ms, now_ms};
+use crate::wake::Handoff;
+use crate::{Error, Outbox, Publisher, failpoint, schema, wake};
+
+mod claim;
+mod config;
+mod marks;
+mod pacing;
+
+pub(crate) use config::bounded;
+pub use config::{MAX_RELAY_BATCH, RelayConfig};
+use marks::{Marker, Marks};
+use pacing::{Next, Pacing};
+/// Counters of one relay, shared with whoever holds the `Arc`.
+#[derive(Debug, Default)]
+pub struct RelayMetrics {
+    /// Rows marked `PUBLISHED`, as the databases reported them changed. A mark
+    /// whose commit went through while the connection failed (so the relay saw
+    /// an error) finds nothing left to change when it is tried again: those
+    /// rows are published and marked but not counted here. Count the table
+    /// (`Outbox::counts`) for an exact figure.
+    pub published: AtomicU64,
+    /// Rejections that scheduled a retry.
+    pub retried: AtomicU64,
+    /// Rows parked as `FAILED`.
+    pub failed: AtomicU64,
+    /// Batches given back because the broker was unavailable.
+    pub unavailable: AtomicU64,
+    /// Published rows deleted by retention.
+    pub deleted: AtomicU64,
+    /// Database errors the relay backed off from (claim, mark, release,
+    /// reject); it keeps going after each.
+    pub db_errors: AtomicU64,
+    /// 1 once the relay stopped because its broker connection ended for good.
+    pub stopped: AtomicU64,
+}
+
+/// A plain copy of [`RelayMetrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayCounts {
+    /// Rows marked `PUBLISHED`.
+    pub published: u64,
+    /// Rejections that scheduled a retry.
+    pub retried: u64,
+    /// Rows parked as `FAILED`.
+    pub failed: u64,
+    /// Batches given back because the broker was unavailable.
+    pub unavailable: u64,
+    /// Published rows deleted by retention.
+    pub deleted: u64,
+    /// Database errors the relay backed off from.
+    pub db_errors: u64,
+    /// 1 once the relay stopped because its broker connection ended for good.
+    pub stopped: u64,
+}
+
+impl RelayMetrics {
+    /// The counters now.
+    pub fn snapshot(&self) -> RelayCounts {
+        RelayCounts {
+            published: self.published.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            unavailable: self.unavailable.load(Ordering::Relaxed),
+            deleted: self.deleted.load(Ordering::Relaxed),
+            db_errors: self.db_errors.load(Ordering::Relaxed),
+            stopped: self.stopped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What one turn of the relay loop did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Nothing was due.
+    Idle,
+    /// This many rows were claimed and published (some may have been rejected).
+    Published(usize),
+    /// The broker could not be reached; the claim was released.
+    Unavailable,
+    /// The transport stopped for good (why); the claim was released.
+    Stopped(String),
+}
+
+/// Publishes an outbox's rows. Build with [`Outbox::relay`], run with
+/// [`Relay::run`] or [`Relay::spawn`].
+pub struct Relay<DB: Backend, P: Publisher> {
+    outbox: Outbox<DB>,
+    publisher: P,
+    config: RelayConfig,
+    metrics: Arc<RelayMetrics>,
+    wake: Arc<Notify>,
+    batch: AtomicU64,
+    turn: AtomicU64,
+    handoff_token: String,
+    /// Tells this run's claim tokens from those of earlier runs under the same `relay_id`.
+    incarnation: String,
+    /// The longest one publish can take, as the publisher says (zero if it
+    /// does not know): a batch claimed behind another is leased that much longer.
+    max_publish: std::time::Duration,
+}
+
+impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("outbox", &self.outbox)
+            .field("relay_id", &self.config.relay_id)
+            .finish()
+    }
+}
+
+/// A claimed batch and the token that holds it.
+struct Claimed {
+    token: String,
+    batch: Vec<OutboxMessage>,
+    /// Rows handed off at insert time: the token is shared with rows not in
+    /// this batch, so the batch is settled by id.
+    handed_off: bool,
+}
+
+impl Claimed {
+    fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.batch.iter().map(|m| m.id)
+    }
+}
+
+/// A running relay: stop it gracefully with [`RelayHandle::shutdown`].
+#[derive(Debug)]
+pub struct RelayHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+    metrics: Arc<RelayMetrics>,
+}
+
+impl RelayHandle {
+    /// The relay's counters.
+    pub fn metrics(&self) -> &Arc<RelayMetrics> {
+        &self.metrics
+    }
+
+    /// Asks the relay to stop after the batch in flight and waits for it.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => Err(Error::TaskFailed(format!("relay: {join}"))),
+        }
+    }
+
+    /// `true` once the relay's task has ended, which before
+    /// [`shutdown`](RelayHandle::shutdown) only happens when it stopped for
+    /// good ([`Error::BrokerGone`]) or its task panicked; `shutdown` then
+    /// returns why.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl<DB: Backend, P: Publisher> Relay<DB, P> {
+    pub(crate) fn new(outbox: Outbox<DB>, publisher: P, config: RelayConfig) -> Relay<DB, P> {
+        Relay {
+            handoff_token: format!("{}-h", config.relay_id),
+            // The random tail of a UUID v7.
+            incarnation: Uuid::now_v7().simple().to_string()[24..].to_owned(),
+            turn: AtomicU64::new(0),
+            max_publish: publisher.max_publish_time().unwrap_or_default(),
+            outbox,
+            publisher,
+            config,
+            metrics: Arc::default(),
+            wake: Arc::new(Notify::new()),
+            batch: AtomicU64::new(0),
+        }
+    }
+
+    /// The relay's counters.
+    pub fn metrics(&self) -> Arc<RelayMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs the relay on a task until [`RelayHandle::shutdown`].
+    pub fn spawn(self) -> RelayHandle {
+        let (stop, mut stopped) = watch::channel(false);
+        let metrics = self.metrics();
+        // Registered before the task starts: rows appended right after
+        // `spawn` returns are handed off already.
+        let handoff = self.offer_handoff();
+        let task = tokio::spawn(async move {
+            self.run_with(
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+                handoff,
+            )
+            .await
+        });
+        RelayHandle {
+            stop,
+            task,
+            metrics,
+        }
+    }
+
+    /// Runs until `shutdown` completes. The batch in flight is finished (its
+    /// rows marked) before returning; nothing is left claimed.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let handoff = self.offer_handoff();
+        self.run_with(shutdown, handoff).await
+    }
+
+    /// Registers for in-process wake-ups and, if enabled, for hand-off. The
+    /// hand-off lasts as long as the returned `Arc`.
+    fn offer_handoff(&self) -> Option<Arc<Handoff>> {
+        let table = self.outbox.table();
+        wake::register(table, &self.wake);
+        self.config.handoff.then(|| {
+            let handoff = Arc::new(Handoff {
+                token: self.handoff_token.clone(),
+                lease_ms: ms(self.config.lease),
+                active: AtomicBool::new(true),
+            });
+            wake::register_handoff(table, self.outbox.inner.pool_id, &handoff);
+            handoff
+        })
+    }
+
+    async fn run_with(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+        handoff: Option<Arc<Handoff>>,
+    ) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let table = self.outbox.table().to_owned();
+        // Ends with this call however it ends: returned, failed or dropped.
+        let _listener = DB::listen(self.outbox.pool(), &table, self.wake.clone()).map(AbortOnDrop);
+        let mut pacing = Pacing::new(&self.config, handoff.clone());
+        let mut next_retention = Instant::now();
+        // Published batches are marked in the background; until then their
+        // rows count as ahead of everything read.
+        let mut marks = Marks::new(Marker {
+            outbox: self.outbox.clone(),
+            metrics: self.metrics.clone(),
+            backoff: self.config.outage_backoff,
+        });
+        let mut ready: Option<Claimed> = None;
+        tracing::info!(relay = %self.config.relay_id, table, "relay started");
+        let stopped = loop {
+            marks.advance().await;
+            let outcome = self.turn(&mut ready, &mut marks).await;
+            let pause = match pacing.after(outcome, &self.metrics) {
+                Next::Go(pause) => pause,
+                Next::Stop(reason) => break Some(reason),
+            };
+            if Instant::now() >= next_retention {
+                next_retention = Instant::now() + self.config.retention_interval;
+                if let Err(error) = self.retention().await {
+                    tracing::warn!(%error, "retention failed");
+                }
+            }
+            if self.wait(pause, &mut shutdown, &mut marks).await {
+                break None;
+            }
+        };
+        pacing.offer(false);
+        self.finish(ready, marks, handoff, stopped).await
+    }
+
+    /// One turn of the pipeline. Batches go to the broker one after another
+    /// on one connection, so a key's events keep their order. While batch i
+    /// is on the wire, rows for batch i+1 are claimed; if batch i fails, a
+    /// batch claimed meanwhile is given back unpublished. Rows handed off
+    /// while a handed-off batch is on the wire follow it at once when they
+    /// share no key with it ([`publish_handed_off`](Relay::publish_handed_off)).
+    async fn turn(
+        &self,
+        ready: &mut Option<Claimed>,
+        marks: &mut Marks<DB>,
+    ) -> Result<Step, Error> {
+        match ready.take() {
+            None => {
+                let next = self.next_batch(&marks.ids(), false).await?;
+                let step = if next.is_some() {
+                    Step::Published(0)
+                } else {
+                    Step::Idle
+                };
+                *ready = next;
+                Ok(step)
+            }
+            Some(current) if current.handed_off => {
+                self.publish_handed_off(current, marks, ready).await
+            }
+            Some(current) => self.publish_claimed(current, marks, ready).await,
+        }
+    }
+
+    /// Publishes a claimed batch while claiming the next one.
+    async fn publish_claimed(
+        &self,
+        current: Claimed,
+        marks: &mut Marks<DB>,
+        ready: &mut Option<Claimed>,
+    ) -> Result<Step, Error> {
+        let mut in_flight = marks.ids();
+        in_flight.extend(current.ids());
+        let n = current.batch.len();
+        failpoint::hit("relay.before_publish");
+        let (published, following) = tokio::join!(
+            self.publisher
+                .publish(&current.batch)
+                .instrument(tracing::debug_span!("outbox.publish", rows = n)),
+            self.next_batch(&in_flight, true)
+        );
+        match published {
+            Ok(()) => {
+                failpoint::hit("relay.after_receipt");
+                marks.push(current);
+                *ready = following?;
+                Ok(Step::Published(n))
+            }
+            Err(error) => {
+                if let Ok(Some(next)) = following {
+                    self.give_back_claimed(&next).await;
+                }
+                // Marked first: giving the batch back may give back every
+                // row under its token.
+                marks.drain().await;
+                self.publish_failed(&current, error).await
+            }
+        }
+    }
+
+    /// Waits `pause` (none: only checks for shutdown), waking early for a
+    /// commit; `true` when asked to stop.
+    async fn wait(
+        &self,
+        pause: Option<std::time::Duration>,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        marks: &mut Marks<DB>,
+    ) -> bool {
+        let Some(pause) = pause else {
+            return futures_poll_ready(shutdown).await;
+        };
+        let sleep = tokio::time::sleep(pause);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = shutdown.as_mut() => return true,
+                _ = self.wake.notified() => return false,
+                _ = &mut sleep => return false,
+                // A finished mark may leave more to mark; keep waiting.
+                _ = marks.finish(), if marks.is_running() => marks.start(),
+            }
+        }
+    }
+
+    /// Finishes what is in flight: marks the published batches, gives back
+    /// the claimed one and the rows handed off but not yet read. Each step
+    /// is tried even if one before it failed; rows not given back stay
+    /// leased and are taken by any relay when the lease runs out.
+    async fn finish(
+        &self,
+        mut ready: Option<Claimed>,
+        mut marks: Marks<DB>,
+        handoff: Option<Arc<Handoff>>,
+        stopped: Option<String>,
+    ) -> Result<(), Error> {
+        let mut ended = marks.settle().await;
+        if let Some(claimed) = ready.take() {
+            ended = ended.and(self.release(&claimed, None).await);
+        }
+        if handoff.is_some() {
+            ended = ended.and(self.release_token(&self.handoff_token, None).await);
+        }
+        drop(handoff);
+        if let Err(error) = &ended {
+            tracing::warn!(relay = %self.config.relay_id, %error, "relay stopped; some rows stay leased until their lease runs out");
+        }
+        if let Some(reason) = stopped {
+            tracing::error!(relay = %self.config.relay_id, %reason, "relay stopped: the broker connection ended for good");
+            self.metrics.stopped.store(1, Ordering::Relaxed);
+            return Err(Error::BrokerGone(reason));
+        }
+        tracing::info!(relay = %self.config.relay_id, "relay stopped");
+        ended
+    }
+
+    /// Gives back a batch claimed ahead whose predecessor failed. If that
+    /// fails too, its rows stay leased to this relay until the lease runs
+    /// out, and are claimed again then: late, never lost.
+    async fn give_back_claimed(&self, claimed: &Claimed) {
+        if let Err(error) = self.release(claimed, None).await {
+            self.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, rows = claimed.batch.len(), "could not give back a batch; it is taken again when its lease runs out");
+        }
+    }
+
+    /// Publishes a handed-off batch. Rows committed while it is on the wire
+    /// are read at once and, if they share no key with it, published right
+    /// behind it on the same connection (the broker keeps their order) instead
+    /// of after its receipt; otherwise they become the next batch.
+    async fn publish_handed_off(
+        &self,
+        current: Claimed,
+        marks: &mut Marks<DB>,
+        ready: &mut Option<Claimed>,
+    ) -> Result<Step, Error> {
+        let n = current.batch.len();
+        let mut ahead = marks.ids();
+        ahead.extend(current.ids());
+        let (done, receipt) = tokio::sync::oneshot::channel::<()>();
+        failpoint::hit("relay.before_publish");
+        let (published, following) = tokio::join!(
+            async {
+                let published = self
+                    .publisher
+                    .publish(&current.batch)
+                    .instrument(tracing::debug_span!("outbox.publish", rows = n))
+                    .await;
+                let _ = done.send(());
+                published
+            },
+            async {
+                // A wake-up may be left over from a commit this batch already
+                // holds: then the read finds nothing and the next one is awaited.
+                tokio::pin!(receipt);
+                let next = loop {
+                    tokio::select! {
+                        biased;
+                        _ = &mut receipt => return Ok(None),
+                        _ = self.wake.notified() => {}
+                    }
+                    if let Some(next) = self.take_handed_off(&ahead).await? {
+                        break next;
+                    }
+                };
+                if !shares_no_key(&current.batch, &next.batch) {
+                    return Ok(Some((next, None)));
+                }
+                failpoint::hit("relay.before_publish");
+                let m = next.batch.len();
+                let published = self
+                    .publisher
+                    .publish(&next.batch)
+                    .instrument(tracing::debug_span!("outbox.publish", rows = m))
+                    .await;
+                Ok::<_, Error>(Some((next, Some(published))))
+            }
+        );
+        if let Err(error) = published {
+            // The batch behind it goes back too, even if it arrived: it is
+            // published again later (same event ids).
+            if let Ok(Some((next, _))) = following {
+                self.give_back_claimed(&next).await;
+            }
+            marks.drain().await;
+            return self.publish_failed(&current, error).await;
+        }
+        failpoint::hit("relay.after_receipt");
+        marks.push(current);
+        match following {
+            Ok(None) => Ok(Step::Published(n)),
+            Ok(Some((next, None))) => {
+                *ready = Some(next);
+                Ok(Step::Published(n))
+            }
+            Ok(Some((next, Some(Ok(()))))) => {
+                failpoint::hit("relay.after_receipt");
+                let m = next.batch.len();
+                marks.push(next);
+                Ok(Step::Published(n + m))
+            }
+            Ok(Some((next, Some(Err(error))))) => {
+                marks.drain().await;
+                self.publish_failed(&next, error).await
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Settles a batch whose publish failed.
+    async fn publish_failed(&self, claimed: &Claimed, error: PublishError) -> Result<Step, Error> {
+        let n = claimed.batch.len();
+        match error.kind {
+            PublishErrorKind::Closed => self.closed(claimed, &error).await,
+            PublishErrorKind::Unavailable => {
+                tracing::warn!(%error, rows = n, "broker unavailable; batch released");
+                self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+                self.release_failed(claimed, &error.message).await?;
+                Ok(Step::Unavailable)
+            }
+            _ if n == 1 => {
+                self.reject(&claimed.token, &claimed.batch[0], &error)
+                    .await?;
+                Ok(Step::Published(n))
+            }
+            _ => {
+                tracing::warn!(%error, rows = n, "batch rejected; publishing one by one");
+                self.one_by_one(claimed).await
+            }
+        }
+    }
+
+    /// The transport stopped for good: give the rows back (another relay may
+    /// publish them) and stop.
+    async fn closed(&self, claimed: &Claimed, error: &PublishError) -> Result<Step, Error> {
+        if let Err(release) = self.release_failed(claimed, &error.message).await {
+            // The rows stay leased until the lease runs out; the relay stops anyway.
+            tracing::warn!(error = %release, "could not give back a batch while stopping");
+        }
+        Ok(Step::Stopped(error.message.clone()))
+    }
+
+    /// After a rejected batch: find the culprits by publishing each row alone.
+    async fn one_by_one(&self, claimed: &Claimed) -> Result<Step, Error> {
+        let (token, batch) = (claimed.token.as_str(), claimed.batch.as_slice());
+        let mut blocked: HashSet<&str> = HashSet::new();
+        for m in batch {
+            if m.key.as_deref().is_some_and(|k| blocked.contains(k)) {
+                continue;
+            }
+            match self.publisher.publish(std::slice::from_ref(m)).await {
+                Ok(()) => {
+                    failpoint::hit("relay.after_receipt");
+                    let store = self.outbox.store();
+                    let mut conn = store.acquire().await?;
+                    store
+                        .mark_published(&mut conn, token, &[m.id], now_ms())
+                        .await?;
+                    self.metrics.published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) if error.kind == PublishErrorKind::Closed => {
+                    return self.closed(claimed, &error).await;
+                }
+                Err(error) if error.kind == PublishErrorKind::Unavailable => {
+                    self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+                    self.release_failed(claimed, &error.message).await?;
+                    return Ok(Step::Unavailable);
+                }
+                Err(error) => {
+                    self.reject(token, m, &error).await?;
+                    if let Some(key) = &m.key {
+                        blocked.insert(key);
+                    }
+                }
+            }
+        }
+        // Rows held back behind a rejected row of their key.
+        self.release(claimed, None).await?;
+        Ok(Step::Published(batch.len()))
+    }
+
+    /// Gives back the rows of a batch, named by id and token.
+    async fn release(&self, claimed: &Claimed, error: Option<&str>) -> Result<(), Error> {
+        let ids: Vec<i64> = claimed.ids().collect();
+        let mut conn = self.outbox.store().acquire().await?;
+        self.give_back_ids(&mut conn, &claimed.token, &ids, error)
+            .await
+    }
+
+    /// Gives back a batch whose publish failed; for a handed-off one also the
+    /// rows handed off but not yet read, so other relays may take them while
+    /// this one waits for the broker.
+    async fn release_failed(&self, claimed: &Claimed, error: &str) -> Result<(), Error> {
+        if claimed.handed_off {
+            self.release_token(&claimed.token, Some(error)).await
+        } else {
+            self.release(claimed, Some(error)).await
+        }
+    }
+
+    /// Gives back the rows `ids` held under `token`.
+    async fn give_back_ids(
+        &self,
+        conn: &mut DB::Connection,
+        token: &str,
+        ids: &[i64],
+        error: Option<&str>,
+    ) -> Result<(), Error> {
+        self.outbox
+            .store()
+            .release_ids(conn, token, ids, error, now_ms())
+            .await
+    }
+
+    /// Gives back every row held under `token`.
+    async fn release_token(&self, token: &str, error: Option<&str>) -> Result<(), Error> {
+        self.outbox
+            .store()
+            .release_token(token, error, now_ms())
+            .await
+    }
+
+    async fn reject(
+        &self,
+        token: &str,
+        m: &OutboxMessage,
+        error: &PublishError,
+    ) -> Result<(), Error> {
+        let attempts = u32::try_from(m.attempts).unwrap_or(u32::MAX);
+        let now = now_ms();
+        let next = now + ms(self.config.retry_backoff.delay(attempts));
+        self.outbox
+            .store()
+            .reject(
+                token,
+                m.id,
+                self.config.max_attempts,
+                &error.message,
+                next,
+                now,
+            )
+            .await?;
+        if attempts.saturating_add(1) >= self.config.max_attempts {
+            tracing::error!(event_id = m.event_id, %error, "event parked as FAILED");
+            self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::warn!(event_id = m.event_id, %error, "event rejected; will retry");
+            self.metrics.retried.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Deletes old published rows, if this relay holds the retention lease.
+    async fn retention(&self) -> Result<(), Error> {
+        let Some(keep) = self.config.retention else {
+            return Ok(());
+        };
+        let name = format!("{}.retention", self.outbox.table());
+        let until = now_ms() + ms(self.config.retention_interval) * 2;
+        if !schema::take_lease(self.outbox.pool(), &name, &self.config.relay_id, until).await? {
+            return Ok(());
+        }
+        let before = now_ms() - ms(keep);
+        let limit = self.config.retention_batch.max(1);
+        loop {
+            let n = self.outbox.store().delete_published(before, limit).await?;
+            self.metrics.deleted.fetch_add(n, Ordering::Relaxed);
+            if n < u64::from(limit) {
+                return Ok(());
+            }
+            // Small batches, with room for the relay's own statements between.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// A background task that is stopped when this handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `true` when no key has rows in both batches.
+fn shares_no_key(a: &[OutboxMessage], b: &[OutboxMessage]) -> bool {
+    let keys: HashSet<&str> = a.iter().filter_map(|m| m.key.as_deref()).collect();
+    b.iter()
+        .filter_map(|m| m.key.as_deref())
+        .all(|k| !keys.contains(k))
+}
+
+/// `true` if `shutdown` has completed, without waiting.
+async fn futures_poll_ready<F: Future<Output = ()>>(shutdown: &mut std::pin::Pin<&mut F>) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.as_mut() => true,
+        _ = std::future::ready(()) => false,
+    }
+}

@@ -1,0 +1,79 @@
+//! How long the relay waits after each turn, and when producers may hand
+//! rows to it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{RelayConfig, RelayMetrics, Step};
+use crate::Error;
+use crate::wake::Handoff;
+
+/// What the loop does after a turn.
+pub(super) enum Next {
+    /// Go on at once (`None`) or after a pause.
+    Go(Option<Duration>),
+    /// Stop for good, for this reason.
+    Stop(String),
+}
+
+/// The relay's pacing: consecutive outages and database failures, each
+/// backing the whole relay off, and hand-off, offered only while the relay
+/// can publish.
+pub(super) struct Pacing {
+    outages: u32,
+    db_failures: u32,
+    poll: Duration,
+    backoff: crate::Backoff,
+    handoff: Option<Arc<Handoff>>,
+}
+
+impl Pacing {
+    pub(super) fn new(config: &RelayConfig, handoff: Option<Arc<Handoff>>) -> Pacing {
+        Pacing {
+            outages: 0,
+            db_failures: 0,
+            poll: config.poll_interval,
+            backoff: config.outage_backoff,
+            handoff,
+        }
+    }
+
+    /// Counts the outcome of a turn and says what comes next.
+    pub(super) fn after(&mut self, outcome: Result<Step, Error>, metrics: &RelayMetrics) -> Next {
+        let next = match outcome {
+            Ok(Step::Published(_)) => {
+                self.outages = 0;
+                self.db_failures = 0;
+                Next::Go(None)
+            }
+            Ok(Step::Idle) => {
+                self.outages = 0;
+                self.db_failures = 0;
+                Next::Go(Some(self.poll))
+            }
+            Ok(Step::Stopped(reason)) => return Next::Stop(reason),
+            Ok(Step::Unavailable) => {
+                self.outages += 1;
+                Next::Go(Some(self.backoff.delay(self.outages - 1)))
+            }
+            Err(error) => {
+                self.db_failures += 1;
+                metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "relay step failed");
+                Next::Go(Some(self.backoff.delay(self.db_failures - 1)))
+            }
+        };
+        // While the relay cannot publish, producers stop handing rows to it
+        // (what it already holds it gave back or holds under a lease).
+        self.offer(self.outages == 0 && self.db_failures == 0);
+        next
+    }
+
+    /// Offers hand-off to producers, or withdraws it.
+    pub(super) fn offer(&self, on: bool) {
+        if let Some(handoff) = &self.handoff {
+            handoff.active.store(on, Ordering::Release);
+        }
+    }
+}
