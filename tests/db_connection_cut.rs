@@ -1,7 +1,7 @@
 //! Database connections cut while events flow, on PostgreSQL and MySQL/MariaDB
 //! (modules `postgres`, `mysql`), with a real ActiveMQ.
 //!
-//! The pools are built the way the README recommends for latency:
+//! The pools are built the way docs/configuration.md recommends for latency:
 //! `test_before_acquire(false)`, so a connection the server closed is handed
 //! out once and the statement on it fails. The producer (user service, DB1),
 //! the relay and the inbox consumer (points service, DB2) must come through
