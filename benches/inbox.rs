@@ -42,9 +42,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use outbox::core::consumer::{BoxFuture, HandlerError};
+use outbox::core::relay::StompPublisher;
 use outbox::core::{
-    Backend, BoxFuture, Consumer, ConsumerConfig, Delivery, Event, Handler, HandlerError, Inbox,
-    Outbox, RelayConfig, StompPublisher,
+    Backend, Consumer, ConsumerConfig, Delivery, Event, Handler, Inbox, Outbox, RelayConfig,
 };
 use outbox::stomp::{AckMode, Outgoing, Subscribe};
 use outbox_test_harness::Broker;
@@ -487,7 +488,12 @@ where
         let destination = destination.clone();
         async move {
             let mut tx = outbox.pool().begin().await.expect("begin");
-            let event = Event::raw("user.created", destination, BODY, outbox::core::JSON);
+            let event = Event::raw(
+                "user.created",
+                destination,
+                BODY,
+                outbox::core::producer::JSON,
+            );
             let id = outbox
                 .append(&mut tx, event)
                 .await

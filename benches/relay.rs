@@ -21,7 +21,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use outbox::core::{Backend, Event, Outbox, OutboxMessage, Publisher, RelayConfig, StompPublisher};
+use outbox::core::relay::{OutboxMessage, Publisher, StompPublisher};
+use outbox::core::{Backend, Event, Outbox, RelayConfig};
 use outbox_test_harness::Broker;
 
 const BODY: &str = r#"{"user_id":123456,"name":"a user with a name of a typical length","email":"someone@example.com","created_at":"2026-11-24T05:00:00Z","plan":"free","padding":"xxxxxxxxxxxx"}"#;
@@ -36,7 +37,7 @@ fn messages(n: usize, queue: &str) -> Vec<OutboxMessage> {
             key: Some(format!("user-{}", i % 100)),
             headers: vec![],
             content: Bytes::from_static(BODY.as_bytes()),
-            content_type: outbox::core::JSON.into(),
+            content_type: outbox::core::producer::JSON.into(),
             attempts: 0,
         })
         .collect()
@@ -84,7 +85,7 @@ where
         let mut tx = pool.begin().await.expect("begin");
         let events: Vec<Event> = (i..(i + 500).min(n))
             .map(|k| {
-                Event::raw("user.created", queue, BODY, outbox::core::JSON)
+                Event::raw("user.created", queue, BODY, outbox::core::producer::JSON)
                     .with_key(format!("user-{}", k % 100))
             })
             .collect();

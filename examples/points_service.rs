@@ -197,7 +197,7 @@ async fn consume<DB: Backend, H: Handler<DB>>(
                 let now = consumer.metrics().snapshot();
                 if last != Some(now) {
                     last = Some(now);
-                    let outbox::core::ConsumerCounts { processed, duplicates, retried, failed, .. } = now;
+                    let outbox::core::consumer::ConsumerCounts { processed, duplicates, retried, failed, .. } = now;
                     tracing::info!(processed, duplicates, retried, failed, "welcome points");
                 }
             }
@@ -206,7 +206,7 @@ async fn consume<DB: Backend, H: Handler<DB>>(
     let metrics = consumer.metrics().clone();
     consumer.shutdown().await?;
     let _ = client.disconnect().await;
-    let outbox::core::ConsumerCounts {
+    let outbox::core::consumer::ConsumerCounts {
         processed,
         duplicates,
         retried,

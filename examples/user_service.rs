@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use outbox::core::{Backend, Outbox, RelayConfig, RelayHandle, StompPublisher};
+use outbox::core::relay::{RelayHandle, StompPublisher};
+use outbox::core::{Backend, Outbox, RelayConfig};
 use outbox::stomp::Config;
 use outbox::transactional_event;
 use serde::Serialize;

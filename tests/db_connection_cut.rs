@@ -13,9 +13,10 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use outbox::core::consumer::{BoxFuture, HandlerError, decode_json};
+use outbox::core::relay::StompPublisher;
 use outbox::core::{
-    Backoff, BoxFuture, Consumer, ConsumerConfig, Delivery, Event, Handler, HandlerError, Inbox,
-    Outbox, RelayConfig, StompPublisher, decode_json,
+    Backoff, Consumer, ConsumerConfig, Delivery, Event, Handler, Inbox, Outbox, RelayConfig,
 };
 use serde::{Deserialize, Serialize};
 use support::*;

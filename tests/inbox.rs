@@ -12,10 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox::core::{
-    Backoff, BoxFuture, Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Inbox,
-    decode_json,
-};
+use outbox::core::consumer::{BoxFuture, HandlerError, decode_json};
+use outbox::core::{Backoff, Consumer, ConsumerConfig, Delivery, Handler, Inbox};
 use outbox::stomp::{Client, Outgoing};
 use serde::{Deserialize, Serialize};
 use support::*;
@@ -377,7 +375,7 @@ macro_rules! inbox_suite {
             })
             .await;
             handle.shutdown().await.unwrap();
-            let outbox::core::ConsumerCounts { processed, duplicates, .. } = metrics.snapshot();
+            let outbox::core::consumer::ConsumerCounts { processed, duplicates, .. } = metrics.snapshot();
             assert_eq!((processed, duplicates), (100, 1), "e-old is a duplicate, not applied again");
             assert_eq!(points(&inbox).await.get(&999), Some(&1));
         }
@@ -411,7 +409,7 @@ macro_rules! inbox_suite {
             let metrics = handle.metrics().clone();
             handle.shutdown().await.unwrap();
             assert_eq!(points(&inbox).await, HashMap::from([(1, 1), (2, 1), (3, 1), (4, 1)]));
-            let outbox::core::ConsumerCounts { processed, duplicates, retried, failed, .. } = metrics.snapshot();
+            let outbox::core::consumer::ConsumerCounts { processed, duplicates, retried, failed, .. } = metrics.snapshot();
             assert_eq!((processed, duplicates, failed), (4, 1, 1));
             // User 3's one failure either rolled back the batch it was in (then
             // it is applied on its own, no retry) or, if the messages arrived
@@ -463,7 +461,7 @@ macro_rules! inbox_suite {
             handle.shutdown().await.unwrap();
             let applied = points(&inbox).await;
             assert_eq!(applied, (1..=10).map(|n| (n, 1)).collect::<HashMap<_, _>>());
-            let outbox::core::ConsumerCounts { processed, duplicates, retried, failed, .. } = metrics.snapshot();
+            let outbox::core::consumer::ConsumerCounts { processed, duplicates, retried, failed, .. } = metrics.snapshot();
             assert_eq!((processed, duplicates, failed), (10, 0, 1));
             // Retention removes processed rows in small batches, nothing else.
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -536,7 +534,7 @@ macro_rules! inbox_suite {
             handle.shutdown().await.unwrap();
             let applied = points(&inbox).await;
             assert_eq!(applied, (1..=30).map(|n| (n, 1)).collect::<HashMap<_, _>>(), "every event applied exactly once");
-            let outbox::core::ConsumerCounts { duplicates, .. } = metrics.snapshot();
+            let outbox::core::consumer::ConsumerCounts { duplicates, .. } = metrics.snapshot();
             assert!(duplicates >= 1, "the event committed before the kill came again and was skipped");
             let counts = inbox.counts().await.unwrap();
             assert_eq!((counts.processed, counts.retry, counts.failed), (30, 0, 0));

@@ -11,7 +11,8 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use outbox::core::{Backoff, ConsumerConfig, Delivery, Event, Outbox, RelayConfig, StompPublisher};
+use outbox::core::relay::StompPublisher;
+use outbox::core::{Backoff, ConsumerConfig, Delivery, Event, Outbox, RelayConfig};
 use outbox::transactional_event;
 use serde::{Deserialize, Serialize};
 use sqlx::Transaction;
@@ -491,7 +492,7 @@ macro_rules! macro_suite {
             );
             assert_eq!(rows(&pool, "points").await, 3, "the handler ran only once");
             assert_eq!(rows(&pool, "audit").await, 3);
-            let outbox::core::ConsumerCounts { processed, duplicates, retried, failed, .. } = points.metrics().snapshot();
+            let outbox::core::consumer::ConsumerCounts { processed, duplicates, retried, failed, .. } = points.metrics().snapshot();
             assert_eq!((processed, duplicates, retried, failed), (3, 1, 0, 0));
             let counts = AwardPoints::inbox(pool.clone()).unwrap().counts().await.unwrap();
             assert_eq!(counts.processed, 3);

@@ -12,10 +12,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox::core::{
-    Backoff, BrokerLimits, Error, Event, Outbox, OutboxMessage, PublishError, Publisher,
-    RelayConfig, StompPublisher,
-};
+use outbox::core::producer::BrokerLimits;
+use outbox::core::relay::{OutboxMessage, PublishError, Publisher, StompPublisher};
+use outbox::core::{Backoff, Error, Event, Outbox, RelayConfig};
 use serde::{Deserialize, Serialize};
 use support::*;
 

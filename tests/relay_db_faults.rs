@@ -13,7 +13,8 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use outbox::core::{Backoff, Event, Outbox, RelayConfig, StompPublisher};
+use outbox::core::relay::StompPublisher;
+use outbox::core::{Backoff, Event, Outbox, RelayConfig};
 use outbox::stomp::{Client, Config};
 use outbox_test_harness::FaultProxy;
 use support::*;

@@ -11,9 +11,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use outbox::core::consumer::{BoxFuture, HandlerError, decode_json};
+use outbox::core::relay::{OutboxMessage, PublishError, Publisher, StompPublisher};
 use outbox::core::{
-    Backoff, BoxFuture, Consumer, ConsumerConfig, Delivery, Event, Handler, HandlerError, Inbox,
-    Outbox, OutboxMessage, PublishError, Publisher, RelayConfig, StompPublisher, decode_json,
+    Backoff, Consumer, ConsumerConfig, Delivery, Event, Handler, Inbox, Outbox, RelayConfig,
 };
 use outbox::stomp::{Client, Config};
 use outbox_test_harness::{Broker, BrokerConfig, Direction, FaultProxy};

@@ -37,11 +37,14 @@ use tokio::task::JoinSet;
 
 use crate::backend::{Backend, WriteGate};
 use crate::backoff::Backoff;
-use crate::inbox::{Delivery, Inbox, fallback_event_id};
+pub use crate::error::HandlerError;
+pub use crate::inbox::{DEFAULT_INBOX_TABLE, Delivery, Inbox};
+
+use crate::inbox::fallback_event_id;
 use crate::names::{ms, now_ms};
 use crate::store::inbox::DueRow;
 use crate::store::{InboxState, Recorded};
-use crate::{Error, HandlerError, failpoint, schema};
+use crate::{Error, failpoint, schema};
 
 /// A boxed, sendable future: what a [`Handler`] returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -12,11 +12,11 @@ use crate::Error;
 /// starting with a letter or `_`, at most 48 bytes (index names append a suffix
 /// and must stay under the 63/64-byte limits of PostgreSQL and MySQL).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct TableName(String);
+pub(crate) struct TableName(String);
 
 impl TableName {
     /// Checks `name`; `what` says which setting it is, for the error.
-    pub fn new(what: &'static str, name: &str) -> Result<TableName, Error> {
+    pub(crate) fn new(what: &'static str, name: &str) -> Result<TableName, Error> {
         outbox_rules::table_name(name).map_err(|reason| Error::InvalidName {
             what,
             value: name.to_owned(),
@@ -26,7 +26,7 @@ impl TableName {
     }
 
     /// The name as it appears in SQL.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }

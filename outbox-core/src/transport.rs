@@ -60,7 +60,7 @@ impl StompPublisher {
 }
 
 /// The STOMP message for one outbox row.
-pub fn message_for(m: &OutboxMessage) -> Outgoing {
+pub(crate) fn message_for(m: &OutboxMessage) -> Outgoing {
     let mut out = Outgoing::new(m.destination.clone(), m.content.clone())
         .persistent(true)
         .content_type(m.content_type.clone())

@@ -40,17 +40,18 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::backend::Backend;
-use crate::error::{PublishError, PublishErrorKind};
-use crate::event::OutboxMessage;
 use crate::names::{ms, now_ms};
 use crate::wake::Handoff;
-use crate::{Error, Outbox, Publisher, failpoint, schema, wake};
+use crate::{Error, Outbox, failpoint, schema, wake};
 
 mod claim;
 mod config;
 mod marks;
 mod pacing;
 
+pub use crate::error::{PublishError, PublishErrorKind};
+pub use crate::event::OutboxMessage;
+pub use crate::transport::{Publisher, StompPublisher};
 pub(crate) use config::bounded;
 pub use config::{MAX_RELAY_BATCH, RelayConfig};
 use marks::{Marker, Marks};
