@@ -268,7 +268,15 @@ impl Broker {
     /// Freezes the JVM (SIGSTOP): connections stay open but nothing answers.
     pub fn pause(&self) -> Result<(), HarnessError> {
         let pid = self.pid().ok_or(HarnessError::NotRunning)?;
-        send_signal(pid, libc::SIGSTOP, "SIGSTOP")
+        send_signal(pid, libc::SIGSTOP, "SIGSTOP")?;
+        // kill(2) returns before every thread has stopped: wait until the
+        // kernel reports each one stopped, so nothing the caller sends next is
+        // read by a thread still running (up to a second, then go on).
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while !all_threads_stopped(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
     }
 
     /// Lets a paused JVM run again (SIGCONT).
@@ -548,4 +556,25 @@ fn jvm_property(name: &str, path: &Path) -> String {
 fn write_file(path: &Path, contents: &str) -> Result<(), HarnessError> {
     std::fs::write(path, contents)
         .map_err(|e| HarnessError::io(format!("writing {}", path.display()), e))
+}
+
+/// `true` when every thread of process `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/*/stat`). `false` if that cannot be read.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the command name in parentheses.
+                let after = stat.rsplit_once(')')?.1;
+                after
+                    .split_whitespace()
+                    .next()
+                    .map(|state| state == "T" || state == "t")
+            })
+            .unwrap_or(false)
+    })
 }
