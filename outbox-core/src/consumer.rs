@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use outbox_stomp::{AckMode, Client, Message, Subscribe};
+use outbox_stomp::{AckMode, Client, Subscribe};
+
+pub use crate::subscriber::{Incoming, LinkStatus, StompSubscriber, Subscriber};
 use serde::de::DeserializeOwned;
 use sqlx::Transaction;
 use tokio::sync::{mpsc, watch};
@@ -427,22 +429,29 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
                     .buffer(usize::try_from(prefetch).unwrap_or(usize::MAX)),
             )
             .await?;
+        Ok(self.spawn_on(StompSubscriber::new(client, subscription)))
+    }
+
+    /// Starts consuming `subscriber` on a task: any source of messages, such
+    /// as a scripted one in a test. [`spawn`](Consumer::spawn) is this with a
+    /// STOMP subscription.
+    pub fn spawn_on<S: Subscriber>(self, subscriber: S) -> ConsumerHandle {
         let (stop, stopped) = watch::channel(false);
         let metrics = self.metrics();
-        let task = tokio::spawn(self.run(client, subscription, stopped));
-        Ok(ConsumerHandle {
+        let task = tokio::spawn(self.run(subscriber, stopped));
+        ConsumerHandle {
             stop,
             task,
             metrics,
-        })
+        }
     }
 
-    async fn run(
+    async fn run<S: Subscriber>(
         self,
-        client: Client,
-        subscription: outbox_stomp::Subscription,
+        subscription: S,
         stopped: watch::Receiver<bool>,
     ) -> Result<(), Error> {
+        let status = subscription.status();
         let shared = self.shared;
         let (workers, most) = workers_and_batch(
             DB::DIALECT.single_writer,
@@ -451,7 +460,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         );
         // The quiet period of the drain counts from the subscription.
         shared.drain.touch();
-        let retry = tokio::spawn(retry_loop(shared.clone(), client.clone(), stopped.clone()));
+        let retry = tokio::spawn(retry_loop(shared.clone(), status.clone(), stopped.clone()));
         let subscription = if shared.config.per_key_order {
             in_key_lanes(&shared, subscription, stopped.clone(), workers, most).await
         } else {
@@ -460,11 +469,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         if !*stopped.borrow() {
             // The subscription ended on its own: the client stopped for good or
             // the broker refused to restore the subscription.
-            let reason = match client.close_reason() {
-                Some(reason) => reason,
-                None if client.is_closed() => "the STOMP client was closed".to_owned(),
-                None => "the broker refused to restore the subscription".to_owned(),
-            };
+            let reason = status.end_reason();
             tracing::error!(destination = %shared.config.destination, %reason, "consumer stopped: the broker connection ended for good");
             shared.metrics.stopped.store(1, Ordering::Relaxed);
             retry.abort();
@@ -473,10 +478,8 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
         }
         let _ = retry.await;
         // Prefetched messages nobody took go back to the queue.
-        if let Some(subscription) = subscription
-            && let Err(error) = subscription.unsubscribe().await
-        {
-            tracing::debug!(%error, "unsubscribe on shutdown failed");
+        if let Some(subscription) = subscription {
+            subscription.close().await;
         }
         Ok(())
     }
@@ -485,13 +488,13 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
 /// Runs `workers` workers that each take up to `most` waiting messages
 /// straight from the subscription, until the consumer stops or the
 /// subscription ends; then hands the subscription back.
-async fn shared_subscription<DB: Backend, H: Handler<DB>>(
+async fn shared_subscription<DB: Backend, H: Handler<DB>, S: Subscriber>(
     shared: &Arc<Shared<DB, H>>,
-    subscription: outbox_stomp::Subscription,
+    subscription: S,
     stopped: watch::Receiver<bool>,
     workers: usize,
     most: usize,
-) -> Option<outbox_stomp::Subscription> {
+) -> Option<S> {
     let subscription = Arc::new(tokio::sync::Mutex::new(subscription));
     let mut tasks = JoinSet::new();
     for _ in 0..workers {
@@ -527,18 +530,18 @@ async fn shared_subscription<DB: Backend, H: Handler<DB>>(
 /// lane, so a key's events are applied one after another. Reads the
 /// subscription until the consumer stops or it ends, lets the lanes drain,
 /// then hands the subscription back.
-async fn in_key_lanes<DB: Backend, H: Handler<DB>>(
+async fn in_key_lanes<DB: Backend, H: Handler<DB>, S: Subscriber>(
     shared: &Arc<Shared<DB, H>>,
-    mut subscription: outbox_stomp::Subscription,
+    mut subscription: S,
     mut stopped: watch::Receiver<bool>,
     workers: usize,
     most: usize,
-) -> Option<outbox_stomp::Subscription> {
+) -> Option<S> {
     let capacity = usize::try_from(shared.config.prefetch.unwrap_or(64)).unwrap_or(64);
     let mut tasks = JoinSet::new();
-    let mut lanes: Vec<mpsc::Sender<Message>> = Vec::with_capacity(workers);
+    let mut lanes: Vec<mpsc::Sender<S::Message>> = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let (tx, mut rx) = mpsc::channel::<Message>(capacity.max(1));
+        let (tx, mut rx) = mpsc::channel::<S::Message>(capacity.max(1));
         let shared = shared.clone();
         let mut stopped = stopped.clone();
         tasks.spawn(async move {
@@ -580,11 +583,7 @@ async fn in_key_lanes<DB: Backend, H: Handler<DB>>(
 }
 
 /// `first` and whatever else is already waiting, up to `most` messages.
-fn gather(
-    first: Message,
-    most: usize,
-    mut waiting: impl FnMut() -> Option<Message>,
-) -> Vec<Message> {
+fn gather<M>(first: M, most: usize, mut waiting: impl FnMut() -> Option<M>) -> Vec<M> {
     let mut batch = vec![first];
     while batch.len() < most {
         match waiting() {
@@ -612,7 +611,7 @@ fn workers_and_batch(single_writer: bool, concurrency: usize, batch_size: usize)
 /// Processes messages until they are settled (acked) or the consumer stops.
 async fn deliver<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
-    messages: Vec<Message>,
+    messages: Vec<impl Incoming>,
     stopped: &mut watch::Receiver<bool>,
 ) {
     let deliveries: Vec<Delivery> = messages.iter().map(to_delivery).collect();
@@ -635,7 +634,7 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     // Queued together, the ACKs of a batch leave in one write. A delivery
     // left unsettled (the consumer stopped) is not acked: the broker
     // redelivers it.
-    let settled: Vec<(&Message, &Delivery)> = messages
+    let settled: Vec<(_, &Delivery)> = messages
         .iter()
         .zip(&deliveries)
         .zip(&outcomes)
@@ -984,7 +983,7 @@ async fn run_handler<DB: Backend, H: Handler<DB>>(
 /// Retries `RETRY` rows whose time has come, and runs retention.
 async fn retry_loop<DB: Backend, H: Handler<DB>>(
     shared: Arc<Shared<DB, H>>,
-    client: Client,
+    status: Arc<dyn LinkStatus>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let holder = uuid::Uuid::now_v7().simple().to_string();
@@ -1002,7 +1001,7 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
         if tokio::time::Instant::now() >= next_retention
             && shared
                 .drain
-                .drained(drain_quiet(&shared.config), client.is_connected())
+                .drained(drain_quiet(&shared.config), status.is_connected())
         {
             next_retention = tokio::time::Instant::now() + shared.config.retention_interval;
             if let Err(error) = retention(&shared, &holder).await {
@@ -1180,12 +1179,8 @@ fn fit_column(raw: &str) -> String {
         .collect()
 }
 
-fn to_delivery(message: &Message) -> Delivery {
-    let headers: Vec<(String, String)> = message
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+fn to_delivery(message: &impl Incoming) -> Delivery {
+    let headers = message.headers();
     let event_id = message
         .header("event-id")
         .or_else(|| message.message_id())
@@ -1196,7 +1191,7 @@ fn to_delivery(message: &Message) -> Delivery {
         event_type: message.header("event-type").map(fit_column),
         key: message.header("event-key").map(fit_column),
         headers,
-        body: message.body().clone(),
+        body: message.body(),
         attempt: 0,
     }
 }
@@ -1238,5 +1233,216 @@ mod tests {
         assert_eq!(workers_and_batch(true, 64, 100), (2, 1000));
         assert_eq!(workers_and_batch(false, 8, 16), (8, 16));
         assert_eq!(workers_and_batch(false, 0, 0), (1, 1));
+    }
+}
+
+/// The consumer's batch, rollback and one-by-one paths with a scripted
+/// subscriber on a real SQLite file (no broker).
+#[cfg(all(test, feature = "sqlite"))]
+mod scripted {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use sqlx::Sqlite;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// Event ids acknowledged, in order.
+    type Acks = Arc<Mutex<Vec<String>>>;
+
+    struct Script {
+        rx: mpsc::UnboundedReceiver<Scripted>,
+    }
+
+    struct Scripted {
+        headers: Vec<(String, String)>,
+        body: Bytes,
+        acks: Acks,
+    }
+
+    struct Up;
+
+    impl LinkStatus for Up {
+        fn is_connected(&self) -> bool {
+            true
+        }
+        fn end_reason(&self) -> String {
+            "the script ended".to_owned()
+        }
+    }
+
+    impl Subscriber for Script {
+        type Message = Scripted;
+        async fn next_message(&mut self) -> Option<Scripted> {
+            self.rx.recv().await
+        }
+        fn try_next_message(&mut self) -> Option<Scripted> {
+            self.rx.try_recv().ok()
+        }
+        fn status(&self) -> Arc<dyn LinkStatus> {
+            Arc::new(Up)
+        }
+        async fn close(self) {}
+    }
+
+    impl Incoming for Scripted {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        }
+        fn headers(&self) -> Vec<(String, String)> {
+            self.headers.clone()
+        }
+        fn message_id(&self) -> Option<&str> {
+            None
+        }
+        fn body(&self) -> Bytes {
+            self.body.clone()
+        }
+        async fn ack(&self) -> Result<(), String> {
+            let id = self.header("event-id").unwrap_or_default().to_owned();
+            self.acks.lock().unwrap().push(id);
+            Ok(())
+        }
+    }
+
+    /// Writes a row per user; refuses user 13 (a handler error) every time.
+    struct Ledger;
+
+    impl Handler<Sqlite> for Ledger {
+        type Event = i64;
+
+        fn decode(&self, delivery: &Delivery) -> Result<i64, String> {
+            std::str::from_utf8(&delivery.body)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| "not a user id".to_owned())
+        }
+
+        fn handle<'a>(
+            &'a self,
+            tx: &'a mut Transaction<'static, Sqlite>,
+            user: i64,
+            _delivery: &'a Delivery,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO ledger (user_id) VALUES (?)")
+                    .bind(user)
+                    .execute(&mut **tx)
+                    .await?;
+                if user == 13 {
+                    return Err("user 13 is refused".into());
+                }
+                Ok(())
+            })
+        }
+    }
+
+    struct Fixture {
+        inbox: Inbox<Sqlite>,
+        path: std::path::PathBuf,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    async fn fixture() -> Fixture {
+        let path =
+            std::env::temp_dir().join(format!("outbox-scripted-{}.db", uuid::Uuid::now_v7()));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query("CREATE TABLE ledger (user_id BIGINT NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let inbox = Inbox::new(pool, "ledger").unwrap();
+        inbox.migrate().await.unwrap();
+        Fixture { inbox, path }
+    }
+
+    /// Feeds `users` (event ids `e-{user}`) before the consumer starts, so
+    /// they arrive as one batch, and waits until every one is acked.
+    async fn consume(inbox: &Inbox<Sqlite>, users: &[i64]) -> (ConsumerCounts, Vec<String>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let acks = Acks::default();
+        for user in users {
+            tx.send(Scripted {
+                headers: vec![("event-id".into(), format!("e-{user}"))],
+                body: Bytes::from(user.to_string()),
+                acks: acks.clone(),
+            })
+            .unwrap();
+        }
+        let config = ConsumerConfig {
+            concurrency: 1,
+            batch_size: 16,
+            retry_poll: Duration::from_secs(3600),
+            ..ConsumerConfig::new("/queue/scripted")
+        };
+        let consumer = Consumer::new(inbox.clone(), Ledger, config).unwrap();
+        let handle = consumer.spawn_on(Script { rx });
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while acks.lock().unwrap().len() < users.len() {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "not every delivery was acked"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let counts = handle.metrics().snapshot();
+        handle.shutdown().await.unwrap();
+        let acked = acks.lock().unwrap().clone();
+        (counts, acked)
+    }
+
+    async fn ledger(inbox: &Inbox<Sqlite>) -> Vec<i64> {
+        sqlx::query_scalar("SELECT user_id FROM ledger ORDER BY user_id")
+            .fetch_all(inbox.pool())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_clean_batch_is_applied_and_acked_in_order() {
+        let f = fixture().await;
+        let (counts, acked) = consume(&f.inbox, &[1, 2, 3, 4]).await;
+        assert_eq!(
+            (counts.processed, counts.duplicates, counts.retried),
+            (4, 0, 0)
+        );
+        assert_eq!(acked, ["e-1", "e-2", "e-3", "e-4"]);
+        assert_eq!(ledger(&f.inbox).await, [1, 2, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_rolls_the_batch_back_and_the_rest_is_applied_one_by_one() {
+        let f = fixture().await;
+        consume(&f.inbox, &[2]).await;
+        let (counts, acked) = consume(&f.inbox, &[1, 2, 3]).await;
+        assert_eq!((counts.processed, counts.duplicates), (2, 1), "{counts:?}");
+        assert_eq!(acked.len(), 3, "the duplicate is acked too");
+        assert_eq!(ledger(&f.inbox).await, [1, 2, 3], "user 2 once");
+    }
+
+    #[tokio::test]
+    async fn a_failing_handler_undoes_only_its_own_work() {
+        let f = fixture().await;
+        let (counts, acked) = consume(&f.inbox, &[12, 13, 14]).await;
+        assert_eq!((counts.processed, counts.retried), (2, 1), "{counts:?}");
+        assert_eq!(acked.len(), 3);
+        assert_eq!(
+            ledger(&f.inbox).await,
+            [12, 14],
+            "user 13's row rolled back"
+        );
+        let inbox = f.inbox.counts().await.unwrap();
+        assert_eq!((inbox.processed, inbox.retry), (2, 1));
     }
 }

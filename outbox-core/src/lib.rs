@@ -40,6 +40,7 @@ mod outbox;
 pub mod relay;
 mod schema;
 mod store;
+mod subscriber;
 mod transport;
 mod wake;
 

@@ -45,6 +45,7 @@ pub(crate) struct OutboxSql {
     pub(crate) replay_one: String,
     pub(crate) replay_all: String,
     pub(crate) count_by_process: String,
+    pub(crate) state_of: String,
 }
 
 impl OutboxSql {
@@ -108,6 +109,7 @@ impl OutboxSql {
                  claimed_by = NULL, claimed_until = NULL WHERE process = '{failed}'"
             )),
             count_by_process: format!("SELECT process, COUNT(*) FROM {t} GROUP BY process"),
+            state_of: p(format!("SELECT process FROM {t} WHERE id = ?")),
             dialect,
             table,
         }

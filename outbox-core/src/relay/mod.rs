@@ -645,7 +645,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let attempts = u32::try_from(m.attempts).unwrap_or(u32::MAX);
         let now = now_ms();
         let next = now + ms(self.config.retry_backoff.delay(attempts));
-        self.outbox
+        let state = self
+            .outbox
             .store()
             .reject(
                 token,
@@ -656,12 +657,19 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 now,
             )
             .await?;
-        if attempts.saturating_add(1) >= self.config.max_attempts {
-            tracing::error!(event_id = m.event_id, %error, "event parked as FAILED");
-            self.metrics.failed.fetch_add(1, Ordering::Relaxed);
-        } else {
-            tracing::warn!(event_id = m.event_id, %error, "event rejected; will retry");
-            self.metrics.retried.fetch_add(1, Ordering::Relaxed);
+        // Counted as the table has it: a row no longer held changed nothing.
+        match state {
+            Some(crate::store::OutboxState::Failed) => {
+                tracing::error!(event_id = m.event_id, %error, "event parked as FAILED");
+                self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => {
+                tracing::warn!(event_id = m.event_id, %error, "event rejected; will retry");
+                self.metrics.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                tracing::debug!(event_id = m.event_id, %error, "rejected row no longer held; nothing recorded");
+            }
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sqlx::{Pool, Transaction};
 
-use super::{Row, decode_all};
+use super::{OutboxState, Row, decode_all};
 use crate::backend::sql::{INSERT_VALUES, OutboxSql};
 use crate::backend::{Backend, Column, Value};
 use crate::event::{Event, OutboxMessage};
@@ -264,7 +264,8 @@ impl<DB: Backend> OutboxStore<DB> {
 
     /// Records a rejection of row `id` held under `token`: one attempt more,
     /// parked as `FAILED` when that reaches `max_attempts`, else due again at
-    /// `next_attempt_at`.
+    /// `next_attempt_at`. Returns the row's state after it, or `None` when the
+    /// row was no longer held under `token` (nothing changed).
     pub(crate) async fn reject(
         &self,
         token: &str,
@@ -273,9 +274,9 @@ impl<DB: Backend> OutboxStore<DB> {
         error: &str,
         next_attempt_at: i64,
         now: i64,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<OutboxState>, Error> {
         let mut conn = self.acquire().await?;
-        DB::exec(
+        let changed = DB::exec(
             &mut conn,
             &self.sql.mark_rejected,
             &[
@@ -289,7 +290,26 @@ impl<DB: Backend> OutboxStore<DB> {
         )
         .await
         .map_err(Error::db("recording a rejection"))?;
-        Ok(())
+        if changed == 0 {
+            return Ok(None);
+        }
+        let rows = DB::fetch(
+            &mut conn,
+            &self.sql.state_of,
+            &[Value::Int(id)],
+            &[Column::Text],
+        )
+        .await
+        .map_err(Error::db("reading a row's state"))?;
+        let state = match rows.into_iter().next() {
+            Some(cells) => Row::new("outbox", cells).text(0, "process")?,
+            None => return Ok(None),
+        };
+        Ok(Some(if state == OutboxState::Failed.as_sql() {
+            OutboxState::Failed
+        } else {
+            OutboxState::New
+        }))
     }
 
     /// Deletes up to `limit` rows published before `before`; returns how many.
@@ -413,7 +433,7 @@ pub(crate) async fn insert<DB: Backend>(
         Some((token, until)) => (Value::Text(Some(token)), Value::Int(until)),
         None => (Value::Text(None), Value::NullInt),
     };
-    let new = super::OutboxState::New.as_sql();
+    let new = OutboxState::New.as_sql();
     for chunk in events.chunks(INSERT_CHUNK) {
         let ids: Vec<String> = chunk.iter().map(|e| e.id.to_string()).collect();
         let headers: Vec<String> = chunk.iter().map(Event::headers_json).collect();

@@ -1,0 +1,138 @@
+//! The broker as the consumer sees it, and its STOMP implementation: the
+//! mirror of [`Publisher`](crate::relay::Publisher) on the relay's side.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use outbox_stomp::{Client, Message, Subscription};
+
+/// A stream of messages from one queue, each acknowledged on its own.
+///
+/// [`Consumer::spawn`](crate::Consumer::spawn) subscribes over STOMP
+/// ([`StompSubscriber`]); [`Consumer::spawn_on`](crate::Consumer::spawn_on)
+/// takes any implementation, which lets the consumer's logic be tested with
+/// scripted messages.
+pub trait Subscriber: Send + 'static {
+    /// One message.
+    type Message: Incoming;
+
+    /// The next message; `None` once the stream has ended for good.
+    fn next_message(&mut self) -> impl Future<Output = Option<Self::Message>> + Send;
+
+    /// A message already waiting, without waiting for one.
+    fn try_next_message(&mut self) -> Option<Self::Message>;
+
+    /// The state of the connection behind the stream, readable while the
+    /// stream itself is being read elsewhere.
+    fn status(&self) -> Arc<dyn LinkStatus>;
+
+    /// Ends the subscription, so messages not yet handed out go back to the
+    /// queue.
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// The state of a [`Subscriber`]'s connection.
+pub trait LinkStatus: Send + Sync + 'static {
+    /// `true` while the broker can deliver (false while reconnecting).
+    fn is_connected(&self) -> bool;
+
+    /// Why the stream ended, once it has.
+    fn end_reason(&self) -> String;
+}
+
+/// A message from a [`Subscriber`].
+pub trait Incoming: Send + Sync + 'static {
+    /// The first header named `name`.
+    fn header(&self, name: &str) -> Option<&str>;
+
+    /// Every header, in order.
+    fn headers(&self) -> Vec<(String, String)>;
+
+    /// The broker's id of the message, if it has one.
+    fn message_id(&self) -> Option<&str>;
+
+    /// The payload.
+    fn body(&self) -> Bytes;
+
+    /// Acknowledges the message; an error means the broker delivers it again.
+    fn ack(&self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// A STOMP subscription with `client-individual` acknowledgements.
+#[derive(Debug)]
+pub struct StompSubscriber {
+    client: Client,
+    subscription: Subscription,
+}
+
+impl StompSubscriber {
+    /// Reads `subscription`, which `client` opened.
+    pub fn new(client: Client, subscription: Subscription) -> StompSubscriber {
+        StompSubscriber {
+            client,
+            subscription,
+        }
+    }
+}
+
+impl Subscriber for StompSubscriber {
+    type Message = Message;
+
+    async fn next_message(&mut self) -> Option<Message> {
+        self.subscription.next_message().await
+    }
+
+    fn try_next_message(&mut self) -> Option<Message> {
+        self.subscription.try_next_message()
+    }
+
+    fn status(&self) -> Arc<dyn LinkStatus> {
+        Arc::new(self.client.clone())
+    }
+
+    async fn close(self) {
+        if let Err(error) = self.subscription.unsubscribe().await {
+            tracing::debug!(%error, "unsubscribe on shutdown failed");
+        }
+    }
+}
+
+impl LinkStatus for Client {
+    fn is_connected(&self) -> bool {
+        Client::is_connected(self)
+    }
+
+    fn end_reason(&self) -> String {
+        match self.close_reason() {
+            Some(reason) => reason,
+            None if self.is_closed() => "the STOMP client was closed".to_owned(),
+            None => "the broker refused to restore the subscription".to_owned(),
+        }
+    }
+}
+
+impl Incoming for Message {
+    fn header(&self, name: &str) -> Option<&str> {
+        Message::header(self, name)
+    }
+
+    fn headers(&self) -> Vec<(String, String)> {
+        Message::headers(self)
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    fn message_id(&self) -> Option<&str> {
+        Message::message_id(self)
+    }
+
+    fn body(&self) -> Bytes {
+        Message::body(self).clone()
+    }
+
+    async fn ack(&self) -> Result<(), String> {
+        Message::ack(self).await.map_err(|e| e.to_string())
+    }
+}
