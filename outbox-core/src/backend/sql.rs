@@ -36,7 +36,8 @@ pub(crate) struct OutboxSql {
     pub(crate) claim: String,
     pub(crate) due_probe: String,
     pub(crate) handed_off: String,
-    pub(crate) mark_rejected: String,
+    pub(crate) park_rejected: String,
+    pub(crate) retry_rejected: String,
     pub(crate) release: String,
     pub(crate) delete_published: String,
     pub(crate) backlog: String,
@@ -45,7 +46,6 @@ pub(crate) struct OutboxSql {
     pub(crate) replay_one: String,
     pub(crate) replay_all: String,
     pub(crate) count_by_process: String,
-    pub(crate) state_of: String,
 }
 
 impl OutboxSql {
@@ -79,11 +79,18 @@ impl OutboxSql {
                  AND claimed_until > ? ORDER BY id LIMIT ?"
             )),
             // `process` first: MySQL evaluates SET left to right with new values.
-            mark_rejected: p(format!(
-                "UPDATE {t} SET process = CASE WHEN attempts + 1 >= ? THEN '{failed}' ELSE '{new}' END, \
-                 attempts = attempts + 1, last_error = ?, next_attempt_at = ?, update_time = ?, \
-                 claimed_by = NULL, claimed_until = NULL \
-                 WHERE id = ? AND claimed_by = ? AND process = '{new}'"
+            // A rejection is one of two statements, each deciding in its WHERE:
+            // the row is parked (its budget spent) or due again later; which
+            // one changed the row says what happened, without a second read.
+            park_rejected: p(format!(
+                "UPDATE {t} SET process = '{failed}', attempts = attempts + 1, last_error = ?, \
+                 next_attempt_at = ?, update_time = ?, claimed_by = NULL, claimed_until = NULL \
+                 WHERE id = ? AND claimed_by = ? AND process = '{new}' AND attempts + 1 >= ?"
+            )),
+            retry_rejected: p(format!(
+                "UPDATE {t} SET attempts = attempts + 1, last_error = ?, \
+                 next_attempt_at = ?, update_time = ?, claimed_by = NULL, claimed_until = NULL \
+                 WHERE id = ? AND claimed_by = ? AND process = '{new}' AND attempts + 1 < ?"
             )),
             release: p(format!(
                 "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL, \
@@ -109,7 +116,6 @@ impl OutboxSql {
                  claimed_by = NULL, claimed_until = NULL WHERE process = '{failed}'"
             )),
             count_by_process: format!("SELECT process, COUNT(*) FROM {t} GROUP BY process"),
-            state_of: p(format!("SELECT process FROM {t} WHERE id = ?")),
             dialect,
             table,
         }

@@ -276,40 +276,29 @@ impl<DB: Backend> OutboxStore<DB> {
         now: i64,
     ) -> Result<Option<OutboxState>, Error> {
         let mut conn = self.acquire().await?;
-        let changed = DB::exec(
-            &mut conn,
-            &self.sql.mark_rejected,
-            &[
-                Value::Int(i64::from(max_attempts)),
-                Value::Text(Some(error)),
-                Value::Int(next_attempt_at),
-                Value::Int(now),
-                Value::Int(id),
-                Value::Text(Some(token)),
-            ],
-        )
-        .await
-        .map_err(Error::db("recording a rejection"))?;
-        if changed == 0 {
-            return Ok(None);
+        for (sql, state) in [
+            (&self.sql.park_rejected, OutboxState::Failed),
+            (&self.sql.retry_rejected, OutboxState::New),
+        ] {
+            let changed = DB::exec(
+                &mut conn,
+                sql,
+                &[
+                    Value::Text(Some(error)),
+                    Value::Int(next_attempt_at),
+                    Value::Int(now),
+                    Value::Int(id),
+                    Value::Text(Some(token)),
+                    Value::Int(i64::from(max_attempts)),
+                ],
+            )
+            .await
+            .map_err(Error::db("recording a rejection"))?;
+            if changed > 0 {
+                return Ok(Some(state));
+            }
         }
-        let rows = DB::fetch(
-            &mut conn,
-            &self.sql.state_of,
-            &[Value::Int(id)],
-            &[Column::Text],
-        )
-        .await
-        .map_err(Error::db("reading a row's state"))?;
-        let state = match rows.into_iter().next() {
-            Some(cells) => Row::new("outbox", cells).text(0, "process")?,
-            None => return Ok(None),
-        };
-        Ok(Some(if state == OutboxState::Failed.as_sql() {
-            OutboxState::Failed
-        } else {
-            OutboxState::New
-        }))
+        Ok(None)
     }
 
     /// Deletes up to `limit` rows published before `before`; returns how many.
