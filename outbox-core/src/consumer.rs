@@ -348,31 +348,11 @@ impl<DB: Backend, H: Handler<DB>> std::fmt::Debug for Consumer<DB, H> {
     }
 }
 
-/// A running consumer: stop it gracefully with [`ConsumerHandle::shutdown`].
-#[derive(Debug)]
-pub struct ConsumerHandle {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), Error>>,
-    metrics: Arc<ConsumerMetrics>,
-}
-
-impl ConsumerHandle {
-    /// The consumer's counters.
-    pub fn metrics(&self) -> &Arc<ConsumerMetrics> {
-        &self.metrics
-    }
-
-    /// Stops taking deliveries, finishes (commits and acks) the ones in flight,
-    /// unsubscribes so unprocessed prefetched messages go back to the queue,
-    /// and waits for all of that.
-    pub async fn shutdown(self) -> Result<(), Error> {
-        let _ = self.stop.send(true);
-        match self.task.await {
-            Ok(result) => result,
-            Err(join) => Err(Error::TaskFailed(format!("consumer: {join}"))),
-        }
-    }
-}
+/// A running consumer. [`shutdown`](crate::task::TaskHandle::shutdown) stops
+/// taking deliveries, finishes (commits and acks) the ones in flight,
+/// unsubscribes so unprocessed prefetched messages go back to the queue, and
+/// waits for all of that.
+pub type ConsumerHandle = crate::task::TaskHandle<ConsumerMetrics>;
 
 /// What became of one delivery.
 enum Outcome {
@@ -436,14 +416,9 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     /// as a scripted one in a test. [`spawn`](Consumer::spawn) is this with a
     /// STOMP subscription.
     pub fn spawn_on<S: Subscriber>(self, subscriber: S) -> ConsumerHandle {
-        let (stop, stopped) = watch::channel(false);
-        let metrics = self.metrics();
-        let task = tokio::spawn(self.run(subscriber, stopped));
-        ConsumerHandle {
-            stop,
-            task,
-            metrics,
-        }
+        crate::task::TaskHandle::spawn("consumer", self.metrics(), |stopped| {
+            self.run(subscriber, stopped)
+        })
     }
 
     async fn run<S: Subscriber>(

@@ -41,6 +41,7 @@ pub mod relay;
 mod schema;
 mod store;
 mod subscriber;
+pub mod task;
 mod transport;
 mod wake;
 

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -169,37 +169,9 @@ impl Claimed {
     }
 }
 
-/// A running relay: stop it gracefully with [`RelayHandle::shutdown`].
-#[derive(Debug)]
-pub struct RelayHandle {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), Error>>,
-    metrics: Arc<RelayMetrics>,
-}
-
-impl RelayHandle {
-    /// The relay's counters.
-    pub fn metrics(&self) -> &Arc<RelayMetrics> {
-        &self.metrics
-    }
-
-    /// Asks the relay to stop after the batch in flight and waits for it.
-    pub async fn shutdown(self) -> Result<(), Error> {
-        let _ = self.stop.send(true);
-        match self.task.await {
-            Ok(result) => result,
-            Err(join) => Err(Error::TaskFailed(format!("relay: {join}"))),
-        }
-    }
-
-    /// `true` once the relay's task has ended, which before
-    /// [`shutdown`](RelayHandle::shutdown) only happens when it stopped for
-    /// good ([`Error::BrokerGone`]) or its task panicked; `shutdown` then
-    /// returns why.
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
-}
+/// A running relay. [`shutdown`](crate::task::TaskHandle::shutdown) stops it
+/// after the batch in flight: that batch is marked, a claimed one given back.
+pub type RelayHandle = crate::task::TaskHandle<RelayMetrics>;
 
 impl<DB: Backend, P: Publisher> Relay<DB, P> {
     pub(crate) fn new(outbox: Outbox<DB>, publisher: P, config: RelayConfig) -> Relay<DB, P> {
@@ -225,25 +197,15 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
 
     /// Runs the relay on a task until [`RelayHandle::shutdown`].
     pub fn spawn(self) -> RelayHandle {
-        let (stop, mut stopped) = watch::channel(false);
-        let metrics = self.metrics();
         // Registered before the task starts: rows appended right after
         // `spawn` returns are handed off already.
         let handoff = self.offer_handoff();
-        let task = tokio::spawn(async move {
-            self.run_with(
-                async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                },
-                handoff,
-            )
-            .await
-        });
-        RelayHandle {
-            stop,
-            task,
-            metrics,
-        }
+        crate::task::TaskHandle::spawn("relay", self.metrics(), |mut stopped| async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            self.run_with(stop, handoff).await
+        })
     }
 
     /// Runs until `shutdown` completes. The batch in flight is finished (its
