@@ -28,7 +28,7 @@ macro_rules! schema_suite {
         }
 
         /// The newest version of each table.
-        const NEWEST: [(&str, i64); 2] = [("outbox_event", 2), ("inbox_event", 3)];
+        const NEWEST: [(&str, i64); 2] = [("outbox_event", 3), ("inbox_event", 3)];
 
         /// Whether `table` has the index `{table}_{suffix}`; `$count_index`
         /// counts the indexes of a table (first bind) with a name (second bind).
@@ -176,6 +176,44 @@ macro_rules! schema_suite {
             } else {
                 Inbox::new(pool.clone(), "points")?.migrate().await
             }
+        }
+
+        /// Version 3 stores outbox headers as `[name, value]` pairs, as the
+        /// inbox does; rows a version 2 producer wrote as an object are
+        /// rewritten before the version is recorded.
+        #[tokio::test]
+        async fn headers_written_as_an_object_before_version_3_are_rewritten_as_pairs() {
+            let Some(db) = $open().await else { return };
+            let pool = db.pool().clone();
+            let outbox = Outbox::new(pool.clone());
+            outbox.migrate().await.unwrap();
+            let mut tx = pool.begin().await.unwrap();
+            let mut ids = Vec::new();
+            for n in 0..3 {
+                let event = outbox::core::Event::json("t", "/queue/x", &n).unwrap().with_header("z", "last");
+                ids.push(outbox.append(&mut tx, event).await.unwrap());
+            }
+            tx.commit().await.unwrap();
+            let stored = |id: &uuid::Uuid| {
+                let pool = pool.clone();
+                let sql = format!("SELECT headers FROM outbox_event WHERE event_id = '{id}'");
+                async move { sqlx::query_scalar::<_, String>(&sql).fetch_one(&pool).await.unwrap() }
+            };
+            assert_eq!(stored(&ids[2]).await, r#"[["z","last"]]"#, "new rows are pairs");
+            // As a version 2 producer wrote them.
+            for (id, legacy) in [(&ids[0], r#"{"tenant":"acme","b":"2"}"#), (&ids[1], "{}")] {
+                let sql = format!("UPDATE outbox_event SET headers = '{legacy}' WHERE event_id = '{id}'");
+                sqlx::raw_sql(&sql).execute(&pool).await.unwrap();
+            }
+            sqlx::raw_sql("UPDATE outbox_schema_version SET version = 2 WHERE table_name = 'outbox_event'")
+                .execute(&pool)
+                .await
+                .unwrap();
+            outbox.migrate().await.unwrap();
+            assert_eq!(version(&pool, "outbox_event").await, 3);
+            assert_eq!(stored(&ids[0]).await, r#"[["b","2"],["tenant","acme"]]"#);
+            assert_eq!(stored(&ids[1]).await, "[]");
+            assert_eq!(stored(&ids[2]).await, r#"[["z","last"]]"#, "left as it was");
         }
 
         #[tokio::test]

@@ -185,8 +185,11 @@ impl Event {
             })
     }
 
+    /// The headers as stored: a JSON array of `[name, value]` pairs, the
+    /// shape of the inbox's `headers` too.
     pub(crate) fn headers_json(&self) -> String {
-        serde_json::to_string(&self.headers).unwrap_or_else(|_| "{}".to_owned())
+        let pairs: Vec<(&String, &String)> = self.headers.iter().collect();
+        serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
     }
 }
 

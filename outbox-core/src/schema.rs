@@ -111,6 +111,29 @@ async fn migrate_locked<DB: Backend>(
     Ok(())
 }
 
+/// The recorded schema version of `table`; `None` before its first
+/// migration (no version table or no row for it).
+pub(crate) async fn version<DB: Backend>(
+    pool: &Pool<DB>,
+    table: &str,
+) -> Result<Option<i64>, Error> {
+    let meta = MetaSql::new(DB::DIALECT);
+    let mut conn = crate::backend::acquire(pool).await?;
+    match DB::fetch(
+        &mut conn,
+        &meta.version,
+        &[Value::Text(Some(table))],
+        &[Column::Int],
+    )
+    .await
+    {
+        Ok(rows) => Ok(rows.first().and_then(|r| r[0].int())),
+        // The version table does not exist yet: nothing was migrated.
+        Err(sqlx::Error::Database(_)) => Ok(None),
+        Err(error) => Err(Error::db("reading the schema version")(error)),
+    }
+}
+
 /// Takes or renews the lease `name` for `holder` until `until` (ms). `true` when
 /// this holder has it now.
 pub(crate) async fn take_lease<DB: Backend>(

@@ -46,6 +46,8 @@ pub(crate) struct OutboxSql {
     pub(crate) replay_one: String,
     pub(crate) replay_all: String,
     pub(crate) count_by_process: String,
+    pub(crate) legacy_headers: String,
+    pub(crate) rewrite_headers: String,
 }
 
 impl OutboxSql {
@@ -63,7 +65,18 @@ impl OutboxSql {
                     t,
                     "process, published_time",
                 )],
+                // Version 3: headers are stored as a JSON array of [name,
+                // value] pairs, as in the inbox. The rows written before are
+                // rewritten by `OutboxStore::migrate` before this version is
+                // recorded; the step itself has no statement.
+                Vec::new(),
             ],
+            legacy_headers: p(format!(
+                "SELECT id, headers FROM {t} WHERE id > ? AND headers LIKE '{{%' ORDER BY id LIMIT ?"
+            )),
+            rewrite_headers: p(format!(
+                "UPDATE {t} SET headers = ? WHERE id = ? AND headers = ?"
+            )),
             notify: (dialect.notify)(t),
             claim: p(format!(
                 "SELECT {CLAIM_COLUMNS} FROM {t} WHERE process = '{new}' AND next_attempt_at <= ? \

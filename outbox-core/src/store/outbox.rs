@@ -1,6 +1,5 @@
 //! Every statement on an outbox table.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -82,9 +81,62 @@ impl<DB: Backend> OutboxStore<DB> {
         crate::backend::acquire(&self.pool).await
     }
 
-    /// Creates or upgrades the table.
+    /// Creates or upgrades the table. Rows written before version 3 keep
+    /// their headers as a JSON object; they are rewritten as pairs first, so
+    /// that version 3 is recorded only once every row has the new shape (a
+    /// process that dies half way leaves the rest to the next start).
     pub(crate) async fn migrate(&self) -> Result<(), Error> {
+        let version = schema::version(&self.pool, self.table()).await?;
+        if version.is_some_and(|v| (1..3).contains(&v)) {
+            self.rewrite_legacy_headers().await?;
+        }
         schema::migrate(&self.pool, self.table(), &self.sql.migrations).await
+    }
+
+    /// Rewrites headers stored as a JSON object into `[name, value]` pairs,
+    /// 500 rows at a time. Each update names the old text, so two processes
+    /// doing it at once do no harm; a row whose headers are not a JSON
+    /// object of strings is left as it is (and read as such).
+    async fn rewrite_legacy_headers(&self) -> Result<(), Error> {
+        let mut conn = self.acquire().await?;
+        let mut after = 0i64;
+        loop {
+            let rows = DB::fetch(
+                &mut conn,
+                &self.sql.legacy_headers,
+                &[Value::Int(after), Value::Int(500)],
+                &[Column::Int, Column::Text],
+            )
+            .await
+            .map_err(Error::db("reading headers to rewrite"))?;
+            let rows = decode_all("outbox", rows, |mut row| {
+                Ok((row.int(0, "id")?, row.text(1, "headers")?))
+            })?;
+            let Some(last) = rows.last().map(|(id, _)| *id) else {
+                return Ok(());
+            };
+            for (id, old) in &rows {
+                let Ok(map) =
+                    serde_json::from_str::<std::collections::BTreeMap<String, String>>(old)
+                else {
+                    continue;
+                };
+                let pairs: Vec<(&String, &String)> = map.iter().collect();
+                let new = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned());
+                DB::exec(
+                    &mut conn,
+                    &self.sql.rewrite_headers,
+                    &[
+                        Value::Text(Some(&new)),
+                        Value::Int(*id),
+                        Value::Text(Some(old)),
+                    ],
+                )
+                .await
+                .map_err(Error::db("rewriting headers"))?;
+            }
+            after = last;
+        }
     }
 
     /// A transaction that writes, with the relaxed commit of the database
@@ -459,20 +511,25 @@ pub(crate) async fn insert<DB: Backend>(
     Ok(())
 }
 
+/// Stored headers: `[name, value]` pairs, or (rows written before schema
+/// version 3 and not yet rewritten) a JSON object, read in name order.
+fn headers_of(json: &str) -> Result<Vec<(String, String)>, Error> {
+    if let Ok(pairs) = serde_json::from_str::<Vec<(String, String)>>(json) {
+        return Ok(pairs);
+    }
+    let map: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(json).map_err(|_| Error::Row {
+            table: "outbox",
+            column: "headers",
+            reason: "neither [name, value] pairs nor an object of strings",
+        })?;
+    Ok(map.into_iter().collect())
+}
+
 /// A claimed row as the relay publishes it.
 fn message(mut row: Row) -> Result<OutboxMessage, Error> {
     let headers = match row.opt_text(5) {
-        Some(json) => {
-            let map: HashMap<String, String> =
-                serde_json::from_str(&json).map_err(|_| Error::Row {
-                    table: "outbox",
-                    column: "headers",
-                    reason: "not a JSON object of strings",
-                })?;
-            let mut headers: Vec<(String, String)> = map.into_iter().collect();
-            headers.sort();
-            headers
-        }
+        Some(json) => headers_of(&json)?,
         None => Vec::new(),
     };
     Ok(OutboxMessage {
