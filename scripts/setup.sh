@@ -48,14 +48,16 @@ wait_for_port() {
 }
 
 # --- Java, ActiveMQ, openssl ----------------------------------------------------
+# The JDK, not only the runtime: a test compiles a small JMS client against
+# ActiveMQ's own jars.
 missing=()
-command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+{ command -v java && command -v javac; } >/dev/null 2>&1 || missing+=(openjdk-17-jdk-headless)
 [ -f "${ACTIVEMQ_HOME:-/usr/share/activemq}/bin/activemq.jar" ] || missing+=(activemq)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 else
-  say "java, ActiveMQ and openssl are installed"
+  say "java, javac, ActiveMQ and openssl are installed"
 fi
 
 if $only_broker; then

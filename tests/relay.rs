@@ -230,6 +230,14 @@ macro_rules! relay_suite {
                     .iter()
                     .any(|(k, v)| k == "tenant" && v == "acme")
             );
+            // The event type again as `type`: JMSType for JMS consumers.
+            assert!(
+                json.headers
+                    .iter()
+                    .any(|(k, v)| k == "type" && v == "user.created"),
+                "{:?}",
+                json.headers
+            );
             let payload: UserCreated = serde_json::from_slice(&json.body).unwrap();
             assert_eq!(
                 payload,

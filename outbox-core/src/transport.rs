@@ -39,7 +39,8 @@ pub trait Publisher: Send + Sync + 'static {
 /// (a batch of one is a plain `SEND` with a receipt).
 ///
 /// Every message is `persistent:true` and carries `content-type`, `event-id`,
-/// `event-type`, the extra headers of its event, and — when the event has a
+/// `event-type` (and the same as `type`, which ActiveMQ maps to `JMSType`),
+/// the extra headers of its event, and — when the event has a
 /// key — `event-key` and `JMSXGroupID`. JSON and text payloads go as
 /// ActiveMQ TextMessages (`amq-msg-type:text`) so JMS consumers read them as text.
 #[derive(Debug, Clone)]
@@ -65,7 +66,10 @@ pub(crate) fn message_for(m: &OutboxMessage) -> Outgoing {
         .persistent(true)
         .content_type(m.content_type.clone())
         .header("event-id", m.event_id.clone())
-        .header("event-type", m.event_type.clone());
+        .header("event-type", m.event_type.clone())
+        // ActiveMQ maps `type` to JMSType, which JMS selectors can name
+        // (`JMSType = 'user.created'`); hyphenated property names they cannot.
+        .message_type(m.event_type.clone());
     if m.content_type.starts_with(JSON) || m.content_type.starts_with("text/") {
         out = out.text();
     }
@@ -144,6 +148,7 @@ mod tests {
         assert_eq!(h.get("event-key"), Some("user-7"));
         assert_eq!(h.get("event-id"), Some("e1"));
         assert_eq!(h.get("event-type"), Some("user.created"));
+        assert_eq!(h.get("type"), Some("user.created"), "JMSType");
         assert_eq!(h.get("content-type"), Some(JSON));
         assert_eq!(h.get("amq-msg-type"), Some("text"));
         assert_eq!(h.get("tenant"), Some("acme"));

@@ -67,6 +67,7 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "subscription",
     "ack",
     "amq-msg-type",
+    "type",
 ];
 
 /// `true` if the framework sets header `name` itself.

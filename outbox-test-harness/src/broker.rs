@@ -76,6 +76,7 @@ pub struct Broker {
     log_path: PathBuf,
     stomp_port: u16,
     ssl_port: Option<u16>,
+    openwire_port: Option<u16>,
     tls: Option<TlsFiles>,
     child: Option<Child>,
     /// Set when start-up failed, so the log the error points to stays readable.
@@ -128,6 +129,7 @@ impl Broker {
             base_dir,
             stomp_port: 0,
             ssl_port: None,
+            openwire_port: None,
             tls: None,
             child: None,
             keep_folder: false,
@@ -146,9 +148,10 @@ impl Broker {
 
         let mut attempt = 1;
         loop {
-            let [stomp, ssl] = free_ports()?;
+            let [stomp, ssl, openwire] = free_ports()?;
             broker.stomp_port = stomp;
             broker.ssl_port = broker.config.ssl.then_some(ssl);
+            broker.openwire_port = broker.config.openwire.then_some(openwire);
             broker.write_activemq_xml()?;
             let log_start = broker.log_len();
             match broker.launch().await {
@@ -184,6 +187,14 @@ impl Broker {
     /// The `stomp+ssl` port, if the broker was configured with SSL.
     pub fn ssl_port(&self) -> Option<u16> {
         self.ssl_port
+    }
+
+    /// The OpenWire connector as a URI for ActiveMQ's JMS client, e.g.
+    /// `tcp://127.0.0.1:61999`, if the broker was configured with one
+    /// ([`BrokerConfig::with_openwire`](crate::BrokerConfig::with_openwire)).
+    pub fn openwire_uri(&self) -> Option<String> {
+        self.openwire_port
+            .map(|port| format!("tcp://127.0.0.1:{port}"))
     }
 
     /// The `stomp+ssl` address, if the broker was configured with SSL.
@@ -450,6 +461,7 @@ impl Broker {
                 .ssl_port
                 .zip(self.tls.as_ref())
                 .map(|(port, tls)| (port, tls.keystore.as_path())),
+            openwire: self.openwire_port,
             credentials: self.credentials(),
         }
         .activemq_xml();
@@ -516,17 +528,18 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
 }
 
-/// Two distinct ports that were free on 127.0.0.1 a moment ago.
-fn free_ports() -> Result<[u16; 2], HarnessError> {
+/// Three distinct ports that were free on 127.0.0.1 a moment ago.
+fn free_ports() -> Result<[u16; 3], HarnessError> {
     let bind = || {
         TcpListener::bind(loopback(0))
             .and_then(|listener| Ok((listener.local_addr()?.port(), listener)))
             .map_err(|e| HarnessError::io("finding a free port on 127.0.0.1", e))
     };
-    // Both listeners stay open until both ports are known, so they differ.
+    // The listeners stay open until every port is known, so they differ.
     let (first, _a) = bind()?;
     let (second, _b) = bind()?;
-    Ok([first, second])
+    let (third, _c) = bind()?;
+    Ok([first, second, third])
 }
 
 fn find_java() -> Result<PathBuf, HarnessError> {

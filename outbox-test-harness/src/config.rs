@@ -52,6 +52,7 @@ impl Credentials {
 pub struct BrokerConfig {
     pub(crate) credentials: Option<Credentials>,
     pub(crate) ssl: bool,
+    pub(crate) openwire: bool,
     pub(crate) ready_timeout: Duration,
     pub(crate) max_heap_mb: u32,
 }
@@ -61,6 +62,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             credentials: None,
             ssl: false,
+            openwire: false,
             ready_timeout: Duration::from_secs(60),
             max_heap_mb: 256,
         }
@@ -86,6 +88,13 @@ impl BrokerConfig {
         self
     }
 
+    /// Adds an OpenWire connector (`tcp://`), for ActiveMQ's own JMS client;
+    /// see [`Broker::openwire_uri`](crate::Broker::openwire_uri).
+    pub fn with_openwire(mut self) -> Self {
+        self.openwire = true;
+        self
+    }
+
     /// How long a start may take before it fails (60 s unless changed).
     pub fn with_ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
@@ -106,6 +115,8 @@ pub(crate) struct BrokerLayout<'a> {
     pub(crate) stomp_port: u16,
     /// The `stomp+ssl` port and the PKCS12 keystore to serve it with.
     pub(crate) ssl: Option<(u16, &'a Path)>,
+    /// The OpenWire port, if any.
+    pub(crate) openwire: Option<u16>,
     pub(crate) credentials: Option<&'a Credentials>,
 }
 
@@ -126,6 +137,11 @@ impl BrokerLayout<'_> {
             "      <transportConnector name=\"stomp\" uri=\"stomp://127.0.0.1:{}?transport.tcpNoDelay=true\"/>\n",
             self.stomp_port
         );
+        if let Some(port) = self.openwire {
+            connectors.push_str(&format!(
+                "      <transportConnector name=\"openwire\" uri=\"tcp://127.0.0.1:{port}?transport.tcpNoDelay=true\"/>\n"
+            ));
+        }
         let ssl_context = match self.ssl {
             None => String::new(),
             Some((port, keystore)) => {
@@ -178,6 +194,7 @@ mod tests {
             data_dir: Path::new("/tmp/b1/data"),
             stomp_port: 61999,
             ssl: None,
+            openwire: None,
             credentials: None,
         }
         .activemq_xml();
@@ -185,6 +202,7 @@ mod tests {
         assert!(xml.contains(r#"<kahaDB directory="/tmp/b1/data/kahadb"/>"#));
         assert!(!xml.contains("plugins"));
         assert!(!xml.contains("sslContext"));
+        assert!(!xml.contains("openwire"));
         assert!(!xml.contains('@'), "placeholder left in:\n{xml}");
     }
 
@@ -196,11 +214,13 @@ mod tests {
             data_dir: Path::new("/tmp/b2/data"),
             stomp_port: 1,
             ssl: Some((2, Path::new("/tmp/b2/tls/broker.p12"))),
+            openwire: Some(3),
             credentials: Some(&credentials),
         }
         .activemq_xml();
         assert!(xml.contains(r#"username="a&quot;l" password="&lt;p&amp;&#36;{x}&gt;""#));
         assert!(xml.contains(r#"uri="stomp+ssl://127.0.0.1:2?transport.tcpNoDelay=true""#));
         assert!(xml.contains(r#"keyStore="file:/tmp/b2/tls/broker.p12""#));
+        assert!(xml.contains(r#"uri="tcp://127.0.0.1:3?transport.tcpNoDelay=true""#));
     }
 }
