@@ -177,7 +177,8 @@ mod tests {
             refused(&ok, Some(Duration::from_secs(30))),
             "RelayConfig::lease"
         );
-        let cases: [(fn(&mut RelayConfig), &str); 10] = [
+        type Change = fn(&mut RelayConfig);
+        let cases: [(Change, &str); 10] = [
             (|c| c.batch_size = 0, "RelayConfig::batch_size"),
             (|c| c.batch_size = 10_001, "RelayConfig::batch_size"),
             (|c| c.max_attempts = 0, "RelayConfig::max_attempts"),
