@@ -82,6 +82,7 @@ async fn a_jms_consumer_selecting_on_jmstype_receives_exactly_that_event_type() 
             .args(["-cp", &classpath, "JmsSelect", &uri, queue])
             .arg("JMSType = 'user.created'")
             .arg("3000")
+            .kill_on_drop(true)
             .output(),
     )
     .await

@@ -193,6 +193,11 @@ macro_rules! schema_suite {
                 let event = outbox::core::Event::json("t", "/queue/x", &n).unwrap().with_header("z", "last");
                 ids.push(outbox.append(&mut tx, event).await.unwrap());
             }
+            // More than one batch of the rewrite (500 rows) in the old shape.
+            for n in 0..600 {
+                let event = outbox::core::Event::json("t", "/queue/x", &n).unwrap();
+                outbox.append(&mut tx, event).await.unwrap();
+            }
             tx.commit().await.unwrap();
             let stored = |id: &uuid::Uuid| {
                 let pool = pool.clone();
@@ -201,6 +206,11 @@ macro_rules! schema_suite {
             };
             assert_eq!(stored(&ids[2]).await, r#"[["z","last"]]"#, "new rows are pairs");
             // As a version 2 producer wrote them.
+            let sql = format!(
+                "UPDATE outbox_event SET headers = '{{\"a\":\"1\"}}' WHERE event_id NOT IN ('{}', '{}', '{}')",
+                ids[0], ids[1], ids[2]
+            );
+            assert_eq!(sqlx::raw_sql(&sql).execute(&pool).await.unwrap().rows_affected(), 600);
             for (id, legacy) in [(&ids[0], r#"{"tenant":"acme","b":"2"}"#), (&ids[1], "{}")] {
                 let sql = format!("UPDATE outbox_event SET headers = '{legacy}' WHERE event_id = '{id}'");
                 sqlx::raw_sql(&sql).execute(&pool).await.unwrap();
@@ -214,6 +224,11 @@ macro_rules! schema_suite {
             assert_eq!(stored(&ids[0]).await, r#"[["b","2"],["tenant","acme"]]"#);
             assert_eq!(stored(&ids[1]).await, "[]");
             assert_eq!(stored(&ids[2]).await, r#"[["z","last"]]"#, "left as it was");
+            let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_event WHERE headers LIKE '{%'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(left, 0, "every batch rewritten");
         }
 
         #[tokio::test]

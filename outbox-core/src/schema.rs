@@ -129,9 +129,19 @@ pub(crate) async fn version<DB: Backend>(
     {
         Ok(rows) => Ok(rows.first().and_then(|r| r[0].int())),
         // The version table does not exist yet: nothing was migrated.
-        Err(sqlx::Error::Database(_)) => Ok(None),
+        Err(error) if missing_table(&error) => Ok(None),
         Err(error) => Err(Error::db("reading the schema version")(error)),
     }
+}
+
+/// `true` for "no such table" on any of the databases (PostgreSQL 42P01,
+/// MySQL 42S02, SQLite's message); every other error is a real one.
+fn missing_table(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    matches!(db.code().as_deref(), Some("42P01" | "42S02"))
+        || db.message().contains("no such table")
 }
 
 /// Takes or renews the lease `name` for `holder` until `until` (ms). `true` when

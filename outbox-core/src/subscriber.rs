@@ -67,8 +67,9 @@ pub struct StompSubscriber {
 }
 
 impl StompSubscriber {
-    /// Reads `subscription`, which `client` opened.
-    pub fn new(client: Client, subscription: Subscription) -> StompSubscriber {
+    /// Reads `subscription`, which `client` opened with `client-individual`
+    /// acknowledgements ([`Consumer::spawn`](crate::Consumer::spawn) does).
+    pub(crate) fn new(client: Client, subscription: Subscription) -> StompSubscriber {
         StompSubscriber {
             client,
             subscription,

@@ -418,6 +418,12 @@ impl Broker {
                 .await
                 .map_err(|e| HarnessError::io(format!("connecting to the SSL port {addr}"), e))?;
         }
+        if let Some(port) = self.openwire_port {
+            let addr = loopback(port);
+            TcpStream::connect(addr).await.map_err(|e| {
+                HarnessError::io(format!("connecting to the OpenWire port {addr}"), e)
+            })?;
+        }
         Ok(())
     }
 

@@ -92,7 +92,8 @@ impl OutboxSql {
                  AND claimed_until > ? ORDER BY id LIMIT ?"
             )),
             // `process` first: MySQL evaluates SET left to right with new values.
-            // A rejection is one of two statements, each deciding in its WHERE:
+            // A rejection is one of two statements, each deciding in its WHERE
+            // (which reads the row as it was before the SET):
             // the row is parked (its budget spent) or due again later; which
             // one changed the row says what happened, without a second read.
             park_rejected: p(format!(

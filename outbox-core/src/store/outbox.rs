@@ -83,8 +83,10 @@ impl<DB: Backend> OutboxStore<DB> {
 
     /// Creates or upgrades the table. Rows written before version 3 keep
     /// their headers as a JSON object; they are rewritten as pairs first, so
-    /// that version 3 is recorded only once every row has the new shape (a
-    /// process that dies half way leaves the rest to the next start).
+    /// version 3 is recorded only after the rows there were then have the new
+    /// shape (a process that dies half way leaves the rest to the next
+    /// start). Producers of an older release still running may write objects
+    /// after that: the relay reads both shapes.
     pub(crate) async fn migrate(&self) -> Result<(), Error> {
         let version = schema::version(&self.pool, self.table()).await?;
         if version.is_some_and(|v| (1..3).contains(&v)) {
@@ -98,9 +100,12 @@ impl<DB: Backend> OutboxStore<DB> {
     /// doing it at once do no harm; a row whose headers are not a JSON
     /// object of strings is left as it is (and read as such).
     async fn rewrite_legacy_headers(&self) -> Result<(), Error> {
-        let mut conn = self.acquire().await?;
         let mut after = 0i64;
         loop {
+            // One transaction per 500 rows: one commit each, not one per row.
+            let mut conn = DB::begin_write(&self.pool)
+                .await
+                .map_err(Error::db("beginning a headers rewrite"))?;
             let rows = DB::fetch(
                 &mut conn,
                 &self.sql.legacy_headers,
@@ -113,6 +118,9 @@ impl<DB: Backend> OutboxStore<DB> {
                 Ok((row.int(0, "id")?, row.text(1, "headers")?))
             })?;
             let Some(last) = rows.last().map(|(id, _)| *id) else {
+                conn.commit()
+                    .await
+                    .map_err(Error::db("ending a headers rewrite"))?;
                 return Ok(());
             };
             for (id, old) in &rows {
@@ -135,6 +143,9 @@ impl<DB: Backend> OutboxStore<DB> {
                 .await
                 .map_err(Error::db("rewriting headers"))?;
             }
+            conn.commit()
+                .await
+                .map_err(Error::db("committing a headers rewrite"))?;
             after = last;
         }
     }
