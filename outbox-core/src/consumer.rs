@@ -1138,20 +1138,18 @@ const ERROR_TEXT_MAX: usize = 2000;
 /// An error text as the inbox can store it: NUL removed, cut to
 /// [`ERROR_TEXT_MAX`] characters.
 fn error_text(reason: &str) -> String {
-    reason
-        .chars()
-        .filter(|c| *c != '\0')
-        .take(ERROR_TEXT_MAX)
-        .collect()
+    fit(reason, ERROR_TEXT_MAX)
 }
 
-/// A header value as the inbox can store it: NUL removed (PostgreSQL text
-/// cannot hold it), cut to the column's length on a character boundary.
+/// A header value as the inbox can store it: cut to the column's length.
 fn fit_column(raw: &str) -> String {
-    raw.chars()
-        .filter(|c| *c != '\0')
-        .take(TEXT_COLUMN_MAX)
-        .collect()
+    fit(raw, TEXT_COLUMN_MAX)
+}
+
+/// `raw` without NUL (PostgreSQL text cannot hold it), cut to `max`
+/// characters on a character boundary.
+fn fit(raw: &str, max: usize) -> String {
+    raw.chars().filter(|c| *c != '\0').take(max).collect()
 }
 
 fn to_delivery(message: &impl Incoming) -> Delivery {
