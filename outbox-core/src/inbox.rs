@@ -154,30 +154,12 @@ impl<DB: Backend> Inbox<DB> {
 
     /// Counts of this consumer's rows per state.
     pub async fn counts(&self) -> Result<InboxCounts, Error> {
-        let (processed, retry, failed) = self.store.counts().await?;
-        Ok(InboxCounts {
-            processed,
-            retry,
-            failed,
-        })
+        self.store.counts().await
     }
 
     /// Up to `limit` parked rows, oldest first, with their payloads.
     pub async fn parked(&self, limit: u32) -> Result<Vec<ParkedDelivery>, Error> {
-        let rows = self.store.parked(limit).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ParkedDelivery {
-                event_id: r.event_id,
-                event_type: r.event_type,
-                key: r.key,
-                attempts: r.attempts,
-                last_error: r.last_error,
-                create_time: r.create_time,
-                update_time: r.update_time,
-                content: r.content,
-            })
-            .collect())
+        self.store.parked(limit).await
     }
 
     /// Schedules one parked event for another round of retries with a fresh

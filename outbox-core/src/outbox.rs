@@ -240,20 +240,7 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Up to `limit` parked rows, oldest first.
     pub async fn parked(&self, limit: u32) -> Result<Vec<ParkedEvent>, Error> {
-        let rows = self.inner.store.parked(limit).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ParkedEvent {
-                event_id: r.event_id,
-                event_type: r.event_type,
-                destination: r.destination,
-                key: r.key,
-                attempts: r.attempts,
-                last_error: r.last_error,
-                create_time: r.create_time,
-                update_time: r.update_time,
-            })
-            .collect())
+        self.inner.store.parked(limit).await
     }
 
     /// Puts one parked event back to `NEW` with a fresh budget. `false` when no

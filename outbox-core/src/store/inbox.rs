@@ -8,7 +8,7 @@ use sqlx::Pool;
 use super::{InboxState, Row, decode_all};
 use crate::backend::sql::InboxSql;
 use crate::backend::{Backend, Column, Value};
-use crate::inbox::Delivery;
+use crate::inbox::{Delivery, InboxCounts, ParkedDelivery};
 use crate::{Error, schema};
 
 /// Rows per multi-row insert: 7 values a row, well under every database's
@@ -28,21 +28,6 @@ pub(crate) struct DueRow {
     pub(crate) attempts: i64,
     pub(crate) delivery: Delivery,
 }
-
-/// A parked row as [`InboxStore::parked`] reads it.
-pub(crate) struct ParkedRow {
-    pub(crate) event_id: String,
-    pub(crate) event_type: Option<String>,
-    pub(crate) key: Option<String>,
-    pub(crate) attempts: i64,
-    pub(crate) last_error: Option<String>,
-    pub(crate) create_time: i64,
-    pub(crate) update_time: i64,
-    pub(crate) content: Vec<u8>,
-}
-
-/// Rows per state of one consumer: (processed, retry, failed).
-pub(crate) type StateCounts = (u64, u64, u64);
 
 /// The statements of one consumer's rows in an inbox table.
 #[derive(Debug)]
@@ -299,8 +284,8 @@ impl<DB: Backend> InboxStore<DB> {
         Ok(())
     }
 
-    /// Rows per state: (processed, retry, failed).
-    pub(crate) async fn counts(&self) -> Result<StateCounts, Error> {
+    /// Rows per state.
+    pub(crate) async fn counts(&self) -> Result<InboxCounts, Error> {
         let mut conn = self.acquire().await?;
         let rows = DB::fetch(
             &mut conn,
@@ -310,24 +295,24 @@ impl<DB: Backend> InboxStore<DB> {
         )
         .await
         .map_err(Error::db("counting inbox rows"))?;
-        let mut counts = (0, 0, 0);
+        let mut counts = InboxCounts::default();
         for cells in rows {
             let mut row = Row::new("inbox", cells);
             let n = row.count(1, "COUNT(*)")?;
             let state = row.text(0, "process")?;
             if state == InboxState::Processed.as_sql() {
-                counts.0 = n;
+                counts.processed = n;
             } else if state == InboxState::Retry.as_sql() {
-                counts.1 = n;
+                counts.retry = n;
             } else if state == InboxState::Failed.as_sql() {
-                counts.2 = n;
+                counts.failed = n;
             }
         }
         Ok(counts)
     }
 
     /// Up to `limit` parked rows, oldest first, with their payloads.
-    pub(crate) async fn parked(&self, limit: u32) -> Result<Vec<ParkedRow>, Error> {
+    pub(crate) async fn parked(&self, limit: u32) -> Result<Vec<ParkedDelivery>, Error> {
         let mut conn = self.acquire().await?;
         let rows = DB::fetch(
             &mut conn,
@@ -350,7 +335,7 @@ impl<DB: Backend> InboxStore<DB> {
         .await
         .map_err(Error::db("listing parked inbox rows"))?;
         decode_all("inbox", rows, |mut row| {
-            Ok(ParkedRow {
+            Ok(ParkedDelivery {
                 event_id: row.text(0, "event_id")?,
                 event_type: row.opt_text(1),
                 key: row.opt_text(2),

@@ -9,6 +9,7 @@ use super::{OutboxState, Row, decode_all};
 use crate::backend::sql::{INSERT_VALUES, OutboxSql};
 use crate::backend::{Backend, Column, Value};
 use crate::event::{Event, OutboxMessage};
+use crate::outbox::ParkedEvent;
 use crate::{Error, schema};
 
 /// Rows per `INSERT` statement: keeps the number of bound values well under
@@ -30,18 +31,6 @@ const CLAIM_TYPES: [Column; 9] = [
     Column::Text,
     Column::Int,
 ];
-
-/// A parked row as [`OutboxStore::parked`] reads it.
-pub(crate) struct ParkedRow {
-    pub(crate) event_id: String,
-    pub(crate) event_type: String,
-    pub(crate) destination: String,
-    pub(crate) key: Option<String>,
-    pub(crate) attempts: i64,
-    pub(crate) last_error: Option<String>,
-    pub(crate) create_time: i64,
-    pub(crate) update_time: i64,
-}
 
 /// The statements of one outbox table, on its pool.
 #[derive(Debug)]
@@ -421,7 +410,7 @@ impl<DB: Backend> OutboxStore<DB> {
     }
 
     /// Up to `limit` parked rows, oldest first.
-    pub(crate) async fn parked(&self, limit: u32) -> Result<Vec<ParkedRow>, Error> {
+    pub(crate) async fn parked(&self, limit: u32) -> Result<Vec<ParkedEvent>, Error> {
         let mut conn = self.acquire().await?;
         let rows = DB::fetch(
             &mut conn,
@@ -441,7 +430,7 @@ impl<DB: Backend> OutboxStore<DB> {
         .await
         .map_err(Error::db("listing parked rows"))?;
         decode_all("outbox", rows, |mut row| {
-            Ok(ParkedRow {
+            Ok(ParkedEvent {
                 event_id: row.text(0, "event_id")?,
                 event_type: row.text(1, "event_type")?,
                 destination: row.text(2, "destination")?,
