@@ -39,6 +39,7 @@ fn messages(n: usize, queue: &str) -> Vec<OutboxMessage> {
             content: Bytes::from_static(BODY.as_bytes()),
             content_type: outbox::core::producer::JSON.into(),
             attempts: 0,
+            create_time: 0,
         })
         .collect()
 }

@@ -18,6 +18,9 @@
 //!     --database mysql://root@127.0.0.1:3306/points
 //! ```
 //!
+//! `--metrics 127.0.0.1:9465` serves Prometheus metrics and health probes
+//! (`/metrics`, `/health/ready`, `/health/live`).
+//!
 //! `--database` takes `sqlite://…` (default `sqlite://target/demo/points.db?mode=rwc`),
 //! `postgres://…` or `mysql://…`. Start this service before the user service:
 //! subscribing creates the queue, and a Virtual Topic queue only receives
@@ -25,9 +28,11 @@
 //! finishes the events in flight and stops; `RUST_LOG` sets the log filter
 //! (default `info`).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
+use outbox::core::consumer::ConsumerMetrics;
 use outbox::core::{Backend, Consumer, Delivery, Handler, Inbox};
 use outbox::stomp::Config;
 use outbox::transactional_event;
@@ -49,6 +54,10 @@ struct Args {
     /// DB2: `sqlite://…`, `postgres://…` or `mysql://…`.
     #[arg(long, default_value = "sqlite://target/demo/points.db?mode=rwc")]
     database: String,
+    /// Serve Prometheus metrics (`/metrics`) and health probes
+    /// (`/health/ready`, `/health/live`) on this address, e.g. `127.0.0.1:9465`.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// The part of the user service's event this service needs.
@@ -170,11 +179,22 @@ async fn consume<DB: Backend, H: Handler<DB>>(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), BoxError> {
     let config = Config::parse(&args.broker)?.with_receipt_timeout(Duration::from_secs(5));
+    let running = Arc::new(Mutex::new(None::<Arc<ConsumerMetrics>>));
+    if let Some(addr) = args.metrics {
+        let running = running.clone();
+        let health = move || {
+            let metrics = running.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            metrics.map(|m| m.health())
+        };
+        shared::ops::serve(addr, Arc::new(health)).await?;
+    }
     let (client, consumer) = loop {
         let Some(client) = connect(config.clone(), stop.clone()).await? else {
             return Ok(());
         };
-        match consumer()?.spawn(client.clone()).await {
+        let consumer = consumer()?;
+        *running.lock().unwrap_or_else(|e| e.into_inner()) = Some(consumer.metrics());
+        match consumer.spawn(client.clone()).await {
             Ok(consumer) => break (client, consumer),
             // The broker went away between connecting and subscribing.
             Err(error) => {

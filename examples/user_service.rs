@@ -16,17 +16,20 @@
 //!     --database postgres://postgres@127.0.0.1:5432/users --users 1000 --exit-when-done
 //! ```
 //!
+//! `--metrics 127.0.0.1:9464` serves Prometheus metrics and health probes
+//! (`/metrics`, `/health/ready`, `/health/live`).
+//!
 //! `--database` takes `sqlite://…` (default `sqlite://target/demo/users.db?mode=rwc`),
 //! `postgres://…` or `mysql://…`. Start the points service first: a Virtual Topic
 //! queue only receives messages published after it exists. SIGINT or SIGTERM
 //! stops the service gracefully; `RUST_LOG` sets the log filter (default `info`).
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::Parser;
-use outbox::core::relay::{RelayHandle, StompPublisher};
+use outbox::core::relay::{RelayHandle, RelayMetrics, StompPublisher};
 use outbox::core::{Backend, Outbox, RelayConfig};
 use outbox::stomp::Config;
 use outbox::transactional_event;
@@ -58,6 +61,10 @@ struct Args {
     /// Exit once N users exist and every event has been published.
     #[arg(long)]
     exit_when_done: bool,
+    /// Serve Prometheus metrics (`/metrics`) and health probes
+    /// (`/health/ready`, `/health/live`) on this address, e.g. `127.0.0.1:9464`.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// The event: what the points service (or anyone else) learns about a new user.
@@ -213,9 +220,19 @@ async fn serve<DB: Backend>(
     outbox.migrate().await?;
     users.create_table().await?;
     let broker = Config::parse(&args.broker)?.with_receipt_timeout(Duration::from_secs(5));
+    let started = Arc::new(OnceLock::<Arc<RelayMetrics>>::new());
+    if let Some(addr) = args.metrics {
+        let relay = started.clone();
+        shared::ops::serve(addr, Arc::new(move || relay.get().map(|m| m.health()))).await?;
+    }
     // The relay needs the broker, registrations do not: while the broker is
     // away users keep being registered and their events wait in the outbox.
-    let relay = tokio::spawn(start_relay(outbox.clone(), broker, stop.subscribe()));
+    let relay = tokio::spawn(start_relay(
+        outbox.clone(),
+        broker,
+        started,
+        stop.subscribe(),
+    ));
     let registered = register_users(args, &users, &outbox, stop.subscribe()).await;
     stop.send_replace(true);
     match relay.await {
@@ -240,6 +257,7 @@ async fn serve<DB: Backend>(
 async fn start_relay<DB: Backend>(
     outbox: Outbox<DB>,
     broker: Config,
+    started: Arc<OnceLock<Arc<RelayMetrics>>>,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<RelayHandle>, BoxError> {
     let Some(client) = connect(broker, stop).await? else {
@@ -252,9 +270,9 @@ async fn start_relay<DB: Backend>(
         lease: Duration::from_secs(15),
         ..RelayConfig::default()
     };
-    Ok(Some(
-        outbox.relay(StompPublisher::new(client), config)?.spawn(),
-    ))
+    let relay = outbox.relay(StompPublisher::new(client), config)?;
+    let _ = started.set(relay.metrics());
+    Ok(Some(relay.spawn()))
 }
 
 /// Registers users up to `--users` at `--rate`, until done or stopped.

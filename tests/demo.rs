@@ -5,14 +5,11 @@
 //! row and none with two.
 //!
 //! The demo runs the compiled service examples, so the tests build the
-//! examples first (`cargo build --examples --all-features`, a no-op when
-//! they are up to date).
+//! examples first ([`support::example_binary`]).
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use outbox_test_harness::TestDb;
@@ -20,50 +17,10 @@ use support::{mysql, postgres};
 
 const USERS: u64 = 200;
 
-/// Builds the examples (once per test process) and returns the demo binary.
-fn demo_binary() -> PathBuf {
-    static DEMO: OnceLock<PathBuf> = OnceLock::new();
-    DEMO.get_or_init(|| {
-        // This test runs from <target>/<profile>/deps/; the examples go to
-        // <target>/<profile>/examples/.
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("the test binary lives in <target>/<profile>/deps")
-            .to_path_buf();
-        let target_dir = profile_dir.parent().expect("<target> folder");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let output = std::process::Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--examples",
-                "--all-features",
-                "--profile",
-                profile,
-            ])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("run cargo build --examples");
-        assert!(
-            output.status.success(),
-            "cargo build --examples --all-features failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        profile_dir.join("examples").join("demo")
-    })
-    .clone()
-}
-
 /// Runs the demo with its own broker and `args`; returns its output after
 /// checking the exit status and the final table.
 async fn run_demo(args: &[&str]) -> String {
-    let demo = demo_binary();
+    let demo = support::example_binary("demo");
     let users = USERS.to_string();
     let child = tokio::process::Command::new(&demo)
         .args(["--own-broker", "--users", &users, "--timeout", "150"])

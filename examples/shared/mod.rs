@@ -2,6 +2,8 @@
 //! a signal, connecting to the broker, and the SQLite settings.
 #![allow(dead_code)]
 
+pub(crate) mod ops;
+
 use std::io::IsTerminal as _;
 use std::str::FromStr as _;
 use std::sync::Arc;

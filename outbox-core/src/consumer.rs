@@ -24,8 +24,8 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
@@ -44,6 +44,7 @@ pub use crate::inbox::{DEFAULT_INBOX_TABLE, Delivery, Inbox};
 
 use crate::inbox::fallback_event_id;
 use crate::names::{ms, now_ms};
+use crate::observe::{ConsumerInstruments, Health, Status, age_since};
 use crate::store::inbox::DueRow;
 use crate::store::{InboxState, Recorded};
 use crate::{Error, failpoint, schema};
@@ -128,6 +129,10 @@ pub struct ConsumerConfig {
     pub retention: Option<Duration>,
     /// How often retention runs (default 1 min).
     pub retention_interval: Duration,
+    /// How often the consumer counts its inbox rows (retrying, parked) for
+    /// its [`Health`] and the gauges of [`observe`](crate::observe#metrics);
+    /// `None` counts nothing (default 10 s).
+    pub stats_interval: Option<Duration>,
 }
 
 impl ConsumerConfig {
@@ -144,6 +149,7 @@ impl ConsumerConfig {
             retry_poll: Duration::from_millis(250),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_interval: Duration::from_secs(60),
+            stats_interval: Some(Duration::from_secs(10)),
         }
     }
 
@@ -206,6 +212,15 @@ impl ConsumerConfig {
         if let Some(keep) = self.retention {
             crate::relay::bounded("ConsumerConfig::retention", keep)?;
         }
+        if let Some(every) = self.stats_interval {
+            crate::relay::bounded("ConsumerConfig::stats_interval", every)?;
+            if every.is_zero() {
+                return invalid(
+                    "ConsumerConfig::stats_interval",
+                    "must be longer than zero, or None to count nothing".to_owned(),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -226,6 +241,20 @@ pub struct ConsumerMetrics {
     /// 1 once the consumer stopped because its broker connection ended for
     /// good (or the broker refused to restore its subscription).
     pub stopped: AtomicU64,
+    /// What [`health`](ConsumerMetrics::health) reports.
+    pub(crate) status: Status,
+    /// Handles into the metrics facade, taken when the consumer starts.
+    pub(crate) instruments: OnceLock<ConsumerInstruments>,
+}
+
+/// A counter of [`ConsumerMetrics`].
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    Processed,
+    Duplicates,
+    Retried,
+    Failed,
+    DbErrors,
 }
 
 /// A plain copy of [`ConsumerMetrics`].
@@ -246,6 +275,35 @@ pub struct ConsumerCounts {
 }
 
 impl ConsumerMetrics {
+    /// Adds `n` to a counter, and to its twin in the metrics facade.
+    fn add(&self, what: Count, n: u64) {
+        let (atomic, facade) = match (what, self.instruments.get()) {
+            (Count::Processed, i) => (&self.processed, i.map(|i| &i.processed)),
+            (Count::Duplicates, i) => (&self.duplicates, i.map(|i| &i.duplicates)),
+            (Count::Retried, i) => (&self.retried, i.map(|i| &i.retried)),
+            (Count::Failed, i) => (&self.failed, i.map(|i| &i.parked)),
+            (Count::DbErrors, i) => (&self.db_errors, i.map(|i| &i.db_errors)),
+        };
+        atomic.fetch_add(n, Ordering::Relaxed);
+        if let Some(counter) = facade {
+            counter.increment(n);
+        }
+    }
+
+    /// A handler failed (an error or a panic).
+    fn handler_failed(&self) {
+        if let Some(i) = self.instruments.get() {
+            i.handler_failures.increment(1);
+        }
+    }
+
+    /// The consumer's health, as far as these counters know it;
+    /// [`ConsumerHandle::health`](crate::task::TaskHandle::health) also
+    /// knows when its task ended.
+    pub fn health(&self) -> Health {
+        self.status.health(false)
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> ConsumerCounts {
         ConsumerCounts {
@@ -428,6 +486,11 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     ) -> Result<(), Error> {
         let status = subscription.status();
         let shared = self.shared;
+        let _ = shared
+            .metrics
+            .instruments
+            .set(ConsumerInstruments::new(shared.inbox.consumer()));
+        shared.metrics.status.set_link(status.clone());
         let (workers, most) = workers_and_batch(
             DB::DIALECT.single_writer,
             shared.config.concurrency,
@@ -447,6 +510,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             let reason = status.end_reason();
             tracing::error!(destination = %shared.config.destination, %reason, "consumer stopped: the broker connection ended for good");
             shared.metrics.stopped.store(1, Ordering::Relaxed);
+            shared.metrics.status.stopped(&reason);
             retry.abort();
             let _ = retry.await;
             return Err(Error::BrokerGone(reason));
@@ -591,20 +655,16 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
 ) {
     let deliveries: Vec<Delivery> = messages.iter().map(to_delivery).collect();
     let _in_flight = shared.drain.begin();
+    let gauge = shared.metrics.instruments.get().map(|i| &i.in_flight);
+    let n = deliveries.len() as f64;
+    gauge.inspect(|g| g.increment(n));
     let outcomes = if let [one] = deliveries.as_slice() {
         vec![settle_one(shared, one, stopped).await]
     } else {
         settle_batch(shared, &deliveries, stopped).await
     };
-    for outcome in outcomes.iter().flatten() {
-        let counter = match outcome {
-            Outcome::Processed => &shared.metrics.processed,
-            Outcome::Duplicate => &shared.metrics.duplicates,
-            Outcome::Retry => &shared.metrics.retried,
-            Outcome::Parked => &shared.metrics.failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
+    gauge.inspect(|g| g.decrement(n));
+    count_outcomes(&shared.metrics, &deliveries, &outcomes);
     failpoint::hit("inbox.after_commit");
     // Queued together, the ACKs of a batch leave in one write. A delivery
     // left unsettled (the consumer stopped) is not acked: the broker
@@ -625,6 +685,37 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     }
 }
 
+/// Counts what became of a batch of deliveries, and how long the applied ones
+/// took from their append (`event-time`) to their commit.
+fn count_outcomes(
+    metrics: &ConsumerMetrics,
+    deliveries: &[Delivery],
+    outcomes: &[Option<Outcome>],
+) {
+    let now = now_ms();
+    for (delivery, outcome) in deliveries.iter().zip(outcomes) {
+        let Some(outcome) = outcome else { continue };
+        let what = match outcome {
+            Outcome::Processed => Count::Processed,
+            Outcome::Duplicate => Count::Duplicates,
+            Outcome::Retry => Count::Retried,
+            Outcome::Parked => Count::Failed,
+        };
+        metrics.add(what, 1);
+        if let (Outcome::Processed, Some(i)) = (outcome, metrics.instruments.get())
+            && let Some(age) = delivery
+                .header("event-time")
+                .and_then(|t| t.parse().ok())
+                .and_then(|t| age_since(t, now))
+        {
+            i.latency_seconds.record(age.as_secs_f64());
+        }
+    }
+    if outcomes.iter().any(Option::is_some) {
+        metrics.status.succeeded();
+    }
+}
+
 /// Settles several deliveries, in one transaction when it can. A database
 /// error that trying again cannot cure (a value a column refuses, a violated
 /// constraint) settles them one by one instead, so one such delivery never
@@ -641,7 +732,8 @@ async fn settle_batch<DB: Backend, H: Handler<DB>>(
             Ok(outcomes) => return outcomes.into_iter().map(Some).collect(),
             Err(error) => error,
         };
-        shared.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.add(Count::DbErrors, 1);
+        shared.metrics.status.database_failed(&error);
         if error.is_permanent() {
             tracing::warn!(%error, messages = deliveries.len(), "a delivery of the batch cannot be recorded; settling them one by one");
             let mut outcomes = Vec::with_capacity(deliveries.len());
@@ -672,7 +764,8 @@ async fn settle_one<DB: Backend, H: Handler<DB>>(
             Ok(outcome) => return Some(outcome),
             Err(error) => error,
         };
-        shared.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.add(Count::DbErrors, 1);
+        shared.metrics.status.database_failed(&error);
         if error.is_permanent() {
             permanent += 1;
             if permanent >= shared.config.max_attempts {
@@ -879,6 +972,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
         }
         Err(error) => {
             let _ = tx.rollback().await;
+            shared.metrics.handler_failed();
             let reason = error.to_string();
             tracing::warn!(
                 event_id = delivery.event_id,
@@ -963,7 +1057,14 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
 ) {
     let holder = uuid::Uuid::now_v7().simple().to_string();
     let mut next_retention = tokio::time::Instant::now();
+    let mut next_figures = tokio::time::Instant::now();
     loop {
+        if let Some(every) = shared.config.stats_interval
+            && tokio::time::Instant::now() >= next_figures
+        {
+            next_figures = tokio::time::Instant::now() + every;
+            read_figures(&shared).await;
+        }
         let busy = match retry_due(&shared).await {
             Ok(n) => n > 0,
             Err(error) => {
@@ -992,6 +1093,24 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
             _ = stopped.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+/// Reads the inbox rows waiting for a retry and the parked ones, for
+/// [`ConsumerMetrics::health`] and the gauges.
+async fn read_figures<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>) {
+    match shared.inbox.counts().await {
+        Ok(counts) => {
+            let metrics = &shared.metrics;
+            metrics
+                .status
+                .set_figures(counts.retry, None, counts.failed);
+            if let Some(i) = metrics.instruments.get() {
+                i.retrying_rows.set(counts.retry as f64);
+                i.parked_rows.set(counts.failed as f64);
+            }
+        }
+        Err(error) => tracing::debug!(%error, "could not read the inbox figures"),
     }
 }
 
@@ -1051,10 +1170,13 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
     match result {
         Ok(()) => {
             shared.handler.after_commit(delivery);
-            shared.metrics.processed.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.add(Count::Processed, 1);
             Ok(())
         }
         Err((reason, undecodable)) => {
+            if !undecodable {
+                shared.metrics.handler_failed();
+            }
             let reason = error_text(&reason);
             let budget = if undecodable {
                 0
@@ -1076,9 +1198,9 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
                     reason,
                     "event parked as FAILED"
                 );
-                shared.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.add(Count::Failed, 1);
             } else {
-                shared.metrics.retried.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.add(Count::Retried, 1);
             }
             Ok(())
         }

@@ -175,6 +175,8 @@ impl Event {
             content: Bytes::new(),
             content_type: self.content_type.clone(),
             attempts: 0,
+            // The longest value the header can have.
+            create_time: i64::MAX,
         };
         let frame = crate::transport::message_for(&message).into_frame();
         limits
@@ -214,4 +216,7 @@ pub struct OutboxMessage {
     pub content_type: String,
     /// Failed publish attempts so far.
     pub attempts: i64,
+    /// When the event was appended, in milliseconds since the Unix epoch
+    /// (sent as the `event-time` header).
+    pub create_time: i64,
 }

@@ -19,6 +19,8 @@
 //!   without running the handler; failures become `RETRY` rows retried locally
 //!   and parked as `FAILED` after a budget;
 //! - [`admin`]: backlog, parked rows and counts, for dashboards and replays;
+//! - [`observe`]: the [`Health`](observe::Health) of running relays and
+//!   consumers and the metrics they record through the `metrics` facade;
 //! - [`Backend`]: SQLite, PostgreSQL, MySQL/MariaDB (cargo features `sqlite`,
 //!   `postgres`, `mysql`); [`Error`] for everything that can go wrong;
 //! - [`failpoint`]: named crash points for tests (feature `failpoints`).
@@ -36,6 +38,7 @@ mod event;
 pub mod failpoint;
 mod inbox;
 mod names;
+pub mod observe;
 mod outbox;
 pub mod relay;
 mod schema;

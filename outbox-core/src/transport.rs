@@ -6,6 +6,7 @@
 //! `COMMIT` with a receipt — so a batch is delivered whole or not at all.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[cfg(test)]
@@ -14,6 +15,7 @@ use outbox_stomp::{Client, Outgoing};
 
 use crate::error::PublishError;
 use crate::event::{JSON, OutboxMessage};
+use crate::subscriber::LinkStatus;
 
 /// Publishes batches of outbox messages.
 pub trait Publisher: Send + Sync + 'static {
@@ -33,6 +35,13 @@ pub trait Publisher: Send + Sync + 'static {
     fn max_publish_time(&self) -> Option<Duration> {
         None
     }
+
+    /// The connection behind the publisher, if it has one the relay's
+    /// [`Health`](crate::observe::Health) can report on. The default: none, so
+    /// the health follows the outcome of the last publish.
+    fn link(&self) -> Option<Arc<dyn LinkStatus>> {
+        None
+    }
 }
 
 /// Publishes through an [`outbox_stomp::Client`]: one STOMP transaction per batch
@@ -40,6 +49,7 @@ pub trait Publisher: Send + Sync + 'static {
 ///
 /// Every message is `persistent:true` and carries `content-type`, `event-id`,
 /// `event-type` (and the same as `type`, which ActiveMQ maps to `JMSType`),
+/// `event-time` (the append time, milliseconds since the Unix epoch),
 /// the extra headers of its event, and — when the event has a
 /// key — `event-key` and `JMSXGroupID`. JSON and text payloads go as
 /// ActiveMQ TextMessages (`amq-msg-type:text`) so JMS consumers read them as text.
@@ -67,6 +77,7 @@ pub(crate) fn message_for(m: &OutboxMessage) -> Outgoing {
         .content_type(m.content_type.clone())
         .header("event-id", m.event_id.clone())
         .header("event-type", m.event_type.clone())
+        .header("event-time", m.create_time.to_string())
         // ActiveMQ maps `type` to JMSType, which JMS selectors can name
         // (`JMSType = 'user.created'`); hyphenated property names they cannot.
         .message_type(m.event_type.clone());
@@ -88,6 +99,10 @@ impl Publisher for StompPublisher {
     /// connection, its COMMIT at most that long for the broker's receipt.
     fn max_publish_time(&self) -> Option<Duration> {
         Some(self.client.max_wait().saturating_mul(2))
+    }
+
+    fn link(&self) -> Option<Arc<dyn LinkStatus>> {
+        Some(Arc::new(self.client.clone()))
     }
 
     async fn publish(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
@@ -136,6 +151,7 @@ mod tests {
             content: Bytes::from_static(b"{}"),
             content_type: JSON.into(),
             attempts: 0,
+            create_time: 1_700_000_000_123,
         };
         let frame = message_for(&m).into_frame();
         let h = frame.headers();
@@ -152,6 +168,7 @@ mod tests {
         assert_eq!(h.get("content-type"), Some(JSON));
         assert_eq!(h.get("amq-msg-type"), Some("text"));
         assert_eq!(h.get("tenant"), Some("acme"));
+        assert_eq!(h.get("event-time"), Some("1700000000123"));
     }
 
     #[test]
@@ -166,6 +183,7 @@ mod tests {
             content: Bytes::from_static(&[0, 1]),
             content_type: "application/octet-stream".into(),
             attempts: 0,
+            create_time: 0,
         };
         let frame = message_for(&m).into_frame();
         assert_eq!(frame.headers().get("amq-msg-type"), None);

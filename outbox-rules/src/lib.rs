@@ -62,6 +62,7 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "event-id",
     "event-type",
     "event-key",
+    "event-time",
     "jmsxgroupid",
     "message-id",
     "subscription",

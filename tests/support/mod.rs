@@ -161,3 +161,45 @@ pub fn count(counts: &[(String, u64)], process: &str) -> u64 {
         .find(|(p, _)| p == process)
         .map_or(0, |(_, n)| *n)
 }
+
+/// The compiled example `name`. Builds the examples once per test process
+/// (`cargo build --examples --all-features`, a no-op when they are up to
+/// date) into the target folder of this test binary.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let examples = BUILT.get_or_init(|| {
+        // This test runs from <target>/<profile>/deps/; the examples go to
+        // <target>/<profile>/examples/.
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("the test binary lives in <target>/<profile>/deps")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("<target> folder");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
+        let output = std::process::Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--examples",
+                "--all-features",
+                "--profile",
+                profile,
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("run cargo build --examples");
+        assert!(
+            output.status.success(),
+            "cargo build --examples --all-features failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        profile_dir.join("examples")
+    });
+    examples.join(name)
+}

@@ -14,8 +14,8 @@ const STATES: (&str, &str, &str) = (
 );
 
 /// Columns of a claimed outbox row, in the order [`OutboxSql::claim`] selects them.
-pub(crate) const CLAIM_COLUMNS: &str =
-    "id, event_id, event_type, destination, event_key, headers, content, content_type, attempts";
+pub(crate) const CLAIM_COLUMNS: &str = "id, event_id, event_type, destination, event_key, headers, content, content_type, attempts, \
+     create_time";
 
 /// Columns written when an event is appended.
 const INSERT_COLUMNS: &str = "event_id, event_type, destination, event_key, headers, content, \

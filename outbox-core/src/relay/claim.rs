@@ -46,6 +46,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         &self,
         ahead: &HashSet<i64>,
     ) -> Result<Option<Claimed>, Error> {
+        let taken_at = std::time::Instant::now();
         let size = usize::try_from(self.config.batch_size.max(1)).unwrap_or(usize::MAX);
         let limit = i64::try_from(size.saturating_add(ahead.len())).unwrap_or(i64::MAX);
         let token = self.handoff_token.as_str();
@@ -74,6 +75,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             token: token.to_owned(),
             batch,
             handed_off: true,
+            taken_at,
         }))
     }
 
@@ -83,6 +85,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         in_flight: &HashSet<i64>,
         behind: bool,
     ) -> Result<Option<Claimed>, Error> {
+        let taken_at = std::time::Instant::now();
         let seq = self.batch.fetch_add(1, Ordering::Relaxed);
         let token = claim_token(&self.config.relay_id, &self.incarnation, seq);
         let lease = if behind {
@@ -98,6 +101,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             token,
             batch,
             handed_off: false,
+            taken_at,
         }))
     }
 

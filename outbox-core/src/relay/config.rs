@@ -44,6 +44,11 @@ pub struct RelayConfig {
     /// transaction that commits after the relay stopped leaves its rows to
     /// any relay once their lease runs out.
     pub handoff: bool,
+    /// How often the relay reads its table's backlog, the age of the oldest
+    /// waiting row and the parked rows, for its [`Health`](crate::observe::Health)
+    /// and the gauges of [`observe`](crate::observe#metrics); `None` reads
+    /// nothing (default 10 s; each read is two indexed `COUNT`s).
+    pub stats_interval: Option<Duration>,
 }
 
 impl Default for RelayConfig {
@@ -60,6 +65,7 @@ impl Default for RelayConfig {
             retention_batch: 1000,
             relay_id: Uuid::now_v7().simple().to_string(),
             handoff: true,
+            stats_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -130,6 +136,15 @@ impl RelayConfig {
             ("RelayConfig::retention_interval", self.retention_interval),
         ] {
             bounded(setting, value)?;
+        }
+        if let Some(every) = self.stats_interval {
+            bounded("RelayConfig::stats_interval", every)?;
+            if every.is_zero() {
+                return invalid(
+                    "RelayConfig::stats_interval",
+                    "must be longer than zero, or None to read no figures".to_owned(),
+                );
+            }
         }
         if let Some(keep) = self.retention {
             bounded("RelayConfig::retention", keep)?;

@@ -2,7 +2,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use super::{Claimed, RelayMetrics};
 use crate::backend::Backend;
@@ -33,7 +32,7 @@ impl<DB: Backend> Marker<DB> {
         loop {
             match self.mark_once(batches).await {
                 Ok(n) => {
-                    self.metrics.published.fetch_add(n, Ordering::Relaxed);
+                    self.metrics.add(super::Count::Published, n);
                     return Ok(());
                 }
                 Err(error) if attempt < 4 => {

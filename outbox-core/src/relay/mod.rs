@@ -31,8 +31,8 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::Notify;
@@ -41,6 +41,7 @@ use uuid::Uuid;
 
 use crate::backend::Backend;
 use crate::names::{ms, now_ms};
+use crate::observe::{Health, RelayInstruments, Status};
 use crate::wake::Handoff;
 use crate::{Error, Outbox, failpoint, schema, wake};
 
@@ -78,6 +79,21 @@ pub struct RelayMetrics {
     pub db_errors: AtomicU64,
     /// 1 once the relay stopped because its broker connection ended for good.
     pub stopped: AtomicU64,
+    /// What [`health`](RelayMetrics::health) reports.
+    pub(crate) status: Status,
+    /// Handles into the metrics facade, taken when the relay starts.
+    pub(crate) instruments: OnceLock<RelayInstruments>,
+}
+
+/// A counter of [`RelayMetrics`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Count {
+    Published,
+    Retried,
+    Failed,
+    Unavailable,
+    Deleted,
+    DbErrors,
 }
 
 /// A plain copy of [`RelayMetrics`].
@@ -100,6 +116,30 @@ pub struct RelayCounts {
 }
 
 impl RelayMetrics {
+    /// Adds `n` to a counter, and to its twin in the metrics facade.
+    pub(crate) fn add(&self, what: Count, n: u64) {
+        let (atomic, facade) = match (what, self.instruments.get()) {
+            (Count::Published, i) => (&self.published, i.map(|i| &i.published)),
+            (Count::Retried, i) => (&self.retried, i.map(|i| &i.retried)),
+            (Count::Failed, i) => (&self.failed, i.map(|i| &i.parked)),
+            (Count::Unavailable, i) => (&self.unavailable, i.map(|i| &i.unavailable)),
+            (Count::Deleted, i) => (&self.deleted, i.map(|i| &i.deleted)),
+            (Count::DbErrors, i) => (&self.db_errors, i.map(|i| &i.db_errors)),
+        };
+        atomic.fetch_add(n, Ordering::Relaxed);
+        if let Some(counter) = facade {
+            counter.increment(n);
+        }
+    }
+
+    /// The relay's health, as far as these counters know it: a relay run
+    /// with [`Relay::run`] reports [`Stopped`](crate::observe::LinkState::Stopped)
+    /// only once it stopped on its own; [`RelayHandle::health`](crate::task::TaskHandle::health)
+    /// also knows when its task ended.
+    pub fn health(&self) -> Health {
+        self.status.health(false)
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> RelayCounts {
         RelayCounts {
@@ -161,11 +201,22 @@ struct Claimed {
     /// Rows handed off at insert time: the token is shared with rows not in
     /// this batch, so the batch is settled by id.
     handed_off: bool,
+    /// When the batch was claimed or read.
+    taken_at: Instant,
 }
 
 impl Claimed {
     fn ids(&self) -> impl Iterator<Item = i64> + '_ {
         self.batch.iter().map(|m| m.id)
+    }
+
+    /// The broker confirmed the batch: its time from claim to receipt goes
+    /// to the publish histogram.
+    fn confirmed(&self, metrics: &RelayMetrics) {
+        if let Some(i) = metrics.instruments.get() {
+            i.publish_seconds
+                .record(self.taken_at.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -240,6 +291,17 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let table = self.outbox.table().to_owned();
         // Ends with this call however it ends: returned, failed or dropped.
         let _listener = DB::listen(self.outbox.pool(), &table, self.wake.clone()).map(AbortOnDrop);
+        let _ = self.metrics.instruments.set(RelayInstruments::new(&table));
+        if let Some(link) = self.publisher.link() {
+            self.metrics.status.set_link(link);
+        }
+        let _figures = self.config.stats_interval.map(|every| {
+            AbortOnDrop(tokio::spawn(read_figures(
+                self.outbox.clone(),
+                self.metrics.clone(),
+                every,
+            )))
+        });
         let mut pacing = Pacing::new(&self.config, handoff.clone());
         let mut next_retention = Instant::now();
         // Published batches are marked in the background; until then their
@@ -321,6 +383,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         match published {
             Ok(()) => {
                 failpoint::hit("relay.after_receipt");
+                current.confirmed(&self.metrics);
                 marks.push(current);
                 *ready = following?;
                 Ok(Step::Published(n))
@@ -397,7 +460,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// out, and are claimed again then: late, never lost.
     async fn give_back_claimed(&self, claimed: &Claimed) {
         if let Err(error) = self.release(claimed, None).await {
-            self.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+            self.metrics.add(Count::DbErrors, 1);
             tracing::warn!(%error, rows = claimed.batch.len(), "could not give back a batch; it is taken again when its lease runs out");
         }
     }
@@ -464,6 +527,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             return self.publish_failed(&current, error).await;
         }
         failpoint::hit("relay.after_receipt");
+        current.confirmed(&self.metrics);
         marks.push(current);
         match following {
             Ok(None) => Ok(Step::Published(n)),
@@ -473,6 +537,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             }
             Ok(Some((next, Some(Ok(()))))) => {
                 failpoint::hit("relay.after_receipt");
+                next.confirmed(&self.metrics);
                 let m = next.batch.len();
                 marks.push(next);
                 Ok(Step::Published(n + m))
@@ -492,7 +557,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             PublishErrorKind::Closed => self.closed(claimed, &error).await,
             PublishErrorKind::Unavailable => {
                 tracing::warn!(%error, rows = n, "broker unavailable; batch released");
-                self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+                self.metrics.status.broker_failed(&error.message);
+                self.metrics.add(Count::Unavailable, 1);
                 self.release_failed(claimed, &error.message).await?;
                 Ok(Step::Unavailable)
             }
@@ -534,13 +600,14 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     store
                         .mark_published(&mut conn, token, &[m.id], now_ms())
                         .await?;
-                    self.metrics.published.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.add(Count::Published, 1);
                 }
                 Err(error) if error.kind == PublishErrorKind::Closed => {
                     return self.closed(claimed, &error).await;
                 }
                 Err(error) if error.kind == PublishErrorKind::Unavailable => {
-                    self.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.add(Count::Unavailable, 1);
+                    self.metrics.status.broker_failed(&error.message);
                     self.release_failed(claimed, &error.message).await?;
                     return Ok(Step::Unavailable);
                 }
@@ -623,11 +690,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         match state {
             Some(crate::store::OutboxState::Failed) => {
                 tracing::error!(event_id = m.event_id, %error, "event parked as FAILED");
-                self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.add(Count::Failed, 1);
             }
             Some(_) => {
                 tracing::warn!(event_id = m.event_id, %error, "event rejected; will retry");
-                self.metrics.retried.fetch_add(1, Ordering::Relaxed);
+                self.metrics.add(Count::Retried, 1);
             }
             None => {
                 tracing::debug!(event_id = m.event_id, %error, "rejected row no longer held; nothing recorded");
@@ -650,13 +717,38 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let limit = self.config.retention_batch.max(1);
         loop {
             let n = self.outbox.store().delete_published(before, limit).await?;
-            self.metrics.deleted.fetch_add(n, Ordering::Relaxed);
+            self.metrics.add(Count::Deleted, n);
             if n < u64::from(limit) {
                 return Ok(());
             }
             // Small batches, with room for the relay's own statements between.
             tokio::task::yield_now().await;
         }
+    }
+}
+
+/// Reads the backlog, its age and the parked rows every `every`, for
+/// [`RelayMetrics::health`] and the gauges.
+async fn read_figures<DB: Backend>(
+    outbox: Outbox<DB>,
+    metrics: Arc<RelayMetrics>,
+    every: std::time::Duration,
+) {
+    loop {
+        match outbox.backlog().await {
+            Ok(backlog) => {
+                let (pending, oldest, parked) =
+                    (backlog.pending, backlog.oldest_pending_age, backlog.parked);
+                metrics.status.set_figures(pending, oldest, parked);
+                if let Some(i) = metrics.instruments.get() {
+                    i.backlog.set(pending as f64);
+                    i.oldest.set(oldest.unwrap_or_default().as_secs_f64());
+                    i.parked_rows.set(parked as f64);
+                }
+            }
+            Err(error) => tracing::debug!(%error, "could not read the backlog figures"),
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

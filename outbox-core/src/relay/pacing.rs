@@ -41,6 +41,14 @@ impl Pacing {
 
     /// Counts the outcome of a turn and says what comes next.
     pub(super) fn after(&mut self, outcome: Result<Step, Error>, metrics: &RelayMetrics) -> Next {
+        match &outcome {
+            Ok(Step::Published(n)) if *n > 0 => metrics.status.succeeded(),
+            Ok(Step::Published(_) | Step::Idle) => metrics.status.idle(),
+            // Recorded where the publish failed, with the broker's error.
+            Ok(Step::Unavailable) => {}
+            Ok(Step::Stopped(reason)) => metrics.status.stopped(reason),
+            Err(error) => metrics.status.database_failed(error),
+        }
         let next = match outcome {
             Ok(Step::Published(_)) => {
                 self.outages = 0;
@@ -59,7 +67,7 @@ impl Pacing {
             }
             Err(error) => {
                 self.db_failures += 1;
-                metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+                metrics.add(super::Count::DbErrors, 1);
                 tracing::warn!(%error, "relay step failed");
                 Next::Go(Some(self.backoff.delay(self.db_failures - 1)))
             }

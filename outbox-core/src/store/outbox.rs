@@ -20,7 +20,7 @@ const INSERT_CHUNK: usize = 200;
 const ID_CHUNK: usize = 500;
 
 /// Column types of [`CLAIM_COLUMNS`](crate::backend::sql::CLAIM_COLUMNS).
-const CLAIM_TYPES: [Column; 9] = [
+const CLAIM_TYPES: [Column; 10] = [
     Column::Int,
     Column::Text,
     Column::Text,
@@ -29,6 +29,7 @@ const CLAIM_TYPES: [Column; 9] = [
     Column::Text,
     Column::Bytes,
     Column::Text,
+    Column::Int,
     Column::Int,
 ];
 
@@ -540,5 +541,6 @@ fn message(mut row: Row) -> Result<OutboxMessage, Error> {
         content: Bytes::from(row.bytes(6, "content")?),
         content_type: row.text(7, "content_type")?,
         attempts: row.int(8, "attempts")?,
+        create_time: row.int(9, "create_time")?,
     })
 }

@@ -1,0 +1,494 @@
+//! What a running relay or consumer reports: its [`Health`], for readiness
+//! and liveness probes, and its figures through the [`metrics`] facade.
+//!
+//! # Metrics
+//!
+//! The relay and the consumer record through the `metrics` crate's facade,
+//! so the application picks the exporter (Prometheus, StatsD, OpenTelemetry
+//! through a bridge) by installing a recorder; without one, recording costs
+//! next to nothing. Install the recorder before starting relays and
+//! consumers: each takes its handles when it starts.
+//!
+//! | name | kind | labels | what |
+//! |------|------|--------|------|
+//! | `outbox_relay_published_total` | counter | `table` | rows marked `PUBLISHED` |
+//! | `outbox_relay_retried_total` | counter | `table` | rejections that scheduled a retry |
+//! | `outbox_relay_parked_total` | counter | `table` | rows parked as `FAILED` |
+//! | `outbox_relay_unavailable_total` | counter | `table` | batches given back: broker unavailable |
+//! | `outbox_relay_db_errors_total` | counter | `table` | database errors the relay backed off from |
+//! | `outbox_relay_deleted_total` | counter | `table` | published rows deleted by retention |
+//! | `outbox_relay_publish_seconds` | histogram | `table` | a batch from its claim to the broker's receipt |
+//! | `outbox_backlog_rows` | gauge | `table` | rows waiting to be published |
+//! | `outbox_backlog_oldest_seconds` | gauge | `table` | age of the oldest waiting row |
+//! | `outbox_parked_rows` | gauge | `table` | rows parked as `FAILED` |
+//! | `outbox_consumer_processed_total` | counter | `consumer` | events applied |
+//! | `outbox_consumer_duplicates_total` | counter | `consumer` | deliveries acked without running the handler |
+//! | `outbox_consumer_retried_total` | counter | `consumer` | deliveries set aside for a local retry |
+//! | `outbox_consumer_parked_total` | counter | `consumer` | deliveries parked as `FAILED` |
+//! | `outbox_consumer_handler_failures_total` | counter | `consumer` | handler errors and panics |
+//! | `outbox_consumer_db_errors_total` | counter | `consumer` | database errors the consumer backed off from |
+//! | `outbox_consumer_in_flight` | gauge | `consumer` | deliveries being applied now |
+//! | `outbox_consumer_latency_seconds` | histogram | `consumer` | from the event's append to its handler's commit |
+//! | `outbox_inbox_retrying_rows` | gauge | `consumer` | inbox rows waiting for a retry |
+//! | `outbox_inbox_parked_rows` | gauge | `consumer` | inbox rows parked as `FAILED` |
+//!
+//! The gauges of the tables are read from the database every
+//! [`RelayConfig::stats_interval`](crate::RelayConfig::stats_interval) and
+//! [`ConsumerConfig::stats_interval`](crate::ConsumerConfig::stats_interval).
+//! The latency histogram needs the producer's clock in the message: the
+//! relay sends the row's append time as the `event-time` header
+//! (milliseconds since the Unix epoch), and messages without it are not
+//! measured.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Histogram};
+
+use crate::subscriber::LinkStatus;
+
+/// What a relay or consumer is doing, as a probe sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LinkState {
+    /// Started; nothing has gone through or failed yet.
+    Starting,
+    /// Connected to the broker, and the last round with the database went
+    /// through.
+    Connected,
+    /// The broker cannot be reached; the client is reconnecting.
+    Reconnecting,
+    /// The broker is there but the database fails; tried again with backoff.
+    DatabaseFailing,
+    /// Stopped for good ([`Health::error`] says why) or shut down.
+    Stopped,
+}
+
+impl LinkState {
+    /// The state as a lowercase word: `starting`, `connected`,
+    /// `reconnecting`, `database_failing`, `stopped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Starting => "starting",
+            LinkState::Connected => "connected",
+            LinkState::Reconnecting => "reconnecting",
+            LinkState::DatabaseFailing => "database_failing",
+            LinkState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The health of a relay or consumer: [`RelayHandle::health`] and
+/// [`ConsumerHandle::health`].
+///
+/// [`RelayHandle::health`]: crate::task::TaskHandle::health
+/// [`ConsumerHandle::health`]: crate::task::TaskHandle::health
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Health {
+    /// What it is doing.
+    pub state: LinkState,
+    /// The last error, until something goes through again; why it stopped
+    /// once [`Stopped`](LinkState::Stopped).
+    pub error: Option<String>,
+    /// Time since the last batch the broker confirmed (relay) or the last
+    /// delivery settled (consumer); `None` before the first.
+    pub since_last_success: Option<Duration>,
+    /// Relay: rows waiting to be published; consumer: inbox rows waiting for
+    /// a retry. As last read from the database (`None` before the first
+    /// read or when the reads are off).
+    pub backlog: Option<u64>,
+    /// Relay: the age of the oldest waiting row, as last read.
+    pub backlog_age: Option<Duration>,
+    /// Rows parked as `FAILED`, as last read.
+    pub parked: Option<u64>,
+    /// Time since `backlog` and `parked` were read.
+    pub figures_age: Option<Duration>,
+}
+
+impl Health {
+    /// For a liveness probe: `false` once it has stopped, which only a
+    /// restart cures.
+    pub fn is_live(&self) -> bool {
+        self.state != LinkState::Stopped
+    }
+
+    /// For a readiness probe: `true` while connected and working.
+    pub fn is_ready(&self) -> bool {
+        self.state == LinkState::Connected
+    }
+}
+
+/// How the last round went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Last {
+    #[default]
+    Nothing,
+    Ok,
+    BrokerDown,
+    DatabaseDown,
+    Stopped,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    last: Last,
+    error: Option<String>,
+    last_success: Option<Instant>,
+    /// Backlog rows, oldest age, parked rows, and when they were read.
+    figures: Option<(u64, Option<Duration>, u64, Instant)>,
+}
+
+/// The shared state behind [`Health`], written by the running task.
+#[derive(Default)]
+pub(crate) struct Status {
+    inner: Mutex<Inner>,
+    link: OnceLock<Arc<dyn LinkStatus>>,
+}
+
+impl std::fmt::Debug for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Status")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Status {
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        // A panic while holding this lock leaves plain values behind.
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut inner)
+    }
+
+    /// The connection whose state [`Health`] reports, once known.
+    pub(crate) fn set_link(&self, link: Arc<dyn LinkStatus>) {
+        let _ = self.link.set(link);
+    }
+
+    /// Something went through (a receipt, a settled delivery).
+    pub(crate) fn succeeded(&self) {
+        self.with(|s| {
+            s.last_success = Some(Instant::now());
+            if s.last != Last::Stopped {
+                s.last = Last::Ok;
+                s.error = None;
+            }
+        });
+    }
+
+    /// The database round of an idle turn went through.
+    pub(crate) fn idle(&self) {
+        self.with(|s| {
+            if s.last != Last::Stopped {
+                s.last = Last::Ok;
+                s.error = None;
+            }
+        });
+    }
+
+    /// The broker could not be reached.
+    pub(crate) fn broker_failed(&self, error: impl std::fmt::Display) {
+        self.failed(Last::BrokerDown, error);
+    }
+
+    /// The database failed.
+    pub(crate) fn database_failed(&self, error: impl std::fmt::Display) {
+        self.failed(Last::DatabaseDown, error);
+    }
+
+    /// Stopped for good, for `reason`.
+    pub(crate) fn stopped(&self, reason: impl std::fmt::Display) {
+        self.failed(Last::Stopped, reason);
+    }
+
+    fn failed(&self, last: Last, error: impl std::fmt::Display) {
+        self.with(|s| {
+            if s.last != Last::Stopped {
+                s.last = last;
+                s.error = Some(error.to_string());
+            }
+        });
+    }
+
+    /// The figures read from the database.
+    pub(crate) fn set_figures(&self, backlog: u64, oldest: Option<Duration>, parked: u64) {
+        self.with(|s| s.figures = Some((backlog, oldest, parked, Instant::now())));
+    }
+
+    /// The health now; `finished` says the task has ended.
+    pub(crate) fn health(&self, finished: bool) -> Health {
+        let connected = self.link.get().map(|link| link.is_connected());
+        self.with(|s| {
+            let state = match (s.last, connected) {
+                _ if finished => LinkState::Stopped,
+                (Last::Stopped, _) => LinkState::Stopped,
+                (_, Some(false)) => LinkState::Reconnecting,
+                (Last::DatabaseDown, _) => LinkState::DatabaseFailing,
+                (Last::BrokerDown, None) => LinkState::Reconnecting,
+                (Last::Nothing, None) => LinkState::Starting,
+                _ => LinkState::Connected,
+            };
+            let error = match (state, &s.error) {
+                (LinkState::Stopped, None) => Some("stopped".to_owned()),
+                (_, error) => error.clone(),
+            };
+            Health {
+                state,
+                error,
+                since_last_success: s.last_success.map(|t| t.elapsed()),
+                backlog: s.figures.map(|f| f.0),
+                backlog_age: s.figures.and_then(|f| f.1),
+                parked: s.figures.map(|f| f.2),
+                figures_age: s.figures.map(|f| f.3.elapsed()),
+            }
+        })
+    }
+}
+
+/// The relay's handles into the metrics facade.
+#[derive(Debug)]
+pub(crate) struct RelayInstruments {
+    pub(crate) published: Counter,
+    pub(crate) retried: Counter,
+    pub(crate) parked: Counter,
+    pub(crate) unavailable: Counter,
+    pub(crate) db_errors: Counter,
+    pub(crate) deleted: Counter,
+    pub(crate) publish_seconds: Histogram,
+    pub(crate) backlog: Gauge,
+    pub(crate) oldest: Gauge,
+    pub(crate) parked_rows: Gauge,
+}
+
+impl RelayInstruments {
+    /// Handles labelled with `table`, from the recorder installed now.
+    pub(crate) fn new(table: &str) -> RelayInstruments {
+        describe();
+        let t = table.to_owned();
+        RelayInstruments {
+            published: metrics::counter!("outbox_relay_published_total", "table" => t.clone()),
+            retried: metrics::counter!("outbox_relay_retried_total", "table" => t.clone()),
+            parked: metrics::counter!("outbox_relay_parked_total", "table" => t.clone()),
+            unavailable: metrics::counter!("outbox_relay_unavailable_total", "table" => t.clone()),
+            db_errors: metrics::counter!("outbox_relay_db_errors_total", "table" => t.clone()),
+            deleted: metrics::counter!("outbox_relay_deleted_total", "table" => t.clone()),
+            publish_seconds: metrics::histogram!("outbox_relay_publish_seconds", "table" => t.clone()),
+            backlog: metrics::gauge!("outbox_backlog_rows", "table" => t.clone()),
+            oldest: metrics::gauge!("outbox_backlog_oldest_seconds", "table" => t.clone()),
+            parked_rows: metrics::gauge!("outbox_parked_rows", "table" => t),
+        }
+    }
+}
+
+/// The consumer's handles into the metrics facade.
+#[derive(Debug)]
+pub(crate) struct ConsumerInstruments {
+    pub(crate) processed: Counter,
+    pub(crate) duplicates: Counter,
+    pub(crate) retried: Counter,
+    pub(crate) parked: Counter,
+    pub(crate) handler_failures: Counter,
+    pub(crate) db_errors: Counter,
+    pub(crate) in_flight: Gauge,
+    pub(crate) latency_seconds: Histogram,
+    pub(crate) retrying_rows: Gauge,
+    pub(crate) parked_rows: Gauge,
+}
+
+impl ConsumerInstruments {
+    /// Handles labelled with `consumer`, from the recorder installed now.
+    pub(crate) fn new(consumer: &str) -> ConsumerInstruments {
+        describe();
+        let c = consumer.to_owned();
+        ConsumerInstruments {
+            processed: metrics::counter!("outbox_consumer_processed_total", "consumer" => c.clone()),
+            duplicates: metrics::counter!("outbox_consumer_duplicates_total", "consumer" => c.clone()),
+            retried: metrics::counter!("outbox_consumer_retried_total", "consumer" => c.clone()),
+            parked: metrics::counter!("outbox_consumer_parked_total", "consumer" => c.clone()),
+            handler_failures: metrics::counter!("outbox_consumer_handler_failures_total", "consumer" => c.clone()),
+            db_errors: metrics::counter!("outbox_consumer_db_errors_total", "consumer" => c.clone()),
+            in_flight: metrics::gauge!("outbox_consumer_in_flight", "consumer" => c.clone()),
+            latency_seconds: metrics::histogram!("outbox_consumer_latency_seconds", "consumer" => c.clone()),
+            retrying_rows: metrics::gauge!("outbox_inbox_retrying_rows", "consumer" => c.clone()),
+            parked_rows: metrics::gauge!("outbox_inbox_parked_rows", "consumer" => c),
+        }
+    }
+}
+
+/// Describes every metric to the recorder (units and help texts), once per
+/// recorder that is installed when a relay or consumer starts.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        for (name, help) in [
+            (
+                "outbox_relay_published_total",
+                "Outbox rows marked PUBLISHED.",
+            ),
+            (
+                "outbox_relay_retried_total",
+                "Rejections that scheduled a retry.",
+            ),
+            ("outbox_relay_parked_total", "Outbox rows parked as FAILED."),
+            (
+                "outbox_relay_unavailable_total",
+                "Batches given back because the broker was unavailable.",
+            ),
+            (
+                "outbox_relay_db_errors_total",
+                "Database errors the relay backed off from.",
+            ),
+            (
+                "outbox_relay_deleted_total",
+                "Published rows deleted by retention.",
+            ),
+            ("outbox_consumer_processed_total", "Events applied."),
+            (
+                "outbox_consumer_duplicates_total",
+                "Deliveries acknowledged without running the handler.",
+            ),
+            (
+                "outbox_consumer_retried_total",
+                "Deliveries set aside for a local retry.",
+            ),
+            (
+                "outbox_consumer_parked_total",
+                "Deliveries parked as FAILED.",
+            ),
+            (
+                "outbox_consumer_handler_failures_total",
+                "Handler errors and panics.",
+            ),
+            (
+                "outbox_consumer_db_errors_total",
+                "Database errors the consumer backed off from.",
+            ),
+        ] {
+            describe_counter!(name, Unit::Count, help);
+        }
+        for (name, unit, help) in [
+            (
+                "outbox_backlog_rows",
+                Unit::Count,
+                "Outbox rows waiting to be published.",
+            ),
+            (
+                "outbox_backlog_oldest_seconds",
+                Unit::Seconds,
+                "Age of the oldest waiting outbox row.",
+            ),
+            (
+                "outbox_parked_rows",
+                Unit::Count,
+                "Outbox rows parked as FAILED.",
+            ),
+            (
+                "outbox_consumer_in_flight",
+                Unit::Count,
+                "Deliveries being applied now.",
+            ),
+            (
+                "outbox_inbox_retrying_rows",
+                Unit::Count,
+                "Inbox rows waiting for a retry.",
+            ),
+            (
+                "outbox_inbox_parked_rows",
+                Unit::Count,
+                "Inbox rows parked as FAILED.",
+            ),
+        ] {
+            describe_gauge!(name, unit, help);
+        }
+        describe_histogram!(
+            "outbox_relay_publish_seconds",
+            Unit::Seconds,
+            "A batch from its claim to the broker's receipt."
+        );
+        describe_histogram!(
+            "outbox_consumer_latency_seconds",
+            Unit::Seconds,
+            "From an event's append to its handler's commit."
+        );
+    });
+}
+
+/// The age of an event appended at `event_time` (ms since the Unix epoch).
+pub(crate) fn age_since(event_time: i64, now: i64) -> Option<Duration> {
+    u64::try_from(now.checked_sub(event_time)?)
+        .ok()
+        .map(Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Link(bool);
+    impl LinkStatus for Link {
+        fn is_connected(&self) -> bool {
+            self.0
+        }
+        fn end_reason(&self) -> String {
+            "gone".into()
+        }
+    }
+
+    #[test]
+    fn the_state_follows_the_last_round_and_the_link() {
+        let status = Status::default();
+        assert_eq!(status.health(false).state, LinkState::Starting);
+        status.broker_failed("refused");
+        let h = status.health(false);
+        assert_eq!(h.state, LinkState::Reconnecting);
+        assert_eq!(h.error.as_deref(), Some("refused"));
+        assert!(!h.is_ready() && h.is_live());
+        status.succeeded();
+        let h = status.health(false);
+        assert_eq!(h.state, LinkState::Connected);
+        assert!(h.error.is_none() && h.since_last_success.is_some());
+        assert!(h.is_ready());
+        status.database_failed("pool timed out");
+        assert_eq!(status.health(false).state, LinkState::DatabaseFailing);
+        status.idle();
+        assert_eq!(status.health(false).state, LinkState::Connected);
+        // A known link decides between connected and reconnecting.
+        status.set_link(Arc::new(Link(false)));
+        assert_eq!(status.health(false).state, LinkState::Reconnecting);
+        status.stopped("the broker refused the login");
+        status.succeeded();
+        let h = status.health(false);
+        assert_eq!(h.state, LinkState::Stopped);
+        assert!(!h.is_live());
+        // A finished task is stopped whatever was recorded.
+        let fresh = Status::default();
+        fresh.succeeded();
+        let h = fresh.health(true);
+        assert_eq!(
+            (h.state, h.error.as_deref()),
+            (LinkState::Stopped, Some("stopped"))
+        );
+    }
+
+    #[test]
+    fn figures_are_reported_with_their_age() {
+        let status = Status::default();
+        assert_eq!(status.health(false).backlog, None);
+        status.set_figures(7, Some(Duration::from_secs(3)), 2);
+        let h = status.health(false);
+        assert_eq!(h.backlog, Some(7));
+        assert_eq!(h.backlog_age, Some(Duration::from_secs(3)));
+        assert_eq!(h.parked, Some(2));
+        assert!(h.figures_age.is_some());
+        assert_eq!(age_since(1_000, 1_500), Some(Duration::from_millis(500)));
+        assert_eq!(age_since(2_000, 1_500), None);
+    }
+}
