@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt as _;
 use outbox_stomp::{AckMode, Client, Subscribe};
+use tracing::Instrument as _;
 
 pub use crate::subscriber::{Incoming, LinkStatus, StompSubscriber, Subscriber};
 use serde::de::DeserializeOwned;
@@ -1042,6 +1043,7 @@ async fn run_handler<DB: Backend, H: Handler<DB>>(
 ) -> Result<(), HandlerError> {
     match AssertUnwindSafe(handler.handle(tx, event, delivery))
         .catch_unwind()
+        .instrument(crate::trace::handle_span(delivery))
         .await
     {
         Ok(result) => result,

@@ -23,7 +23,11 @@
 //!   consumers and the metrics they record through the `metrics` facade;
 //! - [`Backend`]: SQLite, PostgreSQL, MySQL/MariaDB (cargo features `sqlite`,
 //!   `postgres`, `mysql`); [`Error`] for everything that can go wrong;
-//! - [`failpoint`]: named crash points for tests (feature `failpoints`).
+//! - [`failpoint`]: named crash points for tests (feature `failpoints`);
+//! - trace context across the broker (feature `otel`): the producer's span
+//!   is stored with each row as W3C `traceparent`/`tracestate`/`baggage`
+//!   headers, and the relay's `outbox.publish` and the consumer's
+//!   `outbox.handle` spans continue it (see the README's Operations part).
 //!
 //! Time columns hold milliseconds since the Unix epoch (`BIGINT`), the same
 //! on every database. Leases and retry times come from the application's clock,
@@ -45,6 +49,7 @@ mod schema;
 mod store;
 mod subscriber;
 pub mod task;
+mod trace;
 mod transport;
 mod wake;
 

@@ -273,6 +273,9 @@ pub(crate) async fn append_all<DB: Backend>(
     if events.is_empty() {
         return Ok(());
     }
+    // With the `otel` feature: the caller's trace context goes with the rows.
+    let traced = crate::trace::with_context(events);
+    let events = traced.as_deref().unwrap_or(events);
     for event in events {
         event.validate(limits)?;
     }

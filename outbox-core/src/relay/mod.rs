@@ -377,7 +377,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let (published, following) = tokio::join!(
             self.publisher
                 .publish(&current.batch)
-                .instrument(tracing::debug_span!("outbox.publish", rows = n)),
+                .instrument(crate::trace::publish_span(&current.batch)),
             self.next_batch(&in_flight, true)
         );
         match published {
@@ -485,7 +485,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 let published = self
                     .publisher
                     .publish(&current.batch)
-                    .instrument(tracing::debug_span!("outbox.publish", rows = n))
+                    .instrument(crate::trace::publish_span(&current.batch))
                     .await;
                 let _ = done.send(());
                 published
@@ -508,11 +508,10 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     return Ok(Some((next, None)));
                 }
                 failpoint::hit("relay.before_publish");
-                let m = next.batch.len();
                 let published = self
                     .publisher
                     .publish(&next.batch)
-                    .instrument(tracing::debug_span!("outbox.publish", rows = m))
+                    .instrument(crate::trace::publish_span(&next.batch))
                     .await;
                 Ok::<_, Error>(Some((next, Some(published))))
             }
@@ -592,7 +591,13 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             if m.key.as_deref().is_some_and(|k| blocked.contains(k)) {
                 continue;
             }
-            match self.publisher.publish(std::slice::from_ref(m)).await {
+            let one = std::slice::from_ref(m);
+            match self
+                .publisher
+                .publish(one)
+                .instrument(crate::trace::publish_span(one))
+                .await
+            {
                 Ok(()) => {
                     failpoint::hit("relay.after_receipt");
                     let store = self.outbox.store();
