@@ -82,13 +82,9 @@ struct Status {
 struct OutboxStatus {
     table: String,
     exists: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
     waiting: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     oldest_waiting_age_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     published: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     parked: Option<u64>,
 }
 
@@ -316,6 +312,8 @@ impl From<ParkedDelivery> for ParkedRow {
 trait ParkedSide {
     /// "parked event", "parked inbox event of consumer X": for messages.
     fn what(&self) -> String;
+    /// The line saying there is no parked row.
+    fn none(&self) -> String;
     /// The table, and the consumer of inbox rows, for JSON.
     fn describe(&self) -> (String, Option<String>);
     /// How the rows come back once replayed, for the human output.
@@ -347,6 +345,9 @@ impl<DB: Backend> OutboxSide<DB> {
 impl<DB: Backend> ParkedSide for OutboxSide<DB> {
     fn what(&self) -> String {
         "parked event".to_owned()
+    }
+    fn none(&self) -> String {
+        format!("no parked events in {}", self.outbox.table())
     }
     fn describe(&self) -> (String, Option<String>) {
         (self.outbox.table().to_owned(), None)
@@ -391,6 +392,13 @@ impl<DB: Backend> InboxSide<DB> {
 impl<DB: Backend> ParkedSide for InboxSide<DB> {
     fn what(&self) -> String {
         format!("parked inbox event of consumer {}", self.inbox.consumer())
+    }
+    fn none(&self) -> String {
+        format!(
+            "consumer {} has no parked events in {}",
+            self.inbox.consumer(),
+            self.inbox.table()
+        )
     }
     fn describe(&self) -> (String, Option<String>) {
         (
@@ -464,7 +472,8 @@ async fn parked(side: &impl ParkedSide, limit: u32) -> Result<Output, CliError> 
     let (table, consumer) = side.describe();
     let mut human = String::new();
     if rows.is_empty() {
-        human.push_str(&format!("no {}s in {table}\n", side.what()));
+        human.push_str(&side.none());
+        human.push('\n');
     } else {
         human.push_str(&parked_table(&rows, side.has_destination()));
         if (rows.len() as u64) < total {
@@ -593,9 +602,8 @@ async fn replay(
             human.push('\n');
         }
         human.push_str(&format!(
-            "would replay {} {what}{} (dry run: nothing changed)\n",
-            report.count,
-            plural(report.count)
+            "would replay {} (dry run: nothing changed)\n",
+            counted(report.count, &what)
         ));
     } else {
         if !selection.all {
@@ -608,11 +616,7 @@ async fn replay(
             }
             human.push_str(&t.render());
         }
-        human.push_str(&format!(
-            "replayed {} {what}{}",
-            report.count,
-            plural(report.count)
-        ));
+        human.push_str(&format!("replayed {}", counted(report.count, &what)));
         if report.count > 0 {
             human.push_str(&format!("; {}", side.after_replay()));
         }
@@ -626,8 +630,15 @@ async fn replay(
     Ok(output)
 }
 
-fn plural(n: u64) -> &'static str {
-    if n == 1 { "" } else { "s" }
+/// `3 parked events`, `1 parked event`, `2 parked inbox events of consumer X`.
+fn counted(n: u64, what: &str) -> String {
+    if n == 1 {
+        return format!("1 {what}");
+    }
+    match what.split_once(" of ") {
+        Some((thing, owner)) => format!("{n} {thing}s of {owner}"),
+        None => format!("{n} {what}s"),
+    }
 }
 
 // ---------------------------------------------------------------- migrate
