@@ -100,7 +100,11 @@ pub struct InboxParkedArgs {
 #[derive(Debug, Args)]
 pub struct ReplaySelection {
     /// Event ids of parked rows.
-    #[arg(value_name = "ID", required_unless_present = "all", conflicts_with = "all")]
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
     pub ids: Vec<String>,
     /// Every parked row.
     #[arg(long)]

@@ -123,7 +123,10 @@ async fn status<DB: Backend>(
         Err(e) if is_missing_table(&e) => out.exists = false,
         Err(e) => return Err(e.into()),
         Ok(counts) => {
-            let backlog = outbox.backlog().await.map_err(CliError::on_table(&cli.table))?;
+            let backlog = outbox
+                .backlog()
+                .await
+                .map_err(CliError::on_table(&cli.table))?;
             out.waiting = Some(backlog.pending);
             out.oldest_waiting_age_ms = backlog
                 .oldest_pending_age
@@ -174,8 +177,10 @@ async fn status<DB: Backend>(
         t.row(vec![
             out.table.clone(),
             num(out.waiting),
-            out.oldest_waiting_age_ms
-                .map_or_else(|| "-".to_owned(), |ms| age(std::time::Duration::from_millis(ms))),
+            out.oldest_waiting_age_ms.map_or_else(
+                || "-".to_owned(),
+                |ms| age(std::time::Duration::from_millis(ms)),
+            ),
             num(out.published),
             num(out.parked),
         ]);
@@ -193,7 +198,10 @@ async fn status<DB: Backend>(
             inbox.table
         ));
     } else if inbox.consumers.is_empty() {
-        human.push_str(&format!("inbox table {}: no consumer has rows\n", inbox.table));
+        human.push_str(&format!(
+            "inbox table {}: no consumer has rows\n",
+            inbox.table
+        ));
     } else {
         let mut t = Table::new(&["INBOX TABLE", "CONSUMER", "PROCESSED", "RETRYING", "PARKED"]);
         for c in &inbox.consumers {
@@ -442,7 +450,13 @@ fn parked_table(rows: &[ParkedRow], destination: bool) -> String {
     if destination {
         header.push("DESTINATION");
     }
-    header.extend(["KEY", "ATTEMPTS", "PARKED AT (UTC)", "LAST ERROR", "PAYLOAD"]);
+    header.extend([
+        "KEY",
+        "ATTEMPTS",
+        "PARKED AT (UTC)",
+        "LAST ERROR",
+        "PAYLOAD",
+    ]);
     let mut t = Table::new(&header);
     for r in rows {
         let mut cells = vec![

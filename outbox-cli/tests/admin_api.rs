@@ -27,7 +27,12 @@ macro_rules! admin_suite {
             let outbox = Outbox::new(db.pool().clone());
             outbox.migrate().await.unwrap();
             let mut tx = db.pool().begin().await.unwrap();
-            let mut events = vec![Event::raw("blob", "/queue/a", vec![0u8, 1, 255], "application/octet-stream")];
+            let mut events = vec![Event::raw(
+                "blob",
+                "/queue/a",
+                vec![0u8, 1, 255],
+                "application/octet-stream",
+            )];
             // More than one statement's worth of ids (500 a statement).
             for i in 0..700 {
                 events.push(Event::json("n", "/queue/a", &i).unwrap());
@@ -53,7 +58,11 @@ macro_rules! admin_suite {
             let mut wanted: Vec<&str> = ids[..600].iter().map(String::as_str).collect();
             wanted.push("no-such-id");
             assert_eq!(outbox.replay_many(&wanted).await.unwrap(), 600);
-            assert_eq!(outbox.replay_many(&wanted).await.unwrap(), 0, "no longer parked");
+            assert_eq!(
+                outbox.replay_many(&wanted).await.unwrap(),
+                0,
+                "no longer parked"
+            );
             let backlog = outbox.backlog().await.unwrap();
             assert_eq!((backlog.pending, backlog.parked), (600, 101));
             assert_eq!(outbox.replay_many::<&str>(&[]).await.unwrap(), 0);
@@ -64,8 +73,18 @@ macro_rules! admin_suite {
             let Some(db) = $open().await else { return };
             let inbox = Inbox::new(db.pool().clone(), "points").unwrap();
             inbox.migrate().await.unwrap();
-            assert!(Inbox::consumers(db.pool(), "inbox_event").await.unwrap().is_empty());
-            for (consumer, id) in [("points", "e-1"), ("points", "e-2"), ("audit", "e-1"), ("b.c-d", "e-9")] {
+            assert!(
+                Inbox::consumers(db.pool(), "inbox_event")
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            for (consumer, id) in [
+                ("points", "e-1"),
+                ("points", "e-2"),
+                ("audit", "e-1"),
+                ("b.c-d", "e-9"),
+            ] {
                 sqlx::query(&placeholders(
                     "INSERT INTO inbox_event (consumer, event_id, process, attempts, content, \
                      create_time, update_time) VALUES (?, ?, 'FAILED', 5, ?, 1, 1)",
@@ -88,7 +107,11 @@ macro_rules! admin_suite {
             ));
             assert_eq!(inbox.replay_many(&["e-1", "e-2", "e-9"]).await.unwrap(), 2);
             let audit = Inbox::new(db.pool().clone(), "audit").unwrap();
-            assert_eq!(audit.counts().await.unwrap().failed, 1, "another consumer's rows stay");
+            assert_eq!(
+                audit.counts().await.unwrap().failed,
+                1,
+                "another consumer's rows stay"
+            );
             assert_eq!(inbox.counts().await.unwrap().retry, 2);
         }
     };
