@@ -361,7 +361,7 @@ impl<DB: Backend> ParkedSide for OutboxSide<DB> {
         (self.outbox.table().to_owned(), None)
     }
     fn after_replay(&self) -> &'static str {
-        "the relays publish them again"
+        "relays publish replayed events again"
     }
     fn has_destination(&self) -> bool {
         true
@@ -415,7 +415,7 @@ impl<DB: Backend> ParkedSide for InboxSide<DB> {
         )
     }
     fn after_replay(&self) -> &'static str {
-        "the running consumer applies them at its next retry poll"
+        "the running consumer applies replayed events at its next retry poll"
     }
     fn has_destination(&self) -> bool {
         false

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use sqlx::pool::PoolOptions;
-use sqlx::{Database, Pool};
+use sqlx::{Connection, Database, Pool};
 
 use crate::error::CliError;
 
@@ -59,7 +59,21 @@ pub fn redact(url: &str) -> String {
 }
 
 /// A small pool on `url`; a failure to connect is [`CliError::Connect`].
+/// One connection is opened first, on its own, so that the error says why
+/// (refused, unknown host, wrong password) instead of a pool timeout.
 pub async fn connect<DB: Database>(url: &str) -> Result<Pool<DB>, CliError> {
+    let failed = |source| CliError::Connect {
+        url: redact(url),
+        source,
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, DB::Connection::connect(url)).await {
+        Ok(Ok(conn)) => {
+            // Only a probe: a failure to say goodbye is no failure to connect.
+            let _ = conn.close().await;
+        }
+        Ok(Err(source)) => return Err(failed(source)),
+        Err(_) => return Err(failed(sqlx::Error::PoolTimedOut)),
+    }
     PoolOptions::<DB>::new()
         .max_connections(2)
         .acquire_timeout(CONNECT_TIMEOUT)

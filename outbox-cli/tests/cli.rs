@@ -379,7 +379,7 @@ macro_rules! cli_suite {
             let run = outbox_on(db.url(), &["replay", "--all", "--batch", "2", "--progress"]).await.ok();
             assert_eq!(
                 run.stdout,
-                "replayed 3 parked events; the relays publish them again\n",
+                "replayed 3 parked events; relays publish replayed events again\n",
                 "{run:?}"
             );
             assert_eq!(run.stderr, "replayed 2/3\nreplayed 3/3\n", "{run:?}");
