@@ -168,6 +168,21 @@ impl<DB: Backend> Inbox<DB> {
         Ok(self.store.replay(Some(event_id), now_ms()).await? > 0)
     }
 
+    /// Schedules the parked events of this consumer among `event_ids` for
+    /// another round of retries with a fresh budget, in statements of a few
+    /// hundred ids; returns how many were parked (other ids are skipped).
+    pub async fn replay_many<S: AsRef<str>>(&self, event_ids: &[S]) -> Result<u64, Error> {
+        let ids: Vec<&str> = event_ids.iter().map(AsRef::as_ref).collect();
+        self.store.replay_ids(&ids, now_ms()).await
+    }
+
+    /// The consumers that have rows in inbox table `table` (validated), in
+    /// name order: what an operator lists before looking at each one.
+    pub async fn consumers(pool: &Pool<DB>, table: &str) -> Result<Vec<String>, Error> {
+        let table = TableName::new("inbox table name", table)?;
+        crate::store::inbox::consumers(pool, &table).await
+    }
+
     /// Schedules every parked event of this consumer for retry; returns how many.
     pub async fn replay_all(&self) -> Result<u64, Error> {
         self.store.replay(None, now_ms()).await

@@ -64,10 +64,12 @@ pub mod producer {
 
 /// What an operator reads and does: the backlog, parked rows and counts of
 /// both tables. The calls are [`Outbox::backlog`], [`Outbox::counts`],
-/// [`Outbox::parked`], [`Outbox::replay`] and [`Inbox::counts`],
-/// [`Inbox::parked`], [`Inbox::replay`].
+/// [`Outbox::parked`], [`Outbox::replay`], [`Outbox::replay_many`] and
+/// [`Inbox::consumers`], [`Inbox::counts`], [`Inbox::parked`],
+/// [`Inbox::replay`], [`Inbox::replay_many`].
 pub mod admin {
-    pub use crate::inbox::{InboxCounts, ParkedDelivery};
+    pub use crate::inbox::{DEFAULT_INBOX_TABLE, InboxCounts, ParkedDelivery};
+    pub use crate::outbox::DEFAULT_OUTBOX_TABLE;
     pub use crate::outbox::{Backlog, ParkedEvent};
 }
 

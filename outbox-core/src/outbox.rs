@@ -94,6 +94,10 @@ pub struct ParkedEvent {
     pub create_time: i64,
     /// When it was parked (ms since the Unix epoch).
     pub update_time: i64,
+    /// The payload, as appended.
+    pub content: Vec<u8>,
+    /// The payload's content type, e.g. `application/json`.
+    pub content_type: String,
 }
 
 impl<DB: Backend> Outbox<DB> {
@@ -238,7 +242,7 @@ impl<DB: Backend> Outbox<DB> {
         self.inner.store.counts().await
     }
 
-    /// Up to `limit` parked rows, oldest first.
+    /// Up to `limit` parked rows, oldest first, with their payloads.
     pub async fn parked(&self, limit: u32) -> Result<Vec<ParkedEvent>, Error> {
         self.inner.store.parked(limit).await
     }
@@ -250,6 +254,19 @@ impl<DB: Backend> Outbox<DB> {
         let n = self.inner.store.replay(Some(event_id), now_ms()).await?;
         self.wake();
         Ok(n > 0)
+    }
+
+    /// Puts the parked events among `event_ids` back to `NEW` with a fresh
+    /// budget, in statements of a few hundred ids; returns how many were
+    /// parked (ids that are not parked are skipped). For replays too large
+    /// for one [`Outbox::replay_all`] statement, or with progress reports.
+    pub async fn replay_many<S: AsRef<str>>(&self, event_ids: &[S]) -> Result<u64, Error> {
+        let ids: Vec<&str> = event_ids.iter().map(AsRef::as_ref).collect();
+        let n = self.inner.store.replay_ids(&ids, now_ms()).await?;
+        if n > 0 {
+            self.wake();
+        }
+        Ok(n)
     }
 
     /// Puts every parked event back to `NEW`; returns how many.

@@ -7,13 +7,17 @@ use sqlx::Pool;
 
 use super::{InboxState, Row, decode_all};
 use crate::backend::sql::InboxSql;
-use crate::backend::{Backend, Column, Value};
+use crate::backend::{Backend, Column, Value, marks, placeholders};
 use crate::inbox::{Delivery, InboxCounts, ParkedDelivery};
+use crate::names::TableName;
 use crate::{Error, schema};
 
 /// Rows per multi-row insert: 7 values a row, well under every database's
 /// limit on bound parameters.
 const INSERT_CHUNK: usize = 500;
+
+/// Ids per statement when rows are replayed by id.
+const ID_CHUNK: usize = 500;
 
 /// Whether a row was inserted or its (consumer, event id) was there already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,6 +373,37 @@ impl<DB: Backend> InboxStore<DB> {
             .map_err(Error::db("replaying parked inbox rows"))
     }
 
+    /// Schedules the parked rows among `event_ids` for another round of
+    /// retries with a fresh budget, [`ID_CHUNK`] ids per statement; returns
+    /// how many changed.
+    pub(crate) async fn replay_ids(&self, event_ids: &[&str], now: i64) -> Result<u64, Error> {
+        let (retry, failed) = (InboxState::Retry.as_sql(), InboxState::Failed.as_sql());
+        let mut conn = self.acquire().await?;
+        let mut n = 0;
+        for chunk in event_ids.chunks(ID_CHUNK) {
+            let sql = placeholders(
+                DB::DIALECT.placeholders,
+                &format!(
+                    "UPDATE {} SET process = '{retry}', attempts = 0, next_attempt_at = ?, \
+                     update_time = ? WHERE consumer = ? AND process = '{failed}' \
+                     AND event_id IN ({})",
+                    self.table,
+                    marks(chunk.len())
+                ),
+            );
+            let mut args = vec![
+                Value::Int(now),
+                Value::Int(now),
+                Value::Text(Some(&self.consumer)),
+            ];
+            args.extend(chunk.iter().map(|id| Value::Text(Some(id))));
+            n += DB::exec(&mut conn, &sql, &args)
+                .await
+                .map_err(Error::db("replaying parked inbox rows"))?;
+        }
+        Ok(n)
+    }
+
     /// Deletes up to `limit` rows processed before `before`; returns how many.
     pub(crate) async fn delete_processed(&self, before: i64, limit: u32) -> Result<u64, Error> {
         let mut conn = self.acquire().await?;
@@ -384,6 +419,23 @@ impl<DB: Backend> InboxStore<DB> {
         .await
         .map_err(Error::db("deleting processed inbox rows"))
     }
+}
+
+/// The consumers that have rows in inbox table `table`, in name order.
+pub(crate) async fn consumers<DB: Backend>(
+    pool: &Pool<DB>,
+    table: &TableName,
+) -> Result<Vec<String>, Error> {
+    let mut conn = crate::backend::acquire(pool).await?;
+    let rows = DB::fetch(
+        &mut conn,
+        &format!("SELECT DISTINCT consumer FROM {table} ORDER BY consumer"),
+        &[],
+        &[Column::Text],
+    )
+    .await
+    .map_err(Error::db("listing inbox consumers"))?;
+    decode_all("inbox", rows, |mut row| row.text(0, "consumer"))
 }
 
 /// A unique violation is a duplicate; other errors are errors.

@@ -1,5 +1,6 @@
 //! Every statement on an outbox table.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -7,7 +8,7 @@ use sqlx::{Pool, Transaction};
 
 use super::{OutboxState, Row, decode_all};
 use crate::backend::sql::{INSERT_VALUES, OutboxSql};
-use crate::backend::{Backend, Column, Value};
+use crate::backend::{Backend, Column, Value, marks, placeholders};
 use crate::event::{Event, OutboxMessage};
 use crate::outbox::ParkedEvent;
 use crate::{Error, schema};
@@ -428,7 +429,7 @@ impl<DB: Backend> OutboxStore<DB> {
         )
         .await
         .map_err(Error::db("listing parked rows"))?;
-        decode_all("outbox", rows, |mut row| {
+        let mut parked = decode_all("outbox", rows, |mut row| {
             Ok(ParkedEvent {
                 event_id: row.text(0, "event_id")?,
                 event_type: row.text(1, "event_type")?,
@@ -438,8 +439,60 @@ impl<DB: Backend> OutboxStore<DB> {
                 last_error: row.opt_text(5),
                 create_time: row.int(6, "create_time")?,
                 update_time: row.int(7, "update_time")?,
+                content: Vec::new(),
+                content_type: String::new(),
             })
-        })
+        })?;
+        self.fill_payloads(&mut conn, &mut parked).await?;
+        Ok(parked)
+    }
+
+    /// Fills in the payload and content type of `events`, read by event id
+    /// (unique) in chunks of [`ID_CHUNK`]. A row gone meanwhile keeps an
+    /// empty payload.
+    async fn fill_payloads(
+        &self,
+        conn: &mut DB::Connection,
+        events: &mut [ParkedEvent],
+    ) -> Result<(), Error> {
+        for chunk in events.chunks_mut(ID_CHUNK) {
+            let sql = placeholders(
+                DB::DIALECT.placeholders,
+                &format!(
+                    "SELECT event_id, content, content_type FROM {} WHERE event_id IN ({})",
+                    self.table(),
+                    marks(chunk.len())
+                ),
+            );
+            let args: Vec<Value<'_>> = chunk
+                .iter()
+                .map(|e| Value::Text(Some(e.event_id.as_str())))
+                .collect();
+            let rows = DB::fetch(
+                &mut *conn,
+                &sql,
+                &args,
+                &[Column::Text, Column::Bytes, Column::Text],
+            )
+            .await
+            .map_err(Error::db("reading parked payloads"))?;
+            let mut payloads: HashMap<String, (Vec<u8>, String)> =
+                decode_all("outbox", rows, |mut row| {
+                    Ok((
+                        row.text(0, "event_id")?,
+                        (row.bytes(1, "content")?, row.text(2, "content_type")?),
+                    ))
+                })?
+                .into_iter()
+                .collect();
+            for event in chunk.iter_mut() {
+                if let Some((content, content_type)) = payloads.remove(&event.event_id) {
+                    event.content = content;
+                    event.content_type = content_type;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Puts the parked row `event_id` (or every parked row) back to `NEW`
@@ -456,6 +509,32 @@ impl<DB: Backend> OutboxStore<DB> {
         DB::exec(&mut conn, sql, &args)
             .await
             .map_err(Error::db("replaying parked rows"))
+    }
+
+    /// Puts the parked rows among `event_ids` back to `NEW` with a fresh
+    /// budget, [`ID_CHUNK`] ids per statement; returns how many changed.
+    pub(crate) async fn replay_ids(&self, event_ids: &[&str], now: i64) -> Result<u64, Error> {
+        let (new, failed) = (OutboxState::New.as_sql(), OutboxState::Failed.as_sql());
+        let mut conn = self.acquire().await?;
+        let mut n = 0;
+        for chunk in event_ids.chunks(ID_CHUNK) {
+            let sql = placeholders(
+                DB::DIALECT.placeholders,
+                &format!(
+                    "UPDATE {} SET process = '{new}', attempts = 0, next_attempt_at = ?, \
+                     update_time = ?, claimed_by = NULL, claimed_until = NULL \
+                     WHERE process = '{failed}' AND event_id IN ({})",
+                    self.table(),
+                    marks(chunk.len())
+                ),
+            );
+            let mut args = vec![Value::Int(now), Value::Int(now)];
+            args.extend(chunk.iter().map(|id| Value::Text(Some(id))));
+            n += DB::exec(&mut conn, &sql, &args)
+                .await
+                .map_err(Error::db("replaying parked rows"))?;
+        }
+        Ok(n)
     }
 }
 
