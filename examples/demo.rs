@@ -102,6 +102,11 @@ struct Args {
     /// Keep the run folder (SQLite files, service logs) after a successful run.
     #[arg(long)]
     keep: bool,
+    /// Run both services with `--trace`: each prints its finished spans to
+    /// its log, so one event's trace can be followed from the user service
+    /// through the broker into the points service (needs the `otel` feature).
+    #[arg(long)]
+    trace: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -178,15 +183,24 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut broker = find_or_start_broker(&args).await?;
     let broker_uri = broker.uri_for_services();
 
+    let trace: Vec<String> = if args.trace {
+        vec!["--trace".into()]
+    } else {
+        Vec::new()
+    };
     let mut points = Service::new(
         "points",
         points_bin,
-        vec![
-            "--broker".into(),
-            broker_uri.clone(),
-            "--database".into(),
-            points_url,
-        ],
+        [
+            vec![
+                "--broker".into(),
+                broker_uri.clone(),
+                "--database".into(),
+                points_url,
+            ],
+            trace.clone(),
+        ]
+        .concat(),
         run_dir.join("points_service.log"),
         args.verbose,
         POINTS_READY,
@@ -194,16 +208,20 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut users = Service::new(
         "user",
         user_bin,
-        vec![
-            "--broker".into(),
-            broker_uri,
-            "--database".into(),
-            users_url,
-            "--users".into(),
-            args.users.to_string(),
-            "--rate".into(),
-            args.rate.to_string(),
-        ],
+        [
+            vec![
+                "--broker".into(),
+                broker_uri,
+                "--database".into(),
+                users_url,
+                "--users".into(),
+                args.users.to_string(),
+                "--rate".into(),
+                args.rate.to_string(),
+            ],
+            trace,
+        ]
+        .concat(),
         run_dir.join("user_service.log"),
         args.verbose,
         "connected to the broker",

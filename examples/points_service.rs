@@ -43,7 +43,7 @@ use tokio::sync::watch;
 #[path = "shared/mod.rs"]
 mod shared;
 
-use shared::{BoxError, connect, init_logging, now_ms, open_sqlite, stop_on_signals};
+use shared::{BoxError, connect, now_ms, open_sqlite, stop_on_signals};
 
 /// Consumes `user.created` and writes one welcome-points row per user into DB2.
 #[derive(Debug, Parser)]
@@ -58,6 +58,10 @@ struct Args {
     /// (`/health/ready`, `/health/live`) on this address, e.g. `127.0.0.1:9465`.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Print each finished span (OpenTelemetry) on stderr, one line each;
+    /// with the `otel` feature the trace goes across the broker with each event.
+    #[arg(long)]
+    trace: bool,
 }
 
 /// The part of the user service's event this service needs.
@@ -140,8 +144,8 @@ mod on_mysql {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    init_logging();
     let args = Args::parse();
+    shared::ops::init_telemetry(args.trace);
     let stop = stop_on_signals()?.subscribe();
     let scheme = args.database.split(':').next().unwrap_or_default();
     match scheme {

@@ -37,11 +37,12 @@ use serde::Serialize;
 use sqlx::Transaction;
 use tokio::sync::watch;
 use tokio::time::{MissedTickBehavior, interval};
+use tracing::Instrument as _;
 
 #[path = "shared/mod.rs"]
 mod shared;
 
-use shared::{BoxError, connect, init_logging, now_ms, open_sqlite, stop_on_signals};
+use shared::{BoxError, connect, now_ms, open_sqlite, stop_on_signals};
 
 /// Registers users 1..=N in DB1 and publishes a `user.created` event for each.
 #[derive(Debug, Parser)]
@@ -65,6 +66,10 @@ struct Args {
     /// (`/health/ready`, `/health/live`) on this address, e.g. `127.0.0.1:9464`.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Print each finished span (OpenTelemetry) on stderr, one line each;
+    /// with the `otel` feature the trace goes across the broker with each event.
+    #[arg(long)]
+    trace: bool,
 }
 
 /// The event: what the points service (or anyone else) learns about a new user.
@@ -170,8 +175,8 @@ mod on_mysql {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    init_logging();
     let args = Args::parse();
+    shared::ops::init_telemetry(args.trace);
     let stop = stop_on_signals()?;
     let scheme = args.database.split(':').next().unwrap_or_default();
     match scheme {
@@ -316,7 +321,11 @@ async fn register_users<DB: Backend>(
                     return Ok(());
                 }
             }
-            _ = tick(&mut pace), if !done => match users.register(next).await {
+            _ = tick(&mut pace), if !done => match users
+                .register(next)
+                .instrument(tracing::info_span!("register_user", user_id = next))
+                .await
+            {
                 Ok(user) => {
                     tracing::debug!(user_id = user.user_id, "registered");
                     next += 1;

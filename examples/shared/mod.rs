@@ -19,11 +19,27 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Logs to stderr; `RUST_LOG` sets the filter (default `info`).
 pub(crate) fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    tracing_subscriber::registry()
+        .with(log_filter())
+        .with(log_layer())
+        .init();
+}
+
+/// The log filter: `RUST_LOG`, default `info`.
+pub(crate) fn log_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
+}
+
+/// Log lines on stderr, coloured on a terminal.
+pub(crate) fn log_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
-        .init();
 }
 
 /// A stop flag raised by SIGINT or SIGTERM.

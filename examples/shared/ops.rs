@@ -106,3 +106,73 @@ fn describe(health: Option<&Health>) -> Value {
         "figures_age_seconds": secs(h.figures_age),
     })
 }
+
+/// Logging to stderr as [`super::init_logging`] does and, with `trace`, an
+/// OpenTelemetry layer whose finished spans are printed to stderr one line
+/// each (`span name=… trace=… id=… parent=… ms=…`, then the span's fields).
+/// The W3C trace-context and baggage propagators are installed, so with the
+/// library's `otel` feature the trace goes across the broker with each event.
+pub(crate) fn init_telemetry(trace: bool) {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    if !trace {
+        super::init_logging();
+        return;
+    }
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry::propagation::TextMapCompositePropagator::new(vec![
+            Box::new(opentelemetry_sdk::propagation::TraceContextPropagator::new()),
+            Box::new(opentelemetry_sdk::propagation::BaggagePropagator::new()),
+        ]),
+    );
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(SpanLines)
+        .build();
+    let tracer = provider.tracer("outbox-example");
+    tracing_subscriber::registry()
+        .with(super::log_filter())
+        .with(super::log_layer())
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .init();
+}
+
+/// Prints each finished span as one line on stderr.
+#[derive(Debug)]
+struct SpanLines;
+
+impl opentelemetry_sdk::trace::SpanExporter for SpanLines {
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        use std::io::Write as _;
+        let mut out = std::io::stderr().lock();
+        for span in batch {
+            let ms = span
+                .end_time
+                .duration_since(span.start_time)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1000.0;
+            let mut line = format!(
+                "span name={} trace={} id={} parent={} ms={ms:.1}",
+                span.name,
+                span.span_context.trace_id(),
+                span.span_context.span_id(),
+                span.parent_span_id,
+            );
+            for kv in &span.attributes {
+                if !kv.key.as_str().starts_with("code.") && !kv.key.as_str().starts_with("thread.")
+                {
+                    line.push_str(&format!(" {}={}", kv.key, kv.value));
+                }
+            }
+            for link in span.links.iter() {
+                line.push_str(&format!(" link={}", link.span_context.span_id()));
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        Ok(())
+    }
+}
