@@ -100,8 +100,8 @@ async fn wait_for_health(port: u16, status: u16, state: &str) -> serde_json::Val
     }
 }
 
-fn service(name: &str, args: &[String]) -> Child {
-    Command::new(support::example_binary(name))
+fn service(binary: &std::path::Path, args: &[String]) -> Child {
+    Command::new(binary)
         .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -132,11 +132,16 @@ async fn metrics_and_health_of_the_example_services_follow_events_and_the_broker
         "failover:(stomp://127.0.0.1:{})?maxReconnectDelay=500",
         broker.stomp_port()
     );
+    // Built first: the ports are picked right before the services bind them.
+    let (users_bin, points_bin) = (
+        support::example_binary("user_service"),
+        support::example_binary("points_service"),
+    );
     let (user_port, points_port) = (free_port(), free_port());
     let db = |name: &str| format!("sqlite://{}/{name}.db?mode=rwc", dir.path().display());
 
     let points = service(
-        "points_service",
+        &points_bin,
         &[
             "--broker".into(),
             uri.clone(),
@@ -149,7 +154,7 @@ async fn metrics_and_health_of_the_example_services_follow_events_and_the_broker
     // Ready once subscribed: only then does the Virtual Topic queue keep events.
     wait_for_health(points_port, 200, "connected").await;
     let users = service(
-        "user_service",
+        &users_bin,
         &[
             "--broker".into(),
             uri,
@@ -212,12 +217,8 @@ async fn metrics_and_health_of_the_example_services_follow_events_and_the_broker
 
     // Broker gone: neither service is ready, both still live.
     broker.kill().await?;
-    let relay = wait_for_health(user_port, 503, "reconnecting").await;
+    wait_for_health(user_port, 503, "reconnecting").await;
     wait_for_health(points_port, 503, "reconnecting").await;
-    assert!(
-        relay["error"].is_string() || relay["error"].is_null(),
-        "{relay}"
-    );
     for port in [user_port, points_port] {
         let (code, body) = get(port, "/health/live")
             .await

@@ -21,10 +21,7 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    tracing_subscriber::registry()
-        .with(log_filter())
-        .with(log_layer())
-        .init();
+    tracing_subscriber::registry().with(log_layer()).init();
 }
 
 /// The log filter: `RUST_LOG`, default `info`.
@@ -32,14 +29,17 @@ pub(crate) fn log_filter() -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
 }
 
-/// Log lines on stderr, coloured on a terminal.
+/// Log lines on stderr, coloured on a terminal, filtered by [`log_filter`]
+/// (the filter is the log's own: spans for other layers pass whatever it says).
 pub(crate) fn log_layer<S>() -> impl tracing_subscriber::Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
+    use tracing_subscriber::Layer as _;
     tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        .with_filter(log_filter())
 }
 
 /// A stop flag raised by SIGINT or SIGTERM.

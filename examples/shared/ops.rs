@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use outbox::core::observe::{Health, LinkState};
+use outbox::core::observe::{Health, RunState};
 use serde_json::{Value, json};
 
 use super::BoxError;
@@ -93,7 +93,7 @@ fn status(ok: bool) -> StatusCode {
 /// The health as JSON; durations in seconds.
 fn describe(health: Option<&Health>) -> Value {
     let Some(h) = health else {
-        return json!({ "state": LinkState::Starting.as_str(), "error": "connecting to the broker" });
+        return json!({ "state": RunState::Starting.as_str(), "error": "connecting to the broker" });
     };
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
     json!({
@@ -130,8 +130,8 @@ pub(crate) fn init_telemetry(trace: bool) {
         .with_simple_exporter(SpanLines)
         .build();
     let tracer = provider.tracer("outbox-example");
+    // The spans go to OpenTelemetry whatever `RUST_LOG` keeps in the log.
     tracing_subscriber::registry()
-        .with(super::log_filter())
         .with(super::log_layer())
         .with(tracing_opentelemetry::layer().with_tracer(tracer))
         .init();

@@ -656,15 +656,12 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
 ) {
     let deliveries: Vec<Delivery> = messages.iter().map(to_delivery).collect();
     let _in_flight = shared.drain.begin();
-    let gauge = shared.metrics.instruments.get().map(|i| &i.in_flight);
-    let n = deliveries.len() as f64;
-    gauge.inspect(|g| g.increment(n));
+    let _gauge = InFlightGauge::add(&shared.metrics, deliveries.len());
     let outcomes = if let [one] = deliveries.as_slice() {
         vec![settle_one(shared, one, stopped).await]
     } else {
         settle_batch(shared, &deliveries, stopped).await
     };
-    gauge.inspect(|g| g.decrement(n));
     count_outcomes(&shared.metrics, &deliveries, &outcomes);
     failpoint::hit("inbox.after_commit");
     // Queued together, the ACKs of a batch leave in one write. A delivery
@@ -682,6 +679,29 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
         if let Err(error) = acked {
             // The broker redelivers it; the inbox row makes that harmless.
             tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
+        }
+    }
+}
+
+/// Deliveries in progress on the in-flight gauge; taken off when dropped,
+/// however the delivery ends.
+struct InFlightGauge<'a>(Option<&'a metrics::Gauge>, f64);
+
+impl<'a> InFlightGauge<'a> {
+    fn add(metrics: &'a ConsumerMetrics, n: usize) -> InFlightGauge<'a> {
+        let gauge = metrics.instruments.get().map(|i| &i.in_flight);
+        let n = n as f64;
+        if let Some(g) = gauge {
+            g.increment(n);
+        }
+        InFlightGauge(gauge, n)
+    }
+}
+
+impl Drop for InFlightGauge<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.0 {
+            g.decrement(self.1);
         }
     }
 }
@@ -1068,9 +1088,13 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
             read_figures(&shared).await;
         }
         let busy = match retry_due(&shared).await {
-            Ok(n) => n > 0,
+            Ok(n) => {
+                shared.metrics.status.idle();
+                n > 0
+            }
             Err(error) => {
                 tracing::warn!(%error, "retry loop failed");
+                shared.metrics.status.database_failed(&error);
                 false
             }
         };
@@ -1101,7 +1125,7 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
 /// Reads the inbox rows waiting for a retry and the parked ones, for
 /// [`ConsumerMetrics::health`] and the gauges.
 async fn read_figures<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>) {
-    match shared.inbox.counts().await {
+    match shared.inbox.store.unsettled_counts().await {
         Ok(counts) => {
             let metrics = &shared.metrics;
             metrics
@@ -1112,7 +1136,10 @@ async fn read_figures<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>) {
                 i.parked_rows.set(counts.failed as f64);
             }
         }
-        Err(error) => tracing::debug!(%error, "could not read the inbox figures"),
+        Err(error) => {
+            tracing::debug!(%error, "could not read the inbox figures");
+            shared.metrics.status.database_failed(&error);
+        }
     }
 }
 

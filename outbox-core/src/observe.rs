@@ -50,7 +50,7 @@ use crate::subscriber::LinkStatus;
 /// What a relay or consumer is doing, as a probe sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum LinkState {
+pub enum RunState {
     /// Started; nothing has gone through or failed yet.
     Starting,
     /// Connected to the broker, and the last round with the database went
@@ -64,21 +64,21 @@ pub enum LinkState {
     Stopped,
 }
 
-impl LinkState {
+impl RunState {
     /// The state as a lowercase word: `starting`, `connected`,
     /// `reconnecting`, `database_failing`, `stopped`.
     pub fn as_str(self) -> &'static str {
         match self {
-            LinkState::Starting => "starting",
-            LinkState::Connected => "connected",
-            LinkState::Reconnecting => "reconnecting",
-            LinkState::DatabaseFailing => "database_failing",
-            LinkState::Stopped => "stopped",
+            RunState::Starting => "starting",
+            RunState::Connected => "connected",
+            RunState::Reconnecting => "reconnecting",
+            RunState::DatabaseFailing => "database_failing",
+            RunState::Stopped => "stopped",
         }
     }
 }
 
-impl std::fmt::Display for LinkState {
+impl std::fmt::Display for RunState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -93,9 +93,9 @@ impl std::fmt::Display for LinkState {
 #[non_exhaustive]
 pub struct Health {
     /// What it is doing.
-    pub state: LinkState,
+    pub state: RunState,
     /// The last error, until something goes through again; why it stopped
-    /// once [`Stopped`](LinkState::Stopped).
+    /// once [`Stopped`](RunState::Stopped).
     pub error: Option<String>,
     /// Time since the last batch the broker confirmed (relay) or the last
     /// delivery settled (consumer); `None` before the first.
@@ -116,12 +116,12 @@ impl Health {
     /// For a liveness probe: `false` once it has stopped, which only a
     /// restart cures.
     pub fn is_live(&self) -> bool {
-        self.state != LinkState::Stopped
+        self.state != RunState::Stopped
     }
 
     /// For a readiness probe: `true` while connected and working.
     pub fn is_ready(&self) -> bool {
-        self.state == LinkState::Connected
+        self.state == RunState::Connected
     }
 }
 
@@ -183,10 +183,11 @@ impl Status {
         });
     }
 
-    /// The database round of an idle turn went through.
+    /// A round with the database went through: that clears a database
+    /// failure, not a broker one (only a confirmed publish does that).
     pub(crate) fn idle(&self) {
         self.with(|s| {
-            if s.last != Last::Stopped {
+            if matches!(s.last, Last::Nothing | Last::DatabaseDown) {
                 s.last = Last::Ok;
                 s.error = None;
             }
@@ -227,16 +228,18 @@ impl Status {
         let connected = self.link.get().map(|link| link.is_connected());
         self.with(|s| {
             let state = match (s.last, connected) {
-                _ if finished => LinkState::Stopped,
-                (Last::Stopped, _) => LinkState::Stopped,
-                (_, Some(false)) => LinkState::Reconnecting,
-                (Last::DatabaseDown, _) => LinkState::DatabaseFailing,
-                (Last::BrokerDown, None) => LinkState::Reconnecting,
-                (Last::Nothing, None) => LinkState::Starting,
-                _ => LinkState::Connected,
+                _ if finished => RunState::Stopped,
+                (Last::Stopped, _) => RunState::Stopped,
+                (_, Some(false)) => RunState::Reconnecting,
+                (Last::DatabaseDown, _) => RunState::DatabaseFailing,
+                // Connected, but the last publish found no broker to
+                // confirm it (a receipt timed out): not ready until one does.
+                (Last::BrokerDown, _) => RunState::Reconnecting,
+                (Last::Nothing, None) => RunState::Starting,
+                _ => RunState::Connected,
             };
             let error = match (state, &s.error) {
-                (LinkState::Stopped, None) => Some("stopped".to_owned()),
+                (RunState::Stopped, None) => Some("stopped".to_owned()),
                 (_, error) => error.clone(),
             };
             Health {
@@ -323,7 +326,7 @@ impl ConsumerInstruments {
 }
 
 /// Describes every metric to the recorder (units and help texts), once per
-/// recorder that is installed when a relay or consumer starts.
+/// process: to the recorder installed when the first relay or consumer starts.
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     static DONE: std::sync::Once = std::sync::Once::new();
@@ -445,28 +448,36 @@ mod tests {
     #[test]
     fn the_state_follows_the_last_round_and_the_link() {
         let status = Status::default();
-        assert_eq!(status.health(false).state, LinkState::Starting);
+        assert_eq!(status.health(false).state, RunState::Starting);
         status.broker_failed("refused");
         let h = status.health(false);
-        assert_eq!(h.state, LinkState::Reconnecting);
+        assert_eq!(h.state, RunState::Reconnecting);
         assert_eq!(h.error.as_deref(), Some("refused"));
         assert!(!h.is_ready() && h.is_live());
         status.succeeded();
         let h = status.health(false);
-        assert_eq!(h.state, LinkState::Connected);
+        assert_eq!(h.state, RunState::Connected);
         assert!(h.error.is_none() && h.since_last_success.is_some());
         assert!(h.is_ready());
         status.database_failed("pool timed out");
-        assert_eq!(status.health(false).state, LinkState::DatabaseFailing);
+        assert_eq!(status.health(false).state, RunState::DatabaseFailing);
         status.idle();
-        assert_eq!(status.health(false).state, LinkState::Connected);
-        // A known link decides between connected and reconnecting.
+        assert_eq!(status.health(false).state, RunState::Connected);
+        // A link that is up does not hide a publish the broker did not confirm.
+        let linked = Status::default();
+        linked.set_link(Arc::new(Link(true)));
+        assert_eq!(linked.health(false).state, RunState::Connected);
+        linked.broker_failed("receipt timed out");
+        assert_eq!(linked.health(false).state, RunState::Reconnecting);
+        linked.succeeded();
+        assert_eq!(linked.health(false).state, RunState::Connected);
+        // A link that is down is reconnecting whatever went before.
         status.set_link(Arc::new(Link(false)));
-        assert_eq!(status.health(false).state, LinkState::Reconnecting);
+        assert_eq!(status.health(false).state, RunState::Reconnecting);
         status.stopped("the broker refused the login");
         status.succeeded();
         let h = status.health(false);
-        assert_eq!(h.state, LinkState::Stopped);
+        assert_eq!(h.state, RunState::Stopped);
         assert!(!h.is_live());
         // A finished task is stopped whatever was recorded.
         let fresh = Status::default();
@@ -474,7 +485,7 @@ mod tests {
         let h = fresh.health(true);
         assert_eq!(
             (h.state, h.error.as_deref()),
-            (LinkState::Stopped, Some("stopped"))
+            (RunState::Stopped, Some("stopped"))
         );
     }
 

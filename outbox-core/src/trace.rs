@@ -21,8 +21,9 @@
 //! );
 //! ```
 //!
-//! Without the feature these functions create the same spans and write no
-//! headers.
+//! With the feature both spans are at level `info`, so a service's usual
+//! filter keeps them for its exporter. Without it they are `debug` spans, as
+//! the relay's publish span was before, and no headers are written.
 
 use crate::event::{Event, OutboxMessage};
 use crate::inbox::Delivery;
@@ -34,7 +35,10 @@ const MAX_LINKS: usize = 128;
 /// The span of one publish: a child of its row's producer (one row) or
 /// linked to its rows' producers.
 pub(crate) fn publish_span(batch: &[OutboxMessage]) -> tracing::Span {
+    #[cfg(feature = "otel")]
     let span = tracing::info_span!("outbox.publish", rows = batch.len());
+    #[cfg(not(feature = "otel"))]
+    let span = tracing::debug_span!("outbox.publish", rows = batch.len());
     #[cfg(feature = "otel")]
     otel::follow_rows(&span, batch);
     span
@@ -43,12 +47,21 @@ pub(crate) fn publish_span(batch: &[OutboxMessage]) -> tracing::Span {
 /// The span around one delivery's handler: a child of the context the
 /// message carries.
 pub(crate) fn handle_span(delivery: &Delivery) -> tracing::Span {
-    let span = tracing::info_span!(
-        "outbox.handle",
-        event_id = %delivery.event_id,
-        event_type = delivery.event_type.as_deref().unwrap_or(""),
-        attempt = delivery.attempt,
-    );
+    macro_rules! handle_span {
+        ($level:expr) => {
+            tracing::span!(
+                $level,
+                "outbox.handle",
+                event_id = %delivery.event_id,
+                event_type = delivery.event_type.as_deref().unwrap_or(""),
+                attempt = delivery.attempt,
+            )
+        };
+    }
+    #[cfg(feature = "otel")]
+    let span = handle_span!(tracing::Level::INFO);
+    #[cfg(not(feature = "otel"))]
+    let span = handle_span!(tracing::Level::DEBUG);
     #[cfg(feature = "otel")]
     otel::continue_from(&span, &delivery.headers);
     span
@@ -119,10 +132,12 @@ mod otel {
                 .iter()
                 .map(|event| {
                     let mut event = event.clone();
-                    let own = event
-                        .headers
-                        .keys()
-                        .any(|name| name.eq_ignore_ascii_case("traceparent"));
+                    // An event that carries trace context of its own keeps all of it.
+                    let own = event.headers.keys().any(|name| {
+                        ["traceparent", "tracestate", "baggage"]
+                            .iter()
+                            .any(|h| name.eq_ignore_ascii_case(h))
+                    });
                     if !own {
                         event.headers.extend(written.0.clone());
                     }
@@ -159,13 +174,42 @@ mod otel {
 
 #[cfg(test)]
 mod tests {
+    /// Inside a span OpenTelemetry knows, with the W3C propagator set: the
+    /// feature decides whether the context is written.
+    fn appended_in_a_trace() -> (bool, Option<Vec<crate::Event>>) {
+        use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let event = crate::Event::json("t", "/queue/q", &1).unwrap();
+            let span = tracing::info_span!("produce");
+            let _entered = span.enter();
+            let traced = span.context().span().span_context().is_valid();
+            (traced, super::with_context(std::slice::from_ref(&event)))
+        })
+    }
+
     #[cfg(not(feature = "otel"))]
     #[test]
     fn without_the_feature_no_trace_headers_are_added() {
-        let event = crate::Event::json("t", "/queue/q", &1).unwrap();
-        let span = tracing::info_span!("produce");
-        let _entered = span.enter();
-        assert!(super::with_context(std::slice::from_ref(&event)).is_none());
+        let (traced, events) = appended_in_a_trace();
+        assert!(traced, "the append ran in a trace");
+        assert!(events.is_none(), "no trace headers without the feature");
+    }
+
+    #[cfg(feature = "otel")]
+    #[test]
+    fn with_the_feature_the_trace_context_is_added() {
+        let (traced, events) = appended_in_a_trace();
+        assert!(traced);
+        let events = events.expect("trace headers");
+        assert!(events[0].headers.contains_key("traceparent"));
     }
 
     #[test]

@@ -121,6 +121,10 @@ pub struct Dialect {
     /// `CREATE INDEX` for a migration step: (index, table, columns). Safe to
     /// run again, through `IF NOT EXISTS` or [`already_applied`](Self::already_applied).
     pub create_index: fn(&str, &str, &str) -> String,
+    /// `ALTER TABLE … ADD COLUMN` for a migration step: (table, column
+    /// definition). Safe to run again, through `IF NOT EXISTS` or
+    /// [`already_applied`](Self::already_applied).
+    pub add_column: fn(&str, &str) -> String,
     /// Inbox schema version 3 (table): the indexes that find retry and parked
     /// rows and a key's pending rows, cut down to those rows (partial indexes),
     /// so an applied event no longer updates them. Empty where the database

@@ -29,6 +29,7 @@ static MYSQL: Dialect = Dialect {
         format!("DELETE FROM {table} WHERE {condition} ORDER BY {order} LIMIT ?")
     },
     create_index: |index, table, columns| format!("CREATE INDEX {index} ON {table} ({columns})"),
+    add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN {column}"),
     // No partial indexes: the inbox keeps its full ones.
     inbox_pending_indexes: |_| Vec::new(),
     already_applied,

@@ -24,6 +24,7 @@ static POSTGRES: Dialect = Dialect {
     notify: |table| Some(format!("NOTIFY {table}")),
     delete_limited: super::delete_by_id_subquery,
     create_index: super::create_index_if_not_exists,
+    add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"),
     inbox_pending_indexes: super::partial_pending_indexes,
     already_applied: |_| false,
     // A session lock: given back explicitly, or when the connection ends.

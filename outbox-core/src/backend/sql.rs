@@ -20,10 +20,15 @@ pub(crate) const CLAIM_COLUMNS: &str = "id, event_id, event_type, destination, e
 /// Columns written when an event is appended.
 const INSERT_COLUMNS: &str = "event_id, event_type, destination, event_key, headers, content, \
      content_type, process, attempts, next_attempt_at, create_time, update_time, claimed_by, \
-     claimed_until";
+     claimed_until, partition_no";
 
 /// Values per appended row (the columns of [`INSERT_COLUMNS`]).
-pub(crate) const INSERT_VALUES: usize = 14;
+pub(crate) const INSERT_VALUES: usize = 15;
+
+/// Rows a relay may claim: keyless ones (`partition_no` -1, also every row
+/// written before schema version 4) and those of its share of the key
+/// partitions, `[?, ?)`.
+const IN_SHARE: &str = "(partition_no < 0 OR (partition_no >= ? AND partition_no < ?))";
 
 /// The statements of one outbox table.
 #[derive(Debug)]
@@ -70,6 +75,13 @@ impl OutboxSql {
                 // rewritten by `OutboxStore::migrate` before this version is
                 // recorded; the step itself has no statement.
                 Vec::new(),
+                // Version 4: each row's key partition, so relays share a
+                // table by leasing partitions instead of waiting for each
+                // other's keys. Rows written before keep -1: anyone's.
+                vec![(dialect.add_column)(
+                    t,
+                    "partition_no INTEGER NOT NULL DEFAULT -1",
+                )],
             ],
             legacy_headers: p(format!(
                 "SELECT id, headers FROM {t} WHERE id > ? AND headers LIKE '{{%' ORDER BY id LIMIT ?"
@@ -80,12 +92,13 @@ impl OutboxSql {
             notify: (dialect.notify)(t),
             claim: p(format!(
                 "SELECT {CLAIM_COLUMNS} FROM {t} WHERE process = '{new}' AND next_attempt_at <= ? \
-                 AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY id LIMIT ?{}",
+                 AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} \
+                 ORDER BY id LIMIT ?{}",
                 dialect.skip_locked
             )),
             due_probe: p(format!(
                 "SELECT id FROM {t} WHERE process = '{new}' AND next_attempt_at <= ? \
-                 AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY id LIMIT 1"
+                 AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} ORDER BY id LIMIT 1"
             )),
             handed_off: p(format!(
                 "SELECT {CLAIM_COLUMNS} FROM {t} WHERE claimed_by = ? AND process = '{new}' \
@@ -115,7 +128,12 @@ impl OutboxSql {
                 &format!("process = '{published}' AND published_time < ?"),
                 "published_time",
             )),
-            backlog: format!("SELECT COUNT(*), MIN(create_time) FROM {t} WHERE process = '{new}'"),
+            // The oldest waiting row by id (the first one the relay takes),
+            // read on the index instead of every waiting row's time.
+            backlog: format!(
+                "SELECT COUNT(*), (SELECT create_time FROM {t} WHERE process = '{new}' \
+                 ORDER BY id LIMIT 1) FROM {t} WHERE process = '{new}'"
+            ),
             parked_count: format!("SELECT COUNT(*) FROM {t} WHERE process = '{failed}'"),
             parked: p(format!(
                 "SELECT event_id, event_type, destination, event_key, attempts, last_error, \
@@ -220,6 +238,9 @@ pub(crate) struct InboxSql {
     pub(crate) take_retry: String,
     pub(crate) fail_retry: String,
     pub(crate) counts: String,
+    /// [`counts`](Self::counts) of the retrying and parked rows only: on the
+    /// pending index, however many rows are processed.
+    pub(crate) counts_unsettled: String,
     pub(crate) parked: String,
     pub(crate) replay_one: String,
     pub(crate) replay_all: String,
@@ -296,6 +317,10 @@ impl InboxSql {
             counts: p(format!(
                 "SELECT process, COUNT(*) FROM {t} WHERE consumer = ? GROUP BY process"
             )),
+            counts_unsettled: p(format!(
+                "SELECT process, COUNT(*) FROM {t} WHERE consumer = ? \
+                 AND process IN ('{retry}', '{failed}') GROUP BY process"
+            )),
             parked: p(format!(
                 "SELECT event_id, event_type, event_key, attempts, last_error, create_time, \
                  update_time, content FROM {t} WHERE consumer = ? AND process = '{failed}' \
@@ -347,6 +372,12 @@ pub(crate) struct MetaSql {
     pub(crate) version_update: String,
     pub(crate) lease_insert: String,
     pub(crate) lease_take: String,
+    /// Names of the leases in `[?, ?)` that hold past `?`, in order.
+    pub(crate) leases_in_range: String,
+    /// Drops the lease named `?`.
+    pub(crate) lease_drop: String,
+    /// Drops the leases in `[?, ?)` that ran out before `?`.
+    pub(crate) leases_purge: String,
 }
 
 impl MetaSql {
@@ -373,6 +404,15 @@ impl MetaSql {
                 "UPDATE outbox_lease SET holder = ?, until_time = ? \
                  WHERE name = ? AND (until_time < ? OR holder = ?)"
                     .into(),
+            ),
+            leases_in_range: p(
+                "SELECT name FROM outbox_lease WHERE name >= ? AND name < ? AND until_time > ? \
+                 ORDER BY name"
+                    .into(),
+            ),
+            lease_drop: p("DELETE FROM outbox_lease WHERE name = ?".into()),
+            leases_purge: p(
+                "DELETE FROM outbox_lease WHERE name >= ? AND name < ? AND until_time < ?".into(),
             ),
         }
     }

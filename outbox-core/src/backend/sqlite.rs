@@ -22,8 +22,14 @@ static SQLITE: Dialect = Dialect {
     notify: |_| None,
     delete_limited: super::delete_by_id_subquery,
     create_index: super::create_index_if_not_exists,
+    add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN {column}"),
     inbox_pending_indexes: super::partial_pending_indexes,
-    already_applied: |_| false,
+    // SQLite has no `ADD COLUMN IF NOT EXISTS`: a step run again says so.
+    already_applied: |error| {
+        error
+            .as_database_error()
+            .is_some_and(|e| e.message().contains("duplicate column name"))
+    },
     migration_lock: None,
     relaxed_commit: None,
     single_writer: true,

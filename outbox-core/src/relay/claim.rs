@@ -118,12 +118,13 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let now = now_ms();
         // A read first: an idle relay takes no write lock (SQLite) and opens no
         // transaction.
-        if !store.any_due(now).await? {
+        let share = self.share.get();
+        if !store.any_due(now, share).await? {
             return Ok(Vec::new());
         }
         let mut tx = store.begin_relaxed().await?;
         let mut batch = store
-            .select_due(&mut tx, now, self.config.batch_size.max(1))
+            .select_due(&mut tx, now, share, self.config.batch_size.max(1))
             .await?;
         if batch.is_empty() {
             tx.commit().await.map_err(Error::db("ending a claim"))?;

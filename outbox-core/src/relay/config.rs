@@ -49,6 +49,14 @@ pub struct RelayConfig {
     /// and the gauges of [`observe`](crate::observe#metrics); `None` reads
     /// nothing (default 10 s; each read is two indexed `COUNT`s).
     pub stats_interval: Option<Duration>,
+    /// Share the table with the other relays by key partitions (default
+    /// on): each relay claims keyed rows only from its share of the
+    /// [`KEY_PARTITIONS`](crate::relay::KEY_PARTITIONS), found through
+    /// membership leases in `outbox_lease` and rebalanced as relays start,
+    /// stop or die (within half a lease); keyless rows go to any relay. Off:
+    /// every relay claims from every partition, and relays whose batches share
+    /// keys wait for each other. Per-key order holds either way.
+    pub key_partitions: bool,
 }
 
 impl Default for RelayConfig {
@@ -66,6 +74,7 @@ impl Default for RelayConfig {
             relay_id: Uuid::now_v7().simple().to_string(),
             handoff: true,
             stats_interval: Some(Duration::from_secs(10)),
+            key_partitions: true,
         }
     }
 }

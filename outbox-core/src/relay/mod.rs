@@ -49,6 +49,7 @@ mod claim;
 mod config;
 mod marks;
 mod pacing;
+mod share;
 
 pub use crate::error::{PublishError, PublishErrorKind};
 pub use crate::event::OutboxMessage;
@@ -57,6 +58,9 @@ pub(crate) use config::bounded;
 pub use config::{MAX_RELAY_BATCH, RelayConfig};
 use marks::{Marker, Marks};
 use pacing::{Next, Pacing};
+pub use share::KEY_PARTITIONS;
+pub(crate) use share::key_partition;
+use share::{Membership, ShareCell};
 /// Counters of one relay, shared with whoever holds the `Arc`.
 #[derive(Debug, Default)]
 pub struct RelayMetrics {
@@ -133,7 +137,7 @@ impl RelayMetrics {
     }
 
     /// The relay's health, as far as these counters know it: a relay run
-    /// with [`Relay::run`] reports [`Stopped`](crate::observe::LinkState::Stopped)
+    /// with [`Relay::run`] reports [`Stopped`](crate::observe::RunState::Stopped)
     /// only once it stopped on its own; [`RelayHandle::health`](crate::task::TaskHandle::health)
     /// also knows when its task ended.
     pub fn health(&self) -> Health {
@@ -183,6 +187,8 @@ pub struct Relay<DB: Backend, P: Publisher> {
     /// The longest one publish can take, as the publisher says (zero if it
     /// does not know): a batch claimed behind another is leased that much longer.
     max_publish: std::time::Duration,
+    /// The key partitions this relay claims from.
+    share: Arc<ShareCell>,
 }
 
 impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
@@ -213,6 +219,7 @@ impl Claimed {
     /// The broker confirmed the batch: its time from claim to receipt goes
     /// to the publish histogram.
     fn confirmed(&self, metrics: &RelayMetrics) {
+        metrics.status.succeeded();
         if let Some(i) = metrics.instruments.get() {
             i.publish_seconds
                 .record(self.taken_at.elapsed().as_secs_f64());
@@ -238,6 +245,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             metrics: Arc::default(),
             wake: Arc::new(Notify::new()),
             batch: AtomicU64::new(0),
+            share: Arc::new(ShareCell::all()),
         }
     }
 
@@ -302,6 +310,10 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 every,
             )))
         });
+        let membership = self.join().await;
+        let _renewing = membership
+            .clone()
+            .map(|m| AbortOnDrop(tokio::spawn(m.keep_renewing())));
         let mut pacing = Pacing::new(&self.config, handoff.clone());
         let mut next_retention = Instant::now();
         // Published batches are marked in the background; until then their
@@ -331,7 +343,33 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             }
         };
         pacing.offer(false);
+        drop(_renewing);
+        if let Some(membership) = membership
+            && let Err(error) = membership.leave().await
+        {
+            tracing::warn!(%error, "could not leave the relays of the table; the others take this relay's partitions when its membership runs out");
+        }
         self.finish(ready, marks, handoff, stopped).await
+    }
+
+    /// Joins the relays of the table (with [`RelayConfig::key_partitions`]):
+    /// the first renewal sets this relay's share before its first claim.
+    async fn join(&self) -> Option<Arc<Membership<DB>>> {
+        if !self.config.key_partitions {
+            return None;
+        }
+        let membership = Arc::new(Membership::new(
+            self.outbox.pool().clone(),
+            self.outbox.table(),
+            &self.config.relay_id,
+            &self.incarnation,
+            self.config.lease,
+            self.share.clone(),
+        ));
+        if let Err(error) = membership.renew().await {
+            tracing::warn!(%error, "could not join the relays of the table yet; claiming from every partition");
+        }
+        Some(membership)
     }
 
     /// One turn of the pipeline. Batches go to the broker one after another
@@ -606,6 +644,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                         .mark_published(&mut conn, token, &[m.id], now_ms())
                         .await?;
                     self.metrics.add(Count::Published, 1);
+                    self.metrics.status.succeeded();
                 }
                 Err(error) if error.kind == PublishErrorKind::Closed => {
                     return self.closed(claimed, &error).await;
@@ -751,7 +790,10 @@ async fn read_figures<DB: Backend>(
                     i.parked_rows.set(parked as f64);
                 }
             }
-            Err(error) => tracing::debug!(%error, "could not read the backlog figures"),
+            Err(error) => {
+                tracing::debug!(%error, "could not read the backlog figures");
+                metrics.status.database_failed(&error);
+            }
         }
         tokio::time::sleep(every).await;
     }

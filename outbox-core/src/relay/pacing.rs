@@ -42,7 +42,7 @@ impl Pacing {
     /// Counts the outcome of a turn and says what comes next.
     pub(super) fn after(&mut self, outcome: Result<Step, Error>, metrics: &RelayMetrics) -> Next {
         match &outcome {
-            Ok(Step::Published(n)) if *n > 0 => metrics.status.succeeded(),
+            // A success is recorded where the broker confirmed a batch.
             Ok(Step::Published(_) | Step::Idle) => metrics.status.idle(),
             // Recorded where the publish failed, with the broker's error.
             Ok(Step::Unavailable) => {}

@@ -290,10 +290,19 @@ impl<DB: Backend> InboxStore<DB> {
 
     /// Rows per state.
     pub(crate) async fn counts(&self) -> Result<InboxCounts, Error> {
+        self.count_states(&self.sql.counts).await
+    }
+
+    /// The retrying and parked rows of this consumer (`processed` is 0).
+    pub(crate) async fn unsettled_counts(&self) -> Result<InboxCounts, Error> {
+        self.count_states(&self.sql.counts_unsettled).await
+    }
+
+    async fn count_states(&self, sql: &str) -> Result<InboxCounts, Error> {
         let mut conn = self.acquire().await?;
         let rows = DB::fetch(
             &mut conn,
-            &self.sql.counts,
+            sql,
             &[Value::Text(Some(&self.consumer))],
             &[Column::Text, Column::Int],
         )

@@ -17,6 +17,9 @@ use crate::{Error, schema};
 /// every database's limit.
 const INSERT_CHUNK: usize = 200;
 
+/// Key partitions `[from, to)` a relay claims from (keyless rows it always may).
+pub(crate) type Share = (i64, i64);
+
 /// Ids per statement when rows are marked or given back by id.
 const ID_CHUNK: usize = 500;
 
@@ -154,12 +157,17 @@ impl<DB: Backend> OutboxStore<DB> {
     }
 
     /// `true` if some row is due and not leased: a read that takes no lock.
-    pub(crate) async fn any_due(&self, now: i64) -> Result<bool, Error> {
+    pub(crate) async fn any_due(&self, now: i64, share: Share) -> Result<bool, Error> {
         let mut conn = self.acquire().await?;
         let due = DB::fetch(
             &mut conn,
             &self.sql.due_probe,
-            &[Value::Int(now), Value::Int(now)],
+            &[
+                Value::Int(now),
+                Value::Int(now),
+                Value::Int(share.0),
+                Value::Int(share.1),
+            ],
             &[Column::Int],
         )
         .await
@@ -167,12 +175,13 @@ impl<DB: Backend> OutboxStore<DB> {
         Ok(!due.is_empty())
     }
 
-    /// Up to `limit` due rows not leased, in id order, skipping rows other
-    /// relays have locked.
+    /// Up to `limit` due rows not leased, keyless or in the key partitions
+    /// `share`, in id order, skipping rows other relays have locked.
     pub(crate) async fn select_due(
         &self,
         conn: &mut DB::Connection,
         now: i64,
+        share: Share,
         limit: u32,
     ) -> Result<Vec<OutboxMessage>, Error> {
         let rows = DB::fetch(
@@ -181,6 +190,8 @@ impl<DB: Backend> OutboxStore<DB> {
             &[
                 Value::Int(now),
                 Value::Int(now),
+                Value::Int(share.0),
+                Value::Int(share.1),
                 Value::Int(i64::from(limit)),
             ],
             &CLAIM_TYPES,
@@ -573,6 +584,7 @@ pub(crate) async fn insert<DB: Backend>(
                 Value::Int(now),
                 claimed_by.clone(),
                 claimed_until.clone(),
+                Value::Int(crate::relay::key_partition(event.key.as_deref())),
             ]);
         }
         DB::exec(&mut **tx, &sql.insert(chunk.len()), &args)
