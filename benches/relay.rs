@@ -73,6 +73,7 @@ async fn relay_run<DB: Backend>(
     n: usize,
     batch: usize,
     relays: usize,
+    partitions: bool,
     queue: &str,
 ) -> f64
 where
@@ -99,6 +100,7 @@ where
         let config = RelayConfig {
             batch_size: batch as u32,
             retention: None,
+            key_partitions: partitions,
             ..RelayConfig::default()
         };
         handles.push(
@@ -153,7 +155,7 @@ async fn main() {
         "\nRelay throughput: {n} persistent messages of {} B, {batch} per STOMP transaction\n",
         BODY.len()
     );
-    let widths = [34, 11, 12, 10];
+    let widths = [48, 11, 12, 10];
     common::head(&widths, &["publisher", "connections", "msg/s", "× ceiling"]);
     let mut q = 0;
     let mut queue = || {
@@ -171,15 +173,26 @@ async fn main() {
             ]
         };
         common::row(&widths, &fmt("plain STOMP publisher (ceiling)", top));
-        let rate = relay_run(&broker, sqlite.clone(), n, batch, relays, &queue()).await;
-        common::row(&widths, &fmt("relay, SQLite (WAL)", rate));
-        if let Some(pg) = &pg {
-            let rate = relay_run(&broker, pg.pool().clone(), n, batch, relays, &queue()).await;
-            common::row(&widths, &fmt("relay, PostgreSQL", rate));
-        }
-        if let Some(my) = &my {
-            let rate = relay_run(&broker, my.pool().clone(), n, batch, relays, &queue()).await;
-            common::row(&widths, &fmt("relay, MariaDB", rate));
+        // Several relays: with key partitions (the default) and without.
+        let modes: &[(bool, &str)] = if relays > 1 {
+            &[(true, ""), (false, ", no partitions")]
+        } else {
+            &[(true, "")]
+        };
+        for &(partitions, mode) in modes {
+            let rate =
+                relay_run(&broker, sqlite.clone(), n, batch, relays, partitions, &queue()).await;
+            common::row(&widths, &fmt(&format!("relay, SQLite (WAL){mode}"), rate));
+            if let Some(pg) = &pg {
+                let pool = pg.pool().clone();
+                let rate = relay_run(&broker, pool, n, batch, relays, partitions, &queue()).await;
+                common::row(&widths, &fmt(&format!("relay, PostgreSQL{mode}"), rate));
+            }
+            if let Some(my) = &my {
+                let pool = my.pool().clone();
+                let rate = relay_run(&broker, pool, n, batch, relays, partitions, &queue()).await;
+                common::row(&widths, &fmt(&format!("relay, MariaDB{mode}"), rate));
+            }
         }
     }
 }

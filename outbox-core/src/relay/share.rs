@@ -184,10 +184,14 @@ impl<DB: Backend> Membership<DB> {
         Ok(())
     }
 
-    /// Renews every [`every`](Self::every) until dropped.
+    /// Renews until dropped: soon after the start (100 ms, doubling), so
+    /// relays started together settle their shares at once, then every
+    /// [`every`](Self::every).
     pub(crate) async fn keep_renewing(self: Arc<Self>) {
+        let mut pause = Duration::from_millis(100);
         loop {
-            tokio::time::sleep(self.every()).await;
+            tokio::time::sleep(pause.min(self.every())).await;
+            pause = pause.saturating_mul(2);
             if let Err(error) = self.renew().await {
                 tracing::warn!(%error, "could not renew the relay's membership; its share stays as it was");
             }
