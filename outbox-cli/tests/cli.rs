@@ -501,6 +501,49 @@ macro_rules! cli_suite {
         }
 
         #[tokio::test]
+        async fn a_closed_stdout_ends_the_command_quietly_with_exit_0() {
+            let Some((db, outbox)) = setup().await else { return };
+            // Far more output than a pipe holds (64 KiB): the command is
+            // still writing when the reader goes away.
+            let mut tx = outbox.pool().begin().await.unwrap();
+            for i in 0..1500 {
+                let event = Event::json(
+                    "user.created",
+                    "/queue/cli.pipe",
+                    &UserCreated { user_id: i, name: format!("user{i}") },
+                )
+                .unwrap();
+                outbox.append(&mut tx, event).await.unwrap();
+            }
+            outbox.commit(tx).await.unwrap();
+            exec(&db, "UPDATE outbox_event SET process = 'FAILED', attempts = 10, last_error = 'refused'").await;
+
+            for args in [&["parked", "--limit", "1500"][..], &["--json", "parked", "--limit", "1500"]] {
+                let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+                    .args(["--database", db.url()])
+                    .args(args)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("run the outbox binary");
+                // `| head -1`: one line read, then the pipe closed.
+                let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+                let mut first = String::new();
+                tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut first).await.unwrap();
+                assert!(!first.is_empty(), "{args:?}: a first line");
+                drop(stdout);
+                let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+                    .await
+                    .expect("the command ends")
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+                assert_eq!(stderr, "", "{args:?}: nothing on stderr");
+            }
+        }
+
+        #[tokio::test]
         async fn missing_tables_unknown_ids_and_bad_names_have_their_exit_codes() {
             let Some(db) = $open().await else { return };
             for args in [
