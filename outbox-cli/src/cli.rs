@@ -106,7 +106,7 @@ pub struct ReplaySelection {
         conflicts_with = "all"
     )]
     pub ids: Vec<String>,
-    /// Every parked row.
+    /// Every row parked when the command starts.
     #[arg(long)]
     pub all: bool,
     /// List what would be replayed; change nothing.

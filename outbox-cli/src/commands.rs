@@ -330,6 +330,8 @@ trait ParkedSide {
     fn has_destination(&self) -> bool;
     async fn total(&self) -> Result<u64, CliError>;
     async fn list(&self, limit: u32) -> Result<Vec<ParkedRow>, CliError>;
+    /// The ids of every parked row, oldest first.
+    async fn parked_ids(&self) -> Result<Vec<String>, CliError>;
     async fn replay_one(&self, id: &str) -> Result<bool, CliError>;
     async fn replay_many(&self, ids: &[String]) -> Result<u64, CliError>;
 }
@@ -372,6 +374,10 @@ impl<DB: Backend> ParkedSide for OutboxSide<DB> {
     async fn list(&self, limit: u32) -> Result<Vec<ParkedRow>, CliError> {
         let rows = self.outbox.parked(limit).await.map_err(self.err())?;
         Ok(rows.into_iter().map(ParkedRow::from).collect())
+    }
+    async fn parked_ids(&self) -> Result<Vec<String>, CliError> {
+        let rows = self.outbox.parked(EVERY_ROW).await.map_err(self.err())?;
+        Ok(rows.into_iter().map(|r| r.event_id).collect())
     }
     async fn replay_one(&self, id: &str) -> Result<bool, CliError> {
         self.outbox.replay(id).await.map_err(self.err())
@@ -426,6 +432,10 @@ impl<DB: Backend> ParkedSide for InboxSide<DB> {
     async fn list(&self, limit: u32) -> Result<Vec<ParkedRow>, CliError> {
         let rows = self.inbox.parked(limit).await.map_err(self.err())?;
         Ok(rows.into_iter().map(ParkedRow::from).collect())
+    }
+    async fn parked_ids(&self) -> Result<Vec<String>, CliError> {
+        let rows = self.inbox.parked(EVERY_ROW).await.map_err(self.err())?;
+        Ok(rows.into_iter().map(|r| r.event_id).collect())
     }
     async fn replay_one(&self, id: &str) -> Result<bool, CliError> {
         self.inbox.replay(id).await.map_err(self.err())
@@ -532,10 +542,9 @@ fn unique(ids: &[String]) -> Vec<String> {
     ids.iter().filter(|id| seen.insert(*id)).cloned().collect()
 }
 
-/// A row count that fits a `LIMIT`.
-fn limit_of(n: u64) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
-}
+/// The `LIMIT` that reads every parked row: what a dry run lists, and the
+/// snapshot of ids that `--all` replays.
+const EVERY_ROW: u32 = u32::MAX;
 
 async fn replay(
     side: &impl ParkedSide,
@@ -552,12 +561,11 @@ async fn replay(
         unknown: Vec::new(),
         events: None,
     };
-    let total = side.total().await?;
     let given = unique(&selection.ids);
     if selection.dry_run {
         // Every parked row is read: a dry run changes nothing, and parked
         // rows are few compared with a table's others.
-        let mut rows = side.list(limit_of(total)).await?;
+        let mut rows = side.list(EVERY_ROW).await?;
         if !selection.all {
             let parked: HashSet<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
             report.unknown = given
@@ -572,22 +580,17 @@ async fn replay(
         report.ids = rows.iter().map(|r| r.event_id.clone()).collect();
         report.events = Some(rows);
     } else if selection.all {
-        let mut done = HashSet::new();
-        progress.start("replayed", total);
-        while report.count < total {
-            let batch: Vec<String> = side
-                .list(selection.batch)
-                .await?
-                .into_iter()
-                .map(|r| r.event_id)
-                .filter(|id| !done.contains(id))
-                .collect();
-            if batch.is_empty() {
-                break;
-            }
-            report.count += side.replay_many(&batch).await?;
-            done.extend(batch.iter().cloned());
-            report.ids.extend(batch);
+        // The ids of the rows parked now, read once; then replayed by id in
+        // batches. Listing the oldest parked rows again after each batch
+        // would find the rows this run replayed and a relay or consumer
+        // parked again, and could stop before the others; with the snapshot
+        // every row parked at the start is replayed once, and a row parked
+        // meanwhile is left for the next run.
+        let ids = side.parked_ids().await?;
+        progress.start("replayed", ids.len() as u64);
+        for batch in ids.chunks(selection.batch as usize) {
+            report.count += side.replay_many(batch).await?;
+            report.ids.extend_from_slice(batch);
             progress.update(report.count);
         }
         progress.finish();

@@ -51,8 +51,11 @@ pub fn run(cli: &Cli) -> ExitCode {
     };
     let failure = match runtime.block_on(execute(cli)) {
         Ok(output) => match print(cli, &output) {
+            // A closed stdout (`outbox parked | head -1`) ends the output
+            // quietly, as with other Unix tools; the command itself was done.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => output.then,
             Ok(()) => output.then,
-            Err(e) => Some(e),
+            Err(e) => Some(e.into()),
         },
         Err(e) => Some(e),
     };
@@ -65,7 +68,7 @@ pub fn run(cli: &Cli) -> ExitCode {
     }
 }
 
-fn print(cli: &Cli, output: &commands::Output) -> Result<(), CliError> {
+fn print(cli: &Cli, output: &commands::Output) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     if cli.json {
         writeln!(out, "{}", output.json)?;

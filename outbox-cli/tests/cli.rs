@@ -500,6 +500,102 @@ macro_rules! cli_suite {
             assert_eq!(points(&db).await, HashMap::from([(1, 1), (2, 1), (3, 1)]));
         }
 
+        /// How many times each row of `table` was replayed, as the
+        /// triggers of `re_park_on_replay` log it.
+        async fn replays(db: &outbox_test_harness::TestDb<Db>, table: &str) -> HashMap<String, i64> {
+            let rows: Vec<(String, i64)> = sqlx::query_as(&placeholders(
+                "SELECT event_id, COUNT(*) FROM replay_log WHERE tbl = ? GROUP BY event_id",
+                DOLLAR,
+            ))
+            .bind(table)
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+            rows.into_iter().collect()
+        }
+
+        #[tokio::test]
+        async fn replay_all_replays_every_row_parked_at_the_start_once_even_if_parked_again() {
+            let Some((db, outbox)) = setup().await else { return };
+            let ids = append(&outbox, "/queue/cli.repark", 5).await;
+            park(&db, &ids).await;
+            let inbox_ids: Vec<String> = (1..=5).map(|n| format!("f-{n}")).collect();
+            for id in &inbox_ids {
+                inbox_row(&db, "points", id, "FAILED", Some(b"{}")).await;
+            }
+            // Every replayed row is parked again at once, as a relay or a
+            // consumer whose every attempt fails would: the oldest parked
+            // rows are then always the ones this run replayed already.
+            re_park_on_replay(&db).await;
+
+            let run = outbox_on(db.url(), &["--json", "replay", "--all", "--batch", "2", "--progress"]).await.ok();
+            let json = run.json();
+            assert_eq!(json["count"], 5, "{run:?}");
+            assert_eq!(json["ids"], serde_json::json!(ids), "{run:?}");
+            assert_eq!(run.stderr, "replayed 2/5\nreplayed 4/5\nreplayed 5/5\n", "{run:?}");
+            let once: HashMap<String, i64> = ids.iter().map(|id| (id.clone(), 1)).collect();
+            assert_eq!(replays(&db, "outbox_event").await, once);
+            assert_eq!(outbox.backlog().await.unwrap().parked, 5, "parked again by the trigger");
+
+            let run = outbox_on(
+                db.url(),
+                &["inbox", "replay", "--consumer", "points", "--all", "--batch", "2"],
+            )
+            .await
+            .ok();
+            assert_eq!(
+                run.stdout,
+                "replayed 5 parked inbox events of consumer points; \
+                 the running consumer applies replayed events at its next retry poll\n",
+                "{run:?}"
+            );
+            let once: HashMap<String, i64> = inbox_ids.iter().map(|id| (id.clone(), 1)).collect();
+            assert_eq!(replays(&db, "inbox_event").await, once);
+        }
+
+        #[tokio::test]
+        async fn a_closed_stdout_ends_the_command_quietly_with_exit_0() {
+            let Some((db, outbox)) = setup().await else { return };
+            // Far more output than a pipe holds (64 KiB): the command is
+            // still writing when the reader goes away.
+            let mut tx = outbox.pool().begin().await.unwrap();
+            for i in 0..1500 {
+                let event = Event::json(
+                    "user.created",
+                    "/queue/cli.pipe",
+                    &UserCreated { user_id: i, name: format!("user{i}") },
+                )
+                .unwrap();
+                outbox.append(&mut tx, event).await.unwrap();
+            }
+            outbox.commit(tx).await.unwrap();
+            exec(&db, "UPDATE outbox_event SET process = 'FAILED', attempts = 10, last_error = 'refused'").await;
+
+            for args in [&["parked", "--limit", "1500"][..], &["--json", "parked", "--limit", "1500"]] {
+                let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+                    .args(["--database", db.url()])
+                    .args(args)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("run the outbox binary");
+                // `| head -1`: one line read, then the pipe closed.
+                let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+                let mut first = String::new();
+                tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut first).await.unwrap();
+                assert!(!first.is_empty(), "{args:?}: a first line");
+                drop(stdout);
+                let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+                    .await
+                    .expect("the command ends")
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+                assert_eq!(stderr, "", "{args:?}: nothing on stderr");
+            }
+        }
+
         #[tokio::test]
         async fn missing_tables_unknown_ids_and_bad_names_have_their_exit_codes() {
             let Some(db) = $open().await else { return };
@@ -562,14 +658,84 @@ macro_rules! cli_suite {
     };
 }
 
+/// Runs `statements`, one at a time, outside prepared statements (MySQL
+/// does not prepare `CREATE TRIGGER`).
+async fn raw_exec<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, statements: &[&str])
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    for sql in statements {
+        sqlx::raw_sql(sql).execute(pool).await.expect(sql);
+    }
+}
+
 mod sqlite {
     cli_suite!(sqlx::Sqlite, crate::support::sqlite, false);
+
+    /// Parks every replayed outbox and inbox row again at once, and logs
+    /// each replay in `replay_log`.
+    async fn re_park_on_replay(db: &outbox_test_harness::TestDb<Db>) {
+        raw_exec(
+            db.pool(),
+            &[
+                "CREATE TABLE replay_log (tbl TEXT NOT NULL, event_id TEXT NOT NULL)",
+                "CREATE TRIGGER outbox_re_park AFTER UPDATE OF process ON outbox_event \
+                 WHEN OLD.process = 'FAILED' AND NEW.process = 'NEW' BEGIN \
+                 INSERT INTO replay_log (tbl, event_id) VALUES ('outbox_event', NEW.event_id); \
+                 UPDATE outbox_event SET process = 'FAILED' WHERE id = NEW.id; END",
+                "CREATE TRIGGER inbox_re_park AFTER UPDATE OF process ON inbox_event \
+                 WHEN OLD.process = 'FAILED' AND NEW.process = 'RETRY' BEGIN \
+                 INSERT INTO replay_log (tbl, event_id) VALUES ('inbox_event', NEW.event_id); \
+                 UPDATE inbox_event SET process = 'FAILED' WHERE id = NEW.id; END",
+            ],
+        )
+        .await;
+    }
 }
 
 mod postgres {
     cli_suite!(sqlx::Postgres, crate::support::postgres, true);
+
+    /// Parks every replayed outbox and inbox row again at once, and logs
+    /// each replay in `replay_log`.
+    async fn re_park_on_replay(db: &outbox_test_harness::TestDb<Db>) {
+        raw_exec(
+            db.pool(),
+            &[
+                "CREATE TABLE replay_log (tbl TEXT NOT NULL, event_id TEXT NOT NULL)",
+                "CREATE FUNCTION re_park() RETURNS trigger AS $$ BEGIN \
+                 INSERT INTO replay_log (tbl, event_id) VALUES (TG_TABLE_NAME, NEW.event_id); \
+                 NEW.process := 'FAILED'; RETURN NEW; END $$ LANGUAGE plpgsql",
+                "CREATE TRIGGER outbox_re_park BEFORE UPDATE ON outbox_event FOR EACH ROW \
+                 WHEN (OLD.process = 'FAILED' AND NEW.process = 'NEW') EXECUTE FUNCTION re_park()",
+                "CREATE TRIGGER inbox_re_park BEFORE UPDATE ON inbox_event FOR EACH ROW \
+                 WHEN (OLD.process = 'FAILED' AND NEW.process = 'RETRY') EXECUTE FUNCTION re_park()",
+            ],
+        )
+        .await;
+    }
 }
 
 mod mysql {
     cli_suite!(sqlx::MySql, crate::support::mysql, false);
+
+    /// Parks every replayed outbox and inbox row again at once, and logs
+    /// each replay in `replay_log`.
+    async fn re_park_on_replay(db: &outbox_test_harness::TestDb<Db>) {
+        raw_exec(
+            db.pool(),
+            &[
+                "CREATE TABLE replay_log (tbl VARCHAR(64) NOT NULL, event_id VARCHAR(64) NOT NULL)",
+                "CREATE TRIGGER outbox_re_park BEFORE UPDATE ON outbox_event FOR EACH ROW \
+                 IF OLD.process = 'FAILED' AND NEW.process = 'NEW' THEN \
+                 INSERT INTO replay_log (tbl, event_id) VALUES ('outbox_event', NEW.event_id); \
+                 SET NEW.process = 'FAILED'; END IF",
+                "CREATE TRIGGER inbox_re_park BEFORE UPDATE ON inbox_event FOR EACH ROW \
+                 IF OLD.process = 'FAILED' AND NEW.process = 'RETRY' THEN \
+                 INSERT INTO replay_log (tbl, event_id) VALUES ('inbox_event', NEW.event_id); \
+                 SET NEW.process = 'FAILED'; END IF",
+            ],
+        )
+        .await;
+    }
 }
