@@ -180,8 +180,16 @@ async fn main() {
             &[(true, "")]
         };
         for &(partitions, mode) in modes {
-            let rate =
-                relay_run(&broker, sqlite.clone(), n, batch, relays, partitions, &queue()).await;
+            let rate = relay_run(
+                &broker,
+                sqlite.clone(),
+                n,
+                batch,
+                relays,
+                partitions,
+                &queue(),
+            )
+            .await;
             common::row(&widths, &fmt(&format!("relay, SQLite (WAL){mode}"), rate));
             if let Some(pg) = &pg {
                 let pool = pg.pool().clone();
