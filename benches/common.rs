@@ -57,6 +57,10 @@ impl<DB: sqlx::Database> ServerDb<DB> {
     pub fn pool(&self) -> &sqlx::Pool<DB> {
         &self.pool
     }
+
+    pub fn url(&self) -> &str {
+        self._db.url()
+    }
 }
 
 async fn server_db<DB: sqlx::Database>(db: TestDb<DB>) -> ServerDb<DB> {

@@ -158,6 +158,13 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// The statements on this outbox's table.
+    /// The relay's claim statement for this table, as the database receives
+    /// it (for `EXPLAIN` in benchmarks). Not a stable API.
+    #[doc(hidden)]
+    pub fn claim_statement(&self) -> &str {
+        &self.store().sql().claim
+    }
+
     pub(crate) fn store(&self) -> &OutboxStore<DB> {
         &self.inner.store
     }

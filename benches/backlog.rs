@@ -1,0 +1,289 @@
+//! A deep backlog: how the relay's drain rate, memory and claim plans behave
+//! when it starts on 1,000,000 waiting rows, against the same relay on 20,000.
+//!
+//! Method: one broker from the test harness; every row is the relay bench's
+//! 171-byte JSON event with one of 100 keys, published to a topic nobody
+//! subscribes to (the broker confirms each transaction and keeps nothing, so
+//! the figure is the relay's, not the broker's store). Per database and size
+//! `N`: commit `N` rows into a fresh table (untimed, 5000 per transaction),
+//! `ANALYZE` it (the statistics a table that grew over time has), print the
+//! claim statement's plan (`EXPLAIN` on PostgreSQL and MySQL,
+//! `EXPLAIN QUERY PLAN` on SQLite), then run one relay (defaults, retention
+//! off, batches of 500) in a child process — this bench binary started again
+//! — and time it from start until its counter reaches `N`. The parent reads
+//! the child's resident memory (`VmRSS`) every second and prints the samples.
+//! After the drain the plan is printed again, with `N` published rows in the
+//! table. Run with `cargo bench --bench backlog`; `BENCH_BACKLOG` (default
+//! 1000000) and `BENCH_SMALL` (default 20000) change the sizes, `BENCH_DBS`
+//! (comma list of sqlite, postgres, mysql) the databases.
+
+#[path = "common.rs"]
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use outbox::core::relay::StompPublisher;
+use outbox::core::{Backend, Event, Outbox, RelayConfig};
+use sqlx::Row as _;
+
+const BODY: &str = r#"{"user_id":123456,"name":"a user with a name of a typical length","email":"someone@example.com","created_at":"2026-11-24T05:00:00Z","plan":"free","padding":"xxxxxxxxxxxx"}"#;
+const TOPIC: &str = "/topic/bench.backlog";
+
+fn table(n: usize) -> String {
+    format!("backlog_{n}")
+}
+
+async fn fill<DB: Backend>(outbox: &Outbox<DB>, n: usize) {
+    let mut i = 0;
+    while i < n {
+        let mut tx = outbox.pool().begin().await.expect("begin");
+        let events: Vec<Event> = (i..(i + 5000).min(n))
+            .map(|k| {
+                Event::raw("user.created", TOPIC, BODY, outbox::core::producer::JSON)
+                    .with_key(format!("user-{}", k % 100))
+            })
+            .collect();
+        outbox.append_all(&mut tx, &events).await.expect("append");
+        tx.commit().await.expect("commit");
+        i += 5000;
+    }
+}
+
+/// The claim statement's plan, one line per step.
+async fn plan<DB: Backend>(outbox: &Outbox<DB>, kind: &str) -> Vec<String>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> &'r str: sqlx::ColumnIndex<DB::Row>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    let now = i64::MAX / 2;
+    let explain = if kind == "sqlite" {
+        "EXPLAIN QUERY PLAN"
+    } else {
+        "EXPLAIN"
+    };
+    let sql = format!("{explain} {}", outbox.claim_statement());
+    let rows = sqlx::query(&sql)
+        .bind(now)
+        .bind(now)
+        .bind(0_i64)
+        .bind(64_i64)
+        .bind(500_i64)
+        .fetch_all(outbox.pool())
+        .await
+        .expect("explain the claim");
+    rows.iter()
+        .map(|row| match kind {
+            "sqlite" => row.try_get::<String, _>("detail").unwrap_or_default(),
+            "mysql" => format!(
+                "type={} key={} rows={} extra={}",
+                row.try_get::<String, _>("type").unwrap_or_default(),
+                row.try_get::<String, _>("key")
+                    .unwrap_or_else(|_| "NULL".into()),
+                row.try_get::<String, _>("rows").unwrap_or_default(),
+                row.try_get::<String, _>("Extra").unwrap_or_default()
+            ),
+            _ => row.try_get::<String, _>(0_usize).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// One relay in a child process; its rate and the memory samples.
+async fn drain(kind: &str, url: &str, broker: &str, n: usize) -> (f64, Vec<u64>) {
+    let exe = std::env::current_exe().expect("bench binary");
+    let child = tokio::process::Command::new(exe)
+        .env("BACKLOG_CHILD", kind)
+        .env("BACKLOG_URL", url)
+        .env("BACKLOG_BROKER", broker)
+        .env("BACKLOG_N", n.to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the relay process");
+    let pid = child.id().expect("child pid");
+    let sampler = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        while let Some(kib) = rss_kib(pid) {
+            samples.push(kib);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        samples
+    });
+    let out = child.wait_with_output().await.expect("relay process");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rate "))
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the relay process printed no rate: {text}"));
+    (rate, sampler.await.expect("sampler"))
+}
+
+/// The child: one relay on table `backlog_{n}` until it published `n` rows.
+async fn child<DB: Backend>(url: &str, broker: &str, n: usize) {
+    let pool = sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(4)
+        .test_before_acquire(false)
+        .connect(url)
+        .await
+        .expect("pool");
+    let outbox = Outbox::with_table(pool, &table(n)).expect("table");
+    let client = outbox::stomp::Client::connect(
+        outbox::stomp::Config::parse(broker)
+            .expect("uri")
+            .with_receipt_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .expect("connect");
+    let config = RelayConfig {
+        retention: None,
+        ..RelayConfig::default()
+    };
+    let relay = outbox
+        .relay(StompPublisher::new(client), config)
+        .expect("valid settings");
+    let metrics = relay.metrics();
+    let start = Instant::now();
+    let handle = relay.spawn();
+    while (metrics.published.load(Ordering::Relaxed) as usize) < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    handle.shutdown().await.expect("shutdown");
+    println!("rate {rate}");
+}
+
+async fn run_db<DB: Backend>(
+    kind: &str,
+    label: &str,
+    pool: sqlx::Pool<DB>,
+    url: &str,
+    broker: &str,
+    sizes: [usize; 2],
+) -> Vec<Vec<String>>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> &'r str: sqlx::ColumnIndex<DB::Row>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    let mut rows = Vec::new();
+    let mut small_rate = f64::NAN;
+    for n in sizes {
+        let outbox = Outbox::with_table(pool.clone(), &table(n)).expect("table");
+        outbox.migrate().await.expect("migrate");
+        let filled = Instant::now();
+        fill(&outbox, n).await;
+        println!(
+            "{label}: {n} rows committed in {:.0} s",
+            filled.elapsed().as_secs_f64()
+        );
+        // Statistics as autovacuum (PostgreSQL) or InnoDB's sampling would
+        // have them on a table that grew over time.
+        let analyze = match kind {
+            "sqlite" => "ANALYZE".to_owned(),
+            "postgres" => format!("ANALYZE {}", table(n)),
+            _ => format!("ANALYZE TABLE {}", table(n)),
+        };
+        common::exec(&pool, &analyze).await.expect("analyze");
+        if n == sizes[1] {
+            println!("{label}, claim plan with {n} waiting rows:");
+            for line in plan(&outbox, kind).await {
+                println!("    {line}");
+            }
+        }
+        let (rate, samples) = drain(kind, url, broker, n).await;
+        if n == sizes[0] {
+            small_rate = rate;
+        } else {
+            println!("{label}, claim plan with {n} published rows and none waiting:");
+            for line in plan(&outbox, kind).await {
+                println!("    {line}");
+            }
+        }
+        let mib: Vec<String> = samples
+            .iter()
+            .map(|k| format!("{:.0}", *k as f64 / 1024.0))
+            .collect();
+        println!(
+            "{label}, {n} rows: relay RSS every second (MiB): {}",
+            mib.join(" ")
+        );
+        let peak = samples.iter().max().copied().unwrap_or(0) as f64 / 1024.0;
+        rows.push(vec![
+            label.to_owned(),
+            n.to_string(),
+            format!("{rate:.0}"),
+            format!("{:.2}", rate / small_rate),
+            format!("{peak:.1}"),
+        ]);
+        common::exec(&pool, &format!("DROP TABLE {}", table(n)))
+            .await
+            .ok();
+    }
+    rows
+}
+
+#[tokio::main]
+async fn main() {
+    if let Ok(kind) = std::env::var("BACKLOG_CHILD") {
+        let url = std::env::var("BACKLOG_URL").expect("BACKLOG_URL");
+        let broker = std::env::var("BACKLOG_BROKER").expect("BACKLOG_BROKER");
+        let n: usize = std::env::var("BACKLOG_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .expect("BACKLOG_N");
+        match kind.as_str() {
+            "sqlite" => child::<sqlx::Sqlite>(&url, &broker, n).await,
+            "postgres" => child::<sqlx::Postgres>(&url, &broker, n).await,
+            _ => child::<sqlx::MySql>(&url, &broker, n).await,
+        }
+        return;
+    }
+    let big = common::env_usize("BENCH_BACKLOG", 1_000_000);
+    let small = common::env_usize("BENCH_SMALL", 20_000);
+    let dbs = std::env::var("BENCH_DBS").unwrap_or_else(|_| "sqlite,postgres,mysql".into());
+    let broker = common::broker().await;
+    let uri = broker.stomp_uri();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut table_rows = Vec::new();
+    if dbs.contains("sqlite") {
+        let pool = common::sqlite(dir.path()).await;
+        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        table_rows.extend(run_db("sqlite", "SQLite (WAL)", pool, &url, &uri, [small, big]).await);
+    }
+    if dbs.contains("postgres")
+        && let Some(pg) = common::postgres().await
+    {
+        let (pool, url) = (pg.pool().clone(), pg.url().to_owned());
+        table_rows.extend(run_db("postgres", "PostgreSQL", pool, &url, &uri, [small, big]).await);
+    }
+    if dbs.contains("mysql")
+        && let Some(my) = common::mysql().await
+    {
+        let (pool, url) = (my.pool().clone(), my.url().to_owned());
+        table_rows.extend(run_db("mysql", "MariaDB", pool, &url, &uri, [small, big]).await);
+    }
+    println!("\nRelay drain of a backlog: one relay process, batches of 500, 100 keys\n");
+    let widths = [14, 9, 9, 11, 14];
+    common::head(
+        &widths,
+        &["database", "rows", "msg/s", "× small", "peak RSS MiB"],
+    );
+    for row in &table_rows {
+        common::row(&widths, row);
+    }
+}
