@@ -50,13 +50,14 @@ async fn fill<DB: Backend>(outbox: &Outbox<DB>, n: usize) {
     }
 }
 
-/// The claim statement's plan, one line per step.
+/// The plans of the claim statement and of its per-key order check, one
+/// line per step.
 async fn plan<DB: Backend>(outbox: &Outbox<DB>, kind: &str) -> Vec<String>
 where
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    String: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    String: for<'r> sqlx::Decode<'r, DB> + for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'r> &'r str: sqlx::ColumnIndex<DB::Row>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
@@ -67,7 +68,7 @@ where
         "EXPLAIN"
     };
     let sql = format!("{explain} {}", outbox.claim_statement());
-    let rows = sqlx::query(&sql)
+    let mut rows = sqlx::query(&sql)
         .bind(now)
         .bind(now)
         .bind(0_i64)
@@ -76,6 +77,19 @@ where
         .fetch_all(outbox.pool())
         .await
         .expect("explain the claim");
+    // The per-key order check of a batch at the head of the table, with
+    // every key in it (as in a batch of 500 rows over 100 keys).
+    let sql = format!("{explain} {}", outbox.key_order_statement(100));
+    let mut check = sqlx::query(&sql).bind(1000_i64);
+    for k in 0..100 {
+        check = check.bind(format!("user-{k}"));
+    }
+    rows.extend(
+        check
+            .fetch_all(outbox.pool())
+            .await
+            .expect("explain the key order check"),
+    );
     rows.iter()
         .map(|row| match kind {
             "sqlite" => row.try_get::<String, _>("detail").unwrap_or_default(),
@@ -176,7 +190,7 @@ where
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    String: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    String: for<'r> sqlx::Decode<'r, DB> + for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'r> &'r str: sqlx::ColumnIndex<DB::Row>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {

@@ -165,6 +165,13 @@ impl<DB: Backend> Outbox<DB> {
         &self.store().sql().claim
     }
 
+    /// The per-key order check a claim runs, for `keys` keys (for `EXPLAIN`
+    /// in benchmarks). Not a stable API.
+    #[doc(hidden)]
+    pub fn key_order_statement(&self, keys: usize) -> String {
+        self.store().sql().key_rows(keys)
+    }
+
     pub(crate) fn store(&self) -> &OutboxStore<DB> {
         &self.inner.store
     }

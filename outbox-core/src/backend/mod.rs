@@ -130,6 +130,17 @@ pub struct Dialect {
     /// so an applied event no longer updates them. Empty where the database
     /// has no partial indexes (MySQL).
     pub inbox_pending_indexes: fn(&str) -> Vec<String>,
+    /// The outbox index of unpublished rows by key, for the per-key order
+    /// check: partial where the database has partial indexes, otherwise
+    /// `(event_key, process, id)`. Either way the check never reads the
+    /// published rows of a key, however many there are.
+    pub outbox_open_key_index: fn(&str) -> String,
+    /// What follows the table name to make a query use index `{table}_{name}`
+    /// (`INDEXED BY` on SQLite, `FORCE INDEX` on MySQL; nothing on
+    /// PostgreSQL, whose planner picks the partial index by itself). For the
+    /// per-key order check, whose many keys otherwise lead SQLite and MySQL to
+    /// range over the primary key: every published row below the batch.
+    pub use_index: fn(&str, &str) -> String,
     /// Whether a migration statement failed only because its work is already
     /// done: what it creates or adds exists, what it drops is gone. A step cut
     /// off before its version was recorded runs again from its first
@@ -174,6 +185,14 @@ fn create_index_if_not_exists(index: &str, table: &str, columns: &str) -> String
 /// not `PROCESSED`. Queries that use them repeat `process <> 'PROCESSED'` so
 /// that SQLite, which matches a partial index's condition term by term, picks
 /// them.
+/// A partial index of the unpublished rows by key (PostgreSQL, SQLite).
+fn partial_open_key_index(t: &str) -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS {t}_open_key ON {t} (event_key, id) \
+         WHERE process <> 'PUBLISHED'"
+    )
+}
+
 fn partial_pending_indexes(t: &str) -> Vec<String> {
     vec![
         format!("DROP INDEX IF EXISTS {t}_process"),

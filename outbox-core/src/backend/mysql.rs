@@ -32,6 +32,8 @@ static MYSQL: Dialect = Dialect {
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN {column}"),
     // No partial indexes: the inbox keeps its full ones.
     inbox_pending_indexes: |_| Vec::new(),
+    outbox_open_key_index: |t| format!("CREATE INDEX {t}_open_key ON {t} (event_key, process, id)"),
+    use_index: |table, name| format!("FORCE INDEX ({table}_{name})"),
     already_applied,
     // A named lock of the session, waited for up to ten minutes (an index
     // built on a large table takes a while).

@@ -26,6 +26,8 @@ static POSTGRES: Dialect = Dialect {
     create_index: super::create_index_if_not_exists,
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"),
     inbox_pending_indexes: super::partial_pending_indexes,
+    outbox_open_key_index: super::partial_open_key_index,
+    use_index: |_, _| String::new(),
     already_applied: |_| false,
     // A session lock: given back explicitly, or when the connection ends.
     migration_lock: Some((

@@ -82,6 +82,10 @@ impl OutboxSql {
                     t,
                     "partition_no INTEGER NOT NULL DEFAULT -1",
                 )],
+                // Version 5: the per-key order check reads a key's unpublished
+                // rows on an index of their own, not every published row of
+                // the key below the batch (which grew with the table).
+                vec![(dialect.outbox_open_key_index)(t)],
             ],
             legacy_headers: p(format!(
                 "SELECT id, headers FROM {t} WHERE id > ? AND headers LIKE '{{%' ORDER BY id LIMIT ?"
@@ -172,9 +176,10 @@ impl OutboxSql {
         placeholders(
             self.dialect.placeholders,
             &format!(
-                "SELECT id, event_key FROM {} WHERE process <> '{published}' AND id <= ? \
+                "SELECT id, event_key FROM {} {} WHERE process <> '{published}' AND id <= ? \
                  AND event_key IN ({}) ORDER BY id",
                 self.table,
+                (self.dialect.use_index)(self.table.as_str(), "open_key"),
                 marks(keys)
             ),
         )

@@ -24,6 +24,8 @@ static SQLITE: Dialect = Dialect {
     create_index: super::create_index_if_not_exists,
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN {column}"),
     inbox_pending_indexes: super::partial_pending_indexes,
+    outbox_open_key_index: super::partial_open_key_index,
+    use_index: |table, name| format!("INDEXED BY {table}_{name}"),
     // SQLite has no `ADD COLUMN IF NOT EXISTS`: a step run again says so.
     already_applied: |error| {
         error
