@@ -50,8 +50,8 @@ async fn fill<DB: Backend>(outbox: &Outbox<DB>, n: usize) {
     }
 }
 
-/// The plans of the claim statement and of its per-key order check, one
-/// line per step.
+/// The plans of the claim statement, its per-key order check and the
+/// hand-off read, one line per step.
 async fn plan<DB: Backend>(outbox: &Outbox<DB>, kind: &str) -> Vec<String>
 where
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -89,6 +89,17 @@ where
             .fetch_all(outbox.pool())
             .await
             .expect("explain the key order check"),
+    );
+    // The hand-off read, which a relay runs on most turns.
+    let sql = format!("{explain} {}", outbox.handoff_statement());
+    rows.extend(
+        sqlx::query(&sql)
+            .bind("relay-h".to_owned())
+            .bind(now)
+            .bind(500_i64)
+            .fetch_all(outbox.pool())
+            .await
+            .expect("explain the hand-off read"),
     );
     rows.iter()
         .map(|row| match kind {

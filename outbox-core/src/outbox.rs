@@ -172,6 +172,13 @@ impl<DB: Backend> Outbox<DB> {
         self.store().sql().key_rows(keys)
     }
 
+    /// The relay's read of the rows handed off to it (for `EXPLAIN` in
+    /// benchmarks). Not a stable API.
+    #[doc(hidden)]
+    pub fn handoff_statement(&self) -> &str {
+        &self.store().sql().handed_off
+    }
+
     pub(crate) fn store(&self) -> &OutboxStore<DB> {
         &self.inner.store
     }

@@ -104,9 +104,12 @@ impl OutboxSql {
                 "SELECT id FROM {t} WHERE process = '{new}' AND next_attempt_at <= ? \
                  AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} ORDER BY id LIMIT 1"
             )),
+            // On the lease index: with statistics that saw only unleased
+            // rows (all NULL), SQLite would otherwise scan the whole table.
             handed_off: p(format!(
-                "SELECT {CLAIM_COLUMNS} FROM {t} WHERE claimed_by = ? AND process = '{new}' \
-                 AND claimed_until > ? ORDER BY id LIMIT ?"
+                "SELECT {CLAIM_COLUMNS} FROM {t} {} WHERE claimed_by = ? AND process = '{new}' \
+                 AND claimed_until > ? ORDER BY id LIMIT ?",
+                (dialect.use_index)(t, "claim")
             )),
             // `process` first: MySQL evaluates SET left to right with new values.
             // A rejection is one of two statements, each deciding in its WHERE
