@@ -135,6 +135,11 @@ pub struct Dialect {
     /// `(event_key, process, id)`. Either way the check never reads the
     /// published rows of a key, however many there are.
     pub outbox_open_key_index: fn(&str) -> String,
+    /// Indexes of the waiting rows for the claim, where the planner needs one
+    /// of its own: PostgreSQL, whose statistics of a table taken while every
+    /// row waited otherwise make it walk the primary key past the published
+    /// rows. SQLite and MySQL claim on `(process, id)` already.
+    pub outbox_waiting_index: fn(&str) -> Vec<String>,
     /// What follows the table name to make a query use index `{table}_{name}`
     /// (`INDEXED BY` on SQLite, `FORCE INDEX` on MySQL; nothing on
     /// PostgreSQL, whose planner picks the partial index by itself). For the

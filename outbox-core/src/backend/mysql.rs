@@ -34,6 +34,7 @@ static MYSQL: Dialect = Dialect {
     inbox_pending_indexes: |_| Vec::new(),
     outbox_open_key_index: |t| format!("CREATE INDEX {t}_open_key ON {t} (event_key, process, id)"),
     use_index: |table, name| format!("FORCE INDEX ({table}_{name})"),
+    outbox_waiting_index: |_| Vec::new(),
     already_applied,
     // A named lock of the session, waited for up to ten minutes (an index
     // built on a large table takes a while).

@@ -27,6 +27,11 @@ static POSTGRES: Dialect = Dialect {
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"),
     inbox_pending_indexes: super::partial_pending_indexes,
     outbox_open_key_index: super::partial_open_key_index,
+    outbox_waiting_index: |t| {
+        vec![format!(
+            "CREATE INDEX IF NOT EXISTS {t}_waiting ON {t} (id) WHERE process = 'NEW'"
+        )]
+    },
     use_index: |_, _| String::new(),
     already_applied: |_| false,
     // A session lock: given back explicitly, or when the connection ends.

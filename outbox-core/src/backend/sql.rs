@@ -86,6 +86,9 @@ impl OutboxSql {
                 // rows on an index of their own, not every published row of
                 // the key below the batch (which grew with the table).
                 vec![(dialect.outbox_open_key_index)(t)],
+                // Version 6: on PostgreSQL, an index of the waiting rows the
+                // claim takes whatever the statistics say.
+                (dialect.outbox_waiting_index)(t),
             ],
             legacy_headers: p(format!(
                 "SELECT id, headers FROM {t} WHERE id > ? AND headers LIKE '{{%' ORDER BY id LIMIT ?"

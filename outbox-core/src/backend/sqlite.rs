@@ -25,6 +25,7 @@ static SQLITE: Dialect = Dialect {
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN {column}"),
     inbox_pending_indexes: super::partial_pending_indexes,
     outbox_open_key_index: super::partial_open_key_index,
+    outbox_waiting_index: |_| Vec::new(),
     use_index: |table, name| format!("INDEXED BY {table}_{name}"),
     // SQLite has no `ADD COLUMN IF NOT EXISTS`: a step run again says so.
     already_applied: |error| {
