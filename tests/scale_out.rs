@@ -12,7 +12,6 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::process::Stdio;
 use std::time::Duration;
 
 use outbox::core::consumer::{BoxFuture, HandlerError, decode_json};
@@ -47,22 +46,9 @@ fn relay_config(relay_id: &str) -> RelayConfig {
 
 /// Starts the child test `child` of this test binary as its own process.
 fn spawn_child(child: &str, env: &[(&str, String)]) -> tokio::process::Child {
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.args([
-        child,
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().expect("spawn a child process")
+    child_command(child, env)
+        .spawn()
+        .expect("spawn a child process")
 }
 
 /// Checks what arrived: every event of `produced` (id → (key, seq)), no

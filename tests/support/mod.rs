@@ -106,6 +106,20 @@ pub fn tally(received: &[Received]) -> HashMap<String, usize> {
 /// killed by SIGKILL (a failpoint fired) and its stderr.
 pub async fn run_child(child: &str, env: &[(&str, String)], limit: Duration) -> (bool, String) {
     use std::os::unix::process::ExitStatusExt;
+    let mut cmd = child_command(child, env);
+    cmd.stderr(Stdio::piped());
+    let child_proc = cmd.spawn().expect("spawn child test process");
+    let output = tokio::time::timeout(limit, child_proc.wait_with_output())
+        .await
+        .expect("the child process should have reached its failpoint in time")
+        .expect("child output");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.signal() == Some(9), stderr)
+}
+
+/// The `#[ignore]`d test `child` of this test binary as a process to start,
+/// with `env`, killed when dropped; its output goes nowhere.
+pub fn child_command(child: &str, env: &[(&str, String)]) -> tokio::process::Command {
     let exe = std::env::current_exe().expect("test binary path");
     let mut cmd = tokio::process::Command::new(exe);
     cmd.args([
@@ -116,18 +130,12 @@ pub async fn run_child(child: &str, env: &[(&str, String)], limit: Duration) -> 
         "--test-threads=1",
     ])
     .stdout(Stdio::null())
-    .stderr(Stdio::piped())
+    .stderr(Stdio::null())
     .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child_proc = cmd.spawn().expect("spawn child test process");
-    let output = tokio::time::timeout(limit, child_proc.wait_with_output())
-        .await
-        .expect("the child process should have reached its failpoint in time")
-        .expect("child output");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    (output.status.signal() == Some(9), stderr)
+    cmd
 }
 
 /// The value of a variable a child process needs.
