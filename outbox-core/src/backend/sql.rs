@@ -207,6 +207,22 @@ impl OutboxSql {
         )
     }
 
+    /// [`replay_one`](Self::replay_one) for `ids` event ids at once: the
+    /// values are the next attempt time, the update time, then the ids.
+    pub(crate) fn replay_ids(&self, ids: usize) -> String {
+        let (new, _, failed) = STATES;
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "UPDATE {} SET process = '{new}', attempts = 0, next_attempt_at = ?, \
+                 update_time = ?, claimed_by = NULL, claimed_until = NULL \
+                 WHERE process = '{failed}' AND event_id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
     /// Gives back the lease `?` on `ids` rows: the values are the error to keep
     /// (NULL keeps the old one), the update time, the token, then the ids.
     pub(crate) fn release_ids(&self, ids: usize) -> String {
@@ -356,6 +372,23 @@ impl InboxSql {
 }
 
 impl InboxSql {
+    /// [`replay_one`](Self::replay_one) for `ids` event ids at once: the
+    /// values are the next attempt time, the update time, the consumer, then
+    /// the ids.
+    pub(crate) fn replay_ids(&self, ids: usize) -> String {
+        let (retry, failed) = (InboxState::Retry.as_sql(), InboxState::Failed.as_sql());
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "UPDATE {} SET process = '{retry}', attempts = 0, next_attempt_at = ?, \
+                 update_time = ? WHERE consumer = ? AND process = '{failed}' \
+                 AND event_id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
     /// `INSERT` of `rows` processed rows at once: (consumer, event_id,
     /// event_type, event_key, time) each.
     pub(crate) fn insert_processed(&self, rows: usize) -> String {

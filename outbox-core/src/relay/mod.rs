@@ -594,10 +594,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             PublishErrorKind::Closed => self.closed(claimed, &error).await,
             PublishErrorKind::Unavailable => {
                 tracing::warn!(%error, rows = n, "broker unavailable; batch released");
-                self.metrics.status.broker_failed(&error.message);
-                self.metrics.add(Count::Unavailable, 1);
-                self.release_failed(claimed, &error.message).await?;
-                Ok(Step::Unavailable)
+                self.unavailable(claimed, &error).await
             }
             _ if n == 1 => {
                 self.reject(&claimed.token, &claimed.batch[0], &error)
@@ -609,6 +606,15 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 self.one_by_one(claimed).await
             }
         }
+    }
+
+    /// The broker could not be reached: count it, report it, give the batch
+    /// back (the whole relay backs off next).
+    async fn unavailable(&self, claimed: &Claimed, error: &PublishError) -> Result<Step, Error> {
+        self.metrics.add(Count::Unavailable, 1);
+        self.metrics.status.broker_failed(&error.message);
+        self.release_failed(claimed, &error.message).await?;
+        Ok(Step::Unavailable)
     }
 
     /// The transport stopped for good: give the rows back (another relay may
@@ -650,10 +656,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     return self.closed(claimed, &error).await;
                 }
                 Err(error) if error.kind == PublishErrorKind::Unavailable => {
-                    self.metrics.add(Count::Unavailable, 1);
-                    self.metrics.status.broker_failed(&error.message);
-                    self.release_failed(claimed, &error.message).await?;
-                    return Ok(Step::Unavailable);
+                    return self.unavailable(claimed, &error).await;
                 }
                 Err(error) => {
                     self.reject(token, m, &error).await?;

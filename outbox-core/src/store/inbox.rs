@@ -7,7 +7,7 @@ use sqlx::Pool;
 
 use super::{InboxState, Row, decode_all};
 use crate::backend::sql::InboxSql;
-use crate::backend::{Backend, Column, Value, marks, placeholders};
+use crate::backend::{Backend, Column, Value};
 use crate::inbox::{Delivery, InboxCounts, ParkedDelivery};
 use crate::names::TableName;
 use crate::{Error, schema};
@@ -386,27 +386,16 @@ impl<DB: Backend> InboxStore<DB> {
     /// retries with a fresh budget, [`ID_CHUNK`] ids per statement; returns
     /// how many changed.
     pub(crate) async fn replay_ids(&self, event_ids: &[&str], now: i64) -> Result<u64, Error> {
-        let (retry, failed) = (InboxState::Retry.as_sql(), InboxState::Failed.as_sql());
         let mut conn = self.acquire().await?;
         let mut n = 0;
         for chunk in event_ids.chunks(ID_CHUNK) {
-            let sql = placeholders(
-                DB::DIALECT.placeholders,
-                &format!(
-                    "UPDATE {} SET process = '{retry}', attempts = 0, next_attempt_at = ?, \
-                     update_time = ? WHERE consumer = ? AND process = '{failed}' \
-                     AND event_id IN ({})",
-                    self.table,
-                    marks(chunk.len())
-                ),
-            );
             let mut args = vec![
                 Value::Int(now),
                 Value::Int(now),
                 Value::Text(Some(&self.consumer)),
             ];
             args.extend(chunk.iter().map(|id| Value::Text(Some(id))));
-            n += DB::exec(&mut conn, &sql, &args)
+            n += DB::exec(&mut conn, &self.sql.replay_ids(chunk.len()), &args)
                 .await
                 .map_err(Error::db("replaying parked inbox rows"))?;
         }

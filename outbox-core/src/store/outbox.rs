@@ -525,23 +525,12 @@ impl<DB: Backend> OutboxStore<DB> {
     /// Puts the parked rows among `event_ids` back to `NEW` with a fresh
     /// budget, [`ID_CHUNK`] ids per statement; returns how many changed.
     pub(crate) async fn replay_ids(&self, event_ids: &[&str], now: i64) -> Result<u64, Error> {
-        let (new, failed) = (OutboxState::New.as_sql(), OutboxState::Failed.as_sql());
         let mut conn = self.acquire().await?;
         let mut n = 0;
         for chunk in event_ids.chunks(ID_CHUNK) {
-            let sql = placeholders(
-                DB::DIALECT.placeholders,
-                &format!(
-                    "UPDATE {} SET process = '{new}', attempts = 0, next_attempt_at = ?, \
-                     update_time = ?, claimed_by = NULL, claimed_until = NULL \
-                     WHERE process = '{failed}' AND event_id IN ({})",
-                    self.table(),
-                    marks(chunk.len())
-                ),
-            );
             let mut args = vec![Value::Int(now), Value::Int(now)];
             args.extend(chunk.iter().map(|id| Value::Text(Some(id))));
-            n += DB::exec(&mut conn, &sql, &args)
+            n += DB::exec(&mut conn, &self.sql.replay_ids(chunk.len()), &args)
                 .await
                 .map_err(Error::db("replaying parked rows"))?;
         }
