@@ -469,6 +469,7 @@ impl Broker {
                 .map(|(port, tls)| (port, tls.keystore.as_path())),
             openwire: self.openwire_port,
             credentials: self.credentials(),
+            dispatch_waits: &self.config.dispatch_waits,
         }
         .activemq_xml();
         write_file(&self.conf_dir.join("activemq.xml"), &xml)

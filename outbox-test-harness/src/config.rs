@@ -55,6 +55,16 @@ pub struct BrokerConfig {
     pub(crate) openwire: bool,
     pub(crate) ready_timeout: Duration,
     pub(crate) max_heap_mb: u32,
+    pub(crate) dispatch_waits: Vec<DispatchWait>,
+}
+
+/// A queue policy that holds dispatch until enough consumers are subscribed
+/// (ActiveMQ's `consumersBeforeDispatchStarts` and `timeBeforeDispatchStarts`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DispatchWait {
+    pub(crate) queues: String,
+    pub(crate) consumers: u32,
+    pub(crate) wait: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -65,6 +75,7 @@ impl Default for BrokerConfig {
             openwire: false,
             ready_timeout: Duration::from_secs(60),
             max_heap_mb: 256,
+            dispatch_waits: Vec::new(),
         }
     }
 }
@@ -106,6 +117,28 @@ impl BrokerConfig {
         self.max_heap_mb = mb;
         self
     }
+
+    /// On the queues matching `queues` (an ActiveMQ destination wildcard
+    /// without the `/queue/` prefix, e.g. `bench.groups.>`), holds dispatch
+    /// until `consumers` consumers are subscribed or `wait` has passed since
+    /// the first one. Waiting messages are then shared out among consumers
+    /// that subscribe together instead of all going to the first, which
+    /// matters for message groups (`JMSXGroupID`): a group belongs to the
+    /// consumer that got its first message. This is ActiveMQ's own
+    /// `consumersBeforeDispatchStarts` and `timeBeforeDispatchStarts` policy.
+    pub fn with_dispatch_wait(
+        mut self,
+        queues: impl Into<String>,
+        consumers: u32,
+        wait: Duration,
+    ) -> Self {
+        self.dispatch_waits.push(DispatchWait {
+            queues: queues.into(),
+            consumers,
+            wait,
+        });
+        self
+    }
 }
 
 /// The concrete values one broker instance is configured with.
@@ -118,6 +151,7 @@ pub(crate) struct BrokerLayout<'a> {
     /// The OpenWire port, if any.
     pub(crate) openwire: Option<u16>,
     pub(crate) credentials: Option<&'a Credentials>,
+    pub(crate) dispatch_waits: &'a [DispatchWait],
 }
 
 impl BrokerLayout<'_> {
@@ -156,8 +190,30 @@ impl BrokerLayout<'_> {
                 )
             }
         };
+        let policies = if self.dispatch_waits.is_empty() {
+            String::new()
+        } else {
+            let entries: String = self
+                .dispatch_waits
+                .iter()
+                .map(|w| {
+                    format!(
+                        "          <policyEntry queue=\"{}\" consumersBeforeDispatchStarts=\"{}\" \
+                         timeBeforeDispatchStarts=\"{}\"/>\n",
+                        xml_attr(&w.queues),
+                        w.consumers,
+                        w.wait.as_millis()
+                    )
+                })
+                .collect();
+            format!(
+                "\n    <destinationPolicy>\n      <policyMap>\n        <policyEntries>\n{entries}        \
+                 </policyEntries>\n      </policyMap>\n    </destinationPolicy>\n"
+            )
+        };
         ACTIVEMQ_XML_TEMPLATE
             .replace("@BROKER_NAME@", &xml_attr(self.name))
+            .replace("@POLICIES@", &policies)
             .replace("@DATA_DIR@", &xml_attr(&self.data_dir.to_string_lossy()))
             .replace("@PLUGINS@", &plugins)
             .replace("@SSL_CONTEXT@", &ssl_context)
@@ -196,8 +252,10 @@ mod tests {
             ssl: None,
             openwire: None,
             credentials: None,
+            dispatch_waits: &[],
         }
         .activemq_xml();
+        assert!(!xml.contains("destinationPolicy"));
         assert!(xml.contains(r#"uri="stomp://127.0.0.1:61999?transport.tcpNoDelay=true""#));
         assert!(xml.contains(r#"<kahaDB directory="/tmp/b1/data/kahadb"/>"#));
         assert!(!xml.contains("plugins"));
@@ -216,11 +274,35 @@ mod tests {
             ssl: Some((2, Path::new("/tmp/b2/tls/broker.p12"))),
             openwire: Some(3),
             credentials: Some(&credentials),
+            dispatch_waits: &[],
         }
         .activemq_xml();
         assert!(xml.contains(r#"username="a&quot;l" password="&lt;p&amp;&#36;{x}&gt;""#));
         assert!(xml.contains(r#"uri="stomp+ssl://127.0.0.1:2?transport.tcpNoDelay=true""#));
         assert!(xml.contains(r#"keyStore="file:/tmp/b2/tls/broker.p12""#));
         assert!(xml.contains(r#"uri="tcp://127.0.0.1:3?transport.tcpNoDelay=true""#));
+    }
+
+    #[test]
+    fn a_dispatch_wait_becomes_a_queue_policy() {
+        let waits = [DispatchWait {
+            queues: "bench.groups.>".into(),
+            consumers: 2,
+            wait: Duration::from_secs(5),
+        }];
+        let xml = BrokerLayout {
+            name: "b3",
+            data_dir: Path::new("/tmp/b3/data"),
+            stomp_port: 4,
+            ssl: None,
+            openwire: None,
+            credentials: None,
+            dispatch_waits: &waits,
+        }
+        .activemq_xml();
+        assert!(xml.contains(
+            r#"<policyEntry queue="bench.groups.&gt;" consumersBeforeDispatchStarts="2" timeBeforeDispatchStarts="5000"/>"#
+        ));
+        assert!(!xml.contains('@'), "placeholder left in:\n{xml}");
     }
 }
