@@ -882,15 +882,15 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
     }
     let mut one_by_one = false;
     if shared.config.per_key_order {
-        let indices: Vec<usize> = todo.iter().map(|(i, _)| *i).collect();
-        for i in indices {
-            if let Some(key) = &deliveries[i].key
-                && inbox.store.key_pending(key).await?
-            {
-                one_by_one = true;
-                break;
-            }
-        }
+        // One query for the batch: any key with an earlier event waiting
+        // sends the whole batch one by one, where each event is checked alone.
+        let mut keys: Vec<&str> = todo
+            .iter()
+            .filter_map(|(i, _)| deliveries[*i].key.as_deref())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        one_by_one = inbox.store.keys_pending(&keys).await?;
     }
     if !one_by_one && !todo.is_empty() {
         let _turn = shared.gate.enter().await;
@@ -956,7 +956,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
     };
     if shared.config.per_key_order
         && let Some(key) = &delivery.key
-        && inbox.store.key_pending(key).await?
+        && inbox.store.keys_pending(&[key]).await?
     {
         // An earlier event of this key waits for a retry: queue behind it.
         let waiting = "waiting for an earlier event of its key";
@@ -1494,11 +1494,25 @@ mod scripted {
     /// Feeds `users` (event ids `e-{user}`) before the consumer starts, so
     /// they arrive as one batch, and waits until every one is acked.
     async fn consume(inbox: &Inbox<Sqlite>, users: &[i64]) -> (ConsumerCounts, Vec<String>) {
+        let users: Vec<(i64, Option<&str>)> = users.iter().map(|u| (*u, None)).collect();
+        consume_keyed(inbox, &users, false).await
+    }
+
+    /// [`consume`] with an `event-key` per user, and `per_key_order` as given.
+    async fn consume_keyed(
+        inbox: &Inbox<Sqlite>,
+        users: &[(i64, Option<&str>)],
+        per_key_order: bool,
+    ) -> (ConsumerCounts, Vec<String>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let acks = Acks::default();
-        for user in users {
+        for (user, key) in users {
+            let mut headers = vec![("event-id".into(), format!("e-{user}"))];
+            if let Some(key) = key {
+                headers.push(("event-key".into(), (*key).to_owned()));
+            }
             tx.send(Scripted {
-                headers: vec![("event-id".into(), format!("e-{user}"))],
+                headers,
                 body: Bytes::from(user.to_string()),
                 acks: acks.clone(),
             })
@@ -1507,6 +1521,7 @@ mod scripted {
         let config = ConsumerConfig {
             concurrency: 1,
             batch_size: 16,
+            per_key_order,
             retry_poll: Duration::from_secs(3600),
             ..ConsumerConfig::new("/queue/scripted")
         };
@@ -1568,5 +1583,37 @@ mod scripted {
         );
         let inbox = f.inbox.counts().await.unwrap();
         assert_eq!((inbox.processed, inbox.retry), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn with_per_key_order_a_batch_holds_back_only_the_key_with_an_earlier_event_waiting() {
+        let f = fixture().await;
+        // User 13's handler fails: its key `a` now has an event waiting for a retry.
+        consume_keyed(&f.inbox, &[(13, Some("a"))], true).await;
+        let batch = [(1, Some("b")), (2, Some("a")), (3, None), (4, Some("c"))];
+        let (counts, acked) = consume_keyed(&f.inbox, &batch, true).await;
+        assert_eq!(acked.len(), 4);
+        assert_eq!(counts.processed, 3, "{counts:?}");
+        assert_eq!(ledger(&f.inbox).await, [1, 3, 4], "user 2 waits behind 13");
+        let inbox = f.inbox.counts().await.unwrap();
+        assert_eq!((inbox.processed, inbox.retry), (3, 2));
+    }
+
+    #[tokio::test]
+    async fn pending_keys_are_found_beyond_the_first_query() {
+        let f = fixture().await;
+        consume_keyed(&f.inbox, &[(13, Some("a"))], true).await;
+        let mut keys: Vec<String> = (0..450).map(|k| format!("k-{k}")).collect();
+        let store = &f.inbox.store;
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        assert!(!store.keys_pending(&refs).await.unwrap());
+        assert!(!store.keys_pending(&[]).await.unwrap());
+        keys.push("a".into());
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        assert!(
+            store.keys_pending(&refs).await.unwrap(),
+            "`a` is in the third query"
+        );
+        assert!(store.keys_pending(&["a"]).await.unwrap());
     }
 }

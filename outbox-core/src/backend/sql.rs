@@ -259,7 +259,6 @@ pub(crate) struct InboxSql {
     /// Schema versions 1, 2, …: the statements of each.
     pub(crate) migrations: Vec<Vec<String>>,
     pub(crate) insert: String,
-    pub(crate) key_pending: String,
     pub(crate) due: String,
     pub(crate) due_in_key_order: String,
     pub(crate) take_retry: String,
@@ -319,10 +318,6 @@ impl InboxSql {
                  next_attempt_at, last_error, headers, content, create_time, update_time, \
                  processed_time) VALUES ({})",
                 marks(13)
-            )),
-            key_pending: p(format!(
-                "SELECT COUNT(*) FROM {t} WHERE consumer = ? AND event_key = ? \
-                 AND process <> '{processed}'"
             )),
             due: p(format!("{due} ORDER BY i.id LIMIT ?")),
             due_in_key_order: p(format!(
@@ -385,6 +380,21 @@ impl InboxSql {
                  AND event_id IN ({})",
                 self.table,
                 marks(ids)
+            ),
+        )
+    }
+
+    /// Rows of this consumer not processed yet whose key is one of `keys`
+    /// keys (bound after the consumer).
+    pub(crate) fn keys_pending(&self, keys: usize) -> String {
+        let processed = InboxState::Processed.as_sql();
+        let list = vec!["?"; keys.max(1)].join(", ");
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "SELECT COUNT(*) FROM {} WHERE consumer = ? AND event_key IN ({list}) \
+                 AND process <> '{processed}'",
+                self.table
             ),
         )
     }

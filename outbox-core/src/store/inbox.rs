@@ -15,6 +15,8 @@ use crate::{Error, schema};
 /// Rows per multi-row insert: 7 values a row, well under every database's
 /// limit on bound parameters.
 const INSERT_CHUNK: usize = 500;
+/// Keys checked in one pending-key query.
+const KEY_CHUNK: usize = 200;
 
 /// Ids per statement when rows are replayed by id.
 const ID_CHUNK: usize = 500;
@@ -165,22 +167,34 @@ impl<DB: Backend> InboxStore<DB> {
         Ok(Recorded::New)
     }
 
-    /// `true` when an earlier event of `key` is waiting for a retry or parked.
-    pub(crate) async fn key_pending(&self, key: &str) -> Result<bool, Error> {
+    /// `true` when an earlier event of any of `keys` is waiting for a retry
+    /// or parked: one query per [`KEY_CHUNK`] keys.
+    pub(crate) async fn keys_pending(&self, keys: &[&str]) -> Result<bool, Error> {
+        if keys.is_empty() {
+            return Ok(false);
+        }
         let mut conn = self.acquire().await?;
-        let rows = DB::fetch(
-            &mut conn,
-            &self.sql.key_pending,
-            &[Value::Text(Some(&self.consumer)), Value::Text(Some(key))],
-            &[Column::Int],
-        )
-        .await
-        .map_err(Error::db("checking a key's pending events"))?;
-        let pending = match rows.into_iter().next() {
-            Some(cells) => Row::new("inbox", cells).count(0, "COUNT(*)")?,
-            None => 0,
-        };
-        Ok(pending > 0)
+        for chunk in keys.chunks(KEY_CHUNK) {
+            let mut args = Vec::with_capacity(chunk.len() + 1);
+            args.push(Value::Text(Some(&self.consumer)));
+            args.extend(chunk.iter().map(|key| Value::Text(Some(key))));
+            let rows = DB::fetch(
+                &mut conn,
+                &self.sql.keys_pending(chunk.len()),
+                &args,
+                &[Column::Int],
+            )
+            .await
+            .map_err(Error::db("checking keys for pending events"))?;
+            let pending = match rows.into_iter().next() {
+                Some(cells) => Row::new("inbox", cells).count(0, "COUNT(*)")?,
+                None => 0,
+            };
+            if pending > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Up to `limit` rows due for a retry, oldest first; with `key_order`
