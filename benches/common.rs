@@ -148,11 +148,16 @@ impl MachineCpu {
 
     /// CPU time in microseconds per `items` since the start; NaN off Linux.
     pub fn micros_per(&self, items: usize) -> f64 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        self.busy() * cpus * self.at.elapsed().as_secs_f64() * 1e6 / items.max(1) as f64
+    }
+
+    /// The share of all CPUs' time spent busy since the start (1.0 = every
+    /// CPU busy all the time); NaN off Linux.
+    pub fn busy(&self) -> f64 {
         let (Some((busy0, total0)), Some((busy1, total1))) = (self.start, cpu_ticks()) else {
             return f64::NAN;
         };
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let share = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
-        share * cpus * self.at.elapsed().as_secs_f64() * 1e6 / items.max(1) as f64
+        (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64
     }
 }

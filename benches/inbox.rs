@@ -608,13 +608,23 @@ async fn main() {
         let rates = |v: &[(f64, f64)]| v.iter().map(|r| r.0).collect::<Vec<_>>();
         let cpus = |v: &[(f64, f64)]| v.iter().map(|r| r.1).collect::<Vec<_>>();
         let plain = median(&rates(&rows[0].1));
-        let widths = [40, 10, 8, 10, 28];
+        // The inbox's own cost: an inbox row against the business write
+        // alone on the same database.
+        let business = |name: &str| {
+            let database = name.strip_prefix("inbox consumer, ")?;
+            let (_, measured) = rows
+                .iter()
+                .find(|(n, _)| n.strip_prefix("business write only, ") == Some(database))?;
+            Some(median(&rates(measured)))
+        };
+        let widths = [40, 10, 8, 10, 10, 28];
         common::head(
             &widths,
             &[
                 "consumer",
                 "msg/s",
                 "× plain",
+                "× business",
                 "CPU µs/msg",
                 "each round, msg/s",
             ],
@@ -628,6 +638,7 @@ async fn main() {
                     name.clone(),
                     format!("{rate:.0}"),
                     format!("{:.2}", rate / plain),
+                    business(name).map_or_else(String::new, |b| format!("{:.2}", rate / b)),
                     format!("{:.0}", median(&cpus(measured))),
                     each.join(", "),
                 ],
