@@ -165,6 +165,13 @@ impl<DB: Backend> Outbox<DB> {
         &self.store().sql().claim
     }
 
+    /// The relay's probe for due rows, which it runs before it opens a
+    /// claim transaction (for `EXPLAIN` in benchmarks). Not a stable API.
+    #[doc(hidden)]
+    pub fn due_probe_statement(&self) -> &str {
+        &self.store().sql().due_probe
+    }
+
     /// The per-key order check a claim runs, for `keys` keys (for `EXPLAIN`
     /// in benchmarks). Not a stable API.
     #[doc(hidden)]

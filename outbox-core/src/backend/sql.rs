@@ -97,15 +97,21 @@ impl OutboxSql {
                 "UPDATE {t} SET headers = ? WHERE id = ? AND headers = ?"
             )),
             notify: (dialect.notify)(t),
+            // Both on the index of rows by state and id: with `ORDER BY id
+            // LIMIT` and statistics from a table of waiting rows, SQLite
+            // (and MySQL) would otherwise walk the table from its first row,
+            // through every published one.
             claim: p(format!(
-                "SELECT {CLAIM_COLUMNS} FROM {t} WHERE process = '{new}' AND next_attempt_at <= ? \
+                "SELECT {CLAIM_COLUMNS} FROM {t} {} WHERE process = '{new}' AND next_attempt_at <= ? \
                  AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} \
                  ORDER BY id LIMIT ?{}",
+                (dialect.use_index)(t, "process"),
                 dialect.skip_locked
             )),
             due_probe: p(format!(
-                "SELECT id FROM {t} WHERE process = '{new}' AND next_attempt_at <= ? \
-                 AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} ORDER BY id LIMIT 1"
+                "SELECT id FROM {t} {} WHERE process = '{new}' AND next_attempt_at <= ? \
+                 AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} ORDER BY id LIMIT 1",
+                (dialect.use_index)(t, "process"),
             )),
             // On the lease index: with statistics that saw only unleased
             // rows (all NULL), SQLite would otherwise scan the whole table.
@@ -177,12 +183,17 @@ impl OutboxSql {
     }
 
     /// Unpublished rows of the given keys up to id `?`, to check per-key order.
+    /// The state is named twice: `<>` matches the partial index of
+    /// unpublished rows (PostgreSQL, SQLite), and the `IN` list of the other
+    /// states keeps MySQL on ranges of its index: with `<>` alone and a
+    /// hundred keys, MariaDB scans the whole index.
     pub(crate) fn key_rows(&self, keys: usize) -> String {
-        let published = OutboxState::Published.as_sql();
+        let (new, published, failed) = STATES;
         placeholders(
             self.dialect.placeholders,
             &format!(
-                "SELECT id, event_key FROM {} {} WHERE process <> '{published}' AND id <= ? \
+                "SELECT id, event_key FROM {} {} WHERE process <> '{published}' \
+                 AND process IN ('{new}', '{failed}') AND id <= ? \
                  AND event_key IN ({}) ORDER BY id",
                 self.table,
                 (self.dialect.use_index)(self.table.as_str(), "open_key"),
