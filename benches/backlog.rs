@@ -212,15 +212,17 @@ async fn child<DB: Backend>(url: &str, broker: &str, n: usize, table: &str) {
     let metrics = relay.metrics();
     let start = Instant::now();
     let handle = relay.spawn();
-    // The rate of each tenth of the drain, to see whether it falls as the
-    // published part of the table grows.
-    let tenth = (n / 10).max(1);
-    let (mut next, mut since) = (tenth, start);
+    // The rate of each tenth of the drain (rows published since the last
+    // mark over the time since it), to see whether it falls as the published
+    // part of the table grows.
+    let tenth = n.div_ceil(10).max(1);
+    let (mut mark, mut since) = (0, start);
     loop {
-        let published = metrics.published.load(Ordering::Relaxed) as usize;
-        if published >= next.min(n) {
-            println!("tenth {:.0}", tenth as f64 / since.elapsed().as_secs_f64());
-            (next, since) = (next + tenth, Instant::now());
+        let published = (metrics.published.load(Ordering::Relaxed) as usize).min(n);
+        if published >= (mark + tenth).min(n) && published > mark {
+            let rate = (published - mark) as f64 / since.elapsed().as_secs_f64();
+            println!("tenth {rate:.0}");
+            (mark, since) = (published, Instant::now());
         }
         if published >= n {
             break;
@@ -303,6 +305,7 @@ where
     // The small size three times (its drain takes seconds, so one run is
     // noisy), then the big one.
     for (run, n) in [small, small, small, big].into_iter().enumerate() {
+        let is_small = run < 3;
         let table = table(n, run);
         let outbox = Outbox::with_table(pool.clone(), &table).expect("table");
         outbox.migrate().await.expect("migrate");
@@ -320,7 +323,7 @@ where
             _ => format!("ANALYZE TABLE {table}"),
         };
         common::exec(&pool, &analyze).await.expect("analyze");
-        if n == big {
+        if !is_small {
             println!("{label}, claim plan with {n} waiting rows:");
             for line in plan(&outbox, kind).await {
                 println!("    {line}");
@@ -334,7 +337,7 @@ where
         if let Some(upkeep) = upkeep {
             upkeep.abort();
         }
-        if n != small {
+        if !is_small {
             println!("{label}, claim plan with {n} published rows and none waiting:");
             for line in plan(&outbox, kind).await {
                 println!("    {line}");
@@ -343,7 +346,7 @@ where
         common::exec(&pool, &format!("DROP TABLE {table}"))
             .await
             .ok();
-        if n == small {
+        if is_small {
             small_rates.push(rate);
             if small_rates.len() < 3 {
                 continue;
@@ -367,7 +370,7 @@ where
         let mut sorted = small_rates.clone();
         sorted.sort_by(f64::total_cmp);
         let small_rate = sorted[sorted.len() / 2];
-        let (rate, note) = if n == small {
+        let (rate, note) = if is_small {
             let each: Vec<String> = small_rates.iter().map(|r| format!("{r:.0}")).collect();
             (small_rate, format!("median of {}", each.join(", ")))
         } else {

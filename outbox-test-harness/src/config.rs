@@ -211,13 +211,15 @@ impl BrokerLayout<'_> {
                  </policyEntries>\n      </policyMap>\n    </destinationPolicy>\n"
             )
         };
+        // The queue patterns last: text a test passes in is never read as
+        // a placeholder.
         ACTIVEMQ_XML_TEMPLATE
             .replace("@BROKER_NAME@", &xml_attr(self.name))
-            .replace("@POLICIES@", &policies)
             .replace("@DATA_DIR@", &xml_attr(&self.data_dir.to_string_lossy()))
             .replace("@PLUGINS@", &plugins)
             .replace("@SSL_CONTEXT@", &ssl_context)
             .replace("@CONNECTORS@", &connectors)
+            .replace("@POLICIES@", &policies)
     }
 }
 

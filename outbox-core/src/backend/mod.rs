@@ -144,9 +144,11 @@ pub struct Dialect {
     /// (`INDEXED BY` on SQLite, `FORCE INDEX` on MySQL; nothing on
     /// PostgreSQL, whose planner picks the partial index by itself). For the
     /// per-key order check, whose many keys otherwise lead SQLite and MySQL to
-    /// range over the primary key (every published row below the batch), and
-    /// the hand-off read, which statistics of an unleased table lead SQLite to
-    /// answer with a full scan.
+    /// range over the primary key (every published row below the batch); the
+    /// hand-off read, which statistics of an unleased table lead SQLite to
+    /// answer with a full scan; and the claim and the due probe, which
+    /// statistics of a table of waiting rows lead SQLite to answer (`ORDER BY
+    /// id LIMIT`) by walking the table from its first, long published, row.
     pub use_index: fn(&str, &str) -> String,
     /// Whether a migration statement failed only because its work is already
     /// done: what it creates or adds exists, what it drops is gone. A step cut

@@ -397,14 +397,22 @@ impl InboxSql {
 
     /// Rows of this consumer not processed yet whose key is one of `keys`
     /// keys (bound after the consumer).
+    /// As in the outbox's key check, the state is named twice: `<>` for the
+    /// partial index of pending rows (PostgreSQL, SQLite), the `IN` list so
+    /// that MySQL keeps to ranges of its index with many keys.
     pub(crate) fn keys_pending(&self, keys: usize) -> String {
-        let processed = InboxState::Processed.as_sql();
-        let list = vec!["?"; keys.max(1)].join(", ");
+        debug_assert!(keys > 0, "a key check needs a key");
+        let (processed, retry, failed) = (
+            InboxState::Processed.as_sql(),
+            InboxState::Retry.as_sql(),
+            InboxState::Failed.as_sql(),
+        );
+        let list = vec!["?"; keys].join(", ");
         placeholders(
             self.dialect.placeholders,
             &format!(
                 "SELECT COUNT(*) FROM {} WHERE consumer = ? AND event_key IN ({list}) \
-                 AND process <> '{processed}'",
+                 AND process <> '{processed}' AND process IN ('{retry}', '{failed}')",
                 self.table
             ),
         )
