@@ -26,6 +26,26 @@ pub async fn client(broker: &Broker) -> Client {
     .expect("connect")
 }
 
+/// Sends the messages `message(0..n)`, 500 per STOMP transaction, on a
+/// connection of its own.
+pub async fn fill_queue(
+    broker: &Broker,
+    n: usize,
+    message: impl Fn(usize) -> outbox::stomp::Outgoing,
+) {
+    let client = client(broker).await;
+    let mut i = 0;
+    while i < n {
+        let tx = client.begin().await.expect("begin");
+        for k in i..(i + 500).min(n) {
+            tx.send(message(k)).await.expect("send");
+        }
+        tx.commit().await.expect("commit");
+        i += 500;
+    }
+    let _ = client.disconnect().await;
+}
+
 /// A SQLite file in WAL mode with `synchronous=NORMAL`, the settings the
 /// README recommends for the embedded default.
 pub async fn sqlite(dir: &std::path::Path) -> sqlx::SqlitePool {

@@ -78,27 +78,16 @@ impl Kind {
 
 /// `n` messages on `queue`, 500 per STOMP transaction.
 async fn fill(broker: &Broker, queue: &str, n: usize) {
-    let client = common::client(broker).await;
-    let mut i = 0;
-    while i < n {
-        let tx = client.begin().await.expect("begin");
-        for k in i..(i + 500).min(n) {
-            let key = format!("user-{}", k % KEYS);
-            tx.send(
-                Outgoing::new(queue.to_owned(), BODY)
-                    .persistent(true)
-                    .header("event-id", format!("{queue}-{k}"))
-                    .header("event-type", "user.created")
-                    .header("event-key", key.clone())
-                    .group_id(key),
-            )
-            .await
-            .expect("send");
-        }
-        tx.commit().await.expect("commit");
-        i += 500;
-    }
-    let _ = client.disconnect().await;
+    common::fill_queue(broker, n, |k| {
+        let key = format!("user-{}", k % KEYS);
+        Outgoing::new(queue.to_owned(), BODY)
+            .persistent(true)
+            .header("event-id", format!("{queue}-{k}"))
+            .header("event-type", "user.created")
+            .header("event-key", key.clone())
+            .group_id(key)
+    })
+    .await;
 }
 
 /// What one row measured.
@@ -468,8 +457,8 @@ async fn main() {
     if lopsided > 0 {
         println!(
             "\nIn {lopsided} two-process rows the broker first gave every group to one process; \
-             they were measured again, up to twice, and {kept_lopsided} stayed so (its last \
-             attempt is in the table)"
+             they were measured again, up to twice; {kept_lopsided} stayed so, and for those \
+             the last attempt is in the table"
         );
     }
 }

@@ -140,23 +140,12 @@ fn award<DB>(timed: bool) -> Award<DB> {
 }
 
 async fn fill(broker: &Broker, queue: &str, n: usize) {
-    let client = common::client(broker).await;
-    let mut i = 0;
-    while i < n {
-        let tx = client.begin().await.expect("begin");
-        for k in i..(i + 500).min(n) {
-            tx.send(
-                Outgoing::new(queue.to_owned(), BODY)
-                    .persistent(true)
-                    .header("event-id", format!("fill-{queue}-{k}")),
-            )
-            .await
-            .expect("send");
-        }
-        tx.commit().await.expect("commit");
-        i += 500;
-    }
-    let _ = client.disconnect().await;
+    common::fill_queue(broker, n, |k| {
+        Outgoing::new(queue.to_owned(), BODY)
+            .persistent(true)
+            .header("event-id", format!("fill-{queue}-{k}"))
+    })
+    .await;
 }
 
 /// A `client-individual` subscription with the bench's prefetch, as every
