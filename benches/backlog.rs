@@ -367,9 +367,7 @@ where
             mib.join(" ")
         );
         let peak = samples.iter().max().copied().unwrap_or(0) as f64 / 1024.0;
-        let mut sorted = small_rates.clone();
-        sorted.sort_by(f64::total_cmp);
-        let small_rate = sorted[sorted.len() / 2];
+        let small_rate = common::median(&small_rates);
         let (rate, note) = if is_small {
             let each: Vec<String> = small_rates.iter().map(|r| format!("{r:.0}")).collect();
             (small_rate, format!("median of {}", each.join(", ")))

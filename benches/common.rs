@@ -26,6 +26,13 @@ pub async fn client(broker: &Broker) -> Client {
     .expect("connect")
 }
 
+/// The median of `values` (the upper one of an even count); NaN when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// Sends the messages `message(0..n)`, 500 per STOMP transaction, on a
 /// connection of its own.
 pub async fn fill_queue(

@@ -170,24 +170,17 @@ async fn run_row(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let settled: Vec<usize> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
     let measured = Measured {
         rate: n as f64 / elapsed,
-        busiest_share: counts
-            .iter()
-            .map(|c| c.load(Ordering::SeqCst))
-            .max()
-            .unwrap_or(0) as f64
-            / n as f64,
+        busiest_share: settled.iter().copied().max().unwrap_or(0) as f64 / n as f64,
         cpu_per_msg: cpu.micros_per(n),
         busy: cpu.busy(),
     };
     for child in &mut children {
         let _ = child.kill().await;
     }
-    let split: Vec<String> = counts
-        .iter()
-        .map(|c| c.load(Ordering::SeqCst).to_string())
-        .collect();
+    let split: Vec<String> = settled.iter().map(usize::to_string).collect();
     println!(
         "{queue}: {:.0} msg/s, settled per process {}",
         measured.rate,
@@ -387,12 +380,11 @@ async fn main() {
             measured[i].push(row);
         }
     }
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+    // The median over the rounds of one figure of row `i`.
+    let median_of = |i: usize, figure: fn(&Measured) -> f64| {
+        common::median(&measured[i].iter().map(figure).collect::<Vec<_>>())
     };
-    let rate = |i: usize| median(&measured[i].iter().map(|m| m.rate).collect::<Vec<_>>());
+    let rate = |i: usize| median_of(i, |m| m.rate);
     println!(
         "\nCompeting consumers on PostgreSQL: {n} persistent messages over {KEYS} keys (JMSXGroupID), \
          median of {rounds} interleaved rounds\n"
@@ -432,24 +424,8 @@ async fn main() {
                 format!("{:.0}", rate(i)),
                 format!("{:.2}", rate(i) / rate(one)),
                 format!("{:.2}", rate(i) / rate(plain)),
-                format!(
-                    "{:.2}",
-                    median(
-                        &measured[i]
-                            .iter()
-                            .map(|m| m.busiest_share)
-                            .collect::<Vec<_>>()
-                    )
-                ),
-                format!(
-                    "{:.0}",
-                    median(
-                        &measured[i]
-                            .iter()
-                            .map(|m| m.cpu_per_msg)
-                            .collect::<Vec<_>>()
-                    )
-                ),
+                format!("{:.2}", median_of(i, |m| m.busiest_share)),
+                format!("{:.0}", median_of(i, |m| m.cpu_per_msg)),
                 each.join(", "),
             ],
         );

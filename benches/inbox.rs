@@ -589,14 +589,9 @@ async fn main() {
                 note(name, rate);
             }
         }
-        let median = |v: &[f64]| {
-            let mut v = v.to_vec();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let rates = |v: &[(f64, f64)]| v.iter().map(|r| r.0).collect::<Vec<_>>();
         let cpus = |v: &[(f64, f64)]| v.iter().map(|r| r.1).collect::<Vec<_>>();
-        let plain = median(&rates(&rows[0].1));
+        let plain = common::median(&rates(&rows[0].1));
         // The inbox's own cost: an inbox row against the business write
         // alone on the same database.
         let business = |name: &str| {
@@ -604,7 +599,7 @@ async fn main() {
             let (_, measured) = rows
                 .iter()
                 .find(|(n, _)| n.strip_prefix("business write only, ") == Some(database))?;
-            Some(median(&rates(measured)))
+            Some(common::median(&rates(measured)))
         };
         let widths = [40, 10, 8, 10, 10, 28];
         common::head(
@@ -620,7 +615,7 @@ async fn main() {
         );
         for (name, measured) in &rows {
             let each: Vec<String> = rates(measured).iter().map(|r| format!("{r:.0}")).collect();
-            let rate = median(&rates(measured));
+            let rate = common::median(&rates(measured));
             common::row(
                 &widths,
                 &[
@@ -628,7 +623,7 @@ async fn main() {
                     format!("{rate:.0}"),
                     format!("{:.2}", rate / plain),
                     business(name).map_or_else(String::new, |b| format!("{:.2}", rate / b)),
-                    format!("{:.0}", median(&cpus(measured))),
+                    format!("{:.0}", common::median(&cpus(measured))),
                     each.join(", "),
                 ],
             );
