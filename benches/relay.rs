@@ -10,7 +10,15 @@
 //! once. A relay row first commits `N` rows (untimed), then starts `RELAYS`
 //! relays with `batch_size = BATCH` and times from start until all `N` rows are
 //! `PUBLISHED` (relay counters; the database confirms `NEW = 0` at the end).
-//! Each row uses its own queue. A warm-up ceiling run precedes the table.
+//! Each row uses its own queue, emptied after the row (untimed), so the
+//! broker holds no earlier row's messages. Rows share one table per database,
+//! emptied after each row; on a PostgreSQL with autovacuum off (this
+//! machine's) the bench vacuums and analyzes it at autovacuum's default
+//! thresholds, as the server would. A warm-up ceiling run precedes the table.
+//! Beside each rate: how busy the whole machine was over the timed part
+//! (broker, database and this process; 100 % = every core busy) and the CPU
+//! time it spent per message, so a row bounded by the machine's cores tells
+//! itself from one whose publishers wait.
 //! Run with `cargo bench --bench relay`; `BENCH_N`, `BENCH_BATCH`, and
 //! `BENCH_RELAYS` (comma list, default `1,2`) change the sizes.
 
@@ -44,17 +52,42 @@ fn messages(n: usize, queue: &str) -> Vec<OutboxMessage> {
         .collect()
 }
 
+/// A timed run: messages per second, the machine's busy share and its CPU
+/// microseconds per message over the same span.
+struct Measured {
+    rate: f64,
+    busy: f64,
+    cpu_us: f64,
+}
+
+impl Measured {
+    fn of(cpu: &common::MachineCpu, start: Instant, n: usize) -> Measured {
+        Measured {
+            rate: n as f64 / start.elapsed().as_secs_f64(),
+            busy: cpu.busy(),
+            cpu_us: cpu.micros_per(n),
+        }
+    }
+}
+
 /// The broker's ceiling: `connections` publishers sharing `n` messages.
-async fn ceiling(broker: &Broker, n: usize, batch: usize, connections: usize, queue: &str) -> f64 {
+async fn ceiling(
+    broker: &Broker,
+    n: usize,
+    batch: usize,
+    connections: usize,
+    queue: &str,
+) -> Measured {
     let per = n / connections;
     let mut publishers = Vec::new();
     for _ in 0..connections {
         publishers.push(StompPublisher::new(common::client(broker).await));
     }
+    let batches: Vec<_> = (0..connections).map(|_| messages(per, queue)).collect();
+    let cpu = common::MachineCpu::start();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for p in publishers {
-        let all = messages(per, queue);
+    for (p, all) in publishers.into_iter().zip(batches) {
         tasks.push(tokio::spawn(async move {
             for chunk in all.chunks(batch) {
                 p.publish(chunk).await.expect("publish");
@@ -64,7 +97,9 @@ async fn ceiling(broker: &Broker, n: usize, batch: usize, connections: usize, qu
     for t in tasks {
         t.await.expect("publisher task");
     }
-    (per * connections) as f64 / start.elapsed().as_secs_f64()
+    let measured = Measured::of(&cpu, start, per * connections);
+    common::drain_queue(broker, queue, per * connections).await;
+    measured
 }
 
 async fn relay_run<DB: Backend>(
@@ -75,7 +110,7 @@ async fn relay_run<DB: Backend>(
     relays: usize,
     partitions: bool,
     queue: &str,
-) -> f64
+) -> Measured
 where
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
 {
@@ -111,6 +146,7 @@ where
         );
     }
     let metrics: Vec<_> = handles.iter().map(|h| h.metrics().clone()).collect();
+    let cpu = common::MachineCpu::start();
     let start = Instant::now();
     loop {
         let done: u64 = metrics
@@ -122,7 +158,7 @@ where
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let measured = Measured::of(&cpu, start, n);
     for h in handles {
         h.shutdown().await.expect("shutdown");
     }
@@ -130,7 +166,8 @@ where
     assert_eq!(backlog.pending, 0, "every row published");
     // Keep the next run's database small.
     common::exec(&pool, "DELETE FROM outbox_event").await.ok();
-    rate
+    common::drain_queue(broker, queue, n).await;
+    measured
 }
 
 #[tokio::main]
@@ -155,8 +192,18 @@ async fn main() {
         "\nRelay throughput: {n} persistent messages of {} B, {batch} per STOMP transaction\n",
         BODY.len()
     );
-    let widths = [48, 11, 12, 10];
-    common::head(&widths, &["publisher", "connections", "msg/s", "× ceiling"]);
+    let widths = [48, 11, 12, 10, 13, 11];
+    common::head(
+        &widths,
+        &[
+            "publisher",
+            "connections",
+            "msg/s",
+            "× ceiling",
+            "machine busy",
+            "CPU µs/msg",
+        ],
+    );
     let mut q = 0;
     let mut queue = || {
         q += 1;
@@ -164,15 +211,17 @@ async fn main() {
     };
     for &relays in &relay_counts {
         let top = ceiling(&broker, n, batch, relays, &queue()).await;
-        let fmt = |name: &str, rate: f64| {
+        let fmt = |name: &str, m: &Measured| {
             vec![
                 name.to_string(),
                 relays.to_string(),
-                format!("{rate:.0}"),
-                format!("{:.2}", rate / top),
+                format!("{:.0}", m.rate),
+                format!("{:.2}", m.rate / top.rate),
+                format!("{:.0} %", m.busy * 100.0),
+                format!("{:.0}", m.cpu_us),
             ]
         };
-        common::row(&widths, &fmt("plain STOMP publisher (ceiling)", top));
+        common::row(&widths, &fmt("plain STOMP publisher (ceiling)", &top));
         // Several relays: with key partitions (the default) and without.
         let modes: &[(bool, &str)] = if relays > 1 {
             &[(true, ""), (false, ", no partitions")]
@@ -180,7 +229,7 @@ async fn main() {
             &[(true, "")]
         };
         for &(partitions, mode) in modes {
-            let rate = relay_run(
+            let m = relay_run(
                 &broker,
                 sqlite.clone(),
                 n,
@@ -190,16 +239,24 @@ async fn main() {
                 &queue(),
             )
             .await;
-            common::row(&widths, &fmt(&format!("relay, SQLite (WAL){mode}"), rate));
+            common::row(&widths, &fmt(&format!("relay, SQLite (WAL){mode}"), &m));
             if let Some(pg) = &pg {
                 let pool = pg.pool().clone();
-                let rate = relay_run(&broker, pool, n, batch, relays, partitions, &queue()).await;
-                common::row(&widths, &fmt(&format!("relay, PostgreSQL{mode}"), rate));
+                // This server runs with autovacuum off: the bench does its work.
+                let vacuum = {
+                    let pool = pool.clone();
+                    tokio::spawn(async move {
+                        common::autovacuum_stand_in(&pool, "outbox_event", false).await
+                    })
+                };
+                let m = relay_run(&broker, pool, n, batch, relays, partitions, &queue()).await;
+                vacuum.abort();
+                common::row(&widths, &fmt(&format!("relay, PostgreSQL{mode}"), &m));
             }
             if let Some(my) = &my {
                 let pool = my.pool().clone();
-                let rate = relay_run(&broker, pool, n, batch, relays, partitions, &queue()).await;
-                common::row(&widths, &fmt(&format!("relay, MariaDB{mode}"), rate));
+                let m = relay_run(&broker, pool, n, batch, relays, partitions, &queue()).await;
+                common::row(&widths, &fmt(&format!("relay, MariaDB{mode}"), &m));
             }
         }
     }
