@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outbox::stomp::{Client, Config};
 use outbox_test_harness::{Broker, BrokerConfig, TestDb};
@@ -55,15 +55,14 @@ pub async fn fill_queue(
 
 /// Takes up to `n` messages off `queue` (auto acks), so that rows measured
 /// later do not run on a broker holding every earlier row's messages. Stops
-/// early once the queue stays empty for five seconds; returns how many it took.
-pub async fn drain_queue(broker: &Broker, queue: &str, n: usize) -> usize {
+/// early once the queue stays empty for five seconds, and says so on stderr.
+pub async fn drain_queue(broker: &Broker, queue: &str, n: usize) {
     let client = client(broker).await;
     let mut sub = client
         .subscribe(
             outbox::stomp::Subscribe::new(queue)
                 .ack(outbox::stomp::AckMode::Auto)
-                .prefetch(1000)
-                .buffer(1000),
+                .prefetch(1000),
         )
         .await
         .expect("subscribe");
@@ -75,7 +74,9 @@ pub async fn drain_queue(broker: &Broker, queue: &str, n: usize) -> usize {
         }
     }
     let _ = client.disconnect().await;
-    taken
+    if taken < n {
+        eprintln!("{queue}: took {taken} of {n} messages; the rest stay on the broker");
+    }
 }
 
 /// A SQLite file in WAL mode with `synchronous=NORMAL`, the settings the
@@ -211,58 +212,5 @@ impl MachineCpu {
             return f64::NAN;
         };
         (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64
-    }
-}
-
-/// What autovacuum would do with its default thresholds, on a server where
-/// it is off: every second, `VACUUM ANALYZE` the table once its dead rows pass
-/// 50 + 20 % of its rows, `ANALYZE` it once its changes since the last
-/// statistics pass 50 + 10 %. With `report`, says so and prints each pass.
-/// Runs until aborted.
-pub async fn autovacuum_stand_in(pool: &sqlx::Pool<sqlx::Postgres>, table: &str, report: bool) {
-    let on: Option<String> = sqlx::query_scalar("SHOW autovacuum")
-        .fetch_optional(pool)
-        .await
-        .ok()
-        .flatten();
-    if on.as_deref() != Some("off") {
-        return;
-    }
-    if report {
-        println!(
-            "PostgreSQL: autovacuum is off on this server; the bench vacuums and analyzes at its default thresholds"
-        );
-    }
-    let started = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let figures: Result<(i64, i64, f32), _> = sqlx::query_as(
-            "SELECT s.n_dead_tup, s.n_mod_since_analyze, c.reltuples FROM pg_stat_user_tables s \
-             JOIN pg_class c ON c.oid = s.relid WHERE s.relname = $1",
-        )
-        .bind(table)
-        .fetch_one(pool)
-        .await;
-        let Ok((dead, changed, rows)) = figures else {
-            continue;
-        };
-        let rows = f64::from(rows.max(0.0));
-        let pass = if dead as f64 > 50.0 + 0.2 * rows {
-            "VACUUM ANALYZE"
-        } else if changed as f64 > 50.0 + 0.1 * rows {
-            "ANALYZE"
-        } else {
-            continue;
-        };
-        let at = Instant::now();
-        match exec(pool, &format!("{pass} {table}")).await {
-            Ok(()) if !report => {}
-            Ok(()) => println!(
-                "    {:>4.0} s: {pass} ({dead} dead rows, {changed} changed) took {:.1} s",
-                started.elapsed().as_secs_f64(),
-                at.elapsed().as_secs_f64()
-            ),
-            Err(e) => println!("    {pass} failed: {e}"),
-        }
     }
 }

@@ -12,13 +12,13 @@
 //! `PUBLISHED` (relay counters; the database confirms `NEW = 0` at the end).
 //! Each row uses its own queue, emptied after the row (untimed), so the
 //! broker holds no earlier row's messages. Rows share one table per database,
-//! emptied after each row; on a PostgreSQL with autovacuum off (this
-//! machine's) the bench vacuums and analyzes it at autovacuum's default
-//! thresholds, as the server would. A warm-up ceiling run precedes the table.
+//! emptied after each row; on PostgreSQL it is then vacuumed and analyzed
+//! (untimed), so no row inherits an earlier one's dead rows, whether or not
+//! the server runs autovacuum. A warm-up ceiling run precedes the table.
 //! Beside each rate: how busy the whole machine was over the timed part
 //! (broker, database and this process; 100 % = every core busy) and the CPU
-//! time it spent per message, so a row bounded by the machine's cores tells
-//! itself from one whose publishers wait.
+//! time it spent per message, so that a row bound by the machine's cores can
+//! be told from one whose publishers wait.
 //! Run with `cargo bench --bench relay`; `BENCH_N`, `BENCH_BATCH`, and
 //! `BENCH_RELAYS` (comma list, default `1,2`) change the sizes.
 
@@ -130,7 +130,8 @@ where
         tx.commit().await.expect("commit");
         i += 500;
     }
-    let mut handles = Vec::new();
+    // Every relay connected before the clock starts; all start together.
+    let mut ready = Vec::new();
     for _ in 0..relays {
         let config = RelayConfig {
             batch_size: batch as u32,
@@ -138,16 +139,16 @@ where
             key_partitions: partitions,
             ..RelayConfig::default()
         };
-        handles.push(
+        ready.push(
             outbox
                 .relay(StompPublisher::new(common::client(broker).await), config)
-                .expect("valid settings")
-                .spawn(),
+                .expect("valid settings"),
         );
     }
-    let metrics: Vec<_> = handles.iter().map(|h| h.metrics().clone()).collect();
+    let metrics: Vec<_> = ready.iter().map(|r| r.metrics()).collect();
     let cpu = common::MachineCpu::start();
     let start = Instant::now();
+    let handles: Vec<_> = ready.into_iter().map(|r| r.spawn()).collect();
     loop {
         let done: u64 = metrics
             .iter()
@@ -242,15 +243,21 @@ async fn main() {
             common::row(&widths, &fmt(&format!("relay, SQLite (WAL){mode}"), &m));
             if let Some(pg) = &pg {
                 let pool = pg.pool().clone();
-                // This server runs with autovacuum off: the bench does its work.
-                let vacuum = {
-                    let pool = pool.clone();
-                    tokio::spawn(async move {
-                        common::autovacuum_stand_in(&pool, "outbox_event", false).await
-                    })
-                };
-                let m = relay_run(&broker, pool, n, batch, relays, partitions, &queue()).await;
-                vacuum.abort();
+                let m = relay_run(
+                    &broker,
+                    pool.clone(),
+                    n,
+                    batch,
+                    relays,
+                    partitions,
+                    &queue(),
+                )
+                .await;
+                // The next row starts on a vacuumed, analyzed table, as on a
+                // server whose autovacuum ran after the emptying DELETE.
+                common::exec(&pool, "VACUUM ANALYZE outbox_event")
+                    .await
+                    .expect("vacuum");
                 common::row(&widths, &fmt(&format!("relay, PostgreSQL{mode}"), &m));
             }
             if let Some(my) = &my {
