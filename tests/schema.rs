@@ -1,7 +1,9 @@
 //! Schema versions on SQLite, PostgreSQL and MySQL/MariaDB (modules `sqlite`,
 //! `postgres`, `mysql`): a fresh table is created at the newest version (the
-//! outbox at 6, the inbox at 3), a table left at version 1 is upgraded (the
-//! retention indexes, the outbox's key partitions and its index of unpublished rows by key and, on PostgreSQL, of waiting rows; on PostgreSQL and SQLite the inbox's partial indexes of
+//! outbox at 7, the inbox at 3), a table left at version 1 is upgraded (the
+//! retention indexes; the outbox's key partitions, its index of unpublished
+//! rows by key and, on PostgreSQL, of waiting rows, and the index of every
+//! row by key gone; on PostgreSQL and SQLite the inbox's partial indexes of
 //! pending rows), also by two processes migrating at once, with its retry and
 //! parked rows still found, and retention keeps deleting only old rows.
 //!
@@ -32,7 +34,7 @@ macro_rules! schema_suite {
         }
 
         /// The newest version of each table.
-        const NEWEST: [(&str, i64); 2] = [("outbox_event", 6), ("inbox_event", 3)];
+        const NEWEST: [(&str, i64); 2] = [("outbox_event", 7), ("inbox_event", 3)];
 
         /// Whether `table` has the index `{table}_{suffix}`; `$count_index`
         /// counts the indexes of a table (first bind) with a name (second bind).
@@ -52,6 +54,8 @@ macro_rules! schema_suite {
             assert!(index_exists(pool, "outbox_event", "retention").await);
             assert!(index_exists(pool, "inbox_event", "retention").await);
             assert!(index_exists(pool, "outbox_event", "open_key").await);
+            // Version 7 dropped version 1's index of every row by key.
+            assert!(!index_exists(pool, "outbox_event", "key").await);
             assert_eq!(index_exists(pool, "outbox_event", "waiting").await, postgres());
             // MySQL has no partial indexes and keeps the full ones of version 1.
             let (has, lacks) = if mysql() {
@@ -96,6 +100,11 @@ macro_rules! schema_suite {
                 if postgres() {
                     drop_index(pool, table, "waiting").await;
                 }
+                // Version 1's index of every row by key, which version 7 drops.
+                sqlx::raw_sql("CREATE INDEX outbox_event_key ON outbox_event (event_key, id)")
+                    .execute(pool)
+                    .await
+                    .unwrap();
                 // Version 4's key partitions.
                 sqlx::raw_sql("ALTER TABLE outbox_event DROP COLUMN partition_no")
                     .execute(pool)
@@ -252,7 +261,7 @@ macro_rules! schema_suite {
                 .await
                 .unwrap();
             outbox.migrate().await.unwrap();
-            assert_eq!(version(&pool, "outbox_event").await, 6);
+            assert_eq!(version(&pool, "outbox_event").await, 7);
             assert_eq!(stored(&ids[0]).await, r#"[["b","2"],["tenant","acme"]]"#);
             assert_eq!(stored(&ids[1]).await, "[]");
             assert_eq!(stored(&ids[2]).await, r#"[["z","last"]]"#, "left as it was");

@@ -140,6 +140,9 @@ pub struct Dialect {
     /// row waited otherwise make it walk the primary key past the published
     /// rows. SQLite and MySQL claim on `(process, id)` already.
     pub outbox_waiting_index: fn(&str) -> Vec<String>,
+    /// `DROP INDEX` of index `{table}_{name}`: (table, name). Safe to run
+    /// again, through `IF EXISTS` or [`already_applied`](Self::already_applied).
+    pub drop_index: fn(&str, &str) -> String,
     /// What follows the table name to make a query use index `{table}_{name}`
     /// (`INDEXED BY` on SQLite, `FORCE INDEX` on MySQL; nothing on
     /// PostgreSQL, whose planner picks the partial index by itself). For the

@@ -35,6 +35,7 @@ static MYSQL: Dialect = Dialect {
     outbox_open_key_index: |t| format!("CREATE INDEX {t}_open_key ON {t} (event_key, process, id)"),
     use_index: |table, name| format!("FORCE INDEX ({table}_{name})"),
     outbox_waiting_index: |_| Vec::new(),
+    drop_index: |table, name| format!("DROP INDEX {table}_{name} ON {table}"),
     already_applied,
     // A named lock of the session, waited for up to ten minutes (an index
     // built on a large table takes a while).

@@ -32,6 +32,7 @@ static POSTGRES: Dialect = Dialect {
             "CREATE INDEX IF NOT EXISTS {t}_waiting ON {t} (id) WHERE process = 'NEW'"
         )]
     },
+    drop_index: |table, name| format!("DROP INDEX IF EXISTS {table}_{name}"),
     use_index: |_, _| String::new(),
     already_applied: |_| false,
     // A session lock: given back explicitly, or when the connection ends.

@@ -89,6 +89,11 @@ impl OutboxSql {
                 // Version 6: on PostgreSQL, an index of the waiting rows the
                 // claim takes whatever the statistics say.
                 (dialect.outbox_waiting_index)(t),
+                // Version 7: version 1's index of every row by key goes. No
+                // statement reads it since version 5's index of the
+                // unpublished rows by key, and each row entered it three
+                // times (insert, lease, mark).
+                vec![(dialect.drop_index)(t, "key")],
             ],
             legacy_headers: p(format!(
                 "SELECT id, headers FROM {t} WHERE id > ? AND headers LIKE '{{%' ORDER BY id LIMIT ?"

@@ -26,6 +26,7 @@ static SQLITE: Dialect = Dialect {
     inbox_pending_indexes: super::partial_pending_indexes,
     outbox_open_key_index: super::partial_open_key_index,
     outbox_waiting_index: |_| Vec::new(),
+    drop_index: |table, name| format!("DROP INDEX IF EXISTS {table}_{name}"),
     use_index: |table, name| format!("INDEXED BY {table}_{name}"),
     // SQLite has no `ADD COLUMN IF NOT EXISTS`: a step run again says so.
     already_applied: |error| {
