@@ -43,6 +43,7 @@ pub(crate) struct OutboxSql {
     pub(crate) handed_off: String,
     pub(crate) park_rejected: String,
     pub(crate) retry_rejected: String,
+    pub(crate) park_undecodable: String,
     pub(crate) release: String,
     pub(crate) delete_published: String,
     pub(crate) backlog: String,
@@ -140,6 +141,13 @@ impl OutboxSql {
                  next_attempt_at = ?, update_time = ?, claimed_by = NULL, claimed_until = NULL \
                  WHERE id = ? AND claimed_by = ? AND process = '{new}' AND attempts + 1 < ?"
             )),
+            // A row the relay cannot read as an event: parked at once, its
+            // reason kept; per-key order then holds its key's later rows.
+            park_undecodable: p(format!(
+                "UPDATE {t} SET process = '{failed}', attempts = attempts + 1, last_error = ?, \
+                 update_time = ?, claimed_by = NULL, claimed_until = NULL \
+                 WHERE id = ? AND process = '{new}'"
+            )),
             release: p(format!(
                 "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL, \
                  last_error = COALESCE(?, last_error), update_time = ? WHERE claimed_by = ?"
@@ -203,6 +211,34 @@ impl OutboxSql {
                 self.table,
                 (self.dialect.use_index)(self.table.as_str(), "open_key"),
                 marks(keys)
+            ),
+        )
+    }
+
+    /// [`claim`](Self::claim) past a window of rows that per-key order held
+    /// back: due rows after id `?`, skipping rows of `excluded` keys (the
+    /// keys found waiting in the windows before). The values are those of
+    /// the claim with the id and the keys before the limit: now, now, the
+    /// share's bounds, the id, the keys, the limit.
+    pub(crate) fn claim_after(&self, excluded: usize) -> String {
+        let (new, _, _) = STATES;
+        let skip = if excluded == 0 {
+            String::new()
+        } else {
+            format!(
+                "AND (event_key IS NULL OR event_key NOT IN ({})) ",
+                marks(excluded)
+            )
+        };
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "SELECT {CLAIM_COLUMNS} FROM {t} {} WHERE process = '{new}' AND next_attempt_at <= ? \
+                 AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} AND id > ? {skip}\
+                 ORDER BY id LIMIT ?{}",
+                (self.dialect.use_index)(self.table.as_str(), "process"),
+                self.dialect.skip_locked,
+                t = self.table,
             ),
         )
     }

@@ -53,7 +53,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let store = self.outbox.store();
         let mut conn = store.acquire().await?;
         let rows = store.handed_off(&mut conn, token, now_ms(), limit).await?;
+        self.park_undecodable(&mut conn, &rows.undecodable).await?;
         let mut batch: Vec<OutboxMessage> = rows
+            .messages
             .into_iter()
             .filter(|m| !ahead.contains(&m.id))
             .take(size)
@@ -108,6 +110,12 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// Claims up to `batch_size` due rows for `token`. Rows in `in_flight` (the
     /// batch this relay is publishing right now, on the same connection, before
     /// this one) count as going ahead of the claimed rows of their keys.
+    ///
+    /// A window of due rows may hold only rows that per-key order must hold
+    /// back (a key whose earlier row is parked or waits for a retry, with more
+    /// rows of it than a batch): the claim then reads on past that window,
+    /// leaving out the keys found waiting, up to [`CLAIM_WINDOWS`] windows, so
+    /// one waiting key never stops the rest of the table.
     async fn claim(
         &self,
         token: &str,
@@ -122,24 +130,88 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         if !store.any_due(now, share).await? {
             return Ok(Vec::new());
         }
+        let limit = self.config.batch_size.max(1);
+        let size = usize::try_from(limit).unwrap_or(usize::MAX);
         let mut tx = store.begin_relaxed().await?;
-        let mut batch = store
-            .select_due(&mut tx, now, share, self.config.batch_size.max(1))
-            .await?;
-        if batch.is_empty() {
-            tx.commit().await.map_err(Error::db("ending a claim"))?;
-            return Ok(Vec::new());
+        let mut batch: Vec<OutboxMessage> = Vec::new();
+        // Rows going ahead of the next window's rows of their keys: the ones
+        // in flight and those accepted from earlier windows.
+        let mut ahead = in_flight.clone();
+        let mut waiting_keys: Vec<String> = Vec::new();
+        let mut after: Option<i64> = None;
+        for _ in 0..CLAIM_WINDOWS {
+            let rows = match after {
+                None => store.select_due(&mut tx, now, share, limit).await?,
+                Some(last) => {
+                    let excluded: Vec<&str> = waiting_keys.iter().map(String::as_str).collect();
+                    store
+                        .select_due_after(&mut tx, now, share, last, &excluded, limit)
+                        .await?
+                }
+            };
+            let read = rows.messages.len() + rows.undecodable.len();
+            let last = rows
+                .messages
+                .iter()
+                .map(|m| m.id)
+                .chain(rows.undecodable.iter().map(|(id, _)| *id))
+                .max();
+            self.park_undecodable(&mut tx, &rows.undecodable).await?;
+            let mut window = rows.messages;
+            // Per-key order: drop rows that an unpublished earlier row of
+            // their key (not in this window, not ahead) must precede.
+            let accepted = self.key_order(&mut tx, &window, &ahead).await?;
+            for m in &window {
+                if let Some(key) = &m.key
+                    && !accepted.contains(&m.id)
+                    && waiting_keys.len() < MAX_WAITING_KEYS
+                    && !waiting_keys.contains(key)
+                {
+                    waiting_keys.push(key.clone());
+                }
+            }
+            window.retain(|m| m.key.is_none() || accepted.contains(&m.id));
+            window.truncate(size.saturating_sub(batch.len()));
+            ahead.extend(window.iter().map(|m| m.id));
+            batch.extend(window);
+            // A short window was the last of the due rows; a full batch is done.
+            if read < size || batch.len() >= size {
+                break;
+            }
+            after = last;
         }
-        // Per-key order: drop rows that an unpublished earlier row of their key
-        // (not in this batch) must precede.
-        let accepted = self.key_order(&mut tx, &batch, in_flight).await?;
-        batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
         if !batch.is_empty() {
             let ids: Vec<i64> = batch.iter().map(|m| m.id).collect();
             store.lease(&mut tx, token, now + ms(lease), &ids).await?;
         }
         tx.commit().await.map_err(Error::db("committing a claim"))?;
         Ok(batch)
+    }
+
+    /// Parks the rows a claim read that do not hold a message (written by
+    /// hand, by a trigger or by another tool), each with its reason, in the
+    /// claim's transaction: the rest of the batch goes on.
+    pub(super) async fn park_undecodable(
+        &self,
+        conn: &mut DB::Connection,
+        rows: &[(i64, String)],
+    ) -> Result<(), Error> {
+        for (id, reason) in rows {
+            let parked = self
+                .outbox
+                .store()
+                .park_undecodable(conn, *id, reason, now_ms())
+                .await?;
+            if parked {
+                tracing::error!(
+                    row = id,
+                    reason,
+                    "outbox row parked as FAILED: it cannot be read as an event"
+                );
+                self.metrics.add(super::Count::Failed, 1);
+            }
+        }
+        Ok(())
     }
 
     /// Of the keyed rows of `batch`, those no unpublished earlier row of their
@@ -183,6 +255,14 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         Ok(accepted)
     }
 }
+
+/// Most windows of due rows one claim reads when per-key order holds back
+/// the rows of the windows before.
+const CLAIM_WINDOWS: usize = 8;
+
+/// Most keys found waiting that a claim leaves out of its later windows
+/// (each is one bound value).
+const MAX_WAITING_KEYS: usize = 100;
 
 /// Longest claim token: the `claimed_by` column is `VARCHAR(64)`.
 const TOKEN_MAX: usize = outbox_rules::MAX_CLAIM_TOKEN;

@@ -48,14 +48,18 @@ pub(crate) fn key_partition(key: Option<&str>) -> i64 {
     i64::from(hash) % KEY_PARTITIONS
 }
 
-/// The partitions relay `index` of `members` claims.
+/// The partitions relay `index` of `members` claims. The last relay's share
+/// runs on past [`KEY_PARTITIONS`]: a row whose stored partition is beyond
+/// them (written by hand or by another tool) belongs to someone.
 fn share_of(index: usize, members: usize) -> Share {
     let members = i64::try_from(members.max(1)).unwrap_or(i64::MAX);
     let index = i64::try_from(index).unwrap_or(0).min(members - 1);
-    (
-        index * KEY_PARTITIONS / members,
-        (index + 1) * KEY_PARTITIONS / members,
-    )
+    let to = if index == members - 1 {
+        i64::MAX
+    } else {
+        (index + 1) * KEY_PARTITIONS / members
+    };
+    (index * KEY_PARTITIONS / members, to)
 }
 
 /// The share a relay claims now, written by its membership task.
@@ -70,7 +74,8 @@ impl ShareCell {
     pub(crate) fn all() -> ShareCell {
         ShareCell {
             from: AtomicI64::new(0),
-            to: AtomicI64::new(KEY_PARTITIONS),
+            // Also partitions beyond the table's: see `share_of`.
+            to: AtomicI64::new(i64::MAX),
         }
     }
 
@@ -161,7 +166,7 @@ impl<DB: Backend> Membership<DB> {
             tracing::info!(
                 table = self.table,
                 from = share.0,
-                to = share.1,
+                to = share.1.min(KEY_PARTITIONS),
                 of = KEY_PARTITIONS,
                 relays = members,
                 "relay's share of the key partitions"
@@ -228,7 +233,8 @@ mod tests {
                 assert!(to > from);
                 next = to;
             }
-            assert_eq!(next, KEY_PARTITIONS);
+            // The last share also holds partitions beyond the table's.
+            assert_eq!(next, i64::MAX);
         }
     }
 

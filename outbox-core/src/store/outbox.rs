@@ -183,7 +183,7 @@ impl<DB: Backend> OutboxStore<DB> {
         now: i64,
         share: Share,
         limit: u32,
-    ) -> Result<Vec<OutboxMessage>, Error> {
+    ) -> Result<ClaimedRows, Error> {
         let rows = DB::fetch(
             conn,
             &self.sql.claim,
@@ -198,7 +198,39 @@ impl<DB: Backend> OutboxStore<DB> {
         )
         .await
         .map_err(Error::db("selecting due rows"))?;
-        decode_all("outbox", rows, message)
+        claimed_rows(rows)
+    }
+
+    /// [`select_due`](Self::select_due) past id `after`, skipping the rows
+    /// of the keys `excluded`: the next window of a claim whose rows so far
+    /// were held back by per-key order.
+    pub(crate) async fn select_due_after(
+        &self,
+        conn: &mut DB::Connection,
+        now: i64,
+        share: Share,
+        after: i64,
+        excluded: &[&str],
+        limit: u32,
+    ) -> Result<ClaimedRows, Error> {
+        let mut args = vec![
+            Value::Int(now),
+            Value::Int(now),
+            Value::Int(share.0),
+            Value::Int(share.1),
+            Value::Int(after),
+        ];
+        args.extend(excluded.iter().map(|k| Value::Text(Some(k))));
+        args.push(Value::Int(i64::from(limit)));
+        let rows = DB::fetch(
+            conn,
+            &self.sql.claim_after(excluded.len()),
+            &args,
+            &CLAIM_TYPES,
+        )
+        .await
+        .map_err(Error::db("selecting due rows"))?;
+        claimed_rows(rows)
     }
 
     /// Up to `limit` committed rows leased to `token` (handed off at insert)
@@ -209,7 +241,7 @@ impl<DB: Backend> OutboxStore<DB> {
         token: &str,
         now: i64,
         limit: i64,
-    ) -> Result<Vec<OutboxMessage>, Error> {
+    ) -> Result<ClaimedRows, Error> {
         let rows = DB::fetch(
             conn,
             &self.sql.handed_off,
@@ -218,7 +250,7 @@ impl<DB: Backend> OutboxStore<DB> {
         )
         .await
         .map_err(Error::db("reading handed-off rows"))?;
-        decode_all("outbox", rows, message)
+        claimed_rows(rows)
     }
 
     /// The unpublished rows of `keys` up to id `max_id`, in id order: (id, key).
@@ -362,6 +394,25 @@ impl<DB: Backend> OutboxStore<DB> {
             }
         }
         Ok(None)
+    }
+
+    /// Parks the waiting row `id`, which cannot be read as an event, with
+    /// `reason`; `true` if it was still waiting.
+    pub(crate) async fn park_undecodable(
+        &self,
+        conn: &mut DB::Connection,
+        id: i64,
+        reason: &str,
+        now: i64,
+    ) -> Result<bool, Error> {
+        let changed = DB::exec(
+            conn,
+            &self.sql.park_undecodable,
+            &[Value::Text(Some(reason)), Value::Int(now), Value::Int(id)],
+        )
+        .await
+        .map_err(Error::db("parking a row that cannot be read"))?;
+        Ok(changed > 0)
     }
 
     /// Deletes up to `limit` rows published before `before`; returns how many.
@@ -603,6 +654,33 @@ fn headers_of(json: &str) -> Result<Vec<(String, String)>, Error> {
             reason: "neither [name, value] pairs nor an object of strings",
         })?;
     Ok(map.into_iter().collect())
+}
+
+/// Rows a claim read: those to publish, in id order, and those it cannot
+/// read as a message (`id`, reason), which the relay parks.
+#[derive(Debug, Default)]
+pub(crate) struct ClaimedRows {
+    pub(crate) messages: Vec<OutboxMessage>,
+    pub(crate) undecodable: Vec<(i64, String)>,
+}
+
+/// Decodes each claimed row on its own: a row written by hand, by a trigger
+/// or by another tool that does not hold a message (headers that are not
+/// JSON, a NULL where a value is needed) is set apart with the reason, and
+/// the other rows are read as usual.
+fn claimed_rows(rows: Vec<Vec<crate::backend::Cell>>) -> Result<ClaimedRows, Error> {
+    let mut claimed = ClaimedRows::default();
+    for cells in rows {
+        let row = Row::new("outbox", cells);
+        let id = row.int(0, "id")?;
+        match message(row) {
+            Ok(m) => claimed.messages.push(m),
+            Err(error) => claimed
+                .undecodable
+                .push((id, format!("the row cannot be read as an event: {error}"))),
+        }
+    }
+    Ok(claimed)
 }
 
 /// A claimed row as the relay publishes it.

@@ -1,0 +1,204 @@
+//! One row stops nothing else: a key waiting behind a parked row with more
+//! rows than a batch, a row that cannot be read as an event, and a row whose
+//! stored key partition is beyond the table's. Against a real ActiveMQ, on
+//! SQLite, PostgreSQL and MySQL/MariaDB.
+
+mod support;
+
+use std::time::Duration;
+
+use outbox::core::producer::BrokerLimits;
+use outbox::core::relay::StompPublisher;
+use outbox::core::{Backoff, Event, Outbox, RelayConfig};
+use support::*;
+
+fn quick_relay() -> RelayConfig {
+    RelayConfig {
+        poll_interval: Duration::from_millis(50),
+        lease: Duration::from_secs(5),
+        max_attempts: 2,
+        retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)),
+        outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
+        ..RelayConfig::default()
+    }
+}
+
+/// Polls `done` every 50 ms until it holds; fails after `limit` with `what`.
+async fn until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+macro_rules! rows_suite {
+    ($db:ty, $open:path) => {
+        use super::*;
+
+        type Db = $db;
+
+        async fn setup() -> Option<(outbox_test_harness::TestDb<Db>, Outbox<Db>)> {
+            let db = $open().await?;
+            let outbox = Outbox::new(db.pool().clone());
+            outbox.migrate().await.unwrap();
+            Some((db, outbox))
+        }
+
+        /// Rows of `outbox_event` in state `process`, keyless or of `key`.
+        async fn rows(outbox: &Outbox<Db>, key: Option<&str>, process: &str) -> i64 {
+            let sql = match key {
+                None => format!(
+                    "SELECT COUNT(*) FROM outbox_event WHERE event_key IS NULL AND process = '{process}'"
+                ),
+                Some(k) => format!(
+                    "SELECT COUNT(*) FROM outbox_event WHERE event_key = '{k}' AND process = '{process}'"
+                ),
+            };
+            sqlx::query_scalar::<_, i64>(&sql).fetch_one(outbox.pool()).await.unwrap()
+        }
+
+        fn ok(dest: &str, seq: i64) -> Event {
+            Event::json("ok", dest, &serde_json::json!({ "seq": seq })).unwrap()
+        }
+
+        #[tokio::test]
+        async fn a_key_waiting_behind_a_parked_row_with_more_rows_than_a_batch_stops_no_other_row() {
+            let Some((_db, outbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.rows.waiting_key";
+            // The broker refuses a header line over its limit; the outbox
+            // lets it through only with raised limits.
+            let lax = outbox.clone().with_limits(BrokerLimits {
+                max_header_line: 1 << 20,
+                ..BrokerLimits::default()
+            });
+            let over = "x".repeat(BrokerLimits::default().max_header_line);
+            let mut tx = lax.pool().begin().await.unwrap();
+            let poison = Event::json("poison", dest, &serde_json::json!({ "seq": 0 }))
+                .unwrap()
+                .with_key("K")
+                .with_header("blob", over);
+            lax.append(&mut tx, poison).await.unwrap();
+            for seq in 1..=6 {
+                lax.append(&mut tx, ok(dest, seq).with_key("K")).await.unwrap();
+            }
+            let mut keyless = Vec::new();
+            for seq in 7..27 {
+                keyless.push(lax.append(&mut tx, ok(dest, seq)).await.unwrap().to_string());
+            }
+            lax.commit(tx).await.unwrap();
+
+            let config = RelayConfig { batch_size: 5, ..quick_relay() };
+            let relay = outbox
+                .relay(StompPublisher::new(client(&broker).await), config)
+                .unwrap()
+                .spawn();
+            until("the 20 keyless rows are published", Duration::from_secs(60), async || {
+                rows(&outbox, None, "PUBLISHED").await == 20
+            })
+            .await;
+            until("the refused row is parked", Duration::from_secs(60), async || {
+                rows(&outbox, Some("K"), "FAILED").await == 1
+            })
+            .await;
+            relay.shutdown().await.unwrap();
+            // Per-key order: the key's later rows wait behind its parked one.
+            assert_eq!(rows(&outbox, Some("K"), "NEW").await, 6);
+            assert_eq!(rows(&outbox, Some("K"), "PUBLISHED").await, 0);
+            let got = drain(&broker, dest, Duration::from_secs(2)).await;
+            let counts = tally(&got);
+            for id in &keyless {
+                assert!(counts.contains_key(id), "event {id} never arrived");
+            }
+            assert!(got.iter().all(|r| r.key.is_none()), "a row of K was published");
+        }
+
+        #[tokio::test]
+        async fn a_row_that_cannot_be_read_as_an_event_is_parked_and_the_rows_behind_it_published() {
+            let Some((_db, outbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.rows.unreadable";
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let bad = outbox.append(&mut tx, ok(dest, 0)).await.unwrap().to_string();
+            let mut expected = Vec::new();
+            for seq in 1..=50 {
+                expected.push(outbox.append(&mut tx, ok(dest, seq)).await.unwrap().to_string());
+            }
+            outbox.commit(tx).await.unwrap();
+            // As another tool, a trigger or a hand might write it.
+            sqlx::query(&format!(
+                "UPDATE outbox_event SET headers = 'not json at all' WHERE event_id = '{bad}'"
+            ))
+            .execute(outbox.pool())
+            .await
+            .unwrap();
+
+            let relay = outbox
+                .relay(StompPublisher::new(client(&broker).await), quick_relay())
+                .unwrap()
+                .spawn();
+            wait_published(&outbox, Duration::from_secs(60)).await;
+            let metrics = relay.metrics().snapshot();
+            relay.shutdown().await.unwrap();
+            let parked = outbox.parked(10).await.unwrap();
+            assert_eq!(parked.len(), 1, "{parked:?}");
+            assert_eq!(parked[0].event_id, bad);
+            let reason = parked[0].last_error.as_deref().unwrap_or_default();
+            assert!(reason.contains("headers"), "{reason}");
+            assert_eq!(metrics.failed, 1, "{metrics:?}");
+            let got = drain(&broker, dest, Duration::from_secs(2)).await;
+            let counts = tally(&got);
+            for id in &expected {
+                assert!(counts.contains_key(id), "event {id} never arrived");
+            }
+            assert!(!counts.contains_key(&bad));
+        }
+
+        #[tokio::test]
+        async fn rows_whose_stored_partition_is_beyond_the_table_s_are_published() {
+            let Some((_db, outbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.rows.partition";
+            for key_partitions in [false, true] {
+                let mut tx = outbox.pool().begin().await.unwrap();
+                let mut ids = Vec::new();
+                for seq in 0..3 {
+                    let event = ok(dest, seq).with_key(format!("k{seq}"));
+                    ids.push(outbox.append(&mut tx, event).await.unwrap().to_string());
+                }
+                outbox.commit(tx).await.unwrap();
+                sqlx::query(&format!(
+                    "UPDATE outbox_event SET partition_no = 999 WHERE event_id = '{}'",
+                    ids[1]
+                ))
+                .execute(outbox.pool())
+                .await
+                .unwrap();
+                let config = RelayConfig { key_partitions, ..quick_relay() };
+                let relay = outbox
+                    .relay(StompPublisher::new(client(&broker).await), config)
+                    .unwrap()
+                    .spawn();
+                wait_published(&outbox, Duration::from_secs(30)).await;
+                relay.shutdown().await.unwrap();
+                let counts = tally(&drain(&broker, dest, Duration::from_secs(2)).await);
+                for id in &ids {
+                    assert!(counts.contains_key(id), "{id} never arrived (key partitions {key_partitions})");
+                }
+            }
+        }
+    };
+}
+
+mod sqlite {
+    rows_suite!(sqlx::Sqlite, support::sqlite);
+}
+
+mod postgres {
+    rows_suite!(sqlx::Postgres, support::postgres);
+}
+
+mod mysql {
+    rows_suite!(sqlx::MySql, support::mysql);
+}
