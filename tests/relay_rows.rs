@@ -1,6 +1,7 @@
 //! One row stops nothing else: a key waiting behind a parked row with more
 //! rows than a batch, a row that cannot be read as an event, and a row whose
-//! stored key partition is beyond the table's. Against a real ActiveMQ, on
+//! stored key partition is beyond the table's; and an append of many events
+//! that fails part way leaves none of them. Against a real ActiveMQ, on
 //! SQLite, PostgreSQL and MySQL/MariaDB.
 
 mod support;
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use outbox::core::producer::BrokerLimits;
 use outbox::core::relay::StompPublisher;
-use outbox::core::{Backoff, Event, Outbox, RelayConfig};
+use outbox::core::{Backoff, Error, Event, Outbox, RelayConfig};
 use support::*;
 
 fn quick_relay() -> RelayConfig {
@@ -153,6 +154,34 @@ macro_rules! rows_suite {
                 assert!(counts.contains_key(id), "event {id} never arrived");
             }
             assert!(!counts.contains_key(&bad));
+        }
+
+        #[tokio::test]
+        async fn an_append_of_many_events_that_fails_part_way_leaves_none_of_them() {
+            let Some((_db, outbox)) = setup().await else { return };
+            let dest = "/queue/test.rows.append";
+            let mut events: Vec<Event> = (0..250).map(|seq| ok(dest, seq)).collect();
+            // The 231st repeats the 11th's id: its statement (the second of
+            // 200 rows each) fails on the unique key.
+            let repeated = events[10].clone();
+            events[230] = repeated;
+            let mut tx = outbox.pool().begin().await.unwrap();
+            sqlx::query("CREATE TABLE IF NOT EXISTS business (n BIGINT)")
+                .execute(outbox.pool())
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO business (n) VALUES (1)").execute(&mut *tx).await.unwrap();
+            match outbox.append_all(&mut tx, &events).await {
+                Err(Error::Database { .. }) => {}
+                other => panic!("expected a database error, got {other:?}"),
+            }
+            // A caller that commits anyway.
+            let _ = tx.commit().await;
+            let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_event")
+                .fetch_one(outbox.pool())
+                .await
+                .unwrap();
+            assert_eq!(rows, 0, "part of the events were committed");
         }
 
         #[tokio::test]

@@ -42,20 +42,57 @@ fn bad(url: &str) -> CliError {
     CliError::BadUrl { url: redact(url) }
 }
 
-/// `url` with its password, if any, replaced by `***`.
+/// `url` with its passwords, if any, replaced by `***`: the one in the user
+/// part (`user:secret@host`) and those given as query parameters
+/// (`?password=secret`, also `sslpassword`, `passwd`, `pwd`, any case).
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return redact_query(url);
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-        None => url.to_owned(),
+    format!("{scheme}://{authority}{}", redact_query(tail))
+}
+
+/// `tail` (path, query, fragment) with the values of password parameters
+/// of its query replaced by `***`.
+fn redact_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _)) if is_password(name) => format!("{name}=***"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    let mut out = format!("{path}?{}", params.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
     }
+    out
+}
+
+/// Query parameter names that carry a password.
+fn is_password(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "password" | "passwd" | "pwd" | "pass" | "sslpassword"
+    )
 }
 
 /// A small pool on `url`; a failure to connect is [`CliError::Connect`].
@@ -116,6 +153,14 @@ mod tests {
         );
         assert_eq!(redact("mysql://root@h/db"), "mysql://root@h/db");
         assert_eq!(redact("sqlite:/tmp/x.db"), "sqlite:/tmp/x.db");
+        assert_eq!(
+            redact("postgres://host/db?user=u&password=secret&sslmode=require"),
+            "postgres://host/db?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact("mysql://u:a@h/db?SSLPassword=b#f"),
+            "mysql://u:***@h/db?SSLPassword=***#f"
+        );
         assert!(!format!("{}", bad("oracle://u:pw@h/db")).contains("pw"));
     }
 }

@@ -60,6 +60,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .filter(|m| !ahead.contains(&m.id))
             .take(size)
             .collect();
+        // Rows past the byte budget stay handed off for the next read.
+        keep_within_bytes(&mut batch, self.config.max_batch_bytes);
         if batch.is_empty() {
             return Ok(None);
         }
@@ -174,8 +176,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             window.truncate(size.saturating_sub(batch.len()));
             ahead.extend(window.iter().map(|m| m.id));
             batch.extend(window);
+            let full = keep_within_bytes(&mut batch, self.config.max_batch_bytes);
             // A short window was the last of the due rows; a full batch is done.
-            if read < size || batch.len() >= size {
+            if full || read < size || batch.len() >= size {
                 break;
             }
             after = last;
@@ -256,6 +259,27 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     }
 }
 
+/// Cuts `batch` (in id order) after the rows that fit in `budget` bytes of
+/// payload and headers, keeping at least one; `true` if it cut or the budget
+/// is reached.
+fn keep_within_bytes(batch: &mut Vec<OutboxMessage>, budget: usize) -> bool {
+    let mut used = 0usize;
+    for (i, m) in batch.iter().enumerate() {
+        let size = m.content.len().saturating_add(
+            m.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>(),
+        );
+        used = used.saturating_add(size);
+        if used > budget {
+            batch.truncate(i.max(1));
+            return true;
+        }
+    }
+    used == budget
+}
+
 /// Most windows of due rows one claim reads when per-key order holds back
 /// the rows of the windows before.
 const CLAIM_WINDOWS: usize = 8;
@@ -284,7 +308,36 @@ fn claim_token(relay_id: &str, incarnation: &str, seq: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::claim_token;
+    use super::{claim_token, keep_within_bytes};
+    use crate::event::OutboxMessage;
+
+    fn row(id: i64, bytes: usize) -> OutboxMessage {
+        OutboxMessage {
+            id,
+            event_id: format!("e{id}"),
+            event_type: "t".into(),
+            destination: "/queue/q".into(),
+            key: None,
+            headers: vec![("h".into(), "v".into())],
+            content: bytes::Bytes::from(vec![b'x'; bytes]),
+            content_type: "application/json".into(),
+            attempts: 0,
+            create_time: 0,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_cut_at_its_byte_budget_but_keeps_one_row() {
+        let mut batch: Vec<_> = (1..=5).map(|id| row(id, 98)).collect();
+        // 100 bytes a row (98 of payload, 2 of header).
+        assert!(!keep_within_bytes(&mut batch, 1000));
+        assert_eq!(batch.len(), 5);
+        assert!(keep_within_bytes(&mut batch, 250));
+        assert_eq!(batch.iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2]);
+        let mut big = vec![row(1, 5000), row(2, 10)];
+        assert!(keep_within_bytes(&mut big, 1000));
+        assert_eq!(big.len(), 1, "a row over the budget goes alone");
+    }
 
     #[test]
     fn claim_tokens_differ_per_incarnation_and_fit_the_column_for_any_relay_id() {

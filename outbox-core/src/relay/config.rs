@@ -12,6 +12,11 @@ use crate::backoff::Backoff;
 pub struct RelayConfig {
     /// Rows per claim and per STOMP transaction (default 500).
     pub batch_size: u32,
+    /// Payload and header bytes per claim (default 32 MiB): a claim stops
+    /// taking rows once they reach this much, so the memory a batch holds
+    /// is bounded in bytes as well as in rows. A single row larger than
+    /// this is still taken, alone.
+    pub max_batch_bytes: usize,
     /// How long a claim holds before another relay may take the rows (default
     /// 30 s). Must exceed the time a publish can take
     /// ([`Publisher::max_publish_time`](crate::Publisher::max_publish_time): about twice the STOMP client's
@@ -63,6 +68,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             batch_size: 500,
+            max_batch_bytes: 32 * 1024 * 1024,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(100),
             max_attempts: 10,

@@ -92,7 +92,12 @@ impl<DB: Backend> Marks<DB> {
         ids
     }
 
-    pub(super) fn push(&mut self, published: Claimed) {
+    pub(super) fn push(&mut self, mut published: Claimed) {
+        // A mark needs the ids only: the payloads go now, not after the mark.
+        for m in &mut published.batch {
+            m.content = bytes::Bytes::new();
+            m.headers = Vec::new();
+        }
         self.queued.push(published);
         self.start();
     }

@@ -599,6 +599,50 @@ pub(crate) async fn insert<DB: Backend>(
     lease: Option<(&str, i64)>,
     now: i64,
 ) -> Result<(), Error> {
+    // More rows than one statement takes: the statements go under a
+    // savepoint, so a later one that fails (a repeated id, a value a column
+    // refuses) takes the earlier ones back with it. A caller that commits
+    // after the error then commits none of the events, never a part.
+    let several = events.len() > INSERT_CHUNK;
+    if several {
+        DB::exec(&mut **tx, "SAVEPOINT outbox_append", &[])
+            .await
+            .map_err(Error::db("appending events"))?;
+    }
+    match insert_chunks(sql, tx, events, lease, now).await {
+        Ok(()) if several => {
+            DB::exec(&mut **tx, "RELEASE SAVEPOINT outbox_append", &[])
+                .await
+                .map_err(Error::db("appending events"))?;
+        }
+        Ok(()) => {}
+        Err(error) => {
+            if several {
+                // If this fails too, the transaction is unusable: the
+                // caller's commit cannot keep part of the events either.
+                let _ = DB::exec(&mut **tx, "ROLLBACK TO SAVEPOINT outbox_append", &[]).await;
+            }
+            return Err(error);
+        }
+    }
+    // Handed-off rows are leased to a relay of this process, which the commit
+    // wakes: other relays could not take them, so they need no NOTIFY.
+    if let Some(notify) = sql.notify.as_ref().filter(|_| lease.is_none()) {
+        DB::exec(&mut **tx, notify, &[])
+            .await
+            .map_err(Error::db("notifying relays"))?;
+    }
+    Ok(())
+}
+
+/// The `INSERT` statements of [`insert`], [`INSERT_CHUNK`] rows each.
+async fn insert_chunks<DB: Backend>(
+    sql: &OutboxSql,
+    tx: &mut Transaction<'_, DB>,
+    events: &[Event],
+    lease: Option<(&str, i64)>,
+    now: i64,
+) -> Result<(), Error> {
     let (claimed_by, claimed_until) = match lease {
         Some((token, until)) => (Value::Text(Some(token)), Value::Int(until)),
         None => (Value::Text(None), Value::NullInt),
@@ -630,13 +674,6 @@ pub(crate) async fn insert<DB: Backend>(
         DB::exec(&mut **tx, &sql.insert(chunk.len()), &args)
             .await
             .map_err(Error::db("appending events"))?;
-    }
-    // Handed-off rows are leased to a relay of this process, which the commit
-    // wakes: other relays could not take them, so they need no NOTIFY.
-    if let Some(notify) = sql.notify.as_ref().filter(|_| lease.is_none()) {
-        DB::exec(&mut **tx, notify, &[])
-            .await
-            .map_err(Error::db("notifying relays"))?;
     }
     Ok(())
 }
