@@ -1251,8 +1251,9 @@ async fn retention<DB: Backend, H: Handler<DB>>(
     };
     let inbox = &shared.inbox;
     let name = format!("{}.{}.retention", inbox.table(), inbox.consumer());
-    let until = now_ms() + ms(shared.config.retention_interval) * 2;
-    if !schema::take_lease(inbox.pool(), &name, holder, until).await? {
+    let now = crate::clock::now(inbox.pool()).await;
+    let until = now + ms(shared.config.retention_interval) * 2;
+    if !schema::take_lease(inbox.pool(), &name, holder, now, until).await? {
         return Ok(());
     }
     while inbox.delete_processed(keep, 1000).await? == 1000 {

@@ -15,6 +15,30 @@
 //! | `inbox.after_commit` | the transaction committed, the message not acked |
 //! | `schema.after_statement` | a statement of a migration step ran; after a step's last one, its version is not yet recorded |
 
+/// The environment variable that sets this process's wall clock off by a
+/// number of milliseconds (with the feature `failpoints`; ignored without
+/// it): a host whose clock is ahead (positive) or behind (negative), for
+/// tests of leases decided on the database's clock.
+pub const CLOCK_SKEW_VAR: &str = "OUTBOX_CLOCK_SKEW_MS";
+
+/// The skew [`CLOCK_SKEW_VAR`] sets, in ms; 0 without the feature.
+#[inline]
+pub(crate) fn clock_skew_ms() -> i64 {
+    #[cfg(feature = "failpoints")]
+    {
+        use std::sync::OnceLock;
+        static SKEW: OnceLock<i64> = OnceLock::new();
+        *SKEW.get_or_init(|| {
+            std::env::var(CLOCK_SKEW_VAR)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        })
+    }
+    #[cfg(not(feature = "failpoints"))]
+    0
+}
+
 /// The environment variable that arms a failpoint.
 pub const FAILPOINT_VAR: &str = "OUTBOX_FAILPOINT";
 

@@ -36,6 +36,7 @@
 
 mod backend;
 mod backoff;
+mod clock;
 pub mod consumer;
 mod error;
 mod event;

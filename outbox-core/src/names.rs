@@ -53,12 +53,16 @@ pub(crate) fn check_consumer(name: &str) -> Result<(), Error> {
     })
 }
 
-/// Milliseconds since the Unix epoch: the unit of every time column.
+/// Milliseconds since the Unix epoch on this host's wall clock: the unit of
+/// every time column. Leases compare the database's clock instead
+/// (`clock.rs`).
 pub(crate) fn now_ms() -> i64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+    i64::try_from(now.as_millis())
+        .unwrap_or(i64::MAX)
+        .saturating_add(crate::failpoint::clock_skew_ms())
 }
 
 /// Longest `relay_id` ([`outbox_rules::MAX_RELAY_ID`]).

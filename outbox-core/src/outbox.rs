@@ -256,11 +256,12 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Backlog size, oldest waiting row and parked rows.
     pub async fn backlog(&self) -> Result<Backlog, Error> {
+        let now = crate::clock::now(self.pool()).await;
         let (pending, oldest, parked) = self.inner.store.backlog().await?;
         Ok(Backlog {
             pending,
             oldest_pending_age: oldest
-                .map(|t| Duration::from_millis(u64::try_from(now_ms() - t).unwrap_or(0))),
+                .map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0))),
             parked,
         })
     }
@@ -324,7 +325,9 @@ pub(crate) async fn append_all<DB: Backend>(
     for event in events {
         event.validate(limits)?;
     }
-    let now = now_ms();
+    // The database's clock as last read in this process (no round trip in
+    // the caller's transaction): the hand-off lease is compared on it.
+    let now = crate::clock::now_of_id(pool);
     let lease = wake::handoff_lease(sql.table.as_str(), pool, now);
     let lease = lease
         .as_ref()

@@ -150,6 +150,7 @@ pub(crate) async fn take_lease<DB: Backend>(
     pool: &Pool<DB>,
     name: &str,
     holder: &str,
+    now: i64,
     until: i64,
 ) -> Result<bool, Error> {
     let meta = MetaSql::new(DB::DIALECT);
@@ -164,7 +165,7 @@ pub(crate) async fn take_lease<DB: Backend>(
             Value::Text(Some(holder)),
             Value::Int(until),
             Value::Text(Some(name)),
-            Value::Int(now_ms()),
+            Value::Int(now),
             Value::Text(Some(holder)),
         ],
     )

@@ -104,6 +104,9 @@ pub struct Dialect {
     pub placeholders: Placeholders,
     /// Suffix of the claim query that skips rows other relays hold.
     pub skip_locked: &'static str,
+    /// Query of the database's clock: one row, one integer, ms since the
+    /// Unix epoch. Leases are decided on it (see `clock.rs`).
+    pub clock: &'static str,
     /// `CREATE TABLE` (and index) statements for the outbox table.
     pub outbox_ddl: fn(&str) -> Vec<String>,
     /// `CREATE TABLE` (and index) statements for the inbox table.

@@ -17,6 +17,7 @@ static MYSQL: Dialect = Dialect {
     name: "MySQL",
     placeholders: Placeholders::Question,
     skip_locked: " FOR UPDATE SKIP LOCKED",
+    clock: "SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)",
     outbox_ddl,
     inbox_ddl,
     meta_ddl,

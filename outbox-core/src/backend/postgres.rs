@@ -14,6 +14,7 @@ static POSTGRES: Dialect = Dialect {
     name: "PostgreSQL",
     placeholders: Placeholders::Dollar,
     skip_locked: " FOR UPDATE SKIP LOCKED",
+    clock: "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
     outbox_ddl,
     inbox_ddl,
     meta_ddl,

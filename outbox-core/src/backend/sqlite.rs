@@ -13,6 +13,7 @@ static SQLITE: Dialect = Dialect {
     name: "SQLite",
     placeholders: Placeholders::Question,
     skip_locked: "",
+    clock: "SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
     outbox_ddl,
     inbox_ddl,
     meta_ddl,

@@ -51,8 +51,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let limit = i64::try_from(size.saturating_add(ahead.len())).unwrap_or(i64::MAX);
         let token = self.handoff_token.as_str();
         let store = self.outbox.store();
+        let now = crate::clock::now(store.pool()).await;
         let mut conn = store.acquire().await?;
-        let rows = store.handed_off(&mut conn, token, now_ms(), limit).await?;
+        let rows = store.handed_off(&mut conn, token, now, limit).await?;
         self.park_undecodable(&mut conn, &rows.undecodable).await?;
         let mut batch: Vec<OutboxMessage> = rows
             .messages
@@ -125,7 +126,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         lease: std::time::Duration,
     ) -> Result<Vec<OutboxMessage>, Error> {
         let store = self.outbox.store();
-        let now = now_ms();
+        let now = crate::clock::now(store.pool()).await;
         // A read first: an idle relay takes no write lock (SQLite) and opens no
         // transaction.
         let share = self.share.get();

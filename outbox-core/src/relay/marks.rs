@@ -6,7 +6,6 @@ use std::sync::Arc;
 use super::{Claimed, RelayMetrics};
 use crate::backend::Backend;
 use crate::backoff::Backoff;
-use crate::names::now_ms;
 use crate::{Error, Outbox};
 
 /// Marks published batches in the background, one database round at a time,
@@ -47,7 +46,7 @@ impl<DB: Backend> Marker<DB> {
 
     async fn mark_once(&self, batches: &[Claimed]) -> Result<u64, Error> {
         let store = self.outbox.store();
-        let now = now_ms();
+        let now = crate::clock::now(store.pool()).await;
         let mut tx = store.begin_relaxed().await?;
         let mut n = 0;
         for claimed in batches {

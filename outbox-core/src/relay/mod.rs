@@ -645,10 +645,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 Ok(()) => {
                     failpoint::hit("relay.after_receipt");
                     let store = self.outbox.store();
+                    let now = crate::clock::now(store.pool()).await;
                     let mut conn = store.acquire().await?;
-                    store
-                        .mark_published(&mut conn, token, &[m.id], now_ms())
-                        .await?;
+                    store.mark_published(&mut conn, token, &[m.id], now).await?;
                     self.metrics.add(Count::Published, 1);
                     self.metrics.status.succeeded();
                 }
@@ -719,7 +718,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         error: &PublishError,
     ) -> Result<(), Error> {
         let attempts = u32::try_from(m.attempts).unwrap_or(u32::MAX);
-        let now = now_ms();
+        let now = crate::clock::now(self.outbox.pool()).await;
         let next = now + ms(self.config.retry_backoff.delay(attempts));
         let state = self
             .outbox
@@ -756,11 +755,13 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             return Ok(());
         };
         let name = format!("{}.retention", self.outbox.table());
-        let until = now_ms() + ms(self.config.retention_interval) * 2;
-        if !schema::take_lease(self.outbox.pool(), &name, &self.config.relay_id, until).await? {
+        let now = crate::clock::now(self.outbox.pool()).await;
+        let until = now + ms(self.config.retention_interval) * 2;
+        let holder = &self.config.relay_id;
+        if !schema::take_lease(self.outbox.pool(), &name, holder, now, until).await? {
             return Ok(());
         }
-        let before = now_ms() - ms(keep);
+        let before = now - ms(keep);
         let limit = self.config.retention_batch.max(1);
         loop {
             let n = self.outbox.store().delete_published(before, limit).await?;

@@ -26,7 +26,7 @@ use sqlx::Pool;
 
 use crate::backend::sql::MetaSql;
 use crate::backend::{Backend, Column, Value};
-use crate::names::{ms, now_ms};
+use crate::names::ms;
 use crate::store::outbox::Share;
 use crate::{Error, schema};
 
@@ -136,8 +136,15 @@ impl<DB: Backend> Membership<DB> {
     /// Renews this relay's membership, reads the live members and sets the
     /// share. On an error the share stays as it was.
     pub(crate) async fn renew(&self) -> Result<(), Error> {
-        let now = now_ms();
-        schema::take_lease(&self.pool, &self.name, &self.holder, now + ms(self.ttl)).await?;
+        let now = crate::clock::now(&self.pool).await;
+        schema::take_lease(
+            &self.pool,
+            &self.name,
+            &self.holder,
+            now,
+            now + ms(self.ttl),
+        )
+        .await?;
         let meta = MetaSql::new(DB::DIALECT);
         let mut conn = crate::backend::acquire(&self.pool).await?;
         let rows = DB::fetch(
