@@ -1,7 +1,8 @@
 //! One row stops nothing else: a key waiting behind a parked row with more
 //! rows than a batch, a row that cannot be read as an event, and a row whose
-//! stored key partition is beyond the table's; and an append of many events
-//! that fails part way leaves none of them. Against a real ActiveMQ, on
+//! stored key partition is beyond the table's; a long retention pass holds up
+//! no publishing; and an append of many events that fails part way leaves
+//! none of them. Against a real ActiveMQ, on
 //! SQLite, PostgreSQL and MySQL/MariaDB.
 
 mod support;
@@ -182,6 +183,52 @@ macro_rules! rows_suite {
                 .await
                 .unwrap();
             assert_eq!(rows, 0, "part of the events were committed");
+        }
+
+        #[tokio::test]
+        async fn a_long_retention_pass_holds_up_no_publishing() {
+            let Some((_db, outbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.rows.retention";
+            const OLD: u64 = 3000;
+            let old: Vec<Event> = (0..OLD as i64).map(|seq| ok(dest, seq)).collect();
+            let mut tx = outbox.pool().begin().await.unwrap();
+            outbox.append_all(&mut tx, &old).await.unwrap();
+            tx.commit().await.unwrap();
+            sqlx::query("UPDATE outbox_event SET process = 'PUBLISHED', published_time = 1")
+                .execute(outbox.pool())
+                .await
+                .unwrap();
+            // One row per statement: a pass of 3000 statements.
+            let config = RelayConfig {
+                retention: Some(Duration::from_secs(1)),
+                retention_batch: 1,
+                ..quick_relay()
+            };
+            let relay = outbox
+                .relay(StompPublisher::new(client(&broker).await), config)
+                .unwrap()
+                .spawn();
+            let metrics = relay.metrics().clone();
+            until("retention starts", Duration::from_secs(30), async || {
+                metrics.snapshot().deleted > 0
+            })
+            .await;
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let fresh = outbox.append(&mut tx, ok(dest, -1)).await.unwrap().to_string();
+            outbox.commit(tx).await.unwrap();
+            until("the fresh event is published", Duration::from_secs(60), async || {
+                metrics.snapshot().published >= 1
+            })
+            .await;
+            let deleted = metrics.snapshot().deleted;
+            relay.shutdown().await.unwrap();
+            assert!(
+                deleted < OLD,
+                "the fresh event waited for the whole retention pass ({deleted} rows deleted)"
+            );
+            let counts = tally(&drain(&broker, dest, Duration::from_secs(2)).await);
+            assert_eq!(counts.get(&fresh), Some(&1));
         }
 
         #[tokio::test]

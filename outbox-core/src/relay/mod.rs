@@ -315,7 +315,16 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .clone()
             .map(|m| AbortOnDrop(tokio::spawn(m.keep_renewing())));
         let mut pacing = Pacing::new(&self.config, handoff.clone());
-        let mut next_retention = Instant::now();
+        // Retention runs beside the pipeline: a first pass over millions of
+        // old rows must not hold up publishing (and the claimed batch's lease).
+        let _retention = self.config.retention.map(|keep| {
+            AbortOnDrop(tokio::spawn(retention_loop(
+                self.outbox.clone(),
+                self.metrics.clone(),
+                self.config.clone(),
+                keep,
+            )))
+        });
         // Published batches are marked in the background; until then their
         // rows count as ahead of everything read.
         let mut marks = Marks::new(Marker {
@@ -332,12 +341,6 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 Next::Go(pause) => pause,
                 Next::Stop(reason) => break Some(reason),
             };
-            if Instant::now() >= next_retention {
-                next_retention = Instant::now() + self.config.retention_interval;
-                if let Err(error) = self.retention().await {
-                    tracing::warn!(%error, "retention failed");
-                }
-            }
             if self.wait(pause, &mut shutdown, &mut marks).await {
                 break None;
             }
@@ -748,30 +751,47 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         }
         Ok(())
     }
+}
 
-    /// Deletes old published rows, if this relay holds the retention lease.
-    async fn retention(&self) -> Result<(), Error> {
-        let Some(keep) = self.config.retention else {
-            return Ok(());
-        };
-        let name = format!("{}.retention", self.outbox.table());
-        let now = crate::clock::now(self.outbox.pool()).await;
-        let until = now + ms(self.config.retention_interval) * 2;
-        let holder = &self.config.relay_id;
-        if !schema::take_lease(self.outbox.pool(), &name, holder, now, until).await? {
+/// Deletes old published rows every `retention_interval`, while this relay
+/// holds the table's retention lease, in batches of `retention_batch`.
+async fn retention_loop<DB: Backend>(
+    outbox: Outbox<DB>,
+    metrics: Arc<RelayMetrics>,
+    config: RelayConfig,
+    keep: std::time::Duration,
+) {
+    loop {
+        if let Err(error) = retention(&outbox, &metrics, &config, keep).await {
+            tracing::warn!(%error, "retention failed");
+        }
+        tokio::time::sleep(config.retention_interval).await;
+    }
+}
+
+/// One retention pass, if this relay holds the retention lease.
+async fn retention<DB: Backend>(
+    outbox: &Outbox<DB>,
+    metrics: &RelayMetrics,
+    config: &RelayConfig,
+    keep: std::time::Duration,
+) -> Result<(), Error> {
+    let name = format!("{}.retention", outbox.table());
+    let now = crate::clock::now(outbox.pool()).await;
+    let until = now + ms(config.retention_interval) * 2;
+    if !schema::take_lease(outbox.pool(), &name, &config.relay_id, now, until).await? {
+        return Ok(());
+    }
+    let before = now - ms(keep);
+    let limit = config.retention_batch.max(1);
+    loop {
+        let n = outbox.store().delete_published(before, limit).await?;
+        metrics.add(Count::Deleted, n);
+        if n < u64::from(limit) {
             return Ok(());
         }
-        let before = now - ms(keep);
-        let limit = self.config.retention_batch.max(1);
-        loop {
-            let n = self.outbox.store().delete_published(before, limit).await?;
-            self.metrics.add(Count::Deleted, n);
-            if n < u64::from(limit) {
-                return Ok(());
-            }
-            // Small batches, with room for the relay's own statements between.
-            tokio::task::yield_now().await;
-        }
+        // Small batches, with room for the relay's own statements between.
+        tokio::task::yield_now().await;
     }
 }
 
