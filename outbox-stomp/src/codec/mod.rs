@@ -28,23 +28,31 @@ pub use frame::{Command, Frame, HeaderText, Headers, Version};
 
 use frame::HeadSpan;
 
-/// Size limits the decoder enforces. The defaults suit ActiveMQ traffic.
+/// Size limits the decoder enforces.
+///
+/// The defaults read every message a producer can get past the broker's
+/// default limits ([`BrokerLimits`](crate::BrokerLimits)): both come from the
+/// constants of `outbox-rules`, and a unit test holds them together. A
+/// consumer may set smaller ones: a MESSAGE beyond them is read past, not
+/// buffered, and delivered without its body (see [`Oversize`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Longest command or header line in bytes (default 16 KiB).
+    /// Longest command or header line in bytes (default 16 KiB: the broker's
+    /// 10 KiB for a producer's line, and room for the lines it writes itself).
     pub max_line_length: usize,
-    /// Most header lines in one frame (default 256).
+    /// Most header lines in one frame (default 1064: the broker's 1000 for a
+    /// producer's frame and the ones it adds).
     pub max_headers: usize,
-    /// Largest body in bytes (default 16 MiB).
+    /// Largest body in bytes (default 100 MiB, the broker's frame limit).
     pub max_body: usize,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_line_length: 16 * 1024,
-            max_headers: 256,
-            max_body: 16 * 1024 * 1024,
+            max_line_length: outbox_rules::MAX_DECODED_LINE,
+            max_headers: outbox_rules::MAX_DECODED_HEADERS,
+            max_body: outbox_rules::MAX_DECODED_BODY,
         }
     }
 }
