@@ -459,3 +459,47 @@ async fn durable_topic_subscription_keeps_messages_while_offline_and_acks_in_a_t
     tx.ack(&m).await.unwrap();
     tx.commit().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_subscription_holds_at_most_its_byte_budget_of_unread_messages() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker)).await.unwrap();
+    let body = vec![b'x'; 1024 * 1024];
+    for _ in 0..40 {
+        client
+            .send(Outgoing::new("/queue/large", body.clone()))
+            .await
+            .unwrap();
+    }
+    // The count buffer (and the prefetch) would take all forty: 40 MiB.
+    let mut sub = client
+        .subscribe(Subscribe::new("/queue/large").prefetch(100))
+        .await
+        .unwrap();
+    let budget = Subscribe::new("/queue/large").byte_budget();
+    // Messages taken out of the stream but kept (not dropped) still count
+    // against the budget, so the client stops taking more from the socket.
+    let mut held = Vec::new();
+    while let Some(m) = recv(&mut sub, Duration::from_secs(2)).await {
+        held.push(m);
+    }
+    let bytes: usize = held.iter().map(|m| m.body().len()).sum();
+    assert!(!held.is_empty());
+    assert!(
+        bytes <= budget,
+        "{} messages of {bytes} bytes held, over the budget of {budget}",
+        held.len()
+    );
+    // Backpressure, not loss: acked and dropped, they make room for the rest.
+    let mut count = 0;
+    for m in held.drain(..) {
+        m.ack().await.unwrap();
+        count += 1;
+    }
+    while let Some(m) = recv(&mut sub, Duration::from_secs(3)).await {
+        m.ack().await.unwrap();
+        count += 1;
+    }
+    assert_eq!(count, 40);
+    assert_eq!(client.epoch(), 0);
+}

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use config::{Config, ServerInfo};
-pub use subscription::{AckMode, Message, Subscribe, Subscription};
+pub use subscription::{AckMode, DEFAULT_BUFFER_BYTES, Message, Subscribe, Subscription};
 pub use transaction::Transaction;
 
 use crate::codec::{Command, Frame};
@@ -391,7 +391,7 @@ impl Client {
     pub async fn subscribe(&self, options: Subscribe) -> Result<Subscription, Error> {
         let id = options.id_or(|| self.next_id("sub"));
         let frame = options.frame(&id);
-        let (sink, rx) = mpsc::channel(options.capacity());
+        let (sink, rx) = options.sink();
         let receipt = self.next_id("r");
         let deadline = self.deadline();
         let (reply, answer) = oneshot::channel();
