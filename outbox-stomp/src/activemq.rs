@@ -351,5 +351,6 @@ mod limit_tests {
         };
         assert_eq!(frame.body().len(), 17 * 1024 * 1024);
         assert_eq!(frame.headers().len(), broker.max_headers + 7);
+        assert!(frame.oversize().is_none());
     }
 }

@@ -44,6 +44,6 @@ pub use client::{
     AckMode, Client, Config, DEFAULT_BUFFER_BYTES, Message, ServerInfo, Subscribe, Subscription,
     Transaction,
 };
-pub use codec::{Command, Frame, Headers, Limits, Received, StompCodec, Version};
+pub use codec::{Command, Frame, Headers, Limits, Oversize, Received, StompCodec, Version};
 pub use error::{BrokerError, CodecError, Error, UriError};
 pub use uri::{BrokerAddr, BrokerUri, ReconnectPolicy, Scheme};

@@ -11,7 +11,7 @@ use futures_core::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{Client, Request};
-use crate::codec::{Command, Frame, Headers};
+use crate::codec::{Command, Frame, Headers, Oversize};
 use crate::error::Error;
 use crate::session::AckId;
 
@@ -385,9 +385,18 @@ impl Message {
         self.frame.header(name)
     }
 
-    /// The body.
+    /// The body (empty when the message was over the client's size limit;
+    /// see [`oversize`](Message::oversize)).
     pub fn body(&self) -> &Bytes {
         self.frame.body()
+    }
+
+    /// Set when the message's body was over the client's
+    /// [`Limits::max_body`](crate::Limits::max_body): the client read past it
+    /// without buffering it, so the message comes with its headers and an
+    /// empty body. Acknowledge it to take it off the queue.
+    pub fn oversize(&self) -> Option<&Oversize> {
+        self.frame.oversize()
     }
 
     /// `destination` header.

@@ -8,7 +8,10 @@
 //! the head (unescaping only shrinks text), so no header is copied: a frame's
 //! headers cost one vector of spans. The body is taken by `content-length` when
 //! present (binary, NULs allowed) or up to the first NUL; its size is checked
-//! against [`Limits::max_body`] before it is buffered. End-of-line bytes between
+//! against [`Limits::max_body`] before it is buffered. A MESSAGE's body over
+//! the limit is read past, its bytes discarded as they arrive, and the frame
+//! comes out with its headers, an empty body and an [`Oversize`] marker, so a
+//! consumer can set it aside and go on; any other frame's is an error. End-of-line bytes between
 //! frames are heart-beats and come out as [`Received::HeartBeat`] so the
 //! connection can track liveness.
 //!
@@ -24,7 +27,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 pub use crate::error::CodecError;
-pub use frame::{Command, Frame, HeaderText, Headers, Version};
+pub use frame::{Command, Frame, HeaderText, Headers, Oversize, Version};
 
 use frame::HeadSpan;
 
@@ -80,6 +83,14 @@ enum DecodeState {
         headers: Headers,
         content_length: Option<usize>,
         scanned: usize,
+    },
+    /// A MESSAGE whose body is over `Limits::max_body`: its bytes are
+    /// discarded as they arrive; `skipped` of them so far.
+    Skip {
+        command: Command,
+        headers: Headers,
+        content_length: Option<usize>,
+        skipped: usize,
     },
 }
 
@@ -349,6 +360,16 @@ impl StompCodec {
         let (command, headers, content_length) = parsed?;
         if let Some(length) = content_length {
             if length > self.limits.max_body {
+                if command == Command::Message {
+                    // Read past it: the headers are enough to set it aside.
+                    self.state = DecodeState::Skip {
+                        command,
+                        headers,
+                        content_length,
+                        skipped: 0,
+                    };
+                    return Ok(Step::Next);
+                }
                 return Err(CodecError::BodyTooLarge {
                     length,
                     limit: self.limits.max_body,
@@ -389,6 +410,14 @@ impl StompCodec {
                 Some(off) => *scanned + off,
                 None if buf.len() > self.limits.max_body => {
                     let length = buf.len();
+                    if let DecodeState::Body {
+                        command: Command::Message,
+                        ..
+                    } = self.state
+                    {
+                        self.skip();
+                        return Ok(Step::Next);
+                    }
                     self.state = DecodeState::Idle;
                     return Err(too_large(length, self.limits.max_body));
                 }
@@ -399,6 +428,15 @@ impl StompCodec {
             },
         };
         if body_len > self.limits.max_body {
+            if let DecodeState::Body {
+                command: Command::Message,
+                ..
+            } = self.state
+            {
+                // Already here in full: dropped all the same.
+                self.skip();
+                return Ok(Step::Next);
+            }
             self.state = DecodeState::Idle;
             return Err(too_large(body_len, self.limits.max_body));
         }
@@ -408,6 +446,81 @@ impl StompCodec {
             DecodeState::Body {
                 command, headers, ..
             } => Ok(Step::Frame(Frame::from_parts(command, headers, body))),
+            _ => Ok(Step::Next),
+        }
+    }
+}
+
+impl StompCodec {
+    /// Turns the body being read into one being read past.
+    fn skip(&mut self) {
+        if let DecodeState::Body {
+            command,
+            headers,
+            content_length,
+            ..
+        } = std::mem::replace(&mut self.state, DecodeState::Idle)
+        {
+            self.state = DecodeState::Skip {
+                command,
+                headers,
+                content_length,
+                skipped: 0,
+            };
+        }
+    }
+
+    /// Inside a body over the limit: discards its bytes as they arrive; once
+    /// its end is read, the frame comes out with its headers, an empty body
+    /// and an [`Oversize`] marker.
+    fn skip_body(&mut self, buf: &mut BytesMut) -> Result<Step, CodecError> {
+        let DecodeState::Skip {
+            content_length,
+            skipped,
+            ..
+        } = &mut self.state
+        else {
+            return Ok(Step::Next);
+        };
+        let length = match *content_length {
+            Some(length) => {
+                let take = (length - *skipped).min(buf.len());
+                buf.advance(take);
+                *skipped += take;
+                match buf.first() {
+                    None => return Ok(Step::Wait),
+                    Some(0) => length,
+                    Some(_) => {
+                        self.state = DecodeState::Idle;
+                        return Err(CodecError::MissingNul {
+                            content_length: length,
+                        });
+                    }
+                }
+            }
+            None => match memchr::memchr(0, buf) {
+                Some(off) => {
+                    buf.advance(off);
+                    *skipped = skipped.saturating_add(off);
+                    *skipped
+                }
+                None => {
+                    *skipped = skipped.saturating_add(buf.len());
+                    buf.clear();
+                    return Ok(Step::Wait);
+                }
+            },
+        };
+        buf.advance(1);
+        let limit = self.limits.max_body;
+        match std::mem::replace(&mut self.state, DecodeState::Idle) {
+            DecodeState::Skip {
+                command, headers, ..
+            } => Ok(Step::Frame(Frame::oversized(
+                command,
+                headers,
+                Oversize { length, limit },
+            ))),
             _ => Ok(Step::Next),
         }
     }
@@ -424,6 +537,7 @@ impl Decoder for StompCodec {
                 DecodeState::Idle => self.skip_heart_beats(buf, &mut saw_eol)?,
                 DecodeState::Head { .. } => self.decode_head(buf)?,
                 DecodeState::Body { .. } => self.decode_body(buf)?,
+                DecodeState::Skip { .. } => self.skip_body(buf)?,
             };
             match step {
                 Step::Next => {}
