@@ -125,6 +125,8 @@ impl EventLoop {
             self.shared.connected.store(false, Ordering::Release);
             self.refusal = None;
             let epoch = self.epoch();
+            self.connector
+                .ended(matches!(ended, Ended::Lost(Error::Codec(_))));
             if let Ended::Refused(e) = &ended {
                 if self.refused.len() == REFUSALS_KEPT {
                     self.refused.pop_front();
