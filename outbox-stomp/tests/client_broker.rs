@@ -503,3 +503,31 @@ async fn a_subscription_holds_at_most_its_byte_budget_of_unread_messages() {
     assert_eq!(count, 40);
     assert_eq!(client.epoch(), 0);
 }
+
+#[tokio::test]
+async fn a_header_stomp_1_0_cannot_carry_fails_that_send_and_the_client_goes_on() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker).with_versions(&[Version::V1_0]))
+        .await
+        .unwrap();
+    assert_eq!(client.version(), Version::V1_0);
+    let bad = Outgoing::new("/queue/v10", "bad").header("note", "two\nlines");
+    let error = client.send(bad.clone()).await.unwrap_err();
+    assert!(matches!(error, Error::Unencodable(_)), "{error:?}");
+    let tx = client.begin().await.unwrap();
+    let in_tx = tx.send(bad).await;
+    assert!(matches!(in_tx, Err(Error::Unencodable(_))), "{in_tx:?}");
+    tx.abort().await.unwrap();
+    client
+        .send(Outgoing::new("/queue/v10", "good"))
+        .await
+        .expect("the client is still up");
+    assert!(!client.is_closed(), "{:?}", client.close_reason());
+    assert_eq!(client.epoch(), 0, "the connection was kept");
+    let mut sub = client
+        .subscribe(Subscribe::new("/queue/v10"))
+        .await
+        .unwrap();
+    let m = recv(&mut sub, WAIT).await.expect("the good message");
+    assert_eq!(m.body().as_ref(), b"good");
+}

@@ -756,6 +756,26 @@ impl EventLoop {
         let Some(request) = self.current(request) else {
             return Ok(());
         };
+        // A frame this connection cannot carry fails its own request, never
+        // the connection or the client.
+        let unencodable = match &request {
+            Request::Confirmed { frame, .. }
+            | Request::Written { frame, .. }
+            | Request::Queued { frame, .. } => {
+                crate::codec::encodable(conn.codec().version(), frame).err()
+            }
+            _ => None,
+        };
+        if let Some(error) = unencodable {
+            if let Request::Queued { what, .. } = request {
+                // Nobody waits for it, and its transaction must not commit
+                // without it: the connection ends, so the broker aborts it.
+                tracing::warn!(what, %error, "a queued frame cannot be encoded; ending the connection");
+                return Err(Ended::Lost(Error::Unencodable(error)));
+            }
+            request.fail(Error::Unencodable(error));
+            return Ok(());
+        }
         let frame = match request {
             // The caller has gone: withdrawn, never written.
             request if request.abandoned() => return Ok(()),

@@ -617,6 +617,23 @@ impl Encoder<Frame> for StompCodec {
     }
 }
 
+/// Checks that `frame` can be written in `version`: a header that must go
+/// out without escaping (STOMP 1.0, CONNECT) cannot hold a line feed. The
+/// encoder makes the same check; a caller makes it first to refuse one
+/// frame before it is queued.
+pub(crate) fn encodable(version: Version, frame: &Frame) -> Result<(), CodecError> {
+    let command = frame.command();
+    if version != Version::V1_0 && !command.is_connect_like() {
+        return Ok(());
+    }
+    for (name, value) in frame.headers().iter() {
+        if name != "content-length" {
+            check_raw(command, name, value)?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks a header that must be written without escaping.
 fn check_raw(command: Command, name: &str, value: &str) -> Result<(), CodecError> {
     let fail = |reason| {
