@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use outbox::core::consumer::{BoxFuture, HandlerError, decode_json};
 use outbox::core::{Backoff, Consumer, ConsumerConfig, Delivery, Handler, Inbox};
-use outbox::stomp::{Client, Outgoing};
+use outbox::stomp::{Client, Config, Limits, Outgoing};
 use serde::{Deserialize, Serialize};
 use support::*;
 
@@ -598,6 +598,84 @@ macro_rules! inbox_suite {
             let unkeyed: HashSet<i64> = order.iter().copied().filter(|n| *n >= 100).collect();
             assert_eq!(unkeyed, HashSet::from([100, 101, 102]));
             assert_eq!(points(&inbox).await.values().sum::<i64>(), 9);
+        }
+
+        #[tokio::test]
+        async fn a_message_over_the_consumers_body_limit_is_parked_and_the_rest_flow_on_one_connection() {
+            let Some((_db, inbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.inbox.oversize";
+            let producer = client(&broker).await;
+            for n in 1..=25 {
+                send(&producer, dest, &format!("e-{n}"), &user(n)).await;
+            }
+            // Within the broker's limits, over the consumer's own.
+            send(&producer, dest, "e-big", &vec![b' '; 1024 * 1024]).await;
+            for n in 26..=50 {
+                send(&producer, dest, &format!("e-{n}"), &user(n)).await;
+            }
+            let small = Limits { max_body: 64 * 1024, ..Limits::default() };
+            let mut config = Config::parse(&broker.stomp_uri()).unwrap().with_receipt_timeout(Duration::from_secs(2));
+            config.limits = small;
+            let consumer_client = Client::connect(config).await.unwrap();
+            let handle = Consumer::new(inbox.clone(), points_handler(&Faults::default()), quick(dest))
+                .expect("valid settings")
+                .spawn(consumer_client.clone())
+                .await
+                .unwrap();
+            let metrics = handle.metrics().clone();
+            eventually("fifty applied and the large one parked", Duration::from_secs(60), || {
+                let m = metrics.snapshot();
+                async move { m.processed == 50 && m.failed == 1 }
+            })
+            .await;
+            assert_eq!(consumer_client.epoch(), 0, "the connection was never lost");
+            assert!(consumer_client.is_connected());
+            handle.shutdown().await.unwrap();
+            let applied = points(&inbox).await;
+            assert_eq!(applied.len(), 50);
+            assert!(applied.values().all(|n| *n == 1), "{applied:?}");
+            let parked = inbox.parked(10).await.unwrap();
+            assert_eq!(parked.len(), 1, "{parked:?}");
+            assert_eq!(parked[0].event_id, "e-big");
+            assert_eq!(parked[0].event_type.as_deref(), Some("user.created"), "headers kept");
+            assert!(parked[0].content.is_empty());
+            let reason = parked[0].last_error.as_deref().unwrap();
+            assert!(reason.contains("1048576") && reason.contains("65536") && reason.contains("max_body"), "{reason}");
+            let m = metrics.snapshot();
+            assert_eq!((m.processed, m.failed), (50, 1));
+        }
+
+        #[tokio::test]
+        async fn a_message_with_three_hundred_headers_is_applied_under_the_default_limits() {
+            let Some((_db, inbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.inbox.headers";
+            let producer = client(&broker).await;
+            let mut message = Outgoing::new(dest.to_owned(), user(1))
+                .persistent(true)
+                .header("event-id", "e-wide")
+                .header("event-type", "user.created");
+            for i in 0..300 {
+                message = message.header(format!("x-tag-{i}"), format!("{i}"));
+            }
+            producer.send(message).await.unwrap();
+            send(&producer, dest, "e-2", &user(2)).await;
+            let consumer_client = client(&broker).await;
+            let handle = Consumer::new(inbox.clone(), points_handler(&Faults::default()), quick(dest))
+                .expect("valid settings")
+                .spawn(consumer_client.clone())
+                .await
+                .unwrap();
+            let metrics = handle.metrics().clone();
+            eventually("both applied", Duration::from_secs(30), || {
+                let m = metrics.snapshot();
+                async move { m.processed == 2 }
+            })
+            .await;
+            assert_eq!(consumer_client.epoch(), 0, "the connection was never lost");
+            handle.shutdown().await.unwrap();
+            assert_eq!(points(&inbox).await, HashMap::from([(1, 1), (2, 1)]));
         }
 
         #[tokio::test]

@@ -654,6 +654,14 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     messages: Vec<impl Incoming>,
     stopped: &mut watch::Receiver<bool>,
 ) {
+    let (oversize, messages): (Vec<_>, Vec<_>) =
+        messages.into_iter().partition(|m| m.oversize().is_some());
+    for message in &oversize {
+        park_oversize(shared, message, stopped).await;
+    }
+    if messages.is_empty() {
+        return;
+    }
     let deliveries: Vec<Delivery> = messages.iter().map(to_delivery).collect();
     let _in_flight = shared.drain.begin();
     let _gauge = InFlightGauge::add(&shared.metrics, deliveries.len());
@@ -1052,6 +1060,53 @@ async fn park_undecodable<DB: Backend>(
         "undecodable payload parked"
     );
     set_aside(inbox, delivery, InboxState::Failed, reason, None).await
+}
+
+/// Parks a message whose body the client read past for being over its size
+/// limit (see [`Incoming::oversize`]): `FAILED` with the reason, its headers
+/// and an empty payload, then acknowledged, so it leaves the queue and what
+/// follows it flows. Transient database errors are tried again with backoff
+/// until the consumer stops (then it stays unacked, for the broker to
+/// redeliver).
+async fn park_oversize<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    message: &impl Incoming,
+    stopped: &mut watch::Receiver<bool>,
+) {
+    let Some(reason) = message.oversize() else {
+        return;
+    };
+    let _in_flight = shared.drain.begin();
+    let delivery = to_delivery(message);
+    tracing::error!(
+        event_id = delivery.event_id,
+        reason,
+        "oversize message parked"
+    );
+    let mut failures = 0u32;
+    let outcome = loop {
+        let error =
+            match set_aside(&shared.inbox, &delivery, InboxState::Failed, &reason, None).await {
+                Ok(outcome) => break Some(outcome),
+                Err(error) => error,
+            };
+        shared.metrics.add(Count::DbErrors, 1);
+        shared.metrics.status.database_failed(&error);
+        if error.is_permanent() {
+            break park_unrecordable(shared, &delivery, &error, stopped).await;
+        }
+        tracing::warn!(%error, event_id = delivery.event_id, "oversize message not parked yet");
+        if !pause(shared, &mut failures, stopped).await {
+            break None;
+        }
+    };
+    if outcome.is_none() {
+        return;
+    }
+    count_outcomes(&shared.metrics, std::slice::from_ref(&delivery), &[outcome]);
+    if let Err(error) = message.ack().await {
+        tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
+    }
 }
 
 /// Runs the handler, turning a panic into an error.

@@ -55,6 +55,14 @@ pub trait Incoming: Send + Sync + 'static {
     /// The payload.
     fn body(&self) -> Bytes;
 
+    /// Why the payload is missing, when the message was over the size limit
+    /// of the connection it came on (its body was read past, not kept); the
+    /// consumer then parks it with this reason and acknowledges it. The
+    /// default says it never is.
+    fn oversize(&self) -> Option<String> {
+        None
+    }
+
     /// Acknowledges the message; an error means the broker delivers it again.
     fn ack(&self) -> impl Future<Output = Result<(), String>> + Send;
 }
@@ -131,6 +139,10 @@ impl Incoming for Message {
 
     fn body(&self) -> Bytes {
         Message::body(self).clone()
+    }
+
+    fn oversize(&self) -> Option<String> {
+        Message::oversize(self).map(ToString::to_string)
     }
 
     async fn ack(&self) -> Result<(), String> {

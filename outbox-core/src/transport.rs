@@ -120,12 +120,17 @@ impl Publisher for StompPublisher {
     }
 }
 
-/// Sorts a client error into "the broker refused", "the broker was not
-/// there" and "the client stopped for good".
+/// Sorts a client error into "the broker refused" (or the message cannot be
+/// written at all), "the broker was not there" and "the client stopped for
+/// good".
 fn classify(client: &Client, error: outbox_stomp::Error) -> PublishError {
     use outbox_stomp::Error as E;
     match &error {
-        E::Rejected(_) | E::Broker(_) => PublishError::rejected(error.to_string()),
+        // A message the connection's version cannot carry is that row's
+        // fault, as a broker's refusal is.
+        E::Rejected(_) | E::Broker(_) | E::Unencodable(_) => {
+            PublishError::rejected(error.to_string())
+        }
         E::Closed => PublishError::closed(
             client
                 .close_reason()

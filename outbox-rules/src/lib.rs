@@ -50,6 +50,39 @@ pub const MAX_CLAIM_TOKEN: usize = 64;
 /// (`VARCHAR(64)`) as the hand-off token `{relay_id}-h`.
 pub const MAX_RELAY_ID: usize = MAX_CLAIM_TOKEN - 2;
 
+/// Longest header line the broker takes in a SEND, `name:value` as written
+/// (escaped): ActiveMQ 5's STOMP transport (`StompWireFormat`) refuses longer
+/// ones. The producer checks every event against it at append, and the
+/// consumer's decoder reads lines of [`MAX_DECODED_LINE`].
+pub const MAX_HEADER_LINE: usize = 10 * 1024;
+
+/// Most header lines the broker takes in one SEND (ActiveMQ 5's
+/// `StompWireFormat`).
+pub const MAX_HEADERS: usize = 1000;
+
+/// Largest frame, head and body, the broker takes (the `maxFrameSize` of the
+/// stock `activemq.xml`: 100 MiB).
+pub const MAX_FRAME: usize = 100 * 1024 * 1024;
+
+/// Header lines a broker adds to a message it delivers, beyond those its
+/// producer wrote (`message-id`, `subscription`, `ack`, `destination`,
+/// `redelivered`, `timestamp`, `expires`, `priority`, `original-destination`
+/// and the like, with room to spare).
+pub const BROKER_ADDED_HEADERS: usize = 64;
+
+/// Longest line the consumer's decoder reads: the broker's limit on a
+/// producer's line, with room for the lines the broker writes itself (a
+/// `message-id` naming a long host, an `original-destination`).
+pub const MAX_DECODED_LINE: usize = MAX_HEADER_LINE + 6 * 1024;
+
+/// Most header lines the consumer's decoder reads in one frame: every line a
+/// producer may write ([`MAX_HEADERS`]) and those the broker adds.
+pub const MAX_DECODED_HEADERS: usize = MAX_HEADERS + BROKER_ADDED_HEADERS;
+
+/// Largest body the consumer's decoder reads by default: a frame the broker
+/// took cannot carry a larger one.
+pub const MAX_DECODED_BODY: usize = MAX_FRAME;
+
 /// Header names the framework sets itself; an event may not set them
 /// (compared without regard to case).
 pub const RESERVED_HEADERS: &[&str] = &[
@@ -147,5 +180,14 @@ mod tests {
         assert!(is_reserved_header("Event-Id"));
         assert!(!is_reserved_header("tenant"));
         assert_eq!(MAX_RELAY_ID, 62);
+    }
+
+    #[test]
+    fn the_decoder_reads_every_frame_the_broker_takes_from_a_producer() {
+        const {
+            assert!(MAX_DECODED_LINE > MAX_HEADER_LINE);
+            assert!(MAX_DECODED_BODY >= MAX_FRAME);
+        }
+        assert_eq!(MAX_DECODED_HEADERS, MAX_HEADERS + BROKER_ADDED_HEADERS);
     }
 }

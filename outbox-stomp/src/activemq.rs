@@ -113,7 +113,9 @@ impl From<Outgoing> for Frame {
 /// was in flight on it fails too. Check a frame before sending it with
 /// [`BrokerLimits::check`]. The defaults are ActiveMQ 5's (`StompWireFormat`
 /// and the `maxFrameSize` of the stock `activemq.xml`); set others if the
-/// broker's transport is configured differently.
+/// broker's transport is configured differently. They come from
+/// `outbox-rules`, as do the decoder's default [`Limits`](crate::codec::Limits),
+/// which read every message these defaults let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BrokerLimits {
     /// Longest header line as written, `name:value` escaped (default 10 KiB).
@@ -127,9 +129,9 @@ pub struct BrokerLimits {
 impl Default for BrokerLimits {
     fn default() -> BrokerLimits {
         BrokerLimits {
-            max_header_line: 10 * 1024,
-            max_headers: 1000,
-            max_frame: 100 * 1024 * 1024,
+            max_header_line: outbox_rules::MAX_HEADER_LINE,
+            max_headers: outbox_rules::MAX_HEADERS,
+            max_frame: outbox_rules::MAX_FRAME,
         }
     }
 }
@@ -237,6 +239,9 @@ impl BrokerLimits {
 
 #[cfg(test)]
 mod limit_tests {
+    use bytes::BytesMut;
+    use tokio_util::codec::Encoder;
+
     use super::*;
 
     #[test]
@@ -299,5 +304,53 @@ mod limit_tests {
             BrokerLimits::default().check_sized(&frame, 200 * 1024 * 1024, 0, 0),
             Err(FrameTooLarge::Frame { .. })
         ));
+    }
+
+    /// A MESSAGE as the broker delivers what a producer sent within
+    /// `limits`: the producer's headers, the broker's own, and the body.
+    fn delivered(limits: &BrokerLimits, body_len: usize) -> Vec<u8> {
+        let mut send = Outgoing::new("/queue/q", vec![b'x'; body_len]);
+        let room = limits.max_header_line - "h0000:".len();
+        // Every header the producer may write, the longest of them as long as it may be.
+        for i in 0..limits.max_headers - 2 {
+            let value = if i == 0 {
+                "v".repeat(room)
+            } else {
+                "v".to_owned()
+            };
+            send = send.header(format!("h{i:04}"), value);
+        }
+        let frame = send.into_frame();
+        limits.check(&frame, 0, 0).unwrap();
+        let mut wire = Vec::from(&b"MESSAGE\nmessage-id:ID:broker-host-40123-1733000000000-1:1:1:1:1\nsubscription:sub-1\nack:ID:broker-host-40123-1733000000000-5:7\nredelivered:false\ntimestamp:1733000000000\nexpires:0\npriority:4\n"[..]);
+        let mut send = BytesMut::new();
+        crate::codec::StompCodec::default()
+            .encode(&frame, &mut send)
+            .unwrap();
+        // The SEND's lines after its command, as the broker passes them on.
+        wire.extend_from_slice(&send[b"SEND\n".len()..]);
+        wire
+    }
+
+    #[test]
+    fn the_default_decoder_reads_every_message_the_default_broker_limits_let_through() {
+        use crate::codec::{Limits, Received};
+        use tokio_util::codec::Decoder;
+
+        let broker = BrokerLimits::default();
+        let decoder = Limits::default();
+        assert!(decoder.max_line_length >= broker.max_header_line);
+        assert!(decoder.max_headers > broker.max_headers);
+        assert!(decoder.max_body >= broker.max_frame);
+        // A body of 17 MiB and a thousand headers, one of them as long as allowed.
+        let wire = delivered(&broker, 17 * 1024 * 1024);
+        let mut buf = BytesMut::from(&wire[..]);
+        let frame = match crate::codec::StompCodec::default().decode(&mut buf) {
+            Ok(Some(Received::Frame(frame))) => frame,
+            other => panic!("the message does not decode: {other:?}"),
+        };
+        assert_eq!(frame.body().len(), 17 * 1024 * 1024);
+        assert_eq!(frame.headers().len(), broker.max_headers + 7);
+        assert!(frame.oversize().is_none());
     }
 }

@@ -288,6 +288,12 @@ pub enum Error {
     /// The client was closed.
     #[error("the client is closed")]
     Closed,
+    /// The frame cannot be written in the connection's STOMP version (in
+    /// 1.0, a header value holding a line feed): that request failed and
+    /// nothing of it was sent. The connection and the client go on; sending
+    /// the same frame again fails the same way.
+    #[error("not sent: {0}")]
+    Unencodable(#[source] CodecError),
 }
 
 impl Error {

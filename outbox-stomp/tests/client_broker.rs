@@ -459,3 +459,75 @@ async fn durable_topic_subscription_keeps_messages_while_offline_and_acks_in_a_t
     tx.ack(&m).await.unwrap();
     tx.commit().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_subscription_holds_at_most_its_byte_budget_of_unread_messages() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker)).await.unwrap();
+    let body = vec![b'x'; 1024 * 1024];
+    for _ in 0..40 {
+        client
+            .send(Outgoing::new("/queue/large", body.clone()))
+            .await
+            .unwrap();
+    }
+    // The count buffer (and the prefetch) would take all forty: 40 MiB.
+    let mut sub = client
+        .subscribe(Subscribe::new("/queue/large").prefetch(100))
+        .await
+        .unwrap();
+    let budget = Subscribe::new("/queue/large").byte_budget();
+    // Messages taken out of the stream but kept (not dropped) still count
+    // against the budget, so the client stops taking more from the socket.
+    let mut held = Vec::new();
+    while let Some(m) = recv(&mut sub, Duration::from_secs(2)).await {
+        held.push(m);
+    }
+    let bytes: usize = held.iter().map(|m| m.body().len()).sum();
+    assert!(!held.is_empty());
+    assert!(
+        bytes <= budget,
+        "{} messages of {bytes} bytes held, over the budget of {budget}",
+        held.len()
+    );
+    // Backpressure, not loss: acked and dropped, they make room for the rest.
+    let mut count = 0;
+    for m in held.drain(..) {
+        m.ack().await.unwrap();
+        count += 1;
+    }
+    while let Some(m) = recv(&mut sub, Duration::from_secs(3)).await {
+        m.ack().await.unwrap();
+        count += 1;
+    }
+    assert_eq!(count, 40);
+    assert_eq!(client.epoch(), 0);
+}
+
+#[tokio::test]
+async fn a_header_stomp_1_0_cannot_carry_fails_that_send_and_the_client_goes_on() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker).with_versions(&[Version::V1_0]))
+        .await
+        .unwrap();
+    assert_eq!(client.version(), Version::V1_0);
+    let bad = Outgoing::new("/queue/v10", "bad").header("note", "two\nlines");
+    let error = client.send(bad.clone()).await.unwrap_err();
+    assert!(matches!(error, Error::Unencodable(_)), "{error:?}");
+    let tx = client.begin().await.unwrap();
+    let in_tx = tx.send(bad).await;
+    assert!(matches!(in_tx, Err(Error::Unencodable(_))), "{in_tx:?}");
+    tx.abort().await.unwrap();
+    client
+        .send(Outgoing::new("/queue/v10", "good"))
+        .await
+        .expect("the client is still up");
+    assert!(!client.is_closed(), "{:?}", client.close_reason());
+    assert_eq!(client.epoch(), 0, "the connection was kept");
+    let mut sub = client
+        .subscribe(Subscribe::new("/queue/v10"))
+        .await
+        .unwrap();
+    let m = recv(&mut sub, WAIT).await.expect("the good message");
+    assert_eq!(m.body().as_ref(), b"good");
+}

@@ -434,3 +434,83 @@ async fn a_reset_in_the_middle_of_a_frame_delivers_no_partial_frame_in_either_di
     other.disconnect().await.unwrap();
     client.disconnect().await.unwrap();
 }
+
+/// A STOMP server that answers every CONNECT, then sends a frame no decoder
+/// can read (a header line without a colon), and counts the connections.
+async fn malformed_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut raw = outbox_test_harness::RawStomp::new(socket);
+                if raw.read_frame().await.is_err() {
+                    return;
+                }
+                let _ = raw
+                    .send_frame(
+                        "CONNECTED",
+                        &[("version", "1.2"), ("heart-beat", "0,0")],
+                        b"",
+                    )
+                    .await;
+                let _ = raw
+                    .send_bytes(b"MESSAGE\nsubscription:1\nthis line has no colon\n\nbody\0")
+                    .await;
+                // Hold the socket open until the client closes it.
+                let _ = raw.read_frame().await;
+            });
+        }
+    });
+    (format!("stomp://{addr}"), accepted)
+}
+
+#[tokio::test]
+async fn a_malformed_frame_on_every_connection_reconnects_at_the_backoff_pace_not_in_a_loop() {
+    let (uri, accepted) = malformed_server().await;
+    let config = Config::parse(&format!(
+        "failover:({uri})?initialReconnectDelay=100&maxReconnectDelay=800"
+    ))
+    .unwrap()
+    .with_heart_beat(Duration::ZERO, Duration::ZERO)
+    .with_receipt_timeout(RECEIPT);
+    let policy = config.uri.reconnect.clone();
+    let client = Client::connect(config)
+        .await
+        .expect("the handshake succeeds");
+    let started = Instant::now();
+    eventually(
+        "a reconnect after the malformed frame",
+        Duration::from_secs(10),
+        || accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let connections = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let elapsed = started.elapsed();
+    // Reconnect k waits at least 0.8 × delay(k) (the jitter takes up to 20%):
+    // in `elapsed`, at most as many reconnects as those waits fit in.
+    let mut waited = Duration::ZERO;
+    let mut reconnects = 0u32;
+    loop {
+        waited += policy.delay(reconnects).mul_f64(0.8);
+        if waited > elapsed {
+            break;
+        }
+        reconnects += 1;
+    }
+    let bound = 1 + reconnects as usize;
+    assert!(
+        connections <= bound,
+        "{connections} connections in {elapsed:?}; the backoff allows at most {bound}"
+    );
+    assert!(
+        !client.is_closed(),
+        "a malformed frame does not end the client"
+    );
+}

@@ -8,6 +8,13 @@
 //!  delay before          0, d(0), d(1), …               d(0), d(1), …   (each with jitter)
 //!  limit                 (startupMaxReconnectAttempts+1)·n   maxReconnectAttempts
 //! ```
+//!
+//! A connection that ended on bytes the decoder could not read (a malformed
+//! frame) counts as a failed attempt: the reconnect after it goes on along the
+//! schedule (d(s-1), d(s), … after s such connections in a row) instead of
+//! starting again from d(0), so a peer that sends the same bad frame on every
+//! connection is retried at the backoff's pace, not in a loop. A connection
+//! that ends any other way starts the schedule afresh.
 
 use std::io;
 use std::pin::Pin;
@@ -51,6 +58,8 @@ pub(crate) struct Connector {
     policy: ReconnectPolicy,
     /// The address of the current (or last) connection.
     current: usize,
+    /// Connections in a row that ended on a decode error.
+    unreadable: u32,
 }
 
 impl Connector {
@@ -64,6 +73,7 @@ impl Connector {
             addrs,
             policy: policy.clone(),
             current: 0,
+            unreadable: 0,
         }
     }
 
@@ -92,7 +102,11 @@ impl Connector {
         let delay = match (phase, attempt) {
             (Phase::Startup, 0) => Duration::ZERO,
             (Phase::Startup, a) => jitter(self.policy.delay(a - 1), a),
-            (Phase::Reconnect, a) => jitter(self.policy.delay(a), a),
+            (Phase::Reconnect, a) => {
+                // The first such connection reconnects as any lost one does.
+                let step = a.saturating_add(self.unreadable.saturating_sub(1));
+                jitter(self.policy.delay(step), step)
+            }
         };
         Some(Plan {
             index,
@@ -104,6 +118,17 @@ impl Connector {
     /// The attempt of `plan` succeeded.
     pub(crate) fn connected(&mut self, plan: &Plan) {
         self.current = plan.index;
+    }
+
+    /// The current connection ended: `unreadable` when on bytes the decoder
+    /// could not read, which counts as one more failed attempt for the delays
+    /// of the reconnect (not for its limit); any other end resets the count.
+    pub(crate) fn ended(&mut self, unreadable: bool) {
+        self.unreadable = if unreadable {
+            self.unreadable.saturating_add(1)
+        } else {
+            0
+        };
     }
 }
 
@@ -408,6 +433,32 @@ mod tests {
                 "{delay:?} vs {full:?}"
             );
         }
+    }
+
+    #[test]
+    fn connections_ending_on_unreadable_bytes_go_on_along_the_backoff_and_others_start_it_afresh() {
+        let mut c = connector(
+            "failover:(stomp://a:1)?maxReconnectAttempts=3&initialReconnectDelay=100&maxReconnectDelay=1000",
+        );
+        let first = |c: &Connector| c.plan(0, Phase::Reconnect).unwrap().delay;
+        let within = |delay: Duration, full: u64| {
+            let full = Duration::from_millis(full);
+            delay <= full && delay >= full.mul_f64(0.8)
+        };
+        assert!(within(first(&c), 100));
+        c.ended(true);
+        assert!(within(first(&c), 100));
+        c.ended(true);
+        assert!(within(first(&c), 200));
+        c.ended(true);
+        c.ended(true);
+        assert!(within(first(&c), 800));
+        assert!(within(c.plan(1, Phase::Reconnect).unwrap().delay, 1000));
+        // The attempt limit is the policy's, however many came before.
+        assert!(c.plan(3, Phase::Reconnect).is_none());
+        assert!(c.plan(2, Phase::Reconnect).is_some());
+        c.ended(false);
+        assert!(within(first(&c), 100));
     }
 
     #[test]

@@ -32,8 +32,8 @@ use crate::codec::{Command, Frame, Received};
 use crate::error::{BrokerError, CodecError, Error};
 use crate::session::{AckId, Inbound, Session, Timer};
 
-/// Where a subscription's messages go.
-pub(crate) type Sink = mpsc::Sender<Message>;
+use super::subscription::Charge;
+pub(crate) use super::subscription::Sink;
 
 /// Who waits for a receipt.
 pub(crate) enum Waiter {
@@ -125,6 +125,8 @@ impl EventLoop {
             self.shared.connected.store(false, Ordering::Release);
             self.refusal = None;
             let epoch = self.epoch();
+            self.connector
+                .ended(matches!(ended, Ended::Lost(Error::Codec(_))));
             if let Ended::Refused(e) = &ended {
                 if self.refused.len() == REFUSALS_KEPT {
                     self.refused.pop_front();
@@ -441,9 +443,12 @@ impl EventLoop {
             let deadline = self.session.next_deadline();
             let served = tokio::select! {
                 biased;
-                permit = reserve(&parked), if parked.is_some() => {
-                    if let (Some((_, message)), Ok(permit)) = (parked.take(), permit) {
-                        permit.send(message);
+                room = room(&parked), if parked.is_some() => {
+                    if let (Some((_, mut message)), Ok((charge, slot))) = (parked.take(), room) {
+                        if charge.is_some() {
+                            message.charge = charge;
+                        }
+                        slot.send(message);
                     }
                     // The client, not the broker, was the slow one.
                     self.session.reset_read_clock(Instant::now());
@@ -642,8 +647,10 @@ impl EventLoop {
                 let Some(tx) = self.handle.upgrade() else {
                     return Ok(None);
                 };
+                let charge = sink.try_charge(&frame);
                 let message = Message {
                     ack: AckId::of(self.session.version(), &subscription, &frame),
+                    charge,
                     frame,
                     epoch: self.epoch(),
                     client: Client {
@@ -651,7 +658,12 @@ impl EventLoop {
                         shared: self.shared.clone(),
                     },
                 };
-                match sink.try_send(message) {
+                if message.charge.is_none() && !sink.is_closed() {
+                    // Over the byte budget: stop reading until enough is dropped.
+                    *parked = Some((sink.clone(), message));
+                    return Ok(None);
+                }
+                match sink.sender().try_send(message) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(message)) => {
                         *parked = Some((sink.clone(), message))
@@ -744,6 +756,26 @@ impl EventLoop {
         let Some(request) = self.current(request) else {
             return Ok(());
         };
+        // A frame this connection cannot carry fails its own request, never
+        // the connection or the client.
+        let unencodable = match &request {
+            Request::Confirmed { frame, .. }
+            | Request::Written { frame, .. }
+            | Request::Queued { frame, .. } => {
+                crate::codec::encodable(conn.codec().version(), frame).err()
+            }
+            _ => None,
+        };
+        if let Some(error) = unencodable {
+            if let Request::Queued { what, .. } = request {
+                // Nobody waits for it, and its transaction must not commit
+                // without it: the connection ends, so the broker aborts it.
+                tracing::warn!(what, %error, "a queued frame cannot be encoded; ending the connection");
+                return Err(Ended::Lost(Error::Unencodable(error)));
+            }
+            request.fail(Error::Unencodable(error));
+            return Ok(());
+        }
         let frame = match request {
             // The caller has gone: withdrawn, never written.
             request if request.abandoned() => return Ok(()),
@@ -912,9 +944,13 @@ impl EventLoop {
     }
 }
 
-async fn reserve(parked: &Option<(Sink, Message)>) -> Result<mpsc::OwnedPermit<Message>, ()> {
+/// Room for the parked message: its share of the byte budget and a place in
+/// its subscription's channel.
+async fn room(
+    parked: &Option<(Sink, Message)>,
+) -> Result<(Option<Charge>, mpsc::OwnedPermit<Message>), ()> {
     match parked {
-        Some((sink, _)) => sink.clone().reserve_owned().await.map_err(|_| ()),
+        Some((sink, message)) => sink.room(message).await,
         None => std::future::pending().await,
     }
 }

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use config::{Config, ServerInfo};
-pub use subscription::{AckMode, Message, Subscribe, Subscription};
+pub use subscription::{AckMode, DEFAULT_BUFFER_BYTES, Message, Subscribe, Subscription};
 pub use transaction::Transaction;
 
 use crate::codec::{Command, Frame};
@@ -357,7 +357,14 @@ impl Client {
     /// [`Error::NotConnected`] then means it was never sent.
     pub async fn send(&self, message: impl Into<Frame>) -> Result<(), Error> {
         let frame = into_send(message.into());
+        self.encodable(&frame)?;
         self.request(frame, None, "send").await
+    }
+
+    /// [`Error::Unencodable`] if `frame` cannot be written in the current
+    /// connection's version; the event loop checks again before it writes.
+    pub(crate) fn encodable(&self, frame: &Frame) -> Result<(), Error> {
+        crate::codec::encodable(self.version(), frame).map_err(Error::Unencodable)
     }
 
     /// Sends a message without asking for a receipt; returns once it is
@@ -365,6 +372,7 @@ impl Client {
     /// silently: use only where loss is fine.
     pub async fn send_unconfirmed(&self, message: impl Into<Frame>) -> Result<(), Error> {
         let frame = into_send(message.into());
+        self.encodable(&frame)?;
         self.written(frame, None, "send").await
     }
 
@@ -391,7 +399,7 @@ impl Client {
     pub async fn subscribe(&self, options: Subscribe) -> Result<Subscription, Error> {
         let id = options.id_or(|| self.next_id("sub"));
         let frame = options.frame(&id);
-        let (sink, rx) = mpsc::channel(options.capacity());
+        let (sink, rx) = options.sink();
         let receipt = self.next_id("r");
         let deadline = self.deadline();
         let (reply, answer) = oneshot::channel();

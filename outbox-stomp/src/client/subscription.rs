@@ -3,14 +3,15 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_core::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{Client, Request};
-use crate::codec::{Command, Frame, Headers};
+use crate::codec::{Command, Frame, Headers, Oversize};
 use crate::error::Error;
 use crate::session::AckId;
 
@@ -47,7 +48,11 @@ pub struct Subscribe {
     durable_name: Option<String>,
     headers: Vec<(String, String)>,
     buffer: usize,
+    buffer_bytes: usize,
 }
+
+/// The default [`Subscribe::buffer_bytes`]: 16 MiB.
+pub const DEFAULT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 
 impl Subscribe {
     pub(crate) fn id_or(&self, generate: impl FnOnce() -> String) -> String {
@@ -60,6 +65,12 @@ impl Subscribe {
 
     pub(crate) fn capacity(&self) -> usize {
         self.buffer.max(1)
+    }
+
+    /// Bytes of delivered messages this subscription may hold at once (see
+    /// [`Subscribe::buffer_bytes`]).
+    pub fn byte_budget(&self) -> usize {
+        self.buffer_bytes
     }
 
     /// The SUBSCRIBE frame for subscription `id` (without a receipt).
@@ -100,6 +111,7 @@ impl Subscribe {
             durable_name: None,
             headers: Vec::new(),
             buffer: 256,
+            buffer_bytes: DEFAULT_BUFFER_BYTES,
         }
     }
 
@@ -149,6 +161,103 @@ impl Subscribe {
     pub fn buffer(mut self, n: usize) -> Subscribe {
         self.buffer = n.max(1);
         self
+    }
+
+    /// Bytes of messages (body and headers) the subscription may hold at once
+    /// (default [`DEFAULT_BUFFER_BYTES`], 16 MiB; at most `u32::MAX`). A
+    /// message counts from its arrival until it is dropped, so messages taken
+    /// from the stream and not yet acknowledged count too. When the next
+    /// message does not fit, the client stops reading the socket until
+    /// enough is dropped (backpressure, as with a full [`buffer`](Subscribe::buffer)):
+    /// with the message count, this bounds what a subscription buffers
+    /// whatever the prefetch and the size of the messages. A message larger
+    /// than the whole budget waits until nothing else is held, then is
+    /// delivered alone. A client's memory for one subscription is thus
+    /// about this budget plus one message of up to the decoder's
+    /// [`Limits::max_body`](crate::codec::Limits::max_body).
+    pub fn buffer_bytes(mut self, bytes: usize) -> Subscribe {
+        self.buffer_bytes = bytes.clamp(1, u32::MAX as usize);
+        self
+    }
+
+    /// Where the event loop puts this subscription's messages, and the
+    /// stream's receiving end.
+    pub(crate) fn sink(&self) -> (Sink, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(self.capacity());
+        let total = u32::try_from(self.buffer_bytes.max(1)).unwrap_or(u32::MAX);
+        let sink = Sink {
+            tx,
+            budget: Arc::new(Semaphore::new(total as usize)),
+            total,
+        };
+        (sink, rx)
+    }
+}
+
+/// Where the event loop puts one subscription's messages: a bounded channel
+/// (a count) and a byte budget. A message holds its share of the budget
+/// until it is dropped.
+#[derive(Clone)]
+pub(crate) struct Sink {
+    tx: mpsc::Sender<Message>,
+    budget: Arc<Semaphore>,
+    /// The whole budget in bytes.
+    total: u32,
+}
+
+/// A delivered message's share of its subscription's byte budget.
+pub(crate) type Charge = OwnedSemaphorePermit;
+
+impl Sink {
+    /// True once the stream is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// What `frame` costs of the budget: its body and headers, at most the
+    /// whole budget.
+    fn cost(&self, frame: &Frame) -> u32 {
+        let heads: usize = frame
+            .headers()
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + 2)
+            .sum();
+        let bytes = frame.body().len().saturating_add(heads);
+        u32::try_from(bytes).unwrap_or(u32::MAX).min(self.total)
+    }
+
+    /// `frame`'s share of the budget, if it is free now.
+    pub(crate) fn try_charge(&self, frame: &Frame) -> Option<Charge> {
+        self.budget
+            .clone()
+            .try_acquire_many_owned(self.cost(frame))
+            .ok()
+    }
+
+    /// The channel's sending end.
+    pub(crate) fn sender(&self) -> &mpsc::Sender<Message> {
+        &self.tx
+    }
+
+    /// Waits until there is room for `message`: its share of the budget
+    /// (unless it has it) and a place in the channel. `Err` once the stream
+    /// is gone.
+    pub(crate) async fn room(
+        &self,
+        message: &Message,
+    ) -> Result<(Option<Charge>, mpsc::OwnedPermit<Message>), ()> {
+        let charge = match message.charge {
+            Some(_) => None,
+            None => {
+                let cost = self.cost(&message.frame);
+                tokio::select! {
+                    charge = self.budget.clone().acquire_many_owned(cost) => Some(charge.map_err(|_| ())?),
+                    _ = self.tx.closed() => return Err(()),
+                }
+            }
+        };
+        let slot = self.tx.clone().reserve_owned().await.map_err(|_| ())?;
+        Ok((charge, slot))
     }
 }
 
@@ -247,6 +356,8 @@ pub struct Message {
     pub(crate) ack: AckId,
     pub(crate) epoch: u64,
     pub(crate) client: Client,
+    /// Its share of the subscription's byte budget, given back on drop.
+    pub(crate) charge: Option<Charge>,
 }
 
 impl fmt::Debug for Message {
@@ -274,9 +385,18 @@ impl Message {
         self.frame.header(name)
     }
 
-    /// The body.
+    /// The body (empty when the message was over the client's size limit;
+    /// see [`oversize`](Message::oversize)).
     pub fn body(&self) -> &Bytes {
         self.frame.body()
+    }
+
+    /// Set when the message's body was over the client's
+    /// [`Limits::max_body`](crate::Limits::max_body): the client read past it
+    /// without buffering it, so the message comes with its headers and an
+    /// empty body. Acknowledge it to take it off the queue.
+    pub fn oversize(&self) -> Option<&Oversize> {
+        self.frame.oversize()
     }
 
     /// `destination` header.

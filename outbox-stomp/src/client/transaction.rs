@@ -30,10 +30,13 @@ impl Transaction {
     }
 
     /// Queues a SEND in this transaction. Nothing is delivered before
-    /// [`Transaction::commit`] returns `Ok`.
+    /// [`Transaction::commit`] returns `Ok`. A message the connection's
+    /// version cannot carry fails here with [`Error::Unencodable`] and is not
+    /// queued; the transaction stays open.
     pub async fn send(&self, message: impl Into<Frame>) -> Result<(), Error> {
         let mut frame = into_send(message.into());
         frame.headers_mut().set("transaction", self.id.clone());
+        self.client.encodable(&frame)?;
         self.client.queue(frame, self.epoch, "transaction").await
     }
 

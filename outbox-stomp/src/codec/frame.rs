@@ -427,6 +427,30 @@ pub struct Frame {
     command: Command,
     headers: Headers,
     body: Bytes,
+    /// What the decoder left out, for a MESSAGE over its limits.
+    oversize: Option<Oversize>,
+}
+
+/// What the decoder left out of a MESSAGE beyond its [`Limits`](super::Limits):
+/// the body, read past without being buffered. The frame keeps its headers
+/// and has an empty body, so its receiver can acknowledge it and set it aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Oversize {
+    /// The body's length in bytes (its `content-length`, or what was read up
+    /// to its NUL).
+    pub length: usize,
+    /// The limit it was over ([`Limits::max_body`](super::Limits::max_body)).
+    pub limit: usize,
+}
+
+impl fmt::Display for Oversize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "body of {} bytes over the consumer's limit of {} bytes (Limits::max_body); dropped unread",
+            self.length, self.limit
+        )
+    }
 }
 
 impl Frame {
@@ -436,6 +460,7 @@ impl Frame {
             command,
             headers: Headers::new(),
             body: Bytes::new(),
+            oversize: None,
         }
     }
 
@@ -445,7 +470,22 @@ impl Frame {
             command,
             headers,
             body,
+            oversize: None,
         }
+    }
+
+    /// A frame whose body the decoder dropped for being over its limit.
+    pub(crate) fn oversized(command: Command, headers: Headers, oversize: Oversize) -> Frame {
+        Frame {
+            oversize: Some(oversize),
+            ..Frame::from_parts(command, headers, Bytes::new())
+        }
+    }
+
+    /// What the decoder left out of this frame, if it was over its limits:
+    /// then the body is empty.
+    pub fn oversize(&self) -> Option<&Oversize> {
+        self.oversize.as_ref()
     }
 
     /// Splits the frame into its parts.
@@ -569,6 +609,7 @@ impl fmt::Debug for Frame {
             .field("command", &self.command)
             .field("headers", &self.headers)
             .field("body_len", &self.body.len())
+            .field("oversize", &self.oversize)
             .finish()
     }
 }

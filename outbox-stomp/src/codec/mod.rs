@@ -8,7 +8,10 @@
 //! the head (unescaping only shrinks text), so no header is copied: a frame's
 //! headers cost one vector of spans. The body is taken by `content-length` when
 //! present (binary, NULs allowed) or up to the first NUL; its size is checked
-//! against [`Limits::max_body`] before it is buffered. End-of-line bytes between
+//! against [`Limits::max_body`] before it is buffered. A MESSAGE's body over
+//! the limit is read past, its bytes discarded as they arrive, and the frame
+//! comes out with its headers, an empty body and an [`Oversize`] marker, so a
+//! consumer can set it aside and go on; any other frame's is an error. End-of-line bytes between
 //! frames are heart-beats and come out as [`Received::HeartBeat`] so the
 //! connection can track liveness.
 //!
@@ -24,27 +27,35 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 pub use crate::error::CodecError;
-pub use frame::{Command, Frame, HeaderText, Headers, Version};
+pub use frame::{Command, Frame, HeaderText, Headers, Oversize, Version};
 
 use frame::HeadSpan;
 
-/// Size limits the decoder enforces. The defaults suit ActiveMQ traffic.
+/// Size limits the decoder enforces.
+///
+/// The defaults read every message a producer can get past the broker's
+/// default limits ([`BrokerLimits`](crate::BrokerLimits)): both come from the
+/// constants of `outbox-rules`, and a unit test holds them together. A
+/// consumer may set smaller ones: a MESSAGE beyond them is read past, not
+/// buffered, and delivered without its body (see [`Oversize`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Longest command or header line in bytes (default 16 KiB).
+    /// Longest command or header line in bytes (default 16 KiB: the broker's
+    /// 10 KiB for a producer's line, and room for the lines it writes itself).
     pub max_line_length: usize,
-    /// Most header lines in one frame (default 256).
+    /// Most header lines in one frame (default 1064: the broker's 1000 for a
+    /// producer's frame and the ones it adds).
     pub max_headers: usize,
-    /// Largest body in bytes (default 16 MiB).
+    /// Largest body in bytes (default 100 MiB, the broker's frame limit).
     pub max_body: usize,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_line_length: 16 * 1024,
-            max_headers: 256,
-            max_body: 16 * 1024 * 1024,
+            max_line_length: outbox_rules::MAX_DECODED_LINE,
+            max_headers: outbox_rules::MAX_DECODED_HEADERS,
+            max_body: outbox_rules::MAX_DECODED_BODY,
         }
     }
 }
@@ -72,6 +83,14 @@ enum DecodeState {
         headers: Headers,
         content_length: Option<usize>,
         scanned: usize,
+    },
+    /// A MESSAGE whose body is over `Limits::max_body`: its bytes are
+    /// discarded as they arrive; `skipped` of them so far.
+    Skip {
+        command: Command,
+        headers: Headers,
+        content_length: Option<usize>,
+        skipped: usize,
     },
 }
 
@@ -341,6 +360,16 @@ impl StompCodec {
         let (command, headers, content_length) = parsed?;
         if let Some(length) = content_length {
             if length > self.limits.max_body {
+                if command == Command::Message {
+                    // Read past it: the headers are enough to set it aside.
+                    self.state = DecodeState::Skip {
+                        command,
+                        headers,
+                        content_length,
+                        skipped: 0,
+                    };
+                    return Ok(Step::Next);
+                }
                 return Err(CodecError::BodyTooLarge {
                     length,
                     limit: self.limits.max_body,
@@ -381,6 +410,14 @@ impl StompCodec {
                 Some(off) => *scanned + off,
                 None if buf.len() > self.limits.max_body => {
                     let length = buf.len();
+                    if let DecodeState::Body {
+                        command: Command::Message,
+                        ..
+                    } = self.state
+                    {
+                        self.skip();
+                        return Ok(Step::Next);
+                    }
                     self.state = DecodeState::Idle;
                     return Err(too_large(length, self.limits.max_body));
                 }
@@ -391,6 +428,15 @@ impl StompCodec {
             },
         };
         if body_len > self.limits.max_body {
+            if let DecodeState::Body {
+                command: Command::Message,
+                ..
+            } = self.state
+            {
+                // Already here in full: dropped all the same.
+                self.skip();
+                return Ok(Step::Next);
+            }
             self.state = DecodeState::Idle;
             return Err(too_large(body_len, self.limits.max_body));
         }
@@ -400,6 +446,81 @@ impl StompCodec {
             DecodeState::Body {
                 command, headers, ..
             } => Ok(Step::Frame(Frame::from_parts(command, headers, body))),
+            _ => Ok(Step::Next),
+        }
+    }
+}
+
+impl StompCodec {
+    /// Turns the body being read into one being read past.
+    fn skip(&mut self) {
+        if let DecodeState::Body {
+            command,
+            headers,
+            content_length,
+            ..
+        } = std::mem::replace(&mut self.state, DecodeState::Idle)
+        {
+            self.state = DecodeState::Skip {
+                command,
+                headers,
+                content_length,
+                skipped: 0,
+            };
+        }
+    }
+
+    /// Inside a body over the limit: discards its bytes as they arrive; once
+    /// its end is read, the frame comes out with its headers, an empty body
+    /// and an [`Oversize`] marker.
+    fn skip_body(&mut self, buf: &mut BytesMut) -> Result<Step, CodecError> {
+        let DecodeState::Skip {
+            content_length,
+            skipped,
+            ..
+        } = &mut self.state
+        else {
+            return Ok(Step::Next);
+        };
+        let length = match *content_length {
+            Some(length) => {
+                let take = (length - *skipped).min(buf.len());
+                buf.advance(take);
+                *skipped += take;
+                match buf.first() {
+                    None => return Ok(Step::Wait),
+                    Some(0) => length,
+                    Some(_) => {
+                        self.state = DecodeState::Idle;
+                        return Err(CodecError::MissingNul {
+                            content_length: length,
+                        });
+                    }
+                }
+            }
+            None => match memchr::memchr(0, buf) {
+                Some(off) => {
+                    buf.advance(off);
+                    *skipped = skipped.saturating_add(off);
+                    *skipped
+                }
+                None => {
+                    *skipped = skipped.saturating_add(buf.len());
+                    buf.clear();
+                    return Ok(Step::Wait);
+                }
+            },
+        };
+        buf.advance(1);
+        let limit = self.limits.max_body;
+        match std::mem::replace(&mut self.state, DecodeState::Idle) {
+            DecodeState::Skip {
+                command, headers, ..
+            } => Ok(Step::Frame(Frame::oversized(
+                command,
+                headers,
+                Oversize { length, limit },
+            ))),
             _ => Ok(Step::Next),
         }
     }
@@ -416,6 +537,7 @@ impl Decoder for StompCodec {
                 DecodeState::Idle => self.skip_heart_beats(buf, &mut saw_eol)?,
                 DecodeState::Head { .. } => self.decode_head(buf)?,
                 DecodeState::Body { .. } => self.decode_body(buf)?,
+                DecodeState::Skip { .. } => self.skip_body(buf)?,
             };
             match step {
                 Step::Next => {}
@@ -493,6 +615,23 @@ impl Encoder<Frame> for StompCodec {
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
         self.encode(&frame, dst)
     }
+}
+
+/// Checks that `frame` can be written in `version`: a header that must go
+/// out without escaping (STOMP 1.0, CONNECT) cannot hold a line feed. The
+/// encoder makes the same check; a caller makes it first to refuse one
+/// frame before it is queued.
+pub(crate) fn encodable(version: Version, frame: &Frame) -> Result<(), CodecError> {
+    let command = frame.command();
+    if version != Version::V1_0 && !command.is_connect_like() {
+        return Ok(());
+    }
+    for (name, value) in frame.headers().iter() {
+        if name != "content-length" {
+            check_raw(command, name, value)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks a header that must be written without escaping.

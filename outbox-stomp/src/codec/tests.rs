@@ -300,7 +300,7 @@ fn oversized_content_length_is_rejected_before_the_body_arrives() {
         ..Limits::default()
     };
     let mut c = StompCodec::new(Version::V1_2, limits);
-    let mut buf = BytesMut::from(&b"MESSAGE\ncontent-length:11\n\n"[..]);
+    let mut buf = BytesMut::from(&b"ERROR\ncontent-length:11\n\n"[..]);
     let err = c.decode(&mut buf).unwrap_err();
     assert!(
         matches!(
@@ -321,10 +321,101 @@ fn oversized_nul_terminated_body_is_rejected_while_buffering() {
         ..Limits::default()
     };
     let mut c = StompCodec::new(Version::V1_2, limits);
-    let mut buf = BytesMut::from(&b"MESSAGE\n\n0123456789A"[..]);
+    let mut buf = BytesMut::from(&b"RECEIPT\n\n0123456789A"[..]);
     let err = c.decode(&mut buf).unwrap_err();
     assert!(
         matches!(err, CodecError::BodyTooLarge { limit: 10, .. }),
+        "{err:?}"
+    );
+}
+
+/// Feeds `input` in pieces of `chunk` bytes, returning the frames and the
+/// most bytes the buffer held at once.
+fn decode_in_pieces(limits: Limits, input: &[u8], chunk: usize) -> (Vec<Frame>, usize) {
+    let mut c = StompCodec::new(Version::V1_2, limits);
+    let mut buf = BytesMut::new();
+    let (mut out, mut most) = (Vec::new(), 0);
+    for piece in input.chunks(chunk) {
+        buf.extend_from_slice(piece);
+        most = most.max(buf.len());
+        while let Some(item) = c.decode(&mut buf).unwrap() {
+            if let Received::Frame(frame) = item {
+                out.push(frame);
+            }
+        }
+    }
+    assert!(buf.is_empty());
+    (out, most)
+}
+
+#[test]
+fn a_message_over_the_body_limit_is_read_past_and_comes_out_marked_with_its_headers() {
+    let limits = Limits {
+        max_body: 10,
+        ..Limits::default()
+    };
+    let body = [7u8; 1000];
+    let mut input = b"MESSAGE\nmessage-id:m-1\ncontent-length:1000\n\n".to_vec();
+    input.extend_from_slice(&body);
+    input.extend_from_slice(b"\0\nMESSAGE\nmessage-id:m-2\n\nsmall\0");
+    for chunk in [1, 7, 64, input.len()] {
+        let (frames, most) = decode_in_pieces(limits, &input, chunk);
+        assert_eq!(frames.len(), 2, "chunk {chunk}");
+        assert_eq!(frames[0].header("message-id"), Some("m-1"));
+        assert!(frames[0].body().is_empty());
+        assert_eq!(
+            frames[0].oversize(),
+            Some(&Oversize {
+                length: 1000,
+                limit: 10
+            })
+        );
+        assert_eq!(frames[1].body().as_ref(), b"small");
+        assert_eq!(frames[1].oversize(), None);
+        if chunk < 100 {
+            assert!(most < 200, "the body was buffered: {most} bytes at once");
+        }
+    }
+}
+
+#[test]
+fn a_nul_terminated_message_over_the_body_limit_is_read_past_up_to_its_nul() {
+    let limits = Limits {
+        max_body: 10,
+        ..Limits::default()
+    };
+    let mut input = b"MESSAGE\nmessage-id:m-1\n\n".to_vec();
+    input.extend_from_slice(&[b'x'; 500]);
+    input.extend_from_slice(b"\0MESSAGE\nmessage-id:m-2\n\nsmall\0");
+    for chunk in [1, 16, input.len()] {
+        let (frames, most) = decode_in_pieces(limits, &input, chunk);
+        assert_eq!(frames.len(), 2, "chunk {chunk}");
+        assert_eq!(
+            frames[0].oversize(),
+            Some(&Oversize {
+                length: 500,
+                limit: 10
+            })
+        );
+        assert!(frames[0].body().is_empty());
+        assert_eq!(frames[1].body().as_ref(), b"small");
+        if chunk < 100 {
+            assert!(most < 100, "the body was buffered: {most} bytes at once");
+        }
+    }
+}
+
+#[test]
+fn a_message_read_past_still_needs_its_nul() {
+    let limits = Limits {
+        max_body: 4,
+        ..Limits::default()
+    };
+    let mut c = StompCodec::new(Version::V1_2, limits);
+    let mut buf = BytesMut::from(&b"MESSAGE\ncontent-length:5\n\n12345X"[..]);
+    let err = c.decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, CodecError::MissingNul { content_length: 5 }),
         "{err:?}"
     );
 }
