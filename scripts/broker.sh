@@ -54,6 +54,8 @@ write_config() {
   xml=${xml//@PLUGINS@/}
   xml=${xml//@SSL_CONTEXT@/}
   xml=${xml//@CONNECTORS@/$connector$'\n'}
+  xml=${xml//@POLICIES@/}
+  xml=${xml//@SYSTEM_USAGE@/}
   mkdir -p "$dir/conf" "$dir/data" "$dir/tmp"
   printf '%s\n' "$xml" >"$dir/conf/activemq.xml"
   cp "$root/outbox-test-harness/broker/log4j.properties" "$dir/conf/log4j.properties"

@@ -399,3 +399,74 @@ async fn a_login_refused_on_reconnect_stops_the_relay_and_the_consumer_with_the_
     // The rows the relay could not publish wait for the next relay.
     assert_eq!(outbox.backlog().await.unwrap().pending, 5);
 }
+
+/// A batch on a link so slow that its SENDs take longer than the claim's
+/// lease: the publish gives up at its bound (`max_publish_time`) and aborts
+/// its transaction, so another relay that takes the rows once the lease
+/// runs out publishes them alone. Before, each SEND had its own deadline and
+/// the batch went on past its lease: every row arrived twice.
+#[tokio::test]
+async fn a_batch_on_a_link_slower_than_its_lease_is_given_up_at_the_publish_bound_not_sent_twice() {
+    const EVENTS: usize = 40;
+    let broker = broker().await;
+    let proxy = FaultProxy::start(broker.stomp_addr()).await.unwrap();
+    let (_db, outbox) = setup().await;
+    // 40 rows of 100 KB: about 10 s at 400 KB/s, against a lease of 8 s and
+    // a publish bound of about 2 × (1.5 s + margin).
+    append(&outbox, 0, EVENTS, 100_000).await;
+    proxy.set_bandwidth(Some(400_000));
+    let slow = Client::connect(client_config(&proxy.stomp_uri()))
+        .await
+        .unwrap();
+    let bound = StompPublisher::new(slow.clone()).max_publish_time().unwrap();
+    let config = RelayConfig {
+        lease: Duration::from_secs(8),
+        handoff: false,
+        // Both relays claim every row: the fast one takes what the slow
+        // one gives back or lets run out.
+        key_partitions: false,
+        ..relay_config(EVENTS as u32)
+    };
+    assert!(bound < config.lease, "{bound:?}");
+    let slow_relay = outbox
+        .relay(StompPublisher::new(slow.clone()), config.clone())
+        .expect("valid settings")
+        .spawn();
+    let pool = outbox.pool().clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let claimed: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox_event WHERE claimed_by IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if claimed == EVENTS as i64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{claimed} rows claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fast = Client::connect(client_config(&broker.stomp_uri()))
+        .await
+        .unwrap();
+    let fast_relay = outbox
+        .relay(StompPublisher::new(fast.clone()), config)
+        .expect("valid settings")
+        .spawn();
+    wait_published(&outbox, Duration::from_secs(90)).await;
+    // Whatever the slow relay still has on the wire reaches the broker now.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let slow_counts = slow_relay.metrics().snapshot();
+    fast_relay.shutdown().await.unwrap();
+    slow_relay.shutdown().await.unwrap();
+    let got = drain(&broker, DESTINATION, Duration::from_secs(3)).await;
+    let ids = distinct(&got);
+    println!(
+        "received {} messages for {} events; slow relay {slow_counts:?}",
+        got.len(),
+        ids.len()
+    );
+    assert_eq!(ids.len(), EVENTS, "every event arrives");
+    assert_eq!(got.len(), EVENTS, "no event arrives twice");
+    drop(pool);
+}

@@ -1,7 +1,8 @@
 //! One row stops nothing else: a key waiting behind a parked row with more
 //! rows than a batch, a row that cannot be read as an event, and a row whose
-//! stored key partition is beyond the table's; a long retention pass holds up
-//! no publishing; and an append of many events that fails part way leaves
+//! stored key partition is beyond the table's; a broker that refuses sends
+//! for a while (its memory full) parks nothing; a long retention pass holds
+//! up no publishing; and an append of many events that fails part way leaves
 //! none of them. Against a real ActiveMQ, on
 //! SQLite, PostgreSQL and MySQL/MariaDB.
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use outbox::core::producer::BrokerLimits;
 use outbox::core::relay::StompPublisher;
 use outbox::core::{Backoff, Error, Event, Outbox, RelayConfig};
+use outbox_test_harness::{Broker, BrokerConfig};
 use support::*;
 
 fn quick_relay() -> RelayConfig {
@@ -183,6 +185,65 @@ macro_rules! rows_suite {
                 .await
                 .unwrap();
             assert_eq!(rows, 0, "part of the events were committed");
+        }
+
+        #[tokio::test]
+        async fn a_broker_whose_memory_is_full_for_a_while_gets_every_event_and_parks_none() {
+            let Some((_db, outbox)) = setup().await else { return };
+            // 256 KiB on the queue, then ERRORs until a consumer reads it.
+            let broker = Broker::start_with(
+                BrokerConfig::default().with_queue_memory_limit("test.rows.full", 256 * 1024),
+            )
+            .await
+            .unwrap();
+            let dest = "/queue/test.rows.full";
+            let body = "x".repeat(4096);
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let mut ids = Vec::new();
+            for seq in 0..300 {
+                let event = Event::json("ok", dest, &serde_json::json!({ "seq": seq, "pad": body }))
+                    .unwrap()
+                    .with_key(format!("k{}", seq % 10));
+                ids.push(outbox.append(&mut tx, event).await.unwrap().to_string());
+            }
+            outbox.commit(tx).await.unwrap();
+            let config = RelayConfig { batch_size: 20, ..quick_relay() };
+            let relay = outbox
+                .relay(StompPublisher::new(client(&broker).await), config)
+                .unwrap()
+                .spawn();
+            let metrics = relay.metrics().clone();
+            until("the broker refuses a send", Duration::from_secs(60), async || {
+                let m = metrics.snapshot();
+                m.unavailable + m.retried + m.failed > 0
+            })
+            .await;
+            // Two seconds of refusals, then a consumer reads the queue until
+            // every row is published.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let reading = async {
+                let mut got = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    got.extend(drain(&broker, dest, Duration::from_secs(2)).await);
+                }
+                got.extend(drain(&broker, dest, Duration::from_secs(2)).await);
+                got
+            };
+            let publishing = async {
+                for _ in 0..24 { tokio::time::sleep(Duration::from_secs(5)).await; let b = outbox.backlog().await.unwrap(); eprintln!("DBG {:?} {:?} link {:?}", metrics.snapshot(), b, relay.metrics().health()); if b.pending == 0 { break; } }
+                wait_published(&outbox, Duration::from_secs(120)).await;
+                done.store(true, std::sync::atomic::Ordering::Release);
+            };
+            let (got, ()) = tokio::join!(reading, publishing);
+            let counts = outbox.counts().await.unwrap();
+            let parked = outbox.parked(5).await.unwrap();
+            relay.shutdown().await.unwrap();
+            assert!(parked.is_empty(), "{} parked: {parked:?}", count(&counts, "FAILED"));
+            let arrived = tally(&got);
+            for id in &ids {
+                assert!(arrived.contains_key(id), "event {id} never arrived");
+            }
         }
 
         #[tokio::test]

@@ -105,7 +105,30 @@ impl Publisher for StompPublisher {
         Some(Arc::new(self.client.clone()))
     }
 
+    /// Publishes the batch, all of it within [`max_publish_time`]
+    /// (`Publisher::max_publish_time`), however many SENDs it takes: each
+    /// SEND has a deadline of its own, and a batch on a slow link could
+    /// otherwise outlast its claim's lease, letting another relay publish it
+    /// too. Past the bound the batch fails as unavailable (outcome unknown)
+    /// and its transaction is aborted.
+    ///
+    /// [`max_publish_time`]: Publisher::max_publish_time
     async fn publish(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
+        let limit = self.client.max_wait().saturating_mul(2);
+        match tokio::time::timeout(limit, self.publish_unbounded(batch)).await {
+            Ok(published) => published,
+            Err(_) => Err(PublishError::unavailable(format!(
+                "a batch of {} rows was not confirmed within {limit:?}; outcome unknown",
+                batch.len()
+            ))),
+        }
+    }
+}
+
+impl StompPublisher {
+    /// [`Publisher::publish`] without its overall bound: one SEND with a
+    /// receipt for a single row, a transaction for several.
+    async fn publish_unbounded(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
         let classify = |error| classify(&self.client, error);
         if let [one] = batch {
             // A single SEND with a receipt is as atomic as a transaction of one,
@@ -126,6 +149,11 @@ impl Publisher for StompPublisher {
 fn classify(client: &Client, error: outbox_stomp::Error) -> PublishError {
     use outbox_stomp::Error as E;
     match &error {
+        // A broker out of room refuses every row alike, for a while: an
+        // outage, which charges no row an attempt, not a rejection.
+        E::Rejected(b) | E::Broker(b) if b.is_out_of_room() => {
+            PublishError::unavailable(error.to_string())
+        }
         // A message the connection's version cannot carry is that row's
         // fault, as a broker's refusal is.
         E::Rejected(_) | E::Broker(_) | E::Unencodable(_) => {

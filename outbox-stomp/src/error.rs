@@ -154,6 +154,16 @@ impl BrokerError {
         }
     }
 
+    /// True when the broker refused a frame because it is out of room for
+    /// now: memory or store full with `sendFailIfNoSpace` (ActiveMQ's
+    /// `ResourceAllocationException`, "Usage Manager … Limit reached" or
+    /// "… is Full"). Such a refusal passes once consumers catch up or the
+    /// store is freed; it says nothing against the frame itself.
+    pub fn is_out_of_room(&self) -> bool {
+        let said = |needle: &str| self.message.contains(needle) || self.details.contains(needle);
+        said("ResourceAllocationException") || said("Usage Manager")
+    }
+
     /// True when the broker refused a CONNECT for its credentials (ActiveMQ
     /// answers with a `SecurityException`): retrying cannot help. Other refusals,
     /// such as `InvalidClientIDException` while the broker still holds the

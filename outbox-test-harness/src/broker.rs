@@ -470,6 +470,7 @@ impl Broker {
             openwire: self.openwire_port,
             credentials: self.credentials(),
             dispatch_waits: &self.config.dispatch_waits,
+            memory_limits: &self.config.memory_limits,
         }
         .activemq_xml();
         write_file(&self.conf_dir.join("activemq.xml"), &xml)

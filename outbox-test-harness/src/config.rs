@@ -56,6 +56,7 @@ pub struct BrokerConfig {
     pub(crate) ready_timeout: Duration,
     pub(crate) max_heap_mb: u32,
     pub(crate) dispatch_waits: Vec<DispatchWait>,
+    pub(crate) memory_limits: Vec<(String, u64)>,
 }
 
 /// A queue policy that holds dispatch until enough consumers are subscribed
@@ -76,6 +77,7 @@ impl Default for BrokerConfig {
             ready_timeout: Duration::from_secs(60),
             max_heap_mb: 256,
             dispatch_waits: Vec::new(),
+            memory_limits: Vec::new(),
         }
     }
 }
@@ -141,6 +143,20 @@ impl BrokerConfig {
     }
 }
 
+impl BrokerConfig {
+    /// On the queues matching `queues` (as for
+    /// [`with_dispatch_wait`](Self::with_dispatch_wait)), holds at most
+    /// `bytes` of messages in memory, and refuses a send beyond that with an
+    /// ERROR (ActiveMQ's `memoryLimit` with producer flow control and the
+    /// broker's `sendFailIfNoSpace`: a `ResourceAllocationException`) until
+    /// consumers take enough of them. A broker under load as a test can
+    /// make it: the refusal passes once the queue is read.
+    pub fn with_queue_memory_limit(mut self, queues: impl Into<String>, bytes: u64) -> Self {
+        self.memory_limits.push((queues.into(), bytes));
+        self
+    }
+}
+
 /// The concrete values one broker instance is configured with.
 pub(crate) struct BrokerLayout<'a> {
     pub(crate) name: &'a str,
@@ -152,6 +168,7 @@ pub(crate) struct BrokerLayout<'a> {
     pub(crate) openwire: Option<u16>,
     pub(crate) credentials: Option<&'a Credentials>,
     pub(crate) dispatch_waits: &'a [DispatchWait],
+    pub(crate) memory_limits: &'a [(String, u64)],
 }
 
 impl BrokerLayout<'_> {
@@ -190,10 +207,10 @@ impl BrokerLayout<'_> {
                 )
             }
         };
-        let policies = if self.dispatch_waits.is_empty() {
+        let policies = if self.dispatch_waits.is_empty() && self.memory_limits.is_empty() {
             String::new()
         } else {
-            let entries: String = self
+            let mut entries: String = self
                 .dispatch_waits
                 .iter()
                 .map(|w| {
@@ -206,6 +223,16 @@ impl BrokerLayout<'_> {
                     )
                 })
                 .collect();
+            for (queues, bytes) in self.memory_limits {
+                // A queue cursor in memory: persistent messages count
+                // against the limit too, instead of being paged to the store.
+                entries.push_str(&format!(
+                    "          <policyEntry queue=\"{}\" memoryLimit=\"{bytes}\" \
+                     producerFlowControl=\"true\">\n            <pendingQueuePolicy>\
+                     <vmQueueCursor/></pendingQueuePolicy>\n          </policyEntry>\n",
+                    xml_attr(queues),
+                ));
+            }
             format!(
                 "\n    <destinationPolicy>\n      <policyMap>\n        <policyEntries>\n{entries}        \
                  </policyEntries>\n      </policyMap>\n    </destinationPolicy>\n"
@@ -219,6 +246,14 @@ impl BrokerLayout<'_> {
             .replace("@PLUGINS@", &plugins)
             .replace("@SSL_CONTEXT@", &ssl_context)
             .replace("@CONNECTORS@", &connectors)
+            .replace(
+                "@SYSTEM_USAGE@",
+                if self.memory_limits.is_empty() {
+                    ""
+                } else {
+                    " sendFailIfNoSpace=\"true\""
+                },
+            )
             .replace("@POLICIES@", &policies)
     }
 }
@@ -255,6 +290,7 @@ mod tests {
             openwire: None,
             credentials: None,
             dispatch_waits: &[],
+            memory_limits: &[],
         }
         .activemq_xml();
         assert!(!xml.contains("destinationPolicy"));
@@ -277,6 +313,7 @@ mod tests {
             openwire: Some(3),
             credentials: Some(&credentials),
             dispatch_waits: &[],
+            memory_limits: &[],
         }
         .activemq_xml();
         assert!(xml.contains(r#"username="a&quot;l" password="&lt;p&amp;&#36;{x}&gt;""#));
@@ -300,6 +337,7 @@ mod tests {
             openwire: None,
             credentials: None,
             dispatch_waits: &waits,
+            memory_limits: &[],
         }
         .activemq_xml();
         assert!(xml.contains(
