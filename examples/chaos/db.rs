@@ -158,7 +158,7 @@ impl Db {
             }
             Db::MySql(pool) => {
                 let mut conn = pool.acquire().await?;
-                let ids: Vec<u64> = sqlx::query_scalar(
+                let ids: Vec<i64> = sqlx::query_scalar(
                     "SELECT ID FROM information_schema.PROCESSLIST \
                      WHERE DB = DATABASE() AND ID <> CONNECTION_ID()",
                 )

@@ -78,6 +78,8 @@ impl Service {
         command
             .args(&self.args)
             .env_remove(outbox::core::failpoint::FAILPOINT_VAR)
+            // A panicking handler is part of the workload: one line, not a backtrace.
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

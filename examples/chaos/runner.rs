@@ -186,7 +186,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
     let started = Instant::now();
     say!("services started; faults begin");
 
-    let sends: Arc<Mutex<HashMap<i64, u32>>> = Arc::default();
+    let sends: Arc<Mutex<HashMap<i64, Sends>>> = Arc::default();
     let sender = tokio::spawn(send_foreign(
         broker.stomp_addr(),
         plan.foreign.clone(),
@@ -302,11 +302,14 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
     let (text, passed) = summary.render();
     print!("{text}");
     std::fs::write(run_dir.join("summary.txt"), &text)?;
-    drop(run_db);
     if passed && !args.keep {
+        drop(run_db);
         let _ = std::fs::remove_dir_all(&run_dir);
     } else {
+        // The database stays for a look afterwards (drop it by hand).
+        std::mem::forget(run_db);
         say!("run folder kept: {}", run_dir.display());
+        say!("database kept: {url}");
     }
     Ok(passed)
 }
@@ -510,6 +513,15 @@ fn direction(to_broker: bool) -> Direction {
     }
 }
 
+/// How often a foreign message was sent.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Sends {
+    /// Frames written (each may have arrived).
+    pub(crate) written: u32,
+    /// Frames the broker confirmed with a receipt.
+    pub(crate) confirmed: u32,
+}
+
 /// Sends the foreign messages at their times, straight to the broker with
 /// raw STOMP, retrying through broker outages. Counts each send whose frame
 /// was written (it may have arrived even without a receipt).
@@ -517,7 +529,7 @@ async fn send_foreign(
     broker: std::net::SocketAddr,
     mut messages: Vec<ForeignMessage>,
     started: Instant,
-    sends: Arc<Mutex<HashMap<i64, u32>>>,
+    sends: Arc<Mutex<HashMap<i64, Sends>>>,
 ) {
     messages.sort_by_key(|m| m.at_ms);
     let mut conn: Option<RawStomp> = None;
@@ -565,21 +577,25 @@ async fn send_foreign(
                 conn = None;
                 continue;
             }
-            *sends
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(message.fid)
-                .or_default() += 1;
-            match raw.read_frame().await {
-                Ok(frame) if frame.header("receipt-id") == Some(receipt_id.as_str()) => copies += 1,
-                // No receipt: the copy may or may not be there; an id'd
-                // message is sent again (a duplicate is harmless).
-                _ => {
-                    conn = None;
-                    if message.event_id.is_none() {
-                        copies += 1;
-                    }
+            let count = |confirmed: bool| {
+                let mut sends = sends.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = sends.entry(message.fid).or_default();
+                if confirmed {
+                    entry.confirmed += 1;
+                } else {
+                    entry.written += 1;
                 }
+            };
+            count(false);
+            match raw.read_frame().await {
+                Ok(frame) if frame.header("receipt-id") == Some(receipt_id.as_str()) => {
+                    count(true);
+                    copies += 1;
+                }
+                // No receipt: the copy may or may not be there. Sent again;
+                // the checker allows a message without an id to arrive as
+                // often as it was written.
+                _ => conn = None,
             }
         }
     }
@@ -604,7 +620,7 @@ struct Summary<'a> {
     settle_stall: Duration,
     stall_bound: Duration,
     since_last_fault: Duration,
-    foreign_sends: &'a HashMap<i64, u32>,
+    foreign_sends: &'a HashMap<i64, Sends>,
 }
 
 impl Summary<'_> {
@@ -662,7 +678,7 @@ impl Summary<'_> {
             format!(
                 "{} ({})",
                 self.plan.foreign.len(),
-                self.foreign_sends.values().sum::<u32>()
+                self.foreign_sends.values().map(|s| s.written).sum::<u32>()
             ),
         );
         line(
@@ -717,6 +733,10 @@ impl Summary<'_> {
         line("lost", c.lost.to_string());
         line("applied twice", c.applied_twice.to_string());
         line("still waiting (stuck)", c.waiting.to_string());
+        line(
+            "held behind a parked event of their key",
+            c.held.to_string(),
+        );
         line("per-key order broken", c.out_of_order.to_string());
         line(
             "duplicates skipped by the inbox",
