@@ -209,6 +209,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
     let mut schedule = plan.faults.iter().peekable();
     let faults_end = started + Duration::from_millis(plan.fault_ms);
     let mut last_fault_at = started;
+    let mut next_observation = started;
     let mut next_status = started;
     loop {
         let now = Instant::now();
@@ -228,9 +229,12 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         }
         run.finish_due(&mut broker, false).await?;
         run.keep_running(true)?;
+        if now >= next_observation {
+            next_observation = now + Duration::from_secs(1);
+            run.observe(&db).await;
+        }
         if now >= next_status {
             next_status = now + Duration::from_secs(5);
-            run.observe(&db).await;
             say!(
                 "{:>6.1}s progress {:?}",
                 started.elapsed().as_secs_f64(),
@@ -259,8 +263,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
     let mut settle_stall = Duration::ZERO;
     let settled = loop {
         run.keep_running(false)?;
-        run.observe(&db).await;
+        // The time since the last change, before this reading may reset it.
         settle_stall = settle_stall.max(run.last_change.elapsed());
+        run.observe(&db).await;
         if let Ok(check) = Check::read(&db, &plan, &foreign_sends).await
             && check.settled()
         {
