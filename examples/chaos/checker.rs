@@ -366,3 +366,191 @@ fn reason_of(behaviour: &str) -> &str {
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::plan::{Behaviour, PlannedEvent};
+
+    fn plan(behaviours: &[(Option<&str>, i64, Behaviour)]) -> Plan {
+        let mut plan = Plan::generate(
+            1,
+            std::time::Duration::from_secs(10),
+            false,
+            BTreeSet::new(),
+        );
+        plan.foreign.clear();
+        plan.events = behaviours
+            .iter()
+            .enumerate()
+            .map(|(n, (key, kseq, behaviour))| PlannedEvent {
+                seq: n as i64 + 1,
+                key: key.map(str::to_owned),
+                kseq: *kseq,
+                behaviour: *behaviour,
+                size: 0,
+                headers: 0,
+                over: None,
+                corrupt: false,
+            })
+            .collect();
+        plan
+    }
+
+    fn produced(n: i64) -> Vec<ProducedRow> {
+        (1..=n)
+            .map(|seq| (seq, Some(format!("e{seq}")), "COMMITTED".to_owned()))
+            .collect()
+    }
+
+    fn published(n: i64) -> Vec<OutboxRow> {
+        (1..=n)
+            .map(|seq| (format!("e{seq}"), "PUBLISHED".to_owned(), None))
+            .collect()
+    }
+
+    fn applied(rows: &[(&str, i64, Option<&str>, i64)]) -> Vec<AppliedRow> {
+        rows.iter()
+            .enumerate()
+            .map(|(id, (consumer, seq, key, kseq))| {
+                (
+                    id as i64,
+                    (*consumer).to_owned(),
+                    Some(*seq),
+                    None,
+                    key.map(str::to_owned),
+                    Some(*kseq),
+                )
+            })
+            .collect()
+    }
+
+    fn inbox(rows: &[(&str, i64, &str, Option<&str>)]) -> Vec<InboxRow> {
+        rows.iter()
+            .map(|(consumer, seq, state, error)| {
+                (
+                    (*consumer).to_owned(),
+                    format!("e{seq}"),
+                    (*state).to_owned(),
+                    error.map(str::to_owned),
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_event_applied_once_by_each_consumer_holds_and_a_second_application_is_a_violation() {
+        let plan = plan(&[(None, 0, Behaviour::Apply)]);
+        let once = applied(&[("alpha", 1, None, 0), ("beta", 1, None, 0)]);
+        let rows = inbox(&[
+            ("alpha", 1, "PROCESSED", None),
+            ("beta", 1, "PROCESSED", None),
+        ]);
+        let c = check(
+            &plan,
+            &produced(1),
+            &published(1),
+            &once,
+            &rows,
+            &HashMap::new(),
+        );
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        assert_eq!(c.applied_once, 2);
+        let twice = applied(&[
+            ("alpha", 1, None, 0),
+            ("alpha", 1, None, 0),
+            ("beta", 1, None, 0),
+        ]);
+        let c = check(
+            &plan,
+            &produced(1),
+            &published(1),
+            &twice,
+            &rows,
+            &HashMap::new(),
+        );
+        assert_eq!((c.applied_twice, c.violations.len()), (1, 1));
+    }
+
+    #[test]
+    fn a_failing_handler_must_park_and_its_later_events_of_the_key_are_held_not_stuck() {
+        let plan = plan(&[
+            (Some("k"), 1, Behaviour::AlwaysFail),
+            (Some("k"), 2, Behaviour::Apply),
+        ]);
+        let waiting = Some("waiting for an earlier event of its key");
+        let rows = inbox(&[
+            ("alpha", 1, "FAILED", Some("this event always fails")),
+            ("beta", 1, "FAILED", Some("this event always fails")),
+            ("alpha", 2, "RETRY", waiting),
+            ("beta", 2, "RETRY", waiting),
+        ]);
+        let c = check(
+            &plan,
+            &produced(2),
+            &published(2),
+            &[],
+            &rows,
+            &HashMap::new(),
+        );
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        assert_eq!((c.held, c.parked.values().sum::<usize>()), (2, 2));
+        assert!(c.settled());
+    }
+
+    #[test]
+    fn an_effect_without_its_inbox_row_or_a_row_without_its_effect_is_lost_or_wrong() {
+        let plan = plan(&[(None, 0, Behaviour::Swallow), (None, 0, Behaviour::Apply)]);
+        // The swallowed error: acked as processed with no effect at alpha,
+        // committed with its effect at beta; event 2 never reached alpha.
+        let rows = inbox(&[
+            ("alpha", 1, "PROCESSED", None),
+            ("beta", 1, "PROCESSED", None),
+            ("beta", 2, "PROCESSED", None),
+        ]);
+        let effects = applied(&[("beta", 1, None, 0), ("beta", 2, None, 0)]);
+        let c = check(
+            &plan,
+            &produced(2),
+            &published(2),
+            &effects,
+            &rows,
+            &HashMap::new(),
+        );
+        assert_eq!(c.lost, 2, "{:?}", c.violations);
+        assert_eq!(c.violations.len(), 3, "{:?}", c.violations);
+        assert!(!c.settled());
+    }
+
+    #[test]
+    fn a_key_applied_out_of_its_order_is_a_violation() {
+        let plan = plan(&[
+            (Some("k"), 1, Behaviour::Apply),
+            (Some("k"), 2, Behaviour::Apply),
+        ]);
+        let effects = applied(&[
+            ("alpha", 2, Some("k"), 2),
+            ("alpha", 1, Some("k"), 1),
+            ("beta", 1, Some("k"), 1),
+            ("beta", 2, Some("k"), 2),
+        ]);
+        let rows = inbox(&[
+            ("alpha", 1, "PROCESSED", None),
+            ("alpha", 2, "PROCESSED", None),
+            ("beta", 1, "PROCESSED", None),
+            ("beta", 2, "PROCESSED", None),
+        ]);
+        let c = check(
+            &plan,
+            &produced(2),
+            &published(2),
+            &effects,
+            &rows,
+            &HashMap::new(),
+        );
+        assert_eq!(c.out_of_order, 1, "{:?}", c.violations);
+    }
+}
