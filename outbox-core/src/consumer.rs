@@ -918,6 +918,20 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
             }
         }
         if clean {
+            let ids: Vec<&str> = applied
+                .iter()
+                .map(|&i| deliveries[i].event_id.as_str())
+                .collect();
+            if let Some(reason) = undone(inbox, &mut tx, &ids).await? {
+                tracing::warn!(
+                    reason,
+                    messages = ids.len(),
+                    "a handler's transaction was undone; applying the batch one by one"
+                );
+                clean = false;
+            }
+        }
+        if clean {
             failpoint::hit("inbox.before_commit");
             tx.commit()
                 .await
@@ -982,7 +996,14 @@ async fn process<DB: Backend, H: Handler<DB>>(
         let _ = tx.rollback().await;
         return Ok(Outcome::Duplicate);
     }
-    match run_handler(&shared.handler, &mut tx, event, delivery).await {
+    let result = match run_handler(&shared.handler, &mut tx, event, delivery).await {
+        Ok(()) => match undone(inbox, &mut tx, &[&delivery.event_id]).await? {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        },
+        Err(error) => Err(error.to_string()),
+    };
+    match result {
         Ok(()) => {
             failpoint::hit("inbox.before_commit");
             tx.commit()
@@ -991,10 +1012,9 @@ async fn process<DB: Backend, H: Handler<DB>>(
             shared.handler.after_commit(delivery);
             Ok(Outcome::Processed)
         }
-        Err(error) => {
+        Err(reason) => {
             let _ = tx.rollback().await;
             shared.metrics.handler_failed();
-            let reason = error.to_string();
             tracing::warn!(
                 event_id = delivery.event_id,
                 reason,
@@ -1052,6 +1072,47 @@ async fn park_undecodable<DB: Backend>(
         "undecodable payload parked"
     );
     set_aside(inbox, delivery, InboxState::Failed, reason, None).await
+}
+
+/// Reads, inside the handler's transaction and just before its commit, that
+/// the inbox rows of `event_ids` are all still there. A handler that ignored
+/// a database error can leave a transaction the database has given up on:
+/// PostgreSQL aborts it at the failed statement and answers `COMMIT` with a
+/// `ROLLBACK`; MySQL rolls the whole transaction back after a deadlock and
+/// runs what follows on its own. Either way the commit would write no inbox
+/// row, and an event acknowledged as processed would be lost. `Some(reason)`
+/// when the transaction is no longer whole (the delivery is then a handler
+/// failure: retried, then parked); `Err` for other database trouble.
+async fn undone<DB: Backend>(
+    inbox: &Inbox<DB>,
+    tx: &mut Transaction<'static, DB>,
+    event_ids: &[&str],
+) -> Result<Option<String>, Error> {
+    let expected = u64::try_from(event_ids.len()).unwrap_or(u64::MAX);
+    match inbox.store.count_processed(tx, event_ids).await {
+        Ok(n) if n == expected => Ok(None),
+        Ok(n) => Ok(Some(format!(
+            "the database rolled back the handler's transaction ({n} of {expected} inbox rows \
+             left): an error the handler did not return"
+        ))),
+        Err(error) if aborted(&error) => Ok(Some(format!(
+            "the database aborted the handler's transaction after an error the handler did \
+             not return: {error}"
+        ))),
+        Err(error) => Err(error),
+    }
+}
+
+/// `true` for PostgreSQL's answer to a statement in a transaction that an
+/// earlier error aborted (`25P02`, in failed SQL transaction).
+fn aborted(error: &Error) -> bool {
+    match error {
+        Error::Database {
+            source: sqlx::Error::Database(db),
+            ..
+        } => db.code().as_deref() == Some("25P02"),
+        _ => false,
+    }
 }
 
 /// Runs the handler, turning a panic into an error.
@@ -1173,9 +1234,13 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
         return Ok(());
     }
     let result = match shared.handler.decode(delivery) {
-        Ok(event) => run_handler(&shared.handler, &mut tx, event, delivery)
-            .await
-            .map_err(|e| (e.to_string(), false)),
+        Ok(event) => match run_handler(&shared.handler, &mut tx, event, delivery).await {
+            Ok(()) => match undone(&shared.inbox, &mut tx, &[&delivery.event_id]).await? {
+                None => Ok(()),
+                Some(reason) => Err((reason, false)),
+            },
+            Err(error) => Err((error.to_string(), false)),
+        },
         Err(reason) => Err((reason, true)),
     };
     let result = match result {

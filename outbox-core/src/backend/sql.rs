@@ -423,6 +423,23 @@ impl InboxSql {
         )
     }
 
+    /// How many of `ids` event ids (bound after the consumer) have a
+    /// `PROCESSED` row of this consumer: read inside a handler's
+    /// transaction before it commits, to see that its inbox rows are still
+    /// there.
+    pub(crate) fn count_processed(&self, ids: usize) -> String {
+        let processed = InboxState::Processed.as_sql();
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "SELECT COUNT(*) FROM {} WHERE consumer = ? AND process = '{processed}' \
+                 AND event_id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
     /// `INSERT` of `rows` processed rows at once: (consumer, event_id,
     /// event_type, event_key, time) each.
     pub(crate) fn insert_processed(&self, rows: usize) -> String {

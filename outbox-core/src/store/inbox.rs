@@ -167,6 +167,34 @@ impl<DB: Backend> InboxStore<DB> {
         Ok(Recorded::New)
     }
 
+    /// How many of `event_ids` have a `PROCESSED` row of this consumer, as
+    /// `conn`'s transaction sees them: [`ID_CHUNK`] ids per statement.
+    pub(crate) async fn count_processed(
+        &self,
+        conn: &mut DB::Connection,
+        event_ids: &[&str],
+    ) -> Result<u64, Error> {
+        let mut n = 0;
+        for chunk in event_ids.chunks(ID_CHUNK) {
+            let mut args = Vec::with_capacity(chunk.len() + 1);
+            args.push(Value::Text(Some(&self.consumer)));
+            args.extend(chunk.iter().map(|id| Value::Text(Some(id))));
+            let rows = DB::fetch(
+                conn,
+                &self.sql.count_processed(chunk.len()),
+                &args,
+                &[Column::Int],
+            )
+            .await
+            .map_err(Error::db("checking the inbox rows before commit"))?;
+            n += match rows.into_iter().next() {
+                Some(cells) => Row::new("inbox", cells).count(0, "COUNT(*)")?,
+                None => 0,
+            };
+        }
+        Ok(n)
+    }
+
     /// `true` when an earlier event of any of `keys` is waiting for a retry
     /// or parked: one query per [`KEY_CHUNK`] keys.
     pub(crate) async fn keys_pending(&self, keys: &[&str]) -> Result<bool, Error> {
