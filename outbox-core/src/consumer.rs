@@ -113,6 +113,18 @@ pub struct ConsumerConfig {
     pub per_key_order: bool,
     /// Handler failures before an event is parked as `FAILED` (default 5).
     pub max_attempts: u32,
+    /// Database errors in a row on one delivery, or on one row waiting for a
+    /// retry, before it is parked as `FAILED` with the error (default 10).
+    /// Counted are the errors the database answered with that look
+    /// transient but may recur every time: a trigger or deferred constraint
+    /// raising at `COMMIT`, a table missing after a schema change, a
+    /// deadlock. Errors the data itself causes (a value a column refuses)
+    /// park a fresh delivery after `max_attempts` already. A database that
+    /// cannot be reached (connection refused or cut, pool timeouts) counts
+    /// for nothing: an outage is waited out however long it lasts. A batch
+    /// of deliveries that meets this many errors is settled one by one, each
+    /// with its own count.
+    pub recurring_error_limit: u32,
     /// Delay between local retries (default 500 ms doubling to 5 min).
     pub retry_backoff: Backoff,
     /// How often the retry loop looks for due rows (default 250 ms).
@@ -146,6 +158,7 @@ impl ConsumerConfig {
             batch_size: 16,
             per_key_order: false,
             max_attempts: 5,
+            recurring_error_limit: 10,
             retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(300)),
             retry_poll: Duration::from_millis(250),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -198,6 +211,12 @@ impl ConsumerConfig {
             return invalid(
                 "ConsumerConfig::max_attempts",
                 "0 would park every event before its handler ran; use 1 or more".to_owned(),
+            );
+        }
+        if self.recurring_error_limit == 0 {
+            return invalid(
+                "ConsumerConfig::recurring_error_limit",
+                "0 would park a delivery on its first database error; use 1 or more".to_owned(),
             );
         }
         for (setting, value) in [
@@ -748,6 +767,7 @@ async fn settle_batch<DB: Backend, H: Handler<DB>>(
     stopped: &mut watch::Receiver<bool>,
 ) -> Vec<Option<Outcome>> {
     let mut failures = 0u32;
+    let mut recurring = 0u32;
     loop {
         let error = match process_batch(shared, deliveries).await {
             Ok(outcomes) => return outcomes.into_iter().map(Some).collect(),
@@ -755,7 +775,10 @@ async fn settle_batch<DB: Backend, H: Handler<DB>>(
         };
         shared.metrics.add(Count::DbErrors, 1);
         shared.metrics.status.database_failed(&error);
-        if error.is_permanent() {
+        if recurs(&error) {
+            recurring += 1;
+        }
+        if error.is_permanent() || recurring >= shared.config.recurring_error_limit {
             tracing::warn!(%error, messages = deliveries.len(), "a delivery of the batch cannot be recorded; settling them one by one");
             let mut outcomes = Vec::with_capacity(deliveries.len());
             for delivery in deliveries {
@@ -770,9 +793,10 @@ async fn settle_batch<DB: Backend, H: Handler<DB>>(
     }
 }
 
-/// Settles one delivery: transient database errors are tried again with
-/// backoff until the consumer stops (`None`); after `max_attempts`
-/// permanent ones the delivery is parked with the error.
+/// Settles one delivery: database errors are tried again with backoff until
+/// the consumer stops (`None`); after `max_attempts` permanent ones, or
+/// `recurring_error_limit` answered by the database in a row, the delivery
+/// is parked with the error.
 async fn settle_one<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     delivery: &Delivery,
@@ -780,6 +804,7 @@ async fn settle_one<DB: Backend, H: Handler<DB>>(
 ) -> Option<Outcome> {
     let mut failures = 0u32;
     let mut permanent = 0u32;
+    let mut recurring = 0u32;
     loop {
         let error = match process(shared, delivery).await {
             Ok(outcome) => return Some(outcome),
@@ -789,14 +814,40 @@ async fn settle_one<DB: Backend, H: Handler<DB>>(
         shared.metrics.status.database_failed(&error);
         if error.is_permanent() {
             permanent += 1;
-            if permanent >= shared.config.max_attempts {
-                return park_unrecordable(shared, delivery, &error, stopped).await;
-            }
+        }
+        if recurs(&error) {
+            recurring += 1;
+        }
+        if permanent >= shared.config.max_attempts
+            || recurring >= shared.config.recurring_error_limit
+        {
+            return park_unrecordable(shared, delivery, &error, stopped).await;
         }
         tracing::warn!(%error, event_id = delivery.event_id, "delivery not settled; will try again");
         if !pause(shared, &mut failures, stopped).await {
             return None;
         }
+    }
+}
+
+/// `true` for an error the database answered with (a statement or a commit
+/// it refused), which may recur every time the same delivery is tried and
+/// so counts towards [`ConsumerConfig::recurring_error_limit`]; `false` when
+/// the database could not be reached, which says nothing of the delivery.
+fn recurs(error: &Error) -> bool {
+    match error {
+        Error::Database { source, .. } => matches!(
+            source,
+            sqlx::Error::Database(_)
+                | sqlx::Error::Encode(_)
+                | sqlx::Error::Decode(_)
+                | sqlx::Error::ColumnDecode { .. }
+                | sqlx::Error::TypeNotFound { .. }
+                | sqlx::Error::ColumnNotFound(_)
+                | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        ),
+        Error::Row { .. } => true,
+        _ => false,
     }
 }
 
@@ -1139,6 +1190,7 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
     mut stopped: watch::Receiver<bool>,
 ) {
     let holder = uuid::Uuid::now_v7().simple().to_string();
+    let mut row_errors = RowErrors::default();
     let mut next_retention = tokio::time::Instant::now();
     let mut next_figures = tokio::time::Instant::now();
     loop {
@@ -1148,9 +1200,11 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
             next_figures = tokio::time::Instant::now() + every;
             read_figures(&shared).await;
         }
-        let busy = match retry_due(&shared).await {
+        let busy = match retry_due(&shared, &mut row_errors).await {
             Ok(n) => {
-                shared.metrics.status.idle();
+                if row_errors.0.is_empty() {
+                    shared.metrics.status.idle();
+                }
                 n > 0
             }
             Err(error) => {
@@ -1204,18 +1258,71 @@ async fn read_figures<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>) {
     }
 }
 
-/// Handles due retry rows once; returns how many were tried.
-async fn retry_due<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>) -> Result<usize, Error> {
+/// Database errors in a row per retry row (by id) of the rows the last pass
+/// saw fail.
+#[derive(Debug, Default)]
+struct RowErrors(std::collections::HashMap<i64, u32>);
+
+/// Handles due retry rows once; returns how many were settled (applied,
+/// failed again or parked). A row the database refuses is a failure of its
+/// own: the rows after it are still tried, and one refused
+/// [`ConsumerConfig::recurring_error_limit`] times in a row is parked with
+/// the error. A database that cannot be reached ends the pass.
+async fn retry_due<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    errors: &mut RowErrors,
+) -> Result<usize, Error> {
     let rows = shared
         .inbox
         .store
         .due(now_ms(), 100, shared.config.per_key_order)
         .await?;
-    let tried = rows.len();
+    let mut settled = 0;
     for row in &rows {
-        retry_one(shared, row).await?;
+        let error = match retry_one(shared, row).await {
+            Ok(()) => {
+                errors.0.remove(&row.id);
+                settled += 1;
+                continue;
+            }
+            Err(error) => error,
+        };
+        shared.metrics.add(Count::DbErrors, 1);
+        shared.metrics.status.database_failed(&error);
+        if !recurs(&error) {
+            return Err(error);
+        }
+        let seen = errors.0.entry(row.id).or_insert(0);
+        *seen += 1;
+        if *seen < shared.config.recurring_error_limit {
+            tracing::warn!(%error, event_id = row.delivery.event_id, "retry not settled; will try again");
+            continue;
+        }
+        let reason = error_text(&format!("cannot be retried: {error}"));
+        tracing::error!(event_id = row.delivery.event_id, %error, "retry row parked: the database refuses it");
+        // A budget of 0: parked whatever its attempts.
+        match shared
+            .inbox
+            .store
+            .fail_retry(row.id, 0, &reason, now_ms(), now_ms())
+            .await
+        {
+            Ok(()) => {
+                errors.0.remove(&row.id);
+                shared.metrics.add(Count::Failed, 1);
+                settled += 1;
+            }
+            Err(error) => {
+                tracing::warn!(%error, event_id = row.delivery.event_id, "could not park the retry row");
+            }
+        }
     }
-    Ok(tried)
+    // Rows no longer due (settled elsewhere, or waiting their backoff) start
+    // afresh.
+    errors
+        .0
+        .retain(|id, _| rows.iter().any(|row| row.id == *id));
+    Ok(settled)
 }
 
 async fn retry_one<DB: Backend, H: Handler<DB>>(
