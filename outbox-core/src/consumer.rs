@@ -1477,9 +1477,13 @@ fn fit(raw: &str, max: usize) -> String {
 
 fn to_delivery(message: &impl Incoming) -> Delivery {
     let headers = message.headers();
+    // A blank id from a producer outside this framework would make every
+    // later such message a duplicate of the first: the broker's id decides.
+    let present = |id: &&str| !id.trim().is_empty();
     let event_id = message
         .header("event-id")
-        .or_else(|| message.message_id())
+        .filter(present)
+        .or_else(|| message.message_id().filter(present))
         .map(dedup_id)
         .unwrap_or_else(fallback_event_id);
     Delivery {
