@@ -890,7 +890,7 @@ async fn park_unrecordable<DB: Backend, H: Handler<DB>>(
     let mut failures = 0u32;
     for attempt in [delivery, &bare] {
         loop {
-            match set_aside(&shared.inbox, attempt, InboxState::Failed, &reason, None).await {
+            match set_aside(&shared.inbox, attempt, InboxState::Failed, 1, &reason, None).await {
                 Ok(outcome) => return Some(outcome),
                 Err(error) if error.is_permanent() => {
                     tracing::warn!(%error, event_id = delivery.event_id, "could not park the delivery");
@@ -1023,9 +1023,18 @@ async fn process<DB: Backend, H: Handler<DB>>(
         && let Some(key) = &delivery.key
         && inbox.store.keys_pending(&[key]).await?
     {
-        // An earlier event of this key waits for a retry: queue behind it.
+        // An earlier event of this key waits for a retry: queue behind it,
+        // with no attempt spent (its handler has not run).
         let waiting = "waiting for an earlier event of its key";
-        return set_aside(inbox, delivery, InboxState::Retry, waiting, Some(now_ms())).await;
+        return set_aside(
+            inbox,
+            delivery,
+            InboxState::Retry,
+            0,
+            waiting,
+            Some(now_ms()),
+        )
+        .await;
     }
     let _turn = shared.gate.enter().await;
     let mut tx = DB::begin_write(inbox.pool())
@@ -1037,6 +1046,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
             &mut tx,
             delivery,
             InboxState::Processed,
+            1,
             None,
             None,
             now_ms(),
@@ -1077,17 +1087,19 @@ async fn process<DB: Backend, H: Handler<DB>>(
             } else {
                 InboxState::Retry
             };
-            set_aside(inbox, delivery, state, &reason, Some(next)).await
+            set_aside(inbox, delivery, state, 1, &reason, Some(next)).await
         }
     }
 }
 
-/// Records `delivery` in state `FAILED` (parked) or `RETRY`, outside any
-/// handler transaction; a row already there makes it a duplicate.
+/// Records `delivery` in state `FAILED` (parked) or `RETRY` with `attempts`
+/// spent, outside any handler transaction; a row already there makes it a
+/// duplicate.
 async fn set_aside<DB: Backend>(
     inbox: &Inbox<DB>,
     delivery: &Delivery,
     state: InboxState,
+    attempts: i64,
     reason: &str,
     next_attempt_at: Option<i64>,
 ) -> Result<Outcome, Error> {
@@ -1099,6 +1111,7 @@ async fn set_aside<DB: Backend>(
             &mut conn,
             delivery,
             state,
+            attempts,
             Some(&reason),
             next_attempt_at,
             now_ms(),
@@ -1122,7 +1135,7 @@ async fn park_undecodable<DB: Backend>(
         reason,
         "undecodable payload parked"
     );
-    set_aside(inbox, delivery, InboxState::Failed, reason, None).await
+    set_aside(inbox, delivery, InboxState::Failed, 1, reason, None).await
 }
 
 /// Reads, inside the handler's transaction and just before its commit, that

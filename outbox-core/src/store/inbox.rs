@@ -91,25 +91,23 @@ impl<DB: Backend> InboxStore<DB> {
         schema::migrate(&self.pool, &self.table, &self.sql.migrations).await
     }
 
-    /// Inserts the row of `delivery` in `state` inside `conn`'s transaction.
-    /// A unique violation on (consumer, event_id) is a duplicate. A row not
-    /// processed keeps the headers and payload for its retry or replay.
+    /// Inserts the row of `delivery` in `state`, with `attempts` spent,
+    /// inside `conn`'s transaction. A unique violation on (consumer,
+    /// event_id) is a duplicate. A row not processed keeps the headers and
+    /// payload for its retry or replay.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn record(
         &self,
         conn: &mut DB::Connection,
         delivery: &Delivery,
         state: InboxState,
+        attempts: i64,
         error: Option<&str>,
         next_attempt_at: Option<i64>,
         now: i64,
     ) -> Result<Recorded, Error> {
         let processed = state == InboxState::Processed;
         let headers = (!processed).then(|| delivery.headers_json());
-        let attempts = if processed {
-            1
-        } else {
-            i64::from(error.is_some())
-        };
         let result = DB::exec(
             conn,
             &self.sql.insert,
