@@ -303,6 +303,9 @@ fn inbox_migrations(dialect: &Dialect, t: &str) -> Vec<Vec<String>> {
         // Version 3: only rows waiting for a retry or parked are in the
         // indexes that look for them.
         (dialect.inbox_pending_indexes)(t),
+        // Version 4: event ids that differ only in case are two events (on
+        // MySQL, whose default collation ignored case).
+        (dialect.inbox_binary_ids)(t),
     ]
 }
 
