@@ -1435,7 +1435,7 @@ async fn retention<DB: Backend, H: Handler<DB>>(
         return Ok(());
     };
     let inbox = &shared.inbox;
-    let name = format!("{}.{}.retention", inbox.table(), inbox.consumer());
+    let name = retention_lease(inbox.table(), inbox.consumer());
     let until = now_ms() + ms(shared.config.retention_interval) * 2;
     if !schema::take_lease(inbox.pool(), &name, holder, until).await? {
         return Ok(());
@@ -1444,6 +1444,22 @@ async fn retention<DB: Backend, H: Handler<DB>>(
         tokio::task::yield_now().await;
     }
     Ok(())
+}
+
+/// Longest lease name the lease table holds (`outbox_lease.name`, `VARCHAR(128)`).
+const LEASE_NAME_MAX: usize = 128;
+
+/// The name of the retention lease of `consumer`'s rows in inbox table
+/// `table`: `{table}.{consumer}.retention`, or, when that is longer than the
+/// lease column (consumer names over 106 characters), a stable digest of it
+/// (`sha256-` and 56 hex digits, then `.retention`), the same in every
+/// process of the consumer.
+fn retention_lease(table: &str, consumer: &str) -> String {
+    let name = format!("{table}.{consumer}.retention");
+    if name.len() <= LEASE_NAME_MAX {
+        return name;
+    }
+    format!("{}.retention", digest(&name))
 }
 
 /// Longest dedup id the inbox column holds (`VARCHAR(64)`).
@@ -1461,6 +1477,12 @@ fn dedup_id(raw: &str) -> String {
     if raw.len() <= DEDUP_ID_MAX && !raw.contains('\0') {
         return raw.to_owned();
     }
+    digest(raw)
+}
+
+/// `sha256-` and the first 56 hex digits (224 bits) of the SHA-256 of `raw`:
+/// 63 characters.
+fn digest(raw: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(raw.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -1522,6 +1544,19 @@ mod tests {
         assert_eq!(id, super::dedup_id(&long), "stable");
         assert_ne!(id, super::dedup_id(&format!("{long}x")));
         assert!(super::dedup_id("a\0b").starts_with("sha256-"));
+    }
+
+    #[test]
+    fn a_retention_lease_name_longer_than_its_column_becomes_a_stable_digest() {
+        assert_eq!(
+            super::retention_lease("inbox_event", "points"),
+            "inbox_event.points.retention"
+        );
+        let long = "c".repeat(128);
+        let name = super::retention_lease("inbox_event", &long);
+        assert!(name.len() <= super::LEASE_NAME_MAX, "{name}");
+        assert_eq!(name, super::retention_lease("inbox_event", &long), "stable");
+        assert_ne!(name, super::retention_lease("inbox_other", &long));
     }
 
     #[test]
