@@ -103,7 +103,8 @@ enum Misbehaviour {
     /// server does after a deadlock on MySQL, writes on (autocommitted) and
     /// returns `Ok`.
     RollBack13,
-    /// Decoding user 13 panics; `after_commit` of user 14 panics.
+    /// Decoding user 13 panics, and decoding user 17 on a retry;
+    /// `after_commit` of user 14 panics.
     Panic13And14,
 }
 
@@ -131,8 +132,13 @@ macro_rules! fault_suite {
 
             fn decode(&self, delivery: &Delivery) -> Result<UserCreated, String> {
                 let event: UserCreated = decode_json(delivery)?;
-                if self.misbehaviour == Misbehaviour::Panic13And14 && event.user_id == 13 {
-                    panic!("decoding user 13 panics");
+                if self.misbehaviour == Misbehaviour::Panic13And14 {
+                    if event.user_id == 13 {
+                        panic!("decoding user 13 panics");
+                    }
+                    if event.user_id == 17 && delivery.attempt > 0 {
+                        panic!("decoding user 17 on a retry panics");
+                    }
                 }
                 Ok(event)
             }
@@ -508,41 +514,48 @@ macro_rules! fault_suite {
         }
 
         /// `decode` panics for user 13, `after_commit` for user 14: user 13 is
-        /// parked, user 14 applied and acknowledged, the rest flows.
+        /// parked, user 14 applied and acknowledged, the rest flows. Users 17
+        /// and 18 fail once; decoding 17 panics on its retry, in the retry
+        /// loop: it is parked, and 18's retry after it is applied.
         #[tokio::test]
         async fn a_panicking_decode_parks_its_delivery_and_a_panicking_after_commit_still_acks() {
             let Some((db, inbox)) = setup().await else { return };
             let broker = broker().await;
             let dest = "/queue/test.faults.panic";
             let producer = client(&broker).await;
-            for n in 10..=16 {
+            for n in 10..=18 {
                 send(&producer, dest, &format!("e-{n}"), &user(n)).await;
             }
-            let config = ConsumerConfig { concurrency: 1, ..quick(dest) };
-            let handle = Consumer::new(inbox.clone(), ledger(Misbehaviour::Panic13And14), config)
+            // One event per transaction: a failure spends its fault once.
+            let config = ConsumerConfig { concurrency: 1, batch_size: 1, ..quick(dest) };
+            let handler = Ledger { misbehaviour: Misbehaviour::Panic13And14, faults: Faults::with(&[(17, 1), (18, 1)]) };
+            let handle = Consumer::new(inbox.clone(), handler, config)
                 .unwrap()
                 .spawn(client(&broker).await)
                 .await
                 .unwrap();
-            eventually("six applied and one parked", Duration::from_secs(30), || {
+            eventually("seven applied and two parked", Duration::from_secs(30), || {
                 let inbox = inbox.clone();
                 async move {
                     let c = inbox.counts().await.unwrap();
-                    c.processed == 6 && c.failed == 1
+                    c.processed == 7 && c.failed == 2
                 }
             })
             .await;
             let metrics = handle.metrics().clone();
             eventually("every delivery counted", Duration::from_secs(30), || {
                 let m = metrics.snapshot();
-                async move { m.processed == 6 && m.failed == 1 }
+                async move { m.processed == 7 && m.failed == 2 }
             })
             .await;
             handle.shutdown().await.unwrap();
-            assert_eq!(ledger_users(&db).await, vec![10, 11, 12, 14, 15, 16]);
+            assert_eq!(ledger_users(&db).await, vec![10, 11, 12, 14, 15, 16, 18]);
             let parked = inbox.parked(10).await.unwrap();
-            assert_eq!(parked[0].event_id, "e-13");
-            assert!(parked[0].last_error.as_deref().is_some_and(|e| e.contains("decode panicked")), "{parked:?}");
+            let parked_ids: Vec<&str> = parked.iter().map(|p| p.event_id.as_str()).collect();
+            assert_eq!(parked_ids, ["e-13", "e-17"]);
+            for p in &parked {
+                assert!(p.last_error.as_deref().is_some_and(|e| e.contains("decode panicked")), "{parked:?}");
+            }
             let left = drain(&broker, dest, Duration::from_secs(1)).await;
             assert!(left.is_empty(), "every delivery acknowledged: {:?}", tally(&left));
         }

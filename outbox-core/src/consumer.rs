@@ -926,7 +926,7 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
     let mut outcomes: Vec<Option<Outcome>> = deliveries.iter().map(|_| None).collect();
     let mut todo = Vec::with_capacity(deliveries.len());
     for (i, delivery) in deliveries.iter().enumerate() {
-        match shared.handler.decode(delivery) {
+        match decode(&shared.handler, delivery) {
             Ok(event) => todo.push((i, event)),
             Err(reason) => outcomes[i] = Some(park_undecodable(inbox, delivery, &reason).await?),
         }
@@ -988,7 +988,7 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
                 .await
                 .map_err(Error::db("committing an inbox transaction"))?;
             for &i in &applied {
-                shared.handler.after_commit(&deliveries[i]);
+                after_commit(&shared.handler, &deliveries[i]);
                 outcomes[i] = Some(Outcome::Processed);
             }
         } else {
@@ -1015,7 +1015,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
     delivery: &Delivery,
 ) -> Result<Outcome, Error> {
     let inbox = &shared.inbox;
-    let event = match shared.handler.decode(delivery) {
+    let event = match decode(&shared.handler, delivery) {
         Ok(event) => event,
         Err(reason) => return park_undecodable(inbox, delivery, &reason).await,
     };
@@ -1070,7 +1070,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
             tx.commit()
                 .await
                 .map_err(Error::db("committing an inbox transaction"))?;
-            shared.handler.after_commit(delivery);
+            after_commit(&shared.handler, delivery);
             Ok(Outcome::Processed)
         }
         Err(reason) => {
@@ -1179,6 +1179,41 @@ fn aborted(error: &Error) -> bool {
     }
 }
 
+/// Decodes a delivery, turning a panic of [`Handler::decode`] into a decode
+/// error: the delivery is parked with it like any undecodable payload.
+fn decode<DB: Backend, H: Handler<DB>>(
+    handler: &H,
+    delivery: &Delivery,
+) -> Result<H::Event, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| handler.decode(delivery))) {
+        Ok(decoded) => decoded,
+        Err(panic) => Err(format!("decode panicked: {}", panic_text(panic.as_ref()))),
+    }
+}
+
+/// Runs [`Handler::after_commit`]; a panic is logged and goes no further:
+/// the event is committed, so it is counted and acknowledged all the same.
+fn after_commit<DB: Backend, H: Handler<DB>>(handler: &H, delivery: &Delivery) {
+    if let Err(panic) =
+        std::panic::catch_unwind(AssertUnwindSafe(|| handler.after_commit(delivery)))
+    {
+        tracing::error!(
+            event_id = delivery.event_id,
+            panic = panic_text(panic.as_ref()),
+            "after_commit panicked; the event is committed and is acknowledged"
+        );
+    }
+}
+
+/// The message of a panic, when it has one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Runs the handler, turning a panic into an error.
 async fn run_handler<DB: Backend, H: Handler<DB>>(
     handler: &H,
@@ -1213,7 +1248,13 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
             next_figures = tokio::time::Instant::now() + every;
             read_figures(&shared).await;
         }
-        let busy = match retry_due(&shared, &mut row_errors).await {
+        // The handler's calls are contained one by one; this keeps retries
+        // and retention going whatever else a pass runs into.
+        let pass = AssertUnwindSafe(retry_due(&shared, &mut row_errors))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(Error::TaskFailed("a retry pass panicked".to_owned())));
+        let busy = match pass {
             Ok(n) => {
                 if row_errors.0.is_empty() {
                     shared.metrics.status.idle();
@@ -1353,7 +1394,7 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
         let _ = tx.rollback().await;
         return Ok(());
     }
-    let result = match shared.handler.decode(delivery) {
+    let result = match decode(&shared.handler, delivery) {
         Ok(event) => match run_handler(&shared.handler, &mut tx, event, delivery).await {
             Ok(()) => match undone(&shared.inbox, &mut tx, &[&delivery.event_id]).await? {
                 None => Ok(()),
@@ -1383,7 +1424,7 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
     };
     match result {
         Ok(()) => {
-            shared.handler.after_commit(delivery);
+            after_commit(&shared.handler, delivery);
             shared.metrics.add(Count::Processed, 1);
             Ok(())
         }
