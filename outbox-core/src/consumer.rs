@@ -131,11 +131,12 @@ pub struct ConsumerConfig {
     pub retry_poll: Duration,
     /// Processed rows older than this are deleted (default 7 days). Keep it
     /// longer than the broker can redeliver a message while the consumer
-    /// runs, or a late redelivery is applied again. After a start, retention
-    /// waits until the consumer has drained its queue (subscribed and
-    /// connected, nothing in progress and no delivery for a second), so
-    /// messages the previous run received but never acknowledged find their
-    /// rows however long it was down. Each consumer process decides for
+    /// runs, or a late redelivery is applied again. After a start, and again
+    /// after each loss of the broker link (or a failed ACK), retention waits
+    /// until the consumer has drained its queue (subscribed and connected,
+    /// nothing in progress and no delivery for a second), so messages
+    /// received but never acknowledged find their rows however long ago they
+    /// were committed. Each consumer process decides for
     /// itself: with several processes on one queue, one that is given no
     /// messages counts as drained while another still works through a
     /// backlog, so keep `retention` longer than a backlog takes to drain.
@@ -364,11 +365,12 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Whether the consumer has drained its queue since it started: no delivery
-/// in progress and none for a quiet period. Until then inbox retention does
-/// not run, because the broker may still redeliver messages the previous run
-/// received (committed, never acked) however long the consumer was down; their
-/// inbox rows must be there when they come.
+/// Whether the consumer has drained its queue since it started, or since its
+/// link to the broker last dropped: no delivery in progress and none for a
+/// quiet period. Until then inbox retention does not run, because the broker
+/// may still redeliver messages the previous run (or the previous connection)
+/// received, committed and never acked, however long ago; their inbox rows
+/// must be there when they come.
 #[derive(Debug)]
 struct Drain {
     in_flight: std::sync::atomic::AtomicUsize,
@@ -398,15 +400,23 @@ impl Drain {
         self.last_activity.store(now_ms(), Ordering::Release);
     }
 
-    /// `true` once nothing was in progress for `quiet` while connected (and
-    /// from then on).
+    /// The link dropped (or an ACK failed, which it does when the link
+    /// drops): messages committed but not acknowledged come again after the
+    /// reconnect, so a fresh drain is waited for.
+    fn reset(&self) {
+        self.drained.store(false, Ordering::Release);
+        self.touch();
+    }
+
+    /// `true` once nothing was in progress for `quiet` while connected, until
+    /// the link drops or an ACK fails.
     fn drained(&self, quiet: Duration, connected: bool) -> bool {
+        if !connected {
+            self.reset();
+            return false;
+        }
         if self.drained.load(Ordering::Acquire) {
             return true;
-        }
-        if !connected {
-            self.touch();
-            return false;
         }
         let idle = self.in_flight.load(Ordering::Acquire) == 0
             && now_ms() - self.last_activity.load(Ordering::Acquire) >= ms(quiet);
@@ -696,7 +706,9 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     let acks = futures_util::future::join_all(settled.iter().map(|(m, _)| m.ack())).await;
     for (acked, (_, delivery)) in acks.into_iter().zip(&settled) {
         if let Err(error) = acked {
-            // The broker redelivers it; the inbox row makes that harmless.
+            // The broker redelivers it; the inbox row makes that harmless,
+            // so retention waits for a fresh drain before it may delete it.
+            shared.drain.reset();
             tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
         }
     }
@@ -1609,6 +1621,29 @@ mod tests {
     }
 
     use super::workers_and_batch;
+
+    #[test]
+    fn the_drain_gate_closes_when_the_link_drops_and_waits_for_a_fresh_quiet_period() {
+        use std::time::Duration;
+        let drain = super::Drain::new();
+        let (none, hour) = (Duration::ZERO, Duration::from_secs(3600));
+        assert!(drain.drained(none, true), "quiet and connected");
+        assert!(
+            drain.drained(hour, true),
+            "drained stays drained while connected"
+        );
+        assert!(!drain.drained(none, false), "not while the link is down");
+        assert!(
+            !drain.drained(hour, true),
+            "a fresh quiet period after the reconnect"
+        );
+        assert!(drain.drained(none, true));
+        drain.reset();
+        assert!(
+            !drain.drained(hour, true),
+            "an ACK that failed closes the gate too"
+        );
+    }
 
     #[test]
     fn a_single_writer_gets_two_workers_with_the_same_deliveries_in_progress() {
