@@ -418,7 +418,9 @@ async fn a_batch_on_a_link_slower_than_its_lease_is_given_up_at_the_publish_boun
     let slow = Client::connect(client_config(&proxy.stomp_uri()))
         .await
         .unwrap();
-    let bound = StompPublisher::new(slow.clone()).max_publish_time().unwrap();
+    let bound = StompPublisher::new(slow.clone())
+        .max_publish_time()
+        .unwrap();
     let config = RelayConfig {
         lease: Duration::from_secs(8),
         handoff: false,

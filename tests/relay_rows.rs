@@ -231,7 +231,6 @@ macro_rules! rows_suite {
                 got
             };
             let publishing = async {
-                for _ in 0..24 { tokio::time::sleep(Duration::from_secs(5)).await; let b = outbox.backlog().await.unwrap(); eprintln!("DBG {:?} {:?} link {:?}", metrics.snapshot(), b, relay.metrics().health()); if b.pending == 0 { break; } }
                 wait_published(&outbox, Duration::from_secs(120)).await;
                 done.store(true, std::sync::atomic::Ordering::Release);
             };

@@ -1,10 +1,11 @@
 //! Schema versions on SQLite, PostgreSQL and MySQL/MariaDB (modules `sqlite`,
 //! `postgres`, `mysql`): a fresh table is created at the newest version (the
-//! outbox at 7, the inbox at 3), a table left at version 1 is upgraded (the
+//! outbox at 7, the inbox at 4), a table left at version 1 is upgraded (the
 //! retention indexes; the outbox's key partitions, its index of unpublished
 //! rows by key and, on PostgreSQL, of waiting rows, and the index of every
 //! row by key gone; on PostgreSQL and SQLite the inbox's partial indexes of
-//! pending rows), also by two processes migrating at once, with its retry and
+//! pending rows; on MySQL the inbox's binary dedup columns), also by two
+//! processes migrating at once, with its retry and
 //! parked rows still found, and retention keeps deleting only old rows.
 //!
 //! The crash test re-runs this binary as a child process (the `#[ignore]`d
@@ -34,7 +35,7 @@ macro_rules! schema_suite {
         }
 
         /// The newest version of each table.
-        const NEWEST: [(&str, i64); 2] = [("outbox_event", 7), ("inbox_event", 3)];
+        const NEWEST: [(&str, i64); 2] = [("outbox_event", 7), ("inbox_event", 4)];
 
         /// Whether `table` has the index `{table}_{suffix}`; `$count_index`
         /// counts the indexes of a table (first bind) with a name (second bind).
@@ -68,6 +69,22 @@ macro_rules! schema_suite {
             }
             for suffix in lacks {
                 assert!(!index_exists(pool, "inbox_event", suffix).await, "inbox_event_{suffix}");
+            }
+            // Version 4: the dedup columns compare byte for byte on MySQL.
+            if mysql() {
+                let collations: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT CAST(COLUMN_NAME AS CHAR), CAST(COLLATION_NAME AS CHAR) \
+                     FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() \
+                     AND TABLE_NAME = 'inbox_event' AND COLUMN_NAME IN ('consumer', 'event_id') \
+                     ORDER BY COLUMN_NAME",
+                )
+                .fetch_all(pool)
+                .await
+                .unwrap();
+                assert_eq!(
+                    collations,
+                    [("consumer".to_owned(), "utf8mb4_bin".to_owned()), ("event_id".to_owned(), "utf8mb4_bin".to_owned())]
+                );
             }
         }
 
@@ -110,6 +127,16 @@ macro_rules! schema_suite {
                     .execute(pool)
                     .await
                     .unwrap();
+            }
+            if table == "inbox_event" && mysql() {
+                // Version 1's dedup columns, in the table's default collation.
+                sqlx::raw_sql(
+                    "ALTER TABLE inbox_event MODIFY consumer VARCHAR(128) NOT NULL, \
+                     MODIFY event_id VARCHAR(64) NOT NULL",
+                )
+                .execute(pool)
+                .await
+                .unwrap();
             }
             if table == "inbox_event" && !mysql() {
                 drop_index(pool, table, "pending").await;
@@ -362,7 +389,13 @@ macro_rules! schema_suite {
             assert_eq!(inbox.delete_processed(day, 1000).await.unwrap(), 1);
             assert_eq!(inbox.delete_processed(day, 1000).await.unwrap(), 0);
             let left: Vec<(String, String)> =
-                sqlx::query_as("SELECT consumer, event_id FROM inbox_event ORDER BY event_id")
+                // MySQL reports the binary-collated dedup columns as
+                // VARBINARY, which sqlx decodes as bytes only.
+                sqlx::query_as(if mysql() {
+                    "SELECT CAST(consumer AS CHAR), CAST(event_id AS CHAR) FROM inbox_event ORDER BY event_id"
+                } else {
+                    "SELECT consumer, event_id FROM inbox_event ORDER BY event_id"
+                })
                     .fetch_all(&pool)
                     .await
                     .unwrap();

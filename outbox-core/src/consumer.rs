@@ -113,17 +113,30 @@ pub struct ConsumerConfig {
     pub per_key_order: bool,
     /// Handler failures before an event is parked as `FAILED` (default 5).
     pub max_attempts: u32,
+    /// Database errors in a row on one delivery, or on one row waiting for a
+    /// retry, before it is parked as `FAILED` with the error (default 10).
+    /// Counted are the errors the database answered with that look
+    /// transient but may recur every time: a trigger or deferred constraint
+    /// raising at `COMMIT`, a table missing after a schema change, a
+    /// deadlock. Errors the data itself causes (a value a column refuses)
+    /// park a fresh delivery after `max_attempts` already. A database that
+    /// cannot be reached (connection refused or cut, pool timeouts) counts
+    /// for nothing: an outage is waited out however long it lasts. A batch
+    /// of deliveries that meets this many errors is settled one by one, each
+    /// with its own count.
+    pub recurring_error_limit: u32,
     /// Delay between local retries (default 500 ms doubling to 5 min).
     pub retry_backoff: Backoff,
     /// How often the retry loop looks for due rows (default 250 ms).
     pub retry_poll: Duration,
     /// Processed rows older than this are deleted (default 7 days). Keep it
     /// longer than the broker can redeliver a message while the consumer
-    /// runs, or a late redelivery is applied again. After a start, retention
-    /// waits until the consumer has drained its queue (subscribed and
-    /// connected, nothing in progress and no delivery for a second), so
-    /// messages the previous run received but never acknowledged find their
-    /// rows however long it was down. Each consumer process decides for
+    /// runs, or a late redelivery is applied again. After a start, and again
+    /// after each loss of the broker link (or a failed ACK), retention waits
+    /// until the consumer has drained its queue (subscribed and connected,
+    /// nothing in progress and no delivery for a second), so messages
+    /// received but never acknowledged find their rows however long ago they
+    /// were committed. Each consumer process decides for
     /// itself: with several processes on one queue, one that is given no
     /// messages counts as drained while another still works through a
     /// backlog, so keep `retention` longer than a backlog takes to drain.
@@ -146,6 +159,7 @@ impl ConsumerConfig {
             batch_size: 16,
             per_key_order: false,
             max_attempts: 5,
+            recurring_error_limit: 10,
             retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(300)),
             retry_poll: Duration::from_millis(250),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -198,6 +212,12 @@ impl ConsumerConfig {
             return invalid(
                 "ConsumerConfig::max_attempts",
                 "0 would park every event before its handler ran; use 1 or more".to_owned(),
+            );
+        }
+        if self.recurring_error_limit == 0 {
+            return invalid(
+                "ConsumerConfig::recurring_error_limit",
+                "0 would park a delivery on its first database error; use 1 or more".to_owned(),
             );
         }
         for (setting, value) in [
@@ -345,11 +365,12 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Whether the consumer has drained its queue since it started: no delivery
-/// in progress and none for a quiet period. Until then inbox retention does
-/// not run, because the broker may still redeliver messages the previous run
-/// received (committed, never acked) however long the consumer was down; their
-/// inbox rows must be there when they come.
+/// Whether the consumer has drained its queue since it started, or since its
+/// link to the broker last dropped: no delivery in progress and none for a
+/// quiet period. Until then inbox retention does not run, because the broker
+/// may still redeliver messages the previous run (or the previous connection)
+/// received, committed and never acked, however long ago; their inbox rows
+/// must be there when they come.
 #[derive(Debug)]
 struct Drain {
     in_flight: std::sync::atomic::AtomicUsize,
@@ -379,15 +400,23 @@ impl Drain {
         self.last_activity.store(now_ms(), Ordering::Release);
     }
 
-    /// `true` once nothing was in progress for `quiet` while connected (and
-    /// from then on).
+    /// The link dropped (or an ACK failed, which it does when the link
+    /// drops): messages committed but not acknowledged come again after the
+    /// reconnect, so a fresh drain is waited for.
+    fn reset(&self) {
+        self.drained.store(false, Ordering::Release);
+        self.touch();
+    }
+
+    /// `true` once nothing was in progress for `quiet` while connected, until
+    /// the link drops or an ACK fails.
     fn drained(&self, quiet: Duration, connected: bool) -> bool {
+        if !connected {
+            self.reset();
+            return false;
+        }
         if self.drained.load(Ordering::Acquire) {
             return true;
-        }
-        if !connected {
-            self.touch();
-            return false;
         }
         let idle = self.in_flight.load(Ordering::Acquire) == 0
             && now_ms() - self.last_activity.load(Ordering::Acquire) >= ms(quiet);
@@ -685,7 +714,9 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     let acks = futures_util::future::join_all(settled.iter().map(|(m, _)| m.ack())).await;
     for (acked, (_, delivery)) in acks.into_iter().zip(&settled) {
         if let Err(error) = acked {
-            // The broker redelivers it; the inbox row makes that harmless.
+            // The broker redelivers it; the inbox row makes that harmless,
+            // so retention waits for a fresh drain before it may delete it.
+            shared.drain.reset();
             tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
         }
     }
@@ -756,6 +787,7 @@ async fn settle_batch<DB: Backend, H: Handler<DB>>(
     stopped: &mut watch::Receiver<bool>,
 ) -> Vec<Option<Outcome>> {
     let mut failures = 0u32;
+    let mut recurring = 0u32;
     loop {
         let error = match process_batch(shared, deliveries).await {
             Ok(outcomes) => return outcomes.into_iter().map(Some).collect(),
@@ -763,7 +795,10 @@ async fn settle_batch<DB: Backend, H: Handler<DB>>(
         };
         shared.metrics.add(Count::DbErrors, 1);
         shared.metrics.status.database_failed(&error);
-        if error.is_permanent() {
+        if recurs(&error) {
+            recurring += 1;
+        }
+        if error.is_permanent() || recurring >= shared.config.recurring_error_limit {
             tracing::warn!(%error, messages = deliveries.len(), "a delivery of the batch cannot be recorded; settling them one by one");
             let mut outcomes = Vec::with_capacity(deliveries.len());
             for delivery in deliveries {
@@ -778,9 +813,10 @@ async fn settle_batch<DB: Backend, H: Handler<DB>>(
     }
 }
 
-/// Settles one delivery: transient database errors are tried again with
-/// backoff until the consumer stops (`None`); after `max_attempts`
-/// permanent ones the delivery is parked with the error.
+/// Settles one delivery: database errors are tried again with backoff until
+/// the consumer stops (`None`); after `max_attempts` permanent ones, or
+/// `recurring_error_limit` answered by the database in a row, the delivery
+/// is parked with the error.
 async fn settle_one<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     delivery: &Delivery,
@@ -788,6 +824,7 @@ async fn settle_one<DB: Backend, H: Handler<DB>>(
 ) -> Option<Outcome> {
     let mut failures = 0u32;
     let mut permanent = 0u32;
+    let mut recurring = 0u32;
     loop {
         let error = match process(shared, delivery).await {
             Ok(outcome) => return Some(outcome),
@@ -797,14 +834,40 @@ async fn settle_one<DB: Backend, H: Handler<DB>>(
         shared.metrics.status.database_failed(&error);
         if error.is_permanent() {
             permanent += 1;
-            if permanent >= shared.config.max_attempts {
-                return park_unrecordable(shared, delivery, &error, stopped).await;
-            }
+        }
+        if recurs(&error) {
+            recurring += 1;
+        }
+        if permanent >= shared.config.max_attempts
+            || recurring >= shared.config.recurring_error_limit
+        {
+            return park_unrecordable(shared, delivery, &error, stopped).await;
         }
         tracing::warn!(%error, event_id = delivery.event_id, "delivery not settled; will try again");
         if !pause(shared, &mut failures, stopped).await {
             return None;
         }
+    }
+}
+
+/// `true` for an error the database answered with (a statement or a commit
+/// it refused), which may recur every time the same delivery is tried and
+/// so counts towards [`ConsumerConfig::recurring_error_limit`]; `false` when
+/// the database could not be reached, which says nothing of the delivery.
+fn recurs(error: &Error) -> bool {
+    match error {
+        Error::Database { source, .. } => matches!(
+            source,
+            sqlx::Error::Database(_)
+                | sqlx::Error::Encode(_)
+                | sqlx::Error::Decode(_)
+                | sqlx::Error::ColumnDecode { .. }
+                | sqlx::Error::TypeNotFound { .. }
+                | sqlx::Error::ColumnNotFound(_)
+                | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        ),
+        Error::Row { .. } => true,
+        _ => false,
     }
 }
 
@@ -847,7 +910,7 @@ async fn park_unrecordable<DB: Backend, H: Handler<DB>>(
     let mut failures = 0u32;
     for attempt in [delivery, &bare] {
         loop {
-            match set_aside(&shared.inbox, attempt, InboxState::Failed, &reason, None).await {
+            match set_aside(&shared.inbox, attempt, InboxState::Failed, 1, &reason, None).await {
                 Ok(outcome) => return Some(outcome),
                 Err(error) if error.is_permanent() => {
                     tracing::warn!(%error, event_id = delivery.event_id, "could not park the delivery");
@@ -883,7 +946,7 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
     let mut outcomes: Vec<Option<Outcome>> = deliveries.iter().map(|_| None).collect();
     let mut todo = Vec::with_capacity(deliveries.len());
     for (i, delivery) in deliveries.iter().enumerate() {
-        match shared.handler.decode(delivery) {
+        match decode(&shared.handler, delivery) {
             Ok(event) => todo.push((i, event)),
             Err(reason) => outcomes[i] = Some(park_undecodable(inbox, delivery, &reason).await?),
         }
@@ -926,12 +989,26 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
             }
         }
         if clean {
+            let ids: Vec<&str> = applied
+                .iter()
+                .map(|&i| deliveries[i].event_id.as_str())
+                .collect();
+            if let Some(reason) = undone(inbox, &mut tx, &ids).await? {
+                tracing::warn!(
+                    reason,
+                    messages = ids.len(),
+                    "a handler's transaction was undone; applying the batch one by one"
+                );
+                clean = false;
+            }
+        }
+        if clean {
             failpoint::hit("inbox.before_commit");
             tx.commit()
                 .await
                 .map_err(Error::db("committing an inbox transaction"))?;
             for &i in &applied {
-                shared.handler.after_commit(&deliveries[i]);
+                after_commit(&shared.handler, &deliveries[i]);
                 outcomes[i] = Some(Outcome::Processed);
             }
         } else {
@@ -958,7 +1035,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
     delivery: &Delivery,
 ) -> Result<Outcome, Error> {
     let inbox = &shared.inbox;
-    let event = match shared.handler.decode(delivery) {
+    let event = match decode(&shared.handler, delivery) {
         Ok(event) => event,
         Err(reason) => return park_undecodable(inbox, delivery, &reason).await,
     };
@@ -966,9 +1043,18 @@ async fn process<DB: Backend, H: Handler<DB>>(
         && let Some(key) = &delivery.key
         && inbox.store.keys_pending(&[key]).await?
     {
-        // An earlier event of this key waits for a retry: queue behind it.
+        // An earlier event of this key waits for a retry: queue behind it,
+        // with no attempt spent (its handler has not run).
         let waiting = "waiting for an earlier event of its key";
-        return set_aside(inbox, delivery, InboxState::Retry, waiting, Some(now_ms())).await;
+        return set_aside(
+            inbox,
+            delivery,
+            InboxState::Retry,
+            0,
+            waiting,
+            Some(now_ms()),
+        )
+        .await;
     }
     let _turn = shared.gate.enter().await;
     let mut tx = DB::begin_write(inbox.pool())
@@ -980,6 +1066,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
             &mut tx,
             delivery,
             InboxState::Processed,
+            1,
             None,
             None,
             now_ms(),
@@ -990,19 +1077,25 @@ async fn process<DB: Backend, H: Handler<DB>>(
         let _ = tx.rollback().await;
         return Ok(Outcome::Duplicate);
     }
-    match run_handler(&shared.handler, &mut tx, event, delivery).await {
+    let result = match run_handler(&shared.handler, &mut tx, event, delivery).await {
+        Ok(()) => match undone(inbox, &mut tx, &[&delivery.event_id]).await? {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        },
+        Err(error) => Err(error.to_string()),
+    };
+    match result {
         Ok(()) => {
             failpoint::hit("inbox.before_commit");
             tx.commit()
                 .await
                 .map_err(Error::db("committing an inbox transaction"))?;
-            shared.handler.after_commit(delivery);
+            after_commit(&shared.handler, delivery);
             Ok(Outcome::Processed)
         }
-        Err(error) => {
+        Err(reason) => {
             let _ = tx.rollback().await;
             shared.metrics.handler_failed();
-            let reason = error.to_string();
             tracing::warn!(
                 event_id = delivery.event_id,
                 reason,
@@ -1014,17 +1107,19 @@ async fn process<DB: Backend, H: Handler<DB>>(
             } else {
                 InboxState::Retry
             };
-            set_aside(inbox, delivery, state, &reason, Some(next)).await
+            set_aside(inbox, delivery, state, 1, &reason, Some(next)).await
         }
     }
 }
 
-/// Records `delivery` in state `FAILED` (parked) or `RETRY`, outside any
-/// handler transaction; a row already there makes it a duplicate.
+/// Records `delivery` in state `FAILED` (parked) or `RETRY` with `attempts`
+/// spent, outside any handler transaction; a row already there makes it a
+/// duplicate.
 async fn set_aside<DB: Backend>(
     inbox: &Inbox<DB>,
     delivery: &Delivery,
     state: InboxState,
+    attempts: i64,
     reason: &str,
     next_attempt_at: Option<i64>,
 ) -> Result<Outcome, Error> {
@@ -1036,6 +1131,7 @@ async fn set_aside<DB: Backend>(
             &mut conn,
             delivery,
             state,
+            attempts,
             Some(&reason),
             next_attempt_at,
             now_ms(),
@@ -1059,7 +1155,83 @@ async fn park_undecodable<DB: Backend>(
         reason,
         "undecodable payload parked"
     );
-    set_aside(inbox, delivery, InboxState::Failed, reason, None).await
+    set_aside(inbox, delivery, InboxState::Failed, 1, reason, None).await
+}
+
+/// Reads, inside the handler's transaction and just before its commit, that
+/// the inbox rows of `event_ids` are all still there. A handler that ignored
+/// a database error can leave a transaction the database has given up on:
+/// PostgreSQL aborts it at the failed statement and answers `COMMIT` with a
+/// `ROLLBACK`; MySQL rolls the whole transaction back after a deadlock and
+/// runs what follows on its own. Either way the commit would write no inbox
+/// row, and an event acknowledged as processed would be lost. `Some(reason)`
+/// when the transaction is no longer whole (the delivery is then a handler
+/// failure: retried, then parked); `Err` for other database trouble.
+async fn undone<DB: Backend>(
+    inbox: &Inbox<DB>,
+    tx: &mut Transaction<'static, DB>,
+    event_ids: &[&str],
+) -> Result<Option<String>, Error> {
+    let expected = u64::try_from(event_ids.len()).unwrap_or(u64::MAX);
+    match inbox.store.count_processed(tx, event_ids).await {
+        Ok(n) if n == expected => Ok(None),
+        Ok(n) => Ok(Some(format!(
+            "the database rolled back the handler's transaction ({n} of {expected} inbox rows \
+             left): an error the handler did not return"
+        ))),
+        Err(error) if aborted(&error) => Ok(Some(format!(
+            "the database aborted the handler's transaction after an error the handler did \
+             not return: {error}"
+        ))),
+        Err(error) => Err(error),
+    }
+}
+
+/// `true` for PostgreSQL's answer to a statement in a transaction that an
+/// earlier error aborted (`25P02`, in failed SQL transaction).
+fn aborted(error: &Error) -> bool {
+    match error {
+        Error::Database {
+            source: sqlx::Error::Database(db),
+            ..
+        } => db.code().as_deref() == Some("25P02"),
+        _ => false,
+    }
+}
+
+/// Decodes a delivery, turning a panic of [`Handler::decode`] into a decode
+/// error: the delivery is parked with it like any undecodable payload.
+fn decode<DB: Backend, H: Handler<DB>>(
+    handler: &H,
+    delivery: &Delivery,
+) -> Result<H::Event, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| handler.decode(delivery))) {
+        Ok(decoded) => decoded,
+        Err(panic) => Err(format!("decode panicked: {}", panic_text(panic.as_ref()))),
+    }
+}
+
+/// Runs [`Handler::after_commit`]; a panic is logged and goes no further:
+/// the event is committed, so it is counted and acknowledged all the same.
+fn after_commit<DB: Backend, H: Handler<DB>>(handler: &H, delivery: &Delivery) {
+    if let Err(panic) =
+        std::panic::catch_unwind(AssertUnwindSafe(|| handler.after_commit(delivery)))
+    {
+        tracing::error!(
+            event_id = delivery.event_id,
+            panic = panic_text(panic.as_ref()),
+            "after_commit panicked; the event is committed and is acknowledged"
+        );
+    }
+}
+
+/// The message of a panic, when it has one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Parks a message whose body the client read past for being over its size
@@ -1085,11 +1257,19 @@ async fn park_oversize<DB: Backend, H: Handler<DB>>(
     );
     let mut failures = 0u32;
     let outcome = loop {
-        let error =
-            match set_aside(&shared.inbox, &delivery, InboxState::Failed, &reason, None).await {
-                Ok(outcome) => break Some(outcome),
-                Err(error) => error,
-            };
+        let error = match set_aside(
+            &shared.inbox,
+            &delivery,
+            InboxState::Failed,
+            1,
+            &reason,
+            None,
+        )
+        .await
+        {
+            Ok(outcome) => break Some(outcome),
+            Err(error) => error,
+        };
         shared.metrics.add(Count::DbErrors, 1);
         shared.metrics.status.database_failed(&error);
         if error.is_permanent() {
@@ -1133,6 +1313,7 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
     mut stopped: watch::Receiver<bool>,
 ) {
     let holder = uuid::Uuid::now_v7().simple().to_string();
+    let mut row_errors = RowErrors::default();
     let mut next_retention = tokio::time::Instant::now();
     let mut next_figures = tokio::time::Instant::now();
     loop {
@@ -1142,9 +1323,17 @@ async fn retry_loop<DB: Backend, H: Handler<DB>>(
             next_figures = tokio::time::Instant::now() + every;
             read_figures(&shared).await;
         }
-        let busy = match retry_due(&shared).await {
+        // The handler's calls are contained one by one; this keeps retries
+        // and retention going whatever else a pass runs into.
+        let pass = AssertUnwindSafe(retry_due(&shared, &mut row_errors))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(Error::TaskFailed("a retry pass panicked".to_owned())));
+        let busy = match pass {
             Ok(n) => {
-                shared.metrics.status.idle();
+                if row_errors.0.is_empty() {
+                    shared.metrics.status.idle();
+                }
                 n > 0
             }
             Err(error) => {
@@ -1198,18 +1387,71 @@ async fn read_figures<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>) {
     }
 }
 
-/// Handles due retry rows once; returns how many were tried.
-async fn retry_due<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>) -> Result<usize, Error> {
+/// Database errors in a row per retry row (by id) of the rows the last pass
+/// saw fail.
+#[derive(Debug, Default)]
+struct RowErrors(std::collections::HashMap<i64, u32>);
+
+/// Handles due retry rows once; returns how many were settled (applied,
+/// failed again or parked). A row the database refuses is a failure of its
+/// own: the rows after it are still tried, and one refused
+/// [`ConsumerConfig::recurring_error_limit`] times in a row is parked with
+/// the error. A database that cannot be reached ends the pass.
+async fn retry_due<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    errors: &mut RowErrors,
+) -> Result<usize, Error> {
     let rows = shared
         .inbox
         .store
         .due(now_ms(), 100, shared.config.per_key_order)
         .await?;
-    let tried = rows.len();
+    let mut settled = 0;
     for row in &rows {
-        retry_one(shared, row).await?;
+        let error = match retry_one(shared, row).await {
+            Ok(()) => {
+                errors.0.remove(&row.id);
+                settled += 1;
+                continue;
+            }
+            Err(error) => error,
+        };
+        shared.metrics.add(Count::DbErrors, 1);
+        shared.metrics.status.database_failed(&error);
+        if !recurs(&error) {
+            return Err(error);
+        }
+        let seen = errors.0.entry(row.id).or_insert(0);
+        *seen += 1;
+        if *seen < shared.config.recurring_error_limit {
+            tracing::warn!(%error, event_id = row.delivery.event_id, "retry not settled; will try again");
+            continue;
+        }
+        let reason = error_text(&format!("cannot be retried: {error}"));
+        tracing::error!(event_id = row.delivery.event_id, %error, "retry row parked: the database refuses it");
+        // A budget of 0: parked whatever its attempts.
+        match shared
+            .inbox
+            .store
+            .fail_retry(row.id, 0, &reason, now_ms(), now_ms())
+            .await
+        {
+            Ok(()) => {
+                errors.0.remove(&row.id);
+                shared.metrics.add(Count::Failed, 1);
+                settled += 1;
+            }
+            Err(error) => {
+                tracing::warn!(%error, event_id = row.delivery.event_id, "could not park the retry row");
+            }
+        }
     }
-    Ok(tried)
+    // Rows no longer due (settled elsewhere, or waiting their backoff) start
+    // afresh.
+    errors
+        .0
+        .retain(|id, _| rows.iter().any(|row| row.id == *id));
+    Ok(settled)
 }
 
 async fn retry_one<DB: Backend, H: Handler<DB>>(
@@ -1227,10 +1469,14 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
         let _ = tx.rollback().await;
         return Ok(());
     }
-    let result = match shared.handler.decode(delivery) {
-        Ok(event) => run_handler(&shared.handler, &mut tx, event, delivery)
-            .await
-            .map_err(|e| (e.to_string(), false)),
+    let result = match decode(&shared.handler, delivery) {
+        Ok(event) => match run_handler(&shared.handler, &mut tx, event, delivery).await {
+            Ok(()) => match undone(&shared.inbox, &mut tx, &[&delivery.event_id]).await? {
+                None => Ok(()),
+                Some(reason) => Err((reason, false)),
+            },
+            Err(error) => Err((error.to_string(), false)),
+        },
         Err(reason) => Err((reason, true)),
     };
     let result = match result {
@@ -1253,7 +1499,7 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
     };
     match result {
         Ok(()) => {
-            shared.handler.after_commit(delivery);
+            after_commit(&shared.handler, delivery);
             shared.metrics.add(Count::Processed, 1);
             Ok(())
         }
@@ -1305,7 +1551,7 @@ async fn retention<DB: Backend, H: Handler<DB>>(
         return Ok(());
     };
     let inbox = &shared.inbox;
-    let name = format!("{}.{}.retention", inbox.table(), inbox.consumer());
+    let name = retention_lease(inbox.table(), inbox.consumer());
     let now = crate::clock::now(inbox.pool()).await;
     let until = now + ms(shared.config.retention_interval) * 2;
     if !schema::take_lease(inbox.pool(), &name, holder, now, until).await? {
@@ -1315,6 +1561,22 @@ async fn retention<DB: Backend, H: Handler<DB>>(
         tokio::task::yield_now().await;
     }
     Ok(())
+}
+
+/// Longest lease name the lease table holds (`outbox_lease.name`, `VARCHAR(128)`).
+const LEASE_NAME_MAX: usize = 128;
+
+/// The name of the retention lease of `consumer`'s rows in inbox table
+/// `table`: `{table}.{consumer}.retention`, or, when that is longer than the
+/// lease column (consumer names over 106 characters), a stable digest of it
+/// (`sha256-` and 56 hex digits, then `.retention`), the same in every
+/// process of the consumer.
+fn retention_lease(table: &str, consumer: &str) -> String {
+    let name = format!("{table}.{consumer}.retention");
+    if name.len() <= LEASE_NAME_MAX {
+        return name;
+    }
+    format!("{}.retention", digest(&name))
 }
 
 /// Longest dedup id the inbox column holds (`VARCHAR(64)`).
@@ -1332,6 +1594,12 @@ fn dedup_id(raw: &str) -> String {
     if raw.len() <= DEDUP_ID_MAX && !raw.contains('\0') {
         return raw.to_owned();
     }
+    digest(raw)
+}
+
+/// `sha256-` and the first 56 hex digits (224 bits) of the SHA-256 of `raw`:
+/// 63 characters.
+fn digest(raw: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(raw.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -1361,9 +1629,13 @@ fn fit(raw: &str, max: usize) -> String {
 
 fn to_delivery(message: &impl Incoming) -> Delivery {
     let headers = message.headers();
+    // A blank id from a producer outside this framework would make every
+    // later such message a duplicate of the first: the broker's id decides.
+    let present = |id: &&str| !id.trim().is_empty();
     let event_id = message
         .header("event-id")
-        .or_else(|| message.message_id())
+        .filter(present)
+        .or_else(|| message.message_id().filter(present))
         .map(dedup_id)
         .unwrap_or_else(fallback_event_id);
     Delivery {
@@ -1392,6 +1664,19 @@ mod tests {
     }
 
     #[test]
+    fn a_retention_lease_name_longer_than_its_column_becomes_a_stable_digest() {
+        assert_eq!(
+            super::retention_lease("inbox_event", "points"),
+            "inbox_event.points.retention"
+        );
+        let long = "c".repeat(128);
+        let name = super::retention_lease("inbox_event", &long);
+        assert!(name.len() <= super::LEASE_NAME_MAX, "{name}");
+        assert_eq!(name, super::retention_lease("inbox_event", &long), "stable");
+        assert_ne!(name, super::retention_lease("inbox_other", &long));
+    }
+
+    #[test]
     fn over_long_or_nul_holding_type_and_key_are_fitted_to_their_columns() {
         let long = "é".repeat(300);
         let fitted = super::fit_column(&long);
@@ -1400,6 +1685,29 @@ mod tests {
     }
 
     use super::workers_and_batch;
+
+    #[test]
+    fn the_drain_gate_closes_when_the_link_drops_and_waits_for_a_fresh_quiet_period() {
+        use std::time::Duration;
+        let drain = super::Drain::new();
+        let (none, hour) = (Duration::ZERO, Duration::from_secs(3600));
+        assert!(drain.drained(none, true), "quiet and connected");
+        assert!(
+            drain.drained(hour, true),
+            "drained stays drained while connected"
+        );
+        assert!(!drain.drained(none, false), "not while the link is down");
+        assert!(
+            !drain.drained(hour, true),
+            "a fresh quiet period after the reconnect"
+        );
+        assert!(drain.drained(none, true));
+        drain.reset();
+        assert!(
+            !drain.drained(hour, true),
+            "an ACK that failed closes the gate too"
+        );
+    }
 
     #[test]
     fn a_single_writer_gets_two_workers_with_the_same_deliveries_in_progress() {

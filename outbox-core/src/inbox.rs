@@ -52,7 +52,8 @@ impl<DB: Backend> std::fmt::Debug for Inbox<DB> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     /// The dedup id: the `event-id` header, or the broker's `message-id` for
-    /// messages that were not sent by an outbox relay. An id longer than the
+    /// messages that were not sent by an outbox relay (or whose `event-id`
+    /// is empty or blank). An id longer than the
     /// inbox column (64) or holding a NUL is replaced by `sha256-` and 56 hex
     /// digits of its SHA-256, the same for every redelivery; the original is in
     /// [`Delivery::headers`].

@@ -133,6 +133,11 @@ pub struct Dialect {
     /// so an applied event no longer updates them. Empty where the database
     /// has no partial indexes (MySQL).
     pub inbox_pending_indexes: fn(&str) -> Vec<String>,
+    /// Inbox schema version 4 (table): the dedup columns (`consumer`,
+    /// `event_id`) compare byte for byte, so that ids differing only in case
+    /// are two events. Empty where text compares so already (PostgreSQL,
+    /// SQLite); on MySQL the table's default collation ignored case.
+    pub inbox_binary_ids: fn(&str) -> Vec<String>,
     /// The outbox index of unpublished rows by key, for the per-key order
     /// check: partial where the database has partial indexes, otherwise
     /// `(event_key, process, id)`. Either way the check never reads the
@@ -338,7 +343,7 @@ macro_rules! statement_plumbing {
                 for (i, column) in columns.iter().enumerate() {
                     cells.push(match column {
                         Column::Int => Cell::Int(row.try_get(i)?),
-                        Column::Text => Cell::Text(row.try_get(i)?),
+                        Column::Text => Cell::Text($crate::backend::text_cell(&row, i)?),
                         Column::Bytes => Cell::Bytes(row.try_get(i)?),
                     });
                 }
@@ -349,6 +354,30 @@ macro_rules! statement_plumbing {
     };
 }
 pub(crate) use statement_plumbing;
+
+/// Text column `i` of `row`. MySQL flags a text column in a binary collation
+/// (the inbox's `consumer` and `event_id`, `utf8mb4_bin` since inbox
+/// version 4) as binary, which sqlx will not decode as a string: its bytes
+/// are read instead, and must be UTF-8.
+pub(crate) fn text_cell<R>(row: &R, i: usize) -> Result<Option<String>, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    match row.try_get::<Option<String>, _>(i) {
+        Err(sqlx::Error::ColumnDecode { .. }) => row
+            .try_get::<Option<Vec<u8>>, _>(i)?
+            .map(String::from_utf8)
+            .transpose()
+            .map_err(|source| sqlx::Error::ColumnDecode {
+                index: i.to_string(),
+                source: Box::new(source),
+            }),
+        decoded => decoded,
+    }
+}
 
 /// A connection from `pool`, with the error every caller reports.
 pub(crate) async fn acquire<DB: Backend>(

@@ -33,6 +33,7 @@ static MYSQL: Dialect = Dialect {
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN {column}"),
     // No partial indexes: the inbox keeps its full ones.
     inbox_pending_indexes: |_| Vec::new(),
+    inbox_binary_ids,
     outbox_open_key_index: |t| format!("CREATE INDEX {t}_open_key ON {t} (event_key, process, id)"),
     use_index: |table, name| format!("FORCE INDEX ({table}_{name})"),
     outbox_waiting_index: |_| Vec::new(),
@@ -122,6 +123,20 @@ fn inbox_ddl(t: &str) -> Vec<String> {
             KEY {t}_process (process, next_attempt_at),
             KEY {t}_key (consumer, event_key, process)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+    )]
+}
+
+/// The inbox's dedup columns in a binary collation: with the table's
+/// default (`utf8mb4_general_ci` on MariaDB, `utf8mb4_0900_ai_ci` on MySQL 8)
+/// the unique key took `abc` and `ABC` for one event and skipped the second
+/// as a duplicate. `utf8mb4_bin` exists on both; it still pads with spaces, so
+/// ids differing only in trailing spaces remain one. `MODIFY` rebuilds the
+/// table, and running it again changes nothing.
+fn inbox_binary_ids(t: &str) -> Vec<String> {
+    vec![format!(
+        "ALTER TABLE {t} \
+         MODIFY consumer VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, \
+         MODIFY event_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
     )]
 }
 

@@ -339,6 +339,9 @@ fn inbox_migrations(dialect: &Dialect, t: &str) -> Vec<Vec<String>> {
         // Version 3: only rows waiting for a retry or parked are in the
         // indexes that look for them.
         (dialect.inbox_pending_indexes)(t),
+        // Version 4: event ids that differ only in case are two events (on
+        // MySQL, whose default collation ignored case).
+        (dialect.inbox_binary_ids)(t),
     ]
 }
 
@@ -455,6 +458,23 @@ impl InboxSql {
                 "SELECT COUNT(*) FROM {} WHERE consumer = ? AND event_key IN ({list}) \
                  AND process <> '{processed}' AND process IN ('{retry}', '{failed}')",
                 self.table
+            ),
+        )
+    }
+
+    /// How many of `ids` event ids (bound after the consumer) have a
+    /// `PROCESSED` row of this consumer: read inside a handler's
+    /// transaction before it commits, to see that its inbox rows are still
+    /// there.
+    pub(crate) fn count_processed(&self, ids: usize) -> String {
+        let processed = InboxState::Processed.as_sql();
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "SELECT COUNT(*) FROM {} WHERE consumer = ? AND process = '{processed}' \
+                 AND event_id IN ({})",
+                self.table,
+                marks(ids)
             ),
         )
     }

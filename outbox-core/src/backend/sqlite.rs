@@ -25,6 +25,7 @@ static SQLITE: Dialect = Dialect {
     create_index: super::create_index_if_not_exists,
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN {column}"),
     inbox_pending_indexes: super::partial_pending_indexes,
+    inbox_binary_ids: |_| Vec::new(),
     outbox_open_key_index: super::partial_open_key_index,
     outbox_waiting_index: |_| Vec::new(),
     drop_index: |table, name| format!("DROP INDEX IF EXISTS {table}_{name}"),

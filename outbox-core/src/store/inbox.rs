@@ -91,25 +91,23 @@ impl<DB: Backend> InboxStore<DB> {
         schema::migrate(&self.pool, &self.table, &self.sql.migrations).await
     }
 
-    /// Inserts the row of `delivery` in `state` inside `conn`'s transaction.
-    /// A unique violation on (consumer, event_id) is a duplicate. A row not
-    /// processed keeps the headers and payload for its retry or replay.
+    /// Inserts the row of `delivery` in `state`, with `attempts` spent,
+    /// inside `conn`'s transaction. A unique violation on (consumer,
+    /// event_id) is a duplicate. A row not processed keeps the headers and
+    /// payload for its retry or replay.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn record(
         &self,
         conn: &mut DB::Connection,
         delivery: &Delivery,
         state: InboxState,
+        attempts: i64,
         error: Option<&str>,
         next_attempt_at: Option<i64>,
         now: i64,
     ) -> Result<Recorded, Error> {
         let processed = state == InboxState::Processed;
         let headers = (!processed).then(|| delivery.headers_json());
-        let attempts = if processed {
-            1
-        } else {
-            i64::from(error.is_some())
-        };
         let result = DB::exec(
             conn,
             &self.sql.insert,
@@ -165,6 +163,34 @@ impl<DB: Backend> InboxStore<DB> {
             }
         }
         Ok(Recorded::New)
+    }
+
+    /// How many of `event_ids` have a `PROCESSED` row of this consumer, as
+    /// `conn`'s transaction sees them: [`ID_CHUNK`] ids per statement.
+    pub(crate) async fn count_processed(
+        &self,
+        conn: &mut DB::Connection,
+        event_ids: &[&str],
+    ) -> Result<u64, Error> {
+        let mut n = 0;
+        for chunk in event_ids.chunks(ID_CHUNK) {
+            let mut args = Vec::with_capacity(chunk.len() + 1);
+            args.push(Value::Text(Some(&self.consumer)));
+            args.extend(chunk.iter().map(|id| Value::Text(Some(id))));
+            let rows = DB::fetch(
+                conn,
+                &self.sql.count_processed(chunk.len()),
+                &args,
+                &[Column::Int],
+            )
+            .await
+            .map_err(Error::db("checking the inbox rows before commit"))?;
+            n += match rows.into_iter().next() {
+                Some(cells) => Row::new("inbox", cells).count(0, "COUNT(*)")?,
+                None => 0,
+            };
+        }
+        Ok(n)
     }
 
     /// `true` when an earlier event of any of `keys` is waiting for a retry
