@@ -629,6 +629,93 @@ mod postgres {
         let left = drain(&broker, dest, Duration::from_secs(1)).await;
         assert!(left.is_empty(), "{:?}", tally(&left));
     }
+
+    /// Holds every event of key `slow` until the gate opens; writes a ledger
+    /// row for the others.
+    struct HeldKey {
+        gate: tokio::sync::watch::Receiver<bool>,
+    }
+
+    impl Handler<sqlx::Postgres> for HeldKey {
+        type Event = UserCreated;
+
+        fn decode(&self, delivery: &Delivery) -> Result<UserCreated, String> {
+            decode_json(delivery)
+        }
+
+        fn handle<'a>(
+            &'a self,
+            tx: &'a mut sqlx::Transaction<'static, sqlx::Postgres>,
+            event: UserCreated,
+            delivery: &'a Delivery,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
+            Box::pin(async move {
+                if delivery.key.as_deref() == Some("slow") {
+                    let mut gate = self.gate.clone();
+                    let _ = gate.wait_for(|open| *open).await;
+                }
+                sqlx::query("INSERT INTO ledger (user_id) VALUES ($1)")
+                    .bind(event.user_id)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            })
+        }
+    }
+
+    /// With per-key order, each key goes to a lane of its own worker. A key
+    /// whose handler is held, with more of its messages waiting than a lane
+    /// held (64, while the default prefetch is 128), stopped the reader: the
+    /// events of every other key waited behind it. Now a lane holds what
+    /// the prefetch lets in.
+    #[tokio::test]
+    async fn a_held_key_with_many_messages_waiting_holds_up_no_other_key() {
+        let Some((_db, inbox)) = setup().await else {
+            return;
+        };
+        let broker = broker().await;
+        let dest = "/queue/test.faults.lanes";
+        let producer = client(&broker).await;
+        let keyed = |n: i64, key: &str| {
+            Outgoing::new(dest.to_owned(), user(n))
+                .persistent(true)
+                .header("event-id", format!("e-{n}"))
+                .header("event-type", "user.created")
+                .header("event-key", key.to_owned())
+        };
+        for n in 0..100 {
+            producer.send(keyed(n, "slow")).await.unwrap();
+        }
+        for n in 100..116 {
+            producer.send(keyed(n, &format!("k{n}"))).await.unwrap();
+        }
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let config = ConsumerConfig {
+            per_key_order: true,
+            ..quick(dest)
+        };
+        let handle = Consumer::new(inbox.clone(), HeldKey { gate }, config)
+            .unwrap()
+            .spawn(client(&broker).await)
+            .await
+            .unwrap();
+        eventually(
+            "events of other keys applied while `slow` is held",
+            Duration::from_secs(30),
+            || {
+                let inbox = inbox.clone();
+                async move { inbox.counts().await.unwrap().processed >= 8 }
+            },
+        )
+        .await;
+        let _ = open.send(true);
+        eventually("all 116 applied", Duration::from_secs(60), || {
+            let inbox = inbox.clone();
+            async move { inbox.counts().await.unwrap().processed == 116 }
+        })
+        .await;
+        handle.shutdown().await.unwrap();
+    }
 }
 
 mod mysql {

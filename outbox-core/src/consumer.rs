@@ -176,6 +176,20 @@ impl ConsumerConfig {
     }
 }
 
+impl ConsumerConfig {
+    /// The prefetch the subscription asks for: [`prefetch`](Self::prefetch),
+    /// or `concurrency × batch_size` (at most 1000).
+    pub fn effective_prefetch(&self) -> u32 {
+        self.prefetch
+            .unwrap_or_else(|| {
+                let batch = self.batch_size.max(1);
+                let concurrency = self.concurrency.max(1);
+                u32::try_from((concurrency * batch).min(1000)).unwrap_or(1000)
+            })
+            .max(1)
+    }
+}
+
 /// The largest [`ConsumerConfig::batch_size`] and
 /// [`ConsumerConfig::concurrency`]: a batch's inbox rows are inserted with one
 /// statement, well within every database's limit on bound parameters.
@@ -481,14 +495,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     /// starts consuming on a task.
     pub async fn spawn(self, client: Client) -> Result<ConsumerHandle, Error> {
         let config = &self.shared.config;
-        let concurrency = config.concurrency.max(1);
-        let prefetch = config
-            .prefetch
-            .unwrap_or_else(|| {
-                let batch = config.batch_size.max(1);
-                u32::try_from((concurrency * batch).min(1000)).unwrap_or(1000)
-            })
-            .max(1);
+        let prefetch = config.effective_prefetch();
         let subscription = client
             .subscribe(
                 Subscribe::new(config.destination.clone())
@@ -606,7 +613,11 @@ async fn in_key_lanes<DB: Backend, H: Handler<DB>, S: Subscriber>(
     workers: usize,
     most: usize,
 ) -> Option<S> {
-    let capacity = usize::try_from(shared.config.prefetch.unwrap_or(64)).unwrap_or(64);
+    // A lane holds as much as the broker may push: a key whose handler is
+    // held then never fills its lane while the subscription still has
+    // messages of other keys (the reader would wait on that lane and hold
+    // them all up).
+    let capacity = usize::try_from(shared.config.effective_prefetch()).unwrap_or(1000);
     let mut tasks = JoinSet::new();
     let mut lanes: Vec<mpsc::Sender<S::Message>> = Vec::with_capacity(workers);
     for _ in 0..workers {
