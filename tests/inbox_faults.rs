@@ -376,6 +376,55 @@ macro_rules! fault_suite {
             assert_eq!(parked[0].content, user(1), "parked with its payload");
         }
 
+        /// A retry row that cannot be read (headers that are not JSON, as a
+        /// hand or a non-strict MySQL cutting a long value may leave them) is
+        /// parked with the reason; the other retry rows are retried. Before,
+        /// the read of the whole pass failed, every pass.
+        #[tokio::test]
+        async fn a_retry_row_that_cannot_be_read_is_parked_and_the_others_are_retried() {
+            let Some((db, inbox)) = setup().await else { return };
+            let insert = marks(
+                "INSERT INTO inbox_event (consumer, event_id, event_type, process, attempts, \
+                 next_attempt_at, last_error, headers, content, create_time, update_time) \
+                 VALUES ('ledger', ?, 'user.created', 'RETRY', 1, 0, 'earlier failure', ?, ?, ?, ?)",
+            );
+            for n in 1..=5 {
+                let headers = if n == 1 { "[\"cut" } else { "[]" };
+                sqlx::query(&insert)
+                    .bind(format!("e-{n}"))
+                    .bind(headers)
+                    .bind(user(n))
+                    .bind(now_ms())
+                    .bind(now_ms())
+                    .execute(db.pool())
+                    .await
+                    .unwrap();
+            }
+            let broker = broker().await;
+            let config = quick("/queue/test.faults.unreadable_retry");
+            let handle = Consumer::new(inbox.clone(), ledger(Misbehaviour::None), config)
+                .unwrap()
+                .spawn(client(&broker).await)
+                .await
+                .unwrap();
+            eventually("four retried and one parked", Duration::from_secs(60), || {
+                let inbox = inbox.clone();
+                async move {
+                    let c = inbox.counts().await.unwrap();
+                    c.processed == 4 && c.failed == 1
+                }
+            })
+            .await;
+            handle.shutdown().await.unwrap();
+            assert_eq!(ledger_users(&db).await, vec![2, 3, 4, 5]);
+            let parked = inbox.parked(10).await.unwrap();
+            assert_eq!(parked[0].event_id, "e-1");
+            assert!(
+                parked[0].last_error.as_deref().is_some_and(|e| e.contains("headers")),
+                "{parked:?}"
+            );
+        }
+
         /// Messages from a producer outside this framework with an empty or
         /// blank `event-id`, or none: each is its own event (the broker's
         /// `message-id` decides), none is skipped as a duplicate of another.

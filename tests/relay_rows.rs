@@ -119,6 +119,56 @@ macro_rules! rows_suite {
         }
 
         #[tokio::test]
+        async fn keys_waiting_behind_parked_rows_with_more_rows_than_eight_windows_stop_no_other_row() {
+            let Some((_db, outbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.rows.many_waiting";
+            // Nine keys of 60 rows each, every key's first row parked: 540
+            // rows held back, more than a claim's eight windows of 50 read.
+            let mut heads = Vec::new();
+            for k in 0..9 {
+                let key = format!("held{k}");
+                let events: Vec<Event> =
+                    (0..60).map(|seq| ok(dest, seq).with_key(key.clone())).collect();
+                let mut tx = outbox.pool().begin().await.unwrap();
+                let ids = outbox.append_all(&mut tx, &events).await.unwrap();
+                outbox.commit(tx).await.unwrap();
+                heads.push(ids[0].to_string());
+            }
+            for head in &heads {
+                sqlx::query(&format!(
+                    "UPDATE outbox_event SET process = 'FAILED' WHERE event_id = '{head}'"
+                ))
+                .execute(outbox.pool())
+                .await
+                .unwrap();
+            }
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let keyless = outbox.append(&mut tx, ok(dest, 1000)).await.unwrap().to_string();
+            let fresh = outbox
+                .append(&mut tx, ok(dest, 1001).with_key("fresh"))
+                .await
+                .unwrap()
+                .to_string();
+            outbox.commit(tx).await.unwrap();
+            let config = RelayConfig { batch_size: 50, handoff: false, ..quick_relay() };
+            let relay = outbox
+                .relay(StompPublisher::new(client(&broker).await), config)
+                .unwrap()
+                .spawn();
+            until("the keyless and the fresh key's rows are published", Duration::from_secs(60), async || {
+                rows(&outbox, None, "PUBLISHED").await == 1
+                    && rows(&outbox, Some("fresh"), "PUBLISHED").await == 1
+            })
+            .await;
+            relay.shutdown().await.unwrap();
+            let counts = tally(&drain(&broker, dest, Duration::from_secs(2)).await);
+            assert_eq!(counts.get(&keyless), Some(&1));
+            assert_eq!(counts.get(&fresh), Some(&1));
+            assert_eq!(counts.len(), 2, "a held row was published: {counts:?}");
+        }
+
+        #[tokio::test]
         async fn a_row_that_cannot_be_read_as_an_event_is_parked_and_the_rows_behind_it_published() {
             let Some((_db, outbox)) = setup().await else { return };
             let broker = broker().await;

@@ -1412,12 +1412,24 @@ async fn retry_due<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     errors: &mut RowErrors,
 ) -> Result<usize, Error> {
-    let rows = shared
+    let due = shared
         .inbox
         .store
         .due(now_ms(), 100, shared.config.per_key_order)
         .await?;
     let mut settled = 0;
+    for (id, reason) in &due.unreadable {
+        tracing::error!(row = id, reason, "retry row parked: it cannot be read");
+        // A budget of 0: parked whatever its attempts.
+        shared
+            .inbox
+            .store
+            .fail_retry(*id, 0, &error_text(reason), now_ms(), now_ms())
+            .await?;
+        shared.metrics.add(Count::Failed, 1);
+        settled += 1;
+    }
+    let rows = due.rows;
     for row in &rows {
         let error = match retry_one(shared, row).await {
             Ok(()) => {

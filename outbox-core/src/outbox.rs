@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::backend::Backend;
 use crate::backend::sql::OutboxSql;
 use crate::event::Event;
-use crate::names::{TableName, now_ms};
+use crate::names::TableName;
 use crate::store::OutboxStore;
 use crate::wake::PoolId;
 use crate::{Error, Publisher, Relay, RelayConfig, wake};
@@ -280,7 +280,8 @@ impl<DB: Backend> Outbox<DB> {
     /// parked row has this id. The id is text, as [`ParkedEvent::event_id`]
     /// and [`Inbox::replay`](crate::Inbox::replay) have it.
     pub async fn replay(&self, event_id: &str) -> Result<bool, Error> {
-        let n = self.inner.store.replay(Some(event_id), now_ms()).await?;
+        let now = crate::clock::now(self.pool()).await;
+        let n = self.inner.store.replay(Some(event_id), now).await?;
         self.wake();
         Ok(n > 0)
     }
@@ -291,7 +292,8 @@ impl<DB: Backend> Outbox<DB> {
     /// for one [`Outbox::replay_all`] statement, or with progress reports.
     pub async fn replay_many<S: AsRef<str>>(&self, event_ids: &[S]) -> Result<u64, Error> {
         let ids: Vec<&str> = event_ids.iter().map(AsRef::as_ref).collect();
-        let n = self.inner.store.replay_ids(&ids, now_ms()).await?;
+        let now = crate::clock::now(self.pool()).await;
+        let n = self.inner.store.replay_ids(&ids, now).await?;
         if n > 0 {
             self.wake();
         }
@@ -300,7 +302,8 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Puts every parked event back to `NEW`; returns how many.
     pub async fn replay_all(&self) -> Result<u64, Error> {
-        let n = self.inner.store.replay(None, now_ms()).await?;
+        let now = crate::clock::now(self.pool()).await;
+        let n = self.inner.store.replay(None, now).await?;
         self.wake();
         Ok(n)
     }

@@ -117,8 +117,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// A window of due rows may hold only rows that per-key order must hold
     /// back (a key whose earlier row is parked or waits for a retry, with more
     /// rows of it than a batch): the claim then reads on past that window,
-    /// leaving out the keys found waiting, up to [`CLAIM_WINDOWS`] windows, so
-    /// one waiting key never stops the rest of the table.
+    /// leaving out the keys found waiting, up to [`CLAIM_WINDOWS`] windows.
+    /// The keys found waiting are remembered for [`WAITING_KEY_TTL`] and left
+    /// out from the first window of the next claims, so however many rows
+    /// wait, each claim gets further past them: waiting keys never stop the
+    /// rest of the table.
     async fn claim(
         &self,
         token: &str,
@@ -140,8 +143,13 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         // Rows going ahead of the next window's rows of their keys: the ones
         // in flight and those accepted from earlier windows.
         let mut ahead = in_flight.clone();
-        let mut waiting_keys: Vec<String> = Vec::new();
-        let mut after: Option<i64> = None;
+        let remembered = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current();
+        let mut waiting_keys: Vec<String> = remembered;
+        let mut after: Option<i64> = (!waiting_keys.is_empty()).then_some(i64::MIN);
         for _ in 0..CLAIM_WINDOWS {
             let rows = match after {
                 None => store.select_due(&mut tx, now, share, limit).await?,
@@ -189,6 +197,10 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             store.lease(&mut tx, token, now + ms(lease), &ids).await?;
         }
         tx.commit().await.map_err(Error::db("committing a claim"))?;
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .learn(waiting_keys);
         Ok(batch)
     }
 
@@ -285,9 +297,41 @@ fn keep_within_bytes(batch: &mut Vec<OutboxMessage>, budget: usize) -> bool {
 /// the rows of the windows before.
 const CLAIM_WINDOWS: usize = 8;
 
-/// Most keys found waiting that a claim leaves out of its later windows
-/// (each is one bound value).
-const MAX_WAITING_KEYS: usize = 100;
+/// Most keys found waiting that a claim leaves out of its windows (each is
+/// one bound value).
+const MAX_WAITING_KEYS: usize = 1000;
+
+/// How long a key found waiting is left out of the claims' first windows
+/// before it is looked at again: a key whose waiting ends (its earlier row
+/// published or replayed) is claimed again at most this much later.
+const WAITING_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keys found waiting behind an earlier unpublished row of theirs, each with
+/// the time it was found.
+#[derive(Debug, Default)]
+pub(super) struct WaitingKeys {
+    keys: Vec<(String, std::time::Instant)>,
+}
+
+impl WaitingKeys {
+    /// The keys found less than [`WAITING_KEY_TTL`] ago.
+    fn current(&mut self) -> Vec<String> {
+        self.keys.retain(|(_, at)| at.elapsed() < WAITING_KEY_TTL);
+        self.keys.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Remembers `keys`; a key already known keeps the time it was found.
+    fn learn(&mut self, keys: Vec<String>) {
+        for key in keys {
+            if self.keys.len() >= MAX_WAITING_KEYS {
+                return;
+            }
+            if !self.keys.iter().any(|(k, _)| *k == key) {
+                self.keys.push((key, std::time::Instant::now()));
+            }
+        }
+    }
+}
 
 /// Longest claim token: the `claimed_by` column is `VARCHAR(64)`.
 const TOKEN_MAX: usize = outbox_rules::MAX_CLAIM_TOKEN;

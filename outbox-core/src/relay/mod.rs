@@ -189,6 +189,9 @@ pub struct Relay<DB: Backend, P: Publisher> {
     max_publish: std::time::Duration,
     /// The key partitions this relay claims from.
     share: Arc<ShareCell>,
+    /// Keys lately found waiting behind an earlier row: claims leave them out
+    /// from their first window.
+    waiting: std::sync::Mutex<claim::WaitingKeys>,
 }
 
 impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
@@ -246,6 +249,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             wake: Arc::new(Notify::new()),
             batch: AtomicU64::new(0),
             share: Arc::new(ShareCell::all()),
+            waiting: std::sync::Mutex::default(),
         }
     }
 

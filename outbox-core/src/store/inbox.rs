@@ -230,7 +230,7 @@ impl<DB: Backend> InboxStore<DB> {
         now: i64,
         limit: u32,
         key_order: bool,
-    ) -> Result<Vec<DueRow>, Error> {
+    ) -> Result<DueRows, Error> {
         let sql = if key_order {
             &self.sql.due_in_key_order
         } else {
@@ -257,29 +257,21 @@ impl<DB: Backend> InboxStore<DB> {
         )
         .await
         .map_err(Error::db("selecting due retries"))?;
-        decode_all("inbox", rows, |mut row| {
-            let headers = match row.opt_text(4) {
-                Some(json) => serde_json::from_str(&json).map_err(|_| Error::Row {
-                    table: "inbox",
-                    column: "headers",
-                    reason: "not a JSON array of name and value pairs",
-                })?,
-                None => Vec::new(),
-            };
-            let attempts = row.int(6, "attempts")?;
-            Ok(DueRow {
-                id: row.int(0, "id")?,
-                attempts,
-                delivery: Delivery {
-                    event_id: row.text(1, "event_id")?,
-                    event_type: row.opt_text(2),
-                    key: row.opt_text(3),
-                    headers,
-                    body: Bytes::from(row.bytes(5, "content")?),
-                    attempt: u32::try_from(attempts).unwrap_or(u32::MAX),
-                },
-            })
-        })
+        // Each row on its own: one that cannot be read (headers that are not
+        // JSON, a NULL payload, written by hand or cut by a non-strict MySQL)
+        // is set apart with the reason, and the others are retried.
+        let mut due = DueRows::default();
+        for cells in rows {
+            let row = Row::new("inbox", cells);
+            let id = row.int(0, "id")?;
+            match due_row(row) {
+                Ok(row) => due.rows.push(row),
+                Err(error) => due
+                    .unreadable
+                    .push((id, format!("the row cannot be read for a retry: {error}"))),
+            }
+        }
+        Ok(due)
     }
 
     /// Switches the retry row `id` to `PROCESSED` inside `conn`'s transaction;
@@ -483,4 +475,37 @@ fn duplicate_or(result: Result<u64, sqlx::Error>, action: &'static str) -> Resul
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(Recorded::Duplicate),
         Err(source) => Err(Error::Database { action, source }),
     }
+}
+
+/// Rows due for a retry: those to retry, and those that cannot be read (id,
+/// reason), which the consumer parks.
+#[derive(Default)]
+pub(crate) struct DueRows {
+    pub(crate) rows: Vec<DueRow>,
+    pub(crate) unreadable: Vec<(i64, String)>,
+}
+
+/// A row of [`InboxSql::due`](crate::backend::sql::InboxSql::due) as a retry.
+fn due_row(mut row: Row) -> Result<DueRow, Error> {
+    let headers = match row.opt_text(4) {
+        Some(json) => serde_json::from_str(&json).map_err(|_| Error::Row {
+            table: "inbox",
+            column: "headers",
+            reason: "not a JSON array of name and value pairs",
+        })?,
+        None => Vec::new(),
+    };
+    let attempts = row.int(6, "attempts")?;
+    Ok(DueRow {
+        id: row.int(0, "id")?,
+        attempts,
+        delivery: Delivery {
+            event_id: row.text(1, "event_id")?,
+            event_type: row.opt_text(2),
+            key: row.opt_text(3),
+            headers,
+            body: Bytes::from(row.bytes(5, "content")?),
+            attempt: u32::try_from(attempts).unwrap_or(u32::MAX),
+        },
+    })
 }
