@@ -15,6 +15,7 @@ use std::time::Duration;
 use outbox::core::consumer::{BoxFuture, HandlerError, decode_json};
 use outbox::core::{Backoff, Consumer, ConsumerConfig, Delivery, Handler, Inbox};
 use outbox::stomp::{Client, Config, Limits, Outgoing};
+use outbox_test_harness::{Direction, FaultProxy};
 use serde::{Deserialize, Serialize};
 use support::*;
 
@@ -676,6 +677,94 @@ macro_rules! inbox_suite {
             assert_eq!(consumer_client.epoch(), 0, "the connection was never lost");
             handle.shutdown().await.unwrap();
             assert_eq!(points(&inbox).await, HashMap::from([(1, 1), (2, 1)]));
+        }
+
+        /// Applies events like [`Points`]; the first time it sees user 1 it
+        /// stalls the consumer's own connection for longer than its receipt
+        /// timeout: the broker stops reading (the proxy freezes that way)
+        /// while a large frame is being written, so the ACK that follows
+        /// waits behind it and fails, on a connection that lives on.
+        struct StallOnce {
+            points: Points,
+            proxy: Arc<FaultProxy>,
+            client: Client,
+            stalled: Arc<std::sync::atomic::AtomicBool>,
+        }
+
+        impl Handler<Db> for StallOnce {
+            type Event = UserCreated;
+
+            fn decode(&self, delivery: &Delivery) -> Result<UserCreated, String> {
+                decode_json(delivery)
+            }
+
+            fn handle<'a>(
+                &'a self,
+                tx: &'a mut sqlx::Transaction<'static, Db>,
+                event: UserCreated,
+                delivery: &'a Delivery,
+            ) -> BoxFuture<'a, Result<(), HandlerError>> {
+                Box::pin(async move {
+                    use std::sync::atomic::Ordering;
+                    if event.user_id == 1 && !self.stalled.swap(true, Ordering::SeqCst) {
+                        self.proxy.freeze(Direction::ToServer);
+                        // More than the socket buffers on both sides of the
+                        // proxy hold: the write blocks until the proxy reads again.
+                        let big = Outgoing::new("/topic/test.inbox.nobody", vec![b'x'; 32 * 1024 * 1024]);
+                        let sent = self.client.send_unconfirmed(big).await;
+                        assert!(sent.is_err(), "the write must still be blocked");
+                        let proxy = self.proxy.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                            proxy.pass();
+                        });
+                    }
+                    self.points.handle(tx, event, delivery).await
+                })
+            }
+        }
+
+        #[tokio::test]
+        async fn an_ack_that_fails_on_a_live_connection_is_sent_again_and_the_queue_flows() {
+            let Some((_db, inbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.inbox.ackfail";
+            let producer = client(&broker).await;
+            for n in 1..=10 {
+                send(&producer, dest, &format!("e-{n}"), &user(n)).await;
+            }
+            let proxy = Arc::new(FaultProxy::start(broker.stomp_addr()).await.unwrap());
+            let config = Config::parse(&proxy.stomp_uri())
+                .unwrap()
+                .with_receipt_timeout(Duration::from_secs(1))
+                .with_write_timeout(Duration::from_secs(30));
+            let consumer_client = Client::connect(config).await.unwrap();
+            let handler = StallOnce {
+                points: points_handler(&Faults::default()),
+                proxy: proxy.clone(),
+                client: consumer_client.clone(),
+                stalled: Arc::default(),
+            };
+            // One unacknowledged delivery takes the only prefetch slot.
+            let config = ConsumerConfig { prefetch: Some(1), concurrency: 1, batch_size: 1, ..quick(dest) };
+            let handle = Consumer::new(inbox.clone(), handler, config)
+                .expect("valid settings")
+                .spawn(consumer_client.clone())
+                .await
+                .unwrap();
+            eventually("all ten applied", Duration::from_secs(60), || {
+                let inbox = inbox.clone();
+                async move { inbox.counts().await.unwrap().processed == 10 }
+            })
+            .await;
+            let m = handle.metrics().snapshot();
+            assert!(m.ack_failures >= 1, "{m:?}");
+            handle.shutdown().await.unwrap();
+            let applied = points(&inbox).await;
+            assert_eq!(applied.len(), 10, "{applied:?}");
+            assert!(applied.values().all(|n| *n == 1), "applied once each: {applied:?}");
+            // Nothing is left in flight on the queue.
+            assert!(drain(&broker, dest, Duration::from_secs(2)).await.is_empty());
         }
 
         #[tokio::test]

@@ -5,8 +5,11 @@
 //! rows by key and, on PostgreSQL, of waiting rows, and the index of every
 //! row by key gone; on PostgreSQL and SQLite the inbox's partial indexes of
 //! pending rows; on MySQL the inbox's binary dedup columns), also by two
-//! processes migrating at once, with its retry and
-//! parked rows still found, and retention keeps deleting only old rows.
+//! processes migrating at once, with its retry and parked rows still found,
+//! and retention keeps deleting only old rows. On PostgreSQL and MySQL a
+//! migration behind another session's table lock or another process's
+//! migration lock gives up with a typed error, and one abandoned while it
+//! holds the migration lock leaves no lock behind.
 //!
 //! The crash test re-runs this binary as a child process (the `#[ignore]`d
 //! `child_migrate` test) that migrates with the failpoint
@@ -17,7 +20,7 @@ mod support;
 
 use std::time::Duration;
 
-use outbox::core::{Inbox, Outbox};
+use outbox::core::{Error, Inbox, Outbox};
 use support::{child_var, run_child};
 
 macro_rules! schema_suite {
@@ -234,6 +237,120 @@ macro_rules! schema_suite {
             assert_eq!(inbox.replay_all().await.unwrap(), 1);
             let counts = inbox.counts().await.unwrap();
             assert_eq!((counts.processed, counts.retry, counts.failed), (1, 2, 0));
+            other.close().await;
+        }
+
+        /// A session that holds `inbox_event` in an open transaction, as an
+        /// idle-in-transaction session of an application does: on PostgreSQL
+        /// an exclusive table lock, on MySQL the shared metadata lock of a
+        /// read, which DDL on the table waits for.
+        async fn hold_inbox_table(url: &str) -> sqlx::Transaction<'static, Db> {
+            let pool = sqlx::pool::PoolOptions::<Db>::new()
+                .max_connections(1)
+                .connect(url)
+                .await
+                .unwrap();
+            let mut tx = pool.begin().await.unwrap();
+            let hold = if postgres() {
+                "LOCK TABLE inbox_event IN ACCESS EXCLUSIVE MODE"
+            } else {
+                "SELECT COUNT(*) FROM inbox_event"
+            };
+            sqlx::raw_sql(hold).execute(&mut *tx).await.unwrap();
+            tx
+        }
+
+        #[tokio::test]
+        async fn a_migration_behind_another_sessions_table_lock_gives_up_with_a_typed_error() {
+            if !postgres() && !mysql() {
+                return;
+            }
+            let Some(db) = $open().await else { return };
+            let inbox = Inbox::new(db.pool().clone(), "points").unwrap();
+            inbox.migrate().await.unwrap();
+            back_to_version_1(db.pool(), "inbox_event").await;
+            let blocker = hold_inbox_table(db.url()).await;
+            let short = Duration::from_secs(2);
+            let migrated = tokio::time::timeout(Duration::from_secs(60), inbox.migrate_with(short))
+                .await
+                .expect("migrate() must give up, not wait for ever");
+            match migrated {
+                Err(Error::MigrationTimeout { table, waiting_for, after }) => {
+                    assert_eq!((table.as_str(), after), ("inbox_event", short));
+                    assert!(waiting_for.contains("open transaction"), "{waiting_for}");
+                }
+                other => panic!("expected a migration timeout, got {other:?}"),
+            }
+            blocker.rollback().await.unwrap();
+            inbox.migrate().await.unwrap();
+            assert_eq!(version(db.pool(), "inbox_event").await, 3);
+        }
+
+        #[tokio::test]
+        async fn a_migration_behind_another_process_holding_the_migration_lock_gives_up_with_a_typed_error() {
+            if !postgres() && !mysql() {
+                return;
+            }
+            let Some(db) = $open().await else { return };
+            let inbox = Inbox::new(db.pool().clone(), "points").unwrap();
+            inbox.migrate().await.unwrap();
+            // Another process migrating holds the lock in its own session.
+            let mut holder = <<Db as sqlx::Database>::Connection as sqlx::Connection>::connect(db.url())
+                .await
+                .unwrap();
+            let take = if postgres() {
+                "SELECT pg_advisory_lock(7305093410471135041)"
+            } else {
+                "SELECT GET_LOCK(CONCAT('outbox_migrate.', MD5(DATABASE())), 0)"
+            };
+            sqlx::raw_sql(take).execute(&mut holder).await.unwrap();
+            let short = Duration::from_millis(500);
+            let migrated = tokio::time::timeout(Duration::from_secs(60), inbox.migrate_with(short))
+                .await
+                .expect("migrate() must give up, not wait for ever");
+            match migrated {
+                Err(Error::MigrationTimeout { table, waiting_for, after }) => {
+                    assert_eq!((table.as_str(), after), ("inbox_event", short));
+                    assert!(waiting_for.contains("migration lock"), "{waiting_for}");
+                }
+                other => panic!("expected a migration timeout, got {other:?}"),
+            }
+            sqlx::Connection::close(holder).await.unwrap();
+            inbox.migrate_with(short).await.unwrap();
+        }
+
+        #[tokio::test]
+        async fn a_migration_abandoned_while_it_holds_the_migration_lock_leaves_no_lock_behind() {
+            if !postgres() && !mysql() {
+                return;
+            }
+            let Some(db) = $open().await else { return };
+            let inbox = Inbox::new(db.pool().clone(), "points").unwrap();
+            inbox.migrate().await.unwrap();
+            back_to_version_1(db.pool(), "inbox_event").await;
+            let blocker = hold_inbox_table(db.url()).await;
+            // It takes the migration lock, then waits behind the blocker
+            // until its caller gives up on it.
+            let abandoned = tokio::time::timeout(Duration::from_secs(2), inbox.migrate()).await;
+            assert!(abandoned.is_err(), "still waiting behind the blocker");
+            blocker.rollback().await.unwrap();
+            // Another process migrates: the lock is not held for ever by a
+            // session parked in the first process's pool.
+            let other = sqlx::pool::PoolOptions::<Db>::new()
+                .max_connections(1)
+                .connect(db.url())
+                .await
+                .unwrap();
+            let migrated = tokio::time::timeout(
+                Duration::from_secs(60),
+                Inbox::new(other.clone(), "points").unwrap().migrate(),
+            )
+            .await
+            .expect("the abandoned migration's lock was never given back");
+            migrated.unwrap();
+            assert_eq!(version(&other, "inbox_event").await, 3);
+            // The first process still works too.
+            inbox.migrate().await.unwrap();
             other.close().await;
         }
 

@@ -18,6 +18,13 @@
 //! row is switched to `PROCESSED` inside the handler's transaction, so the
 //! row lock makes two processes retrying the same row harmless. NACK is never
 //! used — on ActiveMQ it sends the message straight to the dead-letter queue.
+//!
+//! ActiveMQ holds an unacknowledged message, and its prefetch slot, until its
+//! connection ends. So an ACK that fails while the connection lives is tried
+//! again a few times with backoff, and if it still fails — or a delivery can
+//! be neither recorded nor parked — the consumer ends that connection: the
+//! client reconnects, the broker delivers the message again and its inbox
+//! row settles it. Health reports the failure until a delivery settles.
 
 use std::collections::hash_map::DefaultHasher;
 use std::future::Future;
@@ -276,6 +283,13 @@ pub struct ConsumerMetrics {
     /// 1 once the consumer stopped because its broker connection ended for
     /// good (or the broker refused to restore its subscription).
     pub stopped: AtomicU64,
+    /// ACKs that failed on a connection that was still up (each is tried
+    /// again a few times).
+    pub ack_failures: AtomicU64,
+    /// Connections the consumer ended because a delivery on them could not
+    /// be acknowledged or settled: the broker delivers it again, to the next
+    /// connection.
+    pub connections_ended: AtomicU64,
     /// What [`health`](ConsumerMetrics::health) reports.
     pub(crate) status: Status,
     /// Handles into the metrics facade, taken when the consumer starts.
@@ -307,6 +321,11 @@ pub struct ConsumerCounts {
     pub db_errors: u64,
     /// 1 once the consumer stopped because its broker connection ended for good.
     pub stopped: u64,
+    /// ACKs that failed on a connection that was still up.
+    pub ack_failures: u64,
+    /// Connections ended to have a delivery that could not be acknowledged
+    /// or settled delivered again.
+    pub connections_ended: u64,
 }
 
 impl ConsumerMetrics {
@@ -348,6 +367,8 @@ impl ConsumerMetrics {
             failed: self.failed.load(Ordering::Relaxed),
             db_errors: self.db_errors.load(Ordering::Relaxed),
             stopped: self.stopped.load(Ordering::Relaxed),
+            ack_failures: self.ack_failures.load(Ordering::Relaxed),
+            connections_ended: self.connections_ended.load(Ordering::Relaxed),
         }
     }
 }
@@ -712,25 +733,120 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     };
     count_outcomes(&shared.metrics, &deliveries, &outcomes);
     failpoint::hit("inbox.after_commit");
-    // Queued together, the ACKs of a batch leave in one write. A delivery
-    // left unsettled (the consumer stopped) is not acked: the broker
-    // redelivers it.
-    let settled: Vec<(_, &Delivery)> = messages
-        .iter()
-        .zip(&deliveries)
-        .zip(&outcomes)
-        .filter(|(_, outcome)| outcome.is_some())
-        .map(|(pair, _)| pair)
-        .collect();
-    let acks = futures_util::future::join_all(settled.iter().map(|(m, _)| m.ack())).await;
-    for (acked, (_, delivery)) in acks.into_iter().zip(&settled) {
-        if let Err(error) = acked {
-            // The broker redelivers it; the inbox row makes that harmless,
-            // so retention waits for a fresh drain before it may delete it.
-            shared.drain.reset();
-            tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
+    // A delivery left unsettled because the consumer stopped is not acked:
+    // the broker redelivers it after the unsubscribe. One left unsettled
+    // while the consumer runs (neither recorded nor parked) would hold its
+    // prefetch slot as long as its connection lives: that connection ends.
+    let mut settled: Vec<(_, &Delivery)> = Vec::with_capacity(messages.len());
+    for (pair, outcome) in messages.iter().zip(&deliveries).zip(&outcomes) {
+        if outcome.is_some() {
+            settled.push(pair);
+        } else if !*stopped.borrow() {
+            let (message, delivery) = pair;
+            end_connection(
+                shared,
+                message,
+                delivery,
+                "it can be neither recorded nor parked",
+            );
         }
     }
+    acknowledge(shared, &settled).await;
+}
+
+/// Further attempts at an ACK that failed on a live connection.
+const ACK_RETRIES: u32 = 3;
+
+/// The pause before each further attempt at an ACK.
+const ACK_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    max: Duration::from_secs(2),
+};
+
+/// Acknowledges settled deliveries; their ACKs, queued together, leave in
+/// one write. An ACK that fails while the delivery's connection lives is
+/// tried again ([`ack_again`]): ActiveMQ would hold the message, and its
+/// prefetch slot, until that connection ends.
+async fn acknowledge<DB: Backend, H: Handler<DB>, M: Incoming>(
+    shared: &Shared<DB, H>,
+    settled: &[(&M, &Delivery)],
+) {
+    let acks = futures_util::future::join_all(settled.iter().map(|(m, _)| m.ack())).await;
+    let again = acks.into_iter().zip(settled).filter_map(|(acked, (m, d))| {
+        acked.err().map(|error| {
+            // The broker may redeliver it: retention waits for a fresh
+            // drain before it may delete its inbox row.
+            shared.drain.reset();
+            ack_again(shared, *m, d, error)
+        })
+    });
+    futures_util::future::join_all(again).await;
+}
+
+/// Tries a failed ACK again, with backoff, while the message's connection
+/// lives; if it still fails, ends that connection, so the broker delivers
+/// the message again and its inbox row settles it. Once the connection has
+/// ended on its own, the broker redelivers it anyway.
+async fn ack_again<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    message: &impl Incoming,
+    delivery: &Delivery,
+    error: String,
+) {
+    let metrics = &shared.metrics;
+    if !message.on_live_connection() {
+        tracing::debug!(%error, event_id = delivery.event_id, "ack failed with its connection; the broker delivers it again");
+        return;
+    }
+    metrics.ack_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%error, event_id = delivery.event_id, "ack failed on a live connection; trying again");
+    metrics
+        .status
+        .broker_failed(format_args!("acknowledging {}: {error}", delivery.event_id));
+    let mut last = error;
+    for attempt in 0..ACK_RETRIES {
+        tokio::time::sleep(ACK_BACKOFF.delay(attempt)).await;
+        if !message.on_live_connection() {
+            return;
+        }
+        match message.ack_again().await {
+            Ok(()) => {
+                metrics.status.succeeded();
+                return;
+            }
+            Err(error) => last = error,
+        }
+    }
+    if message.on_live_connection() {
+        let reason = format!("its ACK failed {} times: {last}", ACK_RETRIES + 1);
+        end_connection(shared, message, delivery, &reason);
+    }
+}
+
+/// Ends the connection `message` came on, so that the broker delivers it
+/// again rather than hold it, and its prefetch slot, for as long as the
+/// connection lives.
+fn end_connection<DB: Backend, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    message: &impl Incoming,
+    delivery: &Delivery,
+    why: &str,
+) {
+    if !message.on_live_connection() {
+        return;
+    }
+    let reason = format!("delivery {} left unacknowledged: {why}", delivery.event_id);
+    tracing::error!(
+        event_id = delivery.event_id,
+        why,
+        "ending the broker connection so that the delivery comes again"
+    );
+    shared
+        .metrics
+        .connections_ended
+        .fetch_add(1, Ordering::Relaxed);
+    shared.metrics.status.broker_failed(&reason);
+    message.end_connection(&reason);
 }
 
 /// Deliveries in progress on the in-flight gauge; taken off when dropped,
@@ -1292,12 +1408,18 @@ async fn park_oversize<DB: Backend, H: Handler<DB>>(
         }
     };
     if outcome.is_none() {
+        if !*stopped.borrow() {
+            end_connection(
+                shared,
+                message,
+                &delivery,
+                "it can be neither recorded nor parked",
+            );
+        }
         return;
     }
     count_outcomes(&shared.metrics, std::slice::from_ref(&delivery), &[outcome]);
-    if let Err(error) = message.ack().await {
-        tracing::debug!(%error, event_id = delivery.event_id, "ack failed");
-    }
+    acknowledge(shared, &[(message, &delivery)]).await;
 }
 
 /// Runs the handler, turning a panic into an error.
@@ -1771,6 +1893,18 @@ mod scripted {
         headers: Vec<(String, String)>,
         body: Bytes,
         acks: Acks,
+        /// The connection it came on and its epoch there; `None`: one that
+        /// never ends.
+        link: Option<(Arc<Link>, u64)>,
+        /// Its ACKs fail while its connection lives.
+        acks_fail: bool,
+    }
+
+    /// A scripted connection: its epoch moves on when the consumer ends it.
+    #[derive(Default)]
+    struct Link {
+        epoch: std::sync::atomic::AtomicU64,
+        ended: Mutex<Vec<String>>,
     }
 
     struct Up;
@@ -1815,9 +1949,29 @@ mod scripted {
             self.body.clone()
         }
         async fn ack(&self) -> Result<(), String> {
+            if self.acks_fail && self.on_live_connection() {
+                return Err("the write stalled".to_owned());
+            }
             let id = self.header("event-id").unwrap_or_default().to_owned();
             self.acks.lock().unwrap().push(id);
             Ok(())
+        }
+
+        fn on_live_connection(&self) -> bool {
+            self.link
+                .as_ref()
+                .is_none_or(|(link, epoch)| link.epoch.load(Ordering::SeqCst) == *epoch)
+        }
+
+        fn end_connection(&self, reason: &str) {
+            if let Some((link, epoch)) = &self.link
+                && link
+                    .epoch
+                    .compare_exchange(*epoch, epoch + 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                link.ended.lock().unwrap().push(reason.to_owned());
+            }
         }
     }
 
@@ -1902,6 +2056,8 @@ mod scripted {
                 headers,
                 body: Bytes::from(user.to_string()),
                 acks: acks.clone(),
+                link: None,
+                acks_fail: false,
             })
             .unwrap();
         }
@@ -2002,5 +2158,119 @@ mod scripted {
             "`a` is in the third query"
         );
         assert!(store.keys_pending(&["a"]).await.unwrap());
+    }
+
+    /// Waits until `done` holds, failing the test after 30 s.
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// User `user`'s event (`e-{user}`) on epoch `epoch` of `link`.
+    fn on_link(user: i64, link: &Arc<Link>, epoch: u64, acks: &Acks, acks_fail: bool) -> Scripted {
+        Scripted {
+            headers: vec![("event-id".into(), format!("e-{user}"))],
+            body: Bytes::from(user.to_string()),
+            acks: acks.clone(),
+            link: Some((link.clone(), epoch)),
+            acks_fail,
+        }
+    }
+
+    fn one_at_a_time() -> ConsumerConfig {
+        ConsumerConfig {
+            concurrency: 1,
+            batch_size: 1,
+            max_attempts: 2,
+            retry_backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(5)),
+            retry_poll: Duration::from_secs(3600),
+            ..ConsumerConfig::new("/queue/scripted")
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ack_that_keeps_failing_ends_its_connection_and_the_redelivery_is_acked_as_a_duplicate()
+     {
+        let f = fixture().await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (acks, link) = (Acks::default(), Arc::new(Link::default()));
+        tx.send(on_link(1, &link, 0, &acks, true)).unwrap();
+        let consumer = Consumer::new(f.inbox.clone(), Ledger, one_at_a_time()).unwrap();
+        let handle = consumer.spawn_on(Script { rx });
+        eventually("the connection ended", || {
+            !link.ended.lock().unwrap().is_empty()
+        })
+        .await;
+        let reason = link.ended.lock().unwrap()[0].clone();
+        assert!(
+            reason.contains("e-1") && reason.contains("the write stalled"),
+            "{reason}"
+        );
+        assert!(!handle.metrics().health().is_ready(), "health says so");
+        // The broker delivers it again on the next connection.
+        tx.send(on_link(1, &link, 1, &acks, false)).unwrap();
+        eventually("the redelivery acked", || acks.lock().unwrap().len() == 1).await;
+        let counts = handle.metrics().snapshot();
+        assert_eq!(
+            (
+                counts.processed,
+                counts.duplicates,
+                counts.ack_failures,
+                counts.connections_ended
+            ),
+            (1, 1, 1, 1),
+            "{counts:?}"
+        );
+        assert!(handle.metrics().health().is_ready());
+        handle.shutdown().await.unwrap();
+        assert_eq!(ledger(&f.inbox).await, [1], "applied once");
+        assert_eq!(link.ended.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_neither_recorded_nor_parked_ends_its_connection_and_the_rest_flow() {
+        let f = fixture().await;
+        // Every inbox row of event e-66 is refused, parked or not.
+        sqlx::query(
+            "CREATE TRIGGER refuse_66 BEFORE INSERT ON inbox_event WHEN NEW.event_id = 'e-66' \
+             BEGIN SELECT RAISE(ABORT, 'e-66 is refused'); END",
+        )
+        .execute(f.inbox.pool())
+        .await
+        .unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (acks, link) = (Acks::default(), Arc::new(Link::default()));
+        tx.send(on_link(66, &link, 0, &acks, false)).unwrap();
+        let consumer = Consumer::new(f.inbox.clone(), Ledger, one_at_a_time()).unwrap();
+        let handle = consumer.spawn_on(Script { rx });
+        eventually("the connection ended", || {
+            !link.ended.lock().unwrap().is_empty()
+        })
+        .await;
+        let reason = link.ended.lock().unwrap()[0].clone();
+        assert!(
+            reason.contains("e-66") && reason.contains("neither recorded nor parked"),
+            "{reason}"
+        );
+        tx.send(on_link(2, &link, 1, &acks, false)).unwrap();
+        eventually("the next delivery acked", || {
+            acks.lock().unwrap().len() == 1
+        })
+        .await;
+        let counts = handle.metrics().snapshot();
+        assert_eq!(
+            (counts.processed, counts.connections_ended),
+            (1, 1),
+            "{counts:?}"
+        );
+        handle.shutdown().await.unwrap();
+        assert_eq!(acks.lock().unwrap().as_slice(), ["e-2"], "e-66 never acked");
+        assert_eq!(ledger(&f.inbox).await, [2]);
     }
 }

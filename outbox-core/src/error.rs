@@ -91,13 +91,22 @@ pub enum Error {
         /// Highest version this build knows.
         known: i64,
     },
-    /// Another process kept the migration lock longer than the wait allows
-    /// (MySQL: ten minutes), for instance while it builds an index on a large
-    /// table. Migrating again later finishes the job.
-    #[error("table {table}: another process held the migration lock too long; migrate again")]
-    MigrationLockBusy {
+    /// A migration gave up waiting for a lock within its timeout
+    /// ([`DEFAULT_MIGRATION_TIMEOUT`](crate::DEFAULT_MIGRATION_TIMEOUT), or
+    /// the one given to `migrate_with`): the migration lock, which another
+    /// process holds while it migrates, or a lock on the table, which another
+    /// session holds in an open transaction. Nothing of the step in progress
+    /// was recorded; migrating again once the lock is free finishes the job.
+    #[error(
+        "table {table}: gave up after {after:?} waiting for {waiting_for}; migrate again once it is free"
+    )]
+    MigrationTimeout {
         /// The table being migrated.
         table: String,
+        /// What it waited for.
+        waiting_for: String,
+        /// How long it waited.
+        after: std::time::Duration,
     },
 }
 

@@ -149,8 +149,20 @@ impl<DB: Backend> Inbox<DB> {
     }
 
     /// Creates or upgrades the inbox table. Safe to call at every start.
+    /// Waits for locks at most
+    /// [`DEFAULT_MIGRATION_TIMEOUT`](crate::DEFAULT_MIGRATION_TIMEOUT); see
+    /// [`migrate_with`](Inbox::migrate_with).
     pub async fn migrate(&self) -> Result<(), Error> {
-        self.store.migrate().await
+        self.migrate_with(crate::DEFAULT_MIGRATION_TIMEOUT).await
+    }
+
+    /// [`migrate`](Inbox::migrate), giving up with
+    /// [`Error::MigrationTimeout`] after waiting `timeout` for the migration
+    /// lock (another process migrating) or for a lock on the table (another
+    /// session's open transaction), each statement. On SQLite the pool's busy
+    /// timeout applies instead.
+    pub async fn migrate_with(&self, timeout: std::time::Duration) -> Result<(), Error> {
+        self.store.migrate(timeout).await
     }
 
     /// Counts of this consumer's rows per state.

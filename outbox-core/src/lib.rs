@@ -82,6 +82,7 @@ pub use event::Event;
 pub use inbox::{Delivery, Inbox};
 pub use outbox::Outbox;
 pub use relay::{Relay, RelayConfig};
+pub use schema::DEFAULT_MIGRATION_TIMEOUT;
 
 // The crate's own paths to items whose public home is a role module.
 pub(crate) use transport::Publisher;

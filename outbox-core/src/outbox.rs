@@ -192,9 +192,21 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Creates or upgrades the outbox table (and the shared
     /// `outbox_schema_version` and `outbox_lease` tables). Safe to call at
-    /// every start and from several processes.
+    /// every start and from several processes. Waits for locks at most
+    /// [`DEFAULT_MIGRATION_TIMEOUT`](crate::DEFAULT_MIGRATION_TIMEOUT); see
+    /// [`migrate_with`](Outbox::migrate_with).
     pub async fn migrate(&self) -> Result<(), Error> {
-        self.inner.store.migrate().await
+        self.migrate_with(crate::DEFAULT_MIGRATION_TIMEOUT).await
+    }
+
+    /// [`migrate`](Outbox::migrate), giving up with
+    /// [`Error::MigrationTimeout`] after waiting `timeout` for the migration
+    /// lock (another process migrating) or for a lock on the table (another
+    /// session's open transaction), each statement. An abandoned call leaves
+    /// no lock behind: the migration's connection is closed, not pooled. On
+    /// SQLite the pool's busy timeout applies instead.
+    pub async fn migrate_with(&self, timeout: std::time::Duration) -> Result<(), Error> {
+        self.inner.store.migrate(timeout).await
     }
 
     /// Appends one event in the caller's transaction. Nothing reaches the broker

@@ -3,16 +3,27 @@
 //! Each table's version lives in `outbox_schema_version` (one row per table);
 //! a migration runs only the steps above that version. One process at a time
 //! migrates (an advisory lock on PostgreSQL, a named lock on MySQL, the write
-//! lock on SQLite), so two processes starting together do no harm.
+//! lock on SQLite), so two processes starting together do no harm. Waits for
+//! locks are bounded ([`DEFAULT_MIGRATION_TIMEOUT`]), and the lock dies with
+//! the migration's own connection, even when the call is abandoned.
 //! `outbox_lease` holds named, expiring leases that make a periodic job (such as
 //! retention) run in one process at a time.
 
+use std::time::Duration;
+
 use sqlx::Pool;
 
+use crate::Backoff;
 use crate::backend::sql::MetaSql;
-use crate::backend::{Backend, Column, Value};
+use crate::backend::{Backend, Column, MigrationLock, Value};
 use crate::names::now_ms;
 use crate::{Error, failpoint};
+
+/// How long a migration waits for a lock by default: for the migration lock
+/// (another process migrating) and, for each statement, for the locks on its
+/// table (another session's open transaction). Building an index is not
+/// counted, only waiting for a lock.
+pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Brings `table` up to its newest version, `steps.len()`, by running
 /// `steps[v - 1]` for every missing version `v`. A step's version is recorded
@@ -20,41 +31,87 @@ use crate::{Error, failpoint};
 /// step to run again from its first statement: each statement must be safe to
 /// repeat (`IF [NOT] EXISTS`, or an error the dialect knows as
 /// [`already_applied`](crate::backend::Dialect::already_applied)).
+///
+/// Every wait for a lock gives up after `timeout` with
+/// [`Error::MigrationTimeout`]. The migration runs on a connection taken out
+/// of the pool and closed at the end, or dropped if the call is abandoned:
+/// the session's migration lock dies with it, never parked in the pool.
 pub(crate) async fn migrate<DB: Backend>(
     pool: &Pool<DB>,
     table: &str,
     steps: &[Vec<String>],
+    timeout: Duration,
 ) -> Result<(), Error> {
-    let mut conn = crate::backend::acquire(pool).await?;
-    let Some((take, give_back)) = DB::DIALECT.migration_lock else {
-        return migrate_locked::<DB>(&mut conn, table, steps).await;
+    let Some(lock) = DB::DIALECT.migration_lock else {
+        let mut conn = crate::backend::acquire(pool).await?;
+        return migrate_locked::<DB>(&mut conn, table, steps, None).await;
     };
-    let taken = DB::fetch(&mut conn, take, &[], &[Column::Int])
-        .await
-        .map_err(Error::db("taking the migration lock"))?;
-    if taken.first().and_then(|r| r[0].int()) != Some(1) {
-        return Err(Error::MigrationLockBusy {
-            table: table.to_owned(),
-        });
+    let mut conn = crate::backend::acquire(pool).await?.detach();
+    let migrated = async {
+        take_migration_lock::<DB>(&mut conn, table, &lock, timeout).await?;
+        DB::exec(&mut conn, &(lock.lock_timeout)(timeout), &[])
+            .await
+            .map_err(Error::db("setting the migration's lock timeout"))?;
+        migrate_locked::<DB>(&mut conn, table, steps, Some((&lock, timeout))).await
     }
-    let migrated = migrate_locked::<DB>(&mut conn, table, steps).await;
-    if DB::exec(&mut conn, give_back, &[]).await.is_err() {
-        // The lock belongs to the session: end it rather than pool it.
-        let _ = conn.close().await;
-    }
+    .await;
+    // Ends the session, and with it the lock and the session's settings.
+    let _ = sqlx::Connection::close(conn).await;
     migrated
+}
+
+/// Polls for the migration lock with backoff until `timeout` has passed.
+async fn take_migration_lock<DB: Backend>(
+    conn: &mut DB::Connection,
+    table: &str,
+    lock: &MigrationLock,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    for attempt in 0u32.. {
+        let taken = DB::fetch(conn, lock.try_take, &[], &[Column::Int])
+            .await
+            .map_err(Error::db("taking the migration lock"))?;
+        if taken.first().and_then(|r| r[0].int()) == Some(1) {
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            break;
+        }
+        tokio::time::sleep(pause.delay(attempt).min(deadline - now)).await;
+    }
+    Err(Error::MigrationTimeout {
+        table: table.to_owned(),
+        waiting_for: "the migration lock, which another process holds while it migrates".to_owned(),
+        after: timeout,
+    })
 }
 
 async fn migrate_locked<DB: Backend>(
     conn: &mut DB::Connection,
     table: &str,
     steps: &[Vec<String>],
+    lock: Option<(&MigrationLock, Duration)>,
 ) -> Result<(), Error> {
+    // A wait for a table lock that ran out names the statement and the cause.
+    let failed = |action: &'static str, statement: &str, error: sqlx::Error| match lock {
+        Some((lock, after)) if (lock.is_lock_timeout)(&error) => Error::MigrationTimeout {
+            table: table.to_owned(),
+            waiting_for: format!(
+                "a lock on the table that another session holds in an open transaction \
+                 (look for sessions idle in transaction), to run `{statement}`"
+            ),
+            after,
+        },
+        _ => Error::db(action)(error),
+    };
     let meta = MetaSql::new(DB::DIALECT);
     for statement in &meta.ddl {
         DB::exec(conn, statement, &[])
             .await
-            .map_err(Error::db("creating outbox_schema_version"))?;
+            .map_err(|e| failed("creating outbox_schema_version", statement, e))?;
     }
     DB::exec(
         conn,
@@ -62,7 +119,7 @@ async fn migrate_locked<DB: Backend>(
         &[Value::Text(Some(table)), Value::Int(now_ms())],
     )
     .await
-    .map_err(Error::db("recording the schema version"))?;
+    .map_err(|e| failed("recording the schema version", &meta.version_insert, e))?;
     let rows = DB::fetch(
         conn,
         &meta.version,
@@ -70,7 +127,7 @@ async fn migrate_locked<DB: Backend>(
         &[Column::Int],
     )
     .await
-    .map_err(Error::db("reading the schema version"))?;
+    .map_err(|e| failed("reading the schema version", &meta.version, e))?;
     let found = rows.first().and_then(|r| r[0].int()).unwrap_or(0);
     let known = i64::try_from(steps.len()).unwrap_or(i64::MAX);
     if found > known {
@@ -91,7 +148,7 @@ async fn migrate_locked<DB: Backend>(
                 Err(error) if (DB::DIALECT.already_applied)(&error) => {
                     tracing::info!(table, version, %error, "migration statement already applied");
                 }
-                Err(error) => return Err(Error::db("running a migration")(error)),
+                Err(error) => return Err(failed("running a migration", statement, error)),
             }
             failpoint::hit("schema.after_statement");
         }
@@ -105,7 +162,7 @@ async fn migrate_locked<DB: Backend>(
             ],
         )
         .await
-        .map_err(Error::db("recording the schema version"))?;
+        .map_err(|e| failed("recording the schema version", &meta.version_update, e))?;
         tracing::info!(table, version, "migrated");
     }
     Ok(())

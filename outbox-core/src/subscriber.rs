@@ -63,8 +63,38 @@ pub trait Incoming: Send + Sync + 'static {
         None
     }
 
-    /// Acknowledges the message; an error means the broker delivers it again.
+    /// Acknowledges the message. After an error the message may still be
+    /// held for this consumer: while [`on_live_connection`] says so, the
+    /// consumer tries [`ack_again`], then [`end_connection`].
+    ///
+    /// [`on_live_connection`]: Incoming::on_live_connection
+    /// [`ack_again`]: Incoming::ack_again
+    /// [`end_connection`]: Incoming::end_connection
     fn ack(&self) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Acknowledges the message again after [`ack`](Incoming::ack) failed,
+    /// and waits for the broker's answer: `Ok` also when the broker no longer
+    /// holds the delivery (an earlier attempt got through). The default is
+    /// `ack`.
+    fn ack_again(&self) -> impl Future<Output = Result<(), String>> + Send {
+        self.ack()
+    }
+
+    /// True while the connection the message came on is up: until it ends,
+    /// the broker keeps an unacknowledged message for this consumer (and
+    /// counts it against the prefetch). Once it has ended, the broker
+    /// delivers the message again. The default says it always is.
+    fn on_live_connection(&self) -> bool {
+        true
+    }
+
+    /// Ends the connection the message came on, so that the broker delivers
+    /// it again, to the next connection: for a message that cannot be
+    /// acknowledged or settled while that connection lives. The default does
+    /// nothing.
+    fn end_connection(&self, reason: &str) {
+        let _ = reason;
+    }
 }
 
 /// A STOMP subscription with `client-individual` acknowledgements.
@@ -147,5 +177,22 @@ impl Incoming for Message {
 
     async fn ack(&self) -> Result<(), String> {
         Message::ack(self).await.map_err(|e| e.to_string())
+    }
+
+    async fn ack_again(&self) -> Result<(), String> {
+        match Message::ack_confirmed(self).await {
+            // ActiveMQ refuses an ACK for a delivery it no longer holds
+            // ("Unexpected ACK"): the first ACK got through after all.
+            Ok(()) | Err(outbox_stomp::Error::Rejected(_)) => Ok(()),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    fn on_live_connection(&self) -> bool {
+        Message::on_live_connection(self)
+    }
+
+    fn end_connection(&self, reason: &str) {
+        Message::end_connection(self, reason);
     }
 }

@@ -304,6 +304,14 @@ pub enum Error {
     /// the same frame again fails the same way.
     #[error("not sent: {0}")]
     Unencodable(#[source] CodecError),
+    /// The client ended the connection on its user's request
+    /// ([`Client::end_connection`](crate::Client::end_connection)) and
+    /// reconnects.
+    #[error("connection ended by the client: {reason}")]
+    EndedByClient {
+        /// Why it was ended.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -193,6 +193,62 @@ async fn unacked_message_is_redelivered_and_acked_one_is_not() {
 }
 
 #[tokio::test]
+async fn ending_a_connection_brings_its_unacked_deliveries_back_on_the_next_one() {
+    let broker = Broker::start().await.unwrap();
+    let producer = Client::connect(config(&broker)).await.unwrap();
+    for body in ["held", "next"] {
+        producer
+            .send(Outgoing::new("/queue/end", body).persistent(true))
+            .await
+            .unwrap();
+    }
+    let client = Client::connect(config(&broker)).await.unwrap();
+    let mut sub = client
+        .subscribe(
+            Subscribe::new("/queue/end")
+                .ack(AckMode::ClientIndividual)
+                .prefetch(1),
+        )
+        .await
+        .unwrap();
+    let held = recv(&mut sub, WAIT).await.unwrap();
+    assert_eq!(held.body().as_ref(), b"held");
+    assert!(held.on_live_connection());
+    // Unacknowledged, it takes the only prefetch slot: nothing else comes.
+    assert!(recv(&mut sub, Duration::from_secs(1)).await.is_none());
+    // A stale epoch ends nothing.
+    client.end_connection(client.epoch() + 1, "not this one");
+    held.end_connection("its ACK cannot be sent");
+    assert!(eventually(|| client.epoch() >= 1 && client.is_connected()).await);
+    assert!(!held.on_live_connection());
+    assert!(matches!(held.ack().await, Err(Error::Stale(_))));
+    // The broker may hand out "next" before it has put "held" back.
+    let mut bodies = Vec::new();
+    let mut last = None;
+    for _ in 0..2 {
+        let m = recv(&mut sub, WAIT)
+            .await
+            .expect("both on the next connection");
+        assert_eq!(m.epoch(), 1);
+        if m.body().as_ref() == b"held" {
+            assert!(m.redelivered());
+        }
+        bodies.push(m.body().clone());
+        m.ack_confirmed().await.unwrap();
+        last = Some(m);
+    }
+    bodies.sort();
+    assert_eq!(bodies, [&b"held"[..], &b"next"[..]]);
+    let next = last.expect("two messages");
+    // An ACK for a delivery the broker no longer holds is refused, not fatal.
+    assert!(matches!(
+        next.ack_confirmed().await,
+        Err(Error::Rejected(_))
+    ));
+    assert_eq!(client.epoch(), 1, "one connection ended");
+}
+
+#[tokio::test]
 async fn wrong_credentials_are_a_typed_error() {
     let broker =
         Broker::start_with(BrokerConfig::default().with_credentials("app", "right-secret"))

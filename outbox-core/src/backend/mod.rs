@@ -169,13 +169,12 @@ pub struct Dialect {
     /// error says so instead. Never where every statement can say
     /// `IF [NOT] EXISTS` (PostgreSQL, SQLite).
     pub already_applied: fn(&sqlx::Error) -> bool,
-    /// Statements that take and give back the lock that lets one process at a
-    /// time migrate: (take, returning one row with 1 once taken; give back).
-    /// `IF NOT EXISTS` alone is not enough: on PostgreSQL two sessions creating
-    /// the same index at once can still collide, and MySQL has no
-    /// `CREATE INDEX IF NOT EXISTS`. `None` where one writer at a time is the
-    /// rule anyway (SQLite).
-    pub migration_lock: Option<(&'static str, &'static str)>,
+    /// The lock that lets one process at a time migrate, and how long its
+    /// statements may wait for table locks. `IF NOT EXISTS` alone is not
+    /// enough: on PostgreSQL two sessions creating the same index at once can
+    /// still collide, and MySQL has no `CREATE INDEX IF NOT EXISTS`. `None`
+    /// where one writer at a time is the rule anyway (SQLite).
+    pub migration_lock: Option<MigrationLock>,
     /// Statement that lets the current transaction commit without waiting for
     /// its log flush, for the relay's own bookkeeping (claims and marks): losing
     /// one in a database crash only means a re-publish. `None` where the
@@ -184,6 +183,21 @@ pub struct Dialect {
     /// One writer at a time (SQLite): writers of one component queue in the
     /// process instead of sleeping in the database's busy handler.
     pub single_writer: bool,
+}
+
+/// How a database lets one session at a time migrate, and bounds the waits of
+/// a migration. The lock belongs to the session: the migration runs on a
+/// connection of its own that is closed afterwards (or when the call is
+/// abandoned), never handed back to the pool, so the lock dies with it.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrationLock {
+    /// Tries to take the lock without waiting: one row, 1 when taken, else 0.
+    pub try_take: &'static str,
+    /// The statement that bounds how long each later statement of the session
+    /// waits for a table lock (`timeout` rounded up as the database needs).
+    pub lock_timeout: fn(std::time::Duration) -> String,
+    /// The database gave up waiting for a table lock.
+    pub is_lock_timeout: fn(&sqlx::Error) -> bool,
 }
 
 /// `DELETE` of at most `LIMIT ?` rows through a subquery of their ids, where

@@ -39,12 +39,24 @@ static MYSQL: Dialect = Dialect {
     outbox_waiting_index: |_| Vec::new(),
     drop_index: |table, name| format!("DROP INDEX {table}_{name} ON {table}"),
     already_applied,
-    // A named lock of the session, waited for up to ten minutes (an index
-    // built on a large table takes a while).
-    migration_lock: Some((
-        "SELECT CAST(GET_LOCK('outbox_migrate', 600) AS SIGNED)",
-        "SELECT RELEASE_LOCK('outbox_migrate')",
-    )),
+    // A named lock of the session, given back when the connection ends.
+    // Names are server-wide: the database's name (as a digest, within the
+    // 64 characters a name may have) keeps migrations of other databases on
+    // the same server apart.
+    migration_lock: Some(super::MigrationLock {
+        try_take: "SELECT CAST(GET_LOCK(CONCAT('outbox_migrate.', MD5(COALESCE(DATABASE(), ''))), 0) AS SIGNED)",
+        // Whole seconds, at least one: metadata locks (DDL) wait this long.
+        lock_timeout: |timeout| {
+            let seconds = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+            format!("SET SESSION lock_wait_timeout = {}", seconds.max(1))
+        },
+        // ER_LOCK_WAIT_TIMEOUT
+        is_lock_timeout: |error| {
+            matches!(error, sqlx::Error::Database(db)
+                if db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                    .is_some_and(|my| my.number() == 1205))
+        },
+    }),
     relaxed_commit: None,
     single_writer: false,
 };

@@ -37,11 +37,14 @@ static POSTGRES: Dialect = Dialect {
     drop_index: |table, name| format!("DROP INDEX IF EXISTS {table}_{name}"),
     use_index: |_, _| String::new(),
     already_applied: |_| false,
-    // A session lock: given back explicitly, or when the connection ends.
-    migration_lock: Some((
-        "SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_lock(7305093410471135041)) AS locked",
-        "SELECT pg_advisory_unlock(7305093410471135041)",
-    )),
+    // A session lock, given back when the connection ends.
+    migration_lock: Some(super::MigrationLock {
+        try_take: "SELECT CASE WHEN pg_try_advisory_lock(7305093410471135041) \
+                   THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END",
+        lock_timeout: |timeout| format!("SET lock_timeout = {}", timeout.as_millis().max(1)),
+        // lock_not_available
+        is_lock_timeout: |error| matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03")),
+    }),
     relaxed_commit: Some("SET LOCAL synchronous_commit TO OFF"),
     single_writer: false,
 };

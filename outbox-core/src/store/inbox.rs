@@ -87,8 +87,8 @@ impl<DB: Backend> InboxStore<DB> {
     }
 
     /// Creates or upgrades the table.
-    pub(crate) async fn migrate(&self) -> Result<(), Error> {
-        schema::migrate(&self.pool, &self.table, &self.sql.migrations).await
+    pub(crate) async fn migrate(&self, timeout: std::time::Duration) -> Result<(), Error> {
+        schema::migrate(&self.pool, &self.table, &self.sql.migrations, timeout).await
     }
 
     /// Inserts the row of `delivery` in `state`, with `attempts` spent,

@@ -81,12 +81,12 @@ impl<DB: Backend> OutboxStore<DB> {
     /// shape (a process that dies half way leaves the rest to the next
     /// start). Producers of an older release still running may write objects
     /// after that: the relay reads both shapes.
-    pub(crate) async fn migrate(&self) -> Result<(), Error> {
+    pub(crate) async fn migrate(&self, timeout: std::time::Duration) -> Result<(), Error> {
         let version = schema::version(&self.pool, self.table()).await?;
         if version.is_some_and(|v| (1..3).contains(&v)) {
             self.rewrite_legacy_headers().await?;
         }
-        schema::migrate(&self.pool, self.table(), &self.sql.migrations).await
+        schema::migrate(&self.pool, self.table(), &self.sql.migrations, timeout).await
     }
 
     /// Rewrites headers stored as a JSON object into `[name, value]` pairs,

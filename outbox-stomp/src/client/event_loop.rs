@@ -439,10 +439,12 @@ impl EventLoop {
         // One timer for the whole connection, reset when it fires.
         let sweep = tokio::time::sleep(self.sweep_every());
         tokio::pin!(sweep);
+        let shared = self.shared.clone();
         loop {
             let deadline = self.session.next_deadline();
             let served = tokio::select! {
                 biased;
+                _ = shared.end.notified() => self.end_asked(),
                 room = room(&parked), if parked.is_some() => {
                     if let (Some((_, mut message)), Ok((charge, slot))) = (parked.take(), room) {
                         if charge.is_some() {
@@ -473,6 +475,17 @@ impl EventLoop {
             if let Err(ended) = served {
                 return ended;
             }
+        }
+    }
+
+    /// A user asked to end a connection: this one, if it is the one named.
+    fn end_asked(&self) -> Result<(), Ended> {
+        let asked = self.shared.end_asked.lock().ok().and_then(|mut a| a.take());
+        match asked {
+            Some((epoch, reason)) if epoch == self.epoch() => {
+                Err(Ended::Lost(Error::EndedByClient { reason }))
+            }
+            _ => Ok(()),
         }
     }
 

@@ -139,6 +139,10 @@ pub(crate) struct Shared {
     pub(crate) waiting: AtomicUsize,
     pub(crate) info: Mutex<Option<ServerInfo>>,
     pub(crate) reason: Mutex<Option<String>>,
+    /// A connection (epoch) a user asked to end, and why; the loop is woken
+    /// through `end`, outside the request channel, which may be what is stuck.
+    pub(crate) end_asked: Mutex<Option<(u64, String)>>,
+    pub(crate) end: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -194,6 +198,8 @@ impl Client {
             waiting: AtomicUsize::new(0),
             info: Mutex::new(None),
             reason: Mutex::new(None),
+            end_asked: Mutex::new(None),
+            end: tokio::sync::Notify::new(),
         });
         let mut event_loop = EventLoop::new(rx, tx.downgrade(), shared.clone());
         let Some(conn) = event_loop.connect(Phase::Startup).await? else {
@@ -251,6 +257,23 @@ impl Client {
     /// Why the client stopped, if it stopped on an error.
     pub fn close_reason(&self) -> Option<String> {
         self.shared.reason.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Ends connection `epoch` (see [`Client::epoch`], [`Message::epoch`]) if
+    /// it is still the current one, as if it was lost: the client reconnects
+    /// over its failover list and restores its subscriptions, and the broker
+    /// delivers again every message it delivered on it that was not
+    /// acknowledged. For a delivery whose ACK cannot be sent: ActiveMQ holds
+    /// it, and its prefetch slot, until its connection ends. Returns at once;
+    /// a write in progress finishes (or stalls out) first.
+    pub fn end_connection(&self, epoch: u64, reason: impl Into<String>) {
+        if epoch != self.epoch() || self.is_closed() {
+            return;
+        }
+        if let Ok(mut asked) = self.shared.end_asked.lock() {
+            *asked = Some((epoch, reason.into()));
+        }
+        self.shared.end.notify_one();
     }
 
     fn next_id(&self, prefix: &str) -> String {

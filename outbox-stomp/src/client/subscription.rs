@@ -419,6 +419,20 @@ impl Message {
         self.epoch
     }
 
+    /// True while the connection the message arrived on is up: until it
+    /// ends, the broker holds the message for this subscription unless it is
+    /// acknowledged.
+    pub fn on_live_connection(&self) -> bool {
+        self.client.epoch() == self.epoch && self.client.is_connected()
+    }
+
+    /// Ends the connection the message arrived on, if it is still up, so
+    /// that the broker delivers it again (with every other unacknowledged
+    /// message of that connection): see [`Client::end_connection`].
+    pub fn end_connection(&self, reason: impl Into<String>) {
+        self.client.end_connection(self.epoch, reason);
+    }
+
     /// Acknowledges the message (ACK, written without a receipt). After a
     /// reconnect this fails with [`Error::Stale`]: the broker redelivers it.
     pub async fn ack(&self) -> Result<(), Error> {
