@@ -648,6 +648,69 @@ macro_rules! inbox_suite {
         }
 
         #[tokio::test]
+        async fn a_message_over_the_consumers_header_limits_is_parked_and_the_rest_flow_on_one_connection() {
+            let Some((_db, inbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.inbox.head";
+            let producer = client(&broker).await;
+            for n in 1..=10 {
+                send(&producer, dest, &format!("e-{n}"), &user(n)).await;
+            }
+            // Within the broker's limits (10 KiB a line, 1000 headers), over the consumer's own.
+            let long = Outgoing::new(dest.to_owned(), user(1000))
+                .persistent(true)
+                .header("x-note", "n".repeat(4096))
+                .header("event-id", "e-long")
+                .header("event-type", "user.created");
+            producer.send(long).await.unwrap();
+            for n in 11..=20 {
+                send(&producer, dest, &format!("e-{n}"), &user(n)).await;
+            }
+            let mut wide = Outgoing::new(dest.to_owned(), user(1001))
+                .persistent(true)
+                .header("event-id", "e-wide")
+                .header("event-type", "user.created");
+            for i in 0..40 {
+                wide = wide.header(format!("x-tag-{i}"), format!("{i}"));
+            }
+            producer.send(wide).await.unwrap();
+            let small = Limits { max_line_length: 1024, max_headers: 20, ..Limits::default() };
+            let mut config = Config::parse(&broker.stomp_uri()).unwrap().with_receipt_timeout(Duration::from_secs(2));
+            config.limits = small;
+            let consumer_client = Client::connect(config).await.unwrap();
+            let handle = Consumer::new(inbox.clone(), points_handler(&Faults::default()), quick(dest))
+                .expect("valid settings")
+                .spawn(consumer_client.clone())
+                .await
+                .unwrap();
+            let metrics = handle.metrics().clone();
+            eventually("twenty applied and the two large heads parked", Duration::from_secs(60), || {
+                let m = metrics.snapshot();
+                async move { m.processed == 20 && m.failed == 2 }
+            })
+            .await;
+            assert_eq!(consumer_client.epoch(), 0, "the connection was never lost");
+            assert!(consumer_client.is_connected());
+            handle.shutdown().await.unwrap();
+            let applied = points(&inbox).await;
+            assert_eq!(applied.len(), 20);
+            assert!(applied.values().all(|n| *n == 1), "{applied:?}");
+            let mut parked = inbox.parked(10).await.unwrap();
+            parked.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+            assert_eq!(parked.len(), 2, "{parked:?}");
+            assert_eq!((parked[0].event_id.as_str(), parked[1].event_id.as_str()), ("e-long", "e-wide"));
+            for row in &parked {
+                assert_eq!(row.event_type.as_deref(), Some("user.created"), "headers kept");
+            }
+            let reason = parked[0].last_error.as_deref().unwrap();
+            assert!(reason.contains("1024") && reason.contains("max_line_length"), "{reason}");
+            let reason = parked[1].last_error.as_deref().unwrap();
+            assert!(reason.contains("20") && reason.contains("max_headers"), "{reason}");
+            let m = metrics.snapshot();
+            assert_eq!((m.processed, m.failed), (20, 2));
+        }
+
+        #[tokio::test]
         async fn a_message_with_three_hundred_headers_is_applied_under_the_default_limits() {
             let Some((_db, inbox)) = setup().await else { return };
             let broker = broker().await;

@@ -1361,10 +1361,10 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// Parks a message whose body the client read past for being over its size
-/// limit (see [`Incoming::oversize`]): `FAILED` with the reason, its headers
-/// and an empty payload, then acknowledged, so it leaves the queue and what
-/// follows it flows. Transient database errors are tried again with backoff
+/// Parks a message the client read past in part for being over its size
+/// limits (see [`Incoming::oversize`]): `FAILED` with the reason and what was
+/// kept of its headers and payload, then acknowledged, so it leaves the queue
+/// and what follows it flows. Transient database errors are tried again with backoff
 /// until the consumer stops (then it stays unacked, for the broker to
 /// redeliver).
 async fn park_oversize<DB: Backend, H: Handler<DB>>(

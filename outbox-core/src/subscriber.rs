@@ -55,10 +55,10 @@ pub trait Incoming: Send + Sync + 'static {
     /// The payload.
     fn body(&self) -> Bytes;
 
-    /// Why the payload is missing, when the message was over the size limit
-    /// of the connection it came on (its body was read past, not kept); the
-    /// consumer then parks it with this reason and acknowledges it. The
-    /// default says it never is.
+    /// What is missing, when the message was over the size limits of the
+    /// connection it came on (its body or some of its headers were read past,
+    /// not kept); the consumer then parks it with this reason and
+    /// acknowledges it. The default says it never is.
     fn oversize(&self) -> Option<String> {
         None
     }

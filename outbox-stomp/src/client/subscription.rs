@@ -391,10 +391,11 @@ impl Message {
         self.frame.body()
     }
 
-    /// Set when the message's body was over the client's
-    /// [`Limits::max_body`](crate::Limits::max_body): the client read past it
-    /// without buffering it, so the message comes with its headers and an
-    /// empty body. Acknowledge it to take it off the queue.
+    /// Set when the message was over the client's [`Limits`](crate::Limits):
+    /// the client read past what was over them without buffering it (a body
+    /// over `max_body`, header lines over `max_line_length` or past
+    /// `max_headers`), so the message comes without it but with the headers
+    /// it is settled by. Acknowledge it to take it off the queue.
     pub fn oversize(&self) -> Option<&Oversize> {
         self.frame.oversize()
     }

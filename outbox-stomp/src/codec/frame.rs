@@ -4,6 +4,8 @@ use std::fmt;
 
 use bytes::Bytes;
 
+use super::Limits;
+
 /// A STOMP protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Version {
@@ -431,25 +433,64 @@ pub struct Frame {
     oversize: Option<Oversize>,
 }
 
-/// What the decoder left out of a MESSAGE beyond its [`Limits`](super::Limits):
-/// the body, read past without being buffered. The frame keeps its headers
-/// and has an empty body, so its receiver can acknowledge it and set it aside.
+/// What the decoder left out of a MESSAGE beyond its [`Limits`]: read past
+/// without being buffered, so that its receiver can acknowledge it and set it
+/// aside instead of losing the connection over it.
+///
+/// - A body over [`Limits::max_body`] is dropped: the frame's body is empty.
+/// - Header lines longer than [`Limits::max_line_length`] are dropped with
+///   their values, and header lines past the first [`Limits::max_headers`]
+///   are dropped too. The headers a message is routed, acknowledged and set
+///   aside by are kept wherever they appear in the head (the first of each
+///   name): `message-id`, `ack`, `subscription`, `destination`,
+///   `content-length`, `content-type`, `event-id`, `event-type`, `event-key`,
+///   `event-time` and `redelivered`, unless their own line is over the
+///   length limit. The body is kept when it is within its limit.
+///
+/// Its [`Display`](fmt::Display) names each limit that was exceeded and by
+/// how much, for a parked message's reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Oversize {
     /// The body's length in bytes (its `content-length`, or what was read up
-    /// to its NUL).
-    pub length: usize,
-    /// The limit it was over ([`Limits::max_body`](super::Limits::max_body)).
-    pub limit: usize,
+    /// to its NUL) when it was over the limit and dropped; `None` when the
+    /// body is whole.
+    pub body: Option<usize>,
+    /// Header lines over the line length limit, dropped.
+    pub long_lines: usize,
+    /// Header lines past the header count limit, dropped.
+    pub extra_headers: usize,
+    /// The limits the frame was decoded with.
+    pub limits: Limits,
 }
 
 impl fmt::Display for Oversize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "body of {} bytes over the consumer's limit of {} bytes (Limits::max_body); dropped unread",
-            self.length, self.limit
-        )
+        let mut separator = "";
+        if let Some(length) = self.body {
+            write!(
+                f,
+                "body of {length} bytes over the consumer's limit of {} bytes (Limits::max_body); dropped unread",
+                self.limits.max_body
+            )?;
+            separator = "; ";
+        }
+        if self.long_lines > 0 {
+            write!(
+                f,
+                "{separator}{} header line(s) longer than the consumer's limit of {} bytes (Limits::max_line_length); dropped",
+                self.long_lines, self.limits.max_line_length
+            )?;
+            separator = "; ";
+        }
+        if self.extra_headers > 0 {
+            write!(
+                f,
+                "{separator}{} header line(s) past the consumer's limit of {} headers (Limits::max_headers); dropped",
+                self.extra_headers, self.limits.max_headers
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -474,16 +515,21 @@ impl Frame {
         }
     }
 
-    /// A frame whose body the decoder dropped for being over its limit.
-    pub(crate) fn oversized(command: Command, headers: Headers, oversize: Oversize) -> Frame {
+    /// A frame the decoder left `oversize` out of for being over its limits.
+    pub(crate) fn oversized(
+        command: Command,
+        headers: Headers,
+        body: Bytes,
+        oversize: Oversize,
+    ) -> Frame {
         Frame {
             oversize: Some(oversize),
-            ..Frame::from_parts(command, headers, Bytes::new())
+            ..Frame::from_parts(command, headers, body)
         }
     }
 
     /// What the decoder left out of this frame, if it was over its limits:
-    /// then the body is empty.
+    /// its body, or some of its header lines, or both.
     pub fn oversize(&self) -> Option<&Oversize> {
         self.oversize.as_ref()
     }

@@ -11,9 +11,13 @@
 //! against [`Limits::max_body`] before it is buffered. A MESSAGE's body over
 //! the limit is read past, its bytes discarded as they arrive, and the frame
 //! comes out with its headers, an empty body and an [`Oversize`] marker, so a
-//! consumer can set it aside and go on; any other frame's is an error. End-of-line bytes between
-//! frames are heart-beats and come out as [`Received::HeartBeat`] so the
-//! connection can track liveness.
+//! consumer can set it aside and go on; any other frame's is an error. So is
+//! a head over [`Limits::max_line_length`] or [`Limits::max_headers`]: a
+//! MESSAGE's is then read again one line at a time, keeping the lines within
+//! the limits and the ones it is settled by, dropping the others as they
+//! arrive (see [`Oversize`]), and the frame comes out marked. End-of-line
+//! bytes between frames are heart-beats and come out as
+//! [`Received::HeartBeat`] so the connection can track liveness.
 //!
 //! Escaping follows the negotiated [`Version`]: none in 1.0 and never in
 //! CONNECT/STOMP/CONNECTED frames; `\\`, `\n`, `\c` in 1.1; and `\r` in 1.2.
@@ -23,7 +27,7 @@ mod frame;
 #[cfg(test)]
 mod tests;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 pub use crate::error::CodecError;
@@ -37,7 +41,8 @@ use frame::HeadSpan;
 /// default limits ([`BrokerLimits`](crate::BrokerLimits)): both come from the
 /// constants of `outbox-rules`, and a unit test holds them together. A
 /// consumer may set smaller ones: a MESSAGE beyond them is read past, not
-/// buffered, and delivered without its body (see [`Oversize`]).
+/// buffered, and delivered without its body or the header lines over them,
+/// marked (see [`Oversize`]). Any other frame beyond them is an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Longest command or header line in bytes (default 16 KiB: the broker's
@@ -77,12 +82,16 @@ enum DecodeState {
     /// Inside the head; `scanned` bytes contain no head end yet, and the
     /// line ends found in them are in `StompCodec::line_ends`.
     Head { scanned: usize },
+    /// A MESSAGE whose head is over `Limits::max_line_length` or
+    /// `Limits::max_headers`, read one line at a time.
+    Trim(Box<TrimmedHead>),
     /// Head parsed and consumed; waiting for the body.
     Body {
         command: Command,
         headers: Headers,
         content_length: Option<usize>,
         scanned: usize,
+        trimmed: Trimmed,
     },
     /// A MESSAGE whose body is over `Limits::max_body`: its bytes are
     /// discarded as they arrive; `skipped` of them so far.
@@ -91,7 +100,55 @@ enum DecodeState {
         headers: Headers,
         content_length: Option<usize>,
         skipped: usize,
+        trimmed: Trimmed,
     },
+}
+
+/// Header lines a MESSAGE's head lost to the limits.
+#[derive(Debug, Clone, Copy, Default)]
+struct Trimmed {
+    long_lines: usize,
+    extra_headers: usize,
+}
+
+impl Trimmed {
+    fn is_empty(self) -> bool {
+        self.long_lines == 0 && self.extra_headers == 0
+    }
+}
+
+/// Headers a MESSAGE over the head limits keeps past `Limits::max_headers`,
+/// the first of each name: what it is routed, acknowledged and set aside by.
+/// At most one line each, so the kept head stays within about the limits.
+const SETTLING_HEADERS: [&str; 11] = [
+    "message-id",
+    "ack",
+    "subscription",
+    "destination",
+    "content-length",
+    "content-type",
+    "event-id",
+    "event-type",
+    "event-key",
+    "event-time",
+    "redelivered",
+];
+
+/// A MESSAGE's head being read past its limits: the lines kept so far form a
+/// head of their own, parsed as usual once the empty line arrives.
+#[derive(Debug)]
+struct TrimmedHead {
+    /// The command line and the header lines kept, each with its `\n`.
+    head: BytesMut,
+    /// Offsets in `head` of the `\n` of each line.
+    ends: Vec<usize>,
+    /// Bit `i` set: a `SETTLING_HEADERS[i]` line is kept.
+    settled: u16,
+    /// Bytes of the current line in the buffer scanned without a `\n`.
+    scanned: usize,
+    /// Inside a line over the limit, whose bytes are dropped up to its `\n`.
+    dropping: bool,
+    trimmed: Trimmed,
 }
 
 /// STOMP frame codec for one connection.
@@ -347,6 +404,12 @@ impl StompCodec {
         let body_start = match find_head_end(buf, scanned, &mut self.line_ends, self.limits) {
             Ok(Some(at)) => at,
             Ok(None) => return Ok(Step::Wait),
+            Err(CodecError::LineTooLong { .. } | CodecError::TooManyHeaders { .. })
+                if self.is_message_head(buf) =>
+            {
+                self.trim(buf);
+                return Ok(Step::Next);
+            }
             Err(e) => {
                 self.state = DecodeState::Idle;
                 return Err(e);
@@ -358,6 +421,19 @@ impl StompCodec {
         let parsed = self.parse_head(head, &ends);
         self.line_ends = ends;
         let (command, headers, content_length) = parsed?;
+        self.start_body(buf, command, headers, content_length, Trimmed::default())
+    }
+
+    /// After a parsed head: waits for the body, or reads past it if it is a
+    /// MESSAGE's over the limit.
+    fn start_body(
+        &mut self,
+        buf: &mut BytesMut,
+        command: Command,
+        headers: Headers,
+        content_length: Option<usize>,
+        trimmed: Trimmed,
+    ) -> Result<Step, CodecError> {
         if let Some(length) = content_length {
             if length > self.limits.max_body {
                 if command == Command::Message {
@@ -367,6 +443,7 @@ impl StompCodec {
                         headers,
                         content_length,
                         skipped: 0,
+                        trimmed,
                     };
                     return Ok(Step::Next);
                 }
@@ -382,8 +459,127 @@ impl StompCodec {
             headers,
             content_length,
             scanned: 0,
+            trimmed,
         };
         Ok(Step::Next)
+    }
+
+    /// True when the head in `buf` is a MESSAGE's: its command line is
+    /// complete (its end is the first of `line_ends`) and says so.
+    fn is_message_head(&self, buf: &[u8]) -> bool {
+        self.line_ends
+            .first()
+            .is_some_and(|&nl| &buf[..content_end(buf, 0, nl)] == b"MESSAGE")
+    }
+
+    /// Starts reading a MESSAGE's head over the limits again, one line at a
+    /// time: its command line is kept, its header lines are read anew.
+    fn trim(&mut self, buf: &mut BytesMut) {
+        let Some(&first) = self.line_ends.first() else {
+            return;
+        };
+        self.line_ends.clear();
+        self.state = DecodeState::Trim(Box::new(TrimmedHead {
+            head: buf.split_to(first + 1),
+            ends: vec![first],
+            settled: 0,
+            scanned: 0,
+            dropping: false,
+            trimmed: Trimmed::default(),
+        }));
+    }
+
+    /// Inside a MESSAGE's head over the limits: keeps the header lines within
+    /// `max_line_length`, up to `max_headers` of them and past that the first
+    /// of each of the `SETTLING_HEADERS`; drops the others, a line over the
+    /// length limit as its bytes arrive. Nothing more than about the limits
+    /// is ever held. At the head's end, the lines kept are parsed as a head.
+    fn trim_head(&mut self, buf: &mut BytesMut) -> Result<Step, CodecError> {
+        let limits = self.limits;
+        let DecodeState::Trim(trim) = &mut self.state else {
+            return Ok(Step::Next);
+        };
+        // A line may be one byte longer than the limit if that byte is its CR.
+        let with_cr = limits.max_line_length.saturating_add(1);
+        loop {
+            let Some(off) = memchr::memchr(b'\n', &buf[trim.scanned..]) else {
+                if !trim.dropping && buf.len() > with_cr {
+                    trim.trimmed.long_lines += 1;
+                    trim.dropping = true;
+                }
+                if trim.dropping {
+                    buf.clear();
+                    trim.scanned = 0;
+                } else {
+                    trim.scanned = buf.len();
+                }
+                return Ok(Step::Wait);
+            };
+            let nl = trim.scanned + off;
+            trim.scanned = 0;
+            let line = buf.split_to(nl + 1);
+            if std::mem::take(&mut trim.dropping) {
+                continue;
+            }
+            let content = &line[..content_end(&line, 0, nl)];
+            if content.is_empty() {
+                break;
+            }
+            if nl > with_cr || (nl == with_cr && line[nl - 1] != b'\r') {
+                trim.trimmed.long_lines += 1;
+                continue;
+            }
+            let name = content
+                .iter()
+                .position(|&b| b == b':')
+                .map_or(content, |colon| &content[..colon]);
+            // Escapes never make one of these names, so the raw name is the name.
+            let settling = SETTLING_HEADERS
+                .iter()
+                .position(|kept| kept.as_bytes() == name)
+                .map(|i| 1u16 << i);
+            let within_count = trim.ends.len() - 1 < limits.max_headers;
+            let first_of_its_name = settling.is_some_and(|bit| trim.settled & bit == 0);
+            if within_count || first_of_its_name {
+                trim.settled |= settling.unwrap_or(0);
+                trim.ends.push(trim.head.len() + nl);
+                trim.head.extend_from_slice(&line);
+            } else {
+                trim.trimmed.extra_headers += 1;
+            }
+        }
+        let DecodeState::Trim(trim) = std::mem::replace(&mut self.state, DecodeState::Idle) else {
+            return Ok(Step::Next);
+        };
+        let TrimmedHead {
+            mut head,
+            ends,
+            trimmed,
+            ..
+        } = *trim;
+        head.put_u8(b'\n');
+        let (command, headers, content_length) = self.parse_head(head, &ends)?;
+        self.start_body(buf, command, headers, content_length, trimmed)
+    }
+
+    /// What was left out of a MESSAGE: its body, if it was read past, and
+    /// the header lines `trimmed` from its head.
+    fn oversize(&self, body: Option<usize>, trimmed: Trimmed) -> Oversize {
+        Oversize {
+            body,
+            long_lines: trimmed.long_lines,
+            extra_headers: trimmed.extra_headers,
+            limits: self.limits,
+        }
+    }
+
+    /// Bytes of a head held outside the read buffer (only while trimming).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        match &self.state {
+            DecodeState::Trim(trim) => trim.head.len(),
+            _ => 0,
+        }
     }
 
     /// Inside the body: once it and its NUL are there, the frame is complete.
@@ -444,6 +640,17 @@ impl StompCodec {
         buf.advance(1);
         match std::mem::replace(&mut self.state, DecodeState::Idle) {
             DecodeState::Body {
+                command,
+                headers,
+                trimmed,
+                ..
+            } if !trimmed.is_empty() => Ok(Step::Frame(Frame::oversized(
+                command,
+                headers,
+                body,
+                self.oversize(None, trimmed),
+            ))),
+            DecodeState::Body {
                 command, headers, ..
             } => Ok(Step::Frame(Frame::from_parts(command, headers, body))),
             _ => Ok(Step::Next),
@@ -458,6 +665,7 @@ impl StompCodec {
             command,
             headers,
             content_length,
+            trimmed,
             ..
         } = std::mem::replace(&mut self.state, DecodeState::Idle)
         {
@@ -466,6 +674,7 @@ impl StompCodec {
                 headers,
                 content_length,
                 skipped: 0,
+                trimmed,
             };
         }
     }
@@ -512,14 +721,17 @@ impl StompCodec {
             },
         };
         buf.advance(1);
-        let limit = self.limits.max_body;
         match std::mem::replace(&mut self.state, DecodeState::Idle) {
             DecodeState::Skip {
-                command, headers, ..
+                command,
+                headers,
+                trimmed,
+                ..
             } => Ok(Step::Frame(Frame::oversized(
                 command,
                 headers,
-                Oversize { length, limit },
+                Bytes::new(),
+                self.oversize(Some(length), trimmed),
             ))),
             _ => Ok(Step::Next),
         }
@@ -536,6 +748,7 @@ impl Decoder for StompCodec {
             let step = match self.state {
                 DecodeState::Idle => self.skip_heart_beats(buf, &mut saw_eol)?,
                 DecodeState::Head { .. } => self.decode_head(buf)?,
+                DecodeState::Trim(_) => self.trim_head(buf)?,
                 DecodeState::Body { .. } => self.decode_body(buf)?,
                 DecodeState::Skip { .. } => self.skip_body(buf)?,
             };

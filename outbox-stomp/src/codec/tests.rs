@@ -330,18 +330,19 @@ fn oversized_nul_terminated_body_is_rejected_while_buffering() {
 }
 
 /// Feeds `input` in pieces of `chunk` bytes, returning the frames and the
-/// most bytes the buffer held at once.
+/// most bytes the buffer and the decoder held at once.
 fn decode_in_pieces(limits: Limits, input: &[u8], chunk: usize) -> (Vec<Frame>, usize) {
     let mut c = StompCodec::new(Version::V1_2, limits);
     let mut buf = BytesMut::new();
     let (mut out, mut most) = (Vec::new(), 0);
     for piece in input.chunks(chunk) {
         buf.extend_from_slice(piece);
-        most = most.max(buf.len());
+        most = most.max(buf.len() + c.held());
         while let Some(item) = c.decode(&mut buf).unwrap() {
             if let Received::Frame(frame) = item {
                 out.push(frame);
             }
+            most = most.max(buf.len() + c.held());
         }
     }
     assert!(buf.is_empty());
@@ -366,8 +367,10 @@ fn a_message_over_the_body_limit_is_read_past_and_comes_out_marked_with_its_head
         assert_eq!(
             frames[0].oversize(),
             Some(&Oversize {
-                length: 1000,
-                limit: 10
+                body: Some(1000),
+                long_lines: 0,
+                extra_headers: 0,
+                limits,
             })
         );
         assert_eq!(frames[1].body().as_ref(), b"small");
@@ -393,8 +396,10 @@ fn a_nul_terminated_message_over_the_body_limit_is_read_past_up_to_its_nul() {
         assert_eq!(
             frames[0].oversize(),
             Some(&Oversize {
-                length: 500,
-                limit: 10
+                body: Some(500),
+                long_lines: 0,
+                extra_headers: 0,
+                limits,
             })
         );
         assert!(frames[0].body().is_empty());
@@ -426,11 +431,27 @@ fn overlong_line_is_rejected_before_its_end_arrives() {
         max_line_length: 8,
         ..Limits::default()
     };
-    let mut c = StompCodec::new(Version::V1_2, limits);
-    let mut buf = BytesMut::from(&b"MESSAGE\nabcdefghijk"[..]);
+    for head in [&b"ERROR\nabcdefghijk"[..], b"RECEIPT\na:1\nabcdefghijk"] {
+        let mut c = StompCodec::new(Version::V1_2, limits);
+        let mut buf = BytesMut::from(head);
+        let err = c.decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, CodecError::LineTooLong { limit: 8 }),
+            "{err:?}"
+        );
+    }
+    // A command line over the limit is no MESSAGE's.
+    let mut c = StompCodec::new(
+        Version::V1_2,
+        Limits {
+            max_line_length: 4,
+            ..limits
+        },
+    );
+    let mut buf = BytesMut::from(&b"MESSAGE\na:1\n\n\0"[..]);
     let err = c.decode(&mut buf).unwrap_err();
     assert!(
-        matches!(err, CodecError::LineTooLong { limit: 8 }),
+        matches!(err, CodecError::LineTooLong { limit: 4 }),
         "{err:?}"
     );
     let mut c = StompCodec::new(Version::V1_2, limits);
@@ -464,14 +485,17 @@ fn too_many_headers_are_rejected() {
         ..Limits::default()
     };
     let mut c = StompCodec::new(Version::V1_2, limits);
-    let mut buf = BytesMut::from(&b"MESSAGE\na:1\nb:2\n\n\0"[..]);
+    let mut buf = BytesMut::from(&b"ERROR\na:1\nb:2\n\n\0"[..]);
     assert!(c.decode(&mut buf).unwrap().is_some());
-    let mut buf = BytesMut::from(&b"MESSAGE\na:1\nb:2\nc:3\n\n\0"[..]);
-    let err = c.decode(&mut buf).unwrap_err();
-    assert!(
-        matches!(err, CodecError::TooManyHeaders { limit: 2 }),
-        "{err:?}"
-    );
+    for command in ["ERROR", "RECEIPT", "CONNECTED"] {
+        let mut c = StompCodec::new(Version::V1_2, limits);
+        let mut buf = BytesMut::from(format!("{command}\na:1\nb:2\nc:3\n\n\0").as_bytes());
+        let err = c.decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, CodecError::TooManyHeaders { limit: 2 }),
+            "{command}: {err:?}"
+        );
+    }
 }
 
 #[test]
@@ -671,4 +695,181 @@ fn encode_then_decode_is_identity_on_every_version() {
         let expected = frame.clone().with_header("content-length", "5");
         assert_eq!(back, expected, "version {version}");
     }
+}
+
+/// A MESSAGE head with one header line of `long` bytes first, then the
+/// headers a consumer settles it by, two more, and a body of `hello`; then a
+/// small MESSAGE.
+fn head_with_a_long_line(long: usize) -> Vec<u8> {
+    let mut input = b"MESSAGE\nx-big:".to_vec();
+    input.extend_from_slice(&vec![b'v'; long]);
+    input.extend_from_slice(
+        b"\nmessage-id:m-1\nsubscription:0\nack:a-1\ndestination:/queue/q\n\
+          event-id:e-1\nx-a:1\nx-b:2\nevent-type:t\nevent-key:k\ncontent-length:5\n\n\
+          hello\0\nMESSAGE\nmessage-id:m-2\n\nsmall\0",
+    );
+    input
+}
+
+#[test]
+fn a_message_with_a_header_line_over_the_limit_is_read_past_keeping_the_headers_that_settle_it() {
+    let limits = Limits {
+        max_line_length: 64,
+        max_headers: 4,
+        ..Limits::default()
+    };
+    let input = head_with_a_long_line(5000);
+    for chunk in [1, 7, 64, input.len()] {
+        let (frames, most) = decode_in_pieces(limits, &input, chunk);
+        assert_eq!(frames.len(), 2, "chunk {chunk}");
+        let big = &frames[0];
+        for (name, value) in [
+            ("message-id", "m-1"),
+            ("subscription", "0"),
+            ("ack", "a-1"),
+            ("destination", "/queue/q"),
+            ("event-id", "e-1"),
+            ("event-type", "t"),
+            ("event-key", "k"),
+            ("content-length", "5"),
+        ] {
+            assert_eq!(big.header(name), Some(value), "{name}, chunk {chunk}");
+        }
+        assert_eq!(big.header("x-big"), None);
+        assert_eq!(big.header("x-a"), None, "past the count");
+        assert_eq!(big.body().as_ref(), b"hello");
+        assert_eq!(
+            big.oversize(),
+            Some(&Oversize {
+                body: None,
+                long_lines: 1,
+                extra_headers: 2,
+                limits,
+            })
+        );
+        assert_eq!(frames[1].body().as_ref(), b"small");
+        assert_eq!(frames[1].oversize(), None);
+        if chunk < 100 {
+            assert!(
+                most < 200,
+                "the long line was buffered: {most} bytes at once"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_message_with_more_headers_than_the_limit_keeps_the_first_ones_and_those_that_settle_it() {
+    let limits = Limits {
+        max_line_length: 64,
+        max_headers: 20,
+        ..Limits::default()
+    };
+    let mut input = b"MESSAGE\n".to_vec();
+    for i in 0..10_000 {
+        input.extend_from_slice(format!("x-{i}:{i}\n").as_bytes());
+    }
+    input.extend_from_slice(
+        b"message-id:m-1\nsubscription:0\nack:a-1\nevent-id:e-1\nmessage-id:m-other\n\n\
+          hello\0MESSAGE\nmessage-id:m-2\n\nsmall\0",
+    );
+    for chunk in [1, 16, 1000, input.len()] {
+        let (frames, most) = decode_in_pieces(limits, &input, chunk);
+        assert_eq!(frames.len(), 2, "chunk {chunk}");
+        let big = &frames[0];
+        assert_eq!(big.header("x-0"), Some("0"));
+        assert_eq!(big.header("x-19"), Some("19"));
+        assert_eq!(big.header("x-20"), None);
+        assert_eq!(big.header("x-9999"), None);
+        assert_eq!(big.header("message-id"), Some("m-1"), "the first one");
+        assert_eq!(big.header("ack"), Some("a-1"));
+        assert_eq!(big.header("subscription"), Some("0"));
+        assert_eq!(big.header("event-id"), Some("e-1"));
+        assert_eq!(big.body().as_ref(), b"hello");
+        assert_eq!(big.headers().len(), 24, "{:?}", big.headers());
+        assert_eq!(
+            big.oversize(),
+            Some(&Oversize {
+                body: None,
+                long_lines: 0,
+                extra_headers: 9_981,
+                limits,
+            })
+        );
+        assert_eq!(frames[1].body().as_ref(), b"small");
+        assert_eq!(frames[1].oversize(), None);
+        if chunk <= 1000 {
+            assert!(most < 2000, "the head was buffered: {most} bytes at once");
+        }
+    }
+}
+
+#[test]
+fn a_message_over_the_head_and_body_limits_is_read_past_with_both_reasons() {
+    let limits = Limits {
+        max_line_length: 64,
+        max_headers: 4,
+        max_body: 3,
+    };
+    let input = head_with_a_long_line(500);
+    let (frames, _) = decode_in_pieces(limits, &input, 5);
+    assert_eq!(frames.len(), 2);
+    assert_eq!(frames[0].header("event-id"), Some("e-1"));
+    assert!(frames[0].body().is_empty());
+    let oversize = frames[0].oversize().copied();
+    assert_eq!(
+        oversize,
+        Some(Oversize {
+            body: Some(5),
+            long_lines: 1,
+            extra_headers: 2,
+            limits,
+        })
+    );
+    let reason = oversize.map(|o| o.to_string()).unwrap_or_default();
+    assert_eq!(
+        reason,
+        "body of 5 bytes over the consumer's limit of 3 bytes (Limits::max_body); dropped unread; \
+         1 header line(s) longer than the consumer's limit of 64 bytes (Limits::max_line_length); dropped; \
+         2 header line(s) past the consumer's limit of 4 headers (Limits::max_headers); dropped"
+    );
+    assert_eq!(frames[1].header("message-id"), Some("m-2"));
+}
+
+#[test]
+fn a_message_head_over_the_limits_keeps_its_settling_headers_only_within_the_line_limit_and_once() {
+    let limits = Limits {
+        max_line_length: 32,
+        max_headers: 1,
+        ..Limits::default()
+    };
+    let mut input = b"MESSAGE\r\nx-a:1\r\nx-b:2\r\nack:a-1\r\nack:a-2\r\n".to_vec();
+    input.extend_from_slice(format!("event-id:{}\r\n", "e".repeat(40)).as_bytes());
+    input.extend_from_slice(b"event-key:k\\cv\r\nx-c:3\r\n\r\nbody\0");
+    let (frames, _) = decode_in_pieces(limits, &input, 3);
+    assert_eq!(frames.len(), 1);
+    let headers: Vec<_> = frames[0].headers().iter().collect();
+    assert_eq!(
+        headers,
+        [("x-a", "1"), ("ack", "a-1"), ("event-key", "k:v")],
+        "escapes undone as usual"
+    );
+    assert_eq!(frames[0].body().as_ref(), b"body");
+    let oversize = frames[0].oversize().copied();
+    assert_eq!(
+        oversize.map(|o| (o.long_lines, o.extra_headers)),
+        Some((1, 3))
+    );
+}
+
+#[test]
+fn a_message_over_the_header_count_with_nothing_to_drop_is_delivered_whole() {
+    let limits = Limits {
+        max_headers: 1,
+        ..Limits::default()
+    };
+    let (frames, _) = decode_in_pieces(limits, b"MESSAGE\nx-a:1\nmessage-id:m\nack:a\n\nok\0", 4);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].headers().len(), 3);
+    assert_eq!(frames[0].oversize(), None);
 }
