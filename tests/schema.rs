@@ -283,7 +283,7 @@ macro_rules! schema_suite {
             }
             blocker.rollback().await.unwrap();
             inbox.migrate().await.unwrap();
-            assert_eq!(version(db.pool(), "inbox_event").await, 3);
+            assert_eq!(version(db.pool(), "inbox_event").await, NEWEST[1].1);
         }
 
         #[tokio::test]
@@ -348,7 +348,7 @@ macro_rules! schema_suite {
             .await
             .expect("the abandoned migration's lock was never given back");
             migrated.unwrap();
-            assert_eq!(version(&other, "inbox_event").await, 3);
+            assert_eq!(version(&other, "inbox_event").await, NEWEST[1].1);
             // The first process still works too.
             inbox.migrate().await.unwrap();
             other.close().await;

@@ -243,6 +243,22 @@ impl OutboxSql {
         )
     }
 
+    /// Of `keys` keys, those with a parked row or a row waiting for its next
+    /// attempt: keys that stay held for a while. The values are the time,
+    /// then the keys.
+    pub(crate) fn held_keys(&self, keys: usize) -> String {
+        let (new, _, failed) = STATES;
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "SELECT DISTINCT event_key FROM {} WHERE process IN ('{new}', '{failed}') \
+                 AND (process = '{failed}' OR next_attempt_at > ?) AND event_key IN ({})",
+                self.table,
+                marks(keys)
+            ),
+        )
+    }
+
     /// Marks `ids` rows held by the lease `?` published: the values are the
     /// publish time, the update time, the token, then the ids.
     pub(crate) fn mark_published_ids(&self, ids: usize) -> String {

@@ -148,6 +148,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .current();
+        let remembered_len = remembered.len();
         let mut waiting_keys: Vec<String> = remembered;
         let mut after: Option<i64> = (!waiting_keys.is_empty()).then_some(i64::MIN);
         for _ in 0..CLAIM_WINDOWS {
@@ -192,6 +193,16 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             }
             after = last;
         }
+        // Keys found waiting in this claim, remembered for the next ones if
+        // they stay held a while (a parked row, a row waiting for its next
+        // attempt); a key held only by rows in flight elsewhere is not.
+        let found = &waiting_keys[remembered_len.min(waiting_keys.len())..];
+        let held = if found.is_empty() {
+            Vec::new()
+        } else {
+            let keys: Vec<&str> = found.iter().map(String::as_str).collect();
+            store.held_keys(&mut tx, now, &keys).await?
+        };
         if !batch.is_empty() {
             let ids: Vec<i64> = batch.iter().map(|m| m.id).collect();
             store.lease(&mut tx, token, now + ms(lease), &ids).await?;
@@ -200,7 +211,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         self.waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .learn(waiting_keys);
+            .learn(held);
         Ok(batch)
     }
 

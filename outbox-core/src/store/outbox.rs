@@ -275,6 +275,26 @@ impl<DB: Backend> OutboxStore<DB> {
         })
     }
 
+    /// Of `keys`, those with a parked row or a row not due before `now`.
+    pub(crate) async fn held_keys(
+        &self,
+        conn: &mut DB::Connection,
+        now: i64,
+        keys: &[&str],
+    ) -> Result<Vec<String>, Error> {
+        let mut args = vec![Value::Int(now)];
+        args.extend(keys.iter().map(|k| Value::Text(Some(k))));
+        let rows = DB::fetch(
+            conn,
+            &self.sql.held_keys(keys.len()),
+            &args,
+            &[Column::Text],
+        )
+        .await
+        .map_err(Error::db("reading held keys"))?;
+        decode_all("outbox", rows, |mut row| row.text(0, "event_key"))
+    }
+
     /// Leases the rows `ids` to `token` until `until`.
     pub(crate) async fn lease(
         &self,
