@@ -44,11 +44,12 @@ impl Check {
         plan: &Plan,
         foreign_sends: &HashMap<i64, Sends>,
     ) -> Result<Check, BoxError> {
+        // The services migrate before the faults begin, so every table is
+        // there; a read that fails must not pass for an empty table.
         let produced = db.produced().await?;
-        // The tables exist once the services migrated; before that, nothing.
-        let outbox = db.outbox().await.unwrap_or_default();
+        let outbox = db.outbox().await?;
         let applied = db.applied().await?;
-        let inbox = db.inbox().await.unwrap_or_default();
+        let inbox = db.inbox().await?;
         Ok(check(
             plan,
             &produced,
@@ -93,7 +94,7 @@ fn check(
     // (consumer, seq) → applications; (consumer, fid) → applications.
     let mut by_seq: HashMap<(&str, i64), usize> = HashMap::new();
     let mut by_fid: HashMap<(&str, i64), usize> = HashMap::new();
-    for (_, consumer, seq, fid, _, _) in applied {
+    for (_, consumer, seq, fid, _, _, _) in applied {
         if let Some(seq) = seq {
             *by_seq.entry((consumer.as_str(), *seq)).or_default() += 1;
         }
@@ -130,7 +131,7 @@ fn check(
 
     for event in &plan.events {
         let seq = event.seq;
-        let expected = event.expected();
+        let expected = event.expected(plan.aborts);
         let Some((id, outcome)) = produced.get(&seq).copied() else {
             c.violation(format!(
                 "event {seq}: never appended (the producer did not get to it)"
@@ -290,25 +291,26 @@ fn check(
     }
 
     // Per-key order among applied events, per consumer.
-    let mut last: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
-    for (_, consumer, seq, _, key, kseq) in applied {
+    let mut last: HashMap<(&str, &str), (i64, i64, &str)> = HashMap::new();
+    for (_, consumer, seq, _, key, kseq, note) in applied {
         let (Some(seq), Some(key), Some(kseq)) = (seq, key, kseq) else {
             continue;
         };
-        if let Some((prev_kseq, prev_seq)) = last.get(&(consumer.as_str(), key.as_str()))
+        let note = note.as_deref().unwrap_or("");
+        if let Some((prev_kseq, prev_seq, prev_note)) = last.get(&(consumer.as_str(), key.as_str()))
             && *kseq <= *prev_kseq
             && seq != prev_seq
         {
             c.out_of_order += 1;
             c.violation(format!(
-                "key {key} at {consumer}: event {seq} (place {kseq}) applied after place {prev_kseq} (event {prev_seq})"
+                "key {key} at {consumer}: event {seq} (place {kseq}; {note}) applied after place {prev_kseq} (event {prev_seq}; {prev_note})"
             ));
         }
         let entry = last
             .entry((consumer.as_str(), key.as_str()))
-            .or_insert((0, 0));
+            .or_insert((0, 0, ""));
         if *kseq > entry.0 {
-            *entry = (*kseq, *seq);
+            *entry = (*kseq, *seq, note);
         }
     }
     c
@@ -379,6 +381,7 @@ mod tests {
             1,
             std::time::Duration::from_secs(10),
             false,
+            true,
             BTreeSet::new(),
         );
         plan.foreign.clear();
@@ -422,6 +425,7 @@ mod tests {
                     None,
                     key.map(str::to_owned),
                     Some(*kseq),
+                    None,
                 )
             })
             .collect()
@@ -523,6 +527,40 @@ mod tests {
         assert_eq!(c.lost, 2, "{:?}", c.violations);
         assert_eq!(c.violations.len(), 3, "{:?}", c.violations);
         assert!(!c.settled());
+    }
+
+    #[test]
+    fn a_swallowed_error_parks_where_the_database_gives_up_the_transaction_and_applies_elsewhere() {
+        let mut plan = plan(&[(None, 0, Behaviour::Swallow)]);
+        let effects = applied(&[("alpha", 1, None, 0), ("beta", 1, None, 0)]);
+        let rows = inbox(&[
+            ("alpha", 1, "PROCESSED", None),
+            ("beta", 1, "PROCESSED", None),
+        ]);
+        // SQLite and MariaDB: only the statement failed; the handler's row
+        // committed with its inbox row, as the handler said `Ok`.
+        plan.aborts = false;
+        let c = check(
+            &plan,
+            &produced(1),
+            &published(1),
+            &effects,
+            &rows,
+            &HashMap::new(),
+        );
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        assert_eq!(c.applied_once, 2);
+        // PostgreSQL gave up the transaction: an effect is a violation.
+        plan.aborts = true;
+        let c = check(
+            &plan,
+            &produced(1),
+            &published(1),
+            &effects,
+            &rows,
+            &HashMap::new(),
+        );
+        assert_eq!(c.violations.len(), 2, "{:?}", c.violations);
     }
 
     #[test]
