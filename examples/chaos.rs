@@ -67,6 +67,9 @@ enum Command {
     /// Runs a seed: services, faults, check, summary. Exits 1 when an
     /// invariant is broken.
     Run(runner::RunArgs),
+    /// Prints what a seed would run (workload and schedule), without
+    /// running it.
+    Plan(runner::RunArgs),
     /// The producer service (started by `run`).
     Producer {
         #[arg(long)]
@@ -96,6 +99,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(args) => runner::run(args).await,
+        Command::Plan(args) => runner::show_plan(&args).map(|()| true),
         Command::Producer {
             broker,
             database,

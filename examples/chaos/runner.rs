@@ -64,6 +64,25 @@ enum RunDb {
 /// flight when a fault strikes.
 const IN_FLIGHT_PER_FAULT: u64 = 32 + 50;
 
+/// Prints the plan `args` would run, as a run prints it at its start.
+pub(crate) fn show_plan(args: &RunArgs) -> Result<(), BoxError> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let excluded = Class::parse_list(&args.exclude)?;
+    let fault_time = Duration::from_secs_f64((args.minutes * 60.0).max(10.0));
+    let plan = Plan::generate(
+        seed,
+        fault_time,
+        args.db != "sqlite",
+        args.db == "postgres",
+        excluded,
+    );
+    say!("seed {seed}, database {}", args.db);
+    for line in plan.describe().lines() {
+        say!("{line}");
+    }
+    Ok(())
+}
+
 /// Runs the whole thing; `Ok(true)` when every invariant held.
 pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
     let seed = args.seed.unwrap_or_else(rand::random);
