@@ -17,9 +17,10 @@ use std::time::Duration;
 use outbox_test_harness::{SKIP_MYSQL_VAR, SKIP_POSTGRES_VAR};
 
 /// Classes left out of the fixed seeds (`--exclude`), for defects still
-/// open: clock skews ahead (a row appended before the producer's process
-/// first read the database's clock gets a `next_attempt_at` on the host's
-/// clock, so no relay takes it until the host's time; skews behind stay in).
+/// open: clock skews ahead (a row appended while the producer's process has
+/// no reading of the database's clock gets a `next_attempt_at` on the
+/// host's clock, so no relay takes it until the host's time; skews behind
+/// stay in).
 const EXCLUDED: &str = "clock-ahead";
 
 /// Fault time of each run, in minutes.

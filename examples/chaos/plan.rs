@@ -42,10 +42,11 @@ pub(crate) enum Class {
     EmptyId,
     /// Foreign messages whose ids differ only in case.
     CaseId,
-    /// Clock skews ahead (left out, every skew is behind): a producer that
-    /// appends before its process first read the database's clock stamps
-    /// the row's `next_attempt_at` with its own clock, so a row appended on
-    /// a clock an hour ahead waits an hour before any relay takes it.
+    /// Clock skews ahead (left out, every skew is behind): a producer whose
+    /// process has no reading of the database's clock (none taken yet, or
+    /// the reading failed) stamps a row's `next_attempt_at` with its own
+    /// clock, so a row appended on a clock an hour ahead waits an hour
+    /// before any relay takes it, and its key's later rows wait behind it.
     ClockAhead,
     /// Keyed events whose handler always fails (about 30 % of them; the
     /// rest go unkeyed). Left out, no key is ever held behind a parked
