@@ -389,6 +389,9 @@ enum End {
     BrokerStart,
     BrokerResume,
     ProxyPass(String),
+    /// The end of a blackhole: the connections that lost bytes are reset,
+    /// then traffic passes again.
+    ProxyHeal(String),
 }
 
 impl Run {
@@ -492,7 +495,7 @@ impl Run {
             Fault::ProxyBlackhole { service, ms } => {
                 self.proxy(service)?.blackhole();
                 self.ends
-                    .push((later(*ms), End::ProxyPass(service.clone())));
+                    .push((later(*ms), End::ProxyHeal(service.clone())));
             }
             Fault::ProxyFreeze {
                 service,
@@ -553,6 +556,20 @@ impl Run {
                     if self.broker_frozen {
                         broker.resume()?;
                         self.broker_frozen = false;
+                    }
+                }
+                // A blackhole drops bytes of live connections. TCP never
+                // resumes a stream with bytes missing: a partition either
+                // heals before retransmission gives up (every byte arrives,
+                // late: a freeze) or the connection dies. Passing again on
+                // the same connections delivered later frames without the
+                // dropped ones: seed 330 on SQLite applied a key's place 42
+                // while places 39 to 41, dropped in the blackhole, came only
+                // after a restart, a broken order no real network makes.
+                End::ProxyHeal(name) => {
+                    if let Some(proxy) = self.proxies.get(&name) {
+                        proxy.reset();
+                        proxy.pass();
                     }
                 }
                 End::ProxyPass(name) => {
