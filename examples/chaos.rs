@@ -22,8 +22,10 @@
 //! `event-id`, undecodable bodies, bodies and header counts over the consumer's
 //! limits). The faults: SIGKILL of a service at random moments and at named
 //! failpoints, broker kill -9 and restart, broker SIGSTOP, proxy cut, reset,
-//! reset mid-frame, blackhole and one-way freeze, and terminated database
-//! sessions (PostgreSQL and MariaDB).
+//! reset mid-frame, blackhole and one-way freeze, terminated database
+//! sessions (PostgreSQL and MariaDB), and producer or relay processes
+//! restarted with their wall clock minutes to an hour off, while a second
+//! relay process shares the outbox for part of the run.
 //!
 //! What a seed generates is the same on every run; the moments at which faults
 //! meet real processes are not, so a replay repeats the plan, not every
@@ -65,6 +67,9 @@ enum Command {
     /// Runs a seed: services, faults, check, summary. Exits 1 when an
     /// invariant is broken.
     Run(runner::RunArgs),
+    /// Prints what a seed would run (workload and schedule), without
+    /// running it.
+    Plan(runner::RunArgs),
     /// The producer service (started by `run`).
     Producer {
         #[arg(long)]
@@ -74,6 +79,9 @@ enum Command {
         /// The plan file `run` wrote.
         #[arg(long)]
         plan: std::path::PathBuf,
+        /// Run the relay only, appending nothing (the second relay).
+        #[arg(long)]
+        relay_only: bool,
     },
     /// A consumer service (started by `run`).
     Consumer {
@@ -91,26 +99,29 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(args) => runner::run(args).await,
+        Command::Plan(args) => runner::show_plan(&args).map(|()| true),
         Command::Producer {
             broker,
             database,
             plan,
+            relay_only,
         } => {
             service(async move {
                 let plan: plan::Plan = serde_json::from_slice(&std::fs::read(&plan)?)?;
                 let stop = stop_on_signals()?;
+                let append = !relay_only;
                 match scheme(&database) {
                     "sqlite" => {
                         let pool = open_sqlite(&database, 4).await?;
-                        producer::on_sqlite::run(pool, &plan, &broker, stop).await
+                        producer::on_sqlite::run(pool, &plan, append, &broker, stop).await
                     }
                     "postgres" => {
                         let pool = pg(&database, 4).await?;
-                        producer::on_postgres::run(pool, &plan, &broker, stop).await
+                        producer::on_postgres::run(pool, &plan, append, &broker, stop).await
                     }
                     _ => {
                         let pool = my(&database, 4).await?;
-                        producer::on_mysql::run(pool, &plan, &broker, stop).await
+                        producer::on_mysql::run(pool, &plan, append, &broker, stop).await
                     }
                 }
             })

@@ -52,12 +52,21 @@ say "cargo build --examples --all-features"
 cargo build --examples --all-features
 
 target=${CARGO_TARGET_DIR:-target}
+# The runs use their own link to the binary: the runner starts the services
+# from its own path again and again, and a build during a long run must not
+# swap the binary under them (the linker writes a new file, so the link keeps
+# the old one; a copy where links do not work).
+bin="$target/chaos/bin-$$"
+mkdir -p "$bin"
+ln -f "$target/debug/examples/chaos" "$bin/chaos" 2>/dev/null ||
+  cp "$target/debug/examples/chaos" "$bin/chaos"
+trap 'rm -rf "$bin"' EXIT
 failed=()
 for ((n = 0; n < seeds; n++)); do
   s=$((seed + n))
   for d in "${dbs[@]}"; do
     say "seed $s on $d, faults for $minutes min"
-    if ! "$target/debug/examples/chaos" run --seed "$s" --db "$d" --minutes "$minutes" ${rest[@]+"${rest[@]}"}; then
+    if ! "$bin/chaos" run --seed "$s" --db "$d" --minutes "$minutes" ${rest[@]+"${rest[@]}"}; then
       failed+=("--seed $s --db $d")
     fi
   done

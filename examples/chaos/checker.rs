@@ -29,7 +29,10 @@ pub(crate) struct Check {
     pub(crate) waiting: usize,
     /// Pairs held behind a parked earlier event of their key: with per-key
     /// order a parked event holds its key's later events until it is
-    /// replayed (DESIGN.md §5), so these wait by design.
+    /// replayed (DESIGN.md §5), so these wait by design. At the relay too:
+    /// a row parked as undecodable is unpublished, and the relay publishes
+    /// no row ahead of an earlier unpublished row of its key
+    /// (docs/guarantees.md), so its key's later rows stay `NEW`.
     pub(crate) held: usize,
     /// Per-key order broken (applied after a later event of its key).
     pub(crate) out_of_order: usize,
@@ -44,11 +47,12 @@ impl Check {
         plan: &Plan,
         foreign_sends: &HashMap<i64, Sends>,
     ) -> Result<Check, BoxError> {
+        // The services migrate before the faults begin, so every table is
+        // there; a read that fails must not pass for an empty table.
         let produced = db.produced().await?;
-        // The tables exist once the services migrated; before that, nothing.
-        let outbox = db.outbox().await.unwrap_or_default();
+        let outbox = db.outbox().await?;
         let applied = db.applied().await?;
-        let inbox = db.inbox().await.unwrap_or_default();
+        let inbox = db.inbox().await?;
         Ok(check(
             plan,
             &produced,
@@ -93,7 +97,7 @@ fn check(
     // (consumer, seq) → applications; (consumer, fid) → applications.
     let mut by_seq: HashMap<(&str, i64), usize> = HashMap::new();
     let mut by_fid: HashMap<(&str, i64), usize> = HashMap::new();
-    for (_, consumer, seq, fid, _, _) in applied {
+    for (_, consumer, seq, fid, _, _, _) in applied {
         if let Some(seq) = seq {
             *by_seq.entry((consumer.as_str(), *seq)).or_default() += 1;
         }
@@ -110,6 +114,18 @@ fn check(
             )
         })
         .collect();
+
+    // The first event of each key the relay parked: its key's later rows
+    // stay in the outbox by design.
+    let mut relay_parked_from: HashMap<&str, i64> = HashMap::new();
+    for event in &plan.events {
+        if let (Some(key), Some((Some(id), _))) = (&event.key, produced.get(&event.seq))
+            && let Some(("FAILED", _)) = outbox.get(id)
+        {
+            let first = relay_parked_from.entry(key.as_str()).or_insert(i64::MAX);
+            *first = (*first).min(event.seq);
+        }
+    }
 
     // The first parked place of each key at each consumer: later events of
     // the key wait behind it by design.
@@ -130,7 +146,7 @@ fn check(
 
     for event in &plan.events {
         let seq = event.seq;
-        let expected = event.expected();
+        let expected = event.expected(plan.aborts);
         let Some((id, outcome)) = produced.get(&seq).copied() else {
             c.violation(format!(
                 "event {seq}: never appended (the producer did not get to it)"
@@ -167,6 +183,15 @@ fn check(
             continue;
         };
         match state {
+            "NEW"
+                if error.is_none()
+                    && event.key.as_deref().is_some_and(|key| {
+                        relay_parked_from.get(key).is_some_and(|first| seq > *first)
+                    }) =>
+            {
+                c.held += CONSUMERS.len();
+                continue;
+            }
             "NEW" => {
                 c.waiting += 1;
                 c.violation(format!("event {seq} ({id}): stuck in the outbox (NEW)"));
@@ -290,25 +315,26 @@ fn check(
     }
 
     // Per-key order among applied events, per consumer.
-    let mut last: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
-    for (_, consumer, seq, _, key, kseq) in applied {
+    let mut last: HashMap<(&str, &str), (i64, i64, &str)> = HashMap::new();
+    for (_, consumer, seq, _, key, kseq, note) in applied {
         let (Some(seq), Some(key), Some(kseq)) = (seq, key, kseq) else {
             continue;
         };
-        if let Some((prev_kseq, prev_seq)) = last.get(&(consumer.as_str(), key.as_str()))
+        let note = note.as_deref().unwrap_or("");
+        if let Some((prev_kseq, prev_seq, prev_note)) = last.get(&(consumer.as_str(), key.as_str()))
             && *kseq <= *prev_kseq
             && seq != prev_seq
         {
             c.out_of_order += 1;
             c.violation(format!(
-                "key {key} at {consumer}: event {seq} (place {kseq}) applied after place {prev_kseq} (event {prev_seq})"
+                "key {key} at {consumer}: event {seq} (place {kseq}; {note}) applied after place {prev_kseq} (event {prev_seq}; {prev_note})"
             ));
         }
         let entry = last
             .entry((consumer.as_str(), key.as_str()))
-            .or_insert((0, 0));
+            .or_insert((0, 0, ""));
         if *kseq > entry.0 {
-            *entry = (*kseq, *seq);
+            *entry = (*kseq, *seq, note);
         }
     }
     c
@@ -379,6 +405,7 @@ mod tests {
             1,
             std::time::Duration::from_secs(10),
             false,
+            true,
             BTreeSet::new(),
         );
         plan.foreign.clear();
@@ -422,6 +449,7 @@ mod tests {
                     None,
                     key.map(str::to_owned),
                     Some(*kseq),
+                    None,
                 )
             })
             .collect()
@@ -523,6 +551,68 @@ mod tests {
         assert_eq!(c.lost, 2, "{:?}", c.violations);
         assert_eq!(c.violations.len(), 3, "{:?}", c.violations);
         assert!(!c.settled());
+    }
+
+    #[test]
+    fn a_swallowed_error_parks_where_the_database_gives_up_the_transaction_and_applies_elsewhere() {
+        let mut plan = plan(&[(None, 0, Behaviour::Swallow)]);
+        let effects = applied(&[("alpha", 1, None, 0), ("beta", 1, None, 0)]);
+        let rows = inbox(&[
+            ("alpha", 1, "PROCESSED", None),
+            ("beta", 1, "PROCESSED", None),
+        ]);
+        // SQLite and MariaDB: only the statement failed; the handler's row
+        // committed with its inbox row, as the handler said `Ok`.
+        plan.aborts = false;
+        let c = check(
+            &plan,
+            &produced(1),
+            &published(1),
+            &effects,
+            &rows,
+            &HashMap::new(),
+        );
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        assert_eq!(c.applied_once, 2);
+        // PostgreSQL gave up the transaction: an effect is a violation.
+        plan.aborts = true;
+        let c = check(
+            &plan,
+            &produced(1),
+            &published(1),
+            &effects,
+            &rows,
+            &HashMap::new(),
+        );
+        assert_eq!(c.violations.len(), 2, "{:?}", c.violations);
+    }
+
+    #[test]
+    fn rows_behind_a_row_the_relay_parked_are_held_and_other_new_rows_are_stuck() {
+        let mut plan = plan(&[
+            (Some("k"), 0, Behaviour::Apply),
+            (Some("k"), 1, Behaviour::Apply),
+            (Some("j"), 1, Behaviour::Apply),
+        ]);
+        plan.events[0].corrupt = true;
+        let outbox = vec![
+            (
+                "e1".to_owned(),
+                "FAILED".to_owned(),
+                Some("undecodable".to_owned()),
+            ),
+            ("e2".to_owned(), "NEW".to_owned(), None),
+            ("e3".to_owned(), "NEW".to_owned(), None),
+        ];
+        let c = check(&plan, &produced(3), &outbox, &[], &[], &HashMap::new());
+        assert_eq!(c.held, 2, "{:?}", c.violations);
+        // Event 3's key has nothing parked: stuck.
+        assert_eq!(
+            (c.waiting, c.violations.len()),
+            (1, 1),
+            "{:?}",
+            c.violations
+        );
     }
 
     #[test]

@@ -65,9 +65,11 @@ impl Chaos {
         })
     }
 
-    /// The statement recording one application. Every value is a number or
-    /// one of the plan's own keys (letters and digits), so it is inlined.
-    fn applied_row(&self, work: &Work) -> String {
+    /// The statement recording one application. Every value is a number,
+    /// one of the plan's own keys (letters and digits) or a note of such
+    /// characters, so it is inlined. The note says how the event came: the
+    /// process, the attempt, the broker's `redelivered` flag and `message-id`.
+    fn applied_row(&self, work: &Work, delivery: &Delivery) -> String {
         let (seq, fid, key, kseq) = match work {
             Work::Planned { seq, key, kseq, .. } => (
                 seq.to_string(),
@@ -84,8 +86,19 @@ impl Chaos {
                 "NULL".to_owned(),
             ),
         };
+        let note: String = format!(
+            "pid={} attempt={} redelivered={} message-id={}",
+            std::process::id(),
+            delivery.attempt,
+            delivery.header("redelivered").unwrap_or("false"),
+            delivery.header("message-id").unwrap_or("none"),
+        )
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || " =:-_.".contains(*c))
+        .take(200)
+        .collect();
         format!(
-            "INSERT INTO {APPLIED} (consumer, seq, fid, ekey, kseq) VALUES ('{}', {seq}, {fid}, {key}, {kseq})",
+            "INSERT INTO {APPLIED} (consumer, seq, fid, ekey, kseq, note) VALUES ('{}', {seq}, {fid}, {key}, {kseq}, '{note}')",
             self.name
         )
     }
@@ -109,7 +122,7 @@ macro_rules! consumer_on {
                 delivery: &'a Delivery,
             ) -> BoxFuture<'a, Result<(), HandlerError>> {
                 Box::pin(async move {
-                    let row = self.applied_row(&work);
+                    let row = self.applied_row(&work, delivery);
                     let behaviour = match work {
                         Work::Planned { behaviour, .. } => behaviour,
                         Work::Foreign { .. } => Behaviour::Apply,

@@ -36,7 +36,8 @@ macro_rules! with_pool {
 pub(crate) type ProducedRow = (i64, Option<String>, String);
 /// A row of the outbox: event id, state, last error.
 pub(crate) type OutboxRow = (String, String, Option<String>);
-/// A row of [`APPLIED`]: id, consumer, seq, fid, key, kseq.
+/// A row of [`APPLIED`]: id, consumer, seq, fid, key, kseq, and how it
+/// was delivered (process, attempt, `redelivered`, `message-id`).
 pub(crate) type AppliedRow = (
     i64,
     String,
@@ -44,6 +45,7 @@ pub(crate) type AppliedRow = (
     Option<i64>,
     Option<String>,
     Option<i64>,
+    Option<String>,
 );
 /// A row of the inbox: consumer, event id, state, last error, content.
 pub(crate) type InboxRow = (String, String, String, Option<String>, Option<Vec<u8>>);
@@ -83,7 +85,7 @@ impl Db {
             ),
             format!(
                 "CREATE TABLE {APPLIED} ({id}, consumer VARCHAR(16) NOT NULL, seq BIGINT, \
-                 fid BIGINT, ekey VARCHAR(64), kseq BIGINT)"
+                 fid BIGINT, ekey VARCHAR(64), kseq BIGINT, note VARCHAR(200))"
             ),
             format!("CREATE TABLE {UNIQUE} (id BIGINT PRIMARY KEY)"),
             format!("INSERT INTO {UNIQUE} (id) VALUES (1)"),
@@ -114,12 +116,21 @@ impl Db {
     }
 
     pub(crate) async fn applied(&self) -> Result<Vec<AppliedRow>, sqlx::Error> {
-        let sql = format!("SELECT id, consumer, seq, fid, ekey, kseq FROM {APPLIED} ORDER BY id");
+        let sql =
+            format!("SELECT id, consumer, seq, fid, ekey, kseq, note FROM {APPLIED} ORDER BY id");
         with_pool!(self, pool => sqlx::query_as(&sql).fetch_all(pool).await)
     }
 
     pub(crate) async fn inbox(&self) -> Result<Vec<InboxRow>, sqlx::Error> {
-        let sql = "SELECT consumer, event_id, process, last_error, content FROM inbox_event";
+        // MySQL reports the dedup columns (utf8mb4_bin) as VARBINARY, which
+        // sqlx decodes as bytes only (docs/configuration.md): read them as text.
+        let sql = match self {
+            Db::MySql(_) => {
+                "SELECT CAST(consumer AS CHAR), CAST(event_id AS CHAR), process, last_error, content \
+                 FROM inbox_event"
+            }
+            _ => "SELECT consumer, event_id, process, last_error, content FROM inbox_event",
+        };
         with_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await)
     }
 

@@ -42,15 +42,28 @@ pub(crate) enum Class {
     EmptyId,
     /// Foreign messages whose ids differ only in case.
     CaseId,
+    /// Clock skews ahead (left out, every skew is behind): a producer whose
+    /// process has no reading of the database's clock (none taken yet, or
+    /// the reading failed) stamps a row's `next_attempt_at` with its own
+    /// clock, so a row appended on a clock an hour ahead waits an hour
+    /// before any relay takes it, and its key's later rows wait behind it.
+    ClockAhead,
+    /// Keyed events whose handler always fails (about 30 % of them; the
+    /// rest go unkeyed). Left out, no key is ever held behind a parked
+    /// event, so a run with few keys checks their order for its whole
+    /// length.
+    KeyedPark,
 }
 
 impl Class {
-    pub(crate) const ALL: [Class; 5] = [
+    pub(crate) const ALL: [Class; 7] = [
         Class::Swallow,
         Class::Oversize,
         Class::CorruptRow,
         Class::EmptyId,
         Class::CaseId,
+        Class::ClockAhead,
+        Class::KeyedPark,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -60,6 +73,8 @@ impl Class {
             Class::CorruptRow => "corrupt-row",
             Class::EmptyId => "empty-id",
             Class::CaseId => "case-id",
+            Class::ClockAhead => "clock-ahead",
+            Class::KeyedPark => "keyed-park",
         }
     }
 
@@ -94,7 +109,11 @@ pub(crate) enum Behaviour {
     /// Fails every attempt: parked.
     AlwaysFail,
     /// Writes its row, runs a statement that violates a unique key, ignores
-    /// the error and returns `Ok`: must be parked, never acknowledged.
+    /// the error and returns `Ok`. Where the database gives up the whole
+    /// transaction on a failed statement (PostgreSQL) it must be parked,
+    /// never acknowledged; where only the statement fails (SQLite, MariaDB)
+    /// the transaction still holds the row and the handler said `Ok`, so it
+    /// is applied once (docs/guarantees.md).
     Swallow,
     /// Panics: parked.
     Panic,
@@ -131,12 +150,15 @@ impl Behaviour {
         })
     }
 
-    /// Whether the event must end parked in each consumer's inbox.
-    pub(crate) fn parks(self) -> bool {
-        matches!(
-            self,
-            Behaviour::AlwaysFail | Behaviour::Swallow | Behaviour::Panic
-        )
+    /// Whether the event must end parked in each consumer's inbox, on a
+    /// database that does (`aborts`) or does not give up a transaction
+    /// when one of its statements fails.
+    pub(crate) fn parks(self, aborts: bool) -> bool {
+        match self {
+            Behaviour::AlwaysFail | Behaviour::Panic => true,
+            Behaviour::Swallow => aborts,
+            _ => false,
+        }
     }
 }
 
@@ -186,12 +208,14 @@ pub(crate) enum Expected {
 }
 
 impl PlannedEvent {
-    pub(crate) fn expected(&self) -> Expected {
+    /// What the event must become on a database that does (`aborts`) or
+    /// does not give up a transaction whose statement failed.
+    pub(crate) fn expected(&self, aborts: bool) -> Expected {
         if self.over.is_some() {
             Expected::Refused
         } else if self.corrupt {
             Expected::ParkedAtRelay
-        } else if self.behaviour.parks() {
+        } else if self.behaviour.parks(aborts) {
             Expected::ParkedAtInbox
         } else {
             Expected::Applied
@@ -326,6 +350,11 @@ pub(crate) enum Fault {
     },
     /// Terminate every database session of the services.
     DbTerminate,
+    /// Restart a producer or relay with its wall clock off by `skew_ms`
+    /// (`OUTBOX_CLOCK_SKEW_MS`): ahead when positive. The skew stays with
+    /// the service through later restarts, as a host's clock would, until
+    /// another skew replaces it.
+    ClockSkew { service: String, skew_ms: i64 },
 }
 
 impl Fault {
@@ -342,6 +371,7 @@ impl Fault {
             Fault::ProxyBlackhole { .. } => "proxy-blackhole",
             Fault::ProxyFreeze { .. } => "proxy-freeze",
             Fault::DbTerminate => "db-terminate",
+            Fault::ClockSkew { .. } => "clock-skew",
         }
     }
 }
@@ -384,8 +414,20 @@ impl fmt::Display for Fault {
                 side(to_broker)
             ),
             Fault::DbTerminate => write!(f, "terminate the services' database sessions"),
+            Fault::ClockSkew { service, skew_ms } => {
+                write!(f, "restart {service} with its clock {}", skew(*skew_ms))
+            }
         }
     }
+}
+
+/// A clock skew as people read it: `37.5 min ahead (+2250000 ms)`.
+pub(crate) fn skew(ms: i64) -> String {
+    format!(
+        "{:.1} min {} ({ms:+} ms)",
+        ms.unsigned_abs() as f64 / 60_000.0,
+        if ms >= 0 { "ahead" } else { "behind" }
+    )
 }
 
 /// The whole plan of a run.
@@ -403,24 +445,42 @@ pub(crate) struct Plan {
     /// `(at_ms, fault)`, in time order.
     pub(crate) faults: Vec<(u64, Fault)>,
     pub(crate) excluded: BTreeSet<Class>,
+    /// Whether a failed statement makes the database give up the whole
+    /// transaction (PostgreSQL): what a swallowed error must become.
+    #[serde(default)]
+    pub(crate) aborts: bool,
+    /// When the second relay ([`RELAY2`]) runs, `(from_ms, until_ms)` from
+    /// the start: a relay of its own process on the same outbox, sharing
+    /// the key partitions with the producer's, so that a skewed clock on
+    /// either would matter if leases were decided on the host's clock.
+    #[serde(default)]
+    pub(crate) second_relay: Option<(u64, u64)>,
 }
 
 /// The services faults may strike.
 pub(crate) const PRODUCER: &str = "producer";
 
+/// A second relay process on the producer's database, for part of the run.
+pub(crate) const RELAY2: &str = "relay2";
+
 fn services() -> Vec<String> {
-    std::iter::once(PRODUCER.to_owned())
-        .chain(CONSUMERS.iter().map(|c| (*c).to_owned()))
+    [PRODUCER, RELAY2]
+        .into_iter()
+        .chain(CONSUMERS)
+        .map(str::to_owned)
         .collect()
 }
 
 impl Plan {
     /// The plan of `seed`: a run whose faults last `fault_time`, on a database
-    /// that can (`db_sessions`) or cannot have its sessions terminated.
+    /// that can (`db_sessions`) or cannot have its sessions terminated, and
+    /// that does (`aborts`) or does not give up a transaction whose
+    /// statement failed.
     pub(crate) fn generate(
         seed: u64,
         fault_time: Duration,
         db_sessions: bool,
+        aborts: bool,
         excluded: BTreeSet<Class>,
     ) -> Plan {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -432,7 +492,18 @@ impl Plan {
         let count = ((fault_ms as f64 / 1000.0) * 0.7 * rate).round().max(20.0) as i64;
         let events = workload(&mut rng, count, &excluded);
         let foreign = foreign(&mut rng, fault_ms, &excluded);
-        let (rates, faults) = schedule(&mut rng, fault_ms, db_sessions);
+        // The second relay joins early and leaves before the faults stop.
+        let second_relay = (
+            rng.gen_range(fault_ms / 20..fault_ms / 4),
+            rng.gen_range(fault_ms * 6 / 10..fault_ms * 9 / 10),
+        );
+        let (rates, faults) = schedule(
+            &mut rng,
+            fault_ms,
+            db_sessions,
+            second_relay,
+            excluded.contains(&Class::ClockAhead),
+        );
         Plan {
             seed,
             fault_ms,
@@ -442,6 +513,8 @@ impl Plan {
             rates,
             faults,
             excluded,
+            aborts,
+            second_relay: Some(second_relay),
         }
     }
 
@@ -501,6 +574,13 @@ impl Plan {
                 excluded.join(",")
             }
         ));
+        if let Some((from, until)) = self.second_relay {
+            out.push_str(&format!(
+                "second relay ({RELAY2}): from {:.1}s to {:.1}s\n",
+                from as f64 / 1000.0,
+                until as f64 / 1000.0
+            ));
+        }
         out.push_str("fault rates per minute: ");
         out.push_str(
             &self
@@ -550,7 +630,11 @@ fn workload(rng: &mut StdRng, count: i64, excluded: &BTreeSet<Class>) -> Vec<Pla
         }
         // A parked event holds its key's later events until it is replayed;
         // most parking events go unkeyed, so a run with few keys keeps flowing.
-        let key = if behaviour.parks() && rng.gen_bool(0.7) {
+        let key = if matches!(
+            behaviour,
+            Behaviour::AlwaysFail | Behaviour::Swallow | Behaviour::Panic
+        ) && (rng.gen_bool(0.7) || excluded.contains(&Class::KeyedPark))
+        {
             None
         } else {
             key
@@ -664,7 +748,13 @@ fn foreign(rng: &mut StdRng, fault_ms: u64, excluded: &BTreeSet<Class>) -> Vec<F
 /// `(at_ms, fault)` pairs.
 type Schedule = Vec<(u64, Fault)>;
 
-fn schedule(rng: &mut StdRng, fault_ms: u64, db_sessions: bool) -> (Vec<(String, f64)>, Schedule) {
+fn schedule(
+    rng: &mut StdRng,
+    fault_ms: u64,
+    db_sessions: bool,
+    second_relay: (u64, u64),
+    behind_only: bool,
+) -> (Vec<(String, f64)>, Schedule) {
     let services = services();
     let mut kinds: Vec<(&str, f64)> = vec![
         ("sigkill", rng.gen_range(1.0..4.0)),
@@ -680,15 +770,27 @@ fn schedule(rng: &mut StdRng, fault_ms: u64, db_sessions: bool) -> (Vec<(String,
     if db_sessions {
         kinds.push(("db-terminate", rng.gen_range(0.5..3.0)));
     }
+    kinds.push(("clock-skew", rng.gen_range(1.0..4.0)));
     let minutes = fault_ms as f64 / 60_000.0;
     let mut faults = Vec::new();
     for (kind, rate) in &kinds {
         // At least one of the process and broker faults in every run.
-        let floor = matches!(*kind, "sigkill" | "failpoint" | "broker-kill") as u32;
+        let floor = matches!(
+            *kind,
+            "sigkill" | "failpoint" | "broker-kill" | "clock-skew"
+        ) as u32;
         let count = ((rate * minutes).round() as u32).max(floor);
         for _ in 0..count {
             let at = rng.gen_range(fault_ms / 20..fault_ms * 9 / 10);
-            let service = services[rng.gen_range(0..services.len())].clone();
+            let mut service = if *kind == "clock-skew" {
+                [PRODUCER, RELAY2][rng.gen_range(0..2)].to_owned()
+            } else {
+                services[rng.gen_range(0..services.len())].clone()
+            };
+            // The second relay only while it runs (with a margin for its start).
+            if service == RELAY2 && !(second_relay.0 + 2000..second_relay.1).contains(&at) {
+                service = PRODUCER.to_owned();
+            }
             let fault = match *kind {
                 "sigkill" => Fault::Kill {
                     service,
@@ -727,6 +829,15 @@ fn schedule(rng: &mut StdRng, fault_ms: u64, db_sessions: bool) -> (Vec<(String,
                     to_broker: rng.gen_bool(0.5),
                     ms: rng.gen_range(1000..10_000),
                 },
+                "clock-skew" => {
+                    // Minutes to an hour, ahead or behind.
+                    let size = rng.gen_range(60_000..3_600_000i64);
+                    let ahead = rng.gen_bool(0.5) && !behind_only;
+                    Fault::ClockSkew {
+                        service,
+                        skew_ms: if ahead { size } else { -size },
+                    }
+                }
                 _ => Fault::DbTerminate,
             };
             faults.push((at, fault));
@@ -743,8 +854,8 @@ mod tests {
 
     #[test]
     fn a_seed_always_yields_the_same_plan() {
-        let a = Plan::generate(7, Duration::from_secs(60), true, BTreeSet::new());
-        let b = Plan::generate(7, Duration::from_secs(60), true, BTreeSet::new());
+        let a = Plan::generate(7, Duration::from_secs(60), true, true, BTreeSet::new());
+        let b = Plan::generate(7, Duration::from_secs(60), true, true, BTreeSet::new());
         assert_eq!(
             serde_json::to_string(&a).ok(),
             serde_json::to_string(&b).ok()

@@ -27,6 +27,12 @@ pub(crate) struct Service {
     ready: watch::Receiver<bool>,
     /// The failpoint the current process was started with.
     pub(crate) armed: Option<String>,
+    /// The clock skew (ms) its processes start with, if any: it stays
+    /// through restarts, as a host's clock would.
+    pub(crate) skew_ms: Option<i64>,
+    /// Whether the service should be running now (the second relay only
+    /// for part of the run): the runner restarts only wanted services.
+    pub(crate) wanted: bool,
     /// The `duplicates=` count each process logged last.
     duplicates: Arc<Mutex<Vec<u64>>>,
     pub(crate) starts: u32,
@@ -55,6 +61,8 @@ impl Service {
             child: None,
             ready: watch::channel(false).1,
             armed: None,
+            skew_ms: None,
+            wanted: true,
             duplicates: Arc::default(),
             starts: 0,
             kills: 0,
@@ -86,6 +94,10 @@ impl Service {
             .kill_on_drop(true);
         if let Some(point) = &failpoint {
             command.env(outbox::core::failpoint::FAILPOINT_VAR, point);
+        }
+        command.env_remove(outbox::core::failpoint::CLOCK_SKEW_VAR);
+        if let Some(skew) = self.skew_ms {
+            command.env(outbox::core::failpoint::CLOCK_SKEW_VAR, skew.to_string());
         }
         // SAFETY: runs in the child between fork and exec and only calls
         // prctl, which is async-signal-safe: the service dies with the runner.

@@ -64,17 +64,23 @@ macro_rules! producer_on {
     ($db:ty) => {
         use super::*;
 
-        /// Appends the plan's events from where the last run stopped.
+        /// Appends the plan's events from where the last run stopped (unless
+        /// `appending` is off: a relay only), and relays until stopped.
         pub(crate) async fn run(
             pool: sqlx::Pool<$db>,
             plan: &Plan,
+            appending: bool,
             broker: &str,
             stop: Arc<watch::Sender<bool>>,
         ) -> Result<(), BoxError> {
             let outbox = Outbox::new(pool.clone()).with_limits(limits());
             outbox.migrate().await?;
             let relay = tokio::spawn(relay(outbox.clone(), broker_config(broker)?, stop.subscribe()));
-            let appended = append(&pool, &outbox, plan, stop.subscribe()).await;
+            let appended = if appending {
+                append(&pool, &outbox, plan, stop.subscribe()).await
+            } else {
+                Ok(())
+            };
             if let Err(error) = &appended {
                 tracing::error!(%error, "appending stopped");
             }
