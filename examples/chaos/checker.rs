@@ -183,11 +183,11 @@ fn check(
             continue;
         };
         match state {
+            // Held whatever error an earlier publish attempt left on it.
             "NEW"
-                if error.is_none()
-                    && event.key.as_deref().is_some_and(|key| {
-                        relay_parked_from.get(key).is_some_and(|first| seq > *first)
-                    }) =>
+                if event.key.as_deref().is_some_and(|key| {
+                    relay_parked_from.get(key).is_some_and(|first| seq > *first)
+                }) =>
             {
                 c.held += CONSUMERS.len();
                 continue;
@@ -601,7 +601,12 @@ mod tests {
                 "FAILED".to_owned(),
                 Some("undecodable".to_owned()),
             ),
-            ("e2".to_owned(), "NEW".to_owned(), None),
+            // An earlier publish attempt failed: held all the same.
+            (
+                "e2".to_owned(),
+                "NEW".to_owned(),
+                Some("connection lost".to_owned()),
+            ),
             ("e3".to_owned(), "NEW".to_owned(), None),
         ];
         let c = check(&plan, &produced(3), &outbox, &[], &[], &HashMap::new());
