@@ -106,6 +106,9 @@ enum Misbehaviour {
     /// Decoding user 13 panics, and decoding user 17 on a retry;
     /// `after_commit` of user 14 panics.
     Panic13And14,
+    /// Where its faults say to fail, never returns instead (a lock wait
+    /// without a timeout, a call that never answers).
+    HangWhenFaulted,
 }
 
 /// Writes one `ledger` row per event.
@@ -167,6 +170,11 @@ macro_rules! fault_suite {
                         _ => {}
                     }
                     sqlx::query(&insert).execute(&mut **tx).await?;
+                    if self.misbehaviour == Misbehaviour::HangWhenFaulted
+                        && self.faults.should_fail(event.user_id)
+                    {
+                        std::future::pending::<()>().await;
+                    }
                     if self.faults.should_fail(event.user_id) {
                         return Err(format!("user {} refused", event.user_id).into());
                     }
@@ -423,6 +431,42 @@ macro_rules! fault_suite {
                 parked[0].last_error.as_deref().is_some_and(|e| e.contains("headers")),
                 "{parked:?}"
             );
+        }
+
+        /// A handler that never returns for user 13, once: it is stopped at
+        /// `handler_timeout`, its transaction rolled back, and the delivery
+        /// applied on its next try; everything else is applied too. Without the bound the
+        /// delivery was never settled (and on SQLite nothing after it was).
+        #[tokio::test]
+        async fn a_handler_that_never_returns_is_stopped_at_its_timeout_and_retried() {
+            let Some((db, inbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.faults.hung";
+            let producer = client(&broker).await;
+            for n in 10..=16 {
+                send(&producer, dest, &format!("e-{n}"), &user(n)).await;
+            }
+            let config = ConsumerConfig {
+                handler_timeout: Some(Duration::from_millis(500)),
+                max_attempts: 3,
+                ..quick(dest)
+            };
+            let handler = Ledger {
+                misbehaviour: Misbehaviour::HangWhenFaulted,
+                faults: Faults::with(&[(13, 1)]),
+            };
+            let handle = Consumer::new(inbox.clone(), handler, config)
+                .unwrap()
+                .spawn(client(&broker).await)
+                .await
+                .unwrap();
+            eventually("all seven applied", Duration::from_secs(60), || {
+                let inbox = inbox.clone();
+                async move { inbox.counts().await.unwrap().processed == 7 }
+            })
+            .await;
+            handle.shutdown().await.unwrap();
+            assert_eq!(ledger_users(&db).await, (10..=16).collect::<Vec<_>>());
         }
 
         /// Messages from a producer outside this framework with an empty or

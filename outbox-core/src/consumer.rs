@@ -132,6 +132,13 @@ pub struct ConsumerConfig {
     /// of deliveries that meets this many errors is settled one by one, each
     /// with its own count.
     pub recurring_error_limit: u32,
+    /// Longest a handler may run (default 60 s; `None`: no bound). A handler
+    /// still running then (a lock wait without a timeout, a call that never
+    /// answers) is stopped, its transaction rolled back, and the delivery
+    /// counts as a handler failure: retried, then parked. Without a bound
+    /// one hung handler would hold its worker, the retry loop, and on
+    /// SQLite every other worker, for good.
+    pub handler_timeout: Option<Duration>,
     /// Delay between local retries (default 500 ms doubling to 5 min).
     pub retry_backoff: Backoff,
     /// How often the retry loop looks for due rows (default 250 ms).
@@ -167,6 +174,7 @@ impl ConsumerConfig {
             per_key_order: false,
             max_attempts: 5,
             recurring_error_limit: 10,
+            handler_timeout: Some(Duration::from_secs(60)),
             retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(300)),
             retry_poll: Duration::from_millis(250),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -233,6 +241,12 @@ impl ConsumerConfig {
             return invalid(
                 "ConsumerConfig::max_attempts",
                 "0 would park every event before its handler ran; use 1 or more".to_owned(),
+            );
+        }
+        if self.handler_timeout.is_some_and(|t| t.is_zero()) {
+            return invalid(
+                "ConsumerConfig::handler_timeout",
+                "0 would stop every handler at once; use None for no bound".to_owned(),
             );
         }
         if self.recurring_error_limit == 0 {
@@ -1105,9 +1119,15 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
         if clean {
             for (i, event) in todo {
                 let delivery = &deliveries[i];
-                if run_handler(&shared.handler, &mut tx, event, delivery)
-                    .await
-                    .is_err()
+                if run_handler(
+                    &shared.handler,
+                    shared.config.handler_timeout,
+                    &mut tx,
+                    event,
+                    delivery,
+                )
+                .await
+                .is_err()
                 {
                     clean = false;
                     break;
@@ -1204,7 +1224,15 @@ async fn process<DB: Backend, H: Handler<DB>>(
         let _ = tx.rollback().await;
         return Ok(Outcome::Duplicate);
     }
-    let result = match run_handler(&shared.handler, &mut tx, event, delivery).await {
+    let result = match run_handler(
+        &shared.handler,
+        shared.config.handler_timeout,
+        &mut tx,
+        event,
+        delivery,
+    )
+    .await
+    {
         Ok(()) => match undone(inbox, &mut tx, &[&delivery.event_id]).await? {
             None => Ok(()),
             Some(reason) => Err(reason),
@@ -1425,15 +1453,24 @@ async fn park_oversize<DB: Backend, H: Handler<DB>>(
 /// Runs the handler, turning a panic into an error.
 async fn run_handler<DB: Backend, H: Handler<DB>>(
     handler: &H,
+    timeout: Option<Duration>,
     tx: &mut Transaction<'static, DB>,
     event: H::Event,
     delivery: &Delivery,
 ) -> Result<(), HandlerError> {
-    match AssertUnwindSafe(handler.handle(tx, event, delivery))
+    let run = AssertUnwindSafe(handler.handle(tx, event, delivery))
         .catch_unwind()
-        .instrument(crate::trace::handle_span(delivery))
-        .await
-    {
+        .instrument(crate::trace::handle_span(delivery));
+    let ran = match timeout {
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(ran) => ran,
+            Err(_) => {
+                return Err(format!("the handler did not finish within {limit:?}").into());
+            }
+        },
+        None => run.await,
+    };
+    match ran {
         Ok(result) => result,
         Err(_) => Err("the handler panicked".into()),
     }
@@ -1615,7 +1652,15 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
         return Ok(());
     }
     let result = match decode(&shared.handler, delivery) {
-        Ok(event) => match run_handler(&shared.handler, &mut tx, event, delivery).await {
+        Ok(event) => match run_handler(
+            &shared.handler,
+            shared.config.handler_timeout,
+            &mut tx,
+            event,
+            delivery,
+        )
+        .await
+        {
             Ok(()) => match undone(&shared.inbox, &mut tx, &[&delivery.event_id]).await? {
                 None => Ok(()),
                 Some(reason) => Err((reason, false)),
