@@ -30,6 +30,31 @@ pub(crate) const INSERT_VALUES: usize = 15;
 /// partitions, `[?, ?)`.
 const IN_SHARE: &str = "(partition_no < 0 OR (partition_no >= ? AND partition_no < ?))";
 
+/// The claim of outbox table `t`: due rows not leased, in the share, in id
+/// order; with `after`, only those past an id `?` and not of `after` keys
+/// (bound after the share's bounds, before the limit).
+fn claim_text(dialect: &Dialect, t: &str, after: Option<usize>) -> String {
+    let (new, _, _) = STATES;
+    let past = match after {
+        None => String::new(),
+        Some(0) => "AND id > ? ".to_owned(),
+        Some(keys) => format!(
+            "AND id > ? AND (event_key IS NULL OR event_key NOT IN ({})) ",
+            marks(keys)
+        ),
+    };
+    placeholders(
+        dialect.placeholders,
+        &format!(
+            "SELECT {CLAIM_COLUMNS} FROM {t} {} WHERE process = '{new}' AND next_attempt_at <= ? \
+             AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} {past}\
+             ORDER BY id LIMIT ?{}",
+            (dialect.use_index)(t, "process"),
+            dialect.skip_locked
+        ),
+    )
+}
+
 /// The statements of one outbox table.
 #[derive(Debug)]
 pub(crate) struct OutboxSql {
@@ -107,13 +132,7 @@ impl OutboxSql {
             // LIMIT` and statistics from a table of waiting rows, SQLite
             // (and MySQL) would otherwise walk the table from its first row,
             // through every published one.
-            claim: p(format!(
-                "SELECT {CLAIM_COLUMNS} FROM {t} {} WHERE process = '{new}' AND next_attempt_at <= ? \
-                 AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} \
-                 ORDER BY id LIMIT ?{}",
-                (dialect.use_index)(t, "process"),
-                dialect.skip_locked
-            )),
+            claim: claim_text(dialect, t, None),
             due_probe: p(format!(
                 "SELECT id FROM {t} {} WHERE process = '{new}' AND next_attempt_at <= ? \
                  AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} ORDER BY id LIMIT 1",
@@ -221,26 +240,7 @@ impl OutboxSql {
     /// the claim with the id and the keys before the limit: now, now, the
     /// share's bounds, the id, the keys, the limit.
     pub(crate) fn claim_after(&self, excluded: usize) -> String {
-        let (new, _, _) = STATES;
-        let skip = if excluded == 0 {
-            String::new()
-        } else {
-            format!(
-                "AND (event_key IS NULL OR event_key NOT IN ({})) ",
-                marks(excluded)
-            )
-        };
-        placeholders(
-            self.dialect.placeholders,
-            &format!(
-                "SELECT {CLAIM_COLUMNS} FROM {t} {} WHERE process = '{new}' AND next_attempt_at <= ? \
-                 AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} AND id > ? {skip}\
-                 ORDER BY id LIMIT ?{}",
-                (self.dialect.use_index)(self.table.as_str(), "process"),
-                self.dialect.skip_locked,
-                t = self.table,
-            ),
-        )
+        claim_text(self.dialect, self.table.as_str(), Some(excluded))
     }
 
     /// Of `keys` keys, those with a parked row or a row waiting for its next

@@ -151,6 +151,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let remembered_len = remembered.len();
         let mut waiting_keys: Vec<String> = remembered;
         let mut after: Option<i64> = (!waiting_keys.is_empty()).then_some(i64::MIN);
+        // Whether a window was all held back and the claim read past it.
+        let mut read_past = false;
         for _ in 0..CLAIM_WINDOWS {
             let rows = match after {
                 None => store.select_due(&mut tx, now, share, limit).await?,
@@ -192,12 +194,15 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 break;
             }
             after = last;
+            read_past = true;
         }
-        // Keys found waiting in this claim, remembered for the next ones if
-        // they stay held a while (a parked row, a row waiting for its next
-        // attempt); a key held only by rows in flight elsewhere is not.
+        // Keys found waiting in a claim that had to read past held-back rows,
+        // remembered for the next claims if they stay held a while (a parked
+        // row, a row waiting for its next attempt); a key held only by rows
+        // in flight elsewhere is not. A claim that read one window asks
+        // nothing more of the database.
         let found = &waiting_keys[remembered_len.min(waiting_keys.len())..];
-        let held = if found.is_empty() {
+        let held = if found.is_empty() || !read_past {
             Vec::new()
         } else {
             let keys: Vec<&str> = found.iter().map(String::as_str).collect();
