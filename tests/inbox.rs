@@ -601,6 +601,118 @@ macro_rules! inbox_suite {
             assert_eq!(points(&inbox).await.values().sum::<i64>(), 9);
         }
 
+        /// Records, for each event of a key, which event of that key was the
+        /// last applied before it (read in the same transaction): the
+        /// business rows then show the order of application per key.
+        struct Chain {
+            delay: Duration,
+        }
+
+        impl Handler<Db> for Chain {
+            type Event = (i64, i64);
+
+            fn decode(&self, delivery: &Delivery) -> Result<(i64, i64), String> {
+                let chain: Vec<i64> = serde_json::from_slice(&delivery.body).map_err(|e| e.to_string())?;
+                match chain.as_slice() {
+                    [key, n] => Ok((*key, *n)),
+                    _ => Err(format!("not a [key, n] pair: {chain:?}")),
+                }
+            }
+
+            fn handle<'a>(
+                &'a self,
+                tx: &'a mut sqlx::Transaction<'static, Db>,
+                (key, n): (i64, i64),
+                _delivery: &'a Delivery,
+            ) -> BoxFuture<'a, Result<(), HandlerError>> {
+                Box::pin(async move {
+                    let last: i64 = sqlx::query_scalar(&format!(
+                        "SELECT COALESCE(MAX(n), -1) FROM chain WHERE k = {key}"
+                    ))
+                    .fetch_one(&mut **tx)
+                    .await?;
+                    tokio::time::sleep(self.delay).await;
+                    sqlx::query(&format!("INSERT INTO chain (k, n, prev) VALUES ({key}, {n}, {last})"))
+                        .execute(&mut **tx)
+                        .await?;
+                    Ok(())
+                })
+            }
+        }
+
+        /// 20 keys of 30 events each, with per-key order, to a consumer whose
+        /// broker link is reset three times while hundreds of keyed events
+        /// are in flight: the broker redelivers what was not acknowledged on
+        /// the new connection. Every event is applied once, and each key's
+        /// events in order (each saw its predecessor as the last applied).
+        #[tokio::test]
+        async fn with_per_key_order_resets_of_the_broker_link_keep_each_keys_order() {
+            let Some((db, inbox)) = setup().await else { return };
+            sqlx::query("CREATE TABLE chain (k BIGINT NOT NULL, n BIGINT NOT NULL, prev BIGINT NOT NULL)")
+                .execute(db.pool())
+                .await
+                .unwrap();
+            let broker = broker().await;
+            let dest = "/queue/test.inbox.keys.resets";
+            let (keys, per_key) = (20_i64, 30_i64);
+            let producer = client(&broker).await;
+            for n in 0..per_key {
+                for key in 0..keys {
+                    let message = Outgoing::new(dest.to_owned(), serde_json::to_vec(&[key, n]).unwrap())
+                        .persistent(true)
+                        .header("event-id", format!("e-{key}-{n}"))
+                        .header("event-key", format!("key-{key}"));
+                    producer.send(message).await.unwrap();
+                }
+            }
+            let proxy = FaultProxy::start(broker.stomp_addr()).await.unwrap();
+            let config = Config::parse(&proxy.stomp_uri())
+                .unwrap()
+                .with_receipt_timeout(Duration::from_secs(2));
+            let consumer_client = Client::connect(config).await.unwrap();
+            let config = ConsumerConfig { per_key_order: true, concurrency: 4, ..quick(dest) };
+            let handler = Chain { delay: Duration::from_millis(2) };
+            let handle = Consumer::new(inbox.clone(), handler, config)
+                .expect("valid settings")
+                .spawn(consumer_client.clone())
+                .await
+                .unwrap();
+            let total = u64::try_from(keys * per_key).unwrap();
+            for (i, at) in [total / 6, total / 3, total / 2].into_iter().enumerate() {
+                eventually(&format!("{at} applied before reset {}", i + 1), Duration::from_secs(120), || {
+                    let inbox = inbox.clone();
+                    async move { inbox.counts().await.unwrap().processed >= at }
+                })
+                .await;
+                proxy.reset();
+            }
+            eventually("every event applied", Duration::from_secs(180), || {
+                let inbox = inbox.clone();
+                async move { inbox.counts().await.unwrap().processed == total }
+            })
+            .await;
+            assert!(consumer_client.epoch() >= 3, "the link was reset three times");
+            handle.shutdown().await.unwrap();
+            let rows: Vec<(i64, i64, i64)> = sqlx::query_as("SELECT k, n, prev FROM chain")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+            let mut per: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
+            for (k, n, prev) in rows {
+                per.entry(k).or_default().push((n, prev));
+            }
+            assert_eq!(per.len(), usize::try_from(keys).unwrap());
+            for (k, mut applied) in per {
+                applied.sort_unstable();
+                let ns: Vec<i64> = applied.iter().map(|(n, _)| *n).collect();
+                assert_eq!(ns, (0..per_key).collect::<Vec<_>>(), "key {k}: each event applied once");
+                let out_of_order: Vec<_> = applied.iter().filter(|(n, prev)| *prev != n - 1).collect();
+                assert!(out_of_order.is_empty(), "key {k}: applied after a later event of its key (n, last applied before it): {out_of_order:?}");
+            }
+            let counts = inbox.counts().await.unwrap();
+            assert_eq!((counts.processed, counts.retry, counts.failed), (total, 0, 0));
+        }
+
         #[tokio::test]
         async fn a_message_over_the_consumers_body_limit_is_parked_and_the_rest_flow_on_one_connection() {
             let Some((_db, inbox)) = setup().await else { return };

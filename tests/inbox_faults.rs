@@ -528,6 +528,35 @@ macro_rules! fault_suite {
             assert_eq!(ledger_users(&db).await, vec![1, 2]);
         }
 
+        /// Foreign ids that differ only in trailing spaces are two events
+        /// (MySQL's `utf8mb4_bin` pads with spaces and took them for one).
+        #[tokio::test]
+        async fn event_ids_differing_only_in_trailing_spaces_are_two_events() {
+            let Some((db, inbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.faults.spaces";
+            let producer = client(&broker).await;
+            send(&producer, dest, "abc", &user(1)).await;
+            send(&producer, dest, "abc ", &user(2)).await;
+            send(&producer, dest, "abc  ", &user(3)).await;
+            send(&producer, dest, "abc ", &user(2)).await;
+            let handle = Consumer::new(inbox.clone(), ledger(Misbehaviour::None), quick(dest))
+                .unwrap()
+                .spawn(client(&broker).await)
+                .await
+                .unwrap();
+            let metrics = handle.metrics().clone();
+            eventually("four settled", Duration::from_secs(30), || {
+                let m = metrics.snapshot();
+                async move { m.processed + m.duplicates >= 4 }
+            })
+            .await;
+            handle.shutdown().await.unwrap();
+            let m = metrics.snapshot();
+            assert_eq!((m.processed, m.duplicates), (3, 1), "{m:?}");
+            assert_eq!(ledger_users(&db).await, vec![1, 2, 3]);
+        }
+
         /// With per-key order, an event set aside behind an earlier event of
         /// its key has spent no attempt: with a budget of three, its handler
         /// may fail twice and succeed the third time.
@@ -813,4 +842,109 @@ mod postgres {
 
 mod mysql {
     fault_suite!(sqlx::MySql, support::mysql);
+
+    /// Writes one `applied` row per attempt at an event (the table has no
+    /// unique key, so a second application shows as a second row). For
+    /// user 13 it ends the transaction with a `ROLLBACK` of its own, as the
+    /// server does after a deadlock, swallows that, writes a row for 1013
+    /// and returns `Ok`.
+    struct RollsBack13;
+
+    impl Handler<sqlx::MySql> for RollsBack13 {
+        type Event = UserCreated;
+
+        fn decode(&self, delivery: &Delivery) -> Result<UserCreated, String> {
+            decode_json(delivery)
+        }
+
+        fn handle<'a>(
+            &'a self,
+            tx: &'a mut sqlx::Transaction<'static, sqlx::MySql>,
+            event: UserCreated,
+            _delivery: &'a Delivery,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO applied (user_id) VALUES (?)")
+                    .bind(event.user_id)
+                    .execute(&mut **tx)
+                    .await?;
+                if event.user_id == 13 {
+                    sqlx::query("ROLLBACK").execute(&mut **tx).await.ok();
+                    sqlx::query("INSERT INTO applied (user_id) VALUES (1013)")
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Ok(())
+            })
+        }
+    }
+
+    /// MySQL rolls the whole transaction back after a deadlock (here the
+    /// handler's own `ROLLBACK`, which the server treats alike), and what
+    /// follows used to autocommit: the business writes of the batch-mates
+    /// after user 13 (and of 13's own later writes) were committed at once,
+    /// then again when the consumer, finding its inbox rows gone, applied
+    /// the batch one by one. Each event must be applied exactly once, and
+    /// nothing written after the rollback may stay.
+    #[tokio::test]
+    async fn writes_after_a_rollback_underneath_are_discarded_and_batch_mates_apply_once() {
+        let Some((db, inbox)) = setup().await else {
+            return;
+        };
+        run(&db, "CREATE TABLE applied (user_id BIGINT NOT NULL)").await;
+        let broker = broker().await;
+        let dest = "/queue/test.faults.rollback.mates";
+        let producer = client(&broker).await;
+        let users = [10, 11, 12, 13, 14, 15, 16, 17];
+        for n in users {
+            send(&producer, dest, &format!("e-{n}"), &user(n)).await;
+        }
+        let config = ConsumerConfig {
+            concurrency: 1,
+            batch_size: 16,
+            max_attempts: 3,
+            ..quick(dest)
+        };
+        let handle = Consumer::new(inbox.clone(), RollsBack13, config)
+            .unwrap()
+            .spawn(client(&broker).await)
+            .await
+            .unwrap();
+        let metrics = handle.metrics().clone();
+        eventually("every delivery settled", Duration::from_secs(60), || {
+            let m = metrics.snapshot();
+            async move { m.processed + m.failed >= 8 }
+        })
+        .await;
+        handle.shutdown().await.unwrap();
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT user_id, COUNT(*) FROM applied GROUP BY user_id ORDER BY user_id",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        let expected: Vec<(i64, i64)> = users
+            .iter()
+            .filter(|&&n| n != 13)
+            .map(|&n| (n, 1))
+            .collect();
+        assert_eq!(rows, expected, "applications per user (user_id, rows)");
+        let counts = inbox.counts().await.unwrap();
+        assert_eq!((counts.processed, counts.retry, counts.failed), (7, 0, 1));
+        let parked = inbox.parked(10).await.unwrap();
+        assert_eq!(parked[0].event_id, "e-13");
+        // The pool's connections are back in autocommit: a plain write from
+        // each of them is visible to another connection.
+        let mut held = Vec::new();
+        for _ in 0..db.pool().size() {
+            held.push(db.pool().acquire().await.unwrap());
+        }
+        for (n, conn) in held.iter_mut().enumerate() {
+            let autocommit: i64 = sqlx::query_scalar("SELECT CAST(@@autocommit AS SIGNED)")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(autocommit, 1, "connection {n} of the pool");
+        }
+    }
 }

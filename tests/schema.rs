@@ -1,10 +1,11 @@
 //! Schema versions on SQLite, PostgreSQL and MySQL/MariaDB (modules `sqlite`,
 //! `postgres`, `mysql`): a fresh table is created at the newest version (the
-//! outbox at 7, the inbox at 4), a table left at version 1 is upgraded (the
+//! outbox at 7, the inbox at 5), a table left at version 1 is upgraded (the
 //! retention indexes; the outbox's key partitions, its index of unpublished
 //! rows by key and, on PostgreSQL, of waiting rows, and the index of every
 //! row by key gone; on PostgreSQL and SQLite the inbox's partial indexes of
-//! pending rows; on MySQL the inbox's binary dedup columns), also by two
+//! pending rows; on MySQL the inbox's binary dedup columns and unpadded
+//! event id), also by two
 //! processes migrating at once, with its retry and parked rows still found,
 //! and retention keeps deleting only old rows. On PostgreSQL and MySQL a
 //! migration behind another session's table lock or another process's
@@ -38,7 +39,7 @@ macro_rules! schema_suite {
         }
 
         /// The newest version of each table.
-        const NEWEST: [(&str, i64); 2] = [("outbox_event", 7), ("inbox_event", 4)];
+        const NEWEST: [(&str, i64); 2] = [("outbox_event", 7), ("inbox_event", 5)];
 
         /// Whether `table` has the index `{table}_{suffix}`; `$count_index`
         /// counts the indexes of a table (first bind) with a name (second bind).
@@ -73,10 +74,11 @@ macro_rules! schema_suite {
             for suffix in lacks {
                 assert!(!index_exists(pool, "inbox_event", suffix).await, "inbox_event_{suffix}");
             }
-            // Version 4: the dedup columns compare byte for byte on MySQL.
+            // Versions 4 and 5: the dedup columns compare byte for byte on
+            // MySQL, the event id without padding (`VARBINARY`).
             if mysql() {
-                let collations: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT CAST(COLUMN_NAME AS CHAR), CAST(COLLATION_NAME AS CHAR) \
+                let columns: Vec<(String, String, Option<String>)> = sqlx::query_as(
+                    "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR), CAST(COLLATION_NAME AS CHAR) \
                      FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() \
                      AND TABLE_NAME = 'inbox_event' AND COLUMN_NAME IN ('consumer', 'event_id') \
                      ORDER BY COLUMN_NAME",
@@ -85,8 +87,11 @@ macro_rules! schema_suite {
                 .await
                 .unwrap();
                 assert_eq!(
-                    collations,
-                    [("consumer".to_owned(), "utf8mb4_bin".to_owned()), ("event_id".to_owned(), "utf8mb4_bin".to_owned())]
+                    columns,
+                    [
+                        ("consumer".to_owned(), "varchar".to_owned(), Some("utf8mb4_bin".to_owned())),
+                        ("event_id".to_owned(), "varbinary".to_owned(), None)
+                    ]
                 );
             }
         }
@@ -470,6 +475,67 @@ macro_rules! schema_suite {
             };
             let pool = sqlx::Pool::<Db>::connect(&url).await.unwrap();
             migrate(&pool, &table).await.unwrap();
+        }
+
+        /// An inbox at version 4, with rows, upgraded to version 5: on MySQL
+        /// the event id becomes `VARBINARY`, the rows keep their ids (read
+        /// back as text, UTF-8 included), and an id differing from a
+        /// recorded one only in trailing spaces is a new event, where
+        /// version 4's padded collation took it for a duplicate.
+        #[tokio::test]
+        async fn inbox_rows_of_version_4_keep_their_ids_and_trailing_spaces_count_from_version_5() {
+            let Some(db) = $open().await else { return };
+            let pool = db.pool().clone();
+            let inbox = Inbox::new(pool.clone(), "points").unwrap();
+            inbox.migrate().await.unwrap();
+            if mysql() {
+                sqlx::raw_sql(
+                    "ALTER TABLE inbox_event MODIFY event_id VARCHAR(64) \
+                     CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
+                )
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            sqlx::raw_sql("UPDATE outbox_schema_version SET version = 4 WHERE table_name = 'inbox_event'")
+                .execute(&pool)
+                .await
+                .unwrap();
+            let insert = |event: &str, process: &str| {
+                format!(
+                    "INSERT INTO inbox_event (consumer, event_id, process, attempts, last_error, \
+                     content, create_time, update_time) \
+                     VALUES ('points', '{event}', '{process}', 1, 'parked', NULL, 1, 1)"
+                )
+            };
+            for (event, process) in [("abc", "PROCESSED"), ("naïve-é", "FAILED")] {
+                sqlx::raw_sql(&insert(event, process)).execute(&pool).await.unwrap();
+            }
+            if mysql() {
+                // Version 4 pads: `abc ` is taken for `abc`.
+                let refused = sqlx::raw_sql(&insert("abc ", "PROCESSED")).execute(&pool).await;
+                assert!(refused.is_err(), "version 4 took `abc ` for `abc`");
+            }
+            inbox.migrate().await.unwrap();
+            assert_eq!(version(&pool, "inbox_event").await, NEWEST[1].1);
+            if mysql() {
+                let kind: String = sqlx::query_scalar(
+                    "SELECT CAST(DATA_TYPE AS CHAR) FROM information_schema.COLUMNS \
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'inbox_event' \
+                     AND COLUMN_NAME = 'event_id'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                assert_eq!(kind, "varbinary");
+            }
+            let parked = inbox.parked(10).await.unwrap();
+            assert_eq!(parked.len(), 1);
+            assert_eq!(parked[0].event_id, "naïve-é");
+            sqlx::raw_sql(&insert("abc ", "PROCESSED")).execute(&pool).await.unwrap();
+            let duplicate = sqlx::raw_sql(&insert("abc", "PROCESSED")).execute(&pool).await;
+            assert!(duplicate.is_err(), "`abc` is still recorded once");
+            assert_eq!(inbox.counts().await.unwrap().processed, 2);
         }
 
         #[tokio::test]

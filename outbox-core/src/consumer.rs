@@ -45,7 +45,7 @@ use sqlx::Transaction;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::backend::{Backend, WriteGate};
+use crate::backend::{Backend, HandlerTx, WriteGate};
 use crate::backoff::Backoff;
 pub use crate::error::HandlerError;
 pub use crate::inbox::{DEFAULT_INBOX_TABLE, Delivery, Inbox};
@@ -732,7 +732,24 @@ async fn deliver<DB: Backend, H: Handler<DB>>(
     let (oversize, messages): (Vec<_>, Vec<_>) =
         messages.into_iter().partition(|m| m.oversize().is_some());
     for message in &oversize {
-        park_oversize(shared, message, stopped).await;
+        if let Some(reason) = message.oversize() {
+            park_message(shared, message, "oversize message parked", &reason, stopped).await;
+        }
+    }
+    // Without an id, a redelivery cannot be told from a new message: applied,
+    // each redelivery would apply it again.
+    let (anonymous, messages): (Vec<_>, Vec<_>) = messages
+        .into_iter()
+        .partition(|m| dedup_source(m).is_none());
+    for message in &anonymous {
+        park_message(
+            shared,
+            message,
+            "message without an id parked",
+            NO_DEDUP_ID,
+            stopped,
+        )
+        .await;
     }
     if messages.is_empty() {
         return;
@@ -1106,7 +1123,7 @@ async fn process_batch<DB: Backend, H: Handler<DB>>(
     }
     if !one_by_one && !todo.is_empty() {
         let _turn = shared.gate.enter().await;
-        let mut tx = DB::begin_write(inbox.pool())
+        let mut tx = HandlerTx::<DB>::begin(inbox.pool())
             .await
             .map_err(Error::db("beginning an inbox transaction"))?;
         let mut applied = Vec::with_capacity(todo.len());
@@ -1204,7 +1221,7 @@ async fn process<DB: Backend, H: Handler<DB>>(
         .await;
     }
     let _turn = shared.gate.enter().await;
-    let mut tx = DB::begin_write(inbox.pool())
+    let mut tx = HandlerTx::<DB>::begin(inbox.pool())
         .await
         .map_err(Error::db("beginning an inbox transaction"))?;
     if inbox
@@ -1389,27 +1406,23 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// Parks a message the client read past in part for being over its size
-/// limits (see [`Incoming::oversize`]): `FAILED` with the reason and what was
-/// kept of its headers and payload, then acknowledged, so it leaves the queue
-/// and what follows it flows. Transient database errors are tried again with backoff
-/// until the consumer stops (then it stays unacked, for the broker to
-/// redeliver).
-async fn park_oversize<DB: Backend, H: Handler<DB>>(
+/// Parks a message that must not reach the handler: one the client read
+/// past in part for being over its size limits (see
+/// [`Incoming::oversize`]), or one without an id to deduplicate it by
+/// ([`NO_DEDUP_ID`]). `FAILED` with `reason` and what was kept of its headers
+/// and payload, then acknowledged, so it leaves the queue and what follows it
+/// flows. Transient database errors are tried again with backoff until the
+/// consumer stops (then it stays unacked, for the broker to redeliver).
+async fn park_message<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     message: &impl Incoming,
+    what: &'static str,
+    reason: &str,
     stopped: &mut watch::Receiver<bool>,
 ) {
-    let Some(reason) = message.oversize() else {
-        return;
-    };
     let _in_flight = shared.drain.begin();
     let delivery = to_delivery(message);
-    tracing::error!(
-        event_id = delivery.event_id,
-        reason,
-        "oversize message parked"
-    );
+    tracing::error!(event_id = delivery.event_id, reason, "{what}");
     let mut failures = 0u32;
     let outcome = loop {
         let error = match set_aside(
@@ -1417,7 +1430,7 @@ async fn park_oversize<DB: Backend, H: Handler<DB>>(
             &delivery,
             InboxState::Failed,
             1,
-            &reason,
+            reason,
             None,
         )
         .await
@@ -1430,7 +1443,7 @@ async fn park_oversize<DB: Backend, H: Handler<DB>>(
         if error.is_permanent() {
             break park_unrecordable(shared, &delivery, &error, stopped).await;
         }
-        tracing::warn!(%error, event_id = delivery.event_id, "oversize message not parked yet");
+        tracing::warn!(%error, event_id = delivery.event_id, "message not parked yet");
         if !pause(shared, &mut failures, stopped).await {
             break None;
         }
@@ -1643,7 +1656,7 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
     let (id, attempts, delivery) = (row.id, row.attempts, &row.delivery);
     let store = &shared.inbox.store;
     let _turn = shared.gate.enter().await;
-    let mut tx = DB::begin_write(store.pool())
+    let mut tx = HandlerTx::<DB>::begin(store.pool())
         .await
         .map_err(Error::db("beginning a retry"))?;
     if !store.take_retry(&mut tx, id, now_ms()).await? {
@@ -1817,15 +1830,29 @@ fn fit(raw: &str, max: usize) -> String {
     raw.chars().filter(|c| *c != '\0').take(max).collect()
 }
 
-fn to_delivery(message: &impl Incoming) -> Delivery {
-    let headers = message.headers();
-    // A blank id from a producer outside this framework would make every
-    // later such message a duplicate of the first: the broker's id decides.
+/// Why a message with neither an `event-id` nor a `message-id` is parked.
+const NO_DEDUP_ID: &str = "the message has neither an `event-id` nor a `message-id` header, so \
+     it cannot be deduplicated: each redelivery would be applied again. Parked unapplied \
+     (replaying it applies this row once)";
+
+/// The id a message is deduplicated by: its `event-id`, or else the
+/// broker's `message-id`. A blank id from a producer outside this framework
+/// would make every later such message a duplicate of the first, so a blank
+/// `event-id` gives way to the `message-id`, and a blank `message-id` counts
+/// as none. `None` when there is no id at all (only a custom [`Subscriber`]
+/// can deliver such a message: ActiveMQ always sends a `message-id`).
+fn dedup_source(message: &impl Incoming) -> Option<&str> {
     let present = |id: &&str| !id.trim().is_empty();
-    let event_id = message
+    message
         .header("event-id")
         .filter(present)
         .or_else(|| message.message_id().filter(present))
+}
+
+fn to_delivery(message: &impl Incoming) -> Delivery {
+    let headers = message.headers();
+    // A message without an id is only ever parked, under an id of its own.
+    let event_id = dedup_source(message)
         .map(dedup_id)
         .unwrap_or_else(fallback_event_id);
     Delivery {
@@ -2237,6 +2264,116 @@ mod scripted {
             retry_poll: Duration::from_secs(3600),
             ..ConsumerConfig::new("/queue/scripted")
         }
+    }
+
+    /// A message with neither `event-id` nor `message-id` (a custom
+    /// subscriber's; ActiveMQ always sends one) cannot be told from its
+    /// redelivery: delivered twice, it is parked twice with the reason and
+    /// acknowledged, and never applied.
+    #[tokio::test]
+    async fn a_message_without_any_id_is_parked_and_acked_and_never_applied() {
+        let f = fixture().await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let acks = Acks::default();
+        let consumer = Consumer::new(f.inbox.clone(), Ledger, one_at_a_time()).unwrap();
+        let handle = consumer.spawn_on(Script { rx });
+        for delivery in 1..=2 {
+            tx.send(Scripted {
+                headers: vec![("event-type".into(), "user.created".into())],
+                body: Bytes::from("7"),
+                acks: acks.clone(),
+                link: None,
+                acks_fail: false,
+            })
+            .unwrap();
+            eventually("the delivery acked", || {
+                acks.lock().unwrap().len() == delivery
+            })
+            .await;
+        }
+        let counts = handle.metrics().snapshot();
+        handle.shutdown().await.unwrap();
+        assert_eq!(ledger(&f.inbox).await, Vec::<i64>::new(), "never applied");
+        assert_eq!((counts.processed, counts.failed), (0, 2), "{counts:?}");
+        let parked = f.inbox.parked(10).await.unwrap();
+        assert_eq!(parked.len(), 2, "{parked:?}");
+        for p in &parked {
+            assert_eq!(p.content, b"7");
+            assert!(
+                p.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("cannot be deduplicated")),
+                "{p:?}"
+            );
+        }
+    }
+
+    /// A retry pass over many large due rows holds at most
+    /// `RETRY_PASS_BYTES` of payloads and headers, plus one row.
+    #[tokio::test]
+    async fn a_retry_pass_holds_at_most_its_byte_budget_plus_one_row() {
+        const BUDGET: usize = crate::store::inbox::RETRY_PASS_BYTES as usize;
+        let f = fixture().await;
+        let store = &f.inbox.store;
+        let row_bytes = 256 * 1024;
+        let mut conn = store.acquire().await.unwrap();
+        for n in 0..100 {
+            let delivery = Delivery {
+                event_id: format!("e-{n}"),
+                event_type: None,
+                key: None,
+                headers: vec![("event-id".into(), format!("e-{n}"))],
+                body: Bytes::from(vec![b'x'; row_bytes]),
+                attempt: 0,
+            };
+            store
+                .record(
+                    &mut conn,
+                    &delivery,
+                    InboxState::Retry,
+                    1,
+                    Some("failed"),
+                    Some(0),
+                    0,
+                )
+                .await
+                .unwrap();
+        }
+        drop(conn);
+        let mut seen = 0;
+        let mut passes = 0;
+        loop {
+            let due = store.due(now_ms(), 100, false).await.unwrap();
+            if due.rows.is_empty() {
+                break;
+            }
+            passes += 1;
+            let held: usize = due
+                .rows
+                .iter()
+                .map(|r| r.delivery.body.len() + r.delivery.headers_json().len())
+                .sum();
+            let largest = due
+                .rows
+                .iter()
+                .map(|r| r.delivery.body.len() + r.delivery.headers_json().len())
+                .max()
+                .unwrap_or(0);
+            assert!(
+                held <= BUDGET + largest,
+                "a pass held {held} bytes in {} rows",
+                due.rows.len()
+            );
+            seen += due.rows.len();
+            // Settle them, as the retry pass does.
+            for row in &due.rows {
+                let mut tx = store.pool().begin().await.unwrap();
+                assert!(store.take_retry(&mut tx, row.id, now_ms()).await.unwrap());
+                tx.commit().await.unwrap();
+            }
+        }
+        assert_eq!(seen, 100, "every due row read once");
+        assert!(passes > 1, "{passes} passes");
     }
 
     #[tokio::test]

@@ -138,6 +138,16 @@ pub struct Dialect {
     /// are two events. Empty where text compares so already (PostgreSQL,
     /// SQLite); on MySQL the table's default collation ignored case.
     pub inbox_binary_ids: fn(&str) -> Vec<String>,
+    /// Inbox schema version 5 (table): the dedup id (`event_id`) compares
+    /// byte for byte without padding, so that ids differing only in trailing
+    /// spaces are two events. Empty where text compares so already
+    /// (PostgreSQL, SQLite); on MySQL `utf8mb4_bin` pads with spaces, and the
+    /// column becomes `VARBINARY`.
+    pub inbox_exact_ids: fn(&str) -> Vec<String>,
+    /// The length in bytes of a text or binary column's value (SQL `NULL`
+    /// for `NULL`): `OCTET_LENGTH` where it exists, else the length of the
+    /// value as a blob (SQLite, whose `LENGTH` of text counts characters).
+    pub byte_length: fn(&str) -> String,
     /// The outbox index of unpublished rows by key, for the per-key order
     /// check: partial where the database has partial indexes, otherwise
     /// `(event_key, process, id)`. Either way the check never reads the
@@ -183,6 +193,154 @@ pub struct Dialect {
     /// One writer at a time (SQLite): writers of one component queue in the
     /// process instead of sleeping in the database's busy handler.
     pub single_writer: bool,
+    /// Session switches around a handler's transaction where the database,
+    /// having rolled a transaction back by itself (MySQL: after a deadlock,
+    /// or a lock wait timeout with `innodb_rollback_on_timeout`), would run
+    /// the statements that follow on their own, each committed at once.
+    /// `None` where a transaction the database gave up on refuses further
+    /// statements (PostgreSQL) or is never rolled back underneath
+    /// (SQLite, which takes its write lock up front).
+    pub handler_session: Option<HandlerSession>,
+}
+
+/// The statements that keep a handler's writes after a rollback underneath
+/// inside a transaction, and give the session back as it was.
+#[derive(Debug, Clone, Copy)]
+pub struct HandlerSession {
+    /// Run after `BEGIN`: statements after a rollback open a new transaction
+    /// instead of committing one by one (`SET autocommit = 0`).
+    pub enter: &'static str,
+    /// Ends whatever transaction is open, committing it.
+    pub commit: &'static str,
+    /// Ends whatever transaction is open, rolling it back.
+    pub rollback: &'static str,
+    /// Run after the transaction ended, before the connection goes back to
+    /// the pool (`SET autocommit = 1`).
+    pub leave: &'static str,
+}
+
+/// A handler's transaction. Where the database needs it
+/// ([`Dialect::handler_session`]), the session runs without autocommit while
+/// the transaction is open, so that whatever a handler writes after the
+/// database rolled its transaction back underneath is part of a transaction
+/// that the consumer's own rollback discards, never committed on its own.
+/// The session is switched back before the connection returns to the pool:
+/// by [`commit`](HandlerTx::commit) and [`rollback`](HandlerTx::rollback),
+/// and, when the transaction is dropped unfinished (an error returned early,
+/// a future abandoned), by a task that rolls back and switches back on the
+/// same connection.
+pub(crate) struct HandlerTx<DB: Backend> {
+    /// Present until the transaction is finished.
+    tx: Option<Transaction<'static, DB>>,
+    /// The session was switched and must be switched back.
+    session: Option<HandlerSession>,
+}
+
+impl<DB: Backend> HandlerTx<DB> {
+    /// Begins a writing transaction ([`Backend::begin_write`]) and switches
+    /// the session where the database needs it.
+    pub(crate) async fn begin(pool: &Pool<DB>) -> Result<HandlerTx<DB>, sqlx::Error> {
+        let mut tx = DB::begin_write(pool).await?;
+        let Some(session) = DB::DIALECT.handler_session else {
+            return Ok(HandlerTx {
+                tx: Some(tx),
+                session: None,
+            });
+        };
+        // Dropped on failure: sqlx rolls back, and the switch did not happen
+        // or failed with the connection.
+        DB::exec(&mut tx, session.enter, &[]).await?;
+        Ok(HandlerTx {
+            tx: Some(tx),
+            session: Some(session),
+        })
+    }
+
+    /// Commits the transaction.
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        self.finish(true).await
+    }
+
+    /// Rolls the transaction back.
+    pub(crate) async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        self.finish(false).await
+    }
+
+    async fn finish(&mut self, commit: bool) -> Result<(), sqlx::Error> {
+        let Some(mut tx) = self.tx.take() else {
+            return Ok(());
+        };
+        if let Some(session) = self.session {
+            let end = if commit {
+                session.commit
+            } else {
+                session.rollback
+            };
+            if let Err(error) = DB::exec(&mut tx, end, &[]).await {
+                // Rolled back and switched back by `Drop`.
+                self.tx = Some(tx);
+                return Err(error);
+            }
+            if let Err(error) = DB::exec(&mut tx, session.leave, &[]).await {
+                self.tx = Some(tx);
+                return Err(error);
+            }
+            self.session = None;
+        }
+        // Where the session was switched, the transaction has ended already
+        // and this statement finds nothing to do; sqlx needs it to know.
+        if commit {
+            tx.commit().await
+        } else {
+            tx.rollback().await
+        }
+    }
+}
+
+impl<DB: Backend> std::ops::Deref for HandlerTx<DB> {
+    type Target = Transaction<'static, DB>;
+
+    fn deref(&self) -> &Self::Target {
+        self.tx
+            .as_ref()
+            .expect("a handler transaction is used only until it is finished")
+    }
+}
+
+impl<DB: Backend> std::ops::DerefMut for HandlerTx<DB> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.tx
+            .as_mut()
+            .expect("a handler transaction is used only until it is finished")
+    }
+}
+
+impl<DB: Backend> Drop for HandlerTx<DB> {
+    fn drop(&mut self) {
+        let (Some(mut tx), Some(session)) = (self.tx.take(), self.session.take()) else {
+            // Not switched: sqlx rolls back on its own.
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(
+                "a handler transaction was dropped outside a runtime; its connection may stay without autocommit"
+            );
+            return;
+        };
+        runtime.spawn(async move {
+            let restored = async {
+                DB::exec(&mut tx, session.rollback, &[]).await?;
+                DB::exec(&mut tx, session.leave, &[]).await?;
+                tx.rollback().await
+            }
+            .await;
+            if let Err(error) = restored {
+                // A connection that cannot run a statement fails the pool's
+                // check on its return and is closed.
+                tracing::warn!(%error, "could not switch a dropped handler transaction's session back");
+            }
+        });
+    }
 }
 
 /// How a database lets one session at a time migrate, and bounds the waits of

@@ -34,6 +34,8 @@ static MYSQL: Dialect = Dialect {
     // No partial indexes: the inbox keeps its full ones.
     inbox_pending_indexes: |_| Vec::new(),
     inbox_binary_ids,
+    inbox_exact_ids,
+    byte_length: |column| format!("CAST(OCTET_LENGTH({column}) AS SIGNED)"),
     outbox_open_key_index: |t| format!("CREATE INDEX {t}_open_key ON {t} (event_key, process, id)"),
     use_index: |table, name| format!("FORCE INDEX ({table}_{name})"),
     outbox_waiting_index: |_| Vec::new(),
@@ -59,6 +61,17 @@ static MYSQL: Dialect = Dialect {
     }),
     relaxed_commit: None,
     single_writer: false,
+    // After a deadlock (or a lock wait timeout with
+    // `innodb_rollback_on_timeout`) the server has rolled the whole
+    // transaction back; with autocommit off, what a handler that swallowed
+    // the error writes next opens a new transaction, which the consumer's
+    // rollback discards, instead of committing statement by statement.
+    handler_session: Some(super::HandlerSession {
+        enter: "SET autocommit = 0",
+        commit: "COMMIT",
+        rollback: "ROLLBACK",
+        leave: "SET autocommit = 1",
+    }),
 };
 
 /// `ER_DUP_FIELDNAME`: `ADD COLUMN` of a column that exists.
@@ -142,13 +155,29 @@ fn inbox_ddl(t: &str) -> Vec<String> {
 /// default (`utf8mb4_general_ci` on MariaDB, `utf8mb4_0900_ai_ci` on MySQL 8)
 /// the unique key took `abc` and `ABC` for one event and skipped the second
 /// as a duplicate. `utf8mb4_bin` exists on both; it still pads with spaces, so
-/// ids differing only in trailing spaces remain one. `MODIFY` rebuilds the
-/// table, and running it again changes nothing.
+/// ids differing only in trailing spaces remained one until version 5
+/// ([`inbox_exact_ids`]). `MODIFY` rebuilds the table, and running it again
+/// changes nothing.
 fn inbox_binary_ids(t: &str) -> Vec<String> {
     vec![format!(
         "ALTER TABLE {t} \
          MODIFY consumer VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, \
          MODIFY event_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
+    )]
+}
+
+/// The inbox's dedup id as bytes: `utf8mb4_bin` (version 4) is a PAD SPACE
+/// collation, so the unique key still took `abc` and `abc ` for one event
+/// and skipped the second as a duplicate. `VARBINARY` compares every byte,
+/// trailing spaces included. The consumer writes ids of at most 64 bytes
+/// (longer ones become a digest), so existing rows keep their bytes; no two
+/// of them can become equal. `MODIFY` rebuilds the table, and running it
+/// again changes nothing. The column now reads as bytes: sqlx's `String`
+/// refuses it, so reads take the bytes as UTF-8 (`text_cell`), and SQL by
+/// hand says `CONVERT(event_id USING utf8mb4)`.
+fn inbox_exact_ids(t: &str) -> Vec<String> {
+    vec![format!(
+        "ALTER TABLE {t} MODIFY event_id VARBINARY(64) NOT NULL"
     )]
 }
 

@@ -28,6 +28,8 @@ static POSTGRES: Dialect = Dialect {
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"),
     inbox_pending_indexes: super::partial_pending_indexes,
     inbox_binary_ids: |_| Vec::new(),
+    inbox_exact_ids: |_| Vec::new(),
+    byte_length: |column| format!("CAST(OCTET_LENGTH({column}) AS BIGINT)"),
     outbox_open_key_index: super::partial_open_key_index,
     outbox_waiting_index: |t| {
         vec![format!(
@@ -47,6 +49,7 @@ static POSTGRES: Dialect = Dialect {
     }),
     relaxed_commit: Some("SET LOCAL synchronous_commit TO OFF"),
     single_writer: false,
+    handler_session: None,
 };
 
 fn outbox_ddl(t: &str) -> Vec<String> {

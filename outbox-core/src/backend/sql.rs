@@ -327,7 +327,11 @@ pub(crate) struct InboxSql {
     /// Schema versions 1, 2, …: the statements of each.
     pub(crate) migrations: Vec<Vec<String>>,
     pub(crate) insert: String,
+    /// Due retry rows, oldest first: id and bytes held (payload and
+    /// headers), for the retry pass to choose as many as its byte budget
+    /// holds before it reads them.
     pub(crate) due: String,
+    /// [`due`](Self::due) with per-key order.
     pub(crate) due_in_key_order: String,
     pub(crate) take_retry: String,
     pub(crate) fail_retry: String,
@@ -358,10 +362,13 @@ fn inbox_migrations(dialect: &Dialect, t: &str) -> Vec<Vec<String>> {
         // Version 4: event ids that differ only in case are two events (on
         // MySQL, whose default collation ignored case).
         (dialect.inbox_binary_ids)(t),
+        // Version 5: event ids that differ only in trailing spaces are two
+        // events (on MySQL, whose binary collation pads with spaces).
+        (dialect.inbox_exact_ids)(t),
     ]
 }
 
-/// Columns of a due retry row, in the order [`InboxSql::due`] selects them.
+/// Columns of a due retry row, in the order [`InboxSql::due_rows`] selects them.
 pub(crate) const DUE_COLUMNS: &str =
     "i.id, i.event_id, i.event_type, i.event_key, i.headers, i.content, i.attempts";
 
@@ -376,8 +383,13 @@ impl InboxSql {
         );
         // The queries of pending rows repeat `process <> 'PROCESSED'`, the
         // condition of version 3's partial indexes, so that SQLite uses them.
+        let size = format!(
+            "COALESCE({}, 0) + COALESCE({}, 0)",
+            (dialect.byte_length)("i.content"),
+            (dialect.byte_length)("i.headers")
+        );
         let due = format!(
-            "SELECT {DUE_COLUMNS} FROM {t} i WHERE i.consumer = ? AND i.process = '{retry}' \
+            "SELECT i.id, {size} FROM {t} i WHERE i.consumer = ? AND i.process = '{retry}' \
              AND i.process <> '{processed}' AND i.next_attempt_at <= ?"
         );
         InboxSql {
@@ -449,6 +461,21 @@ impl InboxSql {
                 "UPDATE {} SET process = '{retry}', attempts = 0, next_attempt_at = ?, \
                  update_time = ? WHERE consumer = ? AND process = '{failed}' \
                  AND event_id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
+    /// The retry rows among `ids` ids (bound after nothing else), read whole
+    /// for their retry, oldest first; rows no longer `RETRY` are left out.
+    pub(crate) fn due_rows(&self, ids: usize) -> String {
+        let retry = InboxState::Retry.as_sql();
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "SELECT {DUE_COLUMNS} FROM {} i WHERE i.id IN ({}) AND i.process = '{retry}' \
+                 ORDER BY i.id",
                 self.table,
                 marks(ids)
             ),

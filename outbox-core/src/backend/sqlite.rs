@@ -26,6 +26,8 @@ static SQLITE: Dialect = Dialect {
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN {column}"),
     inbox_pending_indexes: super::partial_pending_indexes,
     inbox_binary_ids: |_| Vec::new(),
+    inbox_exact_ids: |_| Vec::new(),
+    byte_length: |column| format!("LENGTH(CAST({column} AS BLOB))"),
     outbox_open_key_index: super::partial_open_key_index,
     outbox_waiting_index: |_| Vec::new(),
     drop_index: |table, name| format!("DROP INDEX IF EXISTS {table}_{name}"),
@@ -39,6 +41,7 @@ static SQLITE: Dialect = Dialect {
     migration_lock: None,
     relaxed_commit: None,
     single_writer: true,
+    handler_session: None,
 };
 
 fn outbox_ddl(t: &str) -> Vec<String> {

@@ -21,6 +21,11 @@ const KEY_CHUNK: usize = 200;
 /// Ids per statement when rows are replayed by id.
 const ID_CHUNK: usize = 500;
 
+/// The most payload and header bytes one retry pass reads at once (8 MiB),
+/// or one row when that row alone is larger: rows are chosen by their sizes
+/// before their payloads are read.
+pub(crate) const RETRY_PASS_BYTES: u64 = 8 * 1024 * 1024;
+
 /// Whether a row was inserted or its (consumer, event id) was there already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Recorded {
@@ -224,7 +229,11 @@ impl<DB: Backend> InboxStore<DB> {
     }
 
     /// Up to `limit` rows due for a retry, oldest first; with `key_order`
-    /// only those no earlier pending row of their key must precede.
+    /// only those no earlier pending row of their key must precede. Read in
+    /// two steps: the ids and sizes (payload and headers) of the due rows,
+    /// then the whole rows of as many of them as [`RETRY_PASS_BYTES`] holds
+    /// (at least one, however large): a pass never holds more payload and
+    /// headers than that budget, or one row over it.
     pub(crate) async fn due(
         &self,
         now: i64,
@@ -237,7 +246,7 @@ impl<DB: Backend> InboxStore<DB> {
             &self.sql.due
         };
         let mut conn = self.acquire().await?;
-        let rows = DB::fetch(
+        let sizes = DB::fetch(
             &mut conn,
             sql,
             &[
@@ -245,6 +254,30 @@ impl<DB: Backend> InboxStore<DB> {
                 Value::Int(now),
                 Value::Int(i64::from(limit)),
             ],
+            &[Column::Int, Column::Int],
+        )
+        .await
+        .map_err(Error::db("selecting due retries"))?;
+        let mut ids = Vec::with_capacity(sizes.len());
+        let mut held: u64 = 0;
+        for cells in sizes {
+            let row = Row::new("inbox", cells);
+            let id = row.int(0, "id")?;
+            let size = row.count(1, "size")?;
+            if !ids.is_empty() && held.saturating_add(size) > RETRY_PASS_BYTES {
+                break;
+            }
+            held = held.saturating_add(size);
+            ids.push(Value::Int(id));
+        }
+        let mut due = DueRows::default();
+        if ids.is_empty() {
+            return Ok(due);
+        }
+        let rows = DB::fetch(
+            &mut conn,
+            &self.sql.due_rows(ids.len()),
+            &ids,
             &[
                 Column::Int,
                 Column::Text,
@@ -256,11 +289,10 @@ impl<DB: Backend> InboxStore<DB> {
             ],
         )
         .await
-        .map_err(Error::db("selecting due retries"))?;
+        .map_err(Error::db("reading due retries"))?;
         // Each row on its own: one that cannot be read (headers that are not
         // JSON, a NULL payload, written by hand or cut by a non-strict MySQL)
         // is set apart with the reason, and the others are retried.
-        let mut due = DueRows::default();
         for cells in rows {
             let row = Row::new("inbox", cells);
             let id = row.int(0, "id")?;
