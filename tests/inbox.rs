@@ -661,7 +661,8 @@ macro_rules! inbox_suite {
                     let message = Outgoing::new(dest.to_owned(), serde_json::to_vec(&[key, n]).unwrap())
                         .persistent(true)
                         .header("event-id", format!("e-{key}-{n}"))
-                        .header("event-key", format!("key-{key}"));
+                        .header("event-key", format!("key-{key}"))
+                        .header("JMSXGroupID", format!("key-{key}"));
                     producer.send(message).await.unwrap();
                 }
             }

@@ -53,7 +53,9 @@ impl<DB: Backend> std::fmt::Debug for Inbox<DB> {
 pub struct Delivery {
     /// The dedup id: the `event-id` header, or the broker's `message-id` for
     /// messages that were not sent by an outbox relay (or whose `event-id`
-    /// is empty or blank). An id longer than the
+    /// is empty or blank). A message with neither is parked unapplied under
+    /// a fresh UUID v7, since its redeliveries cannot be told apart. An id
+    /// longer than the
     /// inbox column (64) or holding a NUL is replaced by `sha256-` and 56 hex
     /// digits of its SHA-256, the same for every redelivery; the original is in
     /// [`Delivery::headers`].

@@ -528,9 +528,10 @@ macro_rules! statement_plumbing {
 pub(crate) use statement_plumbing;
 
 /// Text column `i` of `row`. MySQL flags a text column in a binary collation
-/// (the inbox's `consumer` and `event_id`, `utf8mb4_bin` since inbox
-/// version 4) as binary, which sqlx will not decode as a string: its bytes
-/// are read instead, and must be UTF-8.
+/// (the inbox's `consumer`, `utf8mb4_bin` since inbox version 4) and a
+/// `VARBINARY` column (the inbox's `event_id` since version 5) as binary,
+/// which sqlx will not decode as a string: its bytes are read instead, and
+/// must be UTF-8.
 pub(crate) fn text_cell<R>(row: &R, i: usize) -> Result<Option<String>, sqlx::Error>
 where
     R: sqlx::Row,
