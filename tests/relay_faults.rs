@@ -431,7 +431,10 @@ async fn until_link_quiet(proxy: &FaultProxy, quiet: Duration, limit: Duration) 
     let mut last = proxy.forwarded(Direction::ToServer);
     let mut since = Instant::now();
     while since.elapsed() < quiet {
-        assert!(Instant::now() < until, "the link to the broker never went quiet");
+        assert!(
+            Instant::now() < until,
+            "the link to the broker never went quiet"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = proxy.forwarded(Direction::ToServer);
         if now > last + 1024 {

@@ -105,12 +105,34 @@ impl Transaction {
     }
 
     /// Ends the transaction with COMMIT or ABORT, waiting for the receipt.
+    ///
+    /// ActiveMQ forgets the STOMP id of a transaction as soon as it takes
+    /// its COMMIT. A COMMIT it then refuses (a transaction marked rollback
+    /// only, after it refused one of its SENDs for want of room) leaves the
+    /// transaction open on the broker, holding the memory of the messages it
+    /// did take, and no ABORT can name it any more: only the end of the
+    /// connection discards it. So a refused COMMIT ends its connection (the
+    /// client reconnects as after a loss); otherwise such transactions pile
+    /// up and keep a full destination full for good.
     async fn finish(mut self, end: fn(String) -> Frame) -> Result<(), Error> {
         self.finished = true;
         let frame = end(self.id.clone());
-        self.client
+        let commit = frame.command() == Command::Commit;
+        let result = self
+            .client
             .request(frame, Some(self.epoch), "transaction")
-            .await
+            .await;
+        if commit && let Err(Error::Rejected(refusal)) = &result {
+            self.client.end_connection(
+                self.epoch,
+                format!(
+                    "the broker refused the COMMIT of {} ({refusal}); \
+                     its transaction stays open there until the connection ends",
+                    self.id
+                ),
+            );
+        }
+        result
     }
 }
 
