@@ -399,3 +399,140 @@ async fn a_login_refused_on_reconnect_stops_the_relay_and_the_consumer_with_the_
     // The rows the relay could not publish wait for the next relay.
     assert_eq!(outbox.backlog().await.unwrap().pending, 5);
 }
+
+/// Rows of `payload` bytes, keyless (any relay may take any of them).
+async fn append_keyless(outbox: &Outbox<sqlx::Sqlite>, count: usize, payload: usize) {
+    let pad = "p".repeat(payload);
+    let mut tx = outbox.pool().begin().await.unwrap();
+    for i in 0..count {
+        let event = Event::json(
+            "slow.link",
+            SLOW_DESTINATION,
+            &serde_json::json!({ "seq": i, "pad": pad }),
+        )
+        .unwrap();
+        outbox.append(&mut tx, event).await.unwrap();
+    }
+    outbox.commit(tx).await.unwrap();
+}
+
+const SLOW_DESTINATION: &str = "/queue/relay-faults-slow-link";
+
+/// The slow client's receipt timeout: its publish bound (about 7.8 s) is
+/// just inside the 8 s lease, and the SENDs of one batch reach the broker
+/// only after that bound.
+const SLOW_RECEIPT: Duration = Duration::from_millis(3500);
+
+/// Waits until the proxy has forwarded no more than heart-beats towards the
+/// broker for `quiet`: whatever the client wrote (a late COMMIT too) reached
+/// the broker.
+async fn until_link_quiet(proxy: &FaultProxy, quiet: Duration, limit: Duration) {
+    let until = Instant::now() + limit;
+    let mut last = proxy.forwarded(Direction::ToServer);
+    let mut since = Instant::now();
+    while since.elapsed() < quiet {
+        assert!(
+            Instant::now() < until,
+            "the link to the broker never went quiet"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = proxy.forwarded(Direction::ToServer);
+        if now > last + 1024 {
+            last = now;
+            since = Instant::now();
+        }
+    }
+}
+
+/// A batch that cannot reach the broker within `max_publish_time` over a
+/// slow link is given up, and none of it is delivered: its COMMIT is never
+/// written once its caller gave up, so the second relay, which publishes the
+/// rows given back, is the only one whose copies arrive.
+#[tokio::test]
+async fn a_batch_given_up_on_a_slow_link_is_never_committed_behind_the_relay_s_back() {
+    const ROWS: usize = 40;
+    const PAYLOAD: usize = 100 * 1024;
+    let broker = broker().await;
+    let proxy = FaultProxy::start(broker.stomp_addr()).await.unwrap();
+    let (_db, outbox) = setup().await;
+    append_keyless(&outbox, ROWS, PAYLOAD).await;
+
+    // Heart-beats of ten seconds (the default): the link is slow, not dead.
+    let slow = Client::connect(
+        client_config(&proxy.stomp_uri())
+            .with_heart_beat(Duration::from_secs(10), Duration::from_secs(10))
+            .with_receipt_timeout(SLOW_RECEIPT),
+    )
+    .await
+    .unwrap();
+    let publisher = Recording {
+        inner: StompPublisher::new(slow.clone()),
+        failed: Arc::default(),
+    };
+    let max_publish = publisher.max_publish_time().expect("a bound");
+    // About 4 MB at 400 KB/s: ten seconds, far past the publish bound.
+    proxy.set_bandwidth(Some(400_000));
+    let config = RelayConfig {
+        batch_size: ROWS as u32,
+        lease: Duration::from_secs(8),
+        poll_interval: Duration::from_millis(50),
+        // After its first failure the slow relay waits, so the rows it gives
+        // back go to the second relay.
+        outage_backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
+        key_partitions: false,
+        ..RelayConfig::default()
+    };
+    let first = outbox
+        .relay(publisher.clone(), config.clone())
+        .expect("valid settings")
+        .spawn();
+    let until = Instant::now() + Duration::from_secs(30);
+    while first.metrics().snapshot().unavailable == 0 {
+        assert!(
+            Instant::now() < until,
+            "the batch on the slow link was never given up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gave_up = first.metrics().snapshot();
+    let fast = Client::connect(client_config(&broker.stomp_uri()))
+        .await
+        .unwrap();
+    let second = outbox
+        .relay(StompPublisher::new(fast.clone()), config)
+        .expect("valid settings")
+        .spawn();
+    wait_published(&outbox, Duration::from_secs(60)).await;
+    // Let everything the slow client wrote reach the broker before counting.
+    until_link_quiet(&proxy, Duration::from_secs(3), Duration::from_secs(60)).await;
+    let first_metrics = first.metrics().snapshot();
+    let second_metrics = second.metrics().snapshot();
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+    let got = drain(&broker, SLOW_DESTINATION, Duration::from_secs(2)).await;
+    let counts = tally(&got);
+    let twice = counts.values().filter(|&&n| n > 1).count();
+    println!(
+        "max publish time {max_publish:?}; slow relay at give-up {gave_up:?}, at the end \
+         {first_metrics:?}; second relay {second_metrics:?}; failed publishes {:?}; \
+         {} messages for {} events, {twice} delivered more than once; \
+         {} bytes forwarded to the broker",
+        publisher
+            .failed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, e)| format!("{n} rows: {e}"))
+            .collect::<Vec<_>>(),
+        got.len(),
+        counts.len(),
+        proxy.forwarded(Direction::ToServer),
+    );
+    assert_eq!(counts.len(), ROWS, "every event arrives");
+    assert_eq!(
+        twice, 0,
+        "a batch given up past max_publish_time was committed at the broker all the same"
+    );
+    let _ = fast.disconnect().await;
+    drop(proxy);
+}

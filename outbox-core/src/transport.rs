@@ -97,6 +97,8 @@ impl Publisher for StompPublisher {
     /// Twice the client's [`Client::max_wait`] (about twice the receipt
     /// timeout): a batch's BEGIN waits at most that long to reach a live
     /// connection, its COMMIT at most that long for the broker's receipt.
+    /// [`publish`](Publisher::publish) gives up at this bound whatever is
+    /// still pending, and a COMMIT not yet written by then never is.
     fn max_publish_time(&self) -> Option<Duration> {
         Some(self.client.max_wait().saturating_mul(2))
     }
@@ -109,8 +111,12 @@ impl Publisher for StompPublisher {
     /// (`Publisher::max_publish_time`), however many SENDs it takes: each
     /// SEND has a deadline of its own, and a batch on a slow link could
     /// otherwise outlast its claim's lease, letting another relay publish it
-    /// too. Past the bound the batch fails as unavailable (outcome unknown)
-    /// and its transaction is aborted.
+    /// too. Past the bound the batch fails as unavailable and its
+    /// transaction is aborted: the client writes the COMMIT only after the
+    /// broker confirmed the batch's last SEND and only while this call still
+    /// waits ([`outbox_stomp::Transaction`]), so a batch given up before its
+    /// COMMIT was written is never delivered. Only a COMMIT written in time
+    /// whose receipt came too late leaves the outcome unknown.
     ///
     /// [`max_publish_time`]: Publisher::max_publish_time
     async fn publish(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {

@@ -295,6 +295,15 @@ pub enum Error {
         /// How long the request waited.
         waited: std::time::Duration,
     },
+    /// The request reached the front of the connection's write queue only
+    /// after its deadline ([`Config::receipt_timeout`](crate::Config::receipt_timeout)):
+    /// it was withdrawn and never written. For a COMMIT the client writes an
+    /// ABORT of its transaction instead, so the broker never applies it.
+    #[error("the request was not written within {waited:?}; the request was not sent")]
+    Withdrawn {
+        /// How long the request waited.
+        waited: std::time::Duration,
+    },
     /// The client was closed.
     #[error("the client is closed")]
     Closed,

@@ -789,9 +789,10 @@ impl EventLoop {
             request.fail(Error::Unencodable(error));
             return Ok(());
         }
+        let Some(request) = self.still_wanted(conn, request, written).await? else {
+            return Ok(());
+        };
         let frame = match request {
-            // The caller has gone: withdrawn, never written.
-            request if request.abandoned() => return Ok(()),
             Request::Confirmed {
                 frame,
                 receipt,
@@ -841,6 +842,59 @@ impl EventLoop {
             }
         };
         self.write(conn, frame).await
+    }
+
+    /// Waits until the write buffer has room for a caller's frame (for a
+    /// COMMIT: until everything before it is written), then looks at the
+    /// caller once more, so what is checked is what gets written: a request
+    /// whose caller has gone or whose deadline passed is withdrawn and never
+    /// written (`None`). A withdrawn COMMIT is replaced by an ABORT of its
+    /// transaction: its SENDs may be at the broker already, and must not stay
+    /// open there for the rest of the connection.
+    async fn still_wanted(
+        &mut self,
+        conn: &mut Conn,
+        request: Request,
+        written: &mut Vec<Reply>,
+    ) -> Result<Option<Request>, Ended> {
+        if request.reply().is_none() {
+            return Ok(Some(request));
+        }
+        if request.commits() {
+            self.flush(conn, written).await?;
+        } else {
+            self.ready(conn).await?;
+        }
+        let late = request.deadline().is_some_and(|d| d <= Instant::now());
+        if !late && !request.abandoned() {
+            return Ok(Some(request));
+        }
+        let abort = request.commits().then(|| request.transaction()).flatten();
+        tracing::debug!(
+            late,
+            transaction = abort.as_deref(),
+            "request withdrawn before it was written"
+        );
+        if late {
+            request.fail(Error::Withdrawn {
+                waited: self.shared.config.receipt_timeout,
+            });
+        }
+        if let Some(id) = abort {
+            self.write(conn, Frame::abort(id)).await?;
+        }
+        Ok(None)
+    }
+
+    /// Waits until the connection's write buffer takes another frame.
+    async fn ready(&mut self, conn: &mut Conn) -> Result<(), Ended> {
+        let ready = std::future::poll_fn(|cx| {
+            futures_util::Sink::<Frame>::poll_ready(std::pin::Pin::new(&mut *conn), cx)
+        });
+        match guarded(ready, &self.progress, self.stall).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.write_failed(conn, e).await),
+        }
     }
 
     async fn write(&mut self, conn: &mut Conn, frame: Frame) -> Result<(), Ended> {

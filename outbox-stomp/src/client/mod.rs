@@ -110,6 +110,21 @@ impl Request {
         }
     }
 
+    /// True for a COMMIT with a caller waiting for its receipt.
+    fn commits(&self) -> bool {
+        matches!(self, Request::Confirmed { frame, .. } if frame.command() == Command::Commit)
+    }
+
+    /// The transaction a frame belongs to, if it names one.
+    fn transaction(&self) -> Option<String> {
+        match self {
+            Request::Confirmed { frame, .. }
+            | Request::Written { frame, .. }
+            | Request::Queued { frame, .. } => frame.header("transaction").map(str::to_owned),
+            _ => None,
+        }
+    }
+
     /// True when its caller stopped waiting.
     fn abandoned(&self) -> bool {
         self.reply().is_some_and(|reply| reply.is_closed())
@@ -412,6 +427,7 @@ impl Client {
             id,
             epoch,
             finished: false,
+            held: Mutex::new(None),
         })
     }
 
