@@ -320,7 +320,11 @@ macro_rules! rows_suite {
             let Some((_db, outbox)) = setup().await else { return };
             let (open, closed) = ("/queue/test.authz.open", "/queue/test.authz.closed");
             let grants = |closed_too: bool| {
-                let mut grants = vec![Authorization::queue("test.authz.open").all("relay")];
+                // The tests read the queues as `admin`.
+                let mut grants = vec![
+                    Authorization::queue("test.authz.>").all("admins"),
+                    Authorization::queue("test.authz.open").all("relay"),
+                ];
                 if closed_too {
                     grants.push(Authorization::queue("test.authz.closed").all("relay"));
                 }
@@ -386,8 +390,10 @@ macro_rules! rows_suite {
             );
             assert_eq!((parked, parked_attempts), (0, 0), "rows of the refused destination were parked");
             assert_eq!((waiting, waiting_attempts), (30, 0), "attempts were charged for the refusal");
+            assert!(counts.deferred > 0, "{counts:?}");
             let error = health.error.clone().unwrap_or_default();
             assert!(error.contains("not authorized"), "health does not say it: {health:?}");
+            assert!(health.deferred_destinations.iter().any(|d| d == closed), "{health:?}");
             let last: Option<String> = sqlx::query_scalar(&format!(
                 "SELECT MAX(last_error) FROM outbox_event WHERE destination = '{closed}'"
             ))
@@ -404,6 +410,7 @@ macro_rules! rows_suite {
             .await;
             let health = relay.health();
             relay.shutdown().await.unwrap();
+            assert!(health.deferred_destinations.is_empty(), "{health:?}");
             let mut got = drain(&broker, open, Duration::from_secs(2)).await;
             got.extend(drain(&broker, closed, Duration::from_secs(2)).await);
             let arrived = tally(&got);
