@@ -497,6 +497,49 @@ mod tests {
     }
 
     #[test]
+    fn users_and_an_authorisation_map_are_rendered_with_the_advisory_topics_open_to_every_group() {
+        let credentials = Credentials::new("admin", "a");
+        let users = [User {
+            credentials: Credentials::new("relay", "r"),
+            groups: vec!["relay".into()],
+        }];
+        let entries = [
+            Authorization::queue("orders.>")
+                .write("relay")
+                .admin("relay"),
+            Authorization::topic("t").all("admins"),
+        ];
+        let xml = BrokerLayout {
+            name: "b4",
+            data_dir: Path::new("/tmp/b4/data"),
+            stomp_port: 5,
+            ssl: None,
+            openwire: None,
+            credentials: Some(&credentials),
+            dispatch_waits: &[],
+            memory_limits: &[],
+            users: &users,
+            authorization: Some(&entries),
+        }
+        .activemq_xml();
+        assert!(
+            xml.contains(r#"<authenticationUser username="relay" password="r" groups="relay"/>"#)
+        );
+        assert!(xml.contains(
+            r#"<authorizationEntry topic="ActiveMQ.Advisory.>" read="users,admins,relay" write="users,admins,relay" admin="users,admins,relay"/>"#
+        ));
+        assert!(
+            xml.contains(
+                r#"<authorizationEntry queue="orders.&gt;" write="relay" admin="relay"/>"#
+            )
+        );
+        assert!(xml.contains(
+            r#"<authorizationEntry topic="t" read="admins" write="admins" admin="admins"/>"#
+        ));
+        assert!(!xml.contains('@'), "placeholder left in:\n{xml}");
+    }
+
+    #[test]
     fn a_dispatch_wait_becomes_a_queue_policy() {
         let waits = [DispatchWait {
             queues: "bench.groups.>".into(),
