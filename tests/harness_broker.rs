@@ -1,10 +1,12 @@
 //! The broker harness against a real ActiveMQ: readiness, persistence across a
-//! crash, authentication, pausing and the `stomp+ssl` connector.
+//! crash, authentication, authorisation, pausing and the `stomp+ssl` connector.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_test_harness::{Broker, BrokerConfig, Credentials, HarnessError, RawFrame, RawStomp};
+use outbox_test_harness::{
+    Authorization, Broker, BrokerConfig, Credentials, HarnessError, RawFrame, RawStomp,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -236,5 +238,56 @@ async fn a_broker_that_is_not_ready_in_time_is_reported_with_its_log_file() -> T
         }
         other => panic!("expected BrokerNotReady, got {other:?}"),
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_authorization_a_send_the_map_forbids_is_refused_until_a_restart_grants_it()
+-> TestResult {
+    let open = || Authorization::queue("test.authz.open").all("relay");
+    let mut broker = Broker::start_with(
+        BrokerConfig::default()
+            .with_credentials("admin", "admin-secret")
+            .with_user("relay", "relay-secret", ["relay"])
+            .with_authorization([open()]),
+    )
+    .await?;
+    let relay = Credentials::new("relay", "relay-secret");
+    let mut stomp = broker.raw_connect().await?;
+    assert_eq!(stomp.handshake(Some(&relay)).await?.command, "CONNECTED");
+    let send = async |stomp: &mut RawStomp<TcpStream>, queue: &str, receipt: &str| {
+        stomp
+            .send_frame(
+                "SEND",
+                &[("destination", queue), ("receipt", receipt)],
+                b"x",
+            )
+            .await?;
+        stomp.read_frame().await
+    };
+    let reply = send(&mut stomp, "/queue/test.authz.open", "r1").await?;
+    assert_eq!(reply.command, "RECEIPT", "{reply:?}");
+    let reply = send(&mut stomp, "/queue/test.authz.closed", "r2").await?;
+    assert_eq!(reply.command, "ERROR", "{reply:?}");
+    assert_eq!(reply.header("receipt-id"), Some("r2"), "{reply:?}");
+    let message = reply.header("message").unwrap_or_default().to_owned();
+    assert!(message.contains("not authorized to write to"), "{message}");
+    // The refusal concerns that send only: the connection goes on.
+    let reply = send(&mut stomp, "/queue/test.authz.open", "r3").await?;
+    assert_eq!(reply.command, "RECEIPT", "{reply:?}");
+    drop(stomp);
+
+    broker
+        .restart_with(|config| {
+            config.with_authorization([
+                open(),
+                Authorization::queue("test.authz.closed").all("relay"),
+            ])
+        })
+        .await?;
+    let mut stomp = broker.raw_connect().await?;
+    assert_eq!(stomp.handshake(Some(&relay)).await?.command, "CONNECTED");
+    let reply = send(&mut stomp, "/queue/test.authz.closed", "r4").await?;
+    assert_eq!(reply.command, "RECEIPT", "{reply:?}");
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! One row stops nothing else: a key waiting behind a parked row with more
 //! rows than a batch, a row that cannot be read as an event, and a row whose
 //! stored key partition is beyond the table's; a broker that refuses sends
-//! for a while (its memory full) parks nothing; a long retention pass holds
+//! for a while (its memory full) parks nothing; a broker that refuses one
+//! destination to the relay's user (its authorisation map) spends no row's
+//! attempts and holds up no other destination; a long retention pass holds
 //! up no publishing; and an append of many events that fails part way leaves
 //! none of them. Against a real ActiveMQ, on
 //! SQLite, PostgreSQL and MySQL/MariaDB.
@@ -13,7 +15,8 @@ use std::time::Duration;
 use outbox::core::producer::BrokerLimits;
 use outbox::core::relay::StompPublisher;
 use outbox::core::{Backoff, Error, Event, Outbox, RelayConfig};
-use outbox_test_harness::{Broker, BrokerConfig};
+use outbox::stomp::{Client, Config};
+use outbox_test_harness::{Authorization, Broker, BrokerConfig};
 use support::*;
 
 fn quick_relay() -> RelayConfig {
@@ -297,6 +300,122 @@ macro_rules! rows_suite {
             let arrived = tally(&got);
             for id in &ids {
                 assert!(arrived.contains_key(id), "event {id} never arrived");
+            }
+        }
+
+        /// Rows of `outbox_event` to `destination` in state `process`, and
+        /// the attempts they were charged.
+        async fn rows_to(outbox: &Outbox<Db>, destination: &str, process: &str) -> (i64, i64) {
+            let sql = format!(
+                "SELECT attempts FROM outbox_event \
+                 WHERE destination = '{destination}' AND process = '{process}'"
+            );
+            let attempts: Vec<i64> =
+                sqlx::query_scalar(&sql).fetch_all(outbox.pool()).await.unwrap();
+            (attempts.len() as i64, attempts.iter().sum())
+        }
+
+        #[tokio::test]
+        async fn a_destination_the_broker_refuses_to_the_relay_s_user_spends_no_attempt_and_stops_no_other() {
+            let Some((_db, outbox)) = setup().await else { return };
+            let (open, closed) = ("/queue/test.authz.open", "/queue/test.authz.closed");
+            let grants = |closed_too: bool| {
+                // The tests read the queues as `admin`.
+                let mut grants = vec![
+                    Authorization::queue("test.authz.>").all("admins"),
+                    Authorization::queue("test.authz.open").all("relay"),
+                ];
+                if closed_too {
+                    grants.push(Authorization::queue("test.authz.closed").all("relay"));
+                }
+                grants
+            };
+            let mut broker = Broker::start_with(
+                BrokerConfig::default()
+                    .with_credentials("admin", "admin-secret")
+                    .with_user("relay", "relay-secret", ["relay"])
+                    .with_authorization(grants(false)),
+            )
+            .await
+            .unwrap();
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let mut ids = Vec::new();
+            for seq in 0..60 {
+                // Keyed and keyless rows of both destinations, interleaved.
+                let (dest, key) = match seq % 4 {
+                    0 => (closed, Some(format!("c{}", seq % 3))),
+                    1 => (open, Some(format!("o{}", seq % 3))),
+                    2 => (closed, None),
+                    _ => (open, None),
+                };
+                let mut event = ok(dest, seq);
+                if let Some(key) = key {
+                    event = event.with_key(key);
+                }
+                ids.push((dest, outbox.append(&mut tx, event).await.unwrap().to_string()));
+            }
+            outbox.commit(tx).await.unwrap();
+            let relay_client = Client::connect(
+                Config::parse(&broker.stomp_uri())
+                    .unwrap()
+                    .with_receipt_timeout(Duration::from_secs(2))
+                    .with_credentials("relay", "relay-secret"),
+            )
+            .await
+            .unwrap();
+            let config = RelayConfig {
+                batch_size: 8,
+                stats_interval: Some(Duration::from_millis(200)),
+                ..quick_relay()
+            };
+            let relay = outbox
+                .relay(StompPublisher::new(relay_client), config)
+                .unwrap()
+                .spawn();
+            let metrics = relay.metrics().clone();
+            until("the open destination's 30 rows are published", Duration::from_secs(60), async || {
+                rows_to(&outbox, open, "PUBLISHED").await.0 == 30
+            })
+            .await;
+            // Long enough for many retries at the relay's retry backoff (50 to
+            // 200 ms, two attempts before a row is parked).
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let (parked, parked_attempts) = rows_to(&outbox, closed, "FAILED").await;
+            let (waiting, waiting_attempts) = rows_to(&outbox, closed, "NEW").await;
+            let counts = metrics.snapshot();
+            let health = relay.health();
+            eprintln!(
+                "refused destination: {parked} parked ({parked_attempts} attempts), {waiting} \
+                 waiting ({waiting_attempts} attempts); {counts:?}; {health:?}"
+            );
+            assert_eq!((parked, parked_attempts), (0, 0), "rows of the refused destination were parked");
+            assert_eq!((waiting, waiting_attempts), (30, 0), "attempts were charged for the refusal");
+            assert!(counts.deferred > 0, "{counts:?}");
+            let error = health.error.clone().unwrap_or_default();
+            assert!(error.contains("not authorized"), "health does not say it: {health:?}");
+            assert!(health.deferred_destinations.iter().any(|d| d == closed), "{health:?}");
+            let last: Option<String> = sqlx::query_scalar(&format!(
+                "SELECT MAX(last_error) FROM outbox_event WHERE destination = '{closed}'"
+            ))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap();
+            assert!(last.is_some_and(|e| e.contains("not authorized")), "no last_error on the rows");
+
+            // The broker's operator grants the right: the rows go out.
+            broker.restart_with(|config| config.with_authorization(grants(true))).await.unwrap();
+            until("every row is published", Duration::from_secs(90), async || {
+                rows_to(&outbox, closed, "PUBLISHED").await.0 == 30
+            })
+            .await;
+            let health = relay.health();
+            relay.shutdown().await.unwrap();
+            assert!(health.deferred_destinations.is_empty(), "{health:?}");
+            let mut got = drain(&broker, open, Duration::from_secs(2)).await;
+            got.extend(drain(&broker, closed, Duration::from_secs(2)).await);
+            let arrived = tally(&got);
+            for (dest, id) in &ids {
+                assert!(arrived.contains_key(id), "event {id} to {dest} never arrived");
             }
         }
 

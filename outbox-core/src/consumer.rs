@@ -26,9 +26,8 @@
 //! client reconnects, the broker delivers the message again and its inbox
 //! row settles it. Health reports the failure until a delivery settles.
 
-use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -637,10 +636,12 @@ async fn shared_subscription<DB: Backend, H: Handler<DB>, S: Subscriber>(
         .map(tokio::sync::Mutex::into_inner)
 }
 
-/// Per-key order: one lane per worker, and a key always goes to the same
-/// lane, so a key's events are applied one after another. Reads the
-/// subscription until the consumer stops or it ends, lets the lanes drain,
-/// then hands the subscription back.
+/// Per-key order: one lane per worker, and a key's messages go to one lane
+/// while any of them is there, so a key's events are applied one after
+/// another. A key with nothing in a lane goes to the least loaded one: a
+/// slow key holds up its own lane's backlog, not every key that happens to
+/// hash to it ([`LaneMap`]). Reads the subscription until the consumer stops
+/// or it ends, lets the lanes drain, then hands the subscription back.
 async fn in_key_lanes<DB: Backend, H: Handler<DB>, S: Subscriber>(
     shared: &Arc<Shared<DB, H>>,
     mut subscription: S,
@@ -655,19 +656,28 @@ async fn in_key_lanes<DB: Backend, H: Handler<DB>, S: Subscriber>(
     let capacity = usize::try_from(shared.config.effective_prefetch()).unwrap_or(1000);
     let mut tasks = JoinSet::new();
     let mut lanes: Vec<mpsc::Sender<S::Message>> = Vec::with_capacity(workers);
-    for _ in 0..workers {
+    let map = Arc::new(std::sync::Mutex::new(LaneMap::new(workers.max(1))));
+    for lane in 0..workers.max(1) {
         let (tx, mut rx) = mpsc::channel::<S::Message>(capacity.max(1));
         let shared = shared.clone();
         let mut stopped = stopped.clone();
+        let map = map.clone();
         tasks.spawn(async move {
             while let Some(first) = rx.recv().await {
                 let batch = gather(first, most, || rx.try_recv().ok());
+                let keys: Vec<Option<String>> = batch
+                    .iter()
+                    .map(|m| m.header("event-key").map(str::to_owned))
+                    .collect();
                 deliver(&shared, batch, &mut stopped).await;
+                // A panic elsewhere while holding the map leaves plain counts.
+                map.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .done(lane, &keys);
             }
         });
         lanes.push(tx);
     }
-    let mut next_lane = 0usize;
     loop {
         let message = tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
@@ -677,17 +687,10 @@ async fn in_key_lanes<DB: Backend, H: Handler<DB>, S: Subscriber>(
             tracing::warn!("subscription ended; consumer stops");
             break;
         };
-        let lane = match message.header("event-key") {
-            Some(key) => {
-                let mut h = DefaultHasher::new();
-                key.hash(&mut h);
-                usize::try_from(h.finish() % lanes.len() as u64).unwrap_or(0)
-            }
-            None => {
-                next_lane = (next_lane + 1) % lanes.len();
-                next_lane
-            }
-        };
+        let lane = map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .assign(message.header("event-key"));
         if lanes[lane].send(message).await.is_err() {
             break;
         }
@@ -695,6 +698,76 @@ async fn in_key_lanes<DB: Backend, H: Handler<DB>, S: Subscriber>(
     drop(lanes);
     while tasks.join_next().await.is_some() {}
     Some(subscription)
+}
+
+/// Which lane a message goes to, with per-key order.
+///
+/// A key holds a lane while it has messages there (queued or being
+/// applied), so its messages are applied one after another, in order. A key
+/// with none goes to the least loaded lane, as does a message without a key.
+/// So a key whose handler is slow keeps one lane busy with its own backlog,
+/// and the keys arriving behind it go to the other lanes instead of waiting
+/// behind it because their hash matched.
+#[derive(Debug)]
+struct LaneMap {
+    /// Per lane: messages sent to it and not yet done.
+    load: Vec<usize>,
+    /// Keys with messages in a lane: the lane and how many.
+    keys: HashMap<String, (usize, usize)>,
+}
+
+impl LaneMap {
+    fn new(lanes: usize) -> LaneMap {
+        LaneMap {
+            load: vec![0; lanes.max(1)],
+            keys: HashMap::new(),
+        }
+    }
+
+    /// The lane for the next message of `key`, counted in.
+    fn assign(&mut self, key: Option<&str>) -> usize {
+        let lane = match key.and_then(|k| self.keys.get_mut(k)) {
+            Some((lane, n)) => {
+                *n += 1;
+                *lane
+            }
+            None => {
+                let lane = self.least_loaded();
+                if let Some(key) = key {
+                    self.keys.insert(key.to_owned(), (lane, 1));
+                }
+                lane
+            }
+        };
+        self.load[lane] += 1;
+        lane
+    }
+
+    /// Lane `lane` is done with messages of these keys.
+    fn done(&mut self, lane: usize, keys: &[Option<String>]) {
+        if let Some(load) = self.load.get_mut(lane) {
+            *load = load.saturating_sub(keys.len());
+        }
+        for key in keys.iter().flatten() {
+            if let Some((_, n)) = self.keys.get_mut(key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.keys.remove(key);
+                }
+            }
+        }
+    }
+
+    /// The lane with the fewest messages; the first of those on a tie.
+    fn least_loaded(&self) -> usize {
+        let mut best = 0;
+        for (lane, load) in self.load.iter().enumerate() {
+            if *load < self.load[best] {
+                best = lane;
+            }
+        }
+        best
+    }
 }
 
 /// `first` and whatever else is already waiting, up to `most` messages.
@@ -1867,6 +1940,45 @@ fn to_delivery(message: &impl Incoming) -> Delivery {
 
 #[cfg(test)]
 mod tests {
+    use super::LaneMap;
+
+    fn key(k: &str) -> Option<String> {
+        Some(k.to_owned())
+    }
+
+    #[test]
+    fn a_key_keeps_its_lane_while_it_has_messages_there_and_new_keys_go_to_the_least_loaded() {
+        let mut map = LaneMap::new(3);
+        let slow = map.assign(Some("slow"));
+        assert_eq!(
+            map.assign(Some("slow")),
+            slow,
+            "a key's messages share one lane"
+        );
+        assert_eq!(map.assign(Some("slow")), slow);
+        // Other keys avoid the busy lane, whatever their hash.
+        let a = map.assign(Some("a"));
+        let b = map.assign(Some("b"));
+        assert!(a != slow && b != slow && a != b, "{slow} {a} {b}");
+        assert_eq!(map.assign(Some("a")), a);
+        // Unkeyed messages too.
+        let c = map.assign(None);
+        assert_ne!(c, slow);
+        // Once a key is done in its lane, it may go elsewhere.
+        map.done(a, &[key("a"), key("a")]);
+        map.done(b, &[key("b")]);
+        map.done(c, &[None]);
+        assert_eq!(map.assign(Some("slow")), slow, "still has messages there");
+        map.done(slow, &[key("slow"), key("slow"), key("slow"), key("slow")]);
+        assert!(map.keys.is_empty(), "{:?}", map.keys);
+        assert_eq!(map.load, vec![0, 0, 0]);
+        assert_eq!(
+            map.assign(Some("slow")),
+            0,
+            "an idle key goes to the least loaded lane"
+        );
+    }
+
     #[test]
     fn a_dedup_id_that_does_not_fit_becomes_a_stable_digest_and_one_that_fits_stays() {
         let short = "0190d5a0-5f6e-7c3b-9a4e-2b8f6c1d0e9a";

@@ -199,6 +199,12 @@ pub enum PublishErrorKind {
     /// spent): the rows are released and the relay stops with
     /// [`Error::BrokerGone`].
     Closed,
+    /// The broker refused the messages' destination to the relay's user (its
+    /// authorisation map does not let it write there). Not the messages'
+    /// fault, and it passes once the broker's authorisation allows it: the
+    /// rows of that destination are deferred with backoff without spending
+    /// their budget, while other destinations flow.
+    Unauthorized,
 }
 
 impl PublishError {
@@ -218,6 +224,14 @@ impl PublishError {
         }
     }
 
+    /// The broker refused the destination to the publisher's user.
+    pub fn unauthorized(message: impl Into<String>) -> PublishError {
+        PublishError {
+            kind: PublishErrorKind::Unauthorized,
+            message: message.into(),
+        }
+    }
+
     /// The broker could not be reached or did not confirm.
     pub fn unavailable(message: impl Into<String>) -> PublishError {
         PublishError {
@@ -233,6 +247,7 @@ impl fmt::Display for PublishError {
             PublishErrorKind::Rejected => "rejected by the broker",
             PublishErrorKind::Unavailable => "broker unavailable",
             PublishErrorKind::Closed => "broker connection ended for good",
+            PublishErrorKind::Unauthorized => "destination refused to the relay's user",
         };
         write!(f, "{kind}: {}", self.message)
     }

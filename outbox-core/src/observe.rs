@@ -110,6 +110,11 @@ pub struct Health {
     pub parked: Option<u64>,
     /// Time since `backlog` and `parked` were read.
     pub figures_age: Option<Duration>,
+    /// Relay: the destinations the broker refuses to the relay's user (its
+    /// authorisation map), whose rows wait with backoff until a send to
+    /// them goes through. While there are any, [`error`](Self::error) says
+    /// why if nothing else failed since. Empty for a consumer.
+    pub deferred_destinations: Vec<String>,
 }
 
 impl Health {
@@ -143,6 +148,9 @@ struct Inner {
     last_success: Option<Instant>,
     /// Backlog rows, oldest age, parked rows, and when they were read.
     figures: Option<(u64, Option<Duration>, u64, Instant)>,
+    /// Destinations refused to the relay's user: refusals in a row, and the
+    /// last one's words.
+    deferred: std::collections::BTreeMap<String, (u32, String)>,
 }
 
 /// The shared state behind [`Health`], written by the running task.
@@ -218,6 +226,33 @@ impl Status {
         });
     }
 
+    /// The broker refused `destination` to the relay's user once more;
+    /// returns how many times in a row (1 for the first).
+    pub(crate) fn destination_refused(&self, destination: &str, error: &str) -> u32 {
+        self.with(|s| {
+            let entry = s
+                .deferred
+                .entry(destination.to_owned())
+                .or_insert((0, String::new()));
+            entry.0 = entry.0.saturating_add(1);
+            entry.1 = error.to_owned();
+            entry.0
+        })
+    }
+
+    /// The broker took messages for these destinations: they are refused
+    /// no more.
+    pub(crate) fn destinations_accepted<'a>(&self, destinations: impl Iterator<Item = &'a str>) {
+        self.with(|s| {
+            if s.deferred.is_empty() {
+                return;
+            }
+            for destination in destinations {
+                s.deferred.remove(destination);
+            }
+        });
+    }
+
     /// The figures read from the database.
     pub(crate) fn set_figures(&self, backlog: u64, oldest: Option<Duration>, parked: u64) {
         self.with(|s| s.figures = Some((backlog, oldest, parked, Instant::now())));
@@ -240,6 +275,7 @@ impl Status {
             };
             let error = match (state, &s.error) {
                 (RunState::Stopped, None) => Some("stopped".to_owned()),
+                (_, None) => s.deferred.values().next().map(|(_, error)| error.clone()),
                 (_, error) => error.clone(),
             };
             Health {
@@ -250,6 +286,7 @@ impl Status {
                 backlog_age: s.figures.and_then(|f| f.1),
                 parked: s.figures.map(|f| f.2),
                 figures_age: s.figures.map(|f| f.3.elapsed()),
+                deferred_destinations: s.deferred.keys().cloned().collect(),
             }
         })
     }
@@ -264,6 +301,7 @@ pub(crate) struct RelayInstruments {
     pub(crate) unavailable: Counter,
     pub(crate) db_errors: Counter,
     pub(crate) deleted: Counter,
+    pub(crate) deferred: Counter,
     pub(crate) publish_seconds: Histogram,
     pub(crate) backlog: Gauge,
     pub(crate) oldest: Gauge,
@@ -282,6 +320,7 @@ impl RelayInstruments {
             unavailable: metrics::counter!("outbox_relay_unavailable_total", "table" => t.clone()),
             db_errors: metrics::counter!("outbox_relay_db_errors_total", "table" => t.clone()),
             deleted: metrics::counter!("outbox_relay_deleted_total", "table" => t.clone()),
+            deferred: metrics::counter!("outbox_relay_deferred_total", "table" => t.clone()),
             publish_seconds: metrics::histogram!("outbox_relay_publish_seconds", "table" => t.clone()),
             backlog: metrics::gauge!("outbox_backlog_rows", "table" => t.clone()),
             oldest: metrics::gauge!("outbox_backlog_oldest_seconds", "table" => t.clone()),
@@ -352,6 +391,10 @@ fn describe() {
             (
                 "outbox_relay_deleted_total",
                 "Published rows deleted by retention.",
+            ),
+            (
+                "outbox_relay_deferred_total",
+                "Outbox rows deferred because the broker refused their destination to the relay's user.",
             ),
             ("outbox_consumer_processed_total", "Events applied."),
             (
@@ -443,6 +486,32 @@ mod tests {
         fn end_reason(&self) -> String {
             "gone".into()
         }
+    }
+
+    #[test]
+    fn a_refused_destination_is_named_and_its_error_shown_until_a_send_to_it_goes_through() {
+        let status = Status::default();
+        status.set_link(Arc::new(Link(true)));
+        assert_eq!(
+            status.destination_refused("/queue/a", "not authorized a"),
+            1
+        );
+        assert_eq!(
+            status.destination_refused("/queue/a", "not authorized a"),
+            2
+        );
+        // Other destinations go through; the refusal stays visible.
+        status.succeeded();
+        status.destinations_accepted(["/queue/b"].into_iter());
+        let h = status.health(false);
+        assert_eq!(h.state, RunState::Connected);
+        assert_eq!(h.deferred_destinations, vec!["/queue/a".to_owned()]);
+        assert_eq!(h.error.as_deref(), Some("not authorized a"));
+        status.destinations_accepted(["/queue/a"].into_iter());
+        let h = status.health(false);
+        assert!(h.deferred_destinations.is_empty());
+        assert_eq!(h.error, None);
+        assert_eq!(status.destination_refused("/queue/a", "again"), 1);
     }
 
     #[test]

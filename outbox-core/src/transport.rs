@@ -160,6 +160,12 @@ fn classify(client: &Client, error: outbox_stomp::Error) -> PublishError {
         E::Rejected(b) | E::Broker(b) if b.is_out_of_room() => {
             PublishError::unavailable(error.to_string())
         }
+        // A destination the broker's authorisation map does not let the
+        // relay's user write to: no row's fault, and it passes once the
+        // map allows it; the relay defers that destination.
+        E::Rejected(b) | E::Broker(b) if b.is_not_authorized() => {
+            PublishError::unauthorized(error.to_string())
+        }
         // A message the connection's version cannot carry is that row's
         // fault, as a broker's refusal is.
         E::Rejected(_) | E::Broker(_) | E::Unencodable(_) => {

@@ -164,6 +164,17 @@ impl BrokerError {
         said("ResourceAllocationException") || said("Usage Manager")
     }
 
+    /// True when the broker refused a frame because the connection's user
+    /// lacks a right on its destination: ActiveMQ's authorisation map
+    /// ("User app is not authorized to write to: queue://orders", or "… to
+    /// create: …" for a destination that does not exist yet). The frame is
+    /// not at fault, and the refusal passes once the broker's authorisation
+    /// allows it (a configuration being reloaded or corrected).
+    pub fn is_not_authorized(&self) -> bool {
+        let said = |needle: &str| self.message.contains(needle) || self.details.contains(needle);
+        said("is not authorized to")
+    }
+
     /// True when the broker refused a CONNECT for its credentials (ActiveMQ
     /// answers with a `SecurityException`): retrying cannot help. Other refusals,
     /// such as `InvalidClientIDException` while the broker still holds the
@@ -331,5 +342,40 @@ impl Error {
             self,
             Error::ReceiptTimeout { .. } | Error::ConnectionLost | Error::Broker(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(message: &str) -> BrokerError {
+        BrokerError {
+            message: message.to_owned(),
+            details: String::new(),
+            receipt_id: Some("r1".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_refusal_by_the_authorisation_map_is_not_authorized_and_not_out_of_room() {
+        for message in [
+            "User relay is not authorized to write to: queue://orders",
+            "User relay is not authorized to create: queue://orders",
+        ] {
+            let error = refusal(message);
+            assert!(error.is_not_authorized(), "{message}");
+            assert!(!error.is_out_of_room(), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_for_want_of_room_or_of_the_frame_is_not_an_authorisation_refusal() {
+        for message in [
+            "Usage Manager Memory Limit reached on queue://orders",
+            "Header value too large",
+        ] {
+            assert!(!refusal(message).is_not_authorized(), "{message}");
+        }
     }
 }

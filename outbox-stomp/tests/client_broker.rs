@@ -587,3 +587,65 @@ async fn a_header_stomp_1_0_cannot_carry_fails_that_send_and_the_client_goes_on(
     let m = recv(&mut sub, WAIT).await.expect("the good message");
     assert_eq!(m.body().as_ref(), b"good");
 }
+
+/// A subscription whose consumer takes nothing, on the client a publisher
+/// also uses: once the subscription's byte budget is spent, the publisher's
+/// receipts must still arrive, and the subscription's messages all arrive
+/// once it is read.
+#[tokio::test]
+async fn a_subscription_over_its_byte_budget_holds_up_no_receipt_of_the_same_client() {
+    let broker = Broker::start().await.unwrap();
+    let client = Client::connect(config(&broker).with_receipt_timeout(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let queue = "/queue/byte-budget-shared";
+    let mut sub = client
+        .subscribe(Subscribe::new(queue).prefetch(100).buffer_bytes(4 * 1024))
+        .await
+        .unwrap();
+    // 60 messages of 1 KiB from another client: far over the budget of 4 KiB.
+    let feeder = Client::connect(config(&broker)).await.unwrap();
+    let body = Bytes::from(vec![b'x'; 1024]);
+    for n in 0..60 {
+        feeder
+            .send(Outgoing::new(queue, body.clone()).header("n", n.to_string()))
+            .await
+            .unwrap();
+    }
+    // Let the broker push them while nobody reads the subscription.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut timeouts = 0;
+    let mut other = 0;
+    for n in 0..5 {
+        match client
+            .send(
+                Outgoing::new("/queue/byte-budget-other", Bytes::from_static(b"p"))
+                    .header("n", n.to_string()),
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(Error::ReceiptTimeout { .. }) => timeouts += 1,
+            Err(e) => {
+                eprintln!("send {n}: {e}");
+                other += 1;
+            }
+        }
+    }
+    eprintln!("5 sends on the shared client: {timeouts} receipt timeouts, {other} other errors");
+    assert_eq!(
+        (timeouts, other),
+        (0, 0),
+        "receipts waited behind the full subscription"
+    );
+    // Nothing of the subscription is lost: read and ack all 60.
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 60 {
+        let Some(message) = recv(&mut sub, WAIT).await else {
+            break;
+        };
+        seen.insert(message.header("n").unwrap_or_default().to_owned());
+        message.ack().await.unwrap();
+    }
+    assert_eq!(seen.len(), 60, "messages of the subscription were lost");
+}

@@ -303,6 +303,24 @@ impl Broker {
         self.start_again().await
     }
 
+    /// Stops the broker gracefully, then starts it again on the same ports
+    /// and data folder with its configuration changed by `change` (users,
+    /// authorisation, policies: what a broker's operator changes with a
+    /// restart). SSL and OpenWire stay as they were started.
+    pub async fn restart_with(
+        &mut self,
+        change: impl FnOnce(BrokerConfig) -> BrokerConfig,
+    ) -> Result<(), HarnessError> {
+        self.stop().await?;
+        let (ssl, openwire) = (self.config.ssl, self.config.openwire);
+        let mut config = change(self.config.clone());
+        config.ssl = ssl;
+        config.openwire = openwire;
+        self.config = config;
+        self.write_activemq_xml()?;
+        self.start_again().await
+    }
+
     /// Starts a stopped or killed broker again on the same ports and data folder
     /// and waits until it is ready.
     pub async fn start_again(&mut self) -> Result<(), HarnessError> {
@@ -471,6 +489,8 @@ impl Broker {
             credentials: self.credentials(),
             dispatch_waits: &self.config.dispatch_waits,
             memory_limits: &self.config.memory_limits,
+            users: &self.config.users,
+            authorization: self.config.authorization.as_deref(),
         }
         .activemq_xml();
         write_file(&self.conf_dir.join("activemq.xml"), &xml)

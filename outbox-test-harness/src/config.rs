@@ -57,6 +57,86 @@ pub struct BrokerConfig {
     pub(crate) max_heap_mb: u32,
     pub(crate) dispatch_waits: Vec<DispatchWait>,
     pub(crate) memory_limits: Vec<(String, u64)>,
+    pub(crate) users: Vec<User>,
+    pub(crate) authorization: Option<Vec<Authorization>>,
+}
+
+/// A user of the broker beyond [`BrokerConfig::with_credentials`]'s, with its
+/// groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct User {
+    pub(crate) credentials: Credentials,
+    pub(crate) groups: Vec<String>,
+}
+
+/// One entry of the broker's authorisation map (ActiveMQ's
+/// `authorizationEntry`): which groups may read, write and create
+/// ("admin") the destinations matching a pattern. A right no group is given
+/// is nobody's.
+///
+/// ```
+/// use outbox_test_harness::Authorization;
+///
+/// // Group `relay` may write to every `orders.` queue, and create them.
+/// let entry = Authorization::queue("orders.>").write("relay").admin("relay");
+/// # let _ = entry;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    /// `queue` or `topic`.
+    kind: &'static str,
+    pattern: String,
+    read: Vec<String>,
+    write: Vec<String>,
+    admin: Vec<String>,
+}
+
+impl Authorization {
+    /// An entry for the queues matching `pattern`, an ActiveMQ destination
+    /// wildcard without the `/queue/` prefix (`orders.>`, `orders.*`, `>`).
+    pub fn queue(pattern: impl Into<String>) -> Authorization {
+        Authorization::new("queue", pattern.into())
+    }
+
+    /// An entry for the topics matching `pattern` (as for [`queue`](Self::queue)).
+    pub fn topic(pattern: impl Into<String>) -> Authorization {
+        Authorization::new("topic", pattern.into())
+    }
+
+    fn new(kind: &'static str, pattern: String) -> Authorization {
+        Authorization {
+            kind,
+            pattern,
+            read: Vec::new(),
+            write: Vec::new(),
+            admin: Vec::new(),
+        }
+    }
+
+    /// Lets `group` consume from the destinations.
+    pub fn read(mut self, group: impl Into<String>) -> Self {
+        self.read.push(group.into());
+        self
+    }
+
+    /// Lets `group` send to the destinations.
+    pub fn write(mut self, group: impl Into<String>) -> Self {
+        self.write.push(group.into());
+        self
+    }
+
+    /// Lets `group` create the destinations (ActiveMQ asks for it when a
+    /// send or a subscription names a destination that does not exist yet).
+    pub fn admin(mut self, group: impl Into<String>) -> Self {
+        self.admin.push(group.into());
+        self
+    }
+
+    /// Gives `group` every right on the destinations.
+    pub fn all(self, group: impl Into<String>) -> Self {
+        let group = group.into();
+        self.read(group.clone()).write(group.clone()).admin(group)
+    }
 }
 
 /// A queue policy that holds dispatch until enough consumers are subscribed
@@ -78,6 +158,8 @@ impl Default for BrokerConfig {
             max_heap_mb: 256,
             dispatch_waits: Vec::new(),
             memory_limits: Vec::new(),
+            users: Vec::new(),
+            authorization: None,
         }
     }
 }
@@ -155,6 +237,34 @@ impl BrokerConfig {
         self.memory_limits.push((queues.into(), bytes));
         self
     }
+
+    /// Adds a user with these groups (comma-separated is not needed: pass
+    /// each group). Users need authentication on: set
+    /// [`with_credentials`](Self::with_credentials) too, whose user is in the
+    /// groups `users` and `admins`.
+    pub fn with_user<G: Into<String>>(
+        mut self,
+        login: impl Into<String>,
+        passcode: impl Into<String>,
+        groups: impl IntoIterator<Item = G>,
+    ) -> Self {
+        self.users.push(User {
+            credentials: Credentials::new(login, passcode),
+            groups: groups.into_iter().map(Into::into).collect(),
+        });
+        self
+    }
+
+    /// Turns on ActiveMQ's `authorizationPlugin` with these entries (with
+    /// authentication, see [`with_credentials`](Self::with_credentials)).
+    /// Every group of every user may use the broker's advisory topics,
+    /// which any connection needs; everything else is what `entries` grant.
+    /// A send the map does not allow is refused with an ERROR
+    /// ("User … is not authorized to write to: queue://…").
+    pub fn with_authorization(mut self, entries: impl IntoIterator<Item = Authorization>) -> Self {
+        self.authorization = Some(entries.into_iter().collect());
+        self
+    }
 }
 
 /// The concrete values one broker instance is configured with.
@@ -169,6 +279,8 @@ pub(crate) struct BrokerLayout<'a> {
     pub(crate) credentials: Option<&'a Credentials>,
     pub(crate) dispatch_waits: &'a [DispatchWait],
     pub(crate) memory_limits: &'a [(String, u64)],
+    pub(crate) users: &'a [User],
+    pub(crate) authorization: Option<&'a [Authorization]>,
 }
 
 impl BrokerLayout<'_> {
@@ -176,13 +288,26 @@ impl BrokerLayout<'_> {
     pub(crate) fn activemq_xml(&self) -> String {
         let plugins = match self.credentials {
             None => String::new(),
-            Some(credentials) => format!(
-                "\n    <plugins>\n      <simpleAuthenticationPlugin anonymousAccessAllowed=\"false\">\n        \
-                 <users>\n          <authenticationUser username=\"{}\" password=\"{}\" groups=\"users,admins\"/>\n        \
-                 </users>\n      </simpleAuthenticationPlugin>\n    </plugins>\n",
-                xml_attr(credentials.login()),
-                xml_attr(credentials.passcode()),
-            ),
+            Some(credentials) => {
+                let mut users = format!(
+                    "          <authenticationUser username=\"{}\" password=\"{}\" groups=\"users,admins\"/>\n",
+                    xml_attr(credentials.login()),
+                    xml_attr(credentials.passcode()),
+                );
+                for user in self.users {
+                    users.push_str(&format!(
+                        "          <authenticationUser username=\"{}\" password=\"{}\" groups=\"{}\"/>\n",
+                        xml_attr(user.credentials.login()),
+                        xml_attr(user.credentials.passcode()),
+                        xml_attr(&user.groups.join(",")),
+                    ));
+                }
+                format!(
+                    "\n    <plugins>\n      <simpleAuthenticationPlugin anonymousAccessAllowed=\"false\">\n        \
+                     <users>\n{users}        </users>\n      </simpleAuthenticationPlugin>\n{}    </plugins>\n",
+                    self.authorization_plugin(),
+                )
+            }
         };
         let mut connectors = format!(
             "      <transportConnector name=\"stomp\" uri=\"stomp://127.0.0.1:{}?transport.tcpNoDelay=true\"/>\n",
@@ -258,6 +383,51 @@ impl BrokerLayout<'_> {
     }
 }
 
+impl BrokerLayout<'_> {
+    /// The `authorizationPlugin` element, if authorisation is on.
+    fn authorization_plugin(&self) -> String {
+        let Some(entries) = self.authorization else {
+            return String::new();
+        };
+        let mut groups: Vec<&str> = vec!["users", "admins"];
+        for user in self.users {
+            for group in &user.groups {
+                if !groups.contains(&group.as_str()) {
+                    groups.push(group);
+                }
+            }
+        }
+        let everyone = xml_attr(&groups.join(","));
+        let mut lines = format!(
+            "            <authorizationEntry topic=\"ActiveMQ.Advisory.>\" read=\"{everyone}\" \
+             write=\"{everyone}\" admin=\"{everyone}\"/>\n"
+        );
+        for entry in entries {
+            let mut line = format!(
+                "            <authorizationEntry {}=\"{}\"",
+                entry.kind,
+                xml_attr(&entry.pattern)
+            );
+            for (right, groups) in [
+                ("read", &entry.read),
+                ("write", &entry.write),
+                ("admin", &entry.admin),
+            ] {
+                if !groups.is_empty() {
+                    line.push_str(&format!(" {right}=\"{}\"", xml_attr(&groups.join(","))));
+                }
+            }
+            line.push_str("/>\n");
+            lines.push_str(&line);
+        }
+        format!(
+            "      <authorizationPlugin>\n        <map>\n          <authorizationMap>\n            \
+             <authorizationEntries>\n{lines}            </authorizationEntries>\n          \
+             </authorizationMap>\n        </map>\n      </authorizationPlugin>\n"
+        )
+    }
+}
+
 /// Escapes a value for a double-quoted XML attribute. `$` is escaped too so that
 /// Spring's property placeholders never see `${...}` in a password.
 fn xml_attr(value: &str) -> String {
@@ -291,6 +461,8 @@ mod tests {
             credentials: None,
             dispatch_waits: &[],
             memory_limits: &[],
+            users: &[],
+            authorization: None,
         }
         .activemq_xml();
         assert!(!xml.contains("destinationPolicy"));
@@ -314,12 +486,57 @@ mod tests {
             credentials: Some(&credentials),
             dispatch_waits: &[],
             memory_limits: &[],
+            users: &[],
+            authorization: None,
         }
         .activemq_xml();
         assert!(xml.contains(r#"username="a&quot;l" password="&lt;p&amp;&#36;{x}&gt;""#));
         assert!(xml.contains(r#"uri="stomp+ssl://127.0.0.1:2?transport.tcpNoDelay=true""#));
         assert!(xml.contains(r#"keyStore="file:/tmp/b2/tls/broker.p12""#));
         assert!(xml.contains(r#"uri="tcp://127.0.0.1:3?transport.tcpNoDelay=true""#));
+    }
+
+    #[test]
+    fn users_and_an_authorisation_map_are_rendered_with_the_advisory_topics_open_to_every_group() {
+        let credentials = Credentials::new("admin", "a");
+        let users = [User {
+            credentials: Credentials::new("relay", "r"),
+            groups: vec!["relay".into()],
+        }];
+        let entries = [
+            Authorization::queue("orders.>")
+                .write("relay")
+                .admin("relay"),
+            Authorization::topic("t").all("admins"),
+        ];
+        let xml = BrokerLayout {
+            name: "b4",
+            data_dir: Path::new("/tmp/b4/data"),
+            stomp_port: 5,
+            ssl: None,
+            openwire: None,
+            credentials: Some(&credentials),
+            dispatch_waits: &[],
+            memory_limits: &[],
+            users: &users,
+            authorization: Some(&entries),
+        }
+        .activemq_xml();
+        assert!(
+            xml.contains(r#"<authenticationUser username="relay" password="r" groups="relay"/>"#)
+        );
+        assert!(xml.contains(
+            r#"<authorizationEntry topic="ActiveMQ.Advisory.>" read="users,admins,relay" write="users,admins,relay" admin="users,admins,relay"/>"#
+        ));
+        assert!(
+            xml.contains(
+                r#"<authorizationEntry queue="orders.&gt;" write="relay" admin="relay"/>"#
+            )
+        );
+        assert!(xml.contains(
+            r#"<authorizationEntry topic="t" read="admins" write="admins" admin="admins"/>"#
+        ));
+        assert!(!xml.contains('@'), "placeholder left in:\n{xml}");
     }
 
     #[test]
@@ -338,6 +555,8 @@ mod tests {
             credentials: None,
             dispatch_waits: &waits,
             memory_limits: &[],
+            users: &[],
+            authorization: None,
         }
         .activemq_xml();
         assert!(xml.contains(

@@ -38,7 +38,7 @@ mod raw_stomp;
 mod tls;
 
 pub use broker::{Broker, KEEP_BROKER_DATA_VAR};
-pub use config::{BrokerConfig, Credentials};
+pub use config::{Authorization, BrokerConfig, Credentials};
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use db::{MYSQL_URL_VAR, POSTGRES_URL_VAR, SKIP_MYSQL_VAR, SKIP_POSTGRES_VAR, TestDb};
 pub use error::HarnessError;

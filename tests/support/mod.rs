@@ -35,14 +35,17 @@ pub async fn broker() -> Broker {
 
 /// A client that reconnects quickly and waits at most 2 s for receipts, so
 /// a relay on it may hold a lease of 5 s (longer than a publish can take).
+/// It logs in with the broker's credentials, if it has any.
 pub async fn client(broker: &Broker) -> Client {
-    Client::connect(
-        Config::parse(&broker.stomp_uri())
-            .expect("broker URI")
-            .with_receipt_timeout(Duration::from_secs(2)),
-    )
-    .await
-    .expect("connect to the test broker")
+    let mut config = Config::parse(&broker.stomp_uri())
+        .expect("broker URI")
+        .with_receipt_timeout(Duration::from_secs(2));
+    if let Some(credentials) = broker.credentials() {
+        config = config.with_credentials(credentials.login(), credentials.passcode());
+    }
+    Client::connect(config)
+        .await
+        .expect("connect to the test broker")
 }
 
 /// One received message, as the tests count it.

@@ -70,6 +70,7 @@ pub(crate) struct OutboxSql {
     pub(crate) retry_rejected: String,
     pub(crate) park_undecodable: String,
     pub(crate) release: String,
+    pub(crate) defer_destination: String,
     pub(crate) delete_published: String,
     pub(crate) backlog: String,
     pub(crate) parked_count: String,
@@ -170,6 +171,16 @@ impl OutboxSql {
             release: p(format!(
                 "UPDATE {t} SET claimed_by = NULL, claimed_until = NULL, \
                  last_error = COALESCE(?, last_error), update_time = ? WHERE claimed_by = ?"
+            )),
+            // A destination the broker refuses to the relay's user: its
+            // waiting rows, free or held by the refused claim, are due again
+            // at `until` (unless due later already), with no attempt spent.
+            // Rows other relays hold are theirs to settle.
+            defer_destination: p(format!(
+                "UPDATE {t} SET next_attempt_at = ?, last_error = ?, update_time = ?, \
+                 claimed_by = NULL, claimed_until = NULL \
+                 WHERE process = '{new}' AND destination = ? AND next_attempt_at < ? \
+                 AND (claimed_until IS NULL OR claimed_until < ? OR claimed_by = ?)"
             )),
             delete_published: p((dialect.delete_limited)(
                 t,

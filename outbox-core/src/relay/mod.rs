@@ -6,6 +6,8 @@
 //!  claim ──► publish (one STOMP transaction) ──► receipt ──► mark PUBLISHED
 //!    │            │ rejected                        │
 //!    │            └─► one by one: each row PUBLISHED, or attempts+1 / backoff / FAILED
+//!    │            │ destination refused to the relay's user (authorisation)
+//!    │            └─► its rows deferred with backoff, no attempt spent; the rest flows
 //!    │            │ broker unavailable
 //!    │            └─► release the claim, back off the whole relay
 //!    └─ nothing due ──► wait for a wake-up (in process, NOTIFY) or the poll interval
@@ -78,6 +80,9 @@ pub struct RelayMetrics {
     pub unavailable: AtomicU64,
     /// Published rows deleted by retention.
     pub deleted: AtomicU64,
+    /// Rows deferred because the broker refused their destination to the
+    /// relay's user (its authorisation map); no attempt of theirs was spent.
+    pub deferred: AtomicU64,
     /// Database errors the relay backed off from (claim, mark, release,
     /// reject); it keeps going after each.
     pub db_errors: AtomicU64,
@@ -97,6 +102,7 @@ pub(crate) enum Count {
     Failed,
     Unavailable,
     Deleted,
+    Deferred,
     DbErrors,
 }
 
@@ -113,6 +119,9 @@ pub struct RelayCounts {
     pub unavailable: u64,
     /// Published rows deleted by retention.
     pub deleted: u64,
+    /// Rows deferred because the broker refused their destination to the
+    /// relay's user.
+    pub deferred: u64,
     /// Database errors the relay backed off from.
     pub db_errors: u64,
     /// 1 once the relay stopped because its broker connection ended for good.
@@ -128,6 +137,7 @@ impl RelayMetrics {
             (Count::Failed, i) => (&self.failed, i.map(|i| &i.parked)),
             (Count::Unavailable, i) => (&self.unavailable, i.map(|i| &i.unavailable)),
             (Count::Deleted, i) => (&self.deleted, i.map(|i| &i.deleted)),
+            (Count::Deferred, i) => (&self.deferred, i.map(|i| &i.deferred)),
             (Count::DbErrors, i) => (&self.db_errors, i.map(|i| &i.db_errors)),
         };
         atomic.fetch_add(n, Ordering::Relaxed);
@@ -152,6 +162,7 @@ impl RelayMetrics {
             failed: self.failed.load(Ordering::Relaxed),
             unavailable: self.unavailable.load(Ordering::Relaxed),
             deleted: self.deleted.load(Ordering::Relaxed),
+            deferred: self.deferred.load(Ordering::Relaxed),
             db_errors: self.db_errors.load(Ordering::Relaxed),
             stopped: self.stopped.load(Ordering::Relaxed),
         }
@@ -223,6 +234,9 @@ impl Claimed {
     /// to the publish histogram.
     fn confirmed(&self, metrics: &RelayMetrics) {
         metrics.status.succeeded();
+        metrics
+            .status
+            .destinations_accepted(self.batch.iter().map(|m| m.destination.as_str()));
         if let Some(i) = metrics.instruments.get() {
             i.publish_seconds
                 .record(self.taken_at.elapsed().as_secs_f64());
@@ -603,6 +617,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 tracing::warn!(%error, rows = n, "broker unavailable; batch released");
                 self.unavailable(claimed, &error).await
             }
+            PublishErrorKind::Unauthorized if n == 1 => {
+                self.defer(&claimed.token, &claimed.batch[0], &error)
+                    .await?;
+                Ok(Step::Published(n))
+            }
             _ if n == 1 => {
                 self.reject(&claimed.token, &claimed.batch[0], &error)
                     .await?;
@@ -635,11 +654,21 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     }
 
     /// After a rejected batch: find the culprits by publishing each row alone.
+    /// A row whose destination is refused to the relay's user defers that
+    /// destination; the batch's later rows of it are not tried.
     async fn one_by_one(&self, claimed: &Claimed) -> Result<Step, Error> {
         let (token, batch) = (claimed.token.as_str(), claimed.batch.as_slice());
         let mut blocked: HashSet<&str> = HashSet::new();
+        let mut refused: HashSet<&str> = HashSet::new();
         for m in batch {
             if m.key.as_deref().is_some_and(|k| blocked.contains(k)) {
+                continue;
+            }
+            if refused.contains(m.destination.as_str()) {
+                // Per-key order: the key's later rows wait behind this one.
+                if let Some(key) = &m.key {
+                    blocked.insert(key);
+                }
                 continue;
             }
             let one = std::slice::from_ref(m);
@@ -657,12 +686,22 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     store.mark_published(&mut conn, token, &[m.id], now).await?;
                     self.metrics.add(Count::Published, 1);
                     self.metrics.status.succeeded();
+                    self.metrics
+                        .status
+                        .destinations_accepted(std::iter::once(m.destination.as_str()));
                 }
                 Err(error) if error.kind == PublishErrorKind::Closed => {
                     return self.closed(claimed, &error).await;
                 }
                 Err(error) if error.kind == PublishErrorKind::Unavailable => {
                     return self.unavailable(claimed, &error).await;
+                }
+                Err(error) if error.kind == PublishErrorKind::Unauthorized => {
+                    self.defer(token, m, &error).await?;
+                    refused.insert(&m.destination);
+                    if let Some(key) = &m.key {
+                        blocked.insert(key);
+                    }
                 }
                 Err(error) => {
                     self.reject(token, m, &error).await?;
@@ -716,6 +755,40 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .store()
             .release_token(token, error, now_ms())
             .await
+    }
+
+    /// The broker refused `m`'s destination to the relay's user: every
+    /// waiting row of that destination (free, or held by this claim) is due
+    /// again after a backoff that grows with each refusal in a row, its
+    /// attempts untouched. Other destinations go on; the broker's
+    /// authorisation may allow it again at any time.
+    async fn defer(
+        &self,
+        token: &str,
+        m: &OutboxMessage,
+        error: &PublishError,
+    ) -> Result<(), Error> {
+        let refusals = self
+            .metrics
+            .status
+            .destination_refused(&m.destination, &error.message);
+        let delay = self.config.outage_backoff.delay(refusals.saturating_sub(1));
+        let now = crate::clock::now(self.outbox.pool()).await;
+        let rows = self
+            .outbox
+            .store()
+            .defer_destination(token, &m.destination, now + ms(delay), &error.message, now)
+            .await?;
+        self.metrics.add(Count::Deferred, rows);
+        tracing::warn!(
+            destination = m.destination,
+            rows,
+            refusals,
+            ?delay,
+            %error,
+            "the broker refuses the destination to the relay's user; its rows are deferred, no attempt spent"
+        );
+        Ok(())
     }
 
     async fn reject(

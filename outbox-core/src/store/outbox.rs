@@ -377,6 +377,35 @@ impl<DB: Backend> OutboxStore<DB> {
         Ok(())
     }
 
+    /// Defers the waiting rows of `destination` that are free or held under
+    /// `token` until `until`, keeping `error` as their last error; their
+    /// attempts stay as they were. Returns how many rows changed.
+    pub(crate) async fn defer_destination(
+        &self,
+        token: &str,
+        destination: &str,
+        until: i64,
+        error: &str,
+        now: i64,
+    ) -> Result<u64, Error> {
+        let mut conn = self.acquire().await?;
+        DB::exec(
+            &mut conn,
+            &self.sql.defer_destination,
+            &[
+                Value::Int(until),
+                Value::Text(Some(error)),
+                Value::Int(now),
+                Value::Text(Some(destination)),
+                Value::Int(until),
+                Value::Int(now),
+                Value::Text(Some(token)),
+            ],
+        )
+        .await
+        .map_err(Error::db("deferring a refused destination"))
+    }
+
     /// Records a rejection of row `id` held under `token`: one attempt more,
     /// parked as `FAILED` when that reaches `max_attempts`, else due again at
     /// `next_attempt_at`. Returns the row's state after it, or `None` when the

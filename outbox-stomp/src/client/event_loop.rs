@@ -660,7 +660,13 @@ impl EventLoop {
                 let Some(tx) = self.handle.upgrade() else {
                     return Ok(None);
                 };
-                let charge = sink.try_charge(&frame);
+                // Queued messages are charged in order by the task that
+                // hands them out, so a later one never takes the budget an
+                // earlier one waits for.
+                let charge = match sink.waiting() {
+                    Some(_) => None,
+                    None => sink.try_charge(&frame),
+                };
                 let message = Message {
                     ack: AckId::of(self.session.version(), &subscription, &frame),
                     charge,
@@ -671,6 +677,15 @@ impl EventLoop {
                         shared: self.shared.clone(),
                     },
                 };
+                if let Some(waiting) = sink.waiting() {
+                    // The broker bounds these by the prefetch: the socket
+                    // is read on, and only this subscription waits.
+                    if waiting.send(message).is_err() || sink.is_closed() {
+                        self.session.unsubscribed(&subscription);
+                        return Ok(Some(Frame::unsubscribe(subscription)));
+                    }
+                    return Ok(None);
+                }
                 if message.charge.is_none() && !sink.is_closed() {
                     // Over the byte budget: stop reading until enough is dropped.
                     *parked = Some((sink.clone(), message));

@@ -163,34 +163,72 @@ impl Subscribe {
         self
     }
 
-    /// Bytes of messages (body and headers) the subscription may hold at once
-    /// (default [`DEFAULT_BUFFER_BYTES`], 16 MiB; at most `u32::MAX`). A
-    /// message counts from its arrival until it is dropped, so messages taken
-    /// from the stream and not yet acknowledged count too. When the next
-    /// message does not fit, the client stops reading the socket until
-    /// enough is dropped (backpressure, as with a full [`buffer`](Subscribe::buffer)):
-    /// with the message count, this bounds what a subscription buffers
-    /// whatever the prefetch and the size of the messages. A message larger
-    /// than the whole budget waits until nothing else is held, then is
-    /// delivered alone. A client's memory for one subscription is thus
-    /// about this budget plus one message of up to the decoder's
-    /// [`Limits::max_body`](crate::codec::Limits::max_body).
+    /// Bytes of messages (body and headers) the subscription may hand out
+    /// at once (default [`DEFAULT_BUFFER_BYTES`], 16 MiB; at most
+    /// `u32::MAX`). A message counts from when it enters the stream until it
+    /// is dropped, so messages taken from the stream and not yet
+    /// acknowledged count too. A message larger than the whole budget waits
+    /// until nothing else is held, then is delivered alone.
+    ///
+    /// What happens to messages that do not fit depends on the ack mode:
+    ///
+    /// - With `client` or `client-individual` acks, the client keeps reading
+    ///   its connection and only this subscription's messages wait, in
+    ///   arrival order, in a queue of the subscription: receipts, other
+    ///   subscriptions and heart-beats of the same client go on. That queue
+    ///   is bounded by the broker, which sends a subscription at most its
+    ///   prefetch (`activemq.prefetchSize`, [`prefetch`](Subscribe::prefetch),
+    ///   by default the [`buffer`](Subscribe::buffer)) of unacknowledged
+    ///   messages: a subscription buffers at most about prefetch × the
+    ///   largest message. To bound it in bytes, choose the prefetch from the
+    ///   budget and the message size (STOMP has no way to ask the broker
+    ///   for fewer bytes while subscribed).
+    /// - With `auto` acks the broker does not wait for acknowledgements, so
+    ///   nothing but the client bounds them: the client stops reading its
+    ///   connection until enough is dropped (backpressure, as with a full
+    ///   buffer), and everything else on the client waits too. Do not share
+    ///   a client between an `auto` subscription that may fall behind and
+    ///   anything that waits for receipts (a publisher).
     pub fn buffer_bytes(mut self, bytes: usize) -> Subscribe {
         self.buffer_bytes = bytes.clamp(1, u32::MAX as usize);
         self
     }
 
     /// Where the event loop puts this subscription's messages, and the
-    /// stream's receiving end.
+    /// stream's receiving end. With client acks, messages go through a queue
+    /// and a task of their own that waits for room, so the event loop never
+    /// waits for this subscription (see [`buffer_bytes`](Subscribe::buffer_bytes)).
     pub(crate) fn sink(&self) -> (Sink, mpsc::Receiver<Message>) {
         let (tx, rx) = mpsc::channel(self.capacity());
         let total = u32::try_from(self.buffer_bytes.max(1)).unwrap_or(u32::MAX);
-        let sink = Sink {
+        let mut sink = Sink {
             tx,
             budget: Arc::new(Semaphore::new(total as usize)),
             total,
+            waiting: None,
         };
+        if self.ack != AckMode::Auto {
+            let (waiting, queue) = mpsc::unbounded_channel();
+            tokio::spawn(hand_out(queue, sink.clone()));
+            sink.waiting = Some(waiting);
+        }
         (sink, rx)
+    }
+}
+
+/// Hands the queued messages of a subscription to its stream in order, each
+/// once it has its share of the budget and a place in the channel. Ends when
+/// the stream is gone (its messages left unacknowledged go back to the
+/// broker) or the subscription is forgotten.
+async fn hand_out(mut queue: mpsc::UnboundedReceiver<Message>, sink: Sink) {
+    while let Some(mut message) = queue.recv().await {
+        let Ok((charge, slot)) = sink.room(&message).await else {
+            return;
+        };
+        if charge.is_some() {
+            message.charge = charge;
+        }
+        slot.send(message);
     }
 }
 
@@ -203,6 +241,9 @@ pub(crate) struct Sink {
     budget: Arc<Semaphore>,
     /// The whole budget in bytes.
     total: u32,
+    /// With client acks: the queue of the task that hands messages out, so
+    /// that a subscription without room never stops the event loop.
+    waiting: Option<mpsc::UnboundedSender<Message>>,
 }
 
 /// A delivered message's share of its subscription's byte budget.
@@ -224,6 +265,12 @@ impl Sink {
             .sum();
         let bytes = frame.body().len().saturating_add(heads);
         u32::try_from(bytes).unwrap_or(u32::MAX).min(self.total)
+    }
+
+    /// The queue of messages waiting for room, for a subscription whose
+    /// broker bounds its unacknowledged messages (client acks).
+    pub(crate) fn waiting(&self) -> Option<&mpsc::UnboundedSender<Message>> {
+        self.waiting.as_ref()
     }
 
     /// `frame`'s share of the budget, if it is free now.
