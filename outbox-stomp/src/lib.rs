@@ -41,8 +41,8 @@ pub mod uri;
 
 pub use activemq::{BrokerLimits, FrameTooLarge, Outgoing};
 pub use client::{
-    AckMode, Client, Config, DEFAULT_BUFFER_BYTES, Message, ServerInfo, Subscribe, Subscription,
-    Transaction,
+    AckMode, Client, Config, DEFAULT_BUFFER_BYTES, DEFAULT_QUEUE_BYTES, Message, ServerInfo,
+    Subscribe, Subscription, Transaction,
 };
 pub use codec::{Command, Frame, Headers, Limits, Oversize, Received, StompCodec, Version};
 pub use error::{BrokerError, CodecError, Error, UriError};

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use super::connector::{
     Conn, Connector, Phase, Progress, WriteFailure, closed_by_peer, establish, guarded, link_error,
 };
+use super::subscription::Queue;
 use super::{Client, Message, Reply, Request, ServerInfo, Shared};
 use crate::codec::{Command, Frame, Received};
 use crate::error::{BrokerError, CodecError, Error};
@@ -446,11 +447,19 @@ impl EventLoop {
                 biased;
                 _ = shared.end.notified() => self.end_asked(),
                 room = room(&parked), if parked.is_some() => {
-                    if let (Some((_, mut message)), Ok((charge, slot))) = (parked.take(), room) {
-                        if charge.is_some() {
-                            message.charge = charge;
+                    match (parked.take(), room) {
+                        (Some((sink, message)), Ok(Room::Queue)) => {
+                            if let Queue::Full(message) = sink.try_queue(message) {
+                                parked = Some((sink, message));
+                            }
                         }
-                        slot.send(message);
+                        (Some((_, mut message)), Ok(Room::Stream(charge, slot))) => {
+                            if charge.is_some() {
+                                message.charge = charge;
+                            }
+                            slot.send(message);
+                        }
+                        _ => {}
                     }
                     // The client, not the broker, was the slow one.
                     self.session.reset_read_clock(Instant::now());
@@ -663,9 +672,9 @@ impl EventLoop {
                 // Queued messages are charged in order by the task that
                 // hands them out, so a later one never takes the budget an
                 // earlier one waits for.
-                let charge = match sink.waiting() {
-                    Some(_) => None,
-                    None => sink.try_charge(&frame),
+                let charge = match sink.is_queued() {
+                    true => None,
+                    false => sink.try_charge(&frame),
                 };
                 let message = Message {
                     ack: AckId::of(self.session.version(), &subscription, &frame),
@@ -677,12 +686,17 @@ impl EventLoop {
                         shared: self.shared.clone(),
                     },
                 };
-                if let Some(waiting) = sink.waiting() {
-                    // The broker bounds these by the prefetch: the socket
-                    // is read on, and only this subscription waits.
-                    if waiting.send(message).is_err() || sink.is_closed() {
-                        self.session.unsubscribed(&subscription);
-                        return Ok(Some(Frame::unsubscribe(subscription)));
+                if sink.is_queued() {
+                    // The broker bounds these by the prefetch and the queue
+                    // by bytes: the socket is read on, and only this
+                    // subscription waits, until its queue too is full.
+                    match sink.try_queue(message) {
+                        Queue::Queued => {}
+                        Queue::Full(message) => *parked = Some((sink.clone(), message)),
+                        Queue::Closed => {
+                            self.session.unsubscribed(&subscription);
+                            return Ok(Some(Frame::unsubscribe(subscription)));
+                        }
                     }
                     return Ok(None);
                 }
@@ -1026,13 +1040,28 @@ impl EventLoop {
     }
 }
 
-/// Room for the parked message: its share of the byte budget and a place in
-/// its subscription's channel.
-async fn room(
-    parked: &Option<(Sink, Message)>,
-) -> Result<(Option<Charge>, mpsc::OwnedPermit<Message>), ()> {
+/// Room for a parked message.
+enum Room {
+    /// In its subscription's queue (client acks): offer it again.
+    Queue,
+    /// In its subscription's stream: its share of the byte budget and a
+    /// place in the channel.
+    Stream(Option<Charge>, mpsc::OwnedPermit<Message>),
+}
+
+/// Waits for room for the parked message: in its subscription's queue where
+/// it has one, else its share of the byte budget and a place in its
+/// subscription's channel.
+async fn room(parked: &Option<(Sink, Message)>) -> Result<Room, ()> {
     match parked {
-        Some((sink, message)) => sink.room(message).await,
+        Some((sink, message)) if sink.is_queued() => {
+            sink.queue_room(message).await?;
+            Ok(Room::Queue)
+        }
+        Some((sink, message)) => {
+            let (charge, slot) = sink.room(message).await?;
+            Ok(Room::Stream(charge, slot))
+        }
         None => std::future::pending().await,
     }
 }

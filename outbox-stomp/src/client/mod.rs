@@ -36,7 +36,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use config::{Config, ServerInfo};
-pub use subscription::{AckMode, DEFAULT_BUFFER_BYTES, Message, Subscribe, Subscription};
+pub use subscription::{
+    AckMode, DEFAULT_BUFFER_BYTES, DEFAULT_QUEUE_BYTES, Message, Subscribe, Subscription,
+};
 pub use transaction::Transaction;
 
 use crate::codec::{Command, Frame};

@@ -4,11 +4,12 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_core::Stream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{Client, Request};
 use crate::codec::{Command, Frame, Headers, Oversize};
@@ -49,10 +50,14 @@ pub struct Subscribe {
     headers: Vec<(String, String)>,
     buffer: usize,
     buffer_bytes: usize,
+    queue_bytes: usize,
 }
 
 /// The default [`Subscribe::buffer_bytes`]: 16 MiB.
 pub const DEFAULT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+
+/// The default [`Subscribe::queue_bytes`]: 64 MiB.
+pub const DEFAULT_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 impl Subscribe {
     pub(crate) fn id_or(&self, generate: impl FnOnce() -> String) -> String {
@@ -112,6 +117,7 @@ impl Subscribe {
             headers: Vec::new(),
             buffer: 256,
             buffer_bytes: DEFAULT_BUFFER_BYTES,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
         }
     }
 
@@ -175,14 +181,16 @@ impl Subscribe {
     /// - With `client` or `client-individual` acks, the client keeps reading
     ///   its connection and only this subscription's messages wait, in
     ///   arrival order, in a queue of the subscription: receipts, other
-    ///   subscriptions and heart-beats of the same client go on. That queue
-    ///   is bounded by the broker, which sends a subscription at most its
-    ///   prefetch (`activemq.prefetchSize`, [`prefetch`](Subscribe::prefetch),
-    ///   by default the [`buffer`](Subscribe::buffer)) of unacknowledged
-    ///   messages: a subscription buffers at most about prefetch × the
-    ///   largest message. To bound it in bytes, choose the prefetch from the
-    ///   budget and the message size (STOMP has no way to ask the broker
-    ///   for fewer bytes while subscribed).
+    ///   subscriptions and heart-beats of the same client go on. The broker
+    ///   bounds that queue in messages (it sends a subscription at most its
+    ///   prefetch, `activemq.prefetchSize`, [`prefetch`](Subscribe::prefetch),
+    ///   by default the [`buffer`](Subscribe::buffer), of unacknowledged
+    ///   messages); the client bounds it in bytes by
+    ///   [`queue_bytes`](Subscribe::queue_bytes). Only when the queue too is
+    ///   full (large messages, or a reader far behind) does the client stop
+    ///   reading its connection until the queue has room, as with `auto`
+    ///   acks below. A subscription thus holds at most about this budget
+    ///   plus `queue_bytes` plus one message.
     /// - With `auto` acks the broker does not wait for acknowledgements, so
     ///   nothing but the client bounds them: the client stops reading its
     ///   connection until enough is dropped (backpressure, as with a full
@@ -191,6 +199,17 @@ impl Subscribe {
     ///   anything that waits for receipts (a publisher).
     pub fn buffer_bytes(mut self, bytes: usize) -> Subscribe {
         self.buffer_bytes = bytes.clamp(1, u32::MAX as usize);
+        self
+    }
+
+    /// Bytes of messages that may wait in the subscription's own queue when
+    /// its [`buffer_bytes`](Subscribe::buffer_bytes) are in use (client and
+    /// client-individual acks; default [`DEFAULT_QUEUE_BYTES`], 64 MiB). While
+    /// they fit, the client reads on and only this subscription waits; past
+    /// them it stops reading its connection until the queue has room. A
+    /// message larger than the whole queue is taken when the queue is empty.
+    pub fn queue_bytes(mut self, bytes: usize) -> Subscribe {
+        self.queue_bytes = bytes.max(1);
         self
     }
 
@@ -208,20 +227,64 @@ impl Subscribe {
             waiting: None,
         };
         if self.ack != AckMode::Auto {
-            let (waiting, queue) = mpsc::unbounded_channel();
-            tokio::spawn(hand_out(queue, sink.clone()));
-            sink.waiting = Some(waiting);
+            let (tx, queue) = mpsc::unbounded_channel();
+            let queued = Arc::new(Queued {
+                bytes: AtomicUsize::new(0),
+                cap: self.queue_bytes.max(1),
+                freed: Notify::new(),
+            });
+            tokio::spawn(hand_out(queue, sink.clone(), queued.clone()));
+            sink.waiting = Some(Waiting { tx, queued });
         }
         (sink, rx)
     }
+}
+
+/// The bytes of messages in a subscription's queue (client acks): the event
+/// loop adds a message's size when it queues it, the task that hands messages
+/// out takes it off once the message is in the stream.
+struct Queued {
+    /// Bytes in the queue now.
+    bytes: AtomicUsize,
+    /// The most the queue takes, unless it is empty.
+    cap: usize,
+    /// Woken each time a message leaves the queue.
+    freed: Notify,
+}
+
+impl Queued {
+    /// True if `size` more bytes fit: within the cap, or into an empty
+    /// queue (so a message larger than the cap is never refused for good).
+    fn fits(&self, size: usize) -> bool {
+        let now = self.bytes.load(Ordering::Acquire);
+        now == 0 || now.saturating_add(size) <= self.cap
+    }
+}
+
+/// The queue of a client-ack subscription and what it holds.
+#[derive(Clone)]
+struct Waiting {
+    tx: mpsc::UnboundedSender<Message>,
+    queued: Arc<Queued>,
+}
+
+/// What became of a message offered to a subscription's queue.
+pub(crate) enum Queue {
+    /// Queued: the task hands it out in order.
+    Queued,
+    /// The queue is full: wait for [`Sink::queue_room`], then offer it again.
+    Full(Message),
+    /// The subscription's stream is gone.
+    Closed,
 }
 
 /// Hands the queued messages of a subscription to its stream in order, each
 /// once it has its share of the budget and a place in the channel. Ends when
 /// the stream is gone (its messages left unacknowledged go back to the
 /// broker) or the subscription is forgotten.
-async fn hand_out(mut queue: mpsc::UnboundedReceiver<Message>, sink: Sink) {
+async fn hand_out(mut queue: mpsc::UnboundedReceiver<Message>, sink: Sink, queued: Arc<Queued>) {
     while let Some(mut message) = queue.recv().await {
+        let size = frame_bytes(&message.frame);
         let Ok((charge, slot)) = sink.room(&message).await else {
             return;
         };
@@ -229,7 +292,19 @@ async fn hand_out(mut queue: mpsc::UnboundedReceiver<Message>, sink: Sink) {
             message.charge = charge;
         }
         slot.send(message);
+        queued.bytes.fetch_sub(size, Ordering::AcqRel);
+        queued.freed.notify_one();
     }
+}
+
+/// A frame's body and headers in bytes.
+fn frame_bytes(frame: &Frame) -> usize {
+    let heads: usize = frame
+        .headers()
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + 2)
+        .sum();
+    frame.body().len().saturating_add(heads)
 }
 
 /// Where the event loop puts one subscription's messages: a bounded channel
@@ -242,8 +317,8 @@ pub(crate) struct Sink {
     /// The whole budget in bytes.
     total: u32,
     /// With client acks: the queue of the task that hands messages out, so
-    /// that a subscription without room never stops the event loop.
-    waiting: Option<mpsc::UnboundedSender<Message>>,
+    /// that a subscription without room does not stop the event loop.
+    waiting: Option<Waiting>,
 }
 
 /// A delivered message's share of its subscription's byte budget.
@@ -258,19 +333,50 @@ impl Sink {
     /// What `frame` costs of the budget: its body and headers, at most the
     /// whole budget.
     fn cost(&self, frame: &Frame) -> u32 {
-        let heads: usize = frame
-            .headers()
-            .iter()
-            .map(|(name, value)| name.len() + value.len() + 2)
-            .sum();
-        let bytes = frame.body().len().saturating_add(heads);
-        u32::try_from(bytes).unwrap_or(u32::MAX).min(self.total)
+        u32::try_from(frame_bytes(frame))
+            .unwrap_or(u32::MAX)
+            .min(self.total)
     }
 
-    /// The queue of messages waiting for room, for a subscription whose
-    /// broker bounds its unacknowledged messages (client acks).
-    pub(crate) fn waiting(&self) -> Option<&mpsc::UnboundedSender<Message>> {
-        self.waiting.as_ref()
+    /// True for a subscription whose messages go through its own queue
+    /// (client acks).
+    pub(crate) fn is_queued(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// Offers `message` to the subscription's queue (client acks; a sink
+    /// without a queue answers [`Queue::Full`]).
+    pub(crate) fn try_queue(&self, message: Message) -> Queue {
+        let Some(waiting) = &self.waiting else {
+            return Queue::Full(message);
+        };
+        let size = frame_bytes(&message.frame);
+        if !waiting.queued.fits(size) {
+            return Queue::Full(message);
+        }
+        waiting.queued.bytes.fetch_add(size, Ordering::AcqRel);
+        if waiting.tx.send(message).is_err() || self.is_closed() {
+            return Queue::Closed;
+        }
+        Queue::Queued
+    }
+
+    /// Waits until the subscription's queue takes `message`. `Err` once the
+    /// stream is gone.
+    pub(crate) async fn queue_room(&self, message: &Message) -> Result<(), ()> {
+        let Some(waiting) = &self.waiting else {
+            return Ok(());
+        };
+        let size = frame_bytes(&message.frame);
+        // `notify_one` keeps a wake-up for a waiter still to come, so a
+        // message leaving between the check and the wait is not missed.
+        while !waiting.queued.fits(size) {
+            tokio::select! {
+                _ = waiting.queued.freed.notified() => {}
+                _ = self.tx.closed() => return Err(()),
+            }
+        }
+        Ok(())
     }
 
     /// `frame`'s share of the budget, if it is free now.
