@@ -28,6 +28,9 @@
 //! elsewhere is given back to the usual claim), the lease (if the relay dies,
 //! any relay takes them when it runs out; one started with the same
 //! `relay_id` takes them at once), marked only after the broker's receipt.
+//! The token is shared by every incarnation of a `relay_id`, so a relay
+//! holds a lock on its `relay_id` while it runs (see `owner.rs`) and a
+//! second one of the name waits for it.
 
 use std::collections::HashSet;
 use std::future::Future;
