@@ -108,6 +108,19 @@ pub enum Error {
         /// How long it waited.
         after: std::time::Duration,
     },
+    /// The lock file that keeps two relays of one `relay_id` from running
+    /// at once on a SQLite database (beside the database file) could not
+    /// be opened or locked.
+    #[error("relay {relay_id:?}: cannot lock {path}: {source}")]
+    RelayLockFile {
+        /// The relay's [`RelayConfig::relay_id`](crate::RelayConfig::relay_id).
+        relay_id: String,
+        /// The lock file.
+        path: String,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {

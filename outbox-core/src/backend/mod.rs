@@ -201,6 +201,13 @@ pub struct Dialect {
     /// statements (PostgreSQL) or is never rolled back underneath
     /// (SQLite, which takes its write lock up front).
     pub handler_session: Option<HandlerSession>,
+    /// The bytes a stored row's payload and headers take, as an expression
+    /// on its `content` and `headers` columns, read without the payload
+    /// itself: the relay sizes a batch by it before it fetches any payload.
+    pub payload_bytes: &'static str,
+    /// How a relay holds its `relay_id` for as long as it runs, so that two
+    /// live relays never share one hand-off token.
+    pub relay_lock: RelayLock,
 }
 
 /// The statements that keep a handler's writes after a rollback underneath
@@ -341,6 +348,22 @@ impl<DB: Backend> Drop for HandlerTx<DB> {
             }
         });
     }
+}
+
+/// The lock a running relay holds on its `relay_id` and table. It belongs to
+/// a session or an open file, so it ends with the process that held it: a
+/// relay restarted after a crash takes it at once.
+#[derive(Debug, Clone, Copy)]
+pub enum RelayLock {
+    /// A session lock on a connection of the relay's own: this statement
+    /// tries to take it without waiting, for one bound 64-bit key (written
+    /// in the database's own placeholder style); one row, 1 when taken,
+    /// else 0.
+    Session(&'static str),
+    /// An exclusive lock on a file beside the database file, which this
+    /// query names (one row, one text; empty for an in-memory database,
+    /// whose relays can only be in this process).
+    FileBeside(&'static str),
 }
 
 /// How a database lets one session at a time migrate, and bounds the waits of

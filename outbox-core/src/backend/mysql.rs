@@ -72,6 +72,13 @@ static MYSQL: Dialect = Dialect {
         rollback: "ROLLBACK",
         leave: "SET autocommit = 1",
     }),
+    payload_bytes: "LENGTH(content) + LENGTH(headers)",
+    // Named locks are server-wide: the database's name (a digest, within the
+    // 64 characters a name may have) keeps relays of other databases apart.
+    // NULL (an error in the server) counts as not taken.
+    relay_lock: super::RelayLock::Session(
+        "SELECT CAST(COALESCE(GET_LOCK(CONCAT('outbox_relay.', LEFT(MD5(COALESCE(DATABASE(), '')), 24), '.', ?), 0), 0) AS SIGNED)",
+    ),
 };
 
 /// `ER_DUP_FIELDNAME`: `ADD COLUMN` of a column that exists.

@@ -50,6 +50,13 @@ static POSTGRES: Dialect = Dialect {
     relaxed_commit: Some("SET LOCAL synchronous_commit TO OFF"),
     single_writer: false,
     handler_session: None,
+    // Lengths from the stored size, without reading (or decompressing) the
+    // value; `octet_length` is a 32-bit integer.
+    payload_bytes: "CAST(octet_length(content) + octet_length(headers) AS BIGINT)",
+    // Advisory locks are per database: relays of other databases never meet.
+    relay_lock: super::RelayLock::Session(
+        "SELECT CASE WHEN pg_try_advisory_lock($1) THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END",
+    ),
 };
 
 fn outbox_ddl(t: &str) -> Vec<String> {

@@ -17,6 +17,14 @@ const STATES: (&str, &str, &str) = (
 pub(crate) const CLAIM_COLUMNS: &str = "id, event_id, event_type, destination, event_key, headers, content, content_type, attempts, \
      create_time";
 
+/// The head of a waiting row, in the order the claim and the hand-off read
+/// select it: its id, its key, the bytes of its payload and headers (see
+/// [`Dialect::payload_bytes`](super::Dialect::payload_bytes)) and its lease.
+/// A batch is sized on these before any payload is fetched.
+fn head_columns(dialect: &Dialect) -> String {
+    format!("id, event_key, {}, claimed_until", dialect.payload_bytes)
+}
+
 /// Columns written when an event is appended.
 const INSERT_COLUMNS: &str = "event_id, event_type, destination, event_key, headers, content, \
      content_type, process, attempts, next_attempt_at, create_time, update_time, claimed_by, \
@@ -46,9 +54,10 @@ fn claim_text(dialect: &Dialect, t: &str, after: Option<usize>) -> String {
     placeholders(
         dialect.placeholders,
         &format!(
-            "SELECT {CLAIM_COLUMNS} FROM {t} {} WHERE process = '{new}' AND next_attempt_at <= ? \
+            "SELECT {} FROM {t} {} WHERE process = '{new}' AND next_attempt_at <= ? \
              AND (claimed_until IS NULL OR claimed_until < ?) AND {IN_SHARE} {past}\
              ORDER BY id LIMIT ?{}",
+            head_columns(dialect),
             (dialect.use_index)(t, "process"),
             dialect.skip_locked
         ),
@@ -142,8 +151,9 @@ impl OutboxSql {
             // On the lease index: with statistics that saw only unleased
             // rows (all NULL), SQLite would otherwise scan the whole table.
             handed_off: p(format!(
-                "SELECT {CLAIM_COLUMNS} FROM {t} {} WHERE claimed_by = ? AND process = '{new}' \
+                "SELECT {} FROM {t} {} WHERE claimed_by = ? AND process = '{new}' \
                  AND claimed_until > ? ORDER BY id LIMIT ?",
+                head_columns(dialect),
                 (dialect.use_index)(t, "claim")
             )),
             // `process` first: MySQL evaluates SET left to right with new values.
@@ -311,6 +321,34 @@ impl OutboxSql {
                 "UPDATE {} SET claimed_by = NULL, claimed_until = NULL, \
                  last_error = COALESCE(?, last_error), update_time = ? \
                  WHERE claimed_by = ? AND id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
+    /// The rows `ids` in full, in id order: the payloads of a batch already
+    /// sized on its rows' heads.
+    pub(crate) fn rows_by_id(&self, ids: usize) -> String {
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "SELECT {CLAIM_COLUMNS} FROM {} WHERE id IN ({}) ORDER BY id",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
+    /// Lengthens the hand-off lease `?` of `ids` rows whose lease still
+    /// holds: the values are the new end, the token, the time, then the ids.
+    pub(crate) fn renew_handed_off(&self, ids: usize) -> String {
+        let (new, _, _) = STATES;
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "UPDATE {} SET claimed_until = ? WHERE claimed_by = ? AND process = '{new}' \
+                 AND claimed_until > ? AND id IN ({})",
                 self.table,
                 marks(ids)
             ),

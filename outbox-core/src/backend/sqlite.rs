@@ -42,6 +42,12 @@ static SQLITE: Dialect = Dialect {
     relaxed_commit: None,
     single_writer: true,
     handler_session: None,
+    // `length` of a BLOB column reads its size from the record, not its
+    // overflow pages; the headers (text) are counted in bytes.
+    payload_bytes: "length(content) + length(CAST(headers AS BLOB))",
+    relay_lock: super::RelayLock::FileBeside(
+        "SELECT file FROM pragma_database_list WHERE name = 'main'",
+    ),
 };
 
 fn outbox_ddl(t: &str) -> Vec<String> {

@@ -1,6 +1,6 @@
 //! Taking rows to publish: the claim, the hand-off read, and per-key order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use tracing::Instrument;
@@ -9,6 +9,7 @@ use super::{Claimed, Relay};
 use crate::backend::Backend;
 use crate::event::OutboxMessage;
 use crate::names::{ms, now_ms};
+use crate::store::outbox::RowHead;
 use crate::{Error, Publisher};
 
 impl<DB: Backend, P: Publisher> Relay<DB, P> {
@@ -30,9 +31,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             if let Some(claimed) = self.claim_next(ahead, behind).await? {
                 return Ok(Some(claimed));
             }
-            return self.take_handed_off(ahead).await;
+            return self.take_handed_off(ahead, behind).await;
         }
-        if let Some(claimed) = self.take_handed_off(ahead).await? {
+        if let Some(claimed) = self.take_handed_off(ahead, behind).await? {
             return Ok(Some(claimed));
         }
         self.claim_next(ahead, behind).await
@@ -42,10 +43,26 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// `ahead`, which are on their way already). A row whose key has an
     /// earlier unpublished row that is neither here nor ahead is given back
     /// to the usual claim, which keeps the key's order.
+    ///
+    /// The batch is chosen on the rows' heads (id, key, size, lease) and cut
+    /// at [`RelayConfig::max_batch_bytes`](super::RelayConfig::max_batch_bytes)
+    /// before any payload is read; rows past the cut stay handed off for
+    /// the next read. A row's hand-off lease ran from its append: one whose
+    /// transaction committed late may have too little of it left for a
+    /// publish, so another relay could claim it on the way. Such rows have
+    /// their lease lengthened first, on the database's clock, and only those
+    /// still held are taken. `behind` says the batch is published after one
+    /// on its way now.
     pub(super) async fn take_handed_off(
         &self,
         ahead: &HashSet<i64>,
+        behind: bool,
     ) -> Result<Option<Claimed>, Error> {
+        // The token is shared by every incarnation of this `relay_id`: its
+        // rows are read only by the one holding the lock.
+        if !self.owned.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let taken_at = std::time::Instant::now();
         let size = usize::try_from(self.config.batch_size.max(1)).unwrap_or(usize::MAX);
         let limit = i64::try_from(size.saturating_add(ahead.len())).unwrap_or(i64::MAX);
@@ -53,12 +70,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let store = self.outbox.store();
         let now = crate::clock::now(store.pool()).await;
         let mut conn = store.acquire().await?;
-        let rows = store.handed_off(&mut conn, token, now, limit).await?;
-        self.park_undecodable(&mut conn, &rows.undecodable).await?;
-        let mut batch: Vec<OutboxMessage> = rows
-            .messages
+        let mut batch: Vec<RowHead> = store
+            .handed_off(&mut conn, token, now, limit)
+            .await?
             .into_iter()
-            .filter(|m| !ahead.contains(&m.id))
+            .filter(|h| !ahead.contains(&h.id))
             .take(size)
             .collect();
         // Rows past the byte budget stay handed off for the next read.
@@ -69,12 +85,39 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let accepted = self.key_order(&mut conn, &batch, ahead).await?;
         let held: Vec<i64> = batch
             .iter()
-            .filter(|m| m.key.is_some() && !accepted.contains(&m.id))
-            .map(|m| m.id)
+            .filter(|h| h.key.is_some() && !accepted.contains(&h.id))
+            .map(|h| h.id)
             .collect();
         if !held.is_empty() {
             self.give_back_ids(&mut conn, token, &held, None).await?;
-            batch.retain(|m| m.key.is_none() || accepted.contains(&m.id));
+            batch.retain(|h| h.key.is_none() || accepted.contains(&h.id));
+        }
+        let (needed, lease) = self.handoff_lease(behind);
+        let short: Vec<i64> = batch
+            .iter()
+            .filter(|h| {
+                h.claimed_until
+                    .is_none_or(|until| until < now.saturating_add(needed))
+            })
+            .map(|h| h.id)
+            .collect();
+        if !short.is_empty() {
+            let renewed = store
+                .renew_handed_off(&mut conn, token, &short, now, now.saturating_add(lease))
+                .await?;
+            // Some ran out meanwhile and may be another relay's by now:
+            // those renewed are read again next time, with their new lease.
+            if renewed < short.len() as u64 {
+                batch.retain(|h| !short.contains(&h.id));
+            }
+        }
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let (batch, left_out) = self.read_rows(&mut conn, &batch).await?;
+        if !left_out.is_empty() {
+            self.give_back_ids(&mut conn, token, &left_out, None)
+                .await?;
         }
         Ok((!batch.is_empty()).then(|| Claimed {
             token: token.to_owned(),
@@ -82,6 +125,70 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             handed_off: true,
             taken_at,
         }))
+    }
+
+    /// How much lease (ms) a handed-off row must have left to be published
+    /// now, and the lease it gets when it has less: a publish takes at most
+    /// [`Publisher::max_publish_time`], one behind another up to twice that;
+    /// a publisher that does not say is given half the lease.
+    fn handoff_lease(&self, behind: bool) -> (i64, i64) {
+        let publish = self.max_publish;
+        let needed = if publish.is_zero() {
+            self.config.lease / 2
+        } else if behind {
+            publish.saturating_mul(2)
+        } else {
+            publish
+        };
+        let lease = if behind {
+            self.config.lease.saturating_add(publish)
+        } else {
+            self.config.lease
+        };
+        (ms(needed), ms(lease))
+    }
+
+    /// The rows of `heads` in full, read by id: those that cannot be read as
+    /// an event are parked, and the rows after them of their keys left out
+    /// (they wait behind the parked row). Returns the messages and the ids
+    /// left out that are still waiting.
+    async fn read_rows(
+        &self,
+        conn: &mut DB::Connection,
+        heads: &[RowHead],
+    ) -> Result<(Vec<OutboxMessage>, Vec<i64>), Error> {
+        let ids: Vec<i64> = heads.iter().map(|h| h.id).collect();
+        let rows = self.outbox.store().rows_by_id(conn, &ids).await?;
+        if rows.undecodable.is_empty() {
+            return Ok((rows.messages, Vec::new()));
+        }
+        self.park_undecodable(conn, &rows.undecodable).await?;
+        // The first parked row of each key.
+        let mut parked_at: HashMap<&str, i64> = HashMap::new();
+        for (id, _) in &rows.undecodable {
+            if let Some(key) = heads
+                .iter()
+                .find(|h| h.id == *id)
+                .and_then(|h| h.key.as_deref())
+            {
+                let first = parked_at.entry(key).or_insert(*id);
+                *first = (*first).min(*id);
+            }
+        }
+        let (mut kept, mut left_out) = (Vec::new(), Vec::new());
+        for m in rows.messages {
+            let behind_parked = m
+                .key
+                .as_deref()
+                .and_then(|k| parked_at.get(k))
+                .is_some_and(|first| *first < m.id);
+            if behind_parked {
+                left_out.push(m.id);
+            } else {
+                kept.push(m);
+            }
+        }
+        Ok((kept, left_out))
     }
 
     /// Claims the next batch under a fresh token; `None` when nothing is due.
@@ -139,7 +246,6 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let limit = self.config.batch_size.max(1);
         let size = usize::try_from(limit).unwrap_or(usize::MAX);
         let mut tx = store.begin_relaxed().await?;
-        let mut batch: Vec<OutboxMessage> = Vec::new();
         // Rows going ahead of the next window's rows of their keys: the ones
         // in flight and those accepted from earlier windows.
         let mut ahead = in_flight.clone();
@@ -153,8 +259,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let mut after: Option<i64> = (!waiting_keys.is_empty()).then_some(i64::MIN);
         // Whether a window was all held back and the claim read past it.
         let mut read_past = false;
+        let mut batch: Vec<RowHead> = Vec::new();
         for _ in 0..CLAIM_WINDOWS {
-            let rows = match after {
+            let heads = match after {
                 None => store.select_due(&mut tx, now, share, limit).await?,
                 Some(last) => {
                     let excluded: Vec<&str> = waiting_keys.iter().map(String::as_str).collect();
@@ -163,31 +270,26 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                         .await?
                 }
             };
-            let read = rows.messages.len() + rows.undecodable.len();
-            let last = rows
-                .messages
-                .iter()
-                .map(|m| m.id)
-                .chain(rows.undecodable.iter().map(|(id, _)| *id))
-                .max();
-            self.park_undecodable(&mut tx, &rows.undecodable).await?;
-            let mut window = rows.messages;
+            let read = heads.len();
+            let last = heads.iter().map(|h| h.id).max();
             // Per-key order: drop rows that an unpublished earlier row of
             // their key (not in this window, not ahead) must precede.
-            let accepted = self.key_order(&mut tx, &window, &ahead).await?;
-            for m in &window {
-                if let Some(key) = &m.key
-                    && !accepted.contains(&m.id)
+            let accepted = self.key_order(&mut tx, &heads, &ahead).await?;
+            for h in &heads {
+                if let Some(key) = &h.key
+                    && !accepted.contains(&h.id)
                     && waiting_keys.len() < MAX_WAITING_KEYS
                     && !waiting_keys.contains(key)
                 {
                     waiting_keys.push(key.clone());
                 }
             }
-            window.retain(|m| m.key.is_none() || accepted.contains(&m.id));
+            let mut window = heads;
+            window.retain(|h| h.key.is_none() || accepted.contains(&h.id));
             window.truncate(size.saturating_sub(batch.len()));
-            ahead.extend(window.iter().map(|m| m.id));
+            ahead.extend(window.iter().map(|h| h.id));
             batch.extend(window);
+            // Sized on the heads: no payload is read past the budget.
             let full = keep_within_bytes(&mut batch, self.config.max_batch_bytes);
             // A short window was the last of the due rows; a full batch is done.
             if full || read < size || batch.len() >= size {
@@ -208,6 +310,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             let keys: Vec<&str> = found.iter().map(String::as_str).collect();
             store.held_keys(&mut tx, now, &keys).await?
         };
+        // The payloads of the rows taken, and no others; rows left out
+        // (behind a row parked here) are simply not leased.
+        let (batch, _) = self.read_rows(&mut tx, &batch).await?;
         if !batch.is_empty() {
             let ids: Vec<i64> = batch.iter().map(|m| m.id).collect();
             store.lease(&mut tx, token, now + ms(lease), &ids).await?;
@@ -253,26 +358,26 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     async fn key_order(
         &self,
         conn: &mut DB::Connection,
-        batch: &[OutboxMessage],
+        batch: &[RowHead],
         ahead: &HashSet<i64>,
     ) -> Result<HashSet<i64>, Error> {
         let mut seen = HashSet::new();
         let keys: Vec<&str> = batch
             .iter()
-            .filter_map(|m| m.key.as_deref())
+            .filter_map(|h| h.key.as_deref())
             .filter(|k| seen.insert(*k))
             .collect();
         let mut accepted = HashSet::new();
         if keys.is_empty() {
             return Ok(accepted);
         }
-        let max_id = batch.iter().map(|m| m.id).max().unwrap_or(0);
+        let max_id = batch.iter().map(|h| h.id).max().unwrap_or(0);
         let earlier = self
             .outbox
             .store()
             .unpublished_of_keys(conn, max_id, &keys)
             .await?;
-        let in_batch: HashSet<i64> = batch.iter().map(|m| m.id).collect();
+        let in_batch: HashSet<i64> = batch.iter().map(|h| h.id).collect();
         let mut blocked = HashSet::new();
         for (id, key) in earlier {
             if ahead.contains(&id) {
@@ -289,18 +394,12 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
 }
 
 /// Cuts `batch` (in id order) after the rows that fit in `budget` bytes of
-/// payload and headers, keeping at least one; `true` if it cut or the budget
-/// is reached.
-fn keep_within_bytes(batch: &mut Vec<OutboxMessage>, budget: usize) -> bool {
+/// payload and headers as stored, keeping at least one; `true` if it cut or
+/// the budget is reached.
+fn keep_within_bytes(batch: &mut Vec<RowHead>, budget: usize) -> bool {
     let mut used = 0usize;
-    for (i, m) in batch.iter().enumerate() {
-        let size = m.content.len().saturating_add(
-            m.headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>(),
-        );
-        used = used.saturating_add(size);
+    for (i, h) in batch.iter().enumerate() {
+        used = used.saturating_add(h.bytes);
         if used > budget {
             batch.truncate(i.max(1));
             return true;
@@ -370,27 +469,20 @@ fn claim_token(relay_id: &str, incarnation: &str, seq: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::{claim_token, keep_within_bytes};
-    use crate::event::OutboxMessage;
+    use crate::store::outbox::RowHead;
 
-    fn row(id: i64, bytes: usize) -> OutboxMessage {
-        OutboxMessage {
+    fn row(id: i64, bytes: usize) -> RowHead {
+        RowHead {
             id,
-            event_id: format!("e{id}"),
-            event_type: "t".into(),
-            destination: "/queue/q".into(),
             key: None,
-            headers: vec![("h".into(), "v".into())],
-            content: bytes::Bytes::from(vec![b'x'; bytes]),
-            content_type: "application/json".into(),
-            attempts: 0,
-            create_time: 0,
+            bytes,
+            claimed_until: None,
         }
     }
 
     #[test]
     fn a_batch_is_cut_at_its_byte_budget_but_keeps_one_row() {
-        let mut batch: Vec<_> = (1..=5).map(|id| row(id, 98)).collect();
-        // 100 bytes a row (98 of payload, 2 of header).
+        let mut batch: Vec<_> = (1..=5).map(|id| row(id, 100)).collect();
         assert!(!keep_within_bytes(&mut batch, 1000));
         assert_eq!(batch.len(), 5);
         assert!(keep_within_bytes(&mut batch, 250));

@@ -12,10 +12,11 @@ use crate::backoff::Backoff;
 pub struct RelayConfig {
     /// Rows per claim and per STOMP transaction (default 500).
     pub batch_size: u32,
-    /// Payload and header bytes per claim (default 32 MiB): a claim stops
-    /// taking rows once they reach this much, so the memory a batch holds
-    /// is bounded in bytes as well as in rows. A single row larger than
-    /// this is still taken, alone.
+    /// Payload and header bytes per batch (default 32 MiB): the claim and
+    /// the hand-off read choose their rows on the stored lengths and fetch
+    /// the payloads of those that fit only, so the memory a batch reads and
+    /// holds is bounded in bytes as well as in rows. A single row larger
+    /// than this is still taken, alone.
     pub max_batch_bytes: usize,
     /// How long a claim holds before another relay may take the rows (default
     /// 30 s). Must exceed the time a publish can take
@@ -39,7 +40,11 @@ pub struct RelayConfig {
     pub retention_batch: u32,
     /// This relay's name in `claimed_by` (default: a fresh UUID). A relay
     /// started again with the same name takes over the rows handed off to its
-    /// predecessor at once instead of after their lease.
+    /// predecessor at once instead of after their lease. One relay per name
+    /// and table runs at a time: a relay holds a lock on its name while it
+    /// runs (a session lock on PostgreSQL and MySQL, a file beside the
+    /// database on SQLite), and one started under a name another live relay
+    /// holds waits until that one stops before it takes any row.
     pub relay_id: String,
     /// Hand-off (default on): while this relay runs, rows appended in this
     /// process through an [`Outbox`](crate::Outbox) on the same pool (or a

@@ -30,6 +30,9 @@
 //! elsewhere is given back to the usual claim), the lease (if the relay dies,
 //! any relay takes them when it runs out; one started with the same
 //! `relay_id` takes them at once), marked only after the broker's receipt.
+//! The token is shared by every incarnation of a `relay_id`, so a relay
+//! holds a lock on its `relay_id` while it runs (see `owner.rs`) and a
+//! second one of the name waits for it.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -50,6 +53,7 @@ use crate::{Error, Outbox, failpoint, schema, wake};
 mod claim;
 mod config;
 mod marks;
+mod owner;
 mod pacing;
 mod share;
 
@@ -203,6 +207,9 @@ pub struct Relay<DB: Backend, P: Publisher> {
     /// Keys lately found waiting behind an earlier row: claims leave them out
     /// from their first window.
     waiting: std::sync::Mutex<claim::WaitingKeys>,
+    /// Whether this relay holds the lock on its `relay_id` now: only then
+    /// does it read, or give back, rows under the shared hand-off token.
+    owned: Arc<AtomicBool>,
 }
 
 impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
@@ -264,6 +271,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             batch: AtomicU64::new(0),
             share: Arc::new(ShareCell::all()),
             waiting: std::sync::Mutex::default(),
+            owned: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -314,6 +322,25 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         handoff: Option<Arc<Handoff>>,
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
+        // Nothing is taken before this relay is the only one of its
+        // `relay_id` on the table.
+        let lock = match self.take_lock(&mut shutdown).await {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                tracing::info!(relay = %self.config.relay_id, "relay stopped before it could run");
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        };
+        self.owned.store(true, Ordering::Release);
+        let (stop_keeping, stop) = tokio::sync::oneshot::channel();
+        let keeper = AbortOnDrop(tokio::spawn(keep_lock(
+            lock,
+            self.outbox.clone(),
+            self.config.relay_id.clone(),
+            self.owned.clone(),
+            stop,
+        )));
         let table = self.outbox.table().to_owned();
         // Ends with this call however it ends: returned, failed or dropped.
         let _listener = DB::listen(self.outbox.pool(), &table, self.wake.clone()).map(AbortOnDrop);
@@ -370,7 +397,60 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         {
             tracing::warn!(%error, "could not leave the relays of the table; the others take this relay's partitions when its membership runs out");
         }
-        self.finish(ready, marks, handoff, stopped).await
+        let ended = self.finish(ready, marks, handoff, stopped).await;
+        // Given up last: a relay that takes it next finds nothing of this
+        // one's still under way.
+        let _ = stop_keeping.send(());
+        let _ = keeper.finish().await;
+        ended
+    }
+
+    /// Waits until this relay holds the lock on its `relay_id` and table;
+    /// `None` if `shutdown` completes first. Database errors are retried;
+    /// a SQLite lock file that cannot be opened is an error.
+    async fn take_lock(
+        &self,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Option<owner::OwnerLock<DB>>, Error> {
+        let mut spare = None;
+        let mut warned = false;
+        loop {
+            match owner::OwnerLock::try_take(
+                self.outbox.pool(),
+                self.outbox.table(),
+                &self.config.relay_id,
+                &mut spare,
+            )
+            .await
+            {
+                Ok(Some(lock)) => {
+                    if warned {
+                        tracing::info!(relay = %self.config.relay_id, "the other relay of this relay_id stopped; starting");
+                    }
+                    return Ok(Some(lock));
+                }
+                Ok(None) => {
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(
+                            relay = %self.config.relay_id,
+                            table = self.outbox.table(),
+                            "another relay runs under this relay_id on this table; waiting until it stops"
+                        );
+                    }
+                }
+                Err(error @ Error::RelayLockFile { .. }) => return Err(error),
+                Err(error) => {
+                    self.metrics.add(Count::DbErrors, 1);
+                    self.metrics.status.database_failed(&error);
+                    tracing::warn!(%error, "could not take the relay's lock; trying again");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.as_mut() => return Ok(None),
+                _ = tokio::time::sleep(LOCK_RETRY) => {}
+            }
+        }
     }
 
     /// Joins the relays of the table (with [`RelayConfig::key_partitions`]):
@@ -498,7 +578,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         if let Some(claimed) = ready.take() {
             ended = ended.and(self.release(&claimed, None).await);
         }
-        if handoff.is_some() {
+        if handoff.is_some() && self.owned.load(Ordering::Acquire) {
             ended = ended.and(self.release_token(&self.handoff_token, None).await);
         }
         drop(handoff);
@@ -559,7 +639,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                         _ = &mut receipt => return Ok(None),
                         _ = self.wake.notified() => {}
                     }
-                    if let Some(next) = self.take_handed_off(&ahead).await? {
+                    if let Some(next) = self.take_handed_off(&ahead, false).await? {
                         break next;
                     }
                 };
@@ -728,7 +808,9 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// rows handed off but not yet read, so other relays may take them while
     /// this one waits for the broker.
     async fn release_failed(&self, claimed: &Claimed, error: &str) -> Result<(), Error> {
-        if claimed.handed_off {
+        // Every row under the shared token only while the lock is held: a
+        // relay that lost it may no longer speak for the token's rows.
+        if claimed.handed_off && self.owned.load(Ordering::Acquire) {
             self.release_token(&claimed.token, Some(error)).await
         } else {
             self.release(claimed, Some(error)).await
@@ -900,8 +982,77 @@ async fn read_figures<DB: Backend>(
     }
 }
 
+/// How long a relay waits between tries to take its `relay_id`'s lock.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How often a relay checks that its lock's session is still there.
+const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Holds the relay's lock until `stop`, then gives it up. A lock whose
+/// session ended (connection cut, server restart, session killed) is
+/// noticed within [`LOCK_CHECK`]: `owned` is cleared, so the relay leaves
+/// the hand-off token's rows alone, and the lock is taken again as soon as
+/// it is free.
+async fn keep_lock<DB: Backend>(
+    lock: owner::OwnerLock<DB>,
+    outbox: Outbox<DB>,
+    relay_id: String,
+    owned: Arc<AtomicBool>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut lock = Some(lock);
+    let mut spare = None;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(LOCK_CHECK) => {}
+        }
+        match lock.as_mut() {
+            Some(held) => {
+                if !held.still_held().await {
+                    owned.store(false, Ordering::Release);
+                    lock = None;
+                    tracing::warn!(relay = %relay_id, "the session holding the relay's lock ended; leaving handed-off rows alone until it is taken again");
+                }
+            }
+            None => {
+                match owner::OwnerLock::try_take(
+                    outbox.pool(),
+                    outbox.table(),
+                    &relay_id,
+                    &mut spare,
+                )
+                .await
+                {
+                    Ok(Some(taken)) => {
+                        lock = Some(taken);
+                        owned.store(true, Ordering::Release);
+                        tracing::info!(relay = %relay_id, "relay's lock taken again");
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::debug!(%error, "could not take the relay's lock again yet")
+                    }
+                }
+            }
+        }
+    }
+    owned.store(false, Ordering::Release);
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
+}
+
 /// A background task that is stopped when this handle is dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Waits for the task to end by itself.
+    async fn finish(mut self) -> Result<(), tokio::task::JoinError> {
+        let handle = std::mem::replace(&mut self.0, tokio::spawn(async {}));
+        handle.await
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -37,6 +37,35 @@ const CLAIM_TYPES: [Column; 10] = [
     Column::Int,
 ];
 
+/// Column types of a row's head (see `head_columns` in `backend/sql.rs`).
+const HEAD_TYPES: [Column; 4] = [Column::Int, Column::Text, Column::Int, Column::Int];
+
+/// A waiting row without its payload: what a batch is chosen and sized on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RowHead {
+    pub(crate) id: i64,
+    pub(crate) key: Option<String>,
+    /// Bytes of payload and headers as stored.
+    pub(crate) bytes: usize,
+    /// When its lease ends (ms on the database's clock), if it has one.
+    pub(crate) claimed_until: Option<i64>,
+}
+
+/// Reads fetched heads; a row without an id is an error naming the column.
+fn row_heads(rows: Vec<Vec<crate::backend::Cell>>) -> Result<Vec<RowHead>, Error> {
+    decode_all("outbox", rows, |mut row| {
+        Ok(RowHead {
+            id: row.int(0, "id")?,
+            key: row.opt_text(1),
+            bytes: row
+                .opt_int(2)
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(0),
+            claimed_until: row.opt_int(3),
+        })
+    })
+}
+
 /// The statements of one outbox table, on its pool.
 #[derive(Debug)]
 pub(crate) struct OutboxStore<DB: Backend> {
@@ -183,7 +212,7 @@ impl<DB: Backend> OutboxStore<DB> {
         now: i64,
         share: Share,
         limit: u32,
-    ) -> Result<ClaimedRows, Error> {
+    ) -> Result<Vec<RowHead>, Error> {
         let rows = DB::fetch(
             conn,
             &self.sql.claim,
@@ -194,11 +223,11 @@ impl<DB: Backend> OutboxStore<DB> {
                 Value::Int(share.1),
                 Value::Int(i64::from(limit)),
             ],
-            &CLAIM_TYPES,
+            &HEAD_TYPES,
         )
         .await
         .map_err(Error::db("selecting due rows"))?;
-        claimed_rows(rows)
+        row_heads(rows)
     }
 
     /// [`select_due`](Self::select_due) past id `after`, skipping the rows
@@ -212,7 +241,7 @@ impl<DB: Backend> OutboxStore<DB> {
         after: i64,
         excluded: &[&str],
         limit: u32,
-    ) -> Result<ClaimedRows, Error> {
+    ) -> Result<Vec<RowHead>, Error> {
         let mut args = vec![
             Value::Int(now),
             Value::Int(now),
@@ -226,31 +255,77 @@ impl<DB: Backend> OutboxStore<DB> {
             conn,
             &self.sql.claim_after(excluded.len()),
             &args,
-            &CLAIM_TYPES,
+            &HEAD_TYPES,
         )
         .await
         .map_err(Error::db("selecting due rows"))?;
-        claimed_rows(rows)
+        row_heads(rows)
     }
 
-    /// Up to `limit` committed rows leased to `token` (handed off at insert)
-    /// whose lease still holds.
+    /// The heads of up to `limit` committed rows leased to `token` (handed
+    /// off at insert) whose lease still holds.
     pub(crate) async fn handed_off(
         &self,
         conn: &mut DB::Connection,
         token: &str,
         now: i64,
         limit: i64,
-    ) -> Result<ClaimedRows, Error> {
+    ) -> Result<Vec<RowHead>, Error> {
         let rows = DB::fetch(
             conn,
             &self.sql.handed_off,
             &[Value::Text(Some(token)), Value::Int(now), Value::Int(limit)],
-            &CLAIM_TYPES,
+            &HEAD_TYPES,
         )
         .await
         .map_err(Error::db("reading handed-off rows"))?;
-        claimed_rows(rows)
+        row_heads(rows)
+    }
+
+    /// Lengthens to `until` the lease of the rows `ids` held under `token`
+    /// whose lease has not run out by `now`; returns how many.
+    pub(crate) async fn renew_handed_off(
+        &self,
+        conn: &mut DB::Connection,
+        token: &str,
+        ids: &[i64],
+        now: i64,
+        until: i64,
+    ) -> Result<u64, Error> {
+        let mut n = 0;
+        for chunk in ids.chunks(ID_CHUNK) {
+            let mut args = vec![Value::Int(until), Value::Text(Some(token)), Value::Int(now)];
+            args.extend(chunk.iter().map(|id| Value::Int(*id)));
+            n += DB::exec(&mut *conn, &self.sql.renew_handed_off(chunk.len()), &args)
+                .await
+                .map_err(Error::db("renewing handed-off rows"))?;
+        }
+        Ok(n)
+    }
+
+    /// The rows `ids` in full (payloads too), in id order, [`ID_CHUNK`] at
+    /// a time; rows that cannot be read as a message are set apart.
+    pub(crate) async fn rows_by_id(
+        &self,
+        conn: &mut DB::Connection,
+        ids: &[i64],
+    ) -> Result<ClaimedRows, Error> {
+        let mut all = ClaimedRows::default();
+        for chunk in ids.chunks(ID_CHUNK) {
+            let args: Vec<Value<'_>> = chunk.iter().map(|id| Value::Int(*id)).collect();
+            let rows = DB::fetch(
+                &mut *conn,
+                &self.sql.rows_by_id(chunk.len()),
+                &args,
+                &CLAIM_TYPES,
+            )
+            .await
+            .map_err(Error::db("reading the rows of a batch"))?;
+            let read = claimed_rows(rows)?;
+            all.messages.extend(read.messages);
+            all.undecodable.extend(read.undecodable);
+        }
+        Ok(all)
     }
 
     /// The unpublished rows of `keys` up to id `max_id`, in id order: (id, key).
