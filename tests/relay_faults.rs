@@ -536,3 +536,90 @@ async fn a_batch_given_up_on_a_slow_link_is_never_committed_behind_the_relay_s_b
     let _ = fast.disconnect().await;
     drop(proxy);
 }
+
+/// REVIEW FINDING 1 (reproduction; the library is not fixed here).
+///
+/// A batch of one row is published as a bare SEND with a receipt, not in a
+/// transaction (`StompPublisher::publish_unbounded`), so the COMMIT
+/// withdrawal does not cover it: a SEND whose transfer outlasts the receipt
+/// timeout is given up by the relay (unavailable, the row given back, no
+/// attempt spent) while the client goes on writing it, and the broker
+/// delivers it. The row is then published again. A row that goes alone is
+/// exactly the large one (over `max_batch_bytes`), or a lone hand-off.
+/// Same setting as the 40-row test above, with one row of 4 MB.
+#[tokio::test]
+async fn a_single_row_given_up_on_a_slow_link_is_never_delivered_behind_the_relay_s_back() {
+    const PAYLOAD: usize = 4 * 1024 * 1024;
+    let broker = broker().await;
+    let proxy = FaultProxy::start(broker.stomp_addr()).await.unwrap();
+    let (_db, outbox) = setup().await;
+    append_keyless(&outbox, 1, PAYLOAD).await;
+
+    let slow = Client::connect(
+        client_config(&proxy.stomp_uri())
+            .with_heart_beat(Duration::from_secs(10), Duration::from_secs(10))
+            .with_receipt_timeout(SLOW_RECEIPT),
+    )
+    .await
+    .unwrap();
+    let publisher = Recording {
+        inner: StompPublisher::new(slow.clone()),
+        failed: Arc::default(),
+    };
+    // About 4 MB at 400 KB/s: ten seconds, past the receipt timeout and
+    // the publish bound.
+    proxy.set_bandwidth(Some(400_000));
+    let config = RelayConfig {
+        batch_size: 10,
+        lease: Duration::from_secs(8),
+        poll_interval: Duration::from_millis(50),
+        outage_backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
+        key_partitions: false,
+        ..RelayConfig::default()
+    };
+    let first = outbox
+        .relay(publisher.clone(), config.clone())
+        .expect("valid settings")
+        .spawn();
+    let until = Instant::now() + Duration::from_secs(30);
+    while first.metrics().snapshot().unavailable == 0 {
+        assert!(
+            Instant::now() < until,
+            "the row on the slow link was never given up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gave_up = first.metrics().snapshot();
+    let fast = Client::connect(client_config(&broker.stomp_uri()))
+        .await
+        .unwrap();
+    let second = outbox
+        .relay(StompPublisher::new(fast.clone()), config)
+        .expect("valid settings")
+        .spawn();
+    wait_published(&outbox, Duration::from_secs(60)).await;
+    until_link_quiet(&proxy, Duration::from_secs(3), Duration::from_secs(60)).await;
+    let first_metrics = first.metrics().snapshot();
+    let second_metrics = second.metrics().snapshot();
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+    let got = drain(&broker, SLOW_DESTINATION, Duration::from_secs(2)).await;
+    let counts = tally(&got);
+    println!(
+        "slow relay at give-up {gave_up:?}, at the end {first_metrics:?}; second relay \
+         {second_metrics:?}; failed publishes {:?}; {} messages for {} events; \
+         {} bytes forwarded to the broker",
+        publisher.failed.lock().unwrap().clone(),
+        got.len(),
+        counts.len(),
+        proxy.forwarded(Direction::ToServer),
+    );
+    assert_eq!(counts.len(), 1, "the event arrives");
+    assert_eq!(
+        got.len(),
+        1,
+        "a single row the relay gave up on was delivered behind its back and published again"
+    );
+    let _ = fast.disconnect().await;
+    drop(proxy);
+}
