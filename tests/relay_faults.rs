@@ -623,3 +623,61 @@ async fn a_single_row_given_up_on_a_slow_link_is_never_delivered_behind_the_rela
     let _ = fast.disconnect().await;
     drop(proxy);
 }
+
+/// REVIEW FINDING 1, second form (reproduction; not fixed): with one relay
+/// alone and a short outage backoff, the same single row is delivered again
+/// at each attempt that gets written, and is never marked, for as long as
+/// the link stays slow: copies without bound, and the row (with its key)
+/// stays waiting.
+#[tokio::test]
+async fn a_single_row_on_a_slow_link_is_not_delivered_again_and_again() {
+    const PAYLOAD: usize = 4 * 1024 * 1024;
+    let broker = broker().await;
+    let proxy = FaultProxy::start(broker.stomp_addr()).await.unwrap();
+    let (_db, outbox) = setup().await;
+    append_keyless(&outbox, 1, PAYLOAD).await;
+    let slow = Client::connect(
+        client_config(&proxy.stomp_uri())
+            .with_heart_beat(Duration::from_secs(10), Duration::from_secs(10))
+            .with_receipt_timeout(SLOW_RECEIPT),
+    )
+    .await
+    .unwrap();
+    let publisher = Recording {
+        inner: StompPublisher::new(slow.clone()),
+        failed: Arc::default(),
+    };
+    proxy.set_bandwidth(Some(400_000));
+    let config = RelayConfig {
+        batch_size: 10,
+        lease: Duration::from_secs(8),
+        poll_interval: Duration::from_millis(50),
+        outage_backoff: Backoff::new(Duration::from_millis(500), Duration::from_millis(500)),
+        key_partitions: false,
+        ..RelayConfig::default()
+    };
+    let relay = outbox
+        .relay(publisher.clone(), config)
+        .expect("valid settings")
+        .spawn();
+    // Forty seconds of a slow link: room for four transfers of the row.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let metrics = relay.metrics().snapshot();
+    relay.shutdown().await.unwrap();
+    until_link_quiet(&proxy, Duration::from_secs(3), Duration::from_secs(60)).await;
+    let pending = outbox.backlog().await.unwrap().pending;
+    let got = drain(&broker, SLOW_DESTINATION, Duration::from_secs(2)).await;
+    println!(
+        "relay {metrics:?}; {} failed publishes; {} copies at the broker; {pending} rows \
+         still waiting; {} bytes forwarded",
+        publisher.failed.lock().unwrap().len(),
+        got.len(),
+        proxy.forwarded(Direction::ToServer),
+    );
+    assert!(
+        got.len() <= 1,
+        "{} copies of one event reached the broker while its row stayed waiting ({pending})",
+        got.len()
+    );
+    drop(proxy);
+}
