@@ -593,8 +593,15 @@ async fn a_single_row_given_up_on_a_slow_link_is_never_delivered_behind_the_rela
     let fast = Client::connect(client_config(&broker.stomp_uri()))
         .await
         .unwrap();
+    // A relay of its own name: one of the first's name would wait for its lock.
     let second = outbox
-        .relay(StompPublisher::new(fast.clone()), config)
+        .relay(
+            StompPublisher::new(fast.clone()),
+            RelayConfig {
+                relay_id: "second".to_owned(),
+                ..config
+            },
+        )
         .expect("valid settings")
         .spawn();
     wait_published(&outbox, Duration::from_secs(60)).await;
