@@ -498,8 +498,15 @@ async fn a_batch_given_up_on_a_slow_link_is_never_committed_behind_the_relay_s_b
     let fast = Client::connect(client_config(&broker.stomp_uri()))
         .await
         .unwrap();
+    // A relay of its own name: one of the first's name would wait for its lock.
     let second = outbox
-        .relay(StompPublisher::new(fast.clone()), config)
+        .relay(
+            StompPublisher::new(fast.clone()),
+            RelayConfig {
+                relay_id: "second".to_owned(),
+                ..config
+            },
+        )
         .expect("valid settings")
         .spawn();
     wait_published(&outbox, Duration::from_secs(60)).await;
@@ -537,15 +544,11 @@ async fn a_batch_given_up_on_a_slow_link_is_never_committed_behind_the_relay_s_b
     drop(proxy);
 }
 
-/// REVIEW FINDING 1 (reproduction; the library is not fixed here).
-///
-/// A batch of one row is published as a bare SEND with a receipt, not in a
-/// transaction (`StompPublisher::publish_unbounded`), so the COMMIT
-/// withdrawal does not cover it: a SEND whose transfer outlasts the receipt
-/// timeout is given up by the relay (unavailable, the row given back, no
-/// attempt spent) while the client goes on writing it, and the broker
-/// delivers it. The row is then published again. A row that goes alone is
-/// exactly the large one (over `max_batch_bytes`), or a lone hand-off.
+/// A batch of one row on a slow link, given up past `max_publish_time`, is
+/// never delivered behind the relay's back. (It was once published as a bare
+/// SEND with a receipt, which the broker delivered once written, whoever
+/// still waited: the row was then published again.) A row that goes alone
+/// is exactly the large one (over `max_batch_bytes`), or a lone hand-off.
 /// Same setting as the 40-row test above, with one row of 4 MB.
 #[tokio::test]
 async fn a_single_row_given_up_on_a_slow_link_is_never_delivered_behind_the_relay_s_back() {
@@ -631,11 +634,10 @@ async fn a_single_row_given_up_on_a_slow_link_is_never_delivered_behind_the_rela
     drop(proxy);
 }
 
-/// REVIEW FINDING 1, second form (reproduction; not fixed): with one relay
-/// alone and a short outage backoff, the same single row is delivered again
-/// at each attempt that gets written, and is never marked, for as long as
-/// the link stays slow: copies without bound, and the row (with its key)
-/// stays waiting.
+/// The same with one relay alone and a short outage backoff: a single row
+/// too large for the link within `max_publish_time` is given up at every
+/// attempt and never delivered (once, as a bare SEND, a copy arrived at each
+/// attempt while the row stayed waiting: copies without bound).
 #[tokio::test]
 async fn a_single_row_on_a_slow_link_is_not_delivered_again_and_again() {
     const PAYLOAD: usize = 4 * 1024 * 1024;

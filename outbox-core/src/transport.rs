@@ -132,15 +132,15 @@ impl Publisher for StompPublisher {
 }
 
 impl StompPublisher {
-    /// [`Publisher::publish`] without its overall bound: one SEND with a
-    /// receipt for a single row, a transaction for several.
+    /// [`Publisher::publish`] without its overall bound: a transaction, even
+    /// for a single row. A lone SEND would be delivered once written, and a
+    /// large one on a slow link is still being written when its receipt
+    /// times out: the publish is given up, the row released, and the SEND
+    /// delivered after all, again at every attempt. In a transaction the
+    /// COMMIT is written only once the SEND is confirmed and the call still
+    /// waits.
     async fn publish_unbounded(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
         let classify = |error| classify(&self.client, error);
-        if let [one] = batch {
-            // A single SEND with a receipt is as atomic as a transaction of one,
-            // and ActiveMQ can dispatch it while it stores it: lower latency.
-            return self.client.send(message_for(one)).await.map_err(classify);
-        }
         let tx = self.client.begin().await.map_err(classify)?;
         for m in batch {
             tx.send(message_for(m)).await.map_err(classify)?;

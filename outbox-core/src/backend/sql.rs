@@ -340,9 +340,9 @@ impl OutboxSql {
         )
     }
 
-    /// Lengthens the hand-off lease `?` of `ids` rows whose lease still
+    /// Lengthens the lease `?` of `ids` rows whose lease still
     /// holds: the values are the new end, the token, the time, then the ids.
-    pub(crate) fn renew_handed_off(&self, ids: usize) -> String {
+    pub(crate) fn renew_lease(&self, ids: usize) -> String {
         let (new, _, _) = STATES;
         placeholders(
             self.dialect.placeholders,

@@ -103,12 +103,21 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .collect();
         if !short.is_empty() {
             let renewed = store
-                .renew_handed_off(&mut conn, token, &short, now, now.saturating_add(lease))
+                .renew_lease(&mut conn, token, &short, now, now.saturating_add(lease))
                 .await?;
             // Some ran out meanwhile and may be another relay's by now:
             // those renewed are read again next time, with their new lease.
+            // The later rows of their keys wait with them (per-key order).
             if renewed < short.len() as u64 {
-                batch.retain(|h| !short.contains(&h.id));
+                let mut waiting: std::collections::HashSet<String> = Default::default();
+                batch.retain(|h| {
+                    let wait = short.contains(&h.id)
+                        || h.key.as_ref().is_some_and(|k| waiting.contains(k));
+                    if let (true, Some(key)) = (wait, &h.key) {
+                        waiting.insert(key.clone());
+                    }
+                    !wait
+                });
             }
         }
         if batch.is_empty() {

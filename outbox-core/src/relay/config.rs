@@ -115,9 +115,9 @@ impl RelayConfig {
     /// [`Outbox::relay`](crate::Outbox::relay) calls it, so a relay never
     /// starts with a lease another relay could take while a batch is on its
     /// way (a batch claimed while another is published is leased one publish
-    /// longer). Publishing a rejected batch row by row can outlast the lease:
-    /// then another relay may publish some of its rows again, a duplicate
-    /// with the same event id, never a loss.
+    /// longer). A rejected batch is published row by row only while its
+    /// lease leaves room for one more publish; the rest is given back and
+    /// claimed again with a lease of its own.
     pub fn validate(&self, max_publish: Option<Duration>) -> Result<(), Error> {
         let invalid = |setting, reason: String| Err(Error::InvalidConfig { setting, reason });
         if self.batch_size == 0 || self.batch_size > MAX_RELAY_BATCH {

@@ -210,6 +210,10 @@ pub struct Relay<DB: Backend, P: Publisher> {
     /// Whether this relay holds the lock on its `relay_id` now: only then
     /// does it read, or give back, rows under the shared hand-off token.
     owned: Arc<AtomicBool>,
+    /// Published rows wait for a mark that failed: they are still held under
+    /// their token, so a failed publish gives back its own rows only, never
+    /// every row of the shared hand-off token.
+    unmarked: AtomicBool,
 }
 
 impl<DB: Backend, P: Publisher> std::fmt::Debug for Relay<DB, P> {
@@ -272,6 +276,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             share: Arc::new(ShareCell::all()),
             waiting: std::sync::Mutex::default(),
             owned: Arc::new(AtomicBool::new(false)),
+            unmarked: AtomicBool::new(false),
         }
     }
 
@@ -534,6 +539,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 // Marked first: giving the batch back may give back every
                 // row under its token.
                 marks.drain().await;
+                self.unmarked
+                    .store(!marks.ids().is_empty(), Ordering::Release);
                 self.publish_failed(&current, error).await
             }
         }
@@ -662,6 +669,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 self.give_back_claimed(&next).await;
             }
             marks.drain().await;
+            self.unmarked
+                .store(!marks.ids().is_empty(), Ordering::Release);
             return self.publish_failed(&current, error).await;
         }
         failpoint::hit("relay.after_receipt");
@@ -682,6 +691,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             }
             Ok(Some((next, Some(Err(error))))) => {
                 marks.drain().await;
+                self.unmarked
+                    .store(!marks.ids().is_empty(), Ordering::Release);
                 self.publish_failed(&next, error).await
             }
             Err(error) => Err(error),
@@ -751,6 +762,16 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 }
                 continue;
             }
+            // Row by row the batch can outlast its lease: each row's lease
+            // is made whole first, and a row whose lease ran out (another
+            // relay's by now) is left to that relay, its key's later rows
+            // behind it.
+            if !self.renew_for_one_publish(token, m.id).await? {
+                if let Some(key) = &m.key {
+                    blocked.insert(key);
+                }
+                continue;
+            }
             let one = std::slice::from_ref(m);
             match self
                 .publisher
@@ -796,6 +817,20 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         Ok(Step::Published(batch.len()))
     }
 
+    /// Sets row `id`'s lease to a whole [`RelayConfig::lease`] from now (on
+    /// the database's clock) if `token` still holds it unexpired; `false` if
+    /// not.
+    async fn renew_for_one_publish(&self, token: &str, id: i64) -> Result<bool, Error> {
+        let store = self.outbox.store();
+        let now = crate::clock::now(store.pool()).await;
+        let lease = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        let mut conn = store.acquire().await?;
+        let renewed = store
+            .renew_lease(&mut conn, token, &[id], now, now.saturating_add(lease))
+            .await?;
+        Ok(renewed == 1)
+    }
+
     /// Gives back the rows of a batch, named by id and token.
     async fn release(&self, claimed: &Claimed, error: Option<&str>) -> Result<(), Error> {
         let ids: Vec<i64> = claimed.ids().collect();
@@ -809,8 +844,12 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// this one waits for the broker.
     async fn release_failed(&self, claimed: &Claimed, error: &str) -> Result<(), Error> {
         // Every row under the shared token only while the lock is held: a
-        // relay that lost it may no longer speak for the token's rows.
-        if claimed.handed_off && self.owned.load(Ordering::Acquire) {
+        // relay that lost it may no longer speak for the token's rows; and
+        // only while no published row waits for its mark under the token.
+        if claimed.handed_off
+            && self.owned.load(Ordering::Acquire)
+            && !self.unmarked.load(Ordering::Acquire)
+        {
             self.release_token(&claimed.token, Some(error)).await
         } else {
             self.release(claimed, Some(error)).await
@@ -1016,13 +1055,17 @@ async fn keep_lock<DB: Backend>(
                 }
             }
             None => {
-                match owner::OwnerLock::try_take(
+                let taking = owner::OwnerLock::try_take(
                     outbox.pool(),
                     outbox.table(),
                     &relay_id,
                     &mut spare,
-                )
-                .await
+                );
+                // A try that hangs (a half-open link to the database) is
+                // abandoned and made again at the next check.
+                match tokio::time::timeout(LOCK_CHECK * 5, taking)
+                    .await
+                    .unwrap_or(Ok(None))
                 {
                     Ok(Some(taken)) => {
                         lock = Some(taken);

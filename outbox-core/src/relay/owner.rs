@@ -28,6 +28,10 @@ use crate::backend::{Backend, Column, RelayLock, Value};
 use crate::store::Row;
 use crate::wake::PoolId;
 
+/// How long a check of the lock's session, or its release, may take before
+/// the session counts as lost.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A relay's lock on its `relay_id` and table; given up when dropped.
 pub(super) enum OwnerLock<DB: Backend> {
     /// A session lock: held while this connection (out of the pool) is open.
@@ -98,7 +102,12 @@ impl<DB: Backend> OwnerLock<DB> {
     pub(super) async fn still_held(&mut self) -> bool {
         match self {
             // Run, not fetched: `SELECT 1` is a 32-bit integer on PostgreSQL.
-            OwnerLock::Session(conn) => DB::exec(conn, "SELECT 1", &[]).await.is_ok(),
+            // A session that does not answer in time (a half-open link) is
+            // taken as lost: the server may have ended it already.
+            OwnerLock::Session(conn) => matches!(
+                tokio::time::timeout(CHECK_TIMEOUT, DB::exec(conn, "SELECT 1", &[])).await,
+                Ok(Ok(_))
+            ),
             OwnerLock::File(_) | OwnerLock::Process(_) => true,
         }
     }
@@ -108,7 +117,8 @@ impl<DB: Backend> OwnerLock<DB> {
     pub(super) async fn release(self) {
         match self {
             OwnerLock::Session(conn) => {
-                let _ = sqlx::Connection::close(conn).await;
+                // Past the bound the connection is dropped, which closes it.
+                let _ = tokio::time::timeout(CHECK_TIMEOUT, sqlx::Connection::close(conn)).await;
             }
             // Closing the file would unlock it too.
             OwnerLock::File(file) => {

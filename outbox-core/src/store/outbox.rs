@@ -284,7 +284,7 @@ impl<DB: Backend> OutboxStore<DB> {
 
     /// Lengthens to `until` the lease of the rows `ids` held under `token`
     /// whose lease has not run out by `now`; returns how many.
-    pub(crate) async fn renew_handed_off(
+    pub(crate) async fn renew_lease(
         &self,
         conn: &mut DB::Connection,
         token: &str,
@@ -296,7 +296,7 @@ impl<DB: Backend> OutboxStore<DB> {
         for chunk in ids.chunks(ID_CHUNK) {
             let mut args = vec![Value::Int(until), Value::Text(Some(token)), Value::Int(now)];
             args.extend(chunk.iter().map(|id| Value::Int(*id)));
-            n += DB::exec(&mut *conn, &self.sql.renew_handed_off(chunk.len()), &args)
+            n += DB::exec(&mut *conn, &self.sql.renew_lease(chunk.len()), &args)
                 .await
                 .map_err(Error::db("renewing handed-off rows"))?;
         }

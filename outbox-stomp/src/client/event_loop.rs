@@ -450,7 +450,7 @@ impl EventLoop {
                     match (parked.take(), room) {
                         (Some((sink, message)), Ok(Room::Queue)) => {
                             if let Queue::Full(message) = sink.try_queue(message) {
-                                parked = Some((sink, message));
+                                parked = Some((sink, *message));
                             }
                         }
                         (Some((_, mut message)), Ok(Room::Stream(charge, slot))) => {
@@ -692,7 +692,7 @@ impl EventLoop {
                     // subscription waits, until its queue too is full.
                     match sink.try_queue(message) {
                         Queue::Queued => {}
-                        Queue::Full(message) => *parked = Some((sink.clone(), message)),
+                        Queue::Full(message) => *parked = Some((sink.clone(), *message)),
                         Queue::Closed => {
                             self.session.unsubscribed(&subscription);
                             return Ok(Some(Frame::unsubscribe(subscription)));

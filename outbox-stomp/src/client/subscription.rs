@@ -273,7 +273,7 @@ pub(crate) enum Queue {
     /// Queued: the task hands it out in order.
     Queued,
     /// The queue is full: wait for [`Sink::queue_room`], then offer it again.
-    Full(Message),
+    Full(Box<Message>),
     /// The subscription's stream is gone.
     Closed,
 }
@@ -348,11 +348,11 @@ impl Sink {
     /// without a queue answers [`Queue::Full`]).
     pub(crate) fn try_queue(&self, message: Message) -> Queue {
         let Some(waiting) = &self.waiting else {
-            return Queue::Full(message);
+            return Queue::Full(Box::new(message));
         };
         let size = frame_bytes(&message.frame);
         if !waiting.queued.fits(size) {
-            return Queue::Full(message);
+            return Queue::Full(Box::new(message));
         }
         waiting.queued.bytes.fetch_add(size, Ordering::AcqRel);
         if waiting.tx.send(message).is_err() || self.is_closed() {
