@@ -166,7 +166,7 @@ macro_rules! rows_suite {
 
             // Waiting on the refused row itself gives up, naming it.
             match outbox.wait_published(&[poison.as_str()], Duration::from_millis(300)).await {
-                Err(Error::WaitTimeout { waiting, .. }) => assert_eq!(waiting, [poison.clone()]),
+                Err(Error::WaitTimeout { waiting, .. }) => assert_eq!(waiting, [poison.as_str()]),
                 other => panic!("expected a timeout, got {other:?}"),
             }
             // An id without a row is reported at once, not waited for.
