@@ -690,7 +690,8 @@ macro_rules! cli_suite {
             let Some((db, outbox)) = setup().await else { return };
             let ids = append(&outbox, "/queue/cli.errors", 1).await;
             park(&db, &ids).await;
-            let error = "broker refused a frame and closed the connection: The maximum frame size                          of 104857600 bytes was exceeded by 3145728 bytes, frame dropped at offset 104857601";
+            let error = "broker refused a frame and closed the connection: The maximum frame size \
+                         of 104857600 bytes was exceeded by 3145728 bytes, frame dropped at offset 104857601";
             exec(&db, &format!("UPDATE outbox_event SET last_error = '{error}'")).await;
             inbox_row(&db, "points", "e-long", "FAILED", Some(b"{\"order\":1}")).await;
             exec(&db, &format!("UPDATE inbox_event SET last_error = '{error}'")).await;
