@@ -35,3 +35,8 @@ pub mod __private {
         Backend, Consumer, ConsumerConfig, Delivery, Error, Event, Handler, Inbox,
     };
 }
+
+/// The README's quickstart, compiled as a doc test so that it keeps building.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeQuickstart;

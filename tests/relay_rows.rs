@@ -4,8 +4,9 @@
 //! for a while (its memory full) parks nothing; a broker that refuses one
 //! destination to the relay's user (its authorisation map) spends no row's
 //! attempts and holds up no other destination; a long retention pass holds
-//! up no publishing; and an append of many events that fails part way leaves
-//! none of them. Against a real ActiveMQ, on
+//! up no publishing; an append of many events that fails part way leaves
+//! none of them; and a wait for one's own events to be published ends while
+//! an unrelated row keeps failing. Against a real ActiveMQ, on
 //! SQLite, PostgreSQL and MySQL/MariaDB.
 
 mod support;
@@ -119,6 +120,85 @@ macro_rules! rows_suite {
                 assert!(counts.contains_key(id), "event {id} never arrived");
             }
             assert!(got.iter().all(|r| r.key.is_none()), "a row of K was published");
+        }
+
+        #[tokio::test]
+        async fn waiting_for_one_s_own_events_ends_while_an_unrelated_row_keeps_failing() {
+            let Some((_db, outbox)) = setup().await else { return };
+            let broker = broker().await;
+            let dest = "/queue/test.rows.wait_published";
+            // A row the broker refuses (a header line over its limit), with a
+            // budget that keeps it failing and retrying through the test.
+            let lax = outbox.clone().with_limits(BrokerLimits {
+                max_header_line: 1 << 20,
+                ..BrokerLimits::default()
+            });
+            let over = "x".repeat(BrokerLimits::default().max_header_line);
+            let mut tx = lax.pool().begin().await.unwrap();
+            let poison = lax
+                .append(&mut tx, ok(dest, 0).with_header("blob", over))
+                .await
+                .unwrap()
+                .to_string();
+            lax.commit(tx).await.unwrap();
+            let retrying = RelayConfig { max_attempts: 1_000_000, ..quick_relay() };
+            let relay = outbox
+                .relay(StompPublisher::new(client(&broker).await), retrying)
+                .unwrap()
+                .spawn();
+            until("the refused row has failed once", Duration::from_secs(60), async || {
+                let sql = "SELECT COUNT(*) FROM outbox_event WHERE attempts > 0 AND process = 'NEW'";
+                sqlx::query_scalar::<_, i64>(sql).fetch_one(outbox.pool()).await.unwrap() == 1
+            })
+            .await;
+
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let mut mine = Vec::new();
+            for seq in 1..=5 {
+                mine.push(outbox.append(&mut tx, ok(dest, seq)).await.unwrap());
+            }
+            outbox.commit(tx).await.unwrap();
+            let settled = outbox.wait_published(&mine, Duration::from_secs(60)).await.unwrap();
+            let texts: Vec<String> = mine.iter().map(ToString::to_string).collect();
+            assert_eq!(settled.published, texts, "{settled:?}");
+            assert!(settled.all_published(), "{settled:?}");
+            // The unrelated row still waits: a wait for the backlog to empty
+            // would not have ended.
+            let backlog = outbox.backlog().await.unwrap();
+            assert_eq!((backlog.pending, backlog.parked), (1, 0), "{backlog:?}");
+
+            // Waiting on the refused row itself gives up, naming it.
+            match outbox.wait_published(&[poison.as_str()], Duration::from_millis(300)).await {
+                Err(Error::WaitTimeout { waiting, .. }) => assert_eq!(waiting, [poison.as_str()]),
+                other => panic!("expected a timeout, got {other:?}"),
+            }
+            // An id without a row is reported at once, not waited for.
+            let settled = outbox
+                .wait_published(&["not-an-event"], Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(settled.missing, ["not-an-event"]);
+            assert!(!settled.all_published());
+            relay.shutdown().await.unwrap();
+
+            // With a small budget the refused row is parked, and said so.
+            let relay = outbox
+                .relay(StompPublisher::new(client(&broker).await), quick_relay())
+                .unwrap()
+                .spawn();
+            let settled = outbox
+                .wait_published(&[poison.as_str(), texts[0].as_str()], Duration::from_secs(60))
+                .await
+                .unwrap();
+            relay.shutdown().await.unwrap();
+            assert_eq!(settled.published, [texts[0].clone()], "{settled:?}");
+            assert_eq!(settled.parked.len(), 1, "{settled:?}");
+            assert_eq!(settled.parked[0].event_id, poison);
+            assert!(settled.parked[0].last_error.is_some(), "{settled:?}");
+            let got = tally(&drain(&broker, dest, Duration::from_secs(2)).await);
+            for id in &texts {
+                assert_eq!(got.get(id), Some(&1), "event {id} on the broker once");
+            }
         }
 
         #[tokio::test]

@@ -8,7 +8,7 @@ use outbox_core::admin::{DEFAULT_INBOX_TABLE, DEFAULT_OUTBOX_TABLE};
 pub const DEFAULT_BATCH: u32 = 500;
 
 /// Administers the outbox and inbox tables of one database: status, parked
-/// rows, replays and migrations.
+/// rows, replays, discards and migrations.
 ///
 /// Exit codes: 0 done; 1 the operation failed; 2 usage error; 3 bad
 /// database URL or cannot connect; 4 a table does not exist; 5 an id given is
@@ -60,6 +60,8 @@ pub enum Command {
     Parked(ParkedArgs),
     /// Puts parked outbox rows back to be published again by the relays.
     Replay(ReplayArgs),
+    /// Deletes parked outbox rows for good (asks first, or `--yes`).
+    Discard(DiscardArgs),
     /// Creates or upgrades the outbox and the inbox table (both by default).
     Migrate(MigrateArgs),
     /// Commands on one consumer's rows of the inbox table.
@@ -75,6 +77,8 @@ pub enum InboxCommand {
     /// Schedules parked rows of one consumer to be applied again by the
     /// running consumer.
     Replay(InboxReplayArgs),
+    /// Deletes parked rows of one consumer for good (asks first, or `--yes`).
+    Discard(InboxDiscardArgs),
 }
 
 /// Arguments of `parked`.
@@ -83,6 +87,10 @@ pub struct ParkedArgs {
     /// At most this many rows.
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
+    /// One block per row with every field in full (the whole last error and
+    /// payload) instead of a table of cut cells.
+    #[arg(long)]
+    pub full: bool,
 }
 
 /// Arguments of `inbox parked`.
@@ -94,6 +102,53 @@ pub struct InboxParkedArgs {
     /// At most this many rows.
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
+    /// One block per row with every field in full (the whole last error and
+    /// payload) instead of a table of cut cells.
+    #[arg(long)]
+    pub full: bool,
+}
+
+/// Which parked rows to discard, and how.
+#[derive(Debug, Args)]
+pub struct DiscardSelection {
+    /// Event ids of parked rows.
+    #[arg(
+        value_name = "ID",
+        required_unless_present_any = ["all", "event_type"],
+        conflicts_with = "all"
+    )]
+    pub ids: Vec<String>,
+    /// Every parked row (only those of `--type` when it is given too).
+    #[arg(long)]
+    pub all: bool,
+    /// Only parked rows of this event type; alone, every parked row of it.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub event_type: Option<String>,
+    /// List what would be discarded; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Discard without asking (needed when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+/// Arguments of `discard`.
+#[derive(Debug, Args)]
+pub struct DiscardArgs {
+    /// The rows.
+    #[command(flatten)]
+    pub selection: DiscardSelection,
+}
+
+/// Arguments of `inbox discard`.
+#[derive(Debug, Args)]
+pub struct InboxDiscardArgs {
+    /// The consumer whose rows to discard.
+    #[arg(long, value_name = "NAME")]
+    pub consumer: String,
+    /// The rows.
+    #[command(flatten)]
+    pub selection: DiscardSelection,
 }
 
 /// Which parked rows to replay, and how.

@@ -10,9 +10,11 @@ use sqlx::Pool;
 use outbox_core::admin::{ParkedDelivery, ParkedEvent};
 use outbox_core::{Backend, Inbox, Outbox};
 
-use crate::cli::{Cli, Command, InboxCommand, ReplaySelection, Side};
+use crate::cli::{Cli, Command, DiscardSelection, InboxCommand, ReplaySelection, Side};
 use crate::error::{CliError, is_missing_table};
-use crate::render::{ERROR_CHARS, PREVIEW_CHARS, Table, age, clip, preview, timestamp};
+use crate::render::{
+    ERROR_CHARS, PREVIEW_CHARS, Table, age, clip, clip_middle, preview, timestamp,
+};
 
 /// The consumer name the inbox handle of `migrate` uses; migrations do not
 /// depend on it.
@@ -51,16 +53,24 @@ pub async fn run<DB: Backend>(
         Command::Status => status(pool, cli, database).await,
         Command::Parked(args) => {
             let side = OutboxSide::new(pool, &cli.table)?;
-            parked(&side, args.limit).await
+            parked(&side, args.limit, args.full).await
         }
         Command::Replay(args) => {
             let side = OutboxSide::new(pool, &cli.table)?;
             replay(&side, &args.selection, &progress).await
         }
+        Command::Discard(args) => {
+            let side = OutboxSide::new(pool, &cli.table)?;
+            discard(&side, &args.selection).await
+        }
         Command::Migrate(args) => migrate(pool, cli, args.only).await,
         Command::Inbox(InboxCommand::Parked(args)) => {
             let side = InboxSide::new(pool, &args.consumer, &cli.inbox_table)?;
-            parked(&side, args.limit).await
+            parked(&side, args.limit, args.full).await
+        }
+        Command::Inbox(InboxCommand::Discard(args)) => {
+            let side = InboxSide::new(pool, &args.consumer, &cli.inbox_table)?;
+            discard(&side, &args.selection).await
         }
         Command::Inbox(InboxCommand::Replay(args)) => {
             let side = InboxSide::new(pool, &args.consumer, &cli.inbox_table)?;
@@ -185,6 +195,12 @@ async fn status<DB: Backend>(
             num(out.parked),
         ]);
         human.push_str(&t.render());
+    } else if inbox.exists {
+        // A consumer's database: it has no outbox, and needs none.
+        human.push_str(&format!(
+            "outbox table {}: none in this database (it only consumes events)\n",
+            out.table
+        ));
     } else {
         human.push_str(&format!(
             "outbox table {} does not exist; run `outbox migrate`\n",
@@ -192,7 +208,13 @@ async fn status<DB: Backend>(
         ));
     }
     human.push('\n');
-    if !inbox.exists {
+    if !inbox.exists && out.exists {
+        // A producer's database: it has no inbox, and needs none.
+        human.push_str(&format!(
+            "inbox table {}: none in this database (it only produces events)\n",
+            inbox.table
+        ));
+    } else if !inbox.exists {
         human.push_str(&format!(
             "inbox table {} does not exist; run `outbox migrate`\n",
             inbox.table
@@ -334,6 +356,8 @@ trait ParkedSide {
     async fn parked_ids(&self) -> Result<Vec<String>, CliError>;
     async fn replay_one(&self, id: &str) -> Result<bool, CliError>;
     async fn replay_many(&self, ids: &[String]) -> Result<u64, CliError>;
+    /// Deletes the parked rows among `ids`; how many went.
+    async fn discard_many(&self, ids: &[String]) -> Result<u64, CliError>;
 }
 
 struct OutboxSide<DB: Backend> {
@@ -384,6 +408,9 @@ impl<DB: Backend> ParkedSide for OutboxSide<DB> {
     }
     async fn replay_many(&self, ids: &[String]) -> Result<u64, CliError> {
         self.outbox.replay_many(ids).await.map_err(self.err())
+    }
+    async fn discard_many(&self, ids: &[String]) -> Result<u64, CliError> {
+        self.outbox.discard_many(ids).await.map_err(self.err())
     }
 }
 
@@ -443,6 +470,9 @@ impl<DB: Backend> ParkedSide for InboxSide<DB> {
     async fn replay_many(&self, ids: &[String]) -> Result<u64, CliError> {
         self.inbox.replay_many(ids).await.map_err(self.err())
     }
+    async fn discard_many(&self, ids: &[String]) -> Result<u64, CliError> {
+        self.inbox.discard_many(ids).await.map_err(self.err())
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -482,7 +512,7 @@ fn parked_table(rows: &[ParkedRow], destination: bool) -> String {
             timestamp(r.parked_at_ms),
             r.last_error
                 .as_deref()
-                .map_or_else(|| "-".into(), |e| clip(e, ERROR_CHARS)),
+                .map_or_else(|| "-".into(), |e| clip_middle(e, ERROR_CHARS)),
             r.payload_preview.clone(),
         ]);
         t.row(cells);
@@ -490,7 +520,46 @@ fn parked_table(rows: &[ParkedRow], destination: bool) -> String {
     t.render()
 }
 
-async fn parked(side: &impl ParkedSide, limit: u32) -> Result<Output, CliError> {
+/// Parked rows one block each, every field whole: the full last error and
+/// payload (control characters escaped, so a block stays one line a field).
+fn parked_blocks(rows: &[ParkedRow]) -> String {
+    let mut out = String::new();
+    for (n, r) in rows.iter().enumerate() {
+        if n > 0 {
+            out.push('\n');
+        }
+        let mut field = |name: &str, value: String| {
+            out.push_str(&format!("{name:<12} {value}\n"));
+        };
+        let dash = || "-".to_owned();
+        field("event id:", r.event_id.clone());
+        field("type:", r.event_type.clone().unwrap_or_else(dash));
+        if let Some(destination) = &r.destination {
+            field("destination:", destination.clone());
+        }
+        field("key:", r.key.clone().unwrap_or_else(dash));
+        field("attempts:", r.attempts.to_string());
+        field("created at:", format!("{} UTC", timestamp(r.created_at_ms)));
+        field("parked at:", format!("{} UTC", timestamp(r.parked_at_ms)));
+        field(
+            "last error:",
+            r.last_error
+                .as_deref()
+                .map_or_else(dash, |e| clip(e, usize::MAX)),
+        );
+        let payload = match &r.payload {
+            Some(text) => clip(text, usize::MAX),
+            None => format!(
+                "({} bytes, not UTF-8) {}",
+                r.payload_bytes, r.payload_preview
+            ),
+        };
+        field("payload:", payload);
+    }
+    out
+}
+
+async fn parked(side: &impl ParkedSide, limit: u32, full: bool) -> Result<Output, CliError> {
     let total = side.total().await?;
     let rows = side.list(limit).await?;
     let (table, consumer) = side.describe();
@@ -499,7 +568,11 @@ async fn parked(side: &impl ParkedSide, limit: u32) -> Result<Output, CliError> 
         human.push_str(&side.none());
         human.push('\n');
     } else {
-        human.push_str(&parked_table(&rows, side.has_destination()));
+        human.push_str(&if full {
+            parked_blocks(&rows)
+        } else {
+            parked_table(&rows, side.has_destination())
+        });
         if (rows.len() as u64) < total {
             human.push_str(&format!(
                 "\n{} of {total} shown; more with --limit\n",
@@ -656,6 +729,108 @@ fn counted(n: u64, what: &str) -> String {
         Some((thing, owner)) => format!("{n} {thing}s of {owner}"),
         None => format!("{n} {what}s"),
     }
+}
+
+// ---------------------------------------------------------------- discard
+
+/// Whether the operator agrees to discard `what`, asked on stderr after
+/// `listing` and answered on stdin. `Err` when stdin is not a terminal:
+/// nobody to ask, so nothing goes without `--yes`.
+fn agree(listing: &str, what: &str) -> Result<bool, CliError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::Usage(format!(
+            "not discarding {what} without --yes: stdin is not a terminal to ask on"
+        )));
+    }
+    let mut err = std::io::stderr().lock();
+    write!(err, "{listing}discard {what} for good? [y/N] ")?;
+    err.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES"))
+}
+
+#[derive(Debug, Serialize)]
+struct Discarded {
+    table: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consumer: Option<String>,
+    dry_run: bool,
+    /// Rows deleted (or, in a dry run, that would be).
+    count: u64,
+    /// The rows selected, as they were before the discard.
+    events: Vec<ParkedRow>,
+    /// Ids given that are not parked rows (or not of `--type`).
+    unknown: Vec<String>,
+}
+
+async fn discard(side: &impl ParkedSide, selection: &DiscardSelection) -> Result<Output, CliError> {
+    let (table, consumer) = side.describe();
+    // Parked rows are few next to a table's others: read them all, pick.
+    let mut rows = side.list(EVERY_ROW).await?;
+    if let Some(kind) = &selection.event_type {
+        rows.retain(|r| r.event_type.as_deref() == Some(kind.as_str()));
+    }
+    let mut unknown = Vec::new();
+    if !selection.ids.is_empty() {
+        let given = unique(&selection.ids);
+        let parked: HashSet<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
+        unknown = given
+            .iter()
+            .filter(|id| !parked.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let wanted: HashSet<&str> = given.iter().map(String::as_str).collect();
+        rows.retain(|r| wanted.contains(r.event_id.as_str()));
+    }
+    let what = side.what();
+    let listing = if rows.is_empty() {
+        String::new()
+    } else {
+        parked_table(&rows, side.has_destination())
+    };
+    let mut count = rows.len() as u64;
+    let mut human = String::new();
+    if selection.dry_run {
+        human.push_str(&listing);
+        human.push_str(&format!(
+            "would discard {} (dry run: nothing changed)\n",
+            counted(count, &what)
+        ));
+    } else if rows.is_empty() {
+        human.push_str(&format!("discarded {}\n", counted(0, &what)));
+    } else {
+        let n = counted(count, &what);
+        if !selection.yes && !agree(&listing, &n)? {
+            human.push_str(&format!("nothing discarded: {n} left as they were\n"));
+            count = 0;
+            rows.clear();
+        } else {
+            let ids: Vec<String> = rows.iter().map(|r| r.event_id.clone()).collect();
+            count = side.discard_many(&ids).await?;
+            human.push_str(&listing);
+            human.push_str(&format!("discarded {}\n", counted(count, &what)));
+            if count < ids.len() as u64 {
+                human.push_str(&format!(
+                    "{} of them were no longer parked (replayed meanwhile) and stay\n",
+                    ids.len() as u64 - count
+                ));
+            }
+        }
+    }
+    let report = Discarded {
+        table,
+        consumer,
+        dry_run: selection.dry_run,
+        count,
+        events: rows,
+        unknown: unknown.clone(),
+    };
+    let mut output = Output::new(&report, human)?;
+    if !unknown.is_empty() {
+        output.then = Some(CliError::UnknownIds { what, ids: unknown });
+    }
+    Ok(output)
 }
 
 // ---------------------------------------------------------------- migrate

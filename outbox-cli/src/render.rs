@@ -5,8 +5,9 @@ use std::time::Duration;
 /// Characters of a payload shown in a preview.
 pub const PREVIEW_CHARS: usize = 80;
 
-/// Characters of a last error shown in a table (JSON has all of it).
-pub const ERROR_CHARS: usize = 60;
+/// Characters of a last error shown in a table (JSON and `--full` have all
+/// of it).
+pub const ERROR_CHARS: usize = 100;
 
 /// An aligned plain-text table: a header row, then rows, columns separated
 /// by two spaces; the last column is not padded.
@@ -83,6 +84,22 @@ pub fn clip(text: &str, max: usize) -> String {
     out
 }
 
+/// `text` cut to `max` characters by taking out its middle: errors wrap
+/// their cause, so the end (the broker's or the handler's own words)
+/// matters as much as the start. Escaped as [`clip`] does.
+pub fn clip_middle(text: &str, max: usize) -> String {
+    let chars = text.chars().count();
+    if chars <= max {
+        return clip(text, max);
+    }
+    // A third for the start, the rest for the end, one for the `…`.
+    let head = max / 3;
+    let tail = max.saturating_sub(head + 1);
+    let start: String = text.chars().take(head).collect();
+    let end: String = text.chars().skip(chars - tail).collect();
+    format!("{}…{}", clip(&start, head), clip(&end, tail))
+}
+
 /// A duration as a short human age: `850ms`, `42s`, `3m05s`, `2h07m`, `4d03h`.
 pub fn age(d: Duration) -> String {
     let s = d.as_secs();
@@ -151,6 +168,18 @@ mod tests {
         assert_eq!(preview("é".repeat(100).as_bytes(), 3), "ééé…");
         assert_eq!(preview(b"\x1b[0m", 80), "\\u{1b}[0m");
         assert_eq!(preview(b"", 80), "");
+    }
+
+    #[test]
+    fn long_errors_keep_their_start_and_their_end() {
+        let error = "broker refused a frame and closed the connection: The maximum frame size \
+                     of 104857600 bytes was exceeded by 3145728 bytes";
+        let cut = clip_middle(error, 60);
+        assert_eq!(cut.chars().count(), 60, "{cut}");
+        assert!(cut.starts_with("broker refused a fra"), "{cut}");
+        assert!(cut.ends_with("was exceeded by 3145728 bytes"), "{cut}");
+        assert!(cut.contains('…'), "{cut}");
+        assert_eq!(clip_middle("short\nerror", 60), "short\\nerror");
     }
 
     #[test]

@@ -597,6 +597,120 @@ macro_rules! cli_suite {
         }
 
         #[tokio::test]
+        async fn status_on_a_consumer_s_database_shows_its_inbox_and_does_not_ask_for_an_outbox() {
+            let Some(db) = $open().await else { return };
+            outbox_on(db.url(), &["migrate", "--only", "inbox"]).await.ok();
+            inbox_row(&db, "shipping", "s-1", "PROCESSED", None).await;
+            inbox_row(&db, "shipping", "s-2", "FAILED", Some(b"{}")).await;
+            let run = outbox_on(db.url(), &["status"]).await.ok();
+            assert!(!run.stdout.contains("migrate"), "no migrate advice on a consumer's database: {run:?}");
+            assert!(
+                run.stdout.contains("outbox table outbox_event: none in this database (it only consumes events)"),
+                "{run:?}"
+            );
+            assert_eq!(line_cells(&run.stdout, &["inbox_event", "shipping"])[2..], ["1", "0", "1"]);
+            let json = outbox_on(db.url(), &["--json", "status"]).await.ok().json();
+            assert_eq!(json["outbox"]["exists"], false, "{json}");
+            assert_eq!(json["inbox"]["exists"], true, "{json}");
+
+            // And the other way round: a producer's database has no inbox.
+            let Some(db) = $open().await else { return };
+            outbox_on(db.url(), &["migrate", "--only", "outbox"]).await.ok();
+            let run = outbox_on(db.url(), &["status"]).await.ok();
+            assert!(!run.stdout.contains("migrate"), "{run:?}");
+            assert!(run.stdout.contains("inbox table inbox_event: none in this database (it only produces events)"), "{run:?}");
+        }
+
+        #[tokio::test]
+        async fn discard_deletes_only_the_parked_rows_chosen_and_asks_first() {
+            let Some((db, outbox)) = setup().await else { return };
+            let ids = append(&outbox, "/queue/cli.discard", 4).await;
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let blob = outbox
+                .append(&mut tx, Event::raw("blob", "/queue/cli.discard", b"x".to_vec(), "application/octet-stream"))
+                .await
+                .unwrap()
+                .to_string();
+            outbox.commit(tx).await.unwrap();
+            // ids[3] stays waiting; the others are parked.
+            park(&db, &[ids[0].clone(), ids[1].clone(), ids[2].clone(), blob.clone()]).await;
+            let parked_ids = async || -> Vec<String> {
+                outbox.parked(100).await.unwrap().into_iter().map(|p| p.event_id).collect()
+            };
+
+            // Without --yes and without a terminal to ask on: nothing goes.
+            let run = outbox_on(db.url(), &["discard", ids[0].as_str()]).await;
+            assert_eq!(run.code, 2, "{run:?}");
+            assert!(run.stderr.contains("without --yes"), "{run:?}");
+            assert_eq!(parked_ids().await.len(), 4);
+
+            let run = outbox_on(db.url(), &["discard", "--all", "--dry-run", "--json"]).await.ok();
+            assert_eq!(run.json()["count"], 4, "{run:?}");
+            assert_eq!(parked_ids().await.len(), 4, "a dry run changes nothing");
+
+            // By id: a parked row goes; a waiting row and an unknown id stay, exit 5.
+            let run = outbox_on(db.url(), &["discard", "--yes", ids[0].as_str(), ids[3].as_str(), "nope"]).await;
+            assert_eq!(run.code, 5, "{run:?}");
+            assert!(run.stdout.contains(ids[0].as_str()), "the removed row is printed: {run:?}");
+            assert!(run.stdout.contains("discarded 1 parked event"), "{run:?}");
+            assert!(run.stderr.contains(&format!("no parked event with id {}", ids[3])), "{run:?}");
+            assert!(run.stderr.contains("no parked event with id nope"), "{run:?}");
+            assert_eq!(parked_ids().await, [ids[1].clone(), ids[2].clone(), blob.clone()]);
+            assert_eq!(outbox.backlog().await.unwrap().pending, 1, "the waiting row is still there");
+
+            // By filter: only the parked rows of one type.
+            let json = outbox_on(db.url(), &["discard", "--type", "blob", "--yes", "--json"]).await.ok().json();
+            assert_eq!(json["count"], 1, "{json}");
+            assert_eq!(json["events"][0]["event_id"], blob.as_str(), "{json}");
+            assert_eq!(parked_ids().await, [ids[1].clone(), ids[2].clone()]);
+            let run = outbox_on(db.url(), &["discard", "--all", "-y"]).await.ok();
+            assert!(run.stdout.contains("discarded 2 parked events"), "{run:?}");
+            assert!(parked_ids().await.is_empty());
+            assert_eq!(outbox.backlog().await.unwrap().pending, 1);
+
+            // The inbox side: one consumer's parked rows, nothing else.
+            inbox_row(&db, "points", "p-ok", "PROCESSED", None).await;
+            inbox_row(&db, "points", "p-retry", "RETRY", Some(b"{}")).await;
+            inbox_row(&db, "points", "p-bad-1", "FAILED", Some(b"{}")).await;
+            inbox_row(&db, "points", "p-bad-2", "FAILED", Some(b"{}")).await;
+            inbox_row(&db, "audit", "a-bad", "FAILED", Some(b"{}")).await;
+            let run = outbox_on(db.url(), &["inbox", "discard", "--consumer", "points", "p-bad-1", "--yes"]).await.ok();
+            assert!(run.stdout.contains("discarded 1 parked inbox event of consumer points"), "{run:?}");
+            let run = outbox_on(db.url(), &["inbox", "discard", "--consumer", "points", "p-retry", "--yes"]).await;
+            assert_eq!(run.code, 5, "a row waiting for a retry is not parked: {run:?}");
+            outbox_on(db.url(), &["inbox", "discard", "--consumer", "points", "--all", "--yes"]).await.ok();
+            let points = Inbox::new(db.pool().clone(), "points").unwrap().counts().await.unwrap();
+            assert_eq!((points.processed, points.retry, points.failed), (1, 1, 0));
+            let audit = Inbox::new(db.pool().clone(), "audit").unwrap().counts().await.unwrap();
+            assert_eq!(audit.failed, 1, "another consumer's rows stay");
+        }
+
+        #[tokio::test]
+        async fn a_long_last_error_keeps_its_end_in_tables_and_is_whole_with_full() {
+            let Some((db, outbox)) = setup().await else { return };
+            let ids = append(&outbox, "/queue/cli.errors", 1).await;
+            park(&db, &ids).await;
+            let error = "broker refused a frame and closed the connection: The maximum frame size \
+                         of 104857600 bytes was exceeded by 3145728 bytes, frame dropped at offset 104857601";
+            exec(&db, &format!("UPDATE outbox_event SET last_error = '{error}'")).await;
+            inbox_row(&db, "points", "e-long", "FAILED", Some(b"{\"order\":1}")).await;
+            exec(&db, &format!("UPDATE inbox_event SET last_error = '{error}'")).await;
+
+            let table = outbox_on(db.url(), &["parked"]).await.ok().stdout;
+            assert!(table.contains("frame dropped at offset 104857601"), "the end is kept: {table}");
+            assert!(table.contains("broker refused a frame"), "{table}");
+            assert!(!table.contains(error), "cut in the table: {table}");
+            let full = outbox_on(db.url(), &["parked", "--full"]).await.ok().stdout;
+            assert!(full.contains(&format!("last error:  {error}\n")), "{full}");
+            assert!(full.contains(&format!("event id:    {}\n", ids[0])), "{full}");
+            assert!(full.contains("destination: /queue/cli.errors\n"), "{full}");
+            let full = outbox_on(db.url(), &["inbox", "parked", "--consumer", "points", "--full"]).await.ok().stdout;
+            assert!(full.contains(&format!("last error:  {error}\n")), "{full}");
+            assert!(full.contains("payload:     {\"order\":1}\n"), "{full}");
+            assert!(!full.contains("destination:"), "{full}");
+        }
+
+        #[tokio::test]
         async fn missing_tables_unknown_ids_and_bad_names_have_their_exit_codes() {
             let Some(db) = $open().await else { return };
             for args in [

@@ -1341,19 +1341,61 @@ async fn process<DB: Backend, H: Handler<DB>>(
         Err(reason) => {
             let _ = tx.rollback().await;
             shared.metrics.handler_failed();
-            tracing::warn!(
-                event_id = delivery.event_id,
-                reason,
-                "handler failed; retry scheduled"
+            let delay = shared.config.retry_backoff.delay(0);
+            let parked = shared.config.max_attempts <= 1;
+            log_failed_attempt(
+                delivery,
+                1,
+                shared.config.max_attempts,
+                parked,
+                delay,
+                &reason,
             );
-            let next = now_ms() + ms(shared.config.retry_backoff.delay(0));
-            let state = if shared.config.max_attempts <= 1 {
+            let next = now_ms() + ms(delay);
+            let state = if parked {
                 InboxState::Failed
             } else {
                 InboxState::Retry
             };
             set_aside(inbox, delivery, state, 1, &reason, Some(next)).await
         }
+    }
+}
+
+/// Logs a failed handler attempt: a WARN with the retry's delay while the
+/// event has attempts left, an ERROR when this one parked it. Both name the
+/// attempt, the budget, the event (id, type, key) and the error, so one
+/// event's attempts can be followed in the log.
+fn log_failed_attempt(
+    delivery: &Delivery,
+    attempt: i64,
+    max_attempts: u32,
+    parked: bool,
+    retry_in: Duration,
+    error: &str,
+) {
+    let (event_type, key) = (delivery.event_type.as_deref(), delivery.key.as_deref());
+    if parked {
+        tracing::error!(
+            event_id = delivery.event_id,
+            event_type,
+            key,
+            attempt,
+            max_attempts,
+            error,
+            "handler failed; event parked as FAILED (`outbox inbox replay` applies it again)"
+        );
+    } else {
+        tracing::warn!(
+            event_id = delivery.event_id,
+            event_type,
+            key,
+            attempt,
+            max_attempts,
+            error,
+            retry_in = ?retry_in,
+            "handler failed; retry scheduled"
+        );
     }
 }
 
@@ -1397,6 +1439,8 @@ async fn park_undecodable<DB: Backend>(
 ) -> Result<Outcome, Error> {
     tracing::error!(
         event_id = delivery.event_id,
+        event_type = delivery.event_type.as_deref(),
+        key = delivery.key.as_deref(),
         reason,
         "undecodable payload parked"
     );
@@ -1773,10 +1817,22 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
             Err(failed)
         }
     };
+    // This try's number within the row's budget: a replay starts the
+    // count again.
+    let attempt = attempts + 1;
     match result {
         Ok(()) => {
             after_commit(&shared.handler, delivery);
             shared.metrics.add(Count::Processed, 1);
+            // The end of a story the log told in WARNs (or an ERROR before a
+            // replay): the event is in.
+            tracing::info!(
+                event_id = delivery.event_id,
+                event_type = delivery.event_type.as_deref(),
+                key = delivery.key.as_deref(),
+                attempt,
+                "event applied on a retry after a failure, a replay or a wait for its key"
+            );
             Ok(())
         }
         Err((reason, undecodable)) => {
@@ -1789,21 +1845,34 @@ async fn retry_one<DB: Backend, H: Handler<DB>>(
             } else {
                 i64::from(shared.config.max_attempts)
             };
-            let spent = attempts + 1 >= budget;
-            let next = now_ms()
-                + ms(shared
-                    .config
-                    .retry_backoff
-                    .delay(u32::try_from(attempts).unwrap_or(u32::MAX)));
+            let spent = attempt >= budget;
+            let delay = shared
+                .config
+                .retry_backoff
+                .delay(u32::try_from(attempts).unwrap_or(u32::MAX));
+            let next = now_ms() + ms(delay);
             store
                 .fail_retry(id, budget, &reason, next, now_ms())
                 .await?;
-            if spent {
+            if undecodable {
                 tracing::error!(
                     event_id = delivery.event_id,
+                    event_type = delivery.event_type.as_deref(),
+                    key = delivery.key.as_deref(),
                     reason,
-                    "event parked as FAILED"
+                    "undecodable payload parked"
                 );
+            } else {
+                log_failed_attempt(
+                    delivery,
+                    attempt,
+                    shared.config.max_attempts,
+                    spent,
+                    delay,
+                    &reason,
+                );
+            }
+            if spent {
                 shared.metrics.add(Count::Failed, 1);
             } else {
                 shared.metrics.add(Count::Retried, 1);

@@ -79,6 +79,17 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// [`Outbox::wait_published`](crate::Outbox::wait_published) gave up:
+    /// these events were still waiting to be published (no relay running,
+    /// the broker away, or a row the broker keeps refusing and has not
+    /// parked yet).
+    #[error("{} event(s) still waiting to be published after {after:?}: {}", waiting.len(), waiting.join(", "))]
+    WaitTimeout {
+        /// The ids still waiting (`NEW`), in the order they were given.
+        waiting: Vec<String>,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
     /// The schema in the database is newer than this library knows.
     #[error(
         "table {table} is at schema version {found}, newer than this library's {known}; upgrade the outbox crates"

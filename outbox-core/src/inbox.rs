@@ -191,6 +191,16 @@ impl<DB: Backend> Inbox<DB> {
         self.store.replay_ids(&ids, now_ms()).await
     }
 
+    /// Deletes this consumer's parked events among `event_ids`; returns how
+    /// many went. Rows in any other state (processed, waiting for a retry)
+    /// are left alone. A parked message was acknowledged when it was parked,
+    /// so the broker does not deliver it again; but with its row gone, the
+    /// same event id sent anew would be applied as a new event.
+    pub async fn discard_many<S: AsRef<str>>(&self, event_ids: &[S]) -> Result<u64, Error> {
+        let ids: Vec<&str> = event_ids.iter().map(AsRef::as_ref).collect();
+        self.store.discard_ids(&ids).await
+    }
+
     /// The consumers that have rows in inbox table `table` (validated), in
     /// name order: what an operator lists before looking at each one.
     pub async fn consumers(pool: &Pool<DB>, table: &str) -> Result<Vec<String>, Error> {

@@ -56,18 +56,20 @@ mod wake;
 
 /// Writing events: the [`Outbox`] an application appends its [`Event`]s to,
 /// inside its own database transaction, and the broker's size limits they
-/// are checked against.
+/// are checked against, and what [`Outbox::wait_published`] reports about
+/// the events it waited for.
 pub mod producer {
     pub use crate::event::{Event, JSON};
-    pub use crate::outbox::{DEFAULT_OUTBOX_TABLE, Outbox};
+    pub use crate::outbox::{DEFAULT_OUTBOX_TABLE, Outbox, ParkedId, Settled};
     pub use outbox_stomp::{BrokerLimits, FrameTooLarge};
 }
 
 /// What an operator reads and does: the backlog, parked rows and counts of
 /// both tables. The calls are [`Outbox::backlog`], [`Outbox::counts`],
-/// [`Outbox::parked`], [`Outbox::replay`], [`Outbox::replay_many`] and
-/// [`Inbox::consumers`], [`Inbox::counts`], [`Inbox::parked`],
-/// [`Inbox::replay`], [`Inbox::replay_many`].
+/// [`Outbox::parked`], [`Outbox::replay`], [`Outbox::replay_many`],
+/// [`Outbox::discard_many`] and [`Inbox::consumers`], [`Inbox::counts`],
+/// [`Inbox::parked`], [`Inbox::replay`], [`Inbox::replay_many`],
+/// [`Inbox::discard_many`].
 pub mod admin {
     pub use crate::inbox::{DEFAULT_INBOX_TABLE, InboxCounts, ParkedDelivery};
     pub use crate::outbox::DEFAULT_OUTBOX_TABLE;

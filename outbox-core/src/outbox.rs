@@ -12,7 +12,7 @@ use crate::backend::Backend;
 use crate::backend::sql::OutboxSql;
 use crate::event::Event;
 use crate::names::TableName;
-use crate::store::OutboxStore;
+use crate::store::{OutboxState, OutboxStore};
 use crate::wake::PoolId;
 use crate::{Error, Publisher, Relay, RelayConfig, wake};
 
@@ -99,6 +99,41 @@ pub struct ParkedEvent {
     /// The payload's content type, e.g. `application/json`.
     pub content_type: String,
 }
+
+/// What became of the events [`Outbox::wait_published`] waited for: each id
+/// given is in exactly one of the lists (once, however often it was given).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Settled {
+    /// Confirmed by the broker (`PUBLISHED`).
+    pub published: Vec<String>,
+    /// Parked (`FAILED`) after the broker kept refusing them: they will not
+    /// be published unless replayed ([`Outbox::replay`]).
+    pub parked: Vec<ParkedId>,
+    /// No row has this id: never committed (rolled back, or not an id of
+    /// this table), discarded, or published and already removed by
+    /// retention.
+    pub missing: Vec<String>,
+}
+
+impl Settled {
+    /// `true` when every event given was published.
+    pub fn all_published(&self) -> bool {
+        self.parked.is_empty() && self.missing.is_empty()
+    }
+}
+
+/// A parked event among those [`Outbox::wait_published`] waited for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedId {
+    /// The event id.
+    pub event_id: String,
+    /// Why the broker refused it the last time.
+    pub last_error: Option<String>,
+}
+
+/// First and longest pause between two reads of [`Outbox::wait_published`].
+const WAIT_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(250));
 
 impl<DB: Backend> Outbox<DB> {
     /// The outbox in table [`DEFAULT_OUTBOX_TABLE`].
@@ -310,6 +345,100 @@ impl<DB: Backend> Outbox<DB> {
             self.wake();
         }
         Ok(n)
+    }
+
+    /// Deletes the parked events among `event_ids`; returns how many went.
+    /// Ids of rows in any other state (waiting, published) are left alone:
+    /// only an event the relay gave up on can be thrown away.
+    pub async fn discard_many<S: AsRef<str>>(&self, event_ids: &[S]) -> Result<u64, Error> {
+        let ids: Vec<&str> = event_ids.iter().map(AsRef::as_ref).collect();
+        self.inner.store.discard_ids(&ids).await
+    }
+
+    /// Waits until each of `event_ids` (as [`append`](Self::append) returned
+    /// them, or their text) is published or parked, and says which; waits at
+    /// most `timeout`, then fails with [`Error::WaitTimeout`] naming the ids
+    /// still waiting. Only these rows are read (on the unique index of event
+    /// ids, every 10 ms at first and at most every 250 ms), so rows of
+    /// others that keep failing or wait for a retry do not hold it up, as
+    /// they would a wait for [`backlog`](Self::backlog) to empty.
+    ///
+    /// Call it after the events' transaction committed: an id that has no
+    /// row is reported [`missing`](Settled::missing) at once. A relay must be
+    /// running somewhere on the table; this only watches the rows.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "sqlite")]
+    /// # async fn demo(outbox: outbox_core::Outbox<sqlx::Sqlite>, ids: Vec<uuid::Uuid>) -> Result<(), outbox_core::Error> {
+    /// let settled = outbox.wait_published(&ids, std::time::Duration::from_secs(10)).await?;
+    /// for parked in &settled.parked {
+    ///     eprintln!("{} parked: {:?}", parked.event_id, parked.last_error);
+    /// }
+    /// assert!(settled.all_published());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn wait_published<S: std::fmt::Display>(
+        &self,
+        event_ids: &[S],
+        timeout: Duration,
+    ) -> Result<Settled, Error> {
+        let ids: Vec<String> = event_ids.iter().map(ToString::to_string).collect();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = WAIT_POLL.0;
+        let mut settled = Settled::default();
+        // Ids not settled yet, in the order given.
+        let mut waiting: Vec<String> = {
+            let mut seen = std::collections::HashSet::new();
+            ids.into_iter()
+                .filter(|id| seen.insert(id.clone()))
+                .collect()
+        };
+        let mut first = true;
+        while !waiting.is_empty() {
+            if !first {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(Error::WaitTimeout {
+                        waiting,
+                        after: timeout,
+                    });
+                }
+                tokio::time::sleep(pause.min(deadline - now)).await;
+                pause = (pause * 2).min(WAIT_POLL.1);
+            }
+            let refs: Vec<&str> = waiting.iter().map(String::as_str).collect();
+            let states: std::collections::HashMap<String, (OutboxState, Option<String>)> = self
+                .inner
+                .store
+                .states(&refs)
+                .await?
+                .into_iter()
+                .map(|(id, state, error)| (id, (state, error)))
+                .collect();
+            waiting.retain(|id| match states.get(id) {
+                // A committed row goes only once published (retention) or
+                // parked (a discard): either way it waits no longer.
+                None => {
+                    settled.missing.push(id.clone());
+                    false
+                }
+                Some((OutboxState::New, _)) => true,
+                Some((OutboxState::Published, _)) => {
+                    settled.published.push(id.clone());
+                    false
+                }
+                Some((OutboxState::Failed, last_error)) => {
+                    settled.parked.push(ParkedId {
+                        event_id: id.clone(),
+                        last_error: last_error.clone(),
+                    });
+                    false
+                }
+            });
+            first = false;
+        }
+        Ok(settled)
     }
 
     /// Puts every parked event back to `NEW`; returns how many.

@@ -48,8 +48,7 @@ pub(crate) async fn wrap(
             }
         }
     }
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let tls = ClientConfig::builder_with_provider(provider)
+    let tls = ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| fail(e.to_string()))?
         .with_root_certificates(roots)
@@ -65,6 +64,29 @@ pub(crate) async fn wrap(
         .await
         .map_err(|e| fail(e.to_string()))?;
     Ok(Box::new(stream))
+}
+
+/// The crypto provider of TLS connections: the one the application
+/// installed as the process default (`CryptoProvider::install_default`, e.g.
+/// aws-lc-rs for post-quantum key exchange), otherwise *ring*.
+///
+/// rustls 0.23.48 deprecates its *ring* provider for lacking post-quantum
+/// key exchange. *ring* stays the fallback because it builds with the Rust
+/// toolchain alone, where aws-lc-rs needs a C toolchain and CMake on every
+/// user's machine; an application that wants post-quantum key exchange
+/// installs its provider and this one is not used. `allow` rather than
+/// `expect`: the rustls versions before 0.23.48 do not deprecate it, and
+/// either must build without warnings.
+#[cfg(feature = "tls")]
+fn crypto_provider() -> std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    use tokio_rustls::rustls::crypto::CryptoProvider;
+
+    if let Some(installed) = CryptoProvider::get_default() {
+        return installed.clone();
+    }
+    #[allow(deprecated)]
+    let ring = tokio_rustls::rustls::crypto::ring::default_provider();
+    std::sync::Arc::new(ring)
 }
 
 #[cfg(not(feature = "tls"))]

@@ -312,6 +312,35 @@ impl OutboxSql {
         )
     }
 
+    /// Event id, state and last error of the rows among `ids` event ids (on
+    /// the unique index of event ids): what [`Outbox::wait_published`]
+    /// polls.
+    ///
+    /// [`Outbox::wait_published`]: crate::Outbox::wait_published
+    pub(crate) fn states_of(&self, ids: usize) -> String {
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "SELECT event_id, process, last_error FROM {} WHERE event_id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
+    /// Deletes the parked rows among `ids` event ids: the values are the ids.
+    pub(crate) fn discard_ids(&self, ids: usize) -> String {
+        let (_, _, failed) = STATES;
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "DELETE FROM {} WHERE process = '{failed}' AND event_id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
     /// Gives back the lease `?` on `ids` rows: the values are the error to keep
     /// (NULL keeps the old one), the update time, the token, then the ids.
     pub(crate) fn release_ids(&self, ids: usize) -> String {
@@ -510,6 +539,21 @@ impl InboxSql {
                 "UPDATE {} SET process = '{retry}', attempts = 0, next_attempt_at = ?, \
                  update_time = ? WHERE consumer = ? AND process = '{failed}' \
                  AND event_id IN ({})",
+                self.table,
+                marks(ids)
+            ),
+        )
+    }
+
+    /// Deletes this consumer's parked rows among `ids` event ids: the values
+    /// are the consumer, then the ids.
+    pub(crate) fn discard_ids(&self, ids: usize) -> String {
+        let (processed, failed) = (InboxState::Processed.as_sql(), InboxState::Failed.as_sql());
+        placeholders(
+            self.dialect.placeholders,
+            &format!(
+                "DELETE FROM {} WHERE consumer = ? AND process = '{failed}' \
+                 AND process <> '{processed}' AND event_id IN ({})",
                 self.table,
                 marks(ids)
             ),

@@ -466,6 +466,21 @@ impl<DB: Backend> InboxStore<DB> {
         Ok(n)
     }
 
+    /// Deletes this consumer's parked rows among `event_ids`, [`ID_CHUNK`]
+    /// ids per statement; returns how many went.
+    pub(crate) async fn discard_ids(&self, event_ids: &[&str]) -> Result<u64, Error> {
+        let mut conn = self.acquire().await?;
+        let mut n = 0;
+        for chunk in event_ids.chunks(ID_CHUNK) {
+            let mut args = vec![Value::Text(Some(&self.consumer))];
+            args.extend(chunk.iter().map(|id| Value::Text(Some(id))));
+            n += DB::exec(&mut conn, &self.sql.discard_ids(chunk.len()), &args)
+                .await
+                .map_err(Error::db("discarding parked inbox rows"))?;
+        }
+        Ok(n)
+    }
+
     /// Deletes up to `limit` rows processed before `before`; returns how many.
     pub(crate) async fn delete_processed(&self, before: i64, limit: u32) -> Result<u64, Error> {
         let mut conn = self.acquire().await?;

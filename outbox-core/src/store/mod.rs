@@ -35,6 +35,17 @@ impl OutboxState {
             OutboxState::Failed => "FAILED",
         }
     }
+
+    /// The state stored as `text`; `None` for anything else.
+    pub(crate) fn from_sql(text: &str) -> Option<OutboxState> {
+        [
+            OutboxState::New,
+            OutboxState::Published,
+            OutboxState::Failed,
+        ]
+        .into_iter()
+        .find(|state| state.as_sql() == text)
+    }
 }
 
 /// The states of an inbox row (`process`).

@@ -711,6 +711,51 @@ impl<DB: Backend> OutboxStore<DB> {
         }
         Ok(n)
     }
+
+    /// Deletes the parked rows among `event_ids`, [`ID_CHUNK`] ids per
+    /// statement; returns how many went. Rows in any other state stay.
+    pub(crate) async fn discard_ids(&self, event_ids: &[&str]) -> Result<u64, Error> {
+        let mut conn = self.acquire().await?;
+        let mut n = 0;
+        for chunk in event_ids.chunks(ID_CHUNK) {
+            let args: Vec<Value<'_>> = chunk.iter().map(|id| Value::Text(Some(id))).collect();
+            n += DB::exec(&mut conn, &self.sql.discard_ids(chunk.len()), &args)
+                .await
+                .map_err(Error::db("discarding parked rows"))?;
+        }
+        Ok(n)
+    }
+
+    /// The state and last error of the rows among `event_ids`, [`ID_CHUNK`]
+    /// ids per statement; ids without a row are left out.
+    pub(crate) async fn states(
+        &self,
+        event_ids: &[&str],
+    ) -> Result<Vec<(String, OutboxState, Option<String>)>, Error> {
+        let mut conn = self.acquire().await?;
+        let mut out = Vec::with_capacity(event_ids.len());
+        for chunk in event_ids.chunks(ID_CHUNK) {
+            let args: Vec<Value<'_>> = chunk.iter().map(|id| Value::Text(Some(id))).collect();
+            let rows = DB::fetch(
+                &mut conn,
+                &self.sql.states_of(chunk.len()),
+                &args,
+                &[Column::Text, Column::Text, Column::Text],
+            )
+            .await
+            .map_err(Error::db("reading the state of events"))?;
+            out.extend(decode_all("outbox", rows, |mut row| {
+                let state = row.text(1, "process")?;
+                let state = OutboxState::from_sql(&state).ok_or(Error::Row {
+                    table: "outbox",
+                    column: "process",
+                    reason: "not NEW, PUBLISHED or FAILED",
+                })?;
+                Ok((row.text(0, "event_id")?, state, row.opt_text(2)))
+            })?);
+        }
+        Ok(out)
+    }
 }
 
 /// Inserts `events` into the table of `sql` inside `tx` (see
