@@ -387,7 +387,7 @@ macro_rules! cli_suite {
                 let outbox = outbox.clone();
                 async move {
                     let counts = outbox.counts().await.unwrap();
-                    counts == vec![("PUBLISHED".to_owned(), 6)]
+                    counts.published == 6 && counts.total() == 6
                 }
             })
             .await;

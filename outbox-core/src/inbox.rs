@@ -20,6 +20,7 @@ use crate::Error;
 use crate::backend::Backend;
 use crate::backend::sql::InboxSql;
 use crate::names::{TableName, check_consumer, now_ms};
+use crate::rows::{InboxCounts, Parked, ParkedDelivery, ParkedRows};
 use crate::store::InboxStore;
 
 /// Default name of the inbox table.
@@ -85,38 +86,6 @@ impl Delivery {
     pub(crate) fn headers_json(&self) -> String {
         serde_json::to_string(&self.headers).unwrap_or_else(|_| "[]".to_owned())
     }
-}
-
-/// Row counts of one consumer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct InboxCounts {
-    /// Applied events.
-    pub processed: u64,
-    /// Events waiting for a local retry.
-    pub retry: u64,
-    /// Parked events.
-    pub failed: u64,
-}
-
-/// A parked inbox row, as listed by [`Inbox::parked`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParkedDelivery {
-    /// The event id.
-    pub event_id: String,
-    /// The event type, if the message had one.
-    pub event_type: Option<String>,
-    /// The key, if any.
-    pub key: Option<String>,
-    /// Handler attempts made.
-    pub attempts: i64,
-    /// The last error (handler error or decode error).
-    pub last_error: Option<String>,
-    /// First seen (ms since the Unix epoch).
-    pub create_time: i64,
-    /// Parked (ms since the Unix epoch).
-    pub update_time: i64,
-    /// The raw payload.
-    pub content: Vec<u8>,
 }
 
 impl<DB: Backend> Inbox<DB> {
@@ -226,4 +195,31 @@ impl<DB: Backend> Inbox<DB> {
 /// The event id for a message without an `event-id` header.
 pub(crate) fn fallback_event_id() -> String {
     Uuid::now_v7().to_string()
+}
+
+impl<DB: Backend> ParkedRows for Inbox<DB> {
+    fn table(&self) -> &str {
+        Inbox::table(self)
+    }
+
+    async fn count_parked(&self) -> Result<u64, Error> {
+        Ok(self.counts().await?.failed)
+    }
+
+    async fn list_parked(&self, limit: u32) -> Result<Vec<Parked>, Error> {
+        let rows = self.parked(limit).await?;
+        Ok(rows.into_iter().map(Parked::from).collect())
+    }
+
+    async fn replay(&self, event_id: &str) -> Result<bool, Error> {
+        Inbox::replay(self, event_id).await
+    }
+
+    async fn replay_many(&self, event_ids: &[String]) -> Result<u64, Error> {
+        Inbox::replay_many(self, event_ids).await
+    }
+
+    async fn discard_many(&self, event_ids: &[String]) -> Result<u64, Error> {
+        Inbox::discard_many(self, event_ids).await
+    }
 }

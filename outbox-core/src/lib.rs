@@ -46,6 +46,7 @@ mod names;
 pub mod observe;
 mod outbox;
 pub mod relay;
+mod rows;
 mod schema;
 mod store;
 mod subscriber;
@@ -71,9 +72,11 @@ pub mod producer {
 /// [`Inbox::parked`], [`Inbox::replay`], [`Inbox::replay_many`],
 /// [`Inbox::discard_many`].
 pub mod admin {
-    pub use crate::inbox::{DEFAULT_INBOX_TABLE, InboxCounts, ParkedDelivery};
+    pub use crate::inbox::DEFAULT_INBOX_TABLE;
     pub use crate::outbox::DEFAULT_OUTBOX_TABLE;
-    pub use crate::outbox::{Backlog, ParkedEvent};
+    pub use crate::rows::{
+        Backlog, InboxCounts, OutboxCounts, Parked, ParkedDelivery, ParkedEvent, ParkedRows,
+    };
 }
 
 pub use backend::Backend;

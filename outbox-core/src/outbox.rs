@@ -12,6 +12,7 @@ use crate::backend::Backend;
 use crate::backend::sql::OutboxSql;
 use crate::event::Event;
 use crate::names::TableName;
+use crate::rows::{Backlog, OutboxCounts, Parked, ParkedEvent, ParkedRows};
 use crate::store::{OutboxState, OutboxStore};
 use crate::wake::PoolId;
 use crate::{Error, Publisher, Relay, RelayConfig, wake};
@@ -62,42 +63,6 @@ impl<DB: Backend> std::fmt::Debug for Outbox<DB> {
             .field("table", &self.table())
             .finish()
     }
-}
-
-/// How far behind the relay is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Backlog {
-    /// Rows waiting to be published (`NEW`).
-    pub pending: u64,
-    /// Age of the oldest waiting row.
-    pub oldest_pending_age: Option<Duration>,
-    /// Rows parked after their retry budget (`FAILED`).
-    pub parked: u64,
-}
-
-/// A row parked as `FAILED`, as listed by [`Outbox::parked`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParkedEvent {
-    /// The event id.
-    pub event_id: String,
-    /// The event type.
-    pub event_type: String,
-    /// The destination.
-    pub destination: String,
-    /// The key, if any.
-    pub key: Option<String>,
-    /// Publish attempts made.
-    pub attempts: i64,
-    /// The last error.
-    pub last_error: Option<String>,
-    /// When it was appended (ms since the Unix epoch).
-    pub create_time: i64,
-    /// When it was parked (ms since the Unix epoch).
-    pub update_time: i64,
-    /// The payload, as appended.
-    pub content: Vec<u8>,
-    /// The payload's content type, e.g. `application/json`.
-    pub content_type: String,
 }
 
 /// What became of the events [`Outbox::wait_published`] waited for: each id
@@ -313,8 +278,8 @@ impl<DB: Backend> Outbox<DB> {
         })
     }
 
-    /// Rows per `process` value (`NEW`, `PUBLISHED`, `FAILED`), for dashboards and tests.
-    pub async fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
+    /// Rows by state, for dashboards and tests.
+    pub async fn counts(&self) -> Result<OutboxCounts, Error> {
         self.inner.store.counts().await
     }
 
@@ -540,4 +505,31 @@ fn statements<DB: Backend>(table: &str) -> Result<Arc<OutboxSql>, Error> {
             sql
         }
     })
+}
+
+impl<DB: Backend> ParkedRows for Outbox<DB> {
+    fn table(&self) -> &str {
+        Outbox::table(self)
+    }
+
+    async fn count_parked(&self) -> Result<u64, Error> {
+        Ok(self.counts().await?.failed)
+    }
+
+    async fn list_parked(&self, limit: u32) -> Result<Vec<Parked>, Error> {
+        let rows = self.parked(limit).await?;
+        Ok(rows.into_iter().map(Parked::from).collect())
+    }
+
+    async fn replay(&self, event_id: &str) -> Result<bool, Error> {
+        Outbox::replay(self, event_id).await
+    }
+
+    async fn replay_many(&self, event_ids: &[String]) -> Result<u64, Error> {
+        Outbox::replay_many(self, event_ids).await
+    }
+
+    async fn discard_many(&self, event_ids: &[String]) -> Result<u64, Error> {
+        Outbox::discard_many(self, event_ids).await
+    }
 }

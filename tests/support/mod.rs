@@ -165,12 +165,15 @@ pub async fn wait_published<DB: outbox::core::Backend>(
     }
 }
 
-/// The count of `process` in the result of `Outbox::counts`.
-pub fn count(counts: &[(String, u64)], process: &str) -> u64 {
-    counts
-        .iter()
-        .find(|(p, _)| p == process)
-        .map_or(0, |(_, n)| *n)
+/// The count of rows in state `process` (`NEW`, `PUBLISHED`, `FAILED`) in
+/// the result of `Outbox::counts`.
+pub fn count(counts: &outbox::core::admin::OutboxCounts, process: &str) -> u64 {
+    match process {
+        "NEW" => counts.new,
+        "PUBLISHED" => counts.published,
+        "FAILED" => counts.failed,
+        other => panic!("no outbox state {other}"),
+    }
 }
 
 /// The compiled example `name`. Builds the examples once per test process

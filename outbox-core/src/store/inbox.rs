@@ -8,8 +8,9 @@ use sqlx::Pool;
 use super::{InboxState, Row, decode_all};
 use crate::backend::sql::InboxSql;
 use crate::backend::{Backend, Column, Value};
-use crate::inbox::{Delivery, InboxCounts, ParkedDelivery};
+use crate::inbox::Delivery;
 use crate::names::TableName;
+use crate::rows::{InboxCounts, ParkedDelivery};
 use crate::{Error, schema};
 
 /// Rows per multi-row insert: 7 values a row, well under every database's

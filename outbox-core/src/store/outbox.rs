@@ -10,7 +10,7 @@ use super::{OutboxState, Row, decode_all};
 use crate::backend::sql::{INSERT_VALUES, OutboxSql};
 use crate::backend::{Backend, Column, Value, marks, placeholders};
 use crate::event::{Event, OutboxMessage};
-use crate::outbox::ParkedEvent;
+use crate::rows::{OutboxCounts, ParkedEvent};
 use crate::{Error, schema};
 
 /// Rows per `INSERT` statement: keeps the number of bound values well under
@@ -580,7 +580,7 @@ impl<DB: Backend> OutboxStore<DB> {
     }
 
     /// Rows per state.
-    pub(crate) async fn counts(&self) -> Result<Vec<(String, u64)>, Error> {
+    pub(crate) async fn counts(&self) -> Result<OutboxCounts, Error> {
         let mut conn = self.acquire().await?;
         let rows = DB::fetch(
             &mut conn,
@@ -590,9 +590,14 @@ impl<DB: Backend> OutboxStore<DB> {
         )
         .await
         .map_err(Error::db("counting rows"))?;
-        decode_all("outbox", rows, |mut row| {
+        let by_state = decode_all("outbox", rows, |mut row| {
             Ok((row.text(0, "process")?, row.count(1, "COUNT(*)")?))
-        })
+        })?;
+        let mut counts = OutboxCounts::default();
+        for (state, n) in by_state {
+            counts.add(OutboxState::from_sql(&state), n);
+        }
+        Ok(counts)
     }
 
     /// Up to `limit` parked rows, oldest first.
