@@ -40,11 +40,12 @@ pub struct ConsumerConfig {
     /// transient but may recur every time: a trigger or deferred constraint
     /// raising at `COMMIT`, a table missing after a schema change, a
     /// deadlock. Errors the data itself causes (a value a column refuses)
-    /// park a fresh delivery after `max_attempts` already. A database that
-    /// cannot be reached (connection refused or cut, pool timeouts) counts
-    /// for nothing: an outage is waited out however long it lasts. A batch
-    /// of deliveries that meets this many errors is settled one by one, each
-    /// with its own count.
+    /// park a delivery, or a row waiting for a retry, after `max_attempts`
+    /// of them in a row already. A database that cannot be reached
+    /// (connection refused or cut, pool timeouts) counts for nothing: an
+    /// outage is waited out however long it lasts. A batch of deliveries
+    /// that meets this many errors is settled one by one, each with its own
+    /// count.
     pub recurring_error_limit: u32,
     /// Longest a handler may run (default 60 s; `None`: no bound). A handler
     /// still running then (a lock wait without a timeout, a call that never

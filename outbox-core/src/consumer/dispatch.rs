@@ -11,7 +11,7 @@ use crate::backend::Backend;
 use crate::subscriber::{Incoming, Subscriber};
 
 use super::handler::Handler;
-use super::receive::deliver;
+use super::receive::receive;
 use super::shared::Shared;
 
 /// Runs `workers` workers that each take up to `most` waiting messages
@@ -45,7 +45,7 @@ pub(super) async fn shared_subscription<DB: Backend, H: Handler<DB>, S: Subscrib
                     };
                     gather(first, most, || subscription.try_next_message())
                 };
-                deliver(&shared, batch, &mut stopped).await;
+                receive(&shared, batch, &mut stopped).await;
             }
         });
     }
@@ -88,7 +88,7 @@ pub(super) async fn in_key_lanes<DB: Backend, H: Handler<DB>, S: Subscriber>(
                     .iter()
                     .map(|m| m.header("event-key").map(str::to_owned))
                     .collect();
-                deliver(&shared, batch, &mut stopped).await;
+                receive(&shared, batch, &mut stopped).await;
                 // A panic elsewhere while holding the map leaves plain counts.
                 map.lock()
                     .unwrap_or_else(|e| e.into_inner())

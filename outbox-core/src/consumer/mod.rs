@@ -26,12 +26,26 @@
 //! client reconnects, the broker delivers the message again and its inbox
 //! row settles it. Health reports the failure until a delivery settles.
 
+// The rooms. A delivery passes three levels: `receive` takes the messages a
+// worker gathered (`dispatch`: straight from the subscription, or through
+// per-key lanes) to their ACK (`ack`); `settle` makes attempts until each
+// delivery has an outcome, waiting out database errors; `apply` makes one
+// attempt in one transaction. What a failed try leads to (a retry at a
+// time, parking, trying again) is one pure decision, `failure`, asked by the
+// first delivery and by the retry pass (`retry`) alike. The background loop
+// (`housekeeping`) runs the retry passes, the row figures and, once the
+// queue is drained (`drain`), inbox retention. `config`, `handler`,
+// `metrics` and `columns` hold the settings, the handler's contract and the
+// calls into it, the counters, and the fitting of values to the inbox's
+// columns; `shared` the parts every task of a consumer reads.
+
 mod ack;
 mod apply;
 mod columns;
 mod config;
 mod dispatch;
 mod drain;
+mod failure;
 mod handler;
 mod housekeeping;
 mod metrics;

@@ -1,6 +1,8 @@
 //! Messages as they come from the subscription, from screening to the ACK:
 //! those that must not reach the handler are parked, the others settled,
-//! and the settled ones acknowledged.
+//! and the settled ones acknowledged. The highest of three levels:
+//! [`settle`](super::settle) below makes attempts until each delivery has an
+//! outcome, [`apply`](super::apply) makes one attempt.
 
 use tokio::sync::watch;
 
@@ -11,15 +13,18 @@ use crate::store::InboxState;
 use crate::subscriber::Incoming;
 
 use super::ack::{acknowledge, end_connection};
-use super::apply::set_aside;
+use super::apply::record_unapplied;
 use super::columns::{NO_DEDUP_ID, dedup_source, to_delivery};
 use super::handler::Handler;
 use super::metrics::{Count, InFlightGauge, count_outcomes};
 use super::settle::{park_unrecordable, pause, settle_batch, settle_one};
 use super::shared::Shared;
 
-/// Processes messages until they are settled (acked) or the consumer stops.
-pub(super) async fn deliver<DB: Backend, H: Handler<DB>>(
+/// Takes messages handed over by the subscription to their ACK: parks
+/// those that must not reach the handler, settles the others
+/// ([`settle_one`], [`settle_batch`]) and acknowledges what is settled, until
+/// the consumer stops.
+pub(super) async fn receive<DB: Backend, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     messages: Vec<impl Incoming>,
     stopped: &mut watch::Receiver<bool>,
@@ -99,7 +104,7 @@ pub(super) async fn park_message<DB: Backend, H: Handler<DB>>(
     tracing::error!(event_id = delivery.event_id, reason, "{what}");
     let mut failures = 0u32;
     let outcome = loop {
-        let error = match set_aside(
+        let error = match record_unapplied(
             &shared.inbox,
             &delivery,
             InboxState::Failed,
