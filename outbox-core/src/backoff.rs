@@ -23,9 +23,21 @@ impl Backoff {
 
     /// The delay before retry number `attempt` (0 for the first retry).
     pub fn delay(&self, attempt: u32) -> Duration {
+        self.delay_scaled(attempt, Backoff::jitter())
+    }
+
+    /// A random factor in `[0.5, 1.0]` for [`delay_scaled`](Self::delay_scaled).
+    pub(crate) fn jitter() -> f64 {
+        rand::thread_rng().gen_range(0.5..=1.0)
+    }
+
+    /// The delay before retry number `attempt`, scaled by `jitter` (in
+    /// `[0.5, 1.0]`) instead of a random factor: for decisions that take their
+    /// randomness as an argument.
+    pub(crate) fn delay_scaled(&self, attempt: u32, jitter: f64) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(30)).unwrap_or(u32::MAX);
         let full = self.base.saturating_mul(factor).min(self.max);
-        full.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+        full.mul_f64(jitter.clamp(0.5, 1.0))
     }
 }
 
