@@ -48,16 +48,6 @@ pub(crate) trait Standby {
     ) -> impl Future<Output = Result<Connection, Error>> + Send;
 }
 
-/// How a connect attempt went.
-enum Attempt {
-    /// The connection is up and in use.
-    Open(Connection),
-    /// It failed.
-    Failed(Error),
-    /// The client was closed meanwhile.
-    Closed,
-}
-
 /// Which connection the plan is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -183,18 +173,18 @@ impl Connector {
                 return Ok(None);
             }
             let error = match try_connect(&plan, config, standby).await {
-                Attempt::Open(connection) => {
+                Ok(Some(connection)) => {
                     self.connected(&plan);
                     if phase == Phase::Reconnect {
                         tracing::info!(addr = %plan.addr, attempt, "STOMP reconnected");
                     }
                     return Ok(Some(connection));
                 }
-                Attempt::Closed => return Ok(None),
-                Attempt::Failed(Error::ConnectRejected(e)) if e.is_login_refused() => {
+                Ok(None) => return Ok(None),
+                Err(Error::ConnectRejected(e)) if e.is_login_refused() => {
                     return Err(Error::ConnectRejected(e));
                 }
-                Attempt::Failed(e) => e,
+                Err(e) => e,
             };
             tracing::debug!(error = %error, attempt, addr = %plan.addr, "STOMP connect attempt failed");
             last = Some(error);
@@ -246,24 +236,22 @@ async fn wait(standby: &mut impl Standby, config: &Config, wake: Instant) -> boo
 }
 
 /// One attempt: the handshake with `plan`'s address, the `standby` serving
-/// requests meanwhile, and the connection taken into use.
-async fn try_connect(plan: &Plan, config: &Config, standby: &mut impl Standby) -> Attempt {
+/// requests meanwhile, and the connection taken into use. `Ok(None)`: the
+/// client was closed meanwhile.
+async fn try_connect(
+    plan: &Plan,
+    config: &Config,
+    standby: &mut impl Standby,
+) -> Result<Option<Connection>, Error> {
     let mut handshake = std::pin::pin!(establish(plan.addr.clone(), config));
-    let result = loop {
+    let handshake = loop {
         let tick = Instant::now() + sweep_every(config);
         tokio::select! {
-            result = &mut handshake => break result,
-            closed = standby.serve_one(tick) => if closed { return Attempt::Closed },
+            result = &mut handshake => break result?,
+            closed = standby.serve_one(tick) => if closed { return Ok(None) },
         }
     };
-    let opened = match result {
-        Ok(handshake) => standby.open(handshake).await,
-        Err(e) => Err(e),
-    };
-    match opened {
-        Ok(connection) => Attempt::Open(connection),
-        Err(e) => Attempt::Failed(e),
-    }
+    standby.open(handshake).await.map(Some)
 }
 
 /// What the CONNECT handshake gives: the framed socket, the CONNECTED

@@ -6,8 +6,8 @@
 use tokio::sync::mpsc;
 
 use super::Client;
-use super::message::Message;
-use super::sink::{Charge, Queue, Sink};
+use super::message::{Charge, Message};
+use super::sink::{Queue, Sink};
 use crate::session::Delivery;
 
 /// What became of a delivered message.
@@ -15,7 +15,7 @@ pub(crate) enum Offer {
     /// Its subscription took it.
     Taken,
     /// Its subscription has no room for it now.
-    Blocked(Blocked),
+    Blocked(Box<Blocked>),
     /// The stream of this subscription is gone.
     StreamGone(String),
 }
@@ -63,20 +63,22 @@ pub(crate) fn offer(delivery: Delivery<Sink>, client: Client, epoch: u64) -> Off
         // queue too is full.
         return match sink.try_queue(message) {
             Queue::Queued => Offer::Taken,
-            Queue::Full(message) => Offer::Blocked(Blocked {
+            Queue::Full(message) => Offer::Blocked(Box::new(Blocked {
                 sink,
                 message: *message,
-            }),
+            })),
             Queue::Closed => Offer::StreamGone(subscription),
         };
     }
     if message.charge.is_none() && !sink.is_closed() {
         // Over the byte budget: stop reading until enough is dropped.
-        return Offer::Blocked(Blocked { sink, message });
+        return Offer::Blocked(Box::new(Blocked { sink, message }));
     }
     match sink.sender().try_send(message) {
         Ok(()) => Offer::Taken,
-        Err(mpsc::error::TrySendError::Full(message)) => Offer::Blocked(Blocked { sink, message }),
+        Err(mpsc::error::TrySendError::Full(message)) => {
+            Offer::Blocked(Box::new(Blocked { sink, message }))
+        }
         Err(mpsc::error::TrySendError::Closed(_)) => Offer::StreamGone(subscription),
     }
 }

@@ -334,7 +334,7 @@ impl EventLoop {
             };
             match offer(delivery, client, self.epoch()) {
                 Offer::Taken => {}
-                Offer::Blocked(blocked) => self.blocked = Some(blocked),
+                Offer::Blocked(blocked) => self.blocked = Some(*blocked),
                 Offer::StreamGone(id) => write.push(self.session.stream_gone(id)),
             }
         }

@@ -3,12 +3,15 @@
 use std::fmt;
 
 use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::Client;
-use super::sink::Charge;
 use crate::codec::{Command, Frame, Headers, Oversize};
 use crate::error::Error;
 use crate::session::AckId;
+
+/// A delivered message's share of its subscription's byte budget.
+pub(crate) type Charge = OwnedSemaphorePermit;
 
 /// A delivered message.
 pub struct Message {

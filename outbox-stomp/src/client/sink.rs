@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 
-use super::message::Message;
+use super::message::{Charge, Message};
 use crate::codec::Frame;
 
 /// The bytes of messages in a subscription's queue (client acks): the event
@@ -91,9 +91,6 @@ pub(crate) struct Sink {
     /// that a subscription without room does not stop the event loop.
     waiting: Option<Waiting>,
 }
-
-/// A delivered message's share of its subscription's byte budget.
-pub(crate) type Charge = OwnedSemaphorePermit;
 
 impl Sink {
     /// A sink whose channel holds `capacity` messages and whose messages

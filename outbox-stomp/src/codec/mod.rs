@@ -24,6 +24,7 @@
 
 pub(crate) mod escape;
 mod frame;
+mod headers;
 #[cfg(test)]
 mod tests;
 
@@ -31,9 +32,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 pub use crate::error::CodecError;
-pub use frame::{Command, Frame, HeaderText, Headers, Oversize, Version};
+pub use frame::{Command, Frame, Oversize, Version};
+pub use headers::{HeaderText, Headers};
 
-use frame::HeadSpan;
+use headers::HeadSpan;
 
 /// Size limits the decoder enforces.
 ///
