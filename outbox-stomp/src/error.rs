@@ -1,6 +1,6 @@
 //! Errors of the STOMP crate, layered: codec → session → connection.
 
-use crate::codec::{Command, Frame};
+use crate::codec::{Command, Frame, Version};
 
 /// Why bytes could not be turned into a frame, or a frame into bytes.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +81,25 @@ pub enum CodecError {
         /// Bytes of the incomplete frame that were buffered.
         buffered: usize,
     },
+}
+
+/// The broker broke the STOMP protocol: what the session could not take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// CONNECTED names a version this client does not know.
+    #[error("server chose unknown STOMP version {0:?}")]
+    UnknownVersion(String),
+    /// CONNECTED names a version the client did not offer.
+    #[error("server chose STOMP {0}, which was not offered")]
+    VersionNotOffered(Version),
+    /// The answer to CONNECT was neither CONNECTED nor ERROR.
+    #[error("expected CONNECTED, got {0}")]
+    ExpectedConnected(Command),
+    /// A frame a server must not send on an open session (only MESSAGE,
+    /// RECEIPT and ERROR may come).
+    #[error("unexpected {0} frame")]
+    UnexpectedFrame(Command),
 }
 
 /// A broker URI that cannot be used, naming the bad part.
@@ -272,7 +291,7 @@ pub enum Error {
     },
     /// The broker broke the protocol.
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(#[from] SessionError),
     /// Every reconnect attempt failed.
     #[error("gave up after {attempts} connection attempts; last error: {last}")]
     ReconnectExhausted {

@@ -5,12 +5,14 @@
 //! - [`codec`]: the wire format, bytes ⇄ [`Frame`], with no sockets
 //!   (a `tokio_util` `Decoder`/`Encoder`: bounded, zero-copy, version-aware escaping);
 //! - `session` (internal): the protocol rules as a state machine without IO —
-//!   receipts, subscriptions, ack ids, heart-beat deadlines;
+//!   receipts, subscriptions, ack ids, heart-beat deadlines, the blame for a
+//!   connection's end; it takes a frame and the time and returns what to
+//!   write, whom to answer and what to deliver;
 //! - [`client`]: the event loop that owns the socket and timers, and the
 //!   [`Client`] handle: sends with awaitable receipts, transactions,
 //!   subscriptions as streams, reconnect over a failover list ([`uri`]).
 //!
-//! Errors are layered the same way: [`CodecError`] → [`Error`].
+//! Errors are layered the same way: [`CodecError`] → [`SessionError`] → [`Error`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), outbox_stomp::Error> {
@@ -45,5 +47,5 @@ pub use client::{
     Subscribe, Subscription, Transaction,
 };
 pub use codec::{Command, Frame, Headers, Limits, Oversize, Received, StompCodec, Version};
-pub use error::{BrokerError, CodecError, Error, UriError};
+pub use error::{BrokerError, CodecError, Error, SessionError, UriError};
 pub use uri::{BrokerAddr, BrokerUri, ReconnectPolicy, Scheme};

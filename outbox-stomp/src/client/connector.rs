@@ -1,6 +1,7 @@
 //! Getting a connection: which address to try next and after which delay (one
-//! plan for start-up and reconnect alike), the TCP/TLS/CONNECT handshake, and a
-//! transport wrapper that records when a write last made progress.
+//! plan for start-up and reconnect alike), the TCP/TLS/CONNECT handshake, and
+//! the one connect loop that runs them, for start-up and reconnect alike,
+//! while the requests that arrive meanwhile are served by a [`Standby`].
 //!
 //! ```text
 //!  attempt 0 1 2 3 …       start-up                     reconnect after losing address i
@@ -16,23 +17,36 @@
 //! connection is retried at the backoff's pace, not in a loop. A connection
 //! that ends any other way starts the schedule afresh.
 
+use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
-use super::Config;
+use super::connection::{Conn, Connection, Progress, Tracked, Transport};
+use super::{Config, sweep_every};
 use crate::codec::{Command, Frame, Received, StompCodec, Version};
-use crate::error::{BrokerError, CodecError, Error};
+use crate::error::{BrokerError, CodecError, Error, SessionError};
 use crate::uri::{BrokerAddr, ReconnectPolicy, Scheme};
+
+/// The client while no connection is up: it serves the requests that arrive
+/// and takes a fresh connection into use.
+pub(crate) trait Standby {
+    /// Serves one request, or at `tick` withdraws the waiting requests past
+    /// their deadline; true once the client was closed.
+    fn serve_one(&mut self, tick: Instant) -> impl Future<Output = bool> + Send;
+
+    /// Takes a fresh connection into use (negotiation, restored
+    /// subscriptions); an error fails that attempt.
+    fn open(
+        &mut self,
+        handshake: Handshake,
+    ) -> impl Future<Output = Result<Connection, Error>> + Send;
+}
 
 /// Which connection the plan is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +144,52 @@ impl Connector {
             0
         };
     }
+
+    /// The one connect loop for start-up and reconnect: tries the plan's
+    /// addresses with backoff and jitter, the `standby` serving requests
+    /// meanwhile, until one connects, the attempts run out, or a login is
+    /// refused. `Ok(None)`: the client was closed meanwhile.
+    pub(crate) async fn connect(
+        &mut self,
+        phase: Phase,
+        config: &Config,
+        standby: &mut impl Standby,
+    ) -> Result<Option<Connection>, Error> {
+        let mut attempt: u32 = 0;
+        let mut last: Option<Error> = None;
+        loop {
+            let Some(plan) = self.plan(attempt, phase) else {
+                let last = last.unwrap_or(Error::ConnectionLost);
+                return Err(match phase {
+                    Phase::Startup => last,
+                    Phase::Reconnect => Error::ReconnectExhausted {
+                        attempts: attempt,
+                        last: Box::new(last),
+                    },
+                });
+            };
+            attempt += 1;
+            if wait(standby, config, Instant::now() + plan.delay).await {
+                return Ok(None);
+            }
+            let error = match try_connect(&plan, config, standby).await {
+                Ok(Some(connection)) => {
+                    self.connected(&plan);
+                    if phase == Phase::Reconnect {
+                        tracing::info!(addr = %plan.addr, attempt, "STOMP reconnected");
+                    }
+                    return Ok(Some(connection));
+                }
+                Ok(None) => return Ok(None),
+                Err(Error::ConnectRejected(e)) if e.is_login_refused() => {
+                    return Err(Error::ConnectRejected(e));
+                }
+                Err(e) => e,
+            };
+            tracing::debug!(error = %error, attempt, addr = %plan.addr, "STOMP connect attempt failed");
+            last = Some(error);
+        }
+    }
 }
 
 fn seed() -> u64 {
@@ -161,144 +221,97 @@ fn jitter(delay: Duration, salt: u32) -> Duration {
     delay.saturating_sub(Duration::from_secs_f64(cut))
 }
 
-/// A byte stream the client can run STOMP over.
-pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
-
-/// When a write to the socket last moved bytes.
-#[derive(Debug)]
-pub(crate) struct Progress {
-    origin: Instant,
-    nanos: AtomicU64,
-}
-
-impl Progress {
-    pub(crate) fn new() -> Progress {
-        Progress {
-            origin: Instant::now(),
-            nanos: AtomicU64::new(0),
-        }
-    }
-
-    /// Records progress if a write moved bytes; passes its result on.
-    fn after(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            let nanos = self.origin.elapsed().as_nanos() as u64;
-            self.nanos.store(nanos, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    /// The last time bytes were written.
-    pub(crate) fn last(&self) -> Instant {
-        self.origin + Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
-    }
-}
-
-/// The socket with a record of write progress, so a stalled write can be told
-/// from a slow one.
-pub(crate) struct Tracked {
-    io: Box<dyn Transport>,
-    progress: Arc<Progress>,
-}
-
-impl AsyncRead for Tracked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Tracked {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.progress.after(polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.progress.after(polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// A framed connection to the broker.
-pub(crate) type Conn = Framed<Box<dyn Transport>, StompCodec>;
-
-/// Why a guarded write did not finish.
-#[derive(Debug)]
-pub(crate) enum WriteFailure {
-    /// No byte moved for the stall limit.
-    Stalled,
-    /// The socket or the encoder failed.
-    Codec(CodecError),
-}
-
-/// Runs `write`, failing it once no byte moved for `stall`. A write that
-/// trickles (slow link) goes on; one into full buffers (the broker stopped
-/// reading) fails.
-pub(crate) async fn guarded<F>(
-    write: F,
-    progress: &Progress,
-    stall: Duration,
-) -> Result<(), WriteFailure>
-where
-    F: std::future::Future<Output = Result<(), CodecError>>,
-{
-    let mut write = std::pin::pin!(write);
-    // Most writes complete at once; only a blocked one needs a timer.
-    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-    if let Poll::Ready(done) = first {
-        return done.map_err(WriteFailure::Codec);
-    }
-    let blocked = Instant::now();
+/// Waits until `wake`, the `standby` serving requests; true when the client
+/// was closed meanwhile.
+async fn wait(standby: &mut impl Standby, config: &Config, wake: Instant) -> bool {
     loop {
-        let limit = progress.last().max(blocked) + stall;
-        tokio::select! {
-            done = write.as_mut() => return done.map_err(WriteFailure::Codec),
-            _ = tokio::time::sleep_until(limit) => {
-                if progress.last().max(blocked) + stall <= Instant::now() {
-                    return Err(WriteFailure::Stalled);
-                }
-            }
+        let now = Instant::now();
+        if now >= wake {
+            return false;
+        }
+        if standby.serve_one(wake.min(now + sweep_every(config))).await {
+            return true;
         }
     }
 }
 
-/// Opens a connection to `addr` and performs the CONNECT handshake; returns the
-/// framed connection, the CONNECTED frame and the socket's write progress.
-pub(crate) async fn establish(
-    addr: BrokerAddr,
+/// One attempt: the handshake with `plan`'s address, the `standby` serving
+/// requests meanwhile, and the connection taken into use. `Ok(None)`: the
+/// client was closed meanwhile.
+async fn try_connect(
+    plan: &Plan,
     config: &Config,
-) -> Result<(Conn, Frame, Arc<Progress>), Error> {
+    standby: &mut impl Standby,
+) -> Result<Option<Connection>, Error> {
+    let mut handshake = std::pin::pin!(establish(plan.addr.clone(), config));
+    let handshake = loop {
+        let tick = Instant::now() + sweep_every(config);
+        tokio::select! {
+            result = &mut handshake => break result?,
+            closed = standby.serve_one(tick) => if closed { return Ok(None) },
+        }
+    };
+    standby.open(handshake).await.map(Some)
+}
+
+/// What the CONNECT handshake gives: the framed socket, the CONNECTED
+/// frame and the socket's write progress.
+pub(crate) struct Handshake {
+    pub(crate) framed: Conn,
+    pub(crate) connected: Frame,
+    pub(crate) progress: Arc<Progress>,
+    /// The address connected to.
+    pub(crate) addr: String,
+}
+
+/// Opens a connection to `addr` and performs the CONNECT handshake, all
+/// within the connect timeout.
+pub(crate) async fn establish(addr: BrokerAddr, config: &Config) -> Result<Handshake, Error> {
     let deadline = Instant::now() + config.connect_timeout;
     let shown = addr.to_string();
     let timeout = || Error::ConnectTimeout {
         addr: shown.clone(),
+        after: config.connect_timeout,
+    };
+    let (io, progress) = open_socket(&addr, config, deadline).await?;
+    let mut framed =
+        Framed::with_capacity(io, StompCodec::new(Version::V1_2, config.limits), 64 * 1024);
+    tokio::time::timeout_at(deadline, framed.send(connect_frame(&addr, config)))
+        .await
+        .map_err(|_| timeout())?
+        .map_err(|e| link_error(&shown, e))?;
+    loop {
+        let item = tokio::time::timeout_at(deadline, framed.next())
+            .await
+            .map_err(|_| timeout())?;
+        let frame = match item {
+            None => return Err(closed_by_peer(&shown, "during CONNECT")),
+            Some(Err(e)) => return Err(link_error(&shown, e)),
+            Some(Ok(Received::HeartBeat)) => continue,
+            Some(Ok(Received::Frame(f))) => f,
+        };
+        return match frame.command() {
+            Command::Connected => Ok(Handshake {
+                framed,
+                connected: frame,
+                progress,
+                addr: shown,
+            }),
+            Command::Error => Err(Error::ConnectRejected(BrokerError::from_frame(&frame))),
+            other => Err(SessionError::ExpectedConnected(other).into()),
+        };
+    }
+}
+
+/// The TCP connection to `addr`, under TLS for `stomp+ssl`, and the record
+/// of its write progress.
+async fn open_socket(
+    addr: &BrokerAddr,
+    config: &Config,
+    deadline: Instant,
+) -> Result<(Box<dyn Transport>, Arc<Progress>), Error> {
+    let timeout = || Error::ConnectTimeout {
+        addr: addr.to_string(),
         after: config.connect_timeout,
     };
     let tcp = tokio::time::timeout_at(
@@ -308,25 +321,25 @@ pub(crate) async fn establish(
     .await
     .map_err(|_| timeout())?
     .map_err(|source| Error::Connect {
-        addr: shown.clone(),
+        addr: addr.to_string(),
         source,
     })?;
     let _ = tcp.set_nodelay(true);
     // Progress is counted on the socket itself, under TLS: bytes taken into
     // TLS buffers are not bytes the broker read.
     let progress = Arc::new(Progress::new());
-    let tracked = Tracked {
-        io: Box::new(tcp),
-        progress: progress.clone(),
-    };
+    let tracked = Tracked::new(Box::new(tcp), progress.clone());
     let io: Box<dyn Transport> = match addr.scheme {
         Scheme::Tcp => Box::new(tracked),
-        Scheme::Tls => tokio::time::timeout_at(deadline, crate::tls::wrap(tracked, &addr, config))
+        Scheme::Tls => tokio::time::timeout_at(deadline, crate::tls::wrap(tracked, addr, config))
             .await
             .map_err(|_| timeout())??,
     };
-    let mut conn =
-        Framed::with_capacity(io, StompCodec::new(Version::V1_2, config.limits), 64 * 1024);
+    Ok((io, progress))
+}
+
+/// The CONNECT frame for `addr`: versions, host, heart-beats and credentials.
+fn connect_frame(addr: &BrokerAddr, config: &Config) -> Frame {
     let host = config
         .virtual_host
         .clone()
@@ -341,26 +354,7 @@ pub(crate) async fn establish(
     if let Some(id) = &config.client_id {
         connect = connect.with_header("client-id", id.clone());
     }
-    tokio::time::timeout_at(deadline, conn.send(connect))
-        .await
-        .map_err(|_| timeout())?
-        .map_err(|e| link_error(&shown, e))?;
-    loop {
-        let item = tokio::time::timeout_at(deadline, conn.next())
-            .await
-            .map_err(|_| timeout())?;
-        let frame = match item {
-            None => return Err(closed_by_peer(&shown, "during CONNECT")),
-            Some(Err(e)) => return Err(link_error(&shown, e)),
-            Some(Ok(Received::HeartBeat)) => continue,
-            Some(Ok(Received::Frame(f))) => f,
-        };
-        return match frame.command() {
-            Command::Connected => Ok((conn, frame, progress)),
-            Command::Error => Err(Error::ConnectRejected(BrokerError::from_frame(&frame))),
-            other => Err(Error::Protocol(format!("expected CONNECTED, got {other}"))),
-        };
-    }
+    connect
 }
 
 /// Names the broker address in socket failures while connecting; other codec

@@ -3,11 +3,17 @@
 //!
 //! The rooms:
 //! - `config`: [`Config`] (the builder) and [`ServerInfo`];
-//! - `connector`: the failover list, one connect loop's plan for start-up and
-//!   reconnect, the handshake, and write-progress tracking;
+//! - `connector`: the failover list, the handshake, and the one connect loop
+//!   for start-up and reconnect;
+//! - `connection`: one live connection: its writes, with a stall limit, and
+//!   its reads;
 //! - `event_loop`: the task that `select!`s over the network, the requests, the
-//!   heart-beat deadline and a sweep timer;
-//! - `subscription`: [`Subscribe`], [`Subscription`], [`Message`];
+//!   heart-beat deadline and a sweep timer, and carries out what the session
+//!   decides;
+//! - `backlog`: the requests that wait for a connection;
+//! - `delivery` and `sink`: how a delivered message reaches its
+//!   subscription's stream, within its bounds;
+//! - `subscription`: [`Subscribe`], [`Subscription`]; `message`: [`Message`];
 //! - `transaction`: [`Transaction`].
 //!
 //! When the connection drops, every request still waiting for a receipt fails
@@ -21,9 +27,14 @@
 //! them after a reconnect gives [`Error::Stale`] instead of confusing the
 //! broker.
 
+mod backlog;
 mod config;
+mod connection;
 mod connector;
+mod delivery;
 mod event_loop;
+mod message;
+mod sink;
 mod subscription;
 mod transaction;
 
@@ -36,16 +47,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use config::{Config, ServerInfo};
+pub use message::Message;
 pub use subscription::{
-    AckMode, DEFAULT_BUFFER_BYTES, DEFAULT_QUEUE_BYTES, Message, Subscribe, Subscription,
+    AckMode, DEFAULT_BUFFER_BYTES, DEFAULT_QUEUE_BYTES, Subscribe, Subscription,
 };
 pub use transaction::Transaction;
 
 use crate::codec::{Command, Frame};
 use crate::error::Error;
-use connector::Phase;
-pub(crate) use connector::Transport;
-use event_loop::{EventLoop, Sink};
+pub(crate) use connection::Transport;
+use connector::{Connector, Phase};
+use event_loop::EventLoop;
+use sink::Sink;
 
 pub(crate) type Reply = oneshot::Sender<Result<(), Error>>;
 
@@ -218,11 +231,16 @@ impl Client {
             end_asked: Mutex::new(None),
             end: tokio::sync::Notify::new(),
         });
+        let uri = &shared.config.uri;
+        let mut connector = Connector::new(&uri.addrs, &uri.reconnect);
         let mut event_loop = EventLoop::new(rx, tx.downgrade(), shared.clone());
-        let Some(conn) = event_loop.connect(Phase::Startup).await? else {
+        let connected = connector
+            .connect(Phase::Startup, &shared.config, &mut event_loop)
+            .await?;
+        let Some(conn) = connected else {
             return Err(Error::Closed);
         };
-        tokio::spawn(event_loop.run(conn));
+        tokio::spawn(event_loop.run(connector, conn));
         Ok(Client { tx, shared })
     }
 
