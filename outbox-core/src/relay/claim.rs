@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::Instrument;
 
+use super::failure::GiveBack;
 use super::{Claimed, Relay};
 use crate::backend::Backend;
 use crate::event::OutboxMessage;
@@ -89,7 +90,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .map(|h| h.id)
             .collect();
         if !held.is_empty() {
-            self.give_back_ids(&mut conn, token, &held, None).await?;
+            let rows = GiveBack::Rows { token, ids: &held };
+            self.give_back(Some(&mut conn), rows, None).await?;
             batch.retain(|h| h.key.is_none() || accepted.contains(&h.id));
         }
         let (needed, lease) = self.handoff_lease(behind);
@@ -125,8 +127,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         }
         let (batch, left_out) = self.read_rows(&mut conn, &batch).await?;
         if !left_out.is_empty() {
-            self.give_back_ids(&mut conn, token, &left_out, None)
-                .await?;
+            let rows = GiveBack::Rows {
+                token,
+                ids: &left_out,
+            };
+            self.give_back(Some(&mut conn), rows, None).await?;
         }
         Ok((!batch.is_empty()).then(|| Claimed {
             token: token.to_owned(),

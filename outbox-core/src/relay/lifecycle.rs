@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::failure::GiveBack;
 use super::housekeeping::{read_figures, retention_loop};
 use super::marks::{Marker, Marks};
 use super::owner;
@@ -231,10 +232,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     ) -> Result<(), Error> {
         let mut ended = marks.settle().await;
         if let Some(claimed) = ready.take() {
-            ended = ended.and(self.release(&claimed, None).await);
+            ended = ended.and(self.give_back(None, GiveBack::Batch(&claimed), None).await);
         }
         if handoff.is_some() && self.owned.load(Ordering::Acquire) {
-            ended = ended.and(self.release_token(&self.handoff_token, None).await);
+            let all = GiveBack::Token(&self.handoff_token);
+            ended = ended.and(self.give_back(None, all, None).await);
         }
         drop(handoff);
         if let Err(error) = &ended {

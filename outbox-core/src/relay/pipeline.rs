@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 
 use tracing::Instrument;
 
+use super::failure::GiveBack;
 use super::marks::Marks;
-use super::{Claimed, Publisher, Relay, Step};
+use super::{Claimed, Count, PublishError, Publisher, Relay, Step};
 use crate::backend::Backend;
 use crate::error::Error;
 use crate::event::OutboxMessage;
@@ -55,9 +56,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let n = current.batch.len();
         failpoint::hit("relay.before_publish");
         let (published, following) = tokio::join!(
-            self.publisher
-                .publish(&current.batch)
-                .instrument(crate::trace::publish_span(&current.batch)),
+            self.publish(&current.batch),
             self.next_batch(&in_flight, true)
         );
         match published {
@@ -69,15 +68,8 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 Ok(Step::Published(n))
             }
             Err(error) => {
-                if let Ok(Some(next)) = following {
-                    self.give_back_claimed(&next).await;
-                }
-                // Marked first: giving the batch back may give back every
-                // row under its token.
-                marks.drain().await;
-                self.unmarked
-                    .store(!marks.ids().is_empty(), Ordering::Release);
-                self.publish_failed(&current, error).await
+                let behind = following.ok().flatten();
+                self.failed(&current, behind.as_ref(), marks, error).await
             }
         }
     }
@@ -99,76 +91,113 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         failpoint::hit("relay.before_publish");
         let (published, following) = tokio::join!(
             async {
-                let published = self
-                    .publisher
-                    .publish(&current.batch)
-                    .instrument(crate::trace::publish_span(&current.batch))
-                    .await;
+                let published = self.publish(&current.batch).await;
                 let _ = done.send(());
                 published
             },
-            async {
-                // A wake-up may be left over from a commit this batch already
-                // holds: then the read finds nothing and the next one is awaited.
-                tokio::pin!(receipt);
-                let next = loop {
-                    tokio::select! {
-                        biased;
-                        _ = &mut receipt => return Ok(None),
-                        _ = self.wake.notified() => {}
-                    }
-                    if let Some(next) = self.take_handed_off(&ahead, false).await? {
-                        break next;
-                    }
-                };
-                if !shares_no_key(&current.batch, &next.batch) {
-                    return Ok(Some((next, None)));
-                }
-                failpoint::hit("relay.before_publish");
-                let published = self
-                    .publisher
-                    .publish(&next.batch)
-                    .instrument(crate::trace::publish_span(&next.batch))
-                    .await;
-                Ok::<_, Error>(Some((next, Some(published))))
-            }
+            self.follow(&current.batch, &ahead, receipt)
         );
         if let Err(error) = published {
             // The batch behind it goes back too, even if it arrived: it is
             // published again later (same event ids).
-            if let Ok(Some((next, _))) = following {
-                self.give_back_claimed(&next).await;
-            }
-            marks.drain().await;
-            self.unmarked
-                .store(!marks.ids().is_empty(), Ordering::Release);
-            return self.publish_failed(&current, error).await;
+            let behind = match &following {
+                Ok(Following::Read(next) | Following::Sent(next, _)) => Some(next),
+                Ok(Following::Nothing) | Err(_) => None,
+            };
+            return self.failed(&current, behind, marks, error).await;
         }
         failpoint::hit("relay.after_receipt");
         current.confirmed(&self.metrics);
         marks.push(current);
-        match following {
-            Ok(None) => Ok(Step::Published(n)),
-            Ok(Some((next, None))) => {
+        match following? {
+            Following::Nothing => Ok(Step::Published(n)),
+            Following::Read(next) => {
                 *ready = Some(next);
                 Ok(Step::Published(n))
             }
-            Ok(Some((next, Some(Ok(()))))) => {
+            Following::Sent(next, Ok(())) => {
                 failpoint::hit("relay.after_receipt");
                 next.confirmed(&self.metrics);
                 let m = next.batch.len();
                 marks.push(next);
                 Ok(Step::Published(n + m))
             }
-            Ok(Some((next, Some(Err(error))))) => {
-                marks.drain().await;
-                self.unmarked
-                    .store(!marks.ids().is_empty(), Ordering::Release);
-                self.publish_failed(&next, error).await
-            }
-            Err(error) => Err(error),
+            Following::Sent(next, Err(error)) => self.failed(&next, None, marks, error).await,
         }
     }
+
+    /// While `current` is on the wire: reads the rows handed off meanwhile
+    /// (none of `ahead`) and, if they share no key with it, publishes them
+    /// right behind it. Stops waiting once `receipt` says `current` is done.
+    async fn follow(
+        &self,
+        current: &[OutboxMessage],
+        ahead: &HashSet<i64>,
+        receipt: tokio::sync::oneshot::Receiver<()>,
+    ) -> Result<Following, Error> {
+        // A wake-up may be left over from a commit this batch already
+        // holds: then the read finds nothing and the next one is awaited.
+        tokio::pin!(receipt);
+        let next = loop {
+            tokio::select! {
+                biased;
+                _ = &mut receipt => return Ok(Following::Nothing),
+                _ = self.wake.notified() => {}
+            }
+            if let Some(next) = self.take_handed_off(ahead, false).await? {
+                break next;
+            }
+        };
+        if !shares_no_key(current, &next.batch) {
+            return Ok(Following::Read(next));
+        }
+        failpoint::hit("relay.before_publish");
+        let published = self.publish(&next.batch).await;
+        Ok(Following::Sent(next, published))
+    }
+
+    /// A publish failed. A batch read behind it goes back unpublished; if
+    /// that fails too, its rows stay leased to this relay until the lease
+    /// runs out and are claimed again then: late, never lost. The published
+    /// batches are marked first, since giving the failed batch back may give
+    /// back every row under its token; then the failure is settled.
+    async fn failed(
+        &self,
+        failed: &Claimed,
+        behind: Option<&Claimed>,
+        marks: &mut Marks<DB>,
+        error: PublishError,
+    ) -> Result<Step, Error> {
+        if let Some(behind) = behind
+            && let Err(error) = self.give_back(None, GiveBack::Batch(behind), None).await
+        {
+            self.metrics.add(Count::DbErrors, 1);
+            tracing::warn!(%error, rows = behind.batch.len(), "could not give back a batch; it is taken again when its lease runs out");
+        }
+        marks.drain().await;
+        self.unmarked
+            .store(!marks.ids().is_empty(), Ordering::Release);
+        self.publish_failed(failed, error).await
+    }
+
+    /// Publishes `batch` in one go, in a span of its own.
+    pub(super) async fn publish(&self, batch: &[OutboxMessage]) -> Result<(), PublishError> {
+        self.publisher
+            .publish(batch)
+            .instrument(crate::trace::publish_span(batch))
+            .await
+    }
+}
+
+/// What came of the rows handed off while a batch was on the wire.
+enum Following {
+    /// None came before the batch's receipt.
+    Nothing,
+    /// Rows that share a key with the batch: the next batch, published
+    /// after its receipt.
+    Read(Claimed),
+    /// Rows published right behind the batch, and how that went.
+    Sent(Claimed, Result<(), PublishError>),
 }
 
 /// `true` when no key has rows in both batches.
