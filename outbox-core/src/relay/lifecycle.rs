@@ -38,6 +38,10 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         })
     }
 
+    /// Runs the relay: takes the lock on its `relay_id`, starts the tasks
+    /// beside its loop, runs the loop until `shutdown` completes or the
+    /// broker is gone for good, then finishes what is in flight. The lock is
+    /// given up last.
     pub(super) async fn run_with(
         self,
         shutdown: impl Future<Output = ()> + Send,
@@ -63,35 +67,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             self.owned.clone(),
             stop,
         )));
-        let table = self.outbox.table().to_owned();
-        // Ends with this call however it ends: returned, failed or dropped.
-        let _listener = DB::listen(self.outbox.pool(), &table, self.wake.clone()).map(AbortOnDrop);
-        let _ = self.metrics.instruments.set(RelayInstruments::new(&table));
-        if let Some(link) = self.publisher.link() {
-            self.metrics.status.set_link(link);
-        }
-        let _figures = self.config.stats_interval.map(|every| {
-            AbortOnDrop(tokio::spawn(read_figures(
-                self.outbox.clone(),
-                self.metrics.clone(),
-                every,
-            )))
-        });
-        let membership = self.join().await;
-        let _renewing = membership
-            .clone()
-            .map(|m| AbortOnDrop(tokio::spawn(m.keep_renewing())));
-        let mut pacing = Pacing::new(&self.config, handoff.clone());
-        // Retention runs beside the pipeline: a first pass over millions of
-        // old rows must not hold up publishing (and the claimed batch's lease).
-        let _retention = self.config.retention.map(|keep| {
-            AbortOnDrop(tokio::spawn(retention_loop(
-                self.outbox.clone(),
-                self.metrics.clone(),
-                self.config.clone(),
-                keep,
-            )))
-        });
+        let mut beside = self.start_beside().await;
         // Published batches are marked in the background; until then their
         // rows count as ahead of everything read.
         let mut marks = Marks::new(Marker {
@@ -100,31 +76,85 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             backoff: self.config.outage_backoff,
         });
         let mut ready: Option<Claimed> = None;
+        let table = self.outbox.table();
         tracing::info!(relay = %self.config.relay_id, table, "relay started");
-        let stopped = loop {
-            marks.advance().await;
-            let outcome = self.turn(&mut ready, &mut marks).await;
-            let pause = match pacing.after(outcome, &self.metrics) {
-                Next::Go(pause) => pause,
-                Next::Stop(reason) => break Some(reason),
-            };
-            if self.wait(pause, &mut shutdown, &mut marks).await {
-                break None;
-            }
-        };
-        pacing.offer(false);
-        drop(_renewing);
-        if let Some(membership) = membership
-            && let Err(error) = membership.leave().await
-        {
-            tracing::warn!(%error, "could not leave the relays of the table; the others take this relay's partitions when its membership runs out");
-        }
+        let pacing = Pacing::new(&self.config, handoff.clone());
+        let stopped = self
+            .run_loop(pacing, &mut shutdown, &mut ready, &mut marks)
+            .await;
+        beside.leave().await;
         let ended = self.finish(ready, marks, handoff, stopped).await;
         // Given up last: a relay that takes it next finds nothing of this
         // one's still under way.
         let _ = stop_keeping.send(());
         let _ = keeper.finish().await;
         ended
+    }
+
+    /// Starts what runs beside the loop: the database's wake-ups, the
+    /// metrics, the figures, the membership among the table's relays and
+    /// retention.
+    async fn start_beside(&self) -> Beside<DB> {
+        let table = self.outbox.table();
+        // Ends with the run however it ends: returned, failed or dropped.
+        let listener = DB::listen(self.outbox.pool(), table, self.wake.clone()).map(AbortOnDrop);
+        let _ = self.metrics.instruments.set(RelayInstruments::new(table));
+        if let Some(link) = self.publisher.link() {
+            self.metrics.status.set_link(link);
+        }
+        let figures = self.config.stats_interval.map(|every| {
+            AbortOnDrop(tokio::spawn(read_figures(
+                self.outbox.clone(),
+                self.metrics.clone(),
+                every,
+            )))
+        });
+        let membership = self.join().await;
+        let renewing = membership
+            .clone()
+            .map(|m| AbortOnDrop(tokio::spawn(m.keep_renewing())));
+        // Retention runs beside the pipeline: a first pass over millions of
+        // old rows must not hold up publishing (and the claimed batch's lease).
+        let retention = self.config.retention.map(|keep| {
+            AbortOnDrop(tokio::spawn(retention_loop(
+                self.outbox.clone(),
+                self.metrics.clone(),
+                self.config.clone(),
+                keep,
+            )))
+        });
+        Beside {
+            _listener: listener,
+            _figures: figures,
+            _retention: retention,
+            renewing,
+            membership,
+        }
+    }
+
+    /// The loop: a turn, then a pause as `pacing` says, until `shutdown`
+    /// completes (`None`) or the broker is gone for good (why). Hand-off is
+    /// withdrawn when it ends.
+    async fn run_loop(
+        &self,
+        mut pacing: Pacing,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        ready: &mut Option<Claimed>,
+        marks: &mut Marks<DB>,
+    ) -> Option<String> {
+        let stopped = loop {
+            marks.advance().await;
+            let outcome = self.turn(ready, marks).await;
+            let pause = match pacing.after(outcome, &self.metrics) {
+                Next::Go(pause) => pause,
+                Next::Stop(reason) => break Some(reason),
+            };
+            if self.wait(pause, shutdown, marks).await {
+                break None;
+            }
+        };
+        pacing.offer(false);
+        stopped
     }
 
     /// Waits until this relay holds the lock on its `relay_id` and table;
@@ -314,6 +344,28 @@ async fn keep_lock<DB: Backend>(
     owned.store(false, Ordering::Release);
     if let Some(lock) = lock {
         lock.release().await;
+    }
+}
+
+/// The tasks that run beside a relay's loop; each stops when this is dropped.
+struct Beside<DB: Backend> {
+    _listener: Option<AbortOnDrop>,
+    _figures: Option<AbortOnDrop>,
+    _retention: Option<AbortOnDrop>,
+    renewing: Option<AbortOnDrop>,
+    membership: Option<Arc<Membership<DB>>>,
+}
+
+impl<DB: Backend> Beside<DB> {
+    /// Leaves the relays of the table: the others take this relay's
+    /// partitions at once.
+    async fn leave(&mut self) {
+        self.renewing = None;
+        if let Some(membership) = self.membership.take()
+            && let Err(error) = membership.leave().await
+        {
+            tracing::warn!(%error, "could not leave the relays of the table; the others take this relay's partitions when its membership runs out");
+        }
     }
 }
 
