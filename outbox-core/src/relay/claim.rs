@@ -535,7 +535,7 @@ fn claim_token(relay_id: &str, incarnation: &str, seq: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::{claim_token, keep_within_bytes};
-    use crate::store::outbox::{RowHead, Share};
+    use crate::store::outbox::RowHead;
 
     fn row(id: i64, bytes: usize) -> RowHead {
         RowHead {
