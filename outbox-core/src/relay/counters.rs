@@ -90,7 +90,7 @@ impl RelayMetrics {
     }
 
     /// The relay's health, as far as these counters know it: a relay run
-    /// with [`Relay::run`] reports [`Stopped`](crate::observe::RunState::Stopped)
+    /// with [`Relay::run`](super::Relay::run) reports [`Stopped`](crate::observe::RunState::Stopped)
     /// only once it stopped on its own; [`RelayHandle::health`](crate::task::TaskHandle::health)
     /// also knows when its task ended.
     pub fn health(&self) -> Health {
