@@ -5,11 +5,12 @@ use std::sync::atomic::Ordering;
 
 use tracing::Instrument;
 
+use super::failure::GiveBack;
 use super::{Claimed, Relay};
 use crate::backend::Backend;
 use crate::event::OutboxMessage;
 use crate::names::{ms, now_ms};
-use crate::store::outbox::RowHead;
+use crate::store::outbox::{RowHead, Share};
 use crate::{Error, Publisher};
 
 impl<DB: Backend, P: Publisher> Relay<DB, P> {
@@ -89,9 +90,43 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .map(|h| h.id)
             .collect();
         if !held.is_empty() {
-            self.give_back_ids(&mut conn, token, &held, None).await?;
+            let rows = GiveBack::Rows { token, ids: &held };
+            self.give_back(Some(&mut conn), rows, None).await?;
             batch.retain(|h| h.key.is_none() || accepted.contains(&h.id));
         }
+        self.keep_leased(&mut conn, &mut batch, now, behind).await?;
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let (batch, left_out) = self.read_rows(&mut conn, &batch).await?;
+        if !left_out.is_empty() {
+            let rows = GiveBack::Rows {
+                token,
+                ids: &left_out,
+            };
+            self.give_back(Some(&mut conn), rows, None).await?;
+        }
+        Ok((!batch.is_empty()).then(|| Claimed {
+            token: token.to_owned(),
+            batch,
+            handed_off: true,
+            taken_at,
+        }))
+    }
+
+    /// Lengthens the lease of the rows of `batch` (handed off under this
+    /// relay's token) that have too little left for the publish ahead, on
+    /// the database's clock. A row whose lease ran out meanwhile may be
+    /// another relay's by now: it leaves the batch, and so do its key's
+    /// later rows (per-key order); those renewed are read again next time,
+    /// with their new lease.
+    async fn keep_leased(
+        &self,
+        conn: &mut DB::Connection,
+        batch: &mut Vec<RowHead>,
+        now: i64,
+        behind: bool,
+    ) -> Result<(), Error> {
         let (needed, lease) = self.handoff_lease(behind);
         let short: Vec<i64> = batch
             .iter()
@@ -101,39 +136,27 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             })
             .map(|h| h.id)
             .collect();
-        if !short.is_empty() {
-            let renewed = store
-                .renew_lease(&mut conn, token, &short, now, now.saturating_add(lease))
-                .await?;
-            // Some ran out meanwhile and may be another relay's by now:
-            // those renewed are read again next time, with their new lease.
-            // The later rows of their keys wait with them (per-key order).
-            if renewed < short.len() as u64 {
-                let mut waiting: std::collections::HashSet<String> = Default::default();
-                batch.retain(|h| {
-                    let wait = short.contains(&h.id)
-                        || h.key.as_ref().is_some_and(|k| waiting.contains(k));
-                    if let (true, Some(key)) = (wait, &h.key) {
-                        waiting.insert(key.clone());
-                    }
-                    !wait
-                });
-            }
+        if short.is_empty() {
+            return Ok(());
         }
-        if batch.is_empty() {
-            return Ok(None);
+        let token = self.handoff_token.as_str();
+        let renewed = self
+            .outbox
+            .store()
+            .renew_lease(conn, token, &short, now, now.saturating_add(lease))
+            .await?;
+        if renewed < short.len() as u64 {
+            let mut waiting: HashSet<String> = HashSet::new();
+            batch.retain(|h| {
+                let wait =
+                    short.contains(&h.id) || h.key.as_ref().is_some_and(|k| waiting.contains(k));
+                if let (true, Some(key)) = (wait, &h.key) {
+                    waiting.insert(key.clone());
+                }
+                !wait
+            });
         }
-        let (batch, left_out) = self.read_rows(&mut conn, &batch).await?;
-        if !left_out.is_empty() {
-            self.give_back_ids(&mut conn, token, &left_out, None)
-                .await?;
-        }
-        Ok((!batch.is_empty()).then(|| Claimed {
-            token: token.to_owned(),
-            batch,
-            handed_off: true,
-            taken_at,
-        }))
+        Ok(())
     }
 
     /// How much lease (ms) a handed-off row must have left to be published
@@ -252,30 +275,72 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         if !store.any_due(now, share).await? {
             return Ok(Vec::new());
         }
-        let limit = self.config.batch_size.max(1);
-        let size = usize::try_from(limit).unwrap_or(usize::MAX);
         let mut tx = store.begin_relaxed().await?;
-        // Rows going ahead of the next window's rows of their keys: the ones
-        // in flight and those accepted from earlier windows.
-        let mut ahead = in_flight.clone();
         let remembered = self
             .waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .current();
+        let read = self
+            .read_windows(&mut tx, now, share, in_flight, remembered)
+            .await?;
+        // Keys found waiting in a claim that had to read past held-back rows,
+        // remembered for the next claims if they stay held a while (a parked
+        // row, a row waiting for its next attempt); a key held only by rows
+        // in flight elsewhere is not. A claim that read one window asks
+        // nothing more of the database.
+        let held = if read.found.is_empty() || !read.read_past {
+            Vec::new()
+        } else {
+            let keys: Vec<&str> = read.found.iter().map(String::as_str).collect();
+            store.held_keys(&mut tx, now, &keys).await?
+        };
+        // The payloads of the rows taken, and no others; rows left out
+        // (behind a row parked here) are simply not leased.
+        let (batch, _) = self.read_rows(&mut tx, &read.batch).await?;
+        if !batch.is_empty() {
+            let ids: Vec<i64> = batch.iter().map(|m| m.id).collect();
+            store.lease(&mut tx, token, now + ms(lease), &ids).await?;
+        }
+        tx.commit().await.map_err(Error::db("committing a claim"))?;
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .learn(held);
+        Ok(batch)
+    }
+
+    /// Reads windows of due rows on `conn` (the claim's transaction) until
+    /// a batch is full, the due rows end or [`CLAIM_WINDOWS`] were read. The
+    /// first window leaves out the keys `remembered` waiting; each later one
+    /// reads past the window before it and leaves out every key found
+    /// waiting so far.
+    async fn read_windows(
+        &self,
+        conn: &mut DB::Connection,
+        now: i64,
+        share: Share,
+        in_flight: &HashSet<i64>,
+        remembered: Vec<String>,
+    ) -> Result<Windows, Error> {
+        let store = self.outbox.store();
+        let limit = self.config.batch_size.max(1);
+        let size = usize::try_from(limit).unwrap_or(usize::MAX);
+        // Rows going ahead of the next window's rows of their keys: the ones
+        // in flight and those accepted from earlier windows.
+        let mut ahead = in_flight.clone();
         let remembered_len = remembered.len();
         let mut waiting_keys: Vec<String> = remembered;
         let mut after: Option<i64> = (!waiting_keys.is_empty()).then_some(i64::MIN);
-        // Whether a window was all held back and the claim read past it.
         let mut read_past = false;
         let mut batch: Vec<RowHead> = Vec::new();
         for _ in 0..CLAIM_WINDOWS {
             let heads = match after {
-                None => store.select_due(&mut tx, now, share, limit).await?,
+                None => store.select_due(conn, now, share, limit).await?,
                 Some(last) => {
                     let excluded: Vec<&str> = waiting_keys.iter().map(String::as_str).collect();
                     store
-                        .select_due_after(&mut tx, now, share, last, &excluded, limit)
+                        .select_due_after(conn, now, share, last, &excluded, limit)
                         .await?
                 }
             };
@@ -283,7 +348,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             let last = heads.iter().map(|h| h.id).max();
             // Per-key order: drop rows that an unpublished earlier row of
             // their key (not in this window, not ahead) must precede.
-            let accepted = self.key_order(&mut tx, &heads, &ahead).await?;
+            let accepted = self.key_order(conn, &heads, &ahead).await?;
             for h in &heads {
                 if let Some(key) = &h.key
                     && !accepted.contains(&h.id)
@@ -307,31 +372,12 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             after = last;
             read_past = true;
         }
-        // Keys found waiting in a claim that had to read past held-back rows,
-        // remembered for the next claims if they stay held a while (a parked
-        // row, a row waiting for its next attempt); a key held only by rows
-        // in flight elsewhere is not. A claim that read one window asks
-        // nothing more of the database.
-        let found = &waiting_keys[remembered_len.min(waiting_keys.len())..];
-        let held = if found.is_empty() || !read_past {
-            Vec::new()
-        } else {
-            let keys: Vec<&str> = found.iter().map(String::as_str).collect();
-            store.held_keys(&mut tx, now, &keys).await?
-        };
-        // The payloads of the rows taken, and no others; rows left out
-        // (behind a row parked here) are simply not leased.
-        let (batch, _) = self.read_rows(&mut tx, &batch).await?;
-        if !batch.is_empty() {
-            let ids: Vec<i64> = batch.iter().map(|m| m.id).collect();
-            store.lease(&mut tx, token, now + ms(lease), &ids).await?;
-        }
-        tx.commit().await.map_err(Error::db("committing a claim"))?;
-        self.waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .learn(held);
-        Ok(batch)
+        let found = waiting_keys.split_off(remembered_len.min(waiting_keys.len()));
+        Ok(Windows {
+            batch,
+            found,
+            read_past,
+        })
     }
 
     /// Parks the rows a claim read that do not hold a message (written by
@@ -400,6 +446,17 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         }
         Ok(accepted)
     }
+}
+
+/// What a claim's windows read.
+struct Windows {
+    /// The rows to take, in id order, within the batch's size and bytes.
+    batch: Vec<RowHead>,
+    /// Keys found waiting behind an earlier row of theirs, beyond those
+    /// the claim was given.
+    found: Vec<String>,
+    /// Whether a window was all held back and the claim read past it.
+    read_past: bool,
 }
 
 /// Cuts `batch` (in id order) after the rows that fit in `budget` bytes of

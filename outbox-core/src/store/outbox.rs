@@ -433,13 +433,13 @@ impl<DB: Backend> OutboxStore<DB> {
     /// Gives back every row held under `token`.
     pub(crate) async fn release_token(
         &self,
+        conn: &mut DB::Connection,
         token: &str,
         error: Option<&str>,
         now: i64,
     ) -> Result<(), Error> {
-        let mut conn = self.acquire().await?;
         DB::exec(
-            &mut conn,
+            conn,
             &self.sql.release,
             &[
                 Value::Text(error),
@@ -481,11 +481,12 @@ impl<DB: Backend> OutboxStore<DB> {
         .map_err(Error::db("deferring a refused destination"))
     }
 
-    /// Records a rejection of row `id` held under `token`: one attempt more,
-    /// parked as `FAILED` when that reaches `max_attempts`, else due again at
-    /// `next_attempt_at`. Returns the row's state after it, or `None` when the
-    /// row was no longer held under `token` (nothing changed).
-    pub(crate) async fn reject(
+    /// Records a rejection of row `id` held under `token` that spent its
+    /// last attempt: one attempt more, parked as `FAILED`. The statement
+    /// checks that one more attempt reaches `max_attempts`, as the relay
+    /// decided from the attempts it read; `false` when nothing changed (the
+    /// row was no longer held under `token`).
+    pub(crate) async fn park_rejected(
         &self,
         token: &str,
         id: i64,
@@ -493,31 +494,57 @@ impl<DB: Backend> OutboxStore<DB> {
         error: &str,
         next_attempt_at: i64,
         now: i64,
-    ) -> Result<Option<OutboxState>, Error> {
-        let mut conn = self.acquire().await?;
-        for (sql, state) in [
-            (&self.sql.park_rejected, OutboxState::Failed),
-            (&self.sql.retry_rejected, OutboxState::New),
-        ] {
-            let changed = DB::exec(
-                &mut conn,
-                sql,
-                &[
-                    Value::Text(Some(error)),
-                    Value::Int(next_attempt_at),
-                    Value::Int(now),
-                    Value::Int(id),
-                    Value::Text(Some(token)),
-                    Value::Int(i64::from(max_attempts)),
-                ],
-            )
+    ) -> Result<bool, Error> {
+        let sql = &self.sql.park_rejected;
+        self.record_rejection(sql, token, id, max_attempts, error, (next_attempt_at, now))
             .await
-            .map_err(Error::db("recording a rejection"))?;
-            if changed > 0 {
-                return Ok(Some(state));
-            }
-        }
-        Ok(None)
+    }
+
+    /// Records a rejection of row `id` held under `token` with attempts
+    /// left: one attempt more, due again at `next_attempt_at`. The statement
+    /// checks that one more attempt stays below `max_attempts`; `false` when
+    /// nothing changed (the row was no longer held under `token`).
+    pub(crate) async fn retry_rejected(
+        &self,
+        token: &str,
+        id: i64,
+        max_attempts: u32,
+        error: &str,
+        next_attempt_at: i64,
+        now: i64,
+    ) -> Result<bool, Error> {
+        let sql = &self.sql.retry_rejected;
+        self.record_rejection(sql, token, id, max_attempts, error, (next_attempt_at, now))
+            .await
+    }
+
+    /// Runs `sql`, one of the two rejection statements; `(next, now)` are
+    /// the next attempt time and the update time.
+    async fn record_rejection(
+        &self,
+        sql: &str,
+        token: &str,
+        id: i64,
+        max_attempts: u32,
+        error: &str,
+        (next_attempt_at, now): (i64, i64),
+    ) -> Result<bool, Error> {
+        let mut conn = self.acquire().await?;
+        let changed = DB::exec(
+            &mut conn,
+            sql,
+            &[
+                Value::Text(Some(error)),
+                Value::Int(next_attempt_at),
+                Value::Int(now),
+                Value::Int(id),
+                Value::Text(Some(token)),
+                Value::Int(i64::from(max_attempts)),
+            ],
+        )
+        .await
+        .map_err(Error::db("recording a rejection"))?;
+        Ok(changed > 0)
     }
 
     /// Parks the waiting row `id`, which cannot be read as an event, with
