@@ -126,11 +126,7 @@ macro_rules! users_in {
                 .bind(&user.name)
                 .bind(now_ms())
                 .execute(&mut **tx)
-                .await
-                .map_err(|source| outbox::core::Error::Database {
-                    action: "inserting a user",
-                    source,
-                })?;
+                .await?;
             Ok(user)
         }
 

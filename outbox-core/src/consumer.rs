@@ -219,6 +219,12 @@ impl ConsumerConfig {
                 "is empty; name a queue such as /queue/orders".to_owned(),
             );
         }
+        if let Err(reason) = outbox_rules::destination(&self.destination) {
+            return invalid(
+                "ConsumerConfig::destination",
+                format!("{:?}: {reason}", self.destination),
+            );
+        }
         for (setting, value) in [
             ("ConsumerConfig::concurrency", self.concurrency),
             ("ConsumerConfig::batch_size", self.batch_size),

@@ -41,10 +41,12 @@ pub mod consumer;
 mod error;
 mod event;
 pub mod failpoint;
+mod generated;
 mod inbox;
 mod names;
 pub mod observe;
 mod outbox;
+mod producer_error;
 pub mod relay;
 mod schema;
 mod store;
@@ -97,6 +99,10 @@ pub mod __private {
     pub use sqlx;
 
     pub use crate::consumer::{BoxFuture, decode_json};
+    pub use crate::generated::{assert_destination, assert_publish_destination, consumer_for};
     pub use crate::outbox::{append_to_pool_table, append_to_table};
+    pub use crate::producer_error::{
+        ErrorInto, HoldsOutboxErrors, NoConversion, ProducerResult, ViaOutboxError, ViaSqlxError,
+    };
     pub use crate::wake::wake;
 }
