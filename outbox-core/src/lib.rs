@@ -24,6 +24,8 @@
 //! - [`Backend`]: SQLite, PostgreSQL, MySQL/MariaDB (cargo features `sqlite`,
 //!   `postgres`, `mysql`); [`Error`] for everything that can go wrong;
 //! - [`failpoint`]: named crash points for tests (feature `failpoints`);
+//! - `testing` (feature `testing`): producers and handlers tested with the
+//!   application's real database and no broker;
 //! - trace context across the broker (feature `otel`): the producer's span
 //!   is stored with each row as W3C `traceparent`/`tracestate`/`baggage`
 //!   headers, and the relay's `outbox.publish` and the consumer's
@@ -52,6 +54,8 @@ mod schema;
 mod store;
 mod subscriber;
 pub mod task;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod trace;
 mod transport;
 mod wake;
