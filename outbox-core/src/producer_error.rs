@@ -106,6 +106,8 @@ pub trait HoldsOutboxErrors: Sized {
 }
 
 #[cfg(test)]
+// The ladder's extra references are what selects the rule.
+#[allow(clippy::needless_borrow)]
 mod tests {
     use super::*;
 
@@ -123,6 +125,7 @@ mod tests {
     #[derive(Debug)]
     enum Both {
         Outbox(Error),
+        #[allow(dead_code)]
         Db(sqlx::Error),
     }
 

@@ -96,24 +96,7 @@ fn expand_producer(p: &Producer) -> TokenStream {
         local("error"),
         local("source"),
     );
-    // The framework's errors become the user's error type directly
-    // (`From<outbox::core::Error>`) or through `sqlx::Error`; a type that takes
-    // neither is reported at the error type, and a missing `Serialize` at the
-    // event type.
-    let fail = |e: &Ident| {
-        let here = e.span().located_at(p.error_span);
-        let e = at(e, p.error_span);
-        quote_spanned! {here=>
-            return ::core::result::Result::Err({
-                #[allow(unused_imports)]
-                use ::outbox::__private::{NoConversion as _, ViaOutboxError as _, ViaSqlxError as _};
-                (&&::outbox::__private::ErrorInto::<
-                    <#output as ::outbox::__private::ProducerResult>::Err,
-                >::new())
-                .into_user_error(#e)
-            })
-        }
-    };
+    let fail = |e: &Ident| return_user_error(e, output, p.error_span);
 
     // In the pool form the transaction keeps the type the user wrote for it.
     let user_ty = p.pool.as_ref().map(|_| {
@@ -204,13 +187,7 @@ fn expand_producer(p: &Producer) -> TokenStream {
         },
     };
 
-    // A destination given as a `const` is checked when it is evaluated.
-    let checked = match &p.destination {
-        Destination::Const(path) => quote_spanned! {path.span()=>
-            const _: () = ::outbox::__private::assert_publish_destination(#path);
-        },
-        Destination::Literal(_) => TokenStream::new(),
-    };
+    let checked = const_check(&p.destination, "assert_publish_destination");
 
     quote! {
         #(#attrs)*
@@ -240,6 +217,44 @@ fn expand_producer(p: &Producer) -> TokenStream {
             #commit
             ::core::result::Result::Ok(#value)
         }
+    }
+}
+
+/// `return Err(…)` of the framework's error `e` as the user's error type:
+/// directly (`From<outbox::core::Error>`) or through `sqlx::Error`, chosen by
+/// `outbox_core`'s reference ladder; a type that takes neither is reported
+/// at the error type (`error_span`).
+fn return_user_error(e: &Ident, output: &syn::Type, error_span: Span) -> TokenStream {
+    let here = e.span().located_at(error_span);
+    let e = at(e, error_span);
+    let converted = local("converted");
+    quote_spanned! {here=>
+        return ::core::result::Result::Err({
+            #[allow(unused_imports)]
+            use ::outbox::__private::{NoConversion as _, ViaOutboxError as _, ViaSqlxError as _};
+            // The extra references select the rule.
+            #[allow(clippy::needless_borrow)]
+            let #converted = (&&::outbox::__private::ErrorInto::<
+                <#output as ::outbox::__private::ProducerResult>::Err,
+            >::new())
+            .into_user_error(#e);
+            #converted
+        })
+    }
+}
+
+/// For a destination given as a `const`: a `const _` that checks it with
+/// `outbox::__private::<assert>` when the constant is evaluated.
+fn const_check(destination: &Destination, assert: &str) -> TokenStream {
+    match destination {
+        Destination::Const(path) => {
+            // Spanned at the path, so that the error points at it.
+            let assert = Ident::new(assert, path.span());
+            quote_spanned! {path.span()=>
+                const _: () = ::outbox::__private::#assert(#path);
+            }
+        }
+        Destination::Literal(_) => TokenStream::new(),
     }
 }
 
@@ -279,12 +294,7 @@ fn expand_consumer(c: &Consumer) -> TokenStream {
         " The queue this consumer reads: {}.",
         destination.describe()
     );
-    let checked = match destination {
-        Destination::Const(path) => quote_spanned! {path.span()=>
-            const _: () = ::outbox::__private::assert_destination(#path);
-        },
-        Destination::Literal(_) => TokenStream::new(),
-    };
+    let checked = const_check(destination, "assert_destination");
     quote! {
         #func
 
