@@ -247,3 +247,138 @@ async fn consume<DB: Backend, H: Handler<DB>>(
     );
     Ok(())
 }
+
+/// The handler tested with the test kit on SQLite and PostgreSQL, without a
+/// broker (`cargo test --example points_service`): the same path as from
+/// ActiveMQ — inbox row, handler, commit, then acknowledgement.
+#[cfg(test)]
+mod tests {
+    use outbox::core::ConsumerConfig;
+    use outbox::core::testing::{self, Flaky, TestConsumer};
+    use outbox_test_harness::TestDb;
+
+    use super::*;
+
+    fn user_created(user_id: i64) -> Delivery {
+        Delivery::json(
+            format!("user-{user_id}"),
+            &serde_json::json!({ "user_id": user_id, "name": "ada" }),
+        )
+        .expect("serialisable")
+        .with_type("user.created")
+        .with_key(user_id)
+    }
+
+    macro_rules! points_tests {
+        ($db:ty, $module:ident, $open:expr) => {
+            use super::*;
+            use crate::$module::AwardWelcomePoints;
+
+            async fn points(pool: &sqlx::Pool<$db>) -> Vec<(i64, i64)> {
+                sqlx::query_as("SELECT user_id, points FROM welcome_points ORDER BY user_id")
+                    .fetch_all(pool)
+                    .await
+                    .expect("welcome points")
+            }
+
+            async fn start(
+                handler: Flaky<AwardWelcomePoints>,
+            ) -> Option<(TestDb<$db>, TestConsumer<$db>)> {
+                let db = $open.await?;
+                sqlx::query(CREATE_WELCOME_POINTS)
+                    .execute(db.pool())
+                    .await
+                    .expect("table");
+                let inbox = AwardWelcomePoints::inbox(db.pool().clone()).expect("inbox");
+                inbox.migrate().await.expect("migrate");
+                let config = ConsumerConfig {
+                    max_attempts: 3,
+                    ..testing::config()
+                };
+                let consumer = TestConsumer::start_with(inbox, handler, config).expect("consumer");
+                Some((db, consumer))
+            }
+
+            #[tokio::test]
+            async fn a_user_delivered_twice_gets_one_welcome() {
+                let Some((db, consumer)) = start(Flaky::new(AwardWelcomePoints)).await else {
+                    return;
+                };
+                for user_id in [2, 1, 2, 1, 3] {
+                    consumer.deliver(user_created(user_id));
+                }
+                let counts = consumer.drain().await.expect("drained");
+                assert_eq!((counts.processed, counts.duplicates), (3, 2), "{counts:?}");
+                assert_eq!(
+                    points(db.pool()).await,
+                    [
+                        (1, WELCOME_POINTS),
+                        (2, WELCOME_POINTS),
+                        (3, WELCOME_POINTS)
+                    ]
+                );
+                consumer.shutdown().await.expect("shutdown");
+            }
+
+            #[tokio::test]
+            async fn a_failing_transaction_leaves_no_points_and_is_retried() {
+                let handler = Flaky::new(AwardWelcomePoints).fail("user-7", 2);
+                let Some((db, consumer)) = start(handler).await else {
+                    return;
+                };
+                consumer.deliver(user_created(7));
+                let counts = consumer.drain().await.expect("drained");
+                assert_eq!((counts.processed, counts.failed), (1, 0), "{counts:?}");
+                assert!(counts.retried >= 2, "two failed attempts: {counts:?}");
+                assert_eq!(
+                    points(db.pool()).await,
+                    [(7, WELCOME_POINTS)],
+                    "the failed attempts rolled back"
+                );
+                consumer.shutdown().await.expect("shutdown");
+            }
+
+            #[tokio::test]
+            async fn an_event_that_keeps_failing_is_parked_and_can_be_replayed() {
+                let handler = Flaky::new(AwardWelcomePoints).fail_always("user-9");
+                let faults = handler.clone();
+                let Some((db, consumer)) = start(handler).await else {
+                    return;
+                };
+                consumer.deliver(user_created(9));
+                consumer.deliver(Delivery::raw("garbled", "{\"user\":"));
+                let counts = consumer.drain().await.expect("drained");
+                assert_eq!((counts.processed, counts.failed), (0, 2), "{counts:?}");
+                let mut parked: Vec<String> = consumer
+                    .parked()
+                    .await
+                    .expect("parked")
+                    .into_iter()
+                    .map(|p| p.event_id)
+                    .collect();
+                parked.sort();
+                assert_eq!(parked, ["garbled", "user-9"]);
+                assert!(points(db.pool()).await.is_empty());
+                // The cause fixed, the operator replays it with a fresh budget.
+                faults.heal("user-9");
+                assert!(consumer.inbox().replay("user-9").await.expect("replay"));
+                let counts = consumer.drain().await.expect("drained");
+                assert_eq!(counts.processed, 1, "{counts:?}");
+                assert_eq!(points(db.pool()).await, [(9, WELCOME_POINTS)]);
+                consumer.shutdown().await.expect("shutdown");
+            }
+        };
+    }
+
+    mod sqlite {
+        points_tests!(sqlx::Sqlite, on_sqlite, async {
+            Some(TestDb::sqlite().await.expect("sqlite"))
+        });
+    }
+
+    mod postgres {
+        points_tests!(sqlx::Postgres, on_postgres, async {
+            TestDb::postgres().await.expect("postgres")
+        });
+    }
+}

@@ -126,11 +126,7 @@ macro_rules! users_in {
                 .bind(&user.name)
                 .bind(now_ms())
                 .execute(&mut **tx)
-                .await
-                .map_err(|source| outbox::core::Error::Database {
-                    action: "inserting a user",
-                    source,
-                })?;
+                .await?;
             Ok(user)
         }
 
@@ -346,5 +342,61 @@ async fn register_users<DB: Backend>(
 async fn tick(pace: &mut Option<tokio::time::Interval>) {
     if let Some(pace) = pace {
         pace.tick().await;
+    }
+}
+
+/// The producer tested with the test kit on SQLite and PostgreSQL, without a
+/// broker (`cargo test --example user_service`): each registration appends
+/// its `user.created` event with the user row, and a failed one appends
+/// nothing.
+#[cfg(test)]
+mod tests {
+    use outbox::core::testing::appended;
+    use outbox_test_harness::TestDb;
+
+    use super::*;
+
+    macro_rules! user_tests {
+        ($db:ty, $module:ident, $open:expr) => {
+            use super::*;
+            use crate::$module::Db1;
+
+            #[tokio::test]
+            async fn a_registration_appends_its_event_and_a_failed_one_appends_nothing() {
+                let Some(db) = $open.await else { return };
+                let pool: sqlx::Pool<$db> = db.pool().clone();
+                Outbox::new(pool.clone()).migrate().await.expect("migrate");
+                let users = Db1(pool.clone());
+                users.create_table().await.expect("users table");
+                for user_id in [1, 2] {
+                    users.register(user_id).await.expect("registered");
+                }
+                // User 2 again: the insert fails, and so the whole transaction.
+                users.register(2).await.expect_err("a duplicate user id");
+                let events = appended(&pool).await.expect("outbox rows");
+                assert_eq!(events.len(), 2, "{events:?}");
+                for (event, user_id) in events.iter().zip([1, 2]) {
+                    assert_eq!(event.event_type, "user.created");
+                    assert_eq!(event.destination, "/topic/VirtualTopic.user.created");
+                    assert_eq!(event.key, Some(user_id.to_string()));
+                    let payload: serde_json::Value = event.json().expect("JSON");
+                    assert_eq!(payload["user_id"], user_id);
+                    assert_eq!(payload["name"], format!("user-{user_id}"));
+                }
+                assert_eq!(users.highest_id().await.expect("highest"), 2);
+            }
+        };
+    }
+
+    mod sqlite {
+        user_tests!(sqlx::Sqlite, on_sqlite, async {
+            Some(TestDb::sqlite().await.expect("sqlite"))
+        });
+    }
+
+    mod postgres {
+        user_tests!(sqlx::Postgres, on_postgres, async {
+            TestDb::postgres().await.expect("postgres")
+        });
     }
 }

@@ -11,6 +11,7 @@
 //! | apply them once | [`consumer`] | [`Consumer`](consumer::Consumer), [`Handler`](consumer::Handler), [`Inbox`](consumer::Inbox), or `#[transactional_event(consumer = …)]` |
 //! | watch and repair | [`admin`] | the backlog, parked rows, replays |
 //! | talk STOMP yourself | [`stomp`] | [`Client`](stomp::Client), [`Config`](stomp::Config) |
+//! | test your producers and handlers | `testing` (feature `testing`) | `appended`, `TestConsumer`, `Delivery::json` |
 //!
 //! [`core`] is the whole runtime crate (`outbox-core`), with the items above
 //! and [`Error`](core::Error), [`Backend`](core::Backend) and
@@ -25,6 +26,14 @@ pub use outbox_stomp as stomp;
 #[cfg(feature = "macros")]
 #[cfg_attr(doctest, doc = include_str!("../outbox-macros/manual.md"))]
 pub use outbox_macros::transactional_event;
+
+/// Testing producers and handlers with the application's real database and
+/// no broker (feature `testing`; add it to the `outbox` dev-dependency):
+/// what a producer appended, and handlers run through the consumer itself on
+/// scripted deliveries. docs/testing.md, "Testing your handlers", has a
+/// worked example.
+#[cfg(feature = "testing")]
+pub use outbox_core::testing;
 
 /// What `#[transactional_event]` expands to refers to this module. Not a stable API.
 #[doc(hidden)]

@@ -57,6 +57,17 @@ pub enum Error {
     /// An event field is not acceptable (empty destination, header with a newline…).
     #[error("invalid event: {0}")]
     InvalidEvent(String),
+    /// An event's destination is not one ActiveMQ's STOMP transport
+    /// documents (`/queue/…`, `/topic/…`, `/temp-queue/…`, `/temp-topic/…`;
+    /// see `outbox_rules::destination`): the broker would create a queue of
+    /// that odd name that no consumer reads.
+    #[error("invalid destination {destination:?}: {reason}")]
+    InvalidDestination {
+        /// The destination as given.
+        destination: String,
+        /// Why, worded as the fix.
+        reason: &'static str,
+    },
     /// The broker transport failed outside a publish (connect, subscribe).
     #[error("broker error: {0}")]
     Broker(#[from] outbox_stomp::Error),
@@ -82,7 +93,8 @@ pub enum Error {
     /// [`Outbox::wait_published`](crate::Outbox::wait_published) gave up:
     /// these events were still waiting to be published (no relay running,
     /// the broker away, or a row the broker keeps refusing and has not
-    /// parked yet).
+    /// parked yet). Also a test consumer's `drain` (feature `testing`) that
+    /// gave up: the deliveries not acknowledged and the retries waiting.
     #[error("{} event(s) still waiting to be published after {after:?}: {}", waiting.len(), waiting.join(", "))]
     WaitTimeout {
         /// The ids still waiting (`NEW`), in the order they were given.
@@ -150,6 +162,42 @@ impl Error {
         match self {
             Error::Database { source, .. } => permanent_db_error(source),
             _ => false,
+        }
+    }
+}
+
+/// A database error of the application's own statements, e.g. with `?` in
+/// a `#[transactional_event]` producer that returns this crate's error.
+impl From<sqlx::Error> for Error {
+    fn from(source: sqlx::Error) -> Error {
+        Error::Database {
+            action: "running a statement of the application",
+            source,
+        }
+    }
+}
+
+/// For code whose error type is `sqlx::Error`, such as a
+/// `#[transactional_event]` producer returning `Result<_, sqlx::Error>`. A
+/// database error is handed back as the `sqlx::Error` it was, so its kind
+/// (`as_database_error`, a unique violation, a pool timeout) reads as usual;
+/// an event refused at append ([`Error::Serialize`], [`Error::InvalidEvent`],
+/// [`Error::InvalidDestination`], [`Error::EventTooLarge`]) becomes [`sqlx::Error::Encode`] and an invalid
+/// name or setting [`sqlx::Error::Configuration`], each holding this error as
+/// its source (downcast it to read the details); anything else becomes
+/// [`sqlx::Error::Io`] of kind `Other` holding this error.
+impl From<Error> for sqlx::Error {
+    fn from(error: Error) -> sqlx::Error {
+        match error {
+            Error::Database { source, .. } => source,
+            Error::Serialize { .. }
+            | Error::InvalidEvent(_)
+            | Error::InvalidDestination { .. }
+            | Error::EventTooLarge { .. } => sqlx::Error::Encode(Box::new(error)),
+            Error::InvalidName { .. } | Error::InvalidConfig { .. } => {
+                sqlx::Error::Configuration(Box::new(error))
+            }
+            other => sqlx::Error::Io(std::io::Error::other(other)),
         }
     }
 }

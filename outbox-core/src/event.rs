@@ -138,6 +138,12 @@ impl Event {
                 self.destination
             ));
         }
+        if let Err(reason) = outbox_rules::publish_destination(&self.destination) {
+            return Err(Error::InvalidDestination {
+                destination: self.destination.clone(),
+                reason,
+            });
+        }
         if !length(&self.content_type, MAX_CONTENT_TYPE) {
             return bad(format!(
                 "content type {:?} must be 1 to 255 bytes",

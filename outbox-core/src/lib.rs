@@ -24,6 +24,8 @@
 //! - [`Backend`]: SQLite, PostgreSQL, MySQL/MariaDB (cargo features `sqlite`,
 //!   `postgres`, `mysql`); [`Error`] for everything that can go wrong;
 //! - [`failpoint`]: named crash points for tests (feature `failpoints`);
+//! - `testing` (feature `testing`): producers and handlers tested with the
+//!   application's real database and no broker;
 //! - trace context across the broker (feature `otel`): the producer's span
 //!   is stored with each row as W3C `traceparent`/`tracestate`/`baggage`
 //!   headers, and the relay's `outbox.publish` and the consumer's
@@ -41,16 +43,20 @@ pub mod consumer;
 mod error;
 mod event;
 pub mod failpoint;
+mod generated;
 mod inbox;
 mod names;
 pub mod observe;
 mod outbox;
+mod producer_error;
 pub mod relay;
 mod rows;
 mod schema;
 mod store;
 mod subscriber;
 pub mod task;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod trace;
 mod transport;
 mod wake;
@@ -100,6 +106,10 @@ pub mod __private {
     pub use sqlx;
 
     pub use crate::consumer::{BoxFuture, decode_json};
+    pub use crate::generated::{assert_destination, assert_publish_destination, consumer_for};
     pub use crate::outbox::{append_to_pool_table, append_to_table};
+    pub use crate::producer_error::{
+        ErrorInto, HoldsOutboxErrors, NoConversion, ProducerResult, ViaOutboxError, ViaSqlxError,
+    };
     pub use crate::wake::wake;
 }

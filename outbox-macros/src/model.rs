@@ -2,7 +2,9 @@
 //! so that errors and generated code point at the user's own tokens.
 
 use proc_macro2::Span;
-use syn::{Expr, Ident, ItemFn, LitStr, Pat, Type};
+use proc_macro2::TokenStream;
+use quote::ToTokens;
+use syn::{Expr, ExprPath, Ident, ItemFn, LitStr, Pat, Type};
 
 /// An argument's value together with the name it was given under.
 pub(crate) struct Named<T> {
@@ -16,12 +18,43 @@ pub(crate) struct Named<T> {
 #[derive(Default)]
 pub(crate) struct Args {
     pub(crate) pool: Option<Ident>,
-    pub(crate) destination: Option<Named<LitStr>>,
+    pub(crate) destination: Option<Named<Destination>>,
     pub(crate) event_type: Option<Named<LitStr>>,
     pub(crate) key: Option<Named<Expr>>,
     pub(crate) headers: Option<Named<Vec<Header>>>,
     pub(crate) table: Option<Named<LitStr>>,
     pub(crate) consumer: Option<Named<LitStr>>,
+}
+
+/// Where a producer's events go, or the queue a consumer reads.
+pub(crate) enum Destination {
+    /// A string literal, checked when the macro expands.
+    Literal(LitStr),
+    /// The path of a `const &str`, checked when the constant is evaluated
+    /// (a `const _` the expansion adds).
+    Const(ExprPath),
+}
+
+impl Destination {
+    /// How the destination reads in generated docs.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Destination::Literal(lit) => format!("`{:?}`", lit.value()),
+            Destination::Const(path) => {
+                let path = path.to_token_stream().to_string().replace(' ', "");
+                format!("the value of `{path}`")
+            }
+        }
+    }
+}
+
+impl ToTokens for Destination {
+    fn to_tokens(&self, tokens: &mut TokenStream) {
+        match self {
+            Destination::Literal(lit) => lit.to_tokens(tokens),
+            Destination::Const(path) => path.to_tokens(tokens),
+        }
+    }
 }
 
 /// One extra header of a producer's events.
@@ -45,7 +78,7 @@ pub(crate) struct Producer {
     pub(crate) tx: TxParam,
     /// `Some` in the pool form: the generated function takes `pool: &Pool<DB>`.
     pub(crate) pool: Option<Ident>,
-    pub(crate) destination: LitStr,
+    pub(crate) destination: Destination,
     pub(crate) event_type: LitStr,
     pub(crate) key: Option<Expr>,
     pub(crate) headers: Vec<Header>,
@@ -82,7 +115,7 @@ pub(crate) struct Consumer {
     /// The error type of the function's `Result` (for the span of the conversion).
     pub(crate) error_span: Span,
     pub(crate) consumer: LitStr,
-    pub(crate) destination: LitStr,
+    pub(crate) destination: Destination,
     /// The inbox table, if not the default.
     pub(crate) table: Option<LitStr>,
 }

@@ -13,7 +13,7 @@ use syn::{
 };
 
 use crate::args::{PairName, RawArg, RawArgs, RawValue, example};
-use crate::model::{Args, Consumer, Events, Form, Header, Named, Producer, TxParam};
+use crate::model::{Args, Consumer, Destination, Events, Form, Header, Named, Producer, TxParam};
 
 use outbox_rules::DEFAULT_OUTBOX_TABLE;
 
@@ -83,16 +83,7 @@ pub(crate) fn args(raw: RawArgs, errors: &mut Errors) -> CheckedArgs {
             }
             "key" => args.key = expression(arg, errors),
             "headers" => args.headers = headers(arg, errors),
-            "destination" => {
-                args.destination = string(arg, errors).filter(|d| {
-                    check_len(
-                        &d.value,
-                        "destination",
-                        outbox_rules::MAX_DESTINATION,
-                        errors,
-                    ) && check_no_control(&d.value, "destination", errors)
-                })
-            }
+            "destination" => args.destination = destination(arg, errors),
             "event_type" => {
                 args.event_type = string(arg, errors).filter(|t| {
                     check_len(&t.value, "event type", outbox_rules::MAX_EVENT_TYPE, errors)
@@ -195,6 +186,13 @@ fn string(arg: RawArg, errors: &mut Errors) -> Option<Named<LitStr>> {
             literal,
             format_args!("`{name}` takes a string literal: write `{fix}`"),
         ),
+        RawValue::Expr(_, expr) if name == "destination" => errors.spanned(
+            expr,
+            format_args!(
+                "`destination` takes a string literal or the path of a `const &str`, not an \
+                 expression: write `{fix}`"
+            ),
+        ),
         RawValue::Expr(_, expr) => errors.spanned(
             expr,
             format_args!(
@@ -210,6 +208,42 @@ fn string(arg: RawArg, errors: &mut Errors) -> Option<Named<LitStr>> {
         )),
     }
     None
+}
+
+/// `destination = "/queue/…"`, or the path of a `const &str`. A literal is
+/// checked here against the rule every consumer and producer destination
+/// follows (`outbox_rules::destination`); a producer's also against the
+/// publishing rule, in [`producer`].
+fn destination(arg: RawArg, errors: &mut Errors) -> Option<Named<Destination>> {
+    if let RawValue::Expr(_, Expr::Path(path)) = &arg.value
+        && path.qself.is_none()
+    {
+        return Some(Named {
+            name: arg.name,
+            value: Destination::Const(path.clone()),
+        });
+    }
+    let named = string(arg, errors)?;
+    check_destination(&named.value, outbox_rules::destination, errors).then(|| Named {
+        name: named.name,
+        value: Destination::Literal(named.value),
+    })
+}
+
+fn check_destination(
+    value: &LitStr,
+    rule: fn(&str) -> Result<(), &'static str>,
+    errors: &mut Errors,
+) -> bool {
+    let text = value.value();
+    if let Err(reason) = rule(&text) {
+        errors.spanned(
+            value,
+            format_args!("invalid destination {text:?}: {reason}"),
+        );
+        return false;
+    }
+    true
 }
 
 /// `key = expression`.
@@ -451,6 +485,11 @@ fn producer(args: Args, func: ItemFn, errors: &mut Errors) -> Option<Producer> {
     });
     let (tx, (output, _, error_span), (events, event_span)) = (tx?, output?, events?);
     let (destination, event_type) = (args.destination?, args.event_type?);
+    if let Destination::Literal(lit) = &destination.value
+        && !check_destination(lit, outbox_rules::publish_destination, errors)
+    {
+        return None;
+    }
     let table = match args.table {
         Some(t) => LitStr::new(&t.value.value().to_ascii_lowercase(), t.value.span()),
         None => LitStr::new(DEFAULT_OUTBOX_TABLE, Span::call_site()),
@@ -687,8 +726,9 @@ fn transaction_param(sig: &Signature, errors: &mut Errors) -> Option<TxParam> {
     }
 }
 
-/// `Result<Ok, Err>` (any path ending in `Result`): the whole type, the `Ok`
-/// type and the span of the error type.
+/// `Result<Ok, Err>` (any path whose last segment ends in `Result`, so that
+/// aliases such as `ShopResult<T>` pass): the whole type, the `Ok` type and
+/// the span of the error type (of the whole type for an alias).
 fn result_type(sig: &Signature, errors: &mut Errors) -> Option<(Type, Type, Span)> {
     const FIX: &str = "return a `Result`, e.g. `-> Result<UserCreated, MyError>` \
                        where `MyError: From<outbox::core::Error>`";
@@ -704,10 +744,13 @@ fn result_type(sig: &Signature, errors: &mut Errors) -> Option<(Type, Type, Span
     };
     let last = as_path(strip(ty)).and_then(|p| p.path.segments.last());
     let args = match last {
-        Some(segment) if segment.ident == "Result" => match &segment.arguments {
-            PathArguments::AngleBracketed(args) => Some(args),
-            _ => None,
-        },
+        // `Result`, or an alias named like one (`anyhow::Result<T>`, `ShopResult<T>`).
+        Some(segment) if segment.ident.to_string().ends_with("Result") => {
+            match &segment.arguments {
+                PathArguments::AngleBracketed(args) => Some(args),
+                _ => None,
+            }
+        }
         _ => None,
     };
     let mut types = args

@@ -142,6 +142,207 @@ pub fn consumer_name(name: &str) -> Result<(), &'static str> {
     }
 }
 
+/// The destination prefixes ActiveMQ's STOMP transport knows.
+pub const DESTINATION_PREFIXES: &[&str] = &["/queue/", "/topic/", "/temp-queue/", "/temp-topic/"];
+
+/// Checks a destination as ActiveMQ's STOMP transport documents them:
+/// `/queue/<name>`, `/topic/<name>`, `/temp-queue/<name>` or
+/// `/temp-topic/<name>`, at most [`MAX_DESTINATION`] bytes, without
+/// whitespace or control characters; a comma-separated list of such
+/// destinations (a composite destination) is one too. A Virtual Topic is
+/// published to as `/topic/VirtualTopic.<name>` and read from
+/// `/queue/Consumer.<service>.VirtualTopic.<name>`, each part named.
+///
+/// A `const fn`, so that `#[transactional_event]` can check a destination
+/// given as a `const` when the constant is evaluated.
+///
+/// ```
+/// use outbox_rules::destination;
+/// assert!(destination("/topic/VirtualTopic.order.placed").is_ok());
+/// assert!(destination("/queue/Consumer.shipping.VirtualTopic.order.placed").is_ok());
+/// assert!(destination("topic/VirtualTopic.order.placed").is_err());
+/// assert!(destination("order.placed").is_err());
+/// ```
+pub const fn destination(value: &str) -> Result<(), &'static str> {
+    let bytes = value.as_bytes();
+    if bytes.is_empty() {
+        return Err("name a destination, e.g. /queue/orders or /topic/VirtualTopic.order.placed");
+    }
+    if bytes.len() > MAX_DESTINATION {
+        return Err("use at most 1024 bytes");
+    }
+    if has_space_or_control(bytes) {
+        return Err(
+            "remove the whitespace and control characters: ActiveMQ would keep them as part of the name",
+        );
+    }
+    // Each part of a composite destination on its own.
+    let mut start = 0;
+    let mut i = 0;
+    while i <= bytes.len() {
+        if i == bytes.len() || bytes[i] == b',' {
+            if let Err(reason) = single_destination(bytes, start, i) {
+                return Err(reason);
+            }
+            start = i + 1;
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// [`destination`], for where a producer's events go: not a wildcard
+/// (`*` or `>` as a part of the name), which ActiveMQ takes only in
+/// subscriptions.
+pub const fn publish_destination(value: &str) -> Result<(), &'static str> {
+    if let Err(reason) = destination(value) {
+        return Err(reason);
+    }
+    let bytes = value.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'*' || bytes[i] == b'>' {
+            return Err(
+                "remove the wildcard (`*`, `>`): a message is sent to one named destination, wildcards are for subscriptions",
+            );
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// One destination of a (possibly composite) list: `bytes[start..end]`.
+const fn single_destination(bytes: &[u8], start: usize, end: usize) -> Result<(), &'static str> {
+    if start == end {
+        return Err("remove the empty entry from the comma-separated list of destinations");
+    }
+    let mut p = 0;
+    while p < DESTINATION_PREFIXES.len() {
+        let prefix = DESTINATION_PREFIXES[p].as_bytes();
+        if starts_with(bytes, start, end, prefix) {
+            let name = start + prefix.len();
+            if name == end {
+                return Err("name the queue or topic after its prefix, e.g. /queue/orders");
+            }
+            return virtual_topic(bytes, name, end, p == 1);
+        }
+        // The same without its leading slash: `topic/…`.
+        if starts_with(bytes, start, end, split_first(prefix)) {
+            return Err("start the destination with a slash: /queue/… or /topic/…");
+        }
+        p += 1;
+    }
+    Err(
+        "start the destination with /queue/, /topic/, /temp-queue/ or /temp-topic/ (ActiveMQ's STOMP prefixes), e.g. /topic/VirtualTopic.order.placed",
+    )
+}
+
+/// The Virtual Topic forms, for a name `bytes[name..end]` of a topic
+/// (`topic`) or a queue.
+const fn virtual_topic(
+    bytes: &[u8],
+    name: usize,
+    end: usize,
+    topic: bool,
+) -> Result<(), &'static str> {
+    const VT: &[u8] = b"VirtualTopic.";
+    const CONSUMER: &[u8] = b"Consumer.";
+    if starts_with(bytes, name, end, VT) {
+        if !topic {
+            return Err(
+                "publish to a Virtual Topic as a topic, /topic/VirtualTopic.<name>; its consumers read /queue/Consumer.<service>.VirtualTopic.<name>",
+            );
+        }
+        if name + VT.len() == end {
+            return Err("name the Virtual Topic after `VirtualTopic.`");
+        }
+        return Ok(());
+    }
+    if !topic && starts_with(bytes, name, end, CONSUMER) {
+        // `Consumer.<service>.VirtualTopic.<name>`: the service and the name.
+        let service = name + CONSUMER.len();
+        let mut i = service;
+        while i < end {
+            if bytes[i] == b'.' && starts_with(bytes, i + 1, end, VT) {
+                if i == service {
+                    return Err(
+                        "name the consuming service: /queue/Consumer.<service>.VirtualTopic.<name>",
+                    );
+                }
+                if i + 1 + VT.len() == end {
+                    return Err("name the Virtual Topic after `VirtualTopic.`");
+                }
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// `bytes[start..end]` begins with `prefix`.
+const fn starts_with(bytes: &[u8], start: usize, end: usize, prefix: &[u8]) -> bool {
+    if end < start || end - start < prefix.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < prefix.len() {
+        if bytes[start + i] != prefix[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// `prefix` without its first byte.
+const fn split_first(prefix: &[u8]) -> &[u8] {
+    match prefix.split_first() {
+        Some((_, rest)) => rest,
+        None => prefix,
+    }
+}
+
+/// Any whitespace or control character, ASCII or not (`bytes` is UTF-8).
+const fn has_space_or_control(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let (c, len) = if b < 0x80 {
+            (b as u32, 1)
+        } else if b < 0xe0 {
+            (((b as u32) & 0x1f) << 6 | (bytes[i + 1] as u32 & 0x3f), 2)
+        } else if b < 0xf0 {
+            (
+                ((b as u32) & 0x0f) << 12
+                    | (bytes[i + 1] as u32 & 0x3f) << 6
+                    | (bytes[i + 2] as u32 & 0x3f),
+                3,
+            )
+        } else {
+            (0x10000, 4)
+        };
+        let space = matches!(
+            c,
+            0x00..=0x20
+                | 0x7f..=0xa0
+                | 0x1680
+                | 0x2000..=0x200b
+                | 0x2028
+                | 0x2029
+                | 0x202f
+                | 0x205f
+                | 0x3000
+                | 0xfeff
+        );
+        if space {
+            return true;
+        }
+        i += len;
+    }
+    false
+}
+
 /// Checks that a text field is 1 to `max` bytes.
 pub fn length(value: &str, max: usize) -> bool {
     !value.is_empty() && value.len() <= max
@@ -180,6 +381,65 @@ mod tests {
         assert!(is_reserved_header("Event-Id"));
         assert!(!is_reserved_header("tenant"));
         assert_eq!(MAX_RELAY_ID, 62);
+    }
+
+    #[test]
+    fn destinations_take_the_forms_activemq_documents() {
+        for ok in [
+            "/queue/orders",
+            "/topic/prices",
+            "/temp-queue/replies",
+            "/temp-topic/t1",
+            "/topic/VirtualTopic.order.placed",
+            "/queue/Consumer.shipping.VirtualTopic.order.placed",
+            "/queue/a,/topic/b",
+            "/queue/commandes.été",
+        ] {
+            assert_eq!(destination(ok), Ok(()), "{ok}");
+            assert_eq!(publish_destination(ok), Ok(()), "{ok}");
+        }
+        let refused = [
+            ("", "name a destination"),
+            (
+                "topic/VirtualTopic.order.placed",
+                "start the destination with a slash",
+            ),
+            ("queue/orders", "start the destination with a slash"),
+            ("order.placed", "start the destination with /queue/"),
+            (
+                "order-placed-no-prefix",
+                "start the destination with /queue/",
+            ),
+            ("/orders", "start the destination with /queue/"),
+            ("/queue/", "name the queue or topic"),
+            ("/topic/ orders", "remove the whitespace"),
+            ("/queue/orders\n", "remove the whitespace"),
+            ("/queue/orders\u{a0}", "remove the whitespace"),
+            ("/queue/a,,/queue/b", "remove the empty entry"),
+            ("/queue/a,orders", "start the destination with /queue/"),
+            (
+                "/queue/VirtualTopic.order.placed",
+                "publish to a Virtual Topic as a topic",
+            ),
+            ("/topic/VirtualTopic.", "name the Virtual Topic"),
+            (
+                "/queue/Consumer..VirtualTopic.x",
+                "name the consuming service",
+            ),
+            ("/queue/Consumer.s.VirtualTopic.", "name the Virtual Topic"),
+        ];
+        for (bad, reason) in refused {
+            let error = destination(bad).expect_err(bad);
+            assert!(error.starts_with(reason), "{bad:?}: {error}");
+        }
+        assert!(destination(&format!("/queue/{}", "q".repeat(MAX_DESTINATION))).is_err());
+        assert!(
+            destination("/topic/prices.>").is_ok(),
+            "a subscription may use wildcards"
+        );
+        assert!(publish_destination("/topic/prices.>").is_err());
+        assert!(publish_destination("/topic/prices.*.eu").is_err());
+        const { assert!(destination("/queue/checked.at.compile.time").is_ok()) }
     }
 
     #[test]

@@ -17,11 +17,7 @@ pub async fn place_order(
     sqlx::query("INSERT INTO orders (id) VALUES (?)")
         .bind(order_id)
         .execute(&mut **tx)
-        .await
-        .map_err(|source| outbox::core::Error::Database {
-            action: "inserting an order",
-            source,
-        })?;
+        .await?;
     Ok(OrderPlaced { order_id })
 }
 
