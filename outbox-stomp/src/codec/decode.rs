@@ -224,6 +224,24 @@ impl StompCodec {
         }
     }
 
+    /// A body of `length` bytes, over the limit: a MESSAGE's is read past,
+    /// any other frame's is an error.
+    fn body_over_limit(&mut self, length: usize) -> Result<Step, CodecError> {
+        if let DecodeState::Body {
+            command: Command::Message,
+            ..
+        } = self.state
+        {
+            self.skip();
+            return Ok(Step::Next);
+        }
+        self.state = DecodeState::Idle;
+        Err(CodecError::BodyTooLarge {
+            length,
+            limit: self.limits.max_body,
+        })
+    }
+
     /// Inside the body: once it and its NUL are there, the frame is complete.
     fn decode_body(&mut self, buf: &mut BytesMut) -> Result<Step, CodecError> {
         let DecodeState::Body {
@@ -234,7 +252,6 @@ impl StompCodec {
         else {
             return Ok(Step::Next);
         };
-        let too_large = |length, limit| CodecError::BodyTooLarge { length, limit };
         let body_len = match *content_length {
             Some(length) if buf.len() <= length => return Ok(Step::Wait),
             Some(length) if buf[length] != 0 => {
@@ -247,17 +264,7 @@ impl StompCodec {
             None => match memchr::memchr(0, &buf[*scanned..]) {
                 Some(off) => *scanned + off,
                 None if buf.len() > self.limits.max_body => {
-                    let length = buf.len();
-                    if let DecodeState::Body {
-                        command: Command::Message,
-                        ..
-                    } = self.state
-                    {
-                        self.skip();
-                        return Ok(Step::Next);
-                    }
-                    self.state = DecodeState::Idle;
-                    return Err(too_large(length, self.limits.max_body));
+                    return self.body_over_limit(buf.len());
                 }
                 None => {
                     *scanned = buf.len();
@@ -266,17 +273,8 @@ impl StompCodec {
             },
         };
         if body_len > self.limits.max_body {
-            if let DecodeState::Body {
-                command: Command::Message,
-                ..
-            } = self.state
-            {
-                // Already here in full: dropped all the same.
-                self.skip();
-                return Ok(Step::Next);
-            }
-            self.state = DecodeState::Idle;
-            return Err(too_large(body_len, self.limits.max_body));
+            // Already here in full: dropped all the same.
+            return self.body_over_limit(body_len);
         }
         let body = buf.split_to(body_len).freeze();
         buf.advance(1);

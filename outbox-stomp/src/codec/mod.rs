@@ -1,6 +1,8 @@
 //! The STOMP wire format: bytes ⇄ [`Frame`], no sockets.
 //!
-//! [`StompCodec`] is a `tokio_util::codec` [`Decoder`] and [`Encoder`]. Decoding
+//! [`StompCodec`] is a `tokio_util::codec`
+//! [`Decoder`](tokio_util::codec::Decoder) and
+//! [`Encoder`](tokio_util::codec::Encoder) (in `decode` and `encode`). Decoding
 //! works in two steps: a cheap scan for the end of the head (`\n\n`), which
 //! remembers how far it got so a slow peer's bytes are not rescanned and where
 //! each line ends, then one pass over those lines that builds the headers as
