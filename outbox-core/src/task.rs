@@ -6,7 +6,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::Error;
-use crate::observe::Health;
 
 /// A relay or consumer running on a task, with its counters `M`: stop it
 /// gracefully with [`shutdown`](TaskHandle::shutdown). See [`RelayHandle`]
@@ -18,7 +17,7 @@ use crate::observe::Health;
 pub struct TaskHandle<M> {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), Error>>,
-    metrics: Arc<M>,
+    pub(crate) metrics: Arc<M>,
     what: &'static str,
 }
 
@@ -62,25 +61,5 @@ impl<M> TaskHandle<M> {
     /// good ([`Error::BrokerGone`]) or panicked; `shutdown` then says why.
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
-    }
-}
-
-impl TaskHandle<crate::relay::RelayMetrics> {
-    /// The relay's health, for readiness and liveness probes: connected,
-    /// reconnecting, failing on its database or stopped (with why), the time
-    /// since the broker last confirmed a batch, and the backlog and its age
-    /// as last read ([`RelayConfig::stats_interval`](crate::RelayConfig::stats_interval)).
-    pub fn health(&self) -> Health {
-        self.metrics.status.health(self.is_finished())
-    }
-}
-
-impl TaskHandle<crate::consumer::ConsumerMetrics> {
-    /// The consumer's health, for readiness and liveness probes: connected,
-    /// reconnecting, failing on its database or stopped (with why), the time
-    /// since a delivery was last settled, and the inbox rows retrying and
-    /// parked as last counted ([`ConsumerConfig::stats_interval`](crate::ConsumerConfig::stats_interval)).
-    pub fn health(&self) -> Health {
-        self.metrics.status.health(self.is_finished())
     }
 }

@@ -192,13 +192,13 @@ impl ConsumerConfig {
                 self.retention_interval,
             ),
         ] {
-            crate::relay::bounded(setting, value)?;
+            crate::settings::bounded(setting, value)?;
         }
         if let Some(keep) = self.retention {
-            crate::relay::bounded("ConsumerConfig::retention", keep)?;
+            crate::settings::bounded("ConsumerConfig::retention", keep)?;
         }
         if let Some(every) = self.stats_interval {
-            crate::relay::bounded("ConsumerConfig::stats_interval", every)?;
+            crate::settings::bounded("ConsumerConfig::stats_interval", every)?;
             if every.is_zero() {
                 return invalid(
                     "ConsumerConfig::stats_interval",

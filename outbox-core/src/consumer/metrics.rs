@@ -174,3 +174,13 @@ pub(super) fn count_outcomes(
         metrics.status.succeeded();
     }
 }
+
+impl crate::task::TaskHandle<ConsumerMetrics> {
+    /// The consumer's health, for readiness and liveness probes: connected,
+    /// reconnecting, failing on its database or stopped (with why), the time
+    /// since a delivery was last settled, and the inbox rows retrying and
+    /// parked as last counted ([`ConsumerConfig::stats_interval`](crate::ConsumerConfig::stats_interval)).
+    pub fn health(&self) -> Health {
+        self.metrics.status.health(self.is_finished())
+    }
+}

@@ -94,20 +94,7 @@ impl Default for RelayConfig {
 /// row, well within every database's limit (SQLite's is 32,766).
 pub const MAX_RELAY_BATCH: u32 = 10_000;
 
-/// The longest duration a setting may have (ten years): every deadline
-/// computed from one stays far from overflowing.
-pub(crate) const MAX_SETTING: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-/// Checks that `value` is at most [`MAX_SETTING`].
-pub(crate) fn bounded(setting: &'static str, value: Duration) -> Result<(), Error> {
-    if value > MAX_SETTING {
-        return Err(Error::InvalidConfig {
-            setting,
-            reason: format!("{value:?} is longer than ten years; use a shorter duration"),
-        });
-    }
-    Ok(())
-}
+use crate::settings::bounded;
 
 impl RelayConfig {
     /// Checks the settings against each other and against a publish that

@@ -111,3 +111,13 @@ impl RelayMetrics {
         }
     }
 }
+
+impl crate::task::TaskHandle<RelayMetrics> {
+    /// The relay's health, for readiness and liveness probes: connected,
+    /// reconnecting, failing on its database or stopped (with why), the time
+    /// since the broker last confirmed a batch, and the backlog and its age
+    /// as last read ([`RelayConfig::stats_interval`](crate::RelayConfig::stats_interval)).
+    pub fn health(&self) -> Health {
+        self.metrics.status.health(self.is_finished())
+    }
+}

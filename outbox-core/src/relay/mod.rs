@@ -61,7 +61,6 @@ mod share;
 pub use crate::error::{PublishError, PublishErrorKind};
 pub use crate::event::OutboxMessage;
 pub use crate::transport::{Publisher, StompPublisher};
-pub(crate) use config::bounded;
 pub use config::{MAX_RELAY_BATCH, RelayConfig};
 pub(crate) use counters::Count;
 pub use counters::{RelayCounts, RelayMetrics};

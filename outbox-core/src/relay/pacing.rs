@@ -56,7 +56,9 @@ impl Pacing {
                 Next::Go(None)
             }
             Ok(Step::Idle) => {
-                self.outages = 0;
+                // The database answered; the broker was not asked. An outage
+                // ends with a publish the broker confirms, so hand-off stays
+                // withdrawn across idle turns between two failed publishes.
                 self.db_failures = 0;
                 Next::Go(Some(self.poll))
             }

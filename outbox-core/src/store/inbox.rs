@@ -8,7 +8,7 @@ use sqlx::Pool;
 use super::{InboxState, Row, decode_all};
 use crate::backend::sql::InboxSql;
 use crate::backend::{Backend, Column, Value};
-use crate::inbox::Delivery;
+use crate::delivery::Delivery;
 use crate::names::TableName;
 use crate::rows::{InboxCounts, ParkedDelivery};
 use crate::{Error, schema};
