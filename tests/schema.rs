@@ -303,12 +303,16 @@ macro_rules! schema_suite {
             let mut holder = <<Db as sqlx::Database>::Connection as sqlx::Connection>::connect(db.url())
                 .await
                 .unwrap();
+            // The migration above ends its session to release the lock, and the
+            // server may finish that session a moment later: wait for the lock
+            // rather than try it once, and check that it is held.
             let take = if postgres() {
-                "SELECT pg_advisory_lock(7305093410471135041)"
+                "SELECT CAST(1 AS BIGINT) FROM (SELECT pg_advisory_lock(7305093410471135041)) AS taken"
             } else {
-                "SELECT GET_LOCK(CONCAT('outbox_migrate.', MD5(DATABASE())), 0)"
+                "SELECT CAST(GET_LOCK(CONCAT('outbox_migrate.', MD5(DATABASE())), 30) AS SIGNED)"
             };
-            sqlx::raw_sql(take).execute(&mut holder).await.unwrap();
+            let held: i64 = sqlx::query_scalar(take).fetch_one(&mut holder).await.unwrap();
+            assert_eq!(held, 1, "the test's session must hold the migration lock");
             let short = Duration::from_millis(500);
             let migrated = tokio::time::timeout(Duration::from_secs(60), inbox.migrate_with(short))
                 .await
