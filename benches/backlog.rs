@@ -202,10 +202,7 @@ async fn child<DB: Backend>(url: &str, broker: &str, n: usize, table: &str) {
     )
     .await
     .expect("connect");
-    let config = RelayConfig {
-        retention: None,
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default().with_retention(None);
     let relay = outbox
         .relay(StompPublisher::new(client), config)
         .expect("valid settings");

@@ -289,14 +289,12 @@ async fn child(kind: &str) {
         .await
         .expect("pool");
     let inbox = Inbox::new(pool, "bench").expect("inbox");
-    let config = ConsumerConfig {
-        per_key_order: kind == Kind::KeyOrder.name(),
-        concurrency: 8,
-        batch_size: 16,
-        prefetch: Some(PREFETCH),
-        retention: None,
-        ..ConsumerConfig::new(queue)
-    };
+    let config = ConsumerConfig::new(queue)
+        .with_per_key_order(kind == Kind::KeyOrder.name())
+        .with_concurrency(8)
+        .with_batch_size(16)
+        .with_prefetch(Some(PREFETCH))
+        .with_retention(None);
     let handle = Consumer::new(inbox, Award { process }, config)
         .expect("consumer settings")
         .spawn(client)

@@ -196,13 +196,11 @@ where
 }
 
 fn config(queue: &str) -> ConsumerConfig {
-    ConsumerConfig {
-        concurrency: shape().0,
-        batch_size: shape().1,
-        prefetch: Some(prefetch()),
-        retention: None,
-        ..ConsumerConfig::new(queue)
-    }
+    ConsumerConfig::new(queue)
+        .with_concurrency(shape().0)
+        .with_batch_size(shape().1)
+        .with_prefetch(Some(prefetch()))
+        .with_retention(None)
 }
 
 /// The business write alone: the same workers, batches and transactions as the
@@ -463,10 +461,7 @@ where
     let relay = outbox
         .relay(
             StompPublisher::new(common::client(broker).await),
-            RelayConfig {
-                retention: None,
-                ..RelayConfig::default()
-            },
+            RelayConfig::default().with_retention(None),
         )
         .expect("relay settings")
         .spawn();

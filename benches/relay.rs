@@ -133,12 +133,10 @@ where
     // Every relay connected before the clock starts; all start together.
     let mut ready = Vec::new();
     for _ in 0..relays {
-        let config = RelayConfig {
-            batch_size: batch as u32,
-            retention: None,
-            key_partitions: partitions,
-            ..RelayConfig::default()
-        };
+        let config = RelayConfig::default()
+            .with_batch_size(batch as u32)
+            .with_retention(None)
+            .with_key_partitions(partitions);
         ready.push(
             outbox
                 .relay(StompPublisher::new(common::client(broker).await), config)

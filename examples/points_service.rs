@@ -253,7 +253,6 @@ async fn consume<DB: Backend, H: Handler<DB>>(
 /// ActiveMQ — inbox row, handler, commit, then acknowledgement.
 #[cfg(test)]
 mod tests {
-    use outbox::core::ConsumerConfig;
     use outbox::core::testing::{self, Flaky, TestConsumer};
     use outbox_test_harness::TestDb;
 
@@ -291,10 +290,7 @@ mod tests {
                     .expect("table");
                 let inbox = AwardWelcomePoints::inbox(db.pool().clone()).expect("inbox");
                 inbox.migrate().await.expect("migrate");
-                let config = ConsumerConfig {
-                    max_attempts: 3,
-                    ..testing::config()
-                };
+                let config = testing::config().with_max_attempts(3);
                 let consumer = TestConsumer::start_with(inbox, handler, config).expect("consumer");
                 Some((db, consumer))
             }

@@ -264,13 +264,11 @@ async fn start_relay<DB: Backend>(
     let Some(client) = connect(broker, stop).await? else {
         return Ok(None);
     };
-    let config = RelayConfig {
+    let config = RelayConfig::default()
         // A killed relay's claimed rows are taken over after this long; it
         // must exceed the longest publish, about twice the receipt timeout
         // above.
-        lease: Duration::from_secs(15),
-        ..RelayConfig::default()
-    };
+        .with_lease(Duration::from_secs(15));
     let relay = outbox.relay(StompPublisher::new(client), config)?;
     let _ = started.set(relay.metrics());
     Ok(Some(relay.spawn()))

@@ -201,16 +201,17 @@ macro_rules! log_suite {
             faults.set(1, 2);
             faults.set(2, u32::MAX);
             let destination = "/queue/test.consumer.logs";
-            let config = ConsumerConfig {
-                retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(50)),
-                retry_poll: Duration::from_millis(20),
-                max_attempts: 3,
+            let config = ConsumerConfig::new(destination)
+                .with_retry_backoff(Backoff::new(
+                    Duration::from_millis(20),
+                    Duration::from_millis(50),
+                ))
+                .with_retry_poll(Duration::from_millis(20))
+                .with_max_attempts(3)
                 // One event per transaction: a failure inside a batch runs
                 // the handler once more on its own, which would spend a
                 // scripted fault without being an attempt.
-                batch_size: 1,
-                ..ConsumerConfig::new(destination)
-            };
+                .with_batch_size(1);
             let handle = Consumer::new(
                 inbox.clone(),
                 Shipping {

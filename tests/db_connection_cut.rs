@@ -31,21 +31,23 @@ struct UserCreated {
 
 /// The retries a service needs when a statement fails on a cut connection.
 fn quick_relay() -> RelayConfig {
-    RelayConfig {
-        poll_interval: Duration::from_millis(50),
-        outage_backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
-        retention: None,
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .with_poll_interval(Duration::from_millis(50))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
+        .with_retention(None)
 }
 
 fn quick_consumer(queue: &str) -> ConsumerConfig {
-    ConsumerConfig {
-        retry_backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
-        retry_poll: Duration::from_millis(20),
-        retention: None,
-        ..ConsumerConfig::new(queue)
-    }
+    ConsumerConfig::new(queue)
+        .with_retry_backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
+        .with_retry_poll(Duration::from_millis(20))
+        .with_retention(None)
 }
 
 macro_rules! cut_suite {

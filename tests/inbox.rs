@@ -75,11 +75,12 @@ where
 }
 
 fn quick(destination: &str) -> ConsumerConfig {
-    ConsumerConfig {
-        retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(50)),
-        retry_poll: Duration::from_millis(20),
-        ..ConsumerConfig::new(destination)
-    }
+    ConsumerConfig::new(destination)
+        .with_retry_backoff(Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(50),
+        ))
+        .with_retry_poll(Duration::from_millis(20))
 }
 
 macro_rules! inbox_suite {
@@ -288,7 +289,7 @@ macro_rules! inbox_suite {
                 send(&producer, dest, &format!("e-{n}"), &user(n)).await;
             }
             // One worker: the waiting messages go into one transaction.
-            let config = ConsumerConfig { concurrency: 1, batch_size: 16, max_attempts: 3, ..quick(dest) };
+            let config = quick(dest).with_concurrency(1).with_batch_size(16).with_max_attempts(3);
             let handle = Consumer::new(inbox.clone(), Ledger, config)
                 .expect("valid settings").spawn(client(&broker).await)
                 .await
@@ -350,13 +351,11 @@ macro_rules! inbox_suite {
             send(&producer, dest, "e-old", &user(999)).await;
             // One event per transaction, one at a time: the backlog takes a
             // while, and retention is due all along.
-            let config = ConsumerConfig {
-                concurrency: 1,
-                batch_size: 1,
-                retention: Some(Duration::from_secs(7 * 24 * 3600)),
-                retention_interval: Duration::from_millis(20),
-                ..quick(dest)
-            };
+            let config = quick(dest)
+                .with_concurrency(1)
+                .with_batch_size(1)
+                .with_retention(Some(Duration::from_secs(7 * 24 * 3600)))
+                .with_retention_interval(Duration::from_millis(20));
             let handle = Consumer::new(inbox.clone(), points_handler(&Faults::default()), config)
                 .expect("valid settings").spawn(client(&broker).await)
                 .await
@@ -401,7 +400,7 @@ macro_rules! inbox_suite {
             faults.0.lock().unwrap().insert(3, 1);
             // One worker: waiting messages go into one transaction when they
             // arrive together.
-            let config = ConsumerConfig { concurrency: 1, batch_size: 16, ..quick(dest) };
+            let config = quick(dest).with_concurrency(1).with_batch_size(16);
             let handle = Consumer::new(inbox.clone(), points_handler(&faults), config)
                 .expect("valid settings").spawn(client(&broker).await)
                 .await
@@ -576,7 +575,7 @@ macro_rules! inbox_suite {
             let dest = "/queue/test.inbox.keys";
             let handler = points_handler(&faults);
             let order = handler.order.clone();
-            let config = ConsumerConfig { per_key_order: true, concurrency: 4, ..quick(dest) };
+            let config = quick(dest).with_per_key_order(true).with_concurrency(4);
             let handle = Consumer::new(inbox.clone(), handler, config)
                 .expect("valid settings").spawn(client(&broker).await)
                 .await
@@ -675,7 +674,7 @@ macro_rules! inbox_suite {
                 .unwrap()
                 .with_receipt_timeout(Duration::from_secs(2));
             let consumer_client = Client::connect(config).await.unwrap();
-            let config = ConsumerConfig { per_key_order: true, concurrency: 4, ..quick(dest) };
+            let config = quick(dest).with_per_key_order(true).with_concurrency(4);
             let handler = Chain { delay: Duration::from_millis(2) };
             let handle = Consumer::new(inbox.clone(), handler, config)
                 .expect("valid settings")
@@ -926,7 +925,7 @@ macro_rules! inbox_suite {
                 stalled: Arc::default(),
             };
             // One unacknowledged delivery takes the only prefetch slot.
-            let config = ConsumerConfig { prefetch: Some(1), concurrency: 1, batch_size: 1, ..quick(dest) };
+            let config = quick(dest).with_prefetch(Some(1)).with_concurrency(1).with_batch_size(1);
             let handle = Consumer::new(inbox.clone(), handler, config)
                 .expect("valid settings")
                 .spawn(consumer_client.clone())
@@ -957,7 +956,7 @@ macro_rules! inbox_suite {
                 send(&producer, dest, &format!("e-{n}"), &user(n)).await;
             }
             let _ = producer.disconnect().await;
-            let config = ConsumerConfig { concurrency: 2, ..quick(dest) };
+            let config = quick(dest).with_concurrency(2);
             let slow = Points { delay: Duration::from_millis(20), ..points_handler(&Faults::default()) };
             let handle = Consumer::new(inbox.clone(), slow, config)
                 .expect("valid settings").spawn(client(&broker).await)
@@ -1020,7 +1019,7 @@ macro_rules! parallel_writers_suite {
                 }
                 let handler = Points { delay: Duration::from_millis(40), slow_below: 1000, ..points_handler(&Faults::default()) };
                 let order = handler.order.clone();
-                let config = ConsumerConfig { per_key_order: true, concurrency: 4, batch_size: 1, prefetch: Some(prefetch), ..quick(&dest) };
+                let config = quick(&dest).with_per_key_order(true).with_concurrency(4).with_batch_size(1).with_prefetch(Some(prefetch));
                 let handle = Consumer::new(inbox.clone(), handler, config)
                     .expect("valid settings").spawn(client(&broker).await)
                     .await

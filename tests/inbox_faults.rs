@@ -55,11 +55,12 @@ where
 }
 
 fn quick(destination: &str) -> ConsumerConfig {
-    ConsumerConfig {
-        retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(50)),
-        retry_poll: Duration::from_millis(20),
-        ..ConsumerConfig::new(destination)
-    }
+    ConsumerConfig::new(destination)
+        .with_retry_backoff(Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(50),
+        ))
+        .with_retry_poll(Duration::from_millis(20))
 }
 
 fn now_ms() -> i64 {
@@ -258,7 +259,7 @@ macro_rules! fault_suite {
                 send(&producer, dest, &format!("e-{n}"), &user(n)).await;
             }
             // One worker: the waiting messages go into one transaction.
-            let config = ConsumerConfig { concurrency: 1, batch_size: 16, max_attempts: 3, ..quick(dest) };
+            let config = quick(dest).with_concurrency(1).with_batch_size(16).with_max_attempts(3);
             let handle = Consumer::new(inbox.clone(), ledger(Misbehaviour::SwallowErrors), config)
                 .unwrap()
                 .spawn(client(&broker).await)
@@ -309,7 +310,7 @@ macro_rules! fault_suite {
             for n in [10, 11, 12, 14, 15, 16, 13] {
                 send(&producer, dest, &format!("e-{n}"), &user(n)).await;
             }
-            let config = ConsumerConfig { concurrency: 1, batch_size: 16, max_attempts: 3, ..quick(dest) };
+            let config = quick(dest).with_concurrency(1).with_batch_size(16).with_max_attempts(3);
             let handle = Consumer::new(inbox.clone(), ledger(Misbehaviour::RollBack13), config)
                 .unwrap()
                 .spawn(client(&broker).await)
@@ -362,7 +363,7 @@ macro_rules! fault_suite {
                     .unwrap();
             }
             let broker = broker().await;
-            let config = ConsumerConfig { max_attempts: 3, ..quick("/queue/test.faults.retry") };
+            let config = (quick("/queue/test.faults.retry")).with_max_attempts(3);
             let handle = Consumer::new(inbox.clone(), ledger(Misbehaviour::None), config)
                 .unwrap()
                 .spawn(client(&broker).await)
@@ -446,11 +447,9 @@ macro_rules! fault_suite {
             for n in 10..=16 {
                 send(&producer, dest, &format!("e-{n}"), &user(n)).await;
             }
-            let config = ConsumerConfig {
-                handler_timeout: Some(Duration::from_millis(500)),
-                max_attempts: 3,
-                ..quick(dest)
-            };
+            let config = quick(dest)
+                .with_handler_timeout(Some(Duration::from_millis(500)))
+                .with_max_attempts(3);
             let handler = Ledger {
                 misbehaviour: Misbehaviour::HangWhenFaulted,
                 faults: Faults::with(&[(13, 1)]),
@@ -578,7 +577,7 @@ macro_rules! fault_suite {
                     .unwrap();
             }
             let handler = Ledger { misbehaviour: Misbehaviour::None, faults: Faults::with(&[(1, 2), (2, 2)]) };
-            let config = ConsumerConfig { per_key_order: true, max_attempts: 3, ..quick(dest) };
+            let config = quick(dest).with_per_key_order(true).with_max_attempts(3);
             let handle = Consumer::new(inbox.clone(), handler, config)
                 .unwrap()
                 .spawn(client(&broker).await)
@@ -617,11 +616,9 @@ macro_rules! fault_suite {
             ))
             .await;
             let broker = broker().await;
-            let config = ConsumerConfig {
-                retention: Some(Duration::from_secs(7 * 24 * 3600)),
-                retention_interval: Duration::from_millis(20),
-                ..quick("/queue/test.faults.retention")
-            };
+            let config = (quick("/queue/test.faults.retention"))
+                .with_retention(Some(Duration::from_secs(7 * 24 * 3600)))
+                .with_retention_interval(Duration::from_millis(20));
             let handle = Consumer::new(inbox.clone(), ledger(Misbehaviour::None), config)
                 .unwrap()
                 .spawn(client(&broker).await)
@@ -649,7 +646,7 @@ macro_rules! fault_suite {
                 send(&producer, dest, &format!("e-{n}"), &user(n)).await;
             }
             // One event per transaction: a failure spends its fault once.
-            let config = ConsumerConfig { concurrency: 1, batch_size: 1, ..quick(dest) };
+            let config = quick(dest).with_concurrency(1).with_batch_size(1);
             let handler = Ledger { misbehaviour: Misbehaviour::Panic13And14, faults: Faults::with(&[(17, 1), (18, 1)]) };
             let handle = Consumer::new(inbox.clone(), handler, config)
                 .unwrap()
@@ -714,12 +711,10 @@ mod postgres {
         for n in 10..=16 {
             send(&producer, dest, &format!("e-{n}"), &user(n)).await;
         }
-        let config = ConsumerConfig {
-            concurrency: 1,
-            batch_size: 16,
-            max_attempts: 3,
-            ..quick(dest)
-        };
+        let config = quick(dest)
+            .with_concurrency(1)
+            .with_batch_size(16)
+            .with_max_attempts(3);
         let handle = Consumer::new(inbox.clone(), ledger(Misbehaviour::None), config)
             .unwrap()
             .spawn(client(&broker).await)
@@ -812,10 +807,7 @@ mod postgres {
             producer.send(keyed(n, &format!("k{n}"))).await.unwrap();
         }
         let (open, gate) = tokio::sync::watch::channel(false);
-        let config = ConsumerConfig {
-            per_key_order: true,
-            ..quick(dest)
-        };
+        let config = quick(dest).with_per_key_order(true);
         let handle = Consumer::new(inbox.clone(), HeldKey { gate }, config)
             .unwrap()
             .spawn(client(&broker).await)
@@ -899,12 +891,10 @@ mod mysql {
         for n in users {
             send(&producer, dest, &format!("e-{n}"), &user(n)).await;
         }
-        let config = ConsumerConfig {
-            concurrency: 1,
-            batch_size: 16,
-            max_attempts: 3,
-            ..quick(dest)
-        };
+        let config = quick(dest)
+            .with_concurrency(1)
+            .with_batch_size(16)
+            .with_max_attempts(3);
         let handle = Consumer::new(inbox.clone(), RollsBack13, config)
             .unwrap()
             .spawn(client(&broker).await)

@@ -59,28 +59,27 @@ impl From<outbox::core::Error> for AppError {
 
 /// A relay that only publishes promptly when it is woken: its poll is long.
 fn sleepy_relay() -> RelayConfig {
-    RelayConfig {
-        poll_interval: Duration::from_secs(60),
+    RelayConfig::default()
+        .with_poll_interval(Duration::from_secs(60))
         // Longer than a publish on `support::client` can take.
-        lease: Duration::from_secs(5),
-        outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
-        ..RelayConfig::default()
-    }
+        .with_lease(Duration::from_secs(5))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        ))
 }
 
 fn fast_relay() -> RelayConfig {
-    RelayConfig {
-        poll_interval: Duration::from_millis(50),
-        ..sleepy_relay()
-    }
+    sleepy_relay().with_poll_interval(Duration::from_millis(50))
 }
 
 fn fast_consumer(destination: &str) -> ConsumerConfig {
-    ConsumerConfig {
-        retry_poll: Duration::from_millis(50),
-        retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)),
-        ..ConsumerConfig::new(destination)
-    }
+    ConsumerConfig::new(destination)
+        .with_retry_poll(Duration::from_millis(50))
+        .with_retry_backoff(Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+        ))
 }
 
 /// Polls `condition` until it holds (`true`) or `limit` passes (`false`).

@@ -147,11 +147,9 @@ async fn the_consumers_handler_span_continues_the_producers_trace_across_the_bro
     let relay = outbox
         .relay(
             StompPublisher::new(client(&broker).await),
-            RelayConfig {
-                lease: Duration::from_secs(5),
-                poll_interval: Duration::from_millis(50),
-                ..RelayConfig::default()
-            },
+            RelayConfig::default()
+                .with_lease(Duration::from_secs(5))
+                .with_poll_interval(Duration::from_millis(50)),
         )?
         .spawn();
 
@@ -239,11 +237,9 @@ async fn rows_appended_outside_a_trace_carry_no_trace_headers() -> TestResult {
     let relay = outbox
         .relay(
             StompPublisher::new(client(&broker).await),
-            RelayConfig {
-                lease: Duration::from_secs(5),
-                poll_interval: Duration::from_millis(50),
-                ..RelayConfig::default()
-            },
+            RelayConfig::default()
+                .with_lease(Duration::from_secs(5))
+                .with_poll_interval(Duration::from_millis(50)),
         )?
         .spawn();
     wait_published(&outbox, Duration::from_secs(30)).await;

@@ -26,22 +26,20 @@ struct UserCreated {
 }
 
 fn fast_relay() -> RelayConfig {
-    RelayConfig {
-        poll_interval: Duration::from_millis(50),
+    RelayConfig::default()
+        .with_poll_interval(Duration::from_millis(50))
         // Longer than a publish on `support::client` can take.
-        lease: Duration::from_secs(5),
-        outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
-        ..RelayConfig::default()
-    }
+        .with_lease(Duration::from_secs(5))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        ))
 }
 
 /// A lease long enough that a killed relay's batch is still held when its
 /// successor starts, short enough that the test does not wait long for it.
 fn crash_loop_relay() -> RelayConfig {
-    RelayConfig {
-        lease: Duration::from_secs(6),
-        ..fast_relay()
-    }
+    fast_relay().with_lease(Duration::from_secs(6))
 }
 
 /// A publisher in memory that rejects events of type `poison` while `reject` is
@@ -363,11 +361,9 @@ macro_rules! relay_suite {
             let relay = outbox
                 .relay(
                     StompPublisher::new(client(&broker).await),
-                    RelayConfig {
-                        batch_size: 20,
-                        relay_id: "fixed-relay".to_owned(),
-                        ..crash_loop_relay()
-                    },
+                    crash_loop_relay()
+                        .with_batch_size(20)
+                        .with_relay_id("fixed-relay".to_owned()),
                 )
                 .expect("valid settings").spawn();
             wait_published(&outbox, Duration::from_secs(60)).await;
@@ -398,10 +394,8 @@ macro_rules! relay_suite {
                 )
                 .await
                     .unwrap();
-            let mut config = RelayConfig {
-                batch_size: 20,
-                ..fast_relay()
-            };
+            let mut config = fast_relay()
+                .with_batch_size(20);
             if let Some(relay_id) = child_var("OUTBOX_TEST_RELAY_ID") {
                 config.relay_id = relay_id;
                 config.lease = crash_loop_relay().lease;
@@ -474,12 +468,10 @@ macro_rules! relay_suite {
             lax.commit(tx).await.unwrap();
             assert_ne!(fits_id, expected[expected.len() - 1]);
 
-            let config = RelayConfig {
-                batch_size: 500,
-                max_attempts: 3,
-                retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)),
-                ..fast_relay()
-            };
+            let config = fast_relay()
+                .with_batch_size(500)
+                .with_max_attempts(3)
+                .with_retry_backoff(Backoff::new(Duration::from_millis(50), Duration::from_millis(200)));
             let relay = lax
                 .relay(StompPublisher::new(client(&broker).await), config)
                 .unwrap()
@@ -553,11 +545,9 @@ macro_rules! relay_suite {
                     // A lease and a receipt timeout far longer than any publish: an
                     // expired lease or an unknown outcome is re-published by design,
                     // which would make a duplicate here.
-                    let config = RelayConfig {
-                        batch_size: 25,
-                        lease: Duration::from_secs(120),
-                        ..fast_relay()
-                    };
+                    let config = fast_relay()
+                        .with_batch_size(25)
+                        .with_lease(Duration::from_secs(120));
                     let patient = outbox::stomp::Client::connect(
                         outbox::stomp::Config::parse(&broker.stomp_uri())
                             .unwrap()
@@ -618,11 +608,9 @@ macro_rules! relay_suite {
             outbox.commit(tx).await.unwrap();
             let publisher = Scripted::default();
             *publisher.reject.lock().unwrap() = true;
-            let config = RelayConfig {
-                max_attempts: 3,
-                retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(40)),
-                ..fast_relay()
-            };
+            let config = fast_relay()
+                .with_max_attempts(3)
+                .with_retry_backoff(Backoff::new(Duration::from_millis(20), Duration::from_millis(40)));
             let relay = outbox.relay(publisher.clone(), config).expect("valid settings").spawn();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
             while outbox.backlog().await.unwrap().parked == 0 {
@@ -693,15 +681,13 @@ macro_rules! relay_suite {
             let dest = "/queue/test.handoff";
             let publisher = Scripted::default();
             *publisher.reject.lock().unwrap() = true;
-            let config = RelayConfig {
-                relay_id: "handoff-a".into(),
-                max_attempts: 3,
-                retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(40)),
+            let config = fast_relay()
+                .with_relay_id("handoff-a")
+                .with_max_attempts(3)
+                .with_retry_backoff(Backoff::new(Duration::from_millis(20), Duration::from_millis(40)))
                 // Far longer than the test: a handed-off row can only be
                 // published by the hand-off, never by a claim after its lease.
-                lease: Duration::from_secs(600),
-                ..fast_relay()
-            };
+                .with_lease(Duration::from_secs(600));
             let relay = outbox.relay(publisher.clone(), config).expect("valid settings").spawn();
             // Appends in one transaction, checks the rows are leased to the
             // relay before the commit, commits.
@@ -767,11 +753,9 @@ macro_rules! relay_suite {
             let dest = "/queue/test.handoff.follow";
             let publisher = Scripted::default();
             *publisher.slow.lock().unwrap() = Duration::from_millis(400);
-            let config = RelayConfig {
-                relay_id: "handoff-c".into(),
-                lease: Duration::from_secs(600),
-                ..fast_relay()
-            };
+            let config = fast_relay()
+                .with_relay_id("handoff-c")
+                .with_lease(Duration::from_secs(600));
             let relay = outbox.relay(publisher.clone(), config).expect("valid settings").spawn();
             let append = async |n: i64, key: &str| {
                 let mut tx = outbox.pool().begin().await.unwrap();
@@ -816,12 +800,10 @@ macro_rules! relay_suite {
             let dest = "/queue/test.handoff.down";
             let publisher = Scripted::default();
             *publisher.down.lock().unwrap() = true;
-            let config = RelayConfig {
-                relay_id: "handoff-b".into(),
-                lease: Duration::from_secs(600),
-                outage_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(100)),
-                ..fast_relay()
-            };
+            let config = fast_relay()
+                .with_relay_id("handoff-b")
+                .with_lease(Duration::from_secs(600))
+                .with_outage_backoff(Backoff::new(Duration::from_millis(50), Duration::from_millis(100)));
             let relay = outbox.relay(publisher.clone(), config).expect("valid settings").spawn();
             let metrics = relay.metrics().clone();
             let append = async |n: i64| {
@@ -926,12 +908,10 @@ macro_rules! relay_suite {
             let relay = outbox
                 .relay(
                     StompPublisher::new(client(&broker).await),
-                    RelayConfig {
-                        relay_id: "crashy".into(),
-                        batch_size: 20,
-                        lease: Duration::from_secs(600),
-                        ..fast_relay()
-                    },
+                    fast_relay()
+                        .with_relay_id("crashy")
+                        .with_batch_size(20)
+                        .with_lease(Duration::from_secs(600)),
                 )
                 .expect("valid settings").spawn();
             wait_published(&outbox, Duration::from_secs(30)).await;
@@ -970,12 +950,10 @@ macro_rules! relay_suite {
             let relay = outbox
                 .relay(
                     StompPublisher::new(client),
-                    RelayConfig {
-                        relay_id: "crashy".into(),
-                        batch_size: 20,
-                        lease: Duration::from_secs(600),
-                        ..fast_relay()
-                    },
+                    fast_relay()
+                        .with_relay_id("crashy")
+                        .with_batch_size(20)
+                        .with_lease(Duration::from_secs(600)),
                 )
                 .expect("valid settings").spawn();
             let events: Vec<Event> = (from..from + 50)
@@ -1008,20 +986,16 @@ macro_rules! relay_suite {
             };
             let dest = "/queue/test.retention";
             append_users(&outbox, dest, 0..5, 5).await;
-            let no_retention = RelayConfig {
-                retention: None,
-                ..fast_relay()
-            };
+            let no_retention = fast_relay()
+                .with_retention(None);
             let relay = outbox.relay(Scripted::default(), no_retention).expect("valid settings").spawn();
             wait_published(&outbox, Duration::from_secs(10)).await;
             relay.shutdown().await.unwrap();
             append_users(&outbox, dest, 5..8, 5).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let config = RelayConfig {
-                retention: Some(Duration::from_millis(1)),
-                retention_batch: 2,
-                ..fast_relay()
-            };
+            let config = fast_relay()
+                .with_retention(Some(Duration::from_millis(1)))
+                .with_retention_batch(2);
             // A publisher that refuses everything: the 3 new rows stay NEW.
             let relay = outbox.relay(Refuse, config).expect("valid settings").spawn();
             // Waits for retention to act instead of a fixed time, which a
@@ -1208,11 +1182,9 @@ mod postgres_notify {
             .unwrap();
         // Ten minutes between polls, 30 s allowed per event: only NOTIFY or
         // the wake-up after listening again can deliver it in time.
-        let config = RelayConfig {
-            poll_interval: Duration::from_secs(600),
-            handoff: false,
-            ..fast_relay()
-        };
+        let config = fast_relay()
+            .with_poll_interval(Duration::from_secs(600))
+            .with_handoff(false);
         let relay = outbox
             .relay(StompPublisher::new(client(&broker).await), config)
             .expect("valid settings")
@@ -1288,11 +1260,9 @@ mod postgres_notify {
         };
         let outbox = Outbox::new(db.pool().clone());
         outbox.migrate().await.unwrap();
-        let config = RelayConfig {
-            poll_interval: Duration::from_secs(600),
-            handoff: false,
-            ..fast_relay()
-        };
+        let config = fast_relay()
+            .with_poll_interval(Duration::from_secs(600))
+            .with_handoff(false);
         // Run in place, as under a timeout or a select, then dropped.
         let mut running = Box::pin(
             outbox
@@ -1324,11 +1294,9 @@ mod postgres_notify {
         // The poll would take a minute: only a notification can be this quick.
         // Without hand-off: the row stays free for relays of other processes,
         // which is what NOTIFY is for.
-        let config = RelayConfig {
-            poll_interval: Duration::from_secs(60),
-            handoff: false,
-            ..fast_relay()
-        };
+        let config = fast_relay()
+            .with_poll_interval(Duration::from_secs(60))
+            .with_handoff(false);
         let relay = outbox
             .relay(publisher.clone(), config)
             .expect("valid settings")

@@ -114,13 +114,11 @@ macro_rules! bytes_suite {
             )
             .await
             .unwrap();
-            let config = RelayConfig {
-                relay_id: RELAY_ID.to_owned(),
-                max_batch_bytes: 1024 * 1024,
-                poll_interval: Duration::from_millis(50),
-                lease: Duration::from_secs(30),
-                ..RelayConfig::default()
-            };
+            let config = RelayConfig::default()
+                .with_relay_id(RELAY_ID.to_owned())
+                .with_max_batch_bytes(1024 * 1024)
+                .with_poll_interval(Duration::from_millis(50))
+                .with_lease(Duration::from_secs(30));
             let relay = outbox.relay(StompPublisher::new(client), config).unwrap();
             tokio::time::sleep(Duration::from_millis(200)).await;
             let before = status_kib("VmRSS:");

@@ -34,13 +34,11 @@ impl Publisher for Gated {
 }
 
 fn relay_config() -> RelayConfig {
-    RelayConfig {
-        poll_interval: Duration::from_millis(50),
+    RelayConfig::default()
+        .with_poll_interval(Duration::from_millis(50))
         // Longer than the test holds the batch; far shorter than the skew.
-        lease: Duration::from_secs(30),
-        handoff: false,
-        ..RelayConfig::default()
-    }
+        .with_lease(Duration::from_secs(30))
+        .with_handoff(false)
 }
 
 const DEST: &str = "/queue/test.clock";

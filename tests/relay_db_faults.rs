@@ -40,18 +40,19 @@ fn server(url: &str) -> SocketAddr {
 }
 
 fn relay_config() -> RelayConfig {
-    RelayConfig {
-        batch_size: BATCH,
+    RelayConfig::default()
+        .with_batch_size(BATCH)
         // Longer than a publish with RECEIPT can take.
-        lease: Duration::from_secs(5),
-        poll_interval: Duration::from_millis(50),
-        outage_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(300)),
-        retention: None,
+        .with_lease(Duration::from_secs(5))
+        .with_poll_interval(Duration::from_millis(50))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(300),
+        ))
+        .with_retention(None)
         // Every batch is claimed, so the second one is claimed during the first
         // one's publish.
-        handoff: false,
-        ..RelayConfig::default()
-    }
+        .with_handoff(false)
 }
 
 macro_rules! db_fault_suite {

@@ -26,14 +26,15 @@ const HEART_BEAT: Duration = Duration::from_millis(300);
 const DESTINATION: &str = "/queue/relay-faults";
 
 fn relay_config(batch_size: u32) -> RelayConfig {
-    RelayConfig {
-        batch_size,
+    RelayConfig::default()
+        .with_batch_size(batch_size)
         // Longer than a publish can take, as the rule says.
-        lease: Duration::from_secs(20),
-        poll_interval: Duration::from_millis(50),
-        outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_millis(500)),
-        ..RelayConfig::default()
-    }
+        .with_lease(Duration::from_secs(20))
+        .with_poll_interval(Duration::from_millis(50))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_millis(500),
+        ))
 }
 
 fn client_config(uri: &str) -> Config {
@@ -472,16 +473,17 @@ async fn a_batch_given_up_on_a_slow_link_is_never_committed_behind_the_relay_s_b
     let max_publish = publisher.max_publish_time().expect("a bound");
     // About 4 MB at 400 KB/s: ten seconds, far past the publish bound.
     proxy.set_bandwidth(Some(400_000));
-    let config = RelayConfig {
-        batch_size: ROWS as u32,
-        lease: Duration::from_secs(8),
-        poll_interval: Duration::from_millis(50),
+    let config = RelayConfig::default()
+        .with_batch_size(ROWS as u32)
+        .with_lease(Duration::from_secs(8))
+        .with_poll_interval(Duration::from_millis(50))
         // After its first failure the slow relay waits, so the rows it gives
         // back go to the second relay.
-        outage_backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
-        key_partitions: false,
-        ..RelayConfig::default()
-    };
+        .with_outage_backoff(Backoff::new(
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ))
+        .with_key_partitions(false);
     let first = outbox
         .relay(publisher.clone(), config.clone())
         .expect("valid settings")
@@ -502,10 +504,7 @@ async fn a_batch_given_up_on_a_slow_link_is_never_committed_behind_the_relay_s_b
     let second = outbox
         .relay(
             StompPublisher::new(fast.clone()),
-            RelayConfig {
-                relay_id: "second".to_owned(),
-                ..config
-            },
+            config.with_relay_id("second".to_owned()),
         )
         .expect("valid settings")
         .spawn();
@@ -572,14 +571,15 @@ async fn a_single_row_given_up_on_a_slow_link_is_never_delivered_behind_the_rela
     // About 4 MB at 400 KB/s: ten seconds, past the receipt timeout and
     // the publish bound.
     proxy.set_bandwidth(Some(400_000));
-    let config = RelayConfig {
-        batch_size: 10,
-        lease: Duration::from_secs(8),
-        poll_interval: Duration::from_millis(50),
-        outage_backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
-        key_partitions: false,
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default()
+        .with_batch_size(10)
+        .with_lease(Duration::from_secs(8))
+        .with_poll_interval(Duration::from_millis(50))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ))
+        .with_key_partitions(false);
     let first = outbox
         .relay(publisher.clone(), config.clone())
         .expect("valid settings")
@@ -600,10 +600,7 @@ async fn a_single_row_given_up_on_a_slow_link_is_never_delivered_behind_the_rela
     let second = outbox
         .relay(
             StompPublisher::new(fast.clone()),
-            RelayConfig {
-                relay_id: "second".to_owned(),
-                ..config
-            },
+            config.with_relay_id("second".to_owned()),
         )
         .expect("valid settings")
         .spawn();
@@ -657,14 +654,15 @@ async fn a_single_row_on_a_slow_link_is_not_delivered_again_and_again() {
         failed: Arc::default(),
     };
     proxy.set_bandwidth(Some(400_000));
-    let config = RelayConfig {
-        batch_size: 10,
-        lease: Duration::from_secs(8),
-        poll_interval: Duration::from_millis(50),
-        outage_backoff: Backoff::new(Duration::from_millis(500), Duration::from_millis(500)),
-        key_partitions: false,
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default()
+        .with_batch_size(10)
+        .with_lease(Duration::from_secs(8))
+        .with_poll_interval(Duration::from_millis(50))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(500),
+            Duration::from_millis(500),
+        ))
+        .with_key_partitions(false);
     let relay = outbox
         .relay(publisher.clone(), config)
         .expect("valid settings")

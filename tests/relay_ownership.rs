@@ -35,13 +35,14 @@ impl Publisher for Slow {
 }
 
 fn relay_config(relay_id: &str) -> RelayConfig {
-    RelayConfig {
-        relay_id: relay_id.to_owned(),
-        poll_interval: Duration::from_millis(50),
-        lease: Duration::from_secs(8),
-        outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .with_relay_id(relay_id.to_owned())
+        .with_poll_interval(Duration::from_millis(50))
+        .with_lease(Duration::from_secs(8))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        ))
 }
 
 /// Events that arrived more than once, and how many copies too many.

@@ -21,14 +21,18 @@ use outbox_test_harness::{Authorization, Broker, BrokerConfig};
 use support::*;
 
 fn quick_relay() -> RelayConfig {
-    RelayConfig {
-        poll_interval: Duration::from_millis(50),
-        lease: Duration::from_secs(5),
-        max_attempts: 2,
-        retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)),
-        outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .with_poll_interval(Duration::from_millis(50))
+        .with_lease(Duration::from_secs(5))
+        .with_max_attempts(2)
+        .with_retry_backoff(Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+        ))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        ))
 }
 
 /// Polls `done` every 50 ms until it holds; fails after `limit` with `what`.
@@ -97,7 +101,7 @@ macro_rules! rows_suite {
             }
             lax.commit(tx).await.unwrap();
 
-            let config = RelayConfig { batch_size: 5, ..quick_relay() };
+            let config = quick_relay().with_batch_size(5);
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), config)
                 .unwrap()
@@ -141,7 +145,7 @@ macro_rules! rows_suite {
                 .unwrap()
                 .to_string();
             lax.commit(tx).await.unwrap();
-            let retrying = RelayConfig { max_attempts: 1_000_000, ..quick_relay() };
+            let retrying = quick_relay().with_max_attempts(1_000_000);
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), retrying)
                 .unwrap()
@@ -234,7 +238,7 @@ macro_rules! rows_suite {
                 .unwrap()
                 .to_string();
             outbox.commit(tx).await.unwrap();
-            let config = RelayConfig { batch_size: 50, handoff: false, ..quick_relay() };
+            let config = quick_relay().with_batch_size(50).with_handoff(false);
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), config)
                 .unwrap()
@@ -345,7 +349,7 @@ macro_rules! rows_suite {
                 ids.push(outbox.append(&mut tx, event).await.unwrap().to_string());
             }
             outbox.commit(tx).await.unwrap();
-            let config = RelayConfig { batch_size: 20, ..quick_relay() };
+            let config = quick_relay().with_batch_size(20);
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), config)
                 .unwrap()
@@ -443,11 +447,9 @@ macro_rules! rows_suite {
             )
             .await
             .unwrap();
-            let config = RelayConfig {
-                batch_size: 8,
-                stats_interval: Some(Duration::from_millis(200)),
-                ..quick_relay()
-            };
+            let config = quick_relay()
+                .with_batch_size(8)
+                .with_stats_interval(Some(Duration::from_millis(200)));
             let relay = outbox
                 .relay(StompPublisher::new(relay_client), config)
                 .unwrap()
@@ -514,11 +516,9 @@ macro_rules! rows_suite {
                 .await
                 .unwrap();
             // One row per statement: a pass of 3000 statements.
-            let config = RelayConfig {
-                retention: Some(Duration::from_secs(1)),
-                retention_batch: 1,
-                ..quick_relay()
-            };
+            let config = quick_relay()
+                .with_retention(Some(Duration::from_secs(1)))
+                .with_retention_batch(1);
             let relay = outbox
                 .relay(StompPublisher::new(client(&broker).await), config)
                 .unwrap()
@@ -565,7 +565,7 @@ macro_rules! rows_suite {
                 .execute(outbox.pool())
                 .await
                 .unwrap();
-                let config = RelayConfig { key_partitions, ..quick_relay() };
+                let config = quick_relay().with_key_partitions(key_partitions);
                 let relay = outbox
                     .relay(StompPublisher::new(client(&broker).await), config)
                     .unwrap()

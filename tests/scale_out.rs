@@ -35,13 +35,11 @@ struct Step {
 /// The relays of these tests: small batches, so each holds several at a
 /// time, and a lease of 5 s (longer than a publish on a 2 s receipt timeout).
 fn relay_config(relay_id: &str) -> RelayConfig {
-    RelayConfig {
-        relay_id: relay_id.into(),
-        batch_size: 20,
-        lease: Duration::from_secs(5),
-        poll_interval: Duration::from_millis(50),
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .with_relay_id(relay_id)
+        .with_batch_size(20)
+        .with_lease(Duration::from_secs(5))
+        .with_poll_interval(Duration::from_millis(50))
 }
 
 /// Starts the child test `child` of this test binary as its own process.
@@ -374,15 +372,16 @@ macro_rules! scale_suite {
             )
             .await
             .unwrap();
-            let config = ConsumerConfig {
-                per_key_order: true,
-                concurrency: 4,
-                batch_size: 8,
-                prefetch: Some(50),
-                retry_poll: Duration::from_millis(50),
-                retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)),
-                ..ConsumerConfig::new(dest)
-            };
+            let config = ConsumerConfig::new(dest)
+                .with_per_key_order(true)
+                .with_concurrency(4)
+                .with_batch_size(8)
+                .with_prefetch(Some(50))
+                .with_retry_poll(Duration::from_millis(50))
+                .with_retry_backoff(Backoff::new(
+                    Duration::from_millis(50),
+                    Duration::from_millis(200),
+                ));
             let _consumer = Consumer::new(inbox, Apply, config)
                 .unwrap()
                 .spawn(client)

@@ -6,7 +6,6 @@
 //! converts only from it. Run one database's tests with e.g.
 //! `cargo nextest run --all-features --test testing_kit postgres::`.
 
-use outbox::core::ConsumerConfig;
 use outbox::core::testing::{self, Flaky, TestConsumer, appended};
 use outbox::core::{Delivery, Outbox};
 use outbox::transactional_event;
@@ -231,10 +230,8 @@ macro_rules! kit_suite {
             let Some((db, _outbox)) = setup().await else { return };
             let pool = db.pool();
             let handler = Flaky::new(Ship).fail("late", 2).fail_always("poison");
-            let config = ConsumerConfig {
-                max_attempts: 3,
-                ..testing::config()
-            };
+            let config = testing::config()
+                .with_max_attempts(3);
             let consumer =
                 TestConsumer::start_with(Ship::inbox(pool.clone()).unwrap(), handler, config)
                     .unwrap();

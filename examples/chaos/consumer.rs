@@ -162,16 +162,14 @@ macro_rules! consumer_on {
         ) -> Result<(), BoxError> {
             let inbox = Inbox::new(pool.clone(), name)?;
             inbox.migrate().await?;
-            let config = ConsumerConfig {
-                concurrency: 4,
-                prefetch: Some(32),
-                per_key_order: true,
-                max_attempts: 4,
-                retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(500)),
-                retry_poll: Duration::from_millis(100),
-                stats_interval: Some(Duration::from_secs(1)),
-                ..ConsumerConfig::virtual_topic(name, TOPIC)
-            };
+            let config = (ConsumerConfig::virtual_topic(name, TOPIC))
+                .with_concurrency(4)
+                .with_prefetch(Some(32))
+                .with_per_key_order(true)
+                .with_max_attempts(4)
+                .with_retry_backoff(Backoff::new(Duration::from_millis(50), Duration::from_millis(500)))
+                .with_retry_poll(Duration::from_millis(100))
+                .with_stats_interval(Some(Duration::from_secs(1)));
             let consumer = loop {
                 let Some(client) = connect(broker_config(broker)?, stop.subscribe()).await? else {
                     return Ok(());

@@ -104,18 +104,16 @@ macro_rules! producer_on {
             let Some(client) = connect(config, stop).await? else {
                 return Ok(None);
             };
-            let config = RelayConfig {
-                batch_size: 50,
+            let config = RelayConfig::default()
+                .with_batch_size(50)
                 // Longer than a publish can take (twice the receipt timeout).
-                lease: Duration::from_secs(15),
-                max_attempts: 5,
-                retry_backoff: outbox::core::Backoff::new(
+                .with_lease(Duration::from_secs(15))
+                .with_max_attempts(5)
+                .with_retry_backoff(outbox::core::Backoff::new(
                     Duration::from_millis(200),
                     Duration::from_secs(2),
-                ),
-                stats_interval: Some(Duration::from_secs(1)),
-                ..RelayConfig::default()
-            };
+                ))
+                .with_stats_interval(Some(Duration::from_secs(1)));
             let relay = outbox.relay(StompPublisher::new(client), config)?;
             tracing::info!("relay running");
             Ok(Some(relay.spawn()))

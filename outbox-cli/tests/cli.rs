@@ -27,22 +27,24 @@ struct UserCreated {
 }
 
 fn fast_relay() -> RelayConfig {
-    RelayConfig {
-        poll_interval: Duration::from_millis(50),
-        lease: Duration::from_secs(5),
-        outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .with_poll_interval(Duration::from_millis(50))
+        .with_lease(Duration::from_secs(5))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        ))
 }
 
 fn quick_consumer(destination: &str) -> ConsumerConfig {
-    ConsumerConfig {
-        retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(50)),
-        retry_poll: Duration::from_millis(20),
-        max_attempts: 2,
-        concurrency: 1,
-        ..ConsumerConfig::new(destination)
-    }
+    ConsumerConfig::new(destination)
+        .with_retry_backoff(Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(50),
+        ))
+        .with_retry_poll(Duration::from_millis(20))
+        .with_max_attempts(2)
+        .with_concurrency(1)
 }
 
 fn now_ms() -> i64 {

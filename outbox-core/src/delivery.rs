@@ -4,6 +4,7 @@ use bytes::Bytes;
 
 /// One message as a handler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Delivery {
     /// The dedup id: the `event-id` header, or the broker's `message-id` for
     /// messages that were not sent by an outbox relay (or whose `event-id`

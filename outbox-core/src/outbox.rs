@@ -253,7 +253,8 @@ impl<DB: Backend> Outbox<DB> {
         wake::wake(self.table());
     }
 
-    /// A relay for this outbox, publishing through `publisher`. The settings
+    /// A relay for this outbox, publishing through `publisher`:
+    /// [`Relay::new`] with a clone of this outbox. The settings
     /// are checked first ([`RelayConfig::validate`]): an
     /// [`Error::InvalidConfig`] names the one out of range, for instance a
     /// lease not longer than a publish can take.
@@ -262,8 +263,7 @@ impl<DB: Backend> Outbox<DB> {
         publisher: P,
         config: RelayConfig,
     ) -> Result<Relay<DB, P>, Error> {
-        config.validate(publisher.max_publish_time())?;
-        Ok(Relay::new(self.clone(), publisher, config))
+        Relay::new(self.clone(), publisher, config)
     }
 
     /// Backlog size, oldest waiting row and parked rows.

@@ -339,7 +339,7 @@ fn expand_consumer(c: &Consumer) -> TokenStream {
             }
 
             /// The consumer with the given settings, e.g.
-            /// `ConsumerConfig { concurrency: 1, ..ConsumerConfig::new(Self::DESTINATION) }`.
+            /// `ConsumerConfig::new(Self::DESTINATION).with_concurrency(1)`.
             /// A `config.destination` other than [`DESTINATION`](Self::DESTINATION)
             /// is an `Error::InvalidConfig`: to read another queue with this
             /// handler, build the consumer with `Consumer::new(inbox, handler, config)`.

@@ -11,6 +11,7 @@ use crate::observe::Health;
 
 /// Settings of a consumer.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumerConfig {
     /// The queue to consume, e.g. `/queue/Consumer.points.VirtualTopic.user.created`.
     pub destination: String,
@@ -207,5 +208,100 @@ impl ConsumerConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Builders: each sets one field and returns the settings, so a
+/// configuration reads `ConsumerConfig::default().with_…(…)`.
+impl ConsumerConfig {
+    /// Sets [`destination`](Self::destination).
+    #[must_use]
+    pub fn with_destination(mut self, destination: impl Into<String>) -> Self {
+        self.destination = destination.into();
+        self
+    }
+
+    /// Sets [`concurrency`](Self::concurrency).
+    #[must_use]
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// Sets [`prefetch`](Self::prefetch).
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: Option<u32>) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Sets [`batch_size`](Self::batch_size).
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Sets [`per_key_order`](Self::per_key_order).
+    #[must_use]
+    pub fn with_per_key_order(mut self, per_key_order: bool) -> Self {
+        self.per_key_order = per_key_order;
+        self
+    }
+
+    /// Sets [`max_attempts`](Self::max_attempts).
+    #[must_use]
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// Sets [`recurring_error_limit`](Self::recurring_error_limit).
+    #[must_use]
+    pub fn with_recurring_error_limit(mut self, recurring_error_limit: u32) -> Self {
+        self.recurring_error_limit = recurring_error_limit;
+        self
+    }
+
+    /// Sets [`handler_timeout`](Self::handler_timeout).
+    #[must_use]
+    pub fn with_handler_timeout(mut self, handler_timeout: Option<Duration>) -> Self {
+        self.handler_timeout = handler_timeout;
+        self
+    }
+
+    /// Sets [`retry_backoff`](Self::retry_backoff).
+    #[must_use]
+    pub fn with_retry_backoff(mut self, retry_backoff: Backoff) -> Self {
+        self.retry_backoff = retry_backoff;
+        self
+    }
+
+    /// Sets [`retry_poll`](Self::retry_poll).
+    #[must_use]
+    pub fn with_retry_poll(mut self, retry_poll: Duration) -> Self {
+        self.retry_poll = retry_poll;
+        self
+    }
+
+    /// Sets [`retention`](Self::retention).
+    #[must_use]
+    pub fn with_retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sets [`retention_interval`](Self::retention_interval).
+    #[must_use]
+    pub fn with_retention_interval(mut self, retention_interval: Duration) -> Self {
+        self.retention_interval = retention_interval;
+        self
+    }
+
+    /// Sets [`stats_interval`](Self::stats_interval).
+    #[must_use]
+    pub fn with_stats_interval(mut self, stats_interval: Option<Duration>) -> Self {
+        self.stats_interval = stats_interval;
+        self
     }
 }

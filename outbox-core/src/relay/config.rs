@@ -9,6 +9,7 @@ use crate::backoff::Backoff;
 
 /// Settings of a relay. `RelayConfig::default()` suits most services.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Rows per claim and per STOMP transaction (default 500).
     pub batch_size: u32,
@@ -173,6 +174,108 @@ impl RelayConfig {
             );
         }
         Ok(())
+    }
+}
+
+/// Builders: each sets one field and returns the settings, so a
+/// configuration reads `RelayConfig::default().with_…(…)`.
+impl RelayConfig {
+    /// Sets [`batch_size`](Self::batch_size).
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: u32) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Sets [`max_batch_bytes`](Self::max_batch_bytes).
+    #[must_use]
+    pub fn with_max_batch_bytes(mut self, max_batch_bytes: usize) -> Self {
+        self.max_batch_bytes = max_batch_bytes;
+        self
+    }
+
+    /// Sets [`lease`](Self::lease).
+    #[must_use]
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets [`poll_interval`](Self::poll_interval).
+    #[must_use]
+    pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self
+    }
+
+    /// Sets [`max_attempts`](Self::max_attempts).
+    #[must_use]
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// Sets [`retry_backoff`](Self::retry_backoff).
+    #[must_use]
+    pub fn with_retry_backoff(mut self, retry_backoff: Backoff) -> Self {
+        self.retry_backoff = retry_backoff;
+        self
+    }
+
+    /// Sets [`outage_backoff`](Self::outage_backoff).
+    #[must_use]
+    pub fn with_outage_backoff(mut self, outage_backoff: Backoff) -> Self {
+        self.outage_backoff = outage_backoff;
+        self
+    }
+
+    /// Sets [`retention`](Self::retention).
+    #[must_use]
+    pub fn with_retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sets [`retention_interval`](Self::retention_interval).
+    #[must_use]
+    pub fn with_retention_interval(mut self, retention_interval: Duration) -> Self {
+        self.retention_interval = retention_interval;
+        self
+    }
+
+    /// Sets [`retention_batch`](Self::retention_batch).
+    #[must_use]
+    pub fn with_retention_batch(mut self, retention_batch: u32) -> Self {
+        self.retention_batch = retention_batch;
+        self
+    }
+
+    /// Sets [`relay_id`](Self::relay_id).
+    #[must_use]
+    pub fn with_relay_id(mut self, relay_id: impl Into<String>) -> Self {
+        self.relay_id = relay_id.into();
+        self
+    }
+
+    /// Sets [`handoff`](Self::handoff).
+    #[must_use]
+    pub fn with_handoff(mut self, handoff: bool) -> Self {
+        self.handoff = handoff;
+        self
+    }
+
+    /// Sets [`stats_interval`](Self::stats_interval).
+    #[must_use]
+    pub fn with_stats_interval(mut self, stats_interval: Option<Duration>) -> Self {
+        self.stats_interval = stats_interval;
+        self
+    }
+
+    /// Sets [`key_partitions`](Self::key_partitions).
+    #[must_use]
+    pub fn with_key_partitions(mut self, key_partitions: bool) -> Self {
+        self.key_partitions = key_partitions;
+        self
     }
 }
 

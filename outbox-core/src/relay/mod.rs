@@ -155,8 +155,19 @@ impl Claimed {
 pub type RelayHandle = crate::task::TaskHandle<RelayMetrics>;
 
 impl<DB: Backend, P: Publisher> Relay<DB, P> {
-    pub(crate) fn new(outbox: Outbox<DB>, publisher: P, config: RelayConfig) -> Relay<DB, P> {
-        Relay {
+    /// A relay that publishes the rows of `outbox` through `publisher`, as
+    /// [`Consumer::new`](crate::Consumer::new) builds a consumer of an inbox.
+    /// The settings are checked first ([`RelayConfig::validate`]): an
+    /// [`Error::InvalidConfig`] names the one out of range, for instance a
+    /// lease not longer than a publish can take.
+    /// [`Outbox::relay`] is the same call.
+    pub fn new(
+        outbox: Outbox<DB>,
+        publisher: P,
+        config: RelayConfig,
+    ) -> Result<Relay<DB, P>, Error> {
+        config.validate(publisher.max_publish_time())?;
+        Ok(Relay {
             handoff_token: format!("{}-h", config.relay_id),
             // The random tail of a UUID v7.
             incarnation: Uuid::now_v7().simple().to_string()[24..].to_owned(),
@@ -172,7 +183,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             waiting: std::sync::Mutex::default(),
             owned: Arc::new(AtomicBool::new(false)),
             unmarked: AtomicBool::new(false),
-        }
+        })
     }
 
     /// The relay's counters.

@@ -10,6 +10,7 @@ use crate::uri::BrokerUri;
 
 /// Client settings. Build with [`Config::new`] and the `with_*` methods.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// Where the broker is, and how to reconnect.
     pub uri: BrokerUri,
@@ -150,6 +151,25 @@ impl Config {
     /// Trusts the CA certificates in this PEM file for TLS.
     pub fn with_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Config {
         self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// Sets the virtual host sent in the `host` header.
+    pub fn with_virtual_host(mut self, host: impl Into<String>) -> Config {
+        self.virtual_host = Some(host.into());
+        self
+    }
+
+    /// Sets the codec limits: the largest frame, line and header count read
+    /// or written.
+    pub fn with_limits(mut self, limits: Limits) -> Config {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets the TLS server name to verify instead of the address's host.
+    pub fn with_tls_server_name(mut self, name: impl Into<String>) -> Config {
+        self.tls_server_name = Some(name.into());
         self
     }
 

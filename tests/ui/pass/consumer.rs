@@ -73,10 +73,8 @@ fn consumers(
     let _: outbox::core::Inbox<Sqlite> = AwardPoints::inbox(sqlite)?;
     let _ = Audit::consumer_with(
         pg,
-        ConsumerConfig {
-            concurrency: 1,
-            ..ConsumerConfig::new(Audit::DESTINATION)
-        },
+        ConsumerConfig::new(Audit::DESTINATION)
+            .with_concurrency(1),
     )?;
     let _ = nested::BillUser::consumer(my)?;
     Ok(())
