@@ -26,8 +26,8 @@ fi
 
 # The library without its optional features (no `otel`, one database): what a
 # default build compiles, and the tests that check nothing changes then.
-say "cargo test -p outbox-core --features sqlite --lib (optional features off)"
-cargo test -p outbox-core --features sqlite --lib || status=$?
+say "cargo test -p outbox-engine --features sqlite --lib (optional features off)"
+cargo test -p outbox-engine --features sqlite --lib || status=$?
 
 say "cargo test --workspace --all-features --doc"
 cargo test --workspace --all-features --doc || status=$?

@@ -18,6 +18,8 @@
 //! [`Backoff`](core::Backoff) at its root. The README is the front page; the
 //! configuration reference, the guarantees and the operations notes are in
 //! the `docs/` folder next to it.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 pub use outbox_core as core;
 pub use outbox_core::{admin, consumer, producer, relay};

@@ -90,6 +90,15 @@ impl Event {
         self
     }
 
+    /// Marks the payload as version `version` of its event type, in the
+    /// `event-version` header. A consumer that reads several versions of one
+    /// type ([`Versions`](crate::consumer::Versions)) converts the older ones
+    /// to the one it applies, and parks a version it does not know with the
+    /// reason. Messages without the header are version 1.
+    pub fn with_version(self, version: u32) -> Event {
+        self.with_header(outbox_rules::EVENT_VERSION_HEADER, version.to_string())
+    }
+
     /// Replaces the generated id, e.g. to re-send an event under its original id.
     pub fn with_id(mut self, id: Uuid) -> Event {
         self.id = id;

@@ -34,6 +34,8 @@
 //! Time columns hold milliseconds since the Unix epoch (`BIGINT`), the same
 //! on every database. Leases and retry times come from the application's clock,
 //! so hosts running relays or consumers of one database need synchronised clocks.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod backend;
@@ -107,7 +109,7 @@ pub mod __private {
     pub use serde_json;
     pub use sqlx;
 
-    pub use crate::consumer::{BoxFuture, decode_json};
+    pub use crate::consumer::{BoxFuture, Versions, decode_json};
     pub use crate::generated::{assert_destination, assert_publish_destination, consumer_for};
     pub use crate::outbox::{append_to_pool_table, append_to_table};
     pub use crate::producer_error::{

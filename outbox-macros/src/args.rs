@@ -116,6 +116,8 @@ pub(crate) fn example(name: &str) -> &'static str {
         "table" => "table = \"outbox_event\"",
         "consumer" => "consumer = \"points\"",
         "pool" => "pool",
+        "version" => "version = 2",
+        "upcast" => "upcast(v1 = UserCreatedV1)",
         _ => "name = \"value\"",
     }
 }

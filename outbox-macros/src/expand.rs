@@ -174,6 +174,7 @@ fn expand_producer(p: &Producer) -> TokenStream {
             .with_header(#name, ::std::string::ToString::to_string(&(#value)))
         }
     });
+    let version = p.version.map(|version| quote!(.with_version(#version)));
     let serialize_failed = fail(&error);
     let append_failed = fail(&error);
     // The pool form names its pool, so a relay of this process on that pool
@@ -209,7 +210,7 @@ fn expand_producer(p: &Producer) -> TokenStream {
                     ::core::result::Result::Ok(#built) => #built,
                     ::core::result::Result::Err(#error) => #serialize_failed,
                 };
-                #events.push(#built #key #(#headers)*);
+                #events.push(#built #key #(#headers)* #version);
             }
             if let ::core::result::Result::Err(#error) = #append {
                 #append_failed
@@ -295,6 +296,20 @@ fn expand_consumer(c: &Consumer) -> TokenStream {
         destination.describe()
     );
     let checked = const_check(destination, "assert_destination");
+    let decode = match &c.versions {
+        None => quote!(::outbox::__private::decode_json::<#event>(delivery)),
+        Some((version, upcasts)) => {
+            let older = upcasts.iter().map(|up| {
+                let (v, ty) = (up.version, &up.ty);
+                quote_spanned!(ty.span()=> .upcast::<#ty>(#v))
+            });
+            quote! {
+                ::outbox::__private::Versions::<#event>::new(#version)
+                    #(#older)*
+                    .decode(delivery)
+            }
+        }
+    };
     quote! {
         #func
 
@@ -361,7 +376,7 @@ fn expand_consumer(c: &Consumer) -> TokenStream {
                 &self,
                 delivery: &::outbox::__private::Delivery,
             ) -> ::core::result::Result<#event, ::std::string::String> {
-                ::outbox::__private::decode_json::<#event>(delivery)
+                #decode
             }
 
             fn handle<'a>(
@@ -433,6 +448,124 @@ mod tests {
         assert!(out.contains("into_user_error"), "{out}");
         assert!(!out.contains("compile_error"), "{out}");
         assert!(!out.contains("commit"), "{out}");
+    }
+
+    #[test]
+    fn versions_are_sent_by_producers_and_read_through_upcasts_by_consumers() {
+        let producer = expand(
+            quote!(destination = "/queue/a", event_type = "a.b", version = 2),
+            quote! {
+                async fn f(tx: &mut Transaction<'_, Sqlite>) -> Result<u8, E> { Ok(1) }
+            },
+        );
+        assert!(producer.contains(". with_version (2u32)"), "{producer}");
+        let consumer = expand(
+            quote!(
+                consumer = "c",
+                destination = "/queue/a",
+                version = 3,
+                upcast(v1 = old::V1, v2 = V2)
+            ),
+            quote! {
+                async fn f(tx: &mut Transaction<'_, Sqlite>, e: Ev) -> Result<(), E> { Ok(()) }
+            },
+        );
+        assert!(
+            consumer.contains(
+                "Versions :: < Ev > :: new (3u32) . upcast :: < old :: V1 > (1u32) . upcast :: < V2 > (2u32) . decode (delivery)"
+            ),
+            "{consumer}"
+        );
+        let plain = expand(
+            quote!(consumer = "c", destination = "/queue/a"),
+            quote! {
+                async fn f(tx: &mut Transaction<'_, Sqlite>, e: Ev) -> Result<(), E> { Ok(()) }
+            },
+        );
+        assert!(plain.contains("decode_json :: < Ev >"), "{plain}");
+    }
+
+    #[test]
+    fn version_mistakes_are_named() {
+        let consumer = |attr: TokenStream| {
+            expand(
+                attr,
+                quote! {
+                    async fn f(tx: &mut Transaction<'_, Sqlite>, e: Ev) -> Result<(), E> { Ok(()) }
+                },
+            )
+        };
+        let cases = [
+            (
+                consumer(quote!(
+                    consumer = "c",
+                    destination = "/queue/a",
+                    upcast(v1 = V1)
+                )),
+                "`upcast` needs `version = N`",
+            ),
+            (
+                consumer(quote!(
+                    consumer = "c",
+                    destination = "/queue/a",
+                    version = 2,
+                    upcast(v2 = V1)
+                )),
+                "v2 is not older than `version = 2`",
+            ),
+            (
+                consumer(quote!(
+                    consumer = "c",
+                    destination = "/queue/a",
+                    version = 2,
+                    upcast(one = V1)
+                )),
+                "name each older version `v` and its number",
+            ),
+            (
+                consumer(quote!(
+                    consumer = "c",
+                    destination = "/queue/a",
+                    version = 2,
+                    upcast(v1 = V1, v1 = V0)
+                )),
+                "version 1 is given twice",
+            ),
+            (
+                consumer(quote!(
+                    consumer = "c",
+                    destination = "/queue/a",
+                    version = 0
+                )),
+                "a whole number literal from 1",
+            ),
+            (
+                consumer(quote!(
+                    consumer = "c",
+                    destination = "/queue/a",
+                    version = "2"
+                )),
+                "a whole number literal from 1",
+            ),
+            (
+                expand(
+                    quote!(
+                        destination = "/queue/a",
+                        event_type = "a.b",
+                        version = 2,
+                        upcast(v1 = V1)
+                    ),
+                    quote! {
+                        async fn f(tx: &mut Transaction<'_, Sqlite>) -> Result<u8, E> { Ok(1) }
+                    },
+                ),
+                "`upcast` is a consumer argument",
+            ),
+        ];
+        for (out, expected) in cases {
+            assert!(out.contains("compile_error"), "{out}");
+            assert!(out.contains(expected), "expected {expected:?} in {out}");
+        }
     }
 
     #[test]

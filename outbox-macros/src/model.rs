@@ -24,6 +24,16 @@ pub(crate) struct Args {
     pub(crate) headers: Option<Named<Vec<Header>>>,
     pub(crate) table: Option<Named<LitStr>>,
     pub(crate) consumer: Option<Named<LitStr>>,
+    pub(crate) version: Option<Named<u32>>,
+    pub(crate) upcast: Option<Named<Vec<Upcast>>>,
+}
+
+/// An older version a consumer reads: `v1 = UserCreatedV1` in `upcast(…)`.
+pub(crate) struct Upcast {
+    /// The version number, from the pair's name (`v1`).
+    pub(crate) version: u32,
+    /// The type its payloads decode as, converted with `From` into the event.
+    pub(crate) ty: ExprPath,
 }
 
 /// Where a producer's events go, or the queue a consumer reads.
@@ -82,6 +92,8 @@ pub(crate) struct Producer {
     pub(crate) event_type: LitStr,
     pub(crate) key: Option<Expr>,
     pub(crate) headers: Vec<Header>,
+    /// `version = N`: sent as the `event-version` header.
+    pub(crate) version: Option<u32>,
     /// The outbox table as the relay names it (lower case).
     pub(crate) table: LitStr,
     /// The whole return type, `Result<…>`.
@@ -118,6 +130,8 @@ pub(crate) struct Consumer {
     pub(crate) destination: Destination,
     /// The inbox table, if not the default.
     pub(crate) table: Option<LitStr>,
+    /// `version = N` and its `upcast(…)`: the versions read and how.
+    pub(crate) versions: Option<(u32, Vec<Upcast>)>,
 }
 
 /// The first parameter, `tx: &mut Transaction<'_, DB>`.

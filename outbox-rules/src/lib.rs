@@ -83,6 +83,13 @@ pub const MAX_DECODED_HEADERS: usize = MAX_HEADERS + BROKER_ADDED_HEADERS;
 /// took cannot carry a larger one.
 pub const MAX_DECODED_BODY: usize = MAX_FRAME;
 
+/// The header that carries an event's version ([`Event::with_version`] on the
+/// producer side, `version = N` in the macro); a message without it is of
+/// version 1.
+///
+/// [`Event::with_version`]: https://docs.rs/outbox-engine/latest/outbox_core/struct.Event.html#method.with_version
+pub const EVENT_VERSION_HEADER: &str = "event-version";
+
 /// Header names the framework sets itself; an event may not set them
 /// (compared without regard to case).
 pub const RESERVED_HEADERS: &[&str] = &[

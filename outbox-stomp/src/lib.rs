@@ -31,6 +31,8 @@
 //! ActiveMQ notes: a NACK sends the message to the dead-letter queue at once;
 //! `ack:auto` is at-most-once; without a receipt a failed SEND is dropped
 //! silently, so [`Client::send`] always asks for one.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 pub mod activemq;

@@ -55,6 +55,7 @@ mod settle;
 mod shared;
 #[cfg(all(test, feature = "sqlite"))]
 mod tests;
+mod versions;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -68,6 +69,7 @@ pub use crate::subscriber::{Incoming, LinkStatus, StompSubscriber, Subscriber};
 pub use config::{ConsumerConfig, MAX_CONSUMER_BATCH};
 pub use handler::{BoxFuture, Handler, decode_json};
 pub use metrics::{ConsumerCounts, ConsumerMetrics};
+pub use versions::{Versions, event_version};
 
 use crate::Error;
 use crate::backend::{Backend, WriteGate};

@@ -19,6 +19,8 @@ const ARGUMENTS: &[&str] = &[
     "table",
     "pool",
     "consumer",
+    "version",
+    "upcast",
 ];
 
 /// Checks names, duplicates and the kind of each value.
@@ -60,6 +62,8 @@ pub(crate) fn args(raw: RawArgs, errors: &mut Errors) -> CheckedArgs {
             "consumer" => {
                 args.consumer = string(arg, errors).filter(|c| check_consumer(&c.value, errors))
             }
+            "version" => args.version = super::versions::version(arg, errors),
+            "upcast" => args.upcast = super::versions::upcast(arg, errors),
             _ => unreachable!("every known argument is handled"),
         }
     }
@@ -90,8 +94,9 @@ fn unknown_argument(name: &str, suggestion: Option<&str>) -> String {
             message.push_str(&format!("; did you mean `{}`?", example(known)));
         }
         None => message.push_str(
-            "; expected `destination`, `event_type`, `key`, `headers`, `table` and `pool` \
-             (producers) or `consumer`, `destination` and `table` (consumers)",
+            "; expected `destination`, `event_type`, `key`, `headers`, `table`, `pool` and \
+             `version` (producers) or `consumer`, `destination`, `table`, `version` and \
+             `upcast` (consumers)",
         ),
     }
     message

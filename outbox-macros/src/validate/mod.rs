@@ -13,6 +13,7 @@ use crate::model::Args;
 
 mod args;
 mod signature;
+mod versions;
 
 pub(crate) use args::args;
 pub(crate) use signature::form;

@@ -33,7 +33,7 @@ pub(crate) fn form(checked: CheckedArgs, func: ItemFn, errors: &mut Errors) -> O
                 name,
                 format_args!(
                     "`{name}` is a producer argument; a consumer (`consumer = …`) takes only \
-                     `destination` and `table`: remove `{name}`"
+                     `destination`, `table`, `version` and `upcast`: remove `{name}`"
                 ),
             );
         }
@@ -104,6 +104,13 @@ fn producer(args: Args, func: ItemFn, errors: &mut Errors) -> Option<Producer> {
             None => (Events::One, ok.span()),
         })
     });
+    if let Some(upcast) = &args.upcast {
+        errors.spanned(
+            &upcast.name,
+            "`upcast` is a consumer argument (the older versions a consumer reads); \
+             a producer sends one version: remove `upcast`",
+        );
+    }
     let (tx, (output, _, error_span), (events, event_span)) = (tx?, output?, events?);
     let (destination, event_type) = (args.destination?, args.event_type?);
     if let Destination::Literal(lit) = &destination.value
@@ -123,6 +130,7 @@ fn producer(args: Args, func: ItemFn, errors: &mut Errors) -> Option<Producer> {
         event_type: event_type.value,
         key: args.key.map(|k| k.value),
         headers: args.headers.map(|h| h.value).unwrap_or_default(),
+        version: args.version.map(|v| v.value),
         table,
         output,
         error_span,
@@ -206,6 +214,10 @@ fn consumer(args: Args, func: ItemFn, errors: &mut Errors) -> Option<Consumer> {
     if errors.0.is_some() {
         return None;
     }
+    let versions = super::versions::consumer_versions(args.version, args.upcast, errors);
+    if errors.0.is_some() {
+        return None;
+    }
     let (tx, event, (_, _, error_span)) = (tx?, event?, output?);
     Some(Consumer {
         db: tx.db,
@@ -215,6 +227,7 @@ fn consumer(args: Args, func: ItemFn, errors: &mut Errors) -> Option<Consumer> {
         consumer: args.consumer?.value,
         destination: args.destination?.value,
         table: args.table.map(|t| t.value),
+        versions,
         func,
     })
 }
