@@ -40,6 +40,14 @@
 //! relay sends the row's append time as the `event-time` header
 //! (milliseconds since the Unix epoch), and messages without it are not
 //! measured.
+//!
+//! The counters are also on the handles as plain numbers:
+//! [`RelayMetrics::snapshot`](crate::relay::RelayMetrics::snapshot) and
+//! [`ConsumerMetrics::snapshot`](crate::consumer::ConsumerMetrics::snapshot),
+//! or one at a time with `get`. Each [`RelayCounter`](crate::relay::RelayCounter)
+//! and [`ConsumerCounter`](crate::consumer::ConsumerCounter) knows its name in
+//! this table and its help text; a few (`stopped`, the consumer's ACK
+//! failures and ended connections) are only on the handle.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
