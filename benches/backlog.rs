@@ -27,7 +27,6 @@
 #[path = "common.rs"]
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use outbox::core::relay::StompPublisher;
@@ -215,7 +214,7 @@ async fn child<DB: Backend>(url: &str, broker: &str, n: usize, table: &str) {
     let tenth = n.div_ceil(10).max(1);
     let (mut mark, mut since) = (0, start);
     loop {
-        let published = (metrics.published.load(Ordering::Relaxed) as usize).min(n);
+        let published = (metrics.snapshot().published as usize).min(n);
         if published >= (mark + tenth).min(n) && published > mark {
             let rate = (published - mark) as f64 / since.elapsed().as_secs_f64();
             println!("tenth {rate:.0}");

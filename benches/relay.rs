@@ -25,7 +25,6 @@
 #[path = "common.rs"]
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -148,10 +147,7 @@ where
     let start = Instant::now();
     let handles: Vec<_> = ready.into_iter().map(|r| r.spawn()).collect();
     loop {
-        let done: u64 = metrics
-            .iter()
-            .map(|m| m.published.load(Ordering::Relaxed))
-            .sum();
+        let done: u64 = metrics.iter().map(|m| m.snapshot().published).sum();
         if done as usize >= n {
             break;
         }

@@ -191,10 +191,7 @@ macro_rules! cut_suite {
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let db_errors = consumer
-                .metrics()
-                .db_errors
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let db_errors = consumer.metrics().snapshot().db_errors;
             eprintln!(
                 "{cut} connections cut; consumer database errors: {db_errors}; relay: {:?}",
                 relay.metrics().snapshot()

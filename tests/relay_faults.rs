@@ -373,13 +373,7 @@ async fn a_login_refused_on_reconnect_stops_the_relay_and_the_consumer_with_the_
     // The relay notices at its next publish.
     append(&outbox, 10, 5, 8).await;
     let until = Instant::now() + Duration::from_secs(30);
-    while relay.metrics().snapshot().stopped == 0
-        || consumer
-            .metrics()
-            .stopped
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 0
-    {
+    while relay.metrics().snapshot().stopped == 0 || consumer.metrics().snapshot().stopped == 0 {
         assert!(
             Instant::now() < until,
             "relay and consumer should report the stop"

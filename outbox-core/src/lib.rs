@@ -48,6 +48,7 @@ mod event;
 pub mod failpoint;
 mod generated;
 mod inbox;
+mod instrument;
 mod names;
 pub mod observe;
 mod outbox;

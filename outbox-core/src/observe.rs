@@ -17,6 +17,7 @@
 //! | `outbox_relay_unavailable_total` | counter | `table` | batches given back: broker unavailable |
 //! | `outbox_relay_db_errors_total` | counter | `table` | database errors the relay backed off from |
 //! | `outbox_relay_deleted_total` | counter | `table` | published rows deleted by retention |
+//! | `outbox_relay_deferred_total` | counter | `table` | rows deferred: the broker refused their destination to the relay's user |
 //! | `outbox_relay_publish_seconds` | histogram | `table` | a batch from its claim to the broker's receipt |
 //! | `outbox_backlog_rows` | gauge | `table` | rows waiting to be published |
 //! | `outbox_backlog_oldest_seconds` | gauge | `table` | age of the oldest waiting row |
@@ -39,11 +40,17 @@
 //! relay sends the row's append time as the `event-time` header
 //! (milliseconds since the Unix epoch), and messages without it are not
 //! measured.
+//!
+//! The counters are also on the handles as plain numbers:
+//! [`RelayMetrics::snapshot`](crate::relay::RelayMetrics::snapshot) and
+//! [`ConsumerMetrics::snapshot`](crate::consumer::ConsumerMetrics::snapshot),
+//! or one at a time with `get`. Each [`RelayCounter`](crate::relay::RelayCounter)
+//! and [`ConsumerCounter`](crate::consumer::ConsumerCounter) knows its name in
+//! this table and its help text; a few (`stopped`, the consumer's ACK
+//! failures and ended connections) are only on the handle.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-use metrics::{Counter, Gauge, Histogram};
 
 use crate::subscriber::LinkStatus;
 
@@ -290,181 +297,6 @@ impl Status {
             }
         })
     }
-}
-
-/// The relay's handles into the metrics facade.
-#[derive(Debug)]
-pub(crate) struct RelayInstruments {
-    pub(crate) published: Counter,
-    pub(crate) retried: Counter,
-    pub(crate) parked: Counter,
-    pub(crate) unavailable: Counter,
-    pub(crate) db_errors: Counter,
-    pub(crate) deleted: Counter,
-    pub(crate) deferred: Counter,
-    pub(crate) publish_seconds: Histogram,
-    pub(crate) backlog: Gauge,
-    pub(crate) oldest: Gauge,
-    pub(crate) parked_rows: Gauge,
-}
-
-impl RelayInstruments {
-    /// Handles labelled with `table`, from the recorder installed now.
-    pub(crate) fn new(table: &str) -> RelayInstruments {
-        describe();
-        let t = table.to_owned();
-        RelayInstruments {
-            published: metrics::counter!("outbox_relay_published_total", "table" => t.clone()),
-            retried: metrics::counter!("outbox_relay_retried_total", "table" => t.clone()),
-            parked: metrics::counter!("outbox_relay_parked_total", "table" => t.clone()),
-            unavailable: metrics::counter!("outbox_relay_unavailable_total", "table" => t.clone()),
-            db_errors: metrics::counter!("outbox_relay_db_errors_total", "table" => t.clone()),
-            deleted: metrics::counter!("outbox_relay_deleted_total", "table" => t.clone()),
-            deferred: metrics::counter!("outbox_relay_deferred_total", "table" => t.clone()),
-            publish_seconds: metrics::histogram!("outbox_relay_publish_seconds", "table" => t.clone()),
-            backlog: metrics::gauge!("outbox_backlog_rows", "table" => t.clone()),
-            oldest: metrics::gauge!("outbox_backlog_oldest_seconds", "table" => t.clone()),
-            parked_rows: metrics::gauge!("outbox_parked_rows", "table" => t),
-        }
-    }
-}
-
-/// The consumer's handles into the metrics facade.
-#[derive(Debug)]
-pub(crate) struct ConsumerInstruments {
-    pub(crate) processed: Counter,
-    pub(crate) duplicates: Counter,
-    pub(crate) retried: Counter,
-    pub(crate) parked: Counter,
-    pub(crate) handler_failures: Counter,
-    pub(crate) db_errors: Counter,
-    pub(crate) in_flight: Gauge,
-    pub(crate) latency_seconds: Histogram,
-    pub(crate) retrying_rows: Gauge,
-    pub(crate) parked_rows: Gauge,
-}
-
-impl ConsumerInstruments {
-    /// Handles labelled with `consumer`, from the recorder installed now.
-    pub(crate) fn new(consumer: &str) -> ConsumerInstruments {
-        describe();
-        let c = consumer.to_owned();
-        ConsumerInstruments {
-            processed: metrics::counter!("outbox_consumer_processed_total", "consumer" => c.clone()),
-            duplicates: metrics::counter!("outbox_consumer_duplicates_total", "consumer" => c.clone()),
-            retried: metrics::counter!("outbox_consumer_retried_total", "consumer" => c.clone()),
-            parked: metrics::counter!("outbox_consumer_parked_total", "consumer" => c.clone()),
-            handler_failures: metrics::counter!("outbox_consumer_handler_failures_total", "consumer" => c.clone()),
-            db_errors: metrics::counter!("outbox_consumer_db_errors_total", "consumer" => c.clone()),
-            in_flight: metrics::gauge!("outbox_consumer_in_flight", "consumer" => c.clone()),
-            latency_seconds: metrics::histogram!("outbox_consumer_latency_seconds", "consumer" => c.clone()),
-            retrying_rows: metrics::gauge!("outbox_inbox_retrying_rows", "consumer" => c.clone()),
-            parked_rows: metrics::gauge!("outbox_inbox_parked_rows", "consumer" => c),
-        }
-    }
-}
-
-/// Describes every metric to the recorder (units and help texts), once per
-/// process: to the recorder installed when the first relay or consumer starts.
-fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    static DONE: std::sync::Once = std::sync::Once::new();
-    DONE.call_once(|| {
-        for (name, help) in [
-            (
-                "outbox_relay_published_total",
-                "Outbox rows marked PUBLISHED.",
-            ),
-            (
-                "outbox_relay_retried_total",
-                "Rejections that scheduled a retry.",
-            ),
-            ("outbox_relay_parked_total", "Outbox rows parked as FAILED."),
-            (
-                "outbox_relay_unavailable_total",
-                "Batches given back because the broker was unavailable.",
-            ),
-            (
-                "outbox_relay_db_errors_total",
-                "Database errors the relay backed off from.",
-            ),
-            (
-                "outbox_relay_deleted_total",
-                "Published rows deleted by retention.",
-            ),
-            (
-                "outbox_relay_deferred_total",
-                "Outbox rows deferred because the broker refused their destination to the relay's user.",
-            ),
-            ("outbox_consumer_processed_total", "Events applied."),
-            (
-                "outbox_consumer_duplicates_total",
-                "Deliveries acknowledged without running the handler.",
-            ),
-            (
-                "outbox_consumer_retried_total",
-                "Deliveries set aside for a local retry.",
-            ),
-            (
-                "outbox_consumer_parked_total",
-                "Deliveries parked as FAILED.",
-            ),
-            (
-                "outbox_consumer_handler_failures_total",
-                "Handler errors and panics.",
-            ),
-            (
-                "outbox_consumer_db_errors_total",
-                "Database errors the consumer backed off from.",
-            ),
-        ] {
-            describe_counter!(name, Unit::Count, help);
-        }
-        for (name, unit, help) in [
-            (
-                "outbox_backlog_rows",
-                Unit::Count,
-                "Outbox rows waiting to be published.",
-            ),
-            (
-                "outbox_backlog_oldest_seconds",
-                Unit::Seconds,
-                "Age of the oldest waiting outbox row.",
-            ),
-            (
-                "outbox_parked_rows",
-                Unit::Count,
-                "Outbox rows parked as FAILED.",
-            ),
-            (
-                "outbox_consumer_in_flight",
-                Unit::Count,
-                "Deliveries being applied now.",
-            ),
-            (
-                "outbox_inbox_retrying_rows",
-                Unit::Count,
-                "Inbox rows waiting for a retry.",
-            ),
-            (
-                "outbox_inbox_parked_rows",
-                Unit::Count,
-                "Inbox rows parked as FAILED.",
-            ),
-        ] {
-            describe_gauge!(name, unit, help);
-        }
-        describe_histogram!(
-            "outbox_relay_publish_seconds",
-            Unit::Seconds,
-            "A batch from its claim to the broker's receipt."
-        );
-        describe_histogram!(
-            "outbox_consumer_latency_seconds",
-            Unit::Seconds,
-            "From an event's append to its handler's commit."
-        );
-    });
 }
 
 /// The age of an event appended at `event_time` (ms since the Unix epoch).

@@ -1,7 +1,6 @@
 //! Acknowledging settled deliveries, and ending a connection whose
 //! delivery can be neither acknowledged nor settled.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::backend::Backend;
@@ -10,6 +9,7 @@ use crate::inbox::Delivery;
 use crate::subscriber::Incoming;
 
 use super::handler::Handler;
+use super::metrics::ConsumerCounter;
 use super::shared::Shared;
 
 /// Further attempts at an ACK that failed on a live connection.
@@ -56,7 +56,7 @@ pub(super) async fn ack_again<DB: Backend, H: Handler<DB>>(
         tracing::debug!(%error, event_id = delivery.event_id, "ack failed with its connection; the broker delivers it again");
         return;
     }
-    metrics.ack_failures.fetch_add(1, Ordering::Relaxed);
+    metrics.add(ConsumerCounter::AckFailures, 1);
     tracing::warn!(%error, event_id = delivery.event_id, "ack failed on a live connection; trying again");
     metrics
         .status
@@ -99,10 +99,7 @@ pub(super) fn end_connection<DB: Backend, H: Handler<DB>>(
         why,
         "ending the broker connection so that the delivery comes again"
     );
-    shared
-        .metrics
-        .connections_ended
-        .fetch_add(1, Ordering::Relaxed);
+    shared.metrics.add(ConsumerCounter::ConnectionsEnded, 1);
     shared.metrics.status.broker_failed(&reason);
     message.end_connection(&reason);
 }

@@ -17,7 +17,7 @@ use crate::{Error, failpoint};
 use super::columns::error_text;
 use super::failure::{Failure, Next, Tally, TryFailed, after_failure};
 use super::handler::{Handler, after_commit, decode, run_handler};
-use super::metrics::Outcome;
+use super::metrics::{ConsumerCounter, Outcome};
 use super::shared::Shared;
 
 /// One attempt at several fresh deliveries in one database transaction: one
@@ -235,7 +235,7 @@ async fn record_failed_try<DB: Backend, H: Handler<DB>>(
         Backoff::jitter(),
     );
     if failed.failure == Failure::Handler {
-        shared.metrics.handler_failed();
+        shared.metrics.add(ConsumerCounter::HandlerFailures, 1);
     }
     log_failed_try(delivery, &failed, &next, config.max_attempts);
     let (state, at) = match next {

@@ -1,94 +1,120 @@
-//! The consumer's counters, and what became of each delivery.
+//! The consumer's counters, declared once, its gauges and histogram in the
+//! metrics facade, and what became of each delivery.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::{Gauge, Histogram, Unit};
 
 use crate::inbox::Delivery;
+use crate::instrument::{Counters, Instrument, Label, counters};
 use crate::names::now_ms;
-use crate::observe::{ConsumerInstruments, Health, Status, age_since};
+use crate::observe::{Health, Status, age_since};
 
-/// Counters of one consumer.
-#[derive(Debug, Default)]
-pub struct ConsumerMetrics {
+counters! {
+    /// A counter of [`ConsumerMetrics`]: `consumer.metrics().get(ConsumerCounter::Processed)`.
+    pub enum ConsumerCounter;
+    /// A plain copy of the counters of [`ConsumerMetrics`]
+    /// ([`ConsumerMetrics::snapshot`]).
+    pub struct ConsumerCounts;
+
     /// Events applied (first delivery or retry).
-    pub processed: AtomicU64,
+    processed / Processed = "outbox_consumer_processed_total", "Events applied.";
     /// Deliveries recognised as duplicates and acked without the handler.
-    pub duplicates: AtomicU64,
+    duplicates / Duplicates = "outbox_consumer_duplicates_total",
+        "Deliveries acknowledged without running the handler.";
     /// Handler failures that scheduled a retry.
-    pub retried: AtomicU64,
+    retried / Retried = "outbox_consumer_retried_total", "Deliveries set aside for a local retry.";
     /// Events parked as `FAILED` (budget spent or undecodable).
-    pub failed: AtomicU64,
+    failed / Failed = "outbox_consumer_parked_total", "Deliveries parked as FAILED.";
     /// Database errors that delayed a delivery.
-    pub db_errors: AtomicU64,
+    db_errors / DbErrors = "outbox_consumer_db_errors_total",
+        "Database errors the consumer backed off from.";
     /// 1 once the consumer stopped because its broker connection ended for
     /// good (or the broker refused to restore its subscription).
-    pub stopped: AtomicU64,
+    stopped / Stopped = _, "1 once the consumer stopped because its broker connection ended for good.";
     /// ACKs that failed on a connection that was still up (each is tried
     /// again a few times).
-    pub ack_failures: AtomicU64,
+    ack_failures / AckFailures = _, "ACKs that failed on a connection that was still up.";
     /// Connections the consumer ended because a delivery on them could not
     /// be acknowledged or settled: the broker delivers it again, to the next
     /// connection.
-    pub connections_ended: AtomicU64,
+    connections_ended / ConnectionsEnded = _,
+        "Connections ended to have a delivery that could not be acknowledged or settled delivered again.";
+    /// Handler errors and panics (each is then retried or parked).
+    handler_failures / HandlerFailures = "outbox_consumer_handler_failures_total",
+        "Handler errors and panics.";
+}
+
+/// The label on every metric of a consumer: its name.
+const LABEL: &str = "consumer";
+
+const IN_FLIGHT: Instrument = Instrument {
+    name: "outbox_consumer_in_flight",
+    unit: Unit::Count,
+    help: "Deliveries being applied now.",
+};
+const LATENCY_SECONDS: Instrument = Instrument {
+    name: "outbox_consumer_latency_seconds",
+    unit: Unit::Seconds,
+    help: "From an event's append to its handler's commit.",
+};
+const RETRYING_ROWS: Instrument = Instrument {
+    name: "outbox_inbox_retrying_rows",
+    unit: Unit::Count,
+    help: "Inbox rows waiting for a retry.",
+};
+const PARKED_ROWS: Instrument = Instrument {
+    name: "outbox_inbox_parked_rows",
+    unit: Unit::Count,
+    help: "Inbox rows parked as FAILED.",
+};
+
+/// Counters and health of one consumer. Read the counters with
+/// [`snapshot`](Self::snapshot) or [`get`](Self::get).
+#[derive(Debug, Default)]
+pub struct ConsumerMetrics {
+    counters: Counters<COUNTERS>,
     /// What [`health`](ConsumerMetrics::health) reports.
     pub(crate) status: Status,
     /// Handles into the metrics facade, taken when the consumer starts.
     pub(crate) instruments: OnceLock<ConsumerInstruments>,
 }
 
-/// A counter of [`ConsumerMetrics`].
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Count {
-    Processed,
-    Duplicates,
-    Retried,
-    Failed,
-    DbErrors,
-}
-
-/// A plain copy of [`ConsumerMetrics`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ConsumerCounts {
-    /// Events applied (first delivery or retry).
-    pub processed: u64,
-    /// Deliveries recognised as duplicates and acked without the handler.
-    pub duplicates: u64,
-    /// Handler failures that scheduled a retry.
-    pub retried: u64,
-    /// Events parked as `FAILED`.
-    pub failed: u64,
-    /// Database errors that delayed a delivery.
-    pub db_errors: u64,
-    /// 1 once the consumer stopped because its broker connection ended for good.
-    pub stopped: u64,
-    /// ACKs that failed on a connection that was still up.
-    pub ack_failures: u64,
-    /// Connections ended to have a delivery that could not be acknowledged
-    /// or settled delivered again.
-    pub connections_ended: u64,
+/// The consumer's gauges and histogram in the metrics facade.
+#[derive(Debug)]
+pub(crate) struct ConsumerInstruments {
+    pub(crate) in_flight: Gauge,
+    pub(crate) latency_seconds: Histogram,
+    pub(crate) retrying_rows: Gauge,
+    pub(crate) parked_rows: Gauge,
 }
 
 impl ConsumerMetrics {
-    /// Adds `n` to a counter, and to its twin in the metrics facade.
-    pub(super) fn add(&self, what: Count, n: u64) {
-        let (atomic, facade) = match (what, self.instruments.get()) {
-            (Count::Processed, i) => (&self.processed, i.map(|i| &i.processed)),
-            (Count::Duplicates, i) => (&self.duplicates, i.map(|i| &i.duplicates)),
-            (Count::Retried, i) => (&self.retried, i.map(|i| &i.retried)),
-            (Count::Failed, i) => (&self.failed, i.map(|i| &i.parked)),
-            (Count::DbErrors, i) => (&self.db_errors, i.map(|i| &i.db_errors)),
+    /// Takes the handles into the metrics facade, labelled with the
+    /// `consumer`'s name, from the recorder installed now; the first call
+    /// wins.
+    pub(crate) fn register(&self, consumer: &str) {
+        let label = Label {
+            key: LABEL,
+            value: consumer,
         };
-        atomic.fetch_add(n, Ordering::Relaxed);
-        if let Some(counter) = facade {
-            counter.increment(n);
-        }
+        self.counters.register(&TABLE, label);
+        let _ = self.instruments.get_or_init(|| ConsumerInstruments {
+            in_flight: IN_FLIGHT.gauge(label),
+            latency_seconds: LATENCY_SECONDS.histogram(label),
+            retrying_rows: RETRYING_ROWS.gauge(label),
+            parked_rows: PARKED_ROWS.gauge(label),
+        });
     }
 
-    /// A handler failed (an error or a panic).
-    pub(super) fn handler_failed(&self) {
-        if let Some(i) = self.instruments.get() {
-            i.handler_failures.increment(1);
-        }
+    /// Adds `n` to a counter, and to its twin in the metrics facade.
+    pub(crate) fn add(&self, counter: ConsumerCounter, n: u64) {
+        self.counters.add(counter as usize, n);
+    }
+
+    /// The consumer stopped because its broker connection ended for good.
+    pub(crate) fn stopped(&self) {
+        self.counters.raise(ConsumerCounter::Stopped as usize, 1);
     }
 
     /// The consumer's health, as far as these counters know it;
@@ -98,18 +124,14 @@ impl ConsumerMetrics {
         self.status.health(false)
     }
 
+    /// One counter now.
+    pub fn get(&self, counter: ConsumerCounter) -> u64 {
+        self.counters.get(counter as usize)
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> ConsumerCounts {
-        ConsumerCounts {
-            processed: self.processed.load(Ordering::Relaxed),
-            duplicates: self.duplicates.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            db_errors: self.db_errors.load(Ordering::Relaxed),
-            stopped: self.stopped.load(Ordering::Relaxed),
-            ack_failures: self.ack_failures.load(Ordering::Relaxed),
-            connections_ended: self.connections_ended.load(Ordering::Relaxed),
-        }
+        ConsumerCounts::read(&self.counters)
     }
 }
 
@@ -155,10 +177,10 @@ pub(super) fn count_outcomes(
     for (delivery, outcome) in deliveries.iter().zip(outcomes) {
         let Some(outcome) = outcome else { continue };
         let what = match outcome {
-            Outcome::Processed => Count::Processed,
-            Outcome::Duplicate => Count::Duplicates,
-            Outcome::Retry => Count::Retried,
-            Outcome::Parked => Count::Failed,
+            Outcome::Processed => ConsumerCounter::Processed,
+            Outcome::Duplicate => ConsumerCounter::Duplicates,
+            Outcome::Retry => ConsumerCounter::Retried,
+            Outcome::Parked => ConsumerCounter::Failed,
         };
         metrics.add(what, 1);
         if let (Outcome::Processed, Some(i)) = (outcome, metrics.instruments.get())

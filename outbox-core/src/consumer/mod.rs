@@ -58,7 +58,6 @@ mod tests;
 mod versions;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use outbox_stomp::{AckMode, Client, Subscribe};
 use tokio::sync::watch;
@@ -68,12 +67,11 @@ pub use crate::inbox::{DEFAULT_INBOX_TABLE, Delivery, Inbox};
 pub use crate::subscriber::{Incoming, LinkStatus, StompSubscriber, Subscriber};
 pub use config::{ConsumerConfig, MAX_CONSUMER_BATCH};
 pub use handler::{BoxFuture, Handler, decode_json};
-pub use metrics::{ConsumerCounts, ConsumerMetrics};
+pub use metrics::{ConsumerCounter, ConsumerCounts, ConsumerMetrics};
 pub use versions::{Versions, event_version};
 
 use crate::Error;
 use crate::backend::{Backend, WriteGate};
-use crate::observe::ConsumerInstruments;
 use dispatch::{in_key_lanes, shared_subscription, workers_and_batch};
 use drain::Drain;
 use housekeeping::retry_loop;
@@ -158,10 +156,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
     ) -> Result<(), Error> {
         let status = subscription.status();
         let shared = self.shared;
-        let _ = shared
-            .metrics
-            .instruments
-            .set(ConsumerInstruments::new(shared.inbox.consumer()));
+        shared.metrics.register(shared.inbox.consumer());
         shared.metrics.status.set_link(status.clone());
         let (workers, most) = workers_and_batch(
             DB::DIALECT.single_writer,
@@ -181,7 +176,7 @@ impl<DB: Backend, H: Handler<DB>> Consumer<DB, H> {
             // the broker refused to restore the subscription.
             let reason = status.end_reason();
             tracing::error!(destination = %shared.config.destination, %reason, "consumer stopped: the broker connection ended for good");
-            shared.metrics.stopped.store(1, Ordering::Relaxed);
+            shared.metrics.stopped();
             shared.metrics.status.stopped(&reason);
             retry.abort();
             let _ = retry.await;

@@ -16,7 +16,7 @@ use super::ack::{acknowledge, end_connection};
 use super::apply::record_unapplied;
 use super::columns::{NO_DEDUP_ID, dedup_source, to_delivery};
 use super::handler::Handler;
-use super::metrics::{Count, InFlightGauge, count_outcomes};
+use super::metrics::{ConsumerCounter, InFlightGauge, count_outcomes};
 use super::settle::{park_unrecordable, pause, settle_batch, settle_one};
 use super::shared::Shared;
 
@@ -117,7 +117,7 @@ pub(super) async fn park_message<DB: Backend, H: Handler<DB>>(
             Ok(outcome) => break Some(outcome),
             Err(error) => error,
         };
-        shared.metrics.add(Count::DbErrors, 1);
+        shared.metrics.add(ConsumerCounter::DbErrors, 1);
         shared.metrics.status.database_failed(&error);
         if error.is_permanent() {
             break park_unrecordable(shared, &delivery, &error, stopped).await;

@@ -15,7 +15,7 @@ use super::apply::{log_failed_try, run_checked};
 use super::columns::error_text;
 use super::failure::{Failure, Next, Tally, TryFailed, after_failure};
 use super::handler::{Handler, after_commit, decode};
-use super::metrics::Count;
+use super::metrics::ConsumerCounter;
 use super::shared::Shared;
 
 #[cfg(doc)]
@@ -47,7 +47,7 @@ pub(super) async fn retry_due<DB: Backend, H: Handler<DB>>(
         store
             .fail_retry(*id, 0, &error_text(reason), now_ms(), now_ms())
             .await?;
-        shared.metrics.add(Count::Failed, 1);
+        shared.metrics.add(ConsumerCounter::Failed, 1);
         settled += 1;
     }
     let rows = due.rows;
@@ -60,7 +60,7 @@ pub(super) async fn retry_due<DB: Backend, H: Handler<DB>>(
             }
             Err(error) => error,
         };
-        shared.metrics.add(Count::DbErrors, 1);
+        shared.metrics.add(ConsumerCounter::DbErrors, 1);
         shared.metrics.status.database_failed(&error);
         let failure = Failure::of(&error);
         if failure == Failure::Unreachable {
@@ -112,7 +112,7 @@ async fn refused<DB: Backend, H: Handler<DB>>(
     {
         Ok(()) => {
             errors.0.remove(&row.id);
-            shared.metrics.add(Count::Failed, 1);
+            shared.metrics.add(ConsumerCounter::Failed, 1);
             true
         }
         Err(error) => {
@@ -183,7 +183,7 @@ async fn try_again<DB: Backend, H: Handler<DB>>(
 fn applied<DB: Backend, H: Handler<DB>>(shared: &Shared<DB, H>, row: &DueRow) {
     let delivery = &row.delivery;
     after_commit(&shared.handler, delivery);
-    shared.metrics.add(Count::Processed, 1);
+    shared.metrics.add(ConsumerCounter::Processed, 1);
     tracing::info!(
         event_id = delivery.event_id,
         event_type = delivery.event_type.as_deref(),
@@ -206,7 +206,7 @@ async fn record_failed_retry<DB: Backend, H: Handler<DB>>(
     let so_far = Tally::spent(row.attempts);
     let (next, _) = after_failure(failed.failure, so_far, config, now, Backoff::jitter());
     if failed.failure == Failure::Handler {
-        shared.metrics.handler_failed();
+        shared.metrics.add(ConsumerCounter::HandlerFailures, 1);
     }
     let failed = TryFailed {
         reason: error_text(&failed.reason),
@@ -226,9 +226,9 @@ async fn record_failed_retry<DB: Backend, H: Handler<DB>>(
         .await?;
     log_failed_try(&row.delivery, &failed, &next, config.max_attempts);
     let count = if next.parks() {
-        Count::Failed
+        ConsumerCounter::Failed
     } else {
-        Count::Retried
+        ConsumerCounter::Retried
     };
     shared.metrics.add(count, 1);
     Ok(())

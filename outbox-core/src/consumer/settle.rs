@@ -18,7 +18,7 @@ use crate::store::InboxState;
 use super::apply::{attempt_batch, attempt_one, record_unapplied};
 use super::failure::{Failure, Next, Tally, after_failure};
 use super::handler::Handler;
-use super::metrics::{Count, Outcome};
+use super::metrics::{ConsumerCounter, Outcome};
 use super::shared::Shared;
 
 /// Settles several deliveries, in one transaction when it can. A database
@@ -92,7 +92,7 @@ fn database_failed<DB: Backend, H: Handler<DB>>(
     error: &Error,
     so_far: Tally,
 ) -> (Failure, Next, Tally) {
-    shared.metrics.add(Count::DbErrors, 1);
+    shared.metrics.add(ConsumerCounter::DbErrors, 1);
     shared.metrics.status.database_failed(error);
     let failure = Failure::of(error);
     let (next, tally) = after_failure(failure, so_far, &shared.config, now_ms(), Backoff::jitter());

@@ -1,6 +1,7 @@
 //! The consumer's batch, rollback and one-by-one paths with a scripted
 //! subscriber on a real SQLite file (no broker).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

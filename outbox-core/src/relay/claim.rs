@@ -400,7 +400,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                     reason,
                     "outbox row parked as FAILED: it cannot be read as an event"
                 );
-                self.metrics.add(super::Count::Failed, 1);
+                self.metrics.add(super::RelayCounter::Failed, 1);
             }
         }
         Ok(())

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Claimed, Count, PublishError, PublishErrorKind, Publisher, Relay, Step};
+use super::{Claimed, PublishError, PublishErrorKind, Publisher, Relay, RelayCounter, Step};
 use crate::backend::Backend;
 use crate::backoff::Backoff;
 use crate::error::Error;
@@ -197,7 +197,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
     /// The broker could not be reached: count it, report it, give the batch
     /// back (the whole relay backs off next).
     async fn unavailable(&self, claimed: &Claimed, error: &PublishError) -> Result<Step, Error> {
-        self.metrics.add(Count::Unavailable, 1);
+        self.metrics.add(RelayCounter::Unavailable, 1);
         self.metrics.status.broker_failed(&error.message);
         let rows = self.failed_rows(claimed);
         self.give_back(None, rows, Some(&error.message)).await?;
@@ -272,7 +272,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let now = crate::clock::now(store.pool()).await;
         let mut conn = store.acquire().await?;
         store.mark_published(&mut conn, token, &[m.id], now).await?;
-        self.metrics.add(Count::Published, 1);
+        self.metrics.add(RelayCounter::Published, 1);
         self.metrics.status.succeeded();
         self.metrics
             .status
@@ -334,7 +334,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
             .store()
             .defer_destination(token, &m.destination, now + ms(delay), &error.message, now)
             .await?;
-        self.metrics.add(Count::Deferred, rows);
+        self.metrics.add(RelayCounter::Deferred, rows);
         tracing::warn!(
             destination = m.destination,
             rows,
@@ -372,11 +372,11 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         match (recorded, park) {
             (true, true) => {
                 tracing::error!(event_id = m.event_id, %error, "event parked as FAILED");
-                self.metrics.add(Count::Failed, 1);
+                self.metrics.add(RelayCounter::Failed, 1);
             }
             (true, false) => {
                 tracing::warn!(event_id = m.event_id, %error, "event rejected; will retry");
-                self.metrics.add(Count::Retried, 1);
+                self.metrics.add(RelayCounter::Retried, 1);
             }
             (false, _) => {
                 tracing::debug!(event_id = m.event_id, %error, "rejected row no longer held; nothing recorded");

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Count, RelayConfig, RelayMetrics};
+use super::{RelayConfig, RelayCounter, RelayMetrics};
 use crate::backend::Backend;
 use crate::error::Error;
 use crate::names::ms;
@@ -42,7 +42,7 @@ async fn retention<DB: Backend>(
     let limit = config.retention_batch.max(1);
     loop {
         let n = outbox.store().delete_published(before, limit).await?;
-        metrics.add(Count::Deleted, n);
+        metrics.add(RelayCounter::Deleted, n);
         if n < u64::from(limit) {
             return Ok(());
         }

@@ -13,12 +13,11 @@ use super::marks::{Marker, Marks};
 use super::owner;
 use super::pacing::{Next, Pacing};
 use super::share::Membership;
-use super::{Claimed, Count, Publisher, Relay};
+use super::{Claimed, Publisher, Relay, RelayCounter};
 use crate::Outbox;
 use crate::backend::Backend;
 use crate::error::Error;
 use crate::names::ms;
-use crate::observe::RelayInstruments;
 use crate::wake::{self, Handoff};
 
 impl<DB: Backend, P: Publisher> Relay<DB, P> {
@@ -98,7 +97,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         let table = self.outbox.table();
         // Ends with the run however it ends: returned, failed or dropped.
         let listener = DB::listen(self.outbox.pool(), table, self.wake.clone()).map(AbortOnDrop);
-        let _ = self.metrics.instruments.set(RelayInstruments::new(table));
+        self.metrics.register(table);
         if let Some(link) = self.publisher.link() {
             self.metrics.status.set_link(link);
         }
@@ -193,7 +192,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
                 }
                 Err(error @ Error::RelayLockFile { .. }) => return Err(error),
                 Err(error) => {
-                    self.metrics.add(Count::DbErrors, 1);
+                    self.metrics.add(RelayCounter::DbErrors, 1);
                     self.metrics.status.database_failed(&error);
                     tracing::warn!(%error, "could not take the relay's lock; trying again");
                 }
@@ -274,7 +273,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         }
         if let Some(reason) = stopped {
             tracing::error!(relay = %self.config.relay_id, %reason, "relay stopped: the broker connection ended for good");
-            self.metrics.stopped.store(1, Ordering::Relaxed);
+            self.metrics.stopped();
             return Err(Error::BrokerGone(reason));
         }
         tracing::info!(relay = %self.config.relay_id, "relay stopped");

@@ -31,7 +31,7 @@ impl<DB: Backend> Marker<DB> {
         loop {
             match self.mark_once(batches).await {
                 Ok(n) => {
-                    self.metrics.add(super::Count::Published, n);
+                    self.metrics.add(super::RelayCounter::Published, n);
                     return Ok(());
                 }
                 Err(error) if attempt < 4 => {

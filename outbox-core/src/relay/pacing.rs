@@ -69,7 +69,7 @@ impl Pacing {
             }
             Err(error) => {
                 self.db_failures += 1;
-                metrics.add(super::Count::DbErrors, 1);
+                metrics.add(super::RelayCounter::DbErrors, 1);
                 tracing::warn!(%error, "relay step failed");
                 Next::Go(Some(self.backoff.delay(self.db_failures - 1)))
             }

@@ -8,7 +8,7 @@ use tracing::Instrument;
 
 use super::failure::GiveBack;
 use super::marks::Marks;
-use super::{Claimed, Count, PublishError, Publisher, Relay, Step};
+use super::{Claimed, PublishError, Publisher, Relay, RelayCounter, Step};
 use crate::backend::Backend;
 use crate::error::Error;
 use crate::event::OutboxMessage;
@@ -171,7 +171,7 @@ impl<DB: Backend, P: Publisher> Relay<DB, P> {
         if let Some(behind) = behind
             && let Err(error) = self.give_back(None, GiveBack::Batch(behind), None).await
         {
-            self.metrics.add(Count::DbErrors, 1);
+            self.metrics.add(RelayCounter::DbErrors, 1);
             tracing::warn!(%error, rows = behind.batch.len(), "could not give back a batch; it is taken again when its lease runs out");
         }
         marks.drain().await;
