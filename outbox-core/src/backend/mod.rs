@@ -34,14 +34,14 @@ pub(crate) use row::{FromRow, Row, decode};
 /// Every dialect built in, for tests of statements and row types.
 #[cfg(test)]
 pub(crate) fn dialects() -> Vec<&'static Dialect> {
-    let mut all: Vec<&'static Dialect> = Vec::new();
-    #[cfg(feature = "sqlite")]
-    all.push(<sqlx::Sqlite as Backend>::DIALECT);
-    #[cfg(feature = "postgres")]
-    all.push(<sqlx::Postgres as Backend>::DIALECT);
-    #[cfg(feature = "mysql")]
-    all.push(<sqlx::MySql as Backend>::DIALECT);
-    all
+    vec![
+        #[cfg(feature = "sqlite")]
+        <sqlx::Sqlite as Backend>::DIALECT,
+        #[cfg(feature = "postgres")]
+        <sqlx::Postgres as Backend>::DIALECT,
+        #[cfg(feature = "mysql")]
+        <sqlx::MySql as Backend>::DIALECT,
+    ]
 }
 
 #[cfg(test)]
