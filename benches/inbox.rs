@@ -268,8 +268,10 @@ where
                     for _ in &batch {
                         DB::exec(
                             &mut tx,
-                            "INSERT INTO points (user_id, points) VALUES (1, 100)",
-                            &[],
+                            &outbox::core::Query::fixed(
+                                DB::DIALECT,
+                                "INSERT INTO points (user_id, points) VALUES (1, 100)",
+                            ),
                         )
                         .await
                         .expect("insert");

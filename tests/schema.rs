@@ -219,16 +219,16 @@ macro_rules! schema_suite {
             // The relay's statements that name an index (SQLite's `INDEXED
             // BY`, MySQL's `FORCE INDEX`) find it on the upgraded table.
             let now = i64::MAX / 2;
-            sqlx::query(outbox.due_probe_statement())
+            sqlx::query(&outbox.due_probe_statement())
                 .bind(now).bind(now).bind(0_i64).bind(64_i64)
                 .fetch_all(&pool).await.unwrap();
-            sqlx::query(outbox.claim_statement())
+            sqlx::query(&outbox.claim_statement())
                 .bind(now).bind(now).bind(0_i64).bind(64_i64).bind(10_i64)
                 .fetch_all(&pool).await.unwrap();
             sqlx::query(&outbox.key_order_statement(2))
                 .bind(1000_i64).bind("k").bind("other")
                 .fetch_all(&pool).await.unwrap();
-            sqlx::query(outbox.handoff_statement())
+            sqlx::query(&outbox.handoff_statement())
                 .bind("relay").bind(now).bind(10_i64)
                 .fetch_all(&pool).await.unwrap();
             let parked: Vec<String> = inbox

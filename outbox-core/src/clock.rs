@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::Pool;
 
-use crate::backend::{Backend, Column};
+use crate::backend::{Backend, Column, Query};
 use crate::names::now_ms;
 use crate::wake::{PoolId, pool_id};
 
@@ -90,7 +90,8 @@ pub(crate) async fn now<DB: Backend>(pool: &Pool<DB>) -> i64 {
 async fn read<DB: Backend>(pool: &Pool<DB>) -> Result<i64, crate::Error> {
     let mut conn = crate::backend::acquire(pool).await?;
     let sent = Instant::now();
-    let rows = DB::fetch(&mut conn, DB::DIALECT.clock, &[], &[Column::Int])
+    let query = Query::fixed(DB::DIALECT, DB::DIALECT.clock);
+    let rows = DB::fetch(&mut conn, &query, &[Column::Int])
         .await
         .map_err(crate::Error::db("reading the database's clock"))?;
     let Some(db_ms) = rows.first().and_then(|r| r.first()).and_then(|c| c.int()) else {

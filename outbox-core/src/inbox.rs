@@ -17,7 +17,6 @@ use uuid::Uuid;
 
 use crate::Error;
 use crate::backend::Backend;
-use crate::backend::sql::InboxSql;
 pub use crate::delivery::Delivery;
 use crate::names::{TableName, check_consumer, now_ms};
 use crate::rows::{InboxCounts, Parked, ParkedDelivery, ParkedRows};
@@ -59,9 +58,8 @@ impl<DB: Backend> Inbox<DB> {
     pub fn with_table(pool: Pool<DB>, consumer: &str, table: &str) -> Result<Inbox<DB>, Error> {
         check_consumer(consumer)?;
         let table = TableName::new("inbox table name", table)?;
-        let sql = std::sync::Arc::new(InboxSql::new(DB::DIALECT, &table));
         Ok(Inbox {
-            store: InboxStore::new(pool, consumer.to_owned(), table.as_str().to_owned(), sql),
+            store: InboxStore::new(pool, consumer.to_owned(), table),
         })
     }
 

@@ -91,6 +91,8 @@ pub mod admin {
 }
 
 pub use backend::Backend;
+#[doc(hidden)]
+pub use backend::Query;
 pub use backoff::Backoff;
 pub use consumer::{Consumer, ConsumerConfig, Handler};
 pub use error::Error;

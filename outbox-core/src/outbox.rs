@@ -9,7 +9,6 @@ use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use crate::backend::Backend;
-use crate::backend::sql::OutboxSql;
 use crate::event::Event;
 use crate::names::TableName;
 use crate::rows::{Backlog, OutboxCounts, Parked, ParkedEvent, ParkedRows};
@@ -120,7 +119,7 @@ impl<DB: Backend> Outbox<DB> {
         Outbox {
             inner: Arc::new(Inner {
                 pool_id: wake::pool_id(&pool),
-                store: OutboxStore::new(pool, Arc::new(OutboxSql::new(DB::DIALECT, table))),
+                store: OutboxStore::new(pool, table),
                 limits: BrokerLimits::default(),
             }),
         }
@@ -157,33 +156,32 @@ impl<DB: Backend> Outbox<DB> {
         self.inner.store.table()
     }
 
-    /// The statements on this outbox's table.
     /// The relay's claim statement for this table, as the database receives
     /// it (for `EXPLAIN` in benchmarks). Not a stable API.
     #[doc(hidden)]
-    pub fn claim_statement(&self) -> &str {
-        &self.store().sql().claim
+    pub fn claim_statement(&self) -> String {
+        self.store().claim_text()
     }
 
     /// The relay's probe for due rows, which it runs before it opens a
     /// claim transaction (for `EXPLAIN` in benchmarks). Not a stable API.
     #[doc(hidden)]
-    pub fn due_probe_statement(&self) -> &str {
-        &self.store().sql().due_probe
+    pub fn due_probe_statement(&self) -> String {
+        self.store().due_probe_text()
     }
 
     /// The per-key order check a claim runs, for `keys` keys (for `EXPLAIN`
     /// in benchmarks). Not a stable API.
     #[doc(hidden)]
     pub fn key_order_statement(&self, keys: usize) -> String {
-        self.store().sql().key_rows(keys)
+        self.store().key_rows_text(keys)
     }
 
     /// The relay's read of the rows handed off to it (for `EXPLAIN` in
     /// benchmarks). Not a stable API.
     #[doc(hidden)]
-    pub fn handoff_statement(&self) -> &str {
-        &self.store().sql().handed_off
+    pub fn handoff_statement(&self) -> String {
+        self.store().handed_off_text()
     }
 
     pub(crate) fn store(&self) -> &OutboxStore<DB> {
@@ -214,7 +212,7 @@ impl<DB: Backend> Outbox<DB> {
     pub async fn append(&self, tx: &mut Transaction<'_, DB>, event: Event) -> Result<Uuid, Error> {
         let id = event.id;
         append_all(
-            self.inner.store.sql(),
+            self.inner.store.table_name(),
             self.inner.pool_id,
             &self.inner.limits,
             tx,
@@ -231,7 +229,7 @@ impl<DB: Backend> Outbox<DB> {
         events: &[Event],
     ) -> Result<Vec<Uuid>, Error> {
         append_all(
-            self.inner.store.sql(),
+            self.inner.store.table_name(),
             self.inner.pool_id,
             &self.inner.limits,
             tx,
@@ -419,7 +417,7 @@ impl<DB: Backend> Outbox<DB> {
 /// of this process serves that table on the pool `pool`, the rows are leased
 /// to it as they are inserted (hand-off): it publishes them without a claim.
 pub(crate) async fn append_all<DB: Backend>(
-    sql: &OutboxSql,
+    table: &TableName,
     pool: PoolId,
     limits: &BrokerLimits,
     tx: &mut Transaction<'_, DB>,
@@ -437,11 +435,11 @@ pub(crate) async fn append_all<DB: Backend>(
     // The database's clock as last read in this process (no round trip in
     // the caller's transaction): the hand-off lease is compared on it.
     let now = crate::clock::now_of_id(pool);
-    let lease = wake::handoff_lease(sql.table.as_str(), pool, now);
+    let lease = wake::handoff_lease(table.as_str(), pool, now);
     let lease = lease
         .as_ref()
         .map(|(token, until)| (token.as_str(), *until));
-    crate::store::outbox::insert(sql, tx, events, lease, now).await
+    crate::store::outbox::insert(table, tx, events, lease, now).await
 }
 
 /// Appends `events` to the outbox table `table` inside `tx`: what
@@ -455,7 +453,8 @@ pub async fn append_to_table<DB: Backend>(
 ) -> Result<(), Error> {
     // Without the pool the rows cannot be matched with a relay: no hand-off.
     let limits = BrokerLimits::default();
-    append_all(&*statements::<DB>(table)?, 0, &limits, tx, events).await
+    let table = TableName::new("outbox table name", table)?;
+    append_all(&table, 0, &limits, tx, events).await
 }
 
 /// As [`append_to_table`], for `#[transactional_event(pool)]` functions: `tx`
@@ -468,43 +467,8 @@ pub async fn append_to_pool_table<DB: Backend>(
     events: &[Event],
 ) -> Result<(), Error> {
     let limits = BrokerLimits::default();
-    append_all(
-        &*statements::<DB>(table)?,
-        wake::pool_id(pool),
-        &limits,
-        tx,
-        events,
-    )
-    .await
-}
-
-/// The statements of outbox table `table`, built once per database and table.
-fn statements<DB: Backend>(table: &str) -> Result<Arc<OutboxSql>, Error> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Statements = HashMap<(&'static str, String), Arc<OutboxSql>>;
-    static CACHE: OnceLock<Mutex<Statements>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Mutex::default);
-    let key = (DB::DIALECT.name, table.to_owned());
-    let cached = cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .cloned();
-    Ok(match cached {
-        Some(sql) => sql,
-        None => {
-            let sql = Arc::new(OutboxSql::new(
-                DB::DIALECT,
-                TableName::new("outbox table name", table)?,
-            ));
-            cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key, sql.clone());
-            sql
-        }
-    })
+    let table = TableName::new("outbox table name", table)?;
+    append_all(&table, wake::pool_id(pool), &limits, tx, events).await
 }
 
 impl<DB: Backend> ParkedRows for Outbox<DB> {

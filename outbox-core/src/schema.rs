@@ -6,16 +6,17 @@
 //! lock on SQLite), so two processes starting together do no harm. Waits for
 //! locks are bounded ([`DEFAULT_MIGRATION_TIMEOUT`]), and the lock dies with
 //! the migration's own connection, even when the call is abandoned.
-//! `outbox_lease` holds named, expiring leases that make a periodic job (such as
-//! retention) run in one process at a time.
+//! `outbox_lease`, created here too, holds named, expiring leases that make a
+//! periodic job (such as retention) run in one process at a time; its
+//! statements are in `store/lease.rs`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use sqlx::Pool;
 
 use crate::Backoff;
-use crate::backend::sql::MetaSql;
-use crate::backend::{Backend, Column, MigrationLock, Value};
+use crate::backend::{Backend, Column, Dialect, FromRow, MigrationLock, Query, Row, decode};
 use crate::names::now_ms;
 use crate::{Error, failpoint};
 
@@ -49,7 +50,8 @@ pub(crate) async fn migrate<DB: Backend>(
     let mut conn = crate::backend::acquire(pool).await?.detach();
     let migrated = async {
         take_migration_lock::<DB>(&mut conn, table, &lock, timeout).await?;
-        DB::exec(&mut conn, &(lock.lock_timeout)(timeout), &[])
+        let bound = (lock.lock_timeout)(timeout);
+        DB::exec(&mut conn, &Query::fixed(DB::DIALECT, &bound))
             .await
             .map_err(Error::db("setting the migration's lock timeout"))?;
         migrate_locked::<DB>(&mut conn, table, steps, Some((&lock, timeout))).await
@@ -70,10 +72,11 @@ async fn take_migration_lock<DB: Backend>(
     let deadline = tokio::time::Instant::now() + timeout;
     let pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     for attempt in 0u32.. {
-        let taken = DB::fetch(conn, lock.try_take, &[], &[Column::Int])
+        let query = Query::fixed(DB::DIALECT, lock.try_take);
+        let taken = DB::fetch(conn, &query, &[Column::Int])
             .await
             .map_err(Error::db("taking the migration lock"))?;
-        if taken.first().and_then(|r| r[0].int()) == Some(1) {
+        if taken.first().and_then(|r| r.first()).and_then(|c| c.int()) == Some(1) {
             return Ok(());
         }
         let now = tokio::time::Instant::now();
@@ -89,46 +92,62 @@ async fn take_migration_lock<DB: Backend>(
     })
 }
 
+/// A table's recorded schema version.
+struct Version(Option<i64>);
+
+impl FromRow for Version {
+    const TABLE: &'static str = "outbox_schema_version";
+    const TYPES: &'static [Column] = &[Column::Int];
+
+    fn columns(_: &Dialect, _: &str) -> Cow<'static, str> {
+        Cow::Borrowed("version")
+    }
+
+    fn from_row(row: Row) -> Result<Self, Error> {
+        Ok(Version(row.opt_int(0)))
+    }
+}
+
+/// The reading of `table`'s recorded version.
+fn version_query<DB: Backend>(table: &str) -> Query<'_> {
+    Query::new(DB::DIALECT)
+        .sql("SELECT ")
+        .columns::<Version>("outbox_schema_version")
+        .sql(" FROM outbox_schema_version WHERE table_name = ")
+        .bind(table)
+}
+
+/// What a failed migration statement is reported as: a wait for a table
+/// lock that ran out names the statement and the cause.
+struct Failure<'a> {
+    table: &'a str,
+    lock: Option<(&'a MigrationLock, Duration)>,
+}
+
+impl Failure<'_> {
+    fn of(&self, action: &'static str, statement: &str, error: sqlx::Error) -> Error {
+        match self.lock {
+            Some((lock, after)) if (lock.is_lock_timeout)(&error) => Error::MigrationTimeout {
+                table: self.table.to_owned(),
+                waiting_for: format!(
+                    "a lock on the table that another session holds in an open transaction \
+                     (look for sessions idle in transaction), to run `{statement}`"
+                ),
+                after,
+            },
+            _ => Error::db(action)(error),
+        }
+    }
+}
+
 async fn migrate_locked<DB: Backend>(
     conn: &mut DB::Connection,
     table: &str,
     steps: &[Vec<String>],
     lock: Option<(&MigrationLock, Duration)>,
 ) -> Result<(), Error> {
-    // A wait for a table lock that ran out names the statement and the cause.
-    let failed = |action: &'static str, statement: &str, error: sqlx::Error| match lock {
-        Some((lock, after)) if (lock.is_lock_timeout)(&error) => Error::MigrationTimeout {
-            table: table.to_owned(),
-            waiting_for: format!(
-                "a lock on the table that another session holds in an open transaction \
-                 (look for sessions idle in transaction), to run `{statement}`"
-            ),
-            after,
-        },
-        _ => Error::db(action)(error),
-    };
-    let meta = MetaSql::new(DB::DIALECT);
-    for statement in &meta.ddl {
-        DB::exec(conn, statement, &[])
-            .await
-            .map_err(|e| failed("creating outbox_schema_version", statement, e))?;
-    }
-    DB::exec(
-        conn,
-        &meta.version_insert,
-        &[Value::Text(Some(table)), Value::Int(now_ms())],
-    )
-    .await
-    .map_err(|e| failed("recording the schema version", &meta.version_insert, e))?;
-    let rows = DB::fetch(
-        conn,
-        &meta.version,
-        &[Value::Text(Some(table))],
-        &[Column::Int],
-    )
-    .await
-    .map_err(|e| failed("reading the schema version", &meta.version, e))?;
-    let found = rows.first().and_then(|r| r[0].int()).unwrap_or(0);
+    let failed = Failure { table, lock };
+    let found = recorded_version::<DB>(conn, table, &failed).await?;
     let known = i64::try_from(steps.len()).unwrap_or(i64::MAX);
     if found > known {
         return Err(Error::SchemaTooNew {
@@ -142,30 +161,60 @@ async fn migrate_locked<DB: Backend>(
         .skip(usize::try_from(found).unwrap_or(0))
     {
         for statement in step {
-            match DB::exec(conn, statement, &[]).await {
+            match DB::exec(conn, &Query::fixed(DB::DIALECT, statement)).await {
                 Ok(_) => {}
                 // This step ran before and died before its version was recorded.
                 Err(error) if (DB::DIALECT.already_applied)(&error) => {
                     tracing::info!(table, version, %error, "migration statement already applied");
                 }
-                Err(error) => return Err(failed("running a migration", statement, error)),
+                Err(error) => return Err(failed.of("running a migration", statement, error)),
             }
             failpoint::hit("schema.after_statement");
         }
-        DB::exec(
-            conn,
-            &meta.version_update,
-            &[
-                Value::Int(version),
-                Value::Int(now_ms()),
-                Value::Text(Some(table)),
-            ],
-        )
-        .await
-        .map_err(|e| failed("recording the schema version", &meta.version_update, e))?;
+        let record = Query::new(DB::DIALECT)
+            .sql("UPDATE outbox_schema_version SET version = ")
+            .bind(version)
+            .sql(", update_time = ")
+            .bind(now_ms())
+            .sql(" WHERE table_name = ")
+            .bind(table);
+        DB::exec(conn, &record)
+            .await
+            .map_err(|e| failed.of("recording the schema version", record.text(), e))?;
         tracing::info!(table, version, "migrated");
     }
     Ok(())
+}
+
+/// Creates the schema-version and lease tables and `table`'s row (version
+/// 0) where missing; returns `table`'s recorded version.
+async fn recorded_version<DB: Backend>(
+    conn: &mut DB::Connection,
+    table: &str,
+    failed: &Failure<'_>,
+) -> Result<i64, Error> {
+    for statement in (DB::DIALECT.meta_ddl)() {
+        DB::exec(conn, &Query::fixed(DB::DIALECT, &statement))
+            .await
+            .map_err(|e| failed.of("creating outbox_schema_version", &statement, e))?;
+    }
+    let now = now_ms();
+    let insert = Query::new(DB::DIALECT).insert_ignore(
+        "outbox_schema_version",
+        "table_name, version, update_time",
+        |q| q.bind(table).sql(", 0, ").bind(now),
+    );
+    DB::exec(conn, &insert)
+        .await
+        .map_err(|e| failed.of("recording the schema version", insert.text(), e))?;
+    let query = version_query::<DB>(table);
+    let rows = DB::fetch(conn, &query, Version::TYPES)
+        .await
+        .map_err(|e| failed.of("reading the schema version", query.text(), e))?;
+    Ok(decode::<Version>(rows)?
+        .first()
+        .and_then(|v| v.0)
+        .unwrap_or(0))
 }
 
 /// The recorded schema version of `table`; `None` before its first
@@ -174,17 +223,9 @@ pub(crate) async fn version<DB: Backend>(
     pool: &Pool<DB>,
     table: &str,
 ) -> Result<Option<i64>, Error> {
-    let meta = MetaSql::new(DB::DIALECT);
     let mut conn = crate::backend::acquire(pool).await?;
-    match DB::fetch(
-        &mut conn,
-        &meta.version,
-        &[Value::Text(Some(table))],
-        &[Column::Int],
-    )
-    .await
-    {
-        Ok(rows) => Ok(rows.first().and_then(|r| r[0].int())),
+    match DB::fetch(&mut conn, &version_query::<DB>(table), Version::TYPES).await {
+        Ok(rows) => Ok(decode::<Version>(rows)?.first().and_then(|v| v.0)),
         // The version table does not exist yet: nothing was migrated.
         Err(error) if missing_table(&error) => Ok(None),
         Err(error) => Err(Error::db("reading the schema version")(error)),
@@ -199,34 +240,4 @@ fn missing_table(error: &sqlx::Error) -> bool {
     };
     matches!(db.code().as_deref(), Some("42P01" | "42S02"))
         || db.message().contains("no such table")
-}
-
-/// Takes or renews the lease `name` for `holder` until `until` (ms). `true` when
-/// this holder has it now.
-pub(crate) async fn take_lease<DB: Backend>(
-    pool: &Pool<DB>,
-    name: &str,
-    holder: &str,
-    now: i64,
-    until: i64,
-) -> Result<bool, Error> {
-    let meta = MetaSql::new(DB::DIALECT);
-    let mut conn = crate::backend::acquire(pool).await?;
-    DB::exec(&mut conn, &meta.lease_insert, &[Value::Text(Some(name))])
-        .await
-        .map_err(Error::db("creating a lease"))?;
-    let changed = DB::exec(
-        &mut conn,
-        &meta.lease_take,
-        &[
-            Value::Text(Some(holder)),
-            Value::Int(until),
-            Value::Text(Some(name)),
-            Value::Int(now),
-            Value::Text(Some(holder)),
-        ],
-    )
-    .await
-    .map_err(Error::db("taking a lease"))?;
-    Ok(changed == 1)
 }

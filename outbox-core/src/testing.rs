@@ -87,7 +87,7 @@ use serde::de::DeserializeOwned;
 use sqlx::Transaction;
 use tokio::sync::mpsc;
 
-use crate::backend::{Backend, Column, Value};
+use crate::backend::Backend;
 use crate::backoff::Backoff;
 use crate::consumer::{
     BoxFuture, ConsumerCounts, ConsumerHandle, HandlerError, Incoming, LinkStatus, Subscriber,
@@ -96,7 +96,6 @@ use crate::event::{JSON, OutboxMessage};
 use crate::names::TableName;
 use crate::outbox::DEFAULT_OUTBOX_TABLE;
 use crate::rows::ParkedDelivery;
-use crate::store::decode_all;
 use crate::{Consumer, ConsumerConfig, Delivery, Error, Handler, Inbox};
 
 /// An event as a producer appended it, read back from the outbox table.
@@ -198,48 +197,24 @@ where
     A::Database: Backend,
 {
     let table = TableName::new("outbox table name", table)?;
-    let sql = format!(
-        "SELECT event_id, event_type, destination, event_key, headers, content, content_type, \
-         create_time FROM {table} ORDER BY id"
-    );
     let mut conn = source
         .acquire()
         .await
         .map_err(Error::db("connecting to read the outbox"))?;
-    let rows = <A::Database as Backend>::fetch(
-        &mut conn,
-        &sql,
-        &[] as &[Value<'_>],
-        &[
-            Column::Text,
-            Column::Text,
-            Column::Text,
-            Column::Text,
-            Column::Text,
-            Column::Bytes,
-            Column::Text,
-            Column::Int,
-        ],
-    )
-    .await
-    .map_err(Error::db("reading the outbox"))?;
-    decode_all("outbox", rows, |mut row| {
-        let headers = row.text(4, "headers")?;
-        Ok(Appended {
-            event_id: row.text(0, "event_id")?,
-            event_type: row.text(1, "event_type")?,
-            destination: row.text(2, "destination")?,
-            key: row.opt_text(3),
-            headers: serde_json::from_str(&headers).map_err(|_| Error::Row {
-                table: "outbox",
-                column: "headers",
-                reason: "not a JSON array of [name, value] pairs",
-            })?,
-            content: row.bytes(5, "content")?,
-            content_type: row.text(6, "content_type")?,
-            create_time: row.int(7, "create_time")?,
+    let rows = crate::store::outbox::appended::<A::Database>(&mut conn, &table).await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| Appended {
+            event_id: row.event_id,
+            event_type: row.event_type,
+            destination: row.destination,
+            key: row.key,
+            headers: row.headers,
+            content: row.content,
+            content_type: row.content_type,
+            create_time: row.create_time,
         })
-    })
+        .collect())
 }
 
 /// Hand-made deliveries, for handlers in tests.

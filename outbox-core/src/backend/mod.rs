@@ -1,12 +1,14 @@
 //! The database side: one [`Backend`] implementation per supported database.
 //!
 //! The relay and the inbox are written once, against this small interface:
-//! run a statement with bound [`Value`]s, fetch rows as [`Cell`]s, begin a
-//! transaction that writes. The SQL text that differs between databases —
-//! column types, `FOR UPDATE SKIP LOCKED`, insert-or-ignore, wake-up
-//! notifications — lives in one file per database (`sqlite.rs`, `postgres.rs`,
-//! `mysql.rs`) as a [`Dialect`]; the statements shared by all three are built
-//! from it in `sql.rs`.
+//! run a [`Query`] (a statement built with its bound [`Value`]s, `query.rs`),
+//! fetch rows as [`Cell`]s decoded into row types (`row.rs`), begin a
+//! transaction that writes (`handler.rs` for a handler's). The SQL text that
+//! differs between databases — column types, `FOR UPDATE SKIP LOCKED`,
+//! insert-or-ignore, wake-up notifications — lives in one file per database
+//! (`sqlite.rs`, `postgres.rs`, `mysql.rs`) as a [`Dialect`]: data the
+//! statements of the storage layer (`store/`) and the schema's DDL per
+//! version (`ddl.rs`) are built from.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,13 +16,36 @@ use std::sync::Arc;
 use sqlx::{Database, Pool, Transaction};
 use tokio::sync::Notify;
 
+pub(crate) mod ddl;
+mod handler;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
-pub(crate) mod sql;
+mod query;
+mod row;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+
+pub(crate) use handler::HandlerTx;
+pub use query::Query;
+pub(crate) use row::{FromRow, Row, decode};
+
+/// Every dialect built in, for tests of statements and row types.
+#[cfg(test)]
+pub(crate) fn dialects() -> Vec<&'static Dialect> {
+    vec![
+        #[cfg(feature = "sqlite")]
+        <sqlx::Sqlite as Backend>::DIALECT,
+        #[cfg(feature = "postgres")]
+        <sqlx::Postgres as Backend>::DIALECT,
+        #[cfg(feature = "mysql")]
+        <sqlx::MySql as Backend>::DIALECT,
+    ]
+}
+
+#[cfg(test)]
+pub(crate) use row::count_columns;
 
 /// A value bound to a statement placeholder.
 #[derive(Debug, Clone)]
@@ -113,14 +138,16 @@ pub struct Dialect {
     pub inbox_ddl: fn(&str) -> Vec<String>,
     /// `CREATE TABLE` statements for the schema-version and lease tables.
     pub meta_ddl: fn() -> Vec<String>,
-    /// `INSERT` that does nothing when the key exists: (table, columns, placeholders).
-    pub insert_ignore: fn(&str, &str, &str) -> String,
+    /// `INSERT` that does nothing when the key exists: the words before the
+    /// table name and what follows the values (see [`Query::insert_ignore`]).
+    pub insert_ignore: (&'static str, &'static str),
     /// Statement run inside an appending transaction so other processes wake up
     /// when it commits; `None` where the database has no such feature.
     pub notify: fn(&str) -> Option<String>,
-    /// `DELETE` of at most `LIMIT ?` rows matching a condition, taken in the
-    /// order of an indexed column: (table, condition, order).
-    pub delete_limited: fn(&str, &str, &str) -> String,
+    /// How a `DELETE` of at most `LIMIT n` rows matching a condition, taken
+    /// in the order of an indexed column, is written (see
+    /// [`Query::delete_limited`]).
+    pub delete_limited: LimitedDelete,
     /// `CREATE INDEX` for a migration step: (index, table, columns). Safe to
     /// run again, through `IF NOT EXISTS` or [`already_applied`](Self::already_applied).
     pub create_index: fn(&str, &str, &str) -> String,
@@ -226,140 +253,15 @@ pub struct HandlerSession {
     pub leave: &'static str,
 }
 
-/// A handler's transaction. Where the database needs it
-/// ([`Dialect::handler_session`]), the session runs without autocommit while
-/// the transaction is open, so that whatever a handler writes after the
-/// database rolled its transaction back underneath is part of a transaction
-/// that the consumer's own rollback discards, never committed on its own.
-/// The session is switched back before the connection returns to the pool:
-/// by [`commit`](HandlerTx::commit) and [`rollback`](HandlerTx::rollback),
-/// and, when the transaction is dropped unfinished (an error returned early,
-/// a future abandoned), by a task that rolls back and switches back on the
-/// same connection.
-pub(crate) struct HandlerTx<DB: Backend> {
-    /// Present until the transaction is finished.
-    tx: Option<Transaction<'static, DB>>,
-    /// The session was switched and must be switched back.
-    session: Option<HandlerSession>,
-}
-
-impl<DB: Backend> HandlerTx<DB> {
-    /// Begins a writing transaction ([`Backend::begin_write`]) and switches
-    /// the session where the database needs it.
-    pub(crate) async fn begin(pool: &Pool<DB>) -> Result<HandlerTx<DB>, sqlx::Error> {
-        let mut tx = DB::begin_write(pool).await?;
-        let Some(session) = DB::DIALECT.handler_session else {
-            return Ok(HandlerTx {
-                tx: Some(tx),
-                session: None,
-            });
-        };
-        // Dropped on failure: sqlx rolls back, and the switch did not happen
-        // or failed with the connection.
-        DB::exec(&mut tx, session.enter, &[]).await?;
-        Ok(HandlerTx {
-            tx: Some(tx),
-            session: Some(session),
-        })
-    }
-
-    /// Commits the transaction.
-    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
-        self.finish(true).await
-    }
-
-    /// Rolls the transaction back.
-    pub(crate) async fn rollback(mut self) -> Result<(), sqlx::Error> {
-        self.finish(false).await
-    }
-
-    async fn finish(&mut self, commit: bool) -> Result<(), sqlx::Error> {
-        let Some(mut tx) = self.tx.take() else {
-            return Ok(());
-        };
-        if let Some(session) = self.session {
-            let end = if commit {
-                session.commit
-            } else {
-                session.rollback
-            };
-            if let Err(error) = DB::exec(&mut tx, end, &[]).await {
-                // Rolled back and switched back by `Drop`.
-                self.tx = Some(tx);
-                return Err(error);
-            }
-            if let Err(error) = DB::exec(&mut tx, session.leave, &[]).await {
-                self.tx = Some(tx);
-                return Err(error);
-            }
-            self.session = None;
-        }
-        // Where the session was switched, the transaction has ended already
-        // and this statement finds nothing to do; sqlx needs it to know.
-        if commit {
-            tx.commit().await
-        } else {
-            tx.rollback().await
-        }
-    }
-}
-
-impl<DB: Backend> std::ops::Deref for HandlerTx<DB> {
-    type Target = Transaction<'static, DB>;
-
-    fn deref(&self) -> &Self::Target {
-        self.tx
-            .as_ref()
-            .expect("a handler transaction is used only until it is finished")
-    }
-}
-
-impl<DB: Backend> std::ops::DerefMut for HandlerTx<DB> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.tx
-            .as_mut()
-            .expect("a handler transaction is used only until it is finished")
-    }
-}
-
-impl<DB: Backend> Drop for HandlerTx<DB> {
-    fn drop(&mut self) {
-        let (Some(mut tx), Some(session)) = (self.tx.take(), self.session.take()) else {
-            // Not switched: sqlx rolls back on its own.
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!(
-                "a handler transaction was dropped outside a runtime; its connection may stay without autocommit"
-            );
-            return;
-        };
-        runtime.spawn(async move {
-            let restored = async {
-                DB::exec(&mut tx, session.rollback, &[]).await?;
-                DB::exec(&mut tx, session.leave, &[]).await?;
-                tx.rollback().await
-            }
-            .await;
-            if let Err(error) = restored {
-                // A connection that cannot run a statement fails the pool's
-                // check on its return and is closed.
-                tracing::warn!(%error, "could not switch a dropped handler transaction's session back");
-            }
-        });
-    }
-}
-
 /// The lock a running relay holds on its `relay_id` and table. It belongs to
 /// a session or an open file, so it ends with the process that held it: a
 /// relay restarted after a crash takes it at once.
 #[derive(Debug, Clone, Copy)]
 pub enum RelayLock {
-    /// A session lock on a connection of the relay's own: this statement
-    /// tries to take it without waiting, for one bound 64-bit key (written
-    /// in the database's own placeholder style); one row, 1 when taken,
-    /// else 0.
-    Session(&'static str),
+    /// A session lock on a connection of the relay's own: this statement,
+    /// its text before and after one bound 64-bit key, tries to take it
+    /// without waiting; one row, 1 when taken, else 0.
+    Session([&'static str; 2]),
     /// An exclusive lock on a file beside the database file, which this
     /// query names (one row, one text; empty for an in-memory database,
     /// whose relays can only be in this process).
@@ -381,46 +283,16 @@ pub struct MigrationLock {
     pub is_lock_timeout: fn(&sqlx::Error) -> bool,
 }
 
-/// `DELETE` of at most `LIMIT ?` rows through a subquery of their ids, where
-/// the database takes `LIMIT` there (PostgreSQL, SQLite).
-fn delete_by_id_subquery(table: &str, condition: &str, order: &str) -> String {
-    format!(
-        "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} ORDER BY {order} LIMIT ?)"
-    )
-}
-
-/// `CREATE INDEX IF NOT EXISTS`, where the database has it (PostgreSQL, SQLite).
-fn create_index_if_not_exists(index: &str, table: &str, columns: &str) -> String {
-    format!("CREATE INDEX IF NOT EXISTS {index} ON {table} ({columns})")
-}
-
-/// Inbox schema version 3 where partial indexes exist (PostgreSQL, SQLite):
-/// the full indexes of version 1 on `(process, next_attempt_at)` and
-/// `(consumer, event_key, process)` give way to indexes of the rows that are
-/// not `PROCESSED`. Queries that use them repeat `process <> 'PROCESSED'` so
-/// that SQLite, which matches a partial index's condition term by term, picks
-/// them.
-/// A partial index of the unpublished rows by key (PostgreSQL, SQLite).
-fn partial_open_key_index(t: &str) -> String {
-    format!(
-        "CREATE INDEX IF NOT EXISTS {t}_open_key ON {t} (event_key, id) \
-         WHERE process <> 'PUBLISHED'"
-    )
-}
-
-fn partial_pending_indexes(t: &str) -> Vec<String> {
-    vec![
-        format!("DROP INDEX IF EXISTS {t}_process"),
-        format!("DROP INDEX IF EXISTS {t}_key"),
-        format!(
-            "CREATE INDEX IF NOT EXISTS {t}_pending ON {t} (consumer, process, next_attempt_at) \
-             WHERE process <> 'PROCESSED'"
-        ),
-        format!(
-            "CREATE INDEX IF NOT EXISTS {t}_pending_key ON {t} (consumer, event_key) \
-             WHERE process <> 'PROCESSED'"
-        ),
-    ]
+/// How a database takes a `DELETE` of at most `LIMIT n` rows in a given order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[doc(hidden)]
+pub enum LimitedDelete {
+    /// Through a subquery of their ids, where the database takes `LIMIT`
+    /// there (PostgreSQL, SQLite).
+    IdSubquery,
+    /// `ORDER BY … LIMIT` on the `DELETE` itself (MySQL, which refuses
+    /// `LIMIT` inside an `IN` subquery).
+    OrderLimit,
 }
 
 /// Lets one writing transaction at a time through on single-writer databases.
@@ -458,16 +330,14 @@ pub trait Backend: Database + sealed::Sealed {
     #[doc(hidden)]
     fn exec(
         conn: &mut Self::Connection,
-        sql: &str,
-        args: &[Value<'_>],
+        query: &Query<'_>,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
 
     /// Runs one query and returns its rows, decoded as `columns` says.
     #[doc(hidden)]
     fn fetch(
         conn: &mut Self::Connection,
-        sql: &str,
-        args: &[Value<'_>],
+        query: &Query<'_>,
         columns: &[Column],
     ) -> impl Future<Output = Result<Vec<Vec<Cell>>, sqlx::Error>> + Send;
 
@@ -489,13 +359,12 @@ pub(crate) mod sealed {
 /// to its placeholders. Used by [`statement_plumbing`], at module level.
 macro_rules! query_binder {
     ($db:ty) => {
-        /// `sql` with `args` bound to its placeholders, in order.
+        /// `query`'s text with its values bound to its placeholders, in order.
         fn bind<'q>(
-            sql: &'q str,
-            args: &'q [$crate::backend::Value<'q>],
+            built: &'q $crate::backend::Query<'q>,
         ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
-            let mut query = sqlx::query::<$db>(sql);
-            for arg in args {
+            let mut query = sqlx::query::<$db>(built.text());
+            for arg in built.args() {
                 query = match arg {
                     $crate::backend::Value::Int(v) => query.bind(*v),
                     $crate::backend::Value::NullInt => query.bind(Option::<i64>::None),
@@ -515,23 +384,21 @@ macro_rules! statement_plumbing {
     ($db:ty) => {
         async fn exec(
             conn: &mut <$db as sqlx::Database>::Connection,
-            sql: &str,
-            args: &[$crate::backend::Value<'_>],
+            query: &$crate::backend::Query<'_>,
         ) -> Result<u64, sqlx::Error> {
             use sqlx::Executor as _;
-            Ok(conn.execute(bind(sql, args)).await?.rows_affected())
+            Ok(conn.execute(bind(query)).await?.rows_affected())
         }
 
         async fn fetch(
             conn: &mut <$db as sqlx::Database>::Connection,
-            sql: &str,
-            args: &[$crate::backend::Value<'_>],
+            query: &$crate::backend::Query<'_>,
             columns: &[$crate::backend::Column],
         ) -> Result<Vec<Vec<$crate::backend::Cell>>, sqlx::Error> {
             use sqlx::Executor as _;
             use sqlx::Row as _;
             use $crate::backend::{Cell, Column};
-            let rows = conn.fetch_all(bind(sql, args)).await?;
+            let rows = conn.fetch_all(bind(query)).await?;
             let mut out = Vec::with_capacity(rows.len());
             for row in rows {
                 let mut cells = Vec::with_capacity(columns.len());
@@ -582,56 +449,4 @@ pub(crate) async fn acquire<DB: Backend>(
     pool.acquire()
         .await
         .map_err(crate::Error::db("acquiring a connection"))
-}
-
-/// Rewrites `?` placeholders into the dialect's style.
-pub(crate) fn placeholders(style: Placeholders, sql: &str) -> String {
-    match style {
-        Placeholders::Question => sql.to_owned(),
-        Placeholders::Dollar => {
-            let mut out = String::with_capacity(sql.len() + 16);
-            let mut n = 0;
-            let mut quoted = false;
-            for c in sql.chars() {
-                if c == '\'' {
-                    quoted = !quoted;
-                }
-                if c == '?' && !quoted {
-                    n += 1;
-                    out.push('$');
-                    out.push_str(&n.to_string());
-                } else {
-                    out.push(c);
-                }
-            }
-            out
-        }
-    }
-}
-
-/// `?, ?, …` with `n` placeholders, for `IN` lists.
-pub(crate) fn marks(n: usize) -> String {
-    let mut s = String::with_capacity(n * 3);
-    for i in 0..n {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        s.push('?');
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dollar_placeholders_are_numbered_outside_quotes() {
-        assert_eq!(
-            placeholders(Placeholders::Dollar, "a = ? AND b = '?' AND c IN (?, ?)"),
-            "a = $1 AND b = '?' AND c IN ($2, $3)"
-        );
-        assert_eq!(placeholders(Placeholders::Question, "x = ?"), "x = ?");
-        assert_eq!(marks(3), "?, ?, ?");
-    }
 }

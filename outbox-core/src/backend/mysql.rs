@@ -21,14 +21,10 @@ static MYSQL: Dialect = Dialect {
     outbox_ddl,
     inbox_ddl,
     meta_ddl,
-    insert_ignore: |table, columns, values| {
-        format!("INSERT IGNORE INTO {table} ({columns}) VALUES ({values})")
-    },
+    insert_ignore: ("INSERT IGNORE INTO", ""),
     notify: |_| None,
     // MySQL refuses LIMIT inside an IN subquery but takes it on DELETE.
-    delete_limited: |table, condition, order| {
-        format!("DELETE FROM {table} WHERE {condition} ORDER BY {order} LIMIT ?")
-    },
+    delete_limited: super::LimitedDelete::OrderLimit,
     create_index: |index, table, columns| format!("CREATE INDEX {index} ON {table} ({columns})"),
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN {column}"),
     // No partial indexes: the inbox keeps its full ones.
@@ -76,9 +72,10 @@ static MYSQL: Dialect = Dialect {
     // Named locks are server-wide: the database's name (a digest, within the
     // 64 characters a name may have) keeps relays of other databases apart.
     // NULL (an error in the server) counts as not taken.
-    relay_lock: super::RelayLock::Session(
-        "SELECT CAST(COALESCE(GET_LOCK(CONCAT('outbox_relay.', LEFT(MD5(COALESCE(DATABASE(), '')), 24), '.', ?), 0), 0) AS SIGNED)",
-    ),
+    relay_lock: super::RelayLock::Session([
+        "SELECT CAST(COALESCE(GET_LOCK(CONCAT('outbox_relay.', LEFT(MD5(COALESCE(DATABASE(), '')), 24), '.', ",
+        "), 0), 0) AS SIGNED)",
+    ]),
 };
 
 /// `ER_DUP_FIELDNAME`: `ADD COLUMN` of a column that exists.

@@ -18,19 +18,17 @@ static POSTGRES: Dialect = Dialect {
     outbox_ddl,
     inbox_ddl,
     meta_ddl,
-    insert_ignore: |table, columns, values| {
-        format!("INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING")
-    },
+    insert_ignore: ("INSERT INTO", " ON CONFLICT DO NOTHING"),
     // The table name is a validated identifier, so it is a valid channel name.
     notify: |table| Some(format!("NOTIFY {table}")),
-    delete_limited: super::delete_by_id_subquery,
-    create_index: super::create_index_if_not_exists,
+    delete_limited: super::LimitedDelete::IdSubquery,
+    create_index: super::ddl::create_index_if_not_exists,
     add_column: |table, column| format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"),
-    inbox_pending_indexes: super::partial_pending_indexes,
+    inbox_pending_indexes: super::ddl::partial_pending_indexes,
     inbox_binary_ids: |_| Vec::new(),
     inbox_exact_ids: |_| Vec::new(),
     byte_length: |column| format!("CAST(OCTET_LENGTH({column}) AS BIGINT)"),
-    outbox_open_key_index: super::partial_open_key_index,
+    outbox_open_key_index: super::ddl::partial_open_key_index,
     outbox_waiting_index: |t| {
         vec![format!(
             "CREATE INDEX IF NOT EXISTS {t}_waiting ON {t} (id) WHERE process = 'NEW'"
@@ -54,9 +52,10 @@ static POSTGRES: Dialect = Dialect {
     // value; `octet_length` is a 32-bit integer.
     payload_bytes: "CAST(octet_length(content) + octet_length(headers) AS BIGINT)",
     // Advisory locks are per database: relays of other databases never meet.
-    relay_lock: super::RelayLock::Session(
-        "SELECT CASE WHEN pg_try_advisory_lock($1) THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END",
-    ),
+    relay_lock: super::RelayLock::Session([
+        "SELECT CASE WHEN pg_try_advisory_lock(",
+        ") THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END",
+    ]),
 };
 
 fn outbox_ddl(t: &str) -> Vec<String> {

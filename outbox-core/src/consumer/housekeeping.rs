@@ -8,10 +8,11 @@ use std::time::Duration;
 use futures_util::FutureExt as _;
 use tokio::sync::watch;
 
+use crate::Error;
 use crate::backend::Backend;
 use crate::names::ms;
+use crate::store::lease::LeaseStore;
 use crate::subscriber::LinkStatus;
-use crate::{Error, schema};
 
 use super::columns::digest;
 use super::drain::drain_quiet;
@@ -114,7 +115,10 @@ pub(super) async fn retention<DB: Backend, H: Handler<DB>>(
     let name = retention_lease(inbox.table(), inbox.consumer());
     let now = crate::clock::now(inbox.pool()).await;
     let until = now + ms(shared.config.retention_interval) * 2;
-    if !schema::take_lease(inbox.pool(), &name, holder, now, until).await? {
+    if !LeaseStore::new(inbox.pool())
+        .take(&name, holder, now, until)
+        .await?
+    {
         return Ok(());
     }
     while inbox.delete_processed(keep, 1000).await? == 1000 {

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use super::{RelayConfig, RelayCounter, RelayMetrics};
+use crate::Outbox;
 use crate::backend::Backend;
 use crate::error::Error;
 use crate::names::ms;
-use crate::{Outbox, schema};
+use crate::store::lease::LeaseStore;
 
 /// Deletes old published rows every `retention_interval`, while this relay
 /// holds the table's retention lease, in batches of `retention_batch`.
@@ -35,7 +36,10 @@ async fn retention<DB: Backend>(
     let name = format!("{}.retention", outbox.table());
     let now = crate::clock::now(outbox.pool()).await;
     let until = now + ms(config.retention_interval) * 2;
-    if !schema::take_lease(outbox.pool(), &name, &config.relay_id, now, until).await? {
+    if !LeaseStore::new(outbox.pool())
+        .take(&name, &config.relay_id, now, until)
+        .await?
+    {
         return Ok(());
     }
     let before = now - ms(keep);

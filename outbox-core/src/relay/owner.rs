@@ -24,8 +24,7 @@ use std::sync::Mutex;
 use sqlx::Pool;
 
 use crate::Error;
-use crate::backend::{Backend, Column, RelayLock, Value};
-use crate::store::Row;
+use crate::backend::{Backend, Column, Query, RelayLock, Row};
 use crate::wake::PoolId;
 
 /// How long a check of the lock's session, or its release, may take before
@@ -55,14 +54,15 @@ impl<DB: Backend> OwnerLock<DB> {
     ) -> Result<Option<OwnerLock<DB>>, Error> {
         let key = lock_key(table, relay_id);
         match DB::DIALECT.relay_lock {
-            RelayLock::Session(try_take) => {
+            RelayLock::Session([before, after]) => {
                 // Out of the pool: the lock lives exactly as long as this
                 // connection, which the pool must never hand to anyone else.
                 let mut conn = match spare.take() {
                     Some(conn) => conn,
                     None => crate::backend::acquire(pool).await?.detach(),
                 };
-                let rows = DB::fetch(&mut conn, try_take, &[Value::Int(key)], &[Column::Int])
+                let try_take = Query::new(DB::DIALECT).sql(before).bind(key).sql(after);
+                let rows = DB::fetch(&mut conn, &try_take, &[Column::Int])
                     .await
                     .map_err(Error::db("taking the relay's lock"))?;
                 let taken = match rows.into_iter().next() {
@@ -77,7 +77,8 @@ impl<DB: Backend> OwnerLock<DB> {
             }
             RelayLock::FileBeside(file_query) => {
                 let mut conn = crate::backend::acquire(pool).await?;
-                let rows = DB::fetch(&mut conn, file_query, &[], &[Column::Text])
+                let query = Query::fixed(DB::DIALECT, file_query);
+                let rows = DB::fetch(&mut conn, &query, &[Column::Text])
                     .await
                     .map_err(Error::db("finding the database file"))?;
                 drop(conn);
@@ -105,7 +106,11 @@ impl<DB: Backend> OwnerLock<DB> {
             // A session that does not answer in time (a half-open link) is
             // taken as lost: the server may have ended it already.
             OwnerLock::Session(conn) => matches!(
-                tokio::time::timeout(CHECK_TIMEOUT, DB::exec(conn, "SELECT 1", &[])).await,
+                tokio::time::timeout(
+                    CHECK_TIMEOUT,
+                    DB::exec(conn, &Query::fixed(DB::DIALECT, "SELECT 1"))
+                )
+                .await,
                 Ok(Ok(_))
             ),
             OwnerLock::File(_) | OwnerLock::Process(_) => true,

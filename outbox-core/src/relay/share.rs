@@ -24,11 +24,11 @@ use std::time::Duration;
 
 use sqlx::Pool;
 
-use crate::backend::sql::MetaSql;
-use crate::backend::{Backend, Column, Value};
+use crate::Error;
+use crate::backend::Backend;
 use crate::names::ms;
+use crate::store::lease::LeaseStore;
 use crate::store::outbox::Share;
-use crate::{Error, schema};
 
 /// Key partitions of a table.
 pub const KEY_PARTITIONS: i64 = 64;
@@ -137,32 +137,12 @@ impl<DB: Backend> Membership<DB> {
     /// share. On an error the share stays as it was.
     pub(crate) async fn renew(&self) -> Result<(), Error> {
         let now = crate::clock::now(&self.pool).await;
-        schema::take_lease(
-            &self.pool,
-            &self.name,
-            &self.holder,
-            now,
-            now + ms(self.ttl),
-        )
-        .await?;
-        let meta = MetaSql::new(DB::DIALECT);
-        let mut conn = crate::backend::acquire(&self.pool).await?;
-        let rows = DB::fetch(
-            &mut conn,
-            &meta.leases_in_range,
-            &[
-                Value::Text(Some(&self.range.0)),
-                Value::Text(Some(&self.range.1)),
-                Value::Int(now),
-            ],
-            &[Column::Text],
-        )
-        .await
-        .map_err(Error::db("reading the relays of the table"))?;
-        let names: Vec<String> = rows
-            .into_iter()
-            .filter_map(|mut r| r.first_mut().and_then(|c| c.take_text()))
-            .collect();
+        let leases = LeaseStore::new(&self.pool);
+        leases
+            .take(&self.name, &self.holder, now, now + ms(self.ttl))
+            .await?;
+        let range = (self.range.0.as_str(), self.range.1.as_str());
+        let names = leases.held_in_range(range, now).await?;
         let (index, members) = match names.iter().position(|n| *n == self.name) {
             Some(index) => (index, names.len()),
             // Not visible yet (or its lease ran out meanwhile): count it last.
@@ -182,17 +162,7 @@ impl<DB: Backend> Membership<DB> {
         }
         // Memberships of relays long dead (their holders gone for good).
         let long_ago = now - ms(self.ttl) * 10;
-        DB::exec(
-            &mut conn,
-            &meta.leases_purge,
-            &[
-                Value::Text(Some(&self.range.0)),
-                Value::Text(Some(&self.range.1)),
-                Value::Int(long_ago),
-            ],
-        )
-        .await
-        .map_err(Error::db("dropping old relay memberships"))?;
+        leases.purge_range(range, long_ago).await?;
         Ok(())
     }
 
@@ -213,15 +183,7 @@ impl<DB: Backend> Membership<DB> {
     /// Gives the membership back, so the other relays take this one's
     /// partitions at their next renewal instead of after its lease.
     pub(crate) async fn leave(&self) -> Result<(), Error> {
-        let meta = MetaSql::new(DB::DIALECT);
-        let mut conn = crate::backend::acquire(&self.pool).await?;
-        DB::exec(
-            &mut conn,
-            &meta.lease_drop,
-            &[Value::Text(Some(&self.name))],
-        )
-        .await
-        .map_err(Error::db("leaving the relays of the table"))?;
+        LeaseStore::new(&self.pool).drop_lease(&self.name).await?;
         Ok(())
     }
 }
