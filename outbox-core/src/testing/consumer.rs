@@ -45,7 +45,7 @@ impl<DB: Backend> std::fmt::Debug for TestConsumer<DB> {
 const QUIET: Duration = Duration::from_millis(25);
 
 /// How long [`TestConsumer::drain`] waits at most.
-pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The settings of a test consumer: those of [`ConsumerConfig::new`], with
 /// retries a few milliseconds apart (5 ms doubling to 50 ms, looked for every

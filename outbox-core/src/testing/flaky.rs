@@ -14,7 +14,7 @@ use crate::{Delivery, Handler};
 /// Wraps a handler so that its transaction fails, after the handler ran,
 /// at given attempts of given events: the handler's writes roll back with
 /// the inbox row, and the consumer retries the event, or parks it once its
-/// budget ([`ConsumerConfig::max_attempts`]) is spent. Attempts are counted
+/// budget ([`ConsumerConfig::max_attempts`](crate::ConsumerConfig::max_attempts)) is spent. Attempts are counted
 /// as the consumer counts them ([`Delivery::attempt`]), so an event applied
 /// again on its own after its batch was rolled back is the same attempt.
 /// Clones share the plan: keep one to [`heal`](Flaky::heal) an event, e.g.

@@ -5,8 +5,8 @@
 //!   appended with [`appended`] — in order, with payloads, keys and headers
 //!   ([`Appended`]) — and roll back to see the events go with the business
 //!   rows.
-//! - **Handlers**: a [`TestConsumer`] runs a [`Handler`] through the consumer
-//!   runtime itself ([`Consumer::spawn_on`]) on a scripted, in-memory
+//! - **Handlers**: a [`TestConsumer`] runs a [`Handler`](crate::Handler) through the consumer
+//!   runtime itself ([`Consumer::spawn_on`](crate::Consumer::spawn_on)) on a scripted, in-memory
 //!   subscription: each delivery gets its inbox row, its transaction and its
 //!   commit before it is acknowledged, exactly as from ActiveMQ. Deliver the
 //!   events a producer appended ([`Appended::delivery`]) or hand-made ones
@@ -88,7 +88,7 @@ mod consumer;
 mod delivery;
 mod flaky;
 
-pub use consumer::{TestConsumer, config};
+pub use consumer::{DRAIN_TIMEOUT, TestConsumer, config};
 pub use flaky::Flaky;
 
 /// An event as a producer appended it, read back from the outbox table.
