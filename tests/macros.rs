@@ -8,7 +8,6 @@
 mod support;
 
 use std::fmt;
-use std::future::Future;
 use std::time::Duration;
 
 use outbox::core::relay::StompPublisher;
@@ -80,22 +79,6 @@ fn fast_consumer(destination: &str) -> ConsumerConfig {
             Duration::from_millis(50),
             Duration::from_millis(200),
         ))
-}
-
-/// Polls `condition` until it holds (`true`) or `limit` passes (`false`).
-async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !condition().await {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    true
 }
 
 fn header<'a>(received: &'a Received, name: &str) -> Option<&'a str> {

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::future::Future;
 use std::time::Duration;
 
 use outbox::core::relay::StompPublisher;
@@ -52,21 +51,6 @@ fn fast_relay() -> RelayConfig {
             Duration::from_millis(100),
             Duration::from_secs(1),
         ))
-}
-
-async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !condition().await {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    true
 }
 
 macro_rules! versions_suite {

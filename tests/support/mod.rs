@@ -217,3 +217,20 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     });
     examples.join(name)
 }
+
+/// Polls `condition` every 50 ms until it holds (`true`) or `limit` passes
+/// (`false`).
+pub async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition().await {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}

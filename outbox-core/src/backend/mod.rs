@@ -52,7 +52,7 @@ pub(crate) fn dialects() -> Vec<&'static Dialect> {
 }
 
 #[cfg(test)]
-pub(crate) use row::count_columns;
+pub(crate) use row::assert_selects_what_it_decodes;
 
 /// A value bound to a statement placeholder.
 #[derive(Debug, Clone)]

@@ -28,10 +28,26 @@ pub(crate) fn decode<R: FromRow>(rows: Vec<Vec<Cell>>) -> Result<Vec<R>, Error> 
         .collect()
 }
 
+/// Asserts that row type `R` selects as many columns as it decodes, on every
+/// dialect built in.
+#[cfg(test)]
+pub(crate) fn assert_selects_what_it_decodes<R: FromRow>() {
+    for d in super::dialects() {
+        let columns = R::columns(d, "t");
+        assert_eq!(
+            count_columns(&columns),
+            R::TYPES.len(),
+            "{} on {}: {columns}",
+            std::any::type_name::<R>(),
+            d.name
+        );
+    }
+}
+
 /// Columns of a select list: its commas outside parentheses, plus one (for
 /// tests of row types, whose column lists and types must agree).
 #[cfg(test)]
-pub(crate) fn count_columns(list: &str) -> usize {
+fn count_columns(list: &str) -> usize {
     let mut depth = 0i32;
     let mut n = 1;
     for c in list.chars() {
